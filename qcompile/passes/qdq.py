@@ -1,0 +1,137 @@
+"""QDQ insertion: turn QuantSpec annotations into QuantizeLinear / DequantizeLinear nodes.
+
+After this pass, no value carries an unapplied QuantSpec: every annotated weight is an integer
+initializer read through DequantizeLinear (per-channel ``axis`` as annotated), the bias of a quantized
+Conv / Gemm is int32 with scale ``s_input * s_weight[channel]`` (so an integer kernel adds it to the int32
+accumulator unchanged), and every annotated activation ``v`` is followed by ``QuantizeLinear ->
+DequantizeLinear`` whose output replaces ``v`` for all of ``v``'s consumers.
+
+This is the standard form onnxruntime fuses into QLinearConv / QLinearMatMul / QLinearAdd kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from qcompile.passes.annotate import layer_name
+from qcompile.passes.quant_spec import RANGE_KEY, SPEC_KEY, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+# Bias codes stay below 2**30, leaving int32 headroom for the accumulator they are added to.
+INT32_BIAS_LIMIT = 2**30
+
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def activation_params(value: ir.Value) -> tuple[np.float32, np.integer]:
+    spec: QuantSpec = value.meta[SPEC_KEY]
+    low, high = value.meta[RANGE_KEY]
+    return spec.params_from_range(low, high)
+
+
+class QDQPass(ir.passes.InPlacePass):
+    """After this pass, every annotated value is quantized in the graph and no annotation is pending."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if weight is not None and SPEC_KEY in weight.meta and weight.const_value is not None:
+                self._quantize_weight(graph, node, weight)
+                modified = True
+        annotated = [value for value in (*graph.inputs, *(out for node in graph for out in node.outputs))
+                     if SPEC_KEY in value.meta]
+        for value in annotated:
+            self._insert_qdq(graph, value)
+            modified = True
+        TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, weight: ir.Value) -> None:
+        spec: QuantSpec = weight.meta.pop(SPEC_KEY)
+        array = weight.const_value.numpy()  # type: ignore[union-attr]
+        scales = np.maximum(spec.weight_scales(array), self._bias_scale_floor(node, spec))
+        codes = spec.quantize(array, scales)
+        base = str(weight.name)
+        zero = np.zeros(scales.shape, dtype=spec.storage_dtype)
+        dequantized = ir.Value(name=f"{base}_dequantized", shape=weight.shape, type=weight.type)
+        dq = ir.node("DequantizeLinear",
+                     [_initializer(graph, f"{base}_quantized", codes), _initializer(graph, f"{base}_scale", scales),
+                      _initializer(graph, f"{base}_zero_point", zero)],
+                     {"axis": spec.axis} if spec.axis is not None and scales.ndim else {},
+                     outputs=[dequantized], name=f"{base}_DequantizeLinear")
+        graph.insert_before(node, dq)
+        for use in list(weight.uses()):
+            use.node.replace_input_with(use.idx, dequantized)
+        self._quantize_bias(graph, node, scales)
+
+    @staticmethod
+    def _bias_scale_floor(node: ir.Node, spec: QuantSpec) -> np.ndarray | float:
+        """Smallest weight scale per channel that keeps the int32 bias code within INT32_BIAS_LIMIT.
+
+        A channel whose weights are (near) zero gets a tiny scale, and ``bias / (s_input * s_weight)``
+        would overflow int32; raising that channel's weight scale costs nothing (its codes stay 0).
+        """
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            return 0.0
+        bias, activation = node.inputs[2], node.inputs[0]
+        if bias.const_value is None or activation is None or SPEC_KEY not in activation.meta:
+            return 0.0
+        input_scale, _ = activation_params(activation)
+        return (np.abs(bias.const_value.numpy()) / (float(input_scale) * INT32_BIAS_LIMIT)).astype(np.float32)
+
+    def _quantize_bias(self, graph: ir.Graph, node: ir.Node, weight_scales: np.ndarray) -> None:
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            return
+        bias, activation = node.inputs[2], node.inputs[0]
+        if bias.const_value is None or activation is None or SPEC_KEY not in activation.meta:
+            return
+        values = bias.const_value.numpy().astype(np.float64)
+        if values.ndim != 1 or values.shape[0] != np.size(weight_scales) and np.size(weight_scales) != 1:
+            return
+        input_scale, _ = activation_params(activation)
+        scales = (np.float64(input_scale) * np.broadcast_to(weight_scales, values.shape)).astype(np.float32)
+        codes = np.clip(np.rint(values / scales), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+        base = f"{layer_name(node)}_bias"
+        dequantized = ir.Value(name=f"{base}_dequantized", shape=bias.shape, type=bias.type)
+        dq = ir.node("DequantizeLinear",
+                     [_initializer(graph, f"{base}_quantized", codes), _initializer(graph, f"{base}_scale", scales),
+                      _initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, np.int32))],
+                     {"axis": 0}, outputs=[dequantized], name=f"{base}_DequantizeLinear")
+        graph.insert_before(node, dq)
+        node.replace_input_with(2, dequantized)
+
+    def _insert_qdq(self, graph: ir.Graph, value: ir.Value) -> None:
+        spec: QuantSpec = value.meta[SPEC_KEY]
+        consumers = list(value.uses())
+        scale, zero_point = activation_params(value)
+        base = str(value.name)
+        scale_value = _initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
+        zero_value = _initializer(graph, f"{base}_zero_point", np.array(zero_point, dtype=spec.storage_dtype))
+        quantized = ir.Value(name=f"{base}_quantized", shape=value.shape,
+                             type=ir.TensorType(ir.DataType.from_numpy(spec.storage_dtype)))
+        dequantized = ir.Value(name=f"{base}_dequantized", shape=value.shape, type=value.type)
+        q = ir.node("QuantizeLinear", [value, scale_value, zero_value], outputs=[quantized],
+                    name=f"{base}_QuantizeLinear")
+        dq = ir.node("DequantizeLinear", [quantized, scale_value, zero_value], outputs=[dequantized],
+                     name=f"{base}_DequantizeLinear")
+        for use in consumers:
+            use.node.replace_input_with(use.idx, dequantized)
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, [q, dq])
+        else:
+            graph.insert_before(next(iter(graph)), [q, dq])
+        del value.meta[SPEC_KEY]

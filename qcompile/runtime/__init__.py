@@ -1,0 +1,75 @@
+"""Load, run and benchmark qcompile artifacts.
+
+``load(path)`` verifies every file of the artifact against the sha256 in its manifest before it loads
+any model or library, then returns a :class:`Session` on the manifest's default executor (or the one
+asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompile.errors import ArtifactError
+from qcompile.runtime.artifact import verify
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Session:
+    """A loaded artifact: ``run(feeds)`` returns ``{output name: array}``."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], executor: str) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.executor = executor
+        self.inputs = [TensorInfo(item["name"], tuple(item["shape"]), item["dtype"]) for item in manifest["inputs"]]
+        self.outputs = [TensorInfo(item["name"], tuple(item["shape"]), item["dtype"]) for item in manifest["outputs"]]
+        entry = manifest["executors"].get(executor)
+        if entry is None:
+            raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest['executors'])}")
+        path = folder / entry["file"]
+        if entry["kind"] == "onnxruntime":
+            from qcompile.backends import ort as ort_backend
+
+            session = ort_backend.session_from_bytes(path.read_bytes())
+            self._run = lambda feeds: session.run(None, feeds)
+        elif entry["kind"] == "tvm":
+            from qcompile.backends.tvm import TVMExecutor
+
+            self._run = TVMExecutor(path, [info.name for info in self.inputs]).run
+        else:
+            raise ArtifactError(f"{folder}: executor '{executor}' has unknown kind '{entry['kind']}'")
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = {}
+        for info in self.inputs:
+            if info.name not in feeds:
+                raise ArtifactError(f"input '{info.name}' is missing from the feeds (given: {sorted(feeds)})")
+            array = np.asarray(feeds[info.name])
+            if tuple(array.shape) != info.shape:
+                raise ArtifactError(f"input '{info.name}' has shape {tuple(array.shape)}; the artifact expects {info.shape}")
+            checked[info.name] = np.ascontiguousarray(array.astype(info.dtype, copy=False))
+        return checked
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._run(self.check_feeds(feeds))
+        return {info.name: np.asarray(value) for info, value in zip(self.outputs, results, strict=True)}
+
+
+def load(path: str | Path, executor: str | None = None) -> Session:
+    """Verify the artifact at ``path`` and load it on ``executor`` (default: the manifest's choice)."""
+    folder = Path(path)
+    manifest = verify(folder)
+    return Session(folder, manifest, executor or manifest["default_executor"])
+
+
+__all__ = ["Session", "TensorInfo", "load"]

@@ -1,0 +1,91 @@
+"""The artifact format: a folder with ``manifest.json`` and the files it lists with their sha256.
+
+Everything in the manifest but its ``measured`` section is a pure function of the inputs, so compiling
+the same model twice gives byte-identical model files and the same manifest apart from the timings.
+Writing is atomic: files go to a temporary sibling folder that is renamed into place at the end, so a
+failed compile leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dumps(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
+@contextlib.contextmanager
+def atomic_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``destination``; on success, it becomes ``destination``."""
+    destination = destination.resolve()
+    if destination.exists() and not (destination.is_dir() and (overwrite or not any(destination.iterdir()))):
+        raise ArtifactError(f"output path {destination} exists and is not an empty folder; remove it or pass --force")
+    parent = destination.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=parent))
+    except OSError as error:
+        raise ArtifactError(f"cannot write to {parent}: {error.strerror}; choose a writable output path") from error
+    try:
+        yield staging
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: not an artifact (no {MANIFEST}); pass the folder qcompile wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{path}: unreadable manifest ({error})") from error
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"{path}: schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}"
+                            f" is not {SCHEMA_VERSION}; recompile with this qcompile")
+    return manifest
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check every file's sha256 against the manifest; return the manifest. Loads nothing."""
+    manifest = read_manifest(folder)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{folder}: the manifest lists no files")
+    for name, expected in sorted(files.items()):
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            raise ArtifactError(f"{folder}: manifest entry '{name}' points outside the artifact")
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: file '{name}' listed in the manifest is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{folder}: file '{name}' has sha256 {actual[:16]}..., the manifest says "
+                                f"{str(expected)[:16]}...; the artifact was modified or corrupted, recompile it")
+    return manifest

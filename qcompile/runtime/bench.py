@@ -1,0 +1,47 @@
+"""Latency measurement: warm-up runs, then timed runs; median and p90 in milliseconds."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(run: Callable[[], object], runs: int = 50, warmup: int = 5, max_seconds: float = 10.0) -> Latency:
+    """Time ``run``; stops early (after at least 3 timed runs) once ``max_seconds`` have passed."""
+    for _ in range(warmup):
+        run()
+    timings: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(timings) < runs and (len(timings) < 3 or time.perf_counter() < deadline):
+        started = time.perf_counter()
+        run()
+        timings.append((time.perf_counter() - started) * 1e3)
+    values = np.array(timings)
+    return Latency(float(np.median(values)), float(np.percentile(values, 90)), len(timings))
+
+
+def machine() -> dict[str, Any]:
+    """What the measurements ran on: CPU model, core count, OS."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "machine": platform.machine()}
