@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 HISTOGRAM_BINS = 2048
+HISTOGRAM_LIMIT = 1e30
 
 
 @dataclass
@@ -62,12 +63,18 @@ class HistogramObserver(MinMaxObserver):
     counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, dtype=np.float64))
     low: float = 0.0
     high: float = 0.0
+    histogram_valid: bool = True
 
     def update(self, batch: np.ndarray) -> None:
         if batch.size == 0:
             return
         super().update(batch)
         batch_low, batch_high = float(batch.min()), float(batch.max())
+        if not np.isfinite([batch_low, batch_high]).all() or max(-batch_low, batch_high) > HISTOGRAM_LIMIT:
+            # Masking values (-inf, float32 min) cannot be binned; such a value keeps min/max only.
+            self.histogram_valid = False
+        if not self.histogram_valid:
+            return
         if self.high <= self.low:
             self.low, self.high = min(batch_low, 0.0), max(batch_high, 0.0)
             if self.high <= self.low:
@@ -143,7 +150,7 @@ def make_observer(method: str) -> MinMaxObserver:
 
 def observed_range(observer: MinMaxObserver, method: str, percentile: float = 99.99) -> tuple[float, float]:
     """The range ``method`` ('minmax', 'percentile' or 'mse') chooses from an observer's statistics."""
-    if method == "minmax" or not isinstance(observer, HistogramObserver):
+    if method == "minmax" or not isinstance(observer, HistogramObserver) or not observer.histogram_valid:
         return observer.compute_range()
     if method == "percentile":
         return observer.percentile_range(percentile)

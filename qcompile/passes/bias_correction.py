@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.annotate import layer_name
+from qcompile.passes.gptq import ORIGINAL_KEY, SCALES_KEY
 from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
                 continue
             spec: QuantSpec = weight.meta[SPEC_KEY]
             array = weight.const_value.numpy().astype(np.float32)
-            scales = spec.weight_scales(array)
-            rounding_error = spec.dequantize(spec.quantize(array, scales), scales) - array
+            # After GPTQ the weights are already on their grid; the error is measured from the originals.
+            original = weight.meta.get(ORIGINAL_KEY, array)
+            scales = weight.meta.get(SCALES_KEY, spec.weight_scales(array))
+            rounding_error = spec.dequantize(spec.quantize(array, scales), scales) - original
             shift = expected_shift(node, rounding_error.astype(np.float64), mean.astype(np.float64))
             if shift is None:
                 continue

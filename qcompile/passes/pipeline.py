@@ -17,8 +17,10 @@ import onnx_ir as ir
 from qcompile import calibration
 from qcompile.calibration import Feed
 from qcompile.errors import CalibrationError
-from qcompile.passes.annotate import AnnotatePass, is_constant, is_float, layer_name, quantizable_layers
+from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points, quantizable_layers
 from qcompile.passes.bias_correction import BiasCorrectionPass
+from qcompile.passes.gptq import GPTQPass, Hessian, collect_hessians
+from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.search import sensitivity
 
@@ -32,6 +34,7 @@ class QuantizeOptions:
     Attributes:
         calibration: activation range method: 'minmax', 'percentile' (99.99) or 'mse'.
         bias_correction: fold the expected weight-rounding shift into biases.
+        weight_rounding: 'nearest' (round to nearest) or 'gptq' (error-compensating, needs calibration rows).
         float_threshold: a layer whose quantization alone moves the outputs by more than this relative
             squared error stays float (0 disables the fallback: every layer is quantized).
         max_calibration_samples: stop calibrating after this many samples (None: use them all).
@@ -40,6 +43,7 @@ class QuantizeOptions:
 
     calibration: str = "mse"
     bias_correction: bool = True
+    weight_rounding: str = "gptq"
     float_threshold: float = 1e-3
     max_calibration_samples: int | None = None
     sensitivity_samples: int = 16
@@ -47,6 +51,8 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         if self.calibration not in ("minmax", "percentile", "mse"):
             raise CalibrationError(f"calibration method '{self.calibration}' is not minmax, percentile or mse")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise CalibrationError(f"weight rounding '{self.weight_rounding}' is not nearest or gptq")
         if self.float_threshold < 0:
             raise CalibrationError("float threshold must be >= 0")
         if self.sensitivity_samples < 1:
@@ -80,16 +86,17 @@ def _clone(model: ir.Model) -> ir.Model:
 
 
 def activation_values(model: ir.Model) -> list[str]:
-    """Names of every float activation (graph inputs and node outputs, no initializers)."""
-    values = [value for value in model.graph.inputs if is_float(value)]
-    values += [value for node in model.graph for value in node.outputs if is_float(value) and not is_constant(value)]
-    return [str(value.name) for value in values]
+    """Names of the activations that can become quantization points when every layer is quantized."""
+    _, points = plan_quantization_points(model)
+    return [str(value.name) for value in points]
 
 
 def _quantize_copy(model: ir.Model, stats: calibration.Statistics, float_layers: frozenset[str],
-                   options: QuantizeOptions) -> ir.Model:
+                   options: QuantizeOptions, hessians: dict[str, Hessian] | None = None) -> ir.Model:
     copy = _clone(model)
     AnnotatePass(stats.range, float_layers)(copy)
+    if hessians:
+        GPTQPass(hessians)(copy)
     if options.bias_correction:
         BiasCorrectionPass(stats.channel_mean)(copy)
     QDQPass()(copy)
@@ -115,6 +122,8 @@ def quantize(model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | 
              progress: bool = True) -> QuantizeResult:
     """Quantize ``model`` to W8A8 QDQ; ``model`` itself is left unchanged."""
     options = options or QuantizeOptions()
+    model = _clone(model)
+    gemm_rewrite = MatMulAddToGemmPass()(model)
     kept: list[Feed] = []
 
     def keep_first(stream: Iterable[Feed]) -> Iterable[Feed]:
@@ -144,14 +153,18 @@ def quantize(model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | 
                 records[result.layer].float_reason = (
                     f"quantizing it alone moves the outputs by relative error {result.error:.2e}, over the "
                     f"threshold {options.float_threshold:.0e}")
-    quantized = _quantize_copy(model, stats, frozenset(float_layers), options)
+    hessians = collect_hessians(model, kept, layers) if options.weight_rounding == "gptq" else None
+    quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians)
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
     passes = [
+        {"name": "matmul_add_to_gemm", "modified": gemm_rewrite.modified},
         {"name": "calibrate", "method": options.calibration, "samples": stats.samples},
         {"name": "sensitivity", "samples": len(kept), "float_threshold": options.float_threshold,
          "float_layers": sorted(float_layers)},
         {"name": "annotate", "weights": "int8 symmetric per-channel", "activations": "uint8 asymmetric per-tensor"},
+        {"name": "weight_rounding", "method": options.weight_rounding,
+         "layers": len(hessians or {}), "damping": 0.01},
         *([{"name": "bias_correction"}] if options.bias_correction else []),
 
         {"name": "qdq", "bias": "int32, scale = input scale x weight scale"},

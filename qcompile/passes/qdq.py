@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from qcompile.passes.annotate import layer_name
+from qcompile.passes.gptq import SCALES_KEY
 from qcompile.passes.quant_spec import RANGE_KEY, SPEC_KEY, QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class QDQPass(ir.passes.InPlacePass):
     def _quantize_weight(self, graph: ir.Graph, node: ir.Node, weight: ir.Value) -> None:
         spec: QuantSpec = weight.meta.pop(SPEC_KEY)
         array = weight.const_value.numpy()  # type: ignore[union-attr]
-        scales = np.maximum(spec.weight_scales(array), self._bias_scale_floor(node, spec))
+        chosen = weight.meta.get(SCALES_KEY)
+        scales = np.maximum(spec.weight_scales(array) if chosen is None else chosen, self._bias_scale_floor(node, spec))
         codes = spec.quantize(array, scales)
         base = str(weight.name)
         zero = np.zeros(scales.shape, dtype=spec.storage_dtype)
