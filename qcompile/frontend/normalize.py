@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnxscript.optimizer
 import onnxscript.version_converter
@@ -82,6 +84,17 @@ def check_weights(model: ir.Model, name: str) -> None:
                                       "model (a diverged training run?) before compiling it")
 
 
+def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
+    """Opset 19..23 down to the canonical opset with onnx's converter (onnxscript's only goes up)."""
+    try:
+        converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), CANONICAL_OPSET)
+    except Exception as error:  # the converter raises RuntimeError / ValueError / its own types
+        raise UnsupportedModelError(f"{name}: cannot convert opset {opset} down to {CANONICAL_OPSET}: {error}; "
+                                    f"export the model at opset {CANONICAL_OPSET}") from error
+    logger.info("%s: converted opset %d down to %d", name, opset, CANONICAL_OPSET)
+    return ir.serde.deserialize_model(converted)
+
+
 def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None,
               name: str = "model") -> ir.Model:
     """Bring ``model`` into canonical form in place (see the module docstring) and return it."""
@@ -89,7 +102,9 @@ def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None =
     check_weights(model, name)
     _apply_input_shapes(model, input_shapes or {}, name)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if opset != CANONICAL_OPSET:
+    if opset is not None and opset > CANONICAL_OPSET:
+        model = _downgrade(model, opset, name)
+    elif opset != CANONICAL_OPSET:
         try:
             onnxscript.version_converter.convert_version(model, CANONICAL_OPSET)
         except Exception as error:

@@ -72,9 +72,7 @@ class MatMulAddToGemmPass(ir.passes.InPlacePass):
             result = add.outputs[0]
             reshape_out = ir.node("Reshape", [product, out_shape], name=f"{base}_reshape_output")
             graph.insert_after(add, [reshape_in, gemm, reshape_out])
-            result.replace_all_uses_with(reshape_out.outputs[0])
-            if result.is_graph_output():
-                graph.outputs[graph.outputs.index(result)] = reshape_out.outputs[0]
+            result.replace_all_uses_with(reshape_out.outputs[0], replace_graph_outputs=True)
             graph.remove([add, node], safe=True)
             reshape_out.outputs[0].name = result.name
             reshape_out.outputs[0].shape, reshape_out.outputs[0].type = result.shape, result.type

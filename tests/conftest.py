@@ -1,0 +1,64 @@
+"""Shared fixtures: real models exported once per test session, and helpers for tiny graphs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import zoo  # noqa: E402
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Check and save a test model (IR 10, which every tool here reads)."""
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def parse_model(text: str) -> onnx.ModelProto:
+    """Parse onnx text syntax; initializers are rewritten as raw data (as exporters write them)."""
+    model = onnx.parser.parse_model(text)
+    for index, tensor in enumerate(model.graph.initializer):
+        model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    return model
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def digits(models_dir: Path) -> tuple[Path, float]:
+    """A CNN trained here on scikit-learn's digits (BatchNorm kept as nodes), and its fp32 accuracy."""
+    return zoo.train_digits_cnn(models_dir / "digits.onnx")
+
+
+@pytest.fixture(scope="session")
+def digits_calibration(models_dir: Path) -> Path:
+    train_x, _, _, _ = zoo.digits_split()
+    folder = models_dir / "digits_calibration"
+    folder.mkdir()
+    for index in range(32):
+        np.save(folder / f"{index:03d}.npy", train_x[index:index + 1])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def efficientnet(models_dir: Path) -> Path:
+    return zoo.export_efficientnet_lite0(models_dir / "efficientnet_lite0.onnx")
+
+
+@pytest.fixture(scope="session")
+def minilm(models_dir: Path) -> Path:
+    return zoo.export_minilm(models_dir / "minilm.onnx")

@@ -1,0 +1,119 @@
+"""Frontend: loading checks, opset normalization, shape inference, constant lifting, BN folding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.reference
+import pytest
+from conftest import parse_model, save_model
+
+from qcompile import frontend
+from qcompile.backends import ort as ort_backend
+from qcompile.errors import UnsafeModelError, UnsupportedModelError
+
+CONV_BN = """
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) <float[4, 3, 3, 3] w = {weights}, float[4] b = {bias}, float[4] s = {{1.5, 0.5, 2.0, 1.0}}, float[4] t = {{0.1, -0.2, 0.3, 0.0}}, float[4] m = {{0.05, 0.1, -0.1, 0.2}}, float[4] v = {{1.0, 2.0, 0.5, 1.5}}> {{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    n = BatchNormalization (c, s, t, m, v)
+    i = Identity (n)
+    y = Relu (i)
+}}
+"""
+
+
+def conv_bn_model(opset: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    weights = ", ".join(f"{value:.4f}" for value in rng.standard_normal(4 * 3 * 3 * 3))
+    bias = ", ".join(f"{value:.4f}" for value in rng.standard_normal(4))
+    return parse_model(CONV_BN.format(opset=opset, weights="{" + weights + "}", bias="{" + bias + "}"))
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 23])
+def test_opsets_normalize_to_canonical_and_fold_batchnorm(tmp_path: Path, opset: int) -> None:
+    proto = conv_bn_model(opset)
+    path = save_model(proto, tmp_path / "conv_bn.onnx")
+    model = frontend.load(path)
+    ops = [node.op_type for node in model.graph]
+    assert model.opset_imports[""] == frontend.CANONICAL_OPSET
+    assert ops == ["Conv", "Relu"], ops  # BatchNorm folded, Identity gone
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    expected = ort_backend.session(proto).run(None, {"x": x})[0]
+    actual = ort_backend.session(model).run(None, {"x": x})[0]
+    # BN folding reassociates a few float32 products: round-off level, well under 1e-5 relative.
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+
+
+def test_constant_nodes_become_initializers(tmp_path: Path) -> None:
+    proto = parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+        w = Constant <value = float[3] {1.0, 2.0, 3.0}> ()
+        d = Dropout (x)
+        y = Mul (d, w)
+    }""")
+    model = frontend.load(save_model(proto, tmp_path / "constant.onnx"))
+    assert [node.op_type for node in model.graph] == ["Mul"]
+    assert any(value.const_value is not None for value in model.graph.initializers.values())
+
+
+DYNAMIC = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, 4] x) => (float[N, 2] y) <float[4, 2] w = {1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5}> {
+    y = MatMul (x, w)
+}
+"""
+
+
+def test_dynamic_dims_need_input_shape(tmp_path: Path) -> None:
+    path = save_model(parse_model(DYNAMIC), tmp_path / "dynamic.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"input 'x' .*unknown dims.*--input-shape x="):
+        frontend.load(path)
+    model = frontend.load(path, frontend.parse_input_shapes(["x=3x4"]))
+    assert list(model.graph.inputs[0].shape) == [3, 4]
+    assert list(model.graph.outputs[0].shape) == [3, 2]
+
+
+def test_input_shape_errors(tmp_path: Path) -> None:
+    path = save_model(parse_model(DYNAMIC), tmp_path / "dynamic.onnx")
+    with pytest.raises(UnsupportedModelError, match="not an input"):
+        frontend.load(path, {"nope": (1, 4)})
+    with pytest.raises(UnsupportedModelError, match="fixed at 4"):
+        frontend.load(path, {"x": (1, 5)})
+    with pytest.raises(UnsupportedModelError, match="NAME=D1xD2"):
+        frontend.parse_input_shapes(["x=1xa"])
+
+
+def test_external_data_inside_folder_loads(tmp_path: Path) -> None:
+    proto = conv_bn_model(18)
+    path = tmp_path / "ext.onnx"
+    proto.ir_version = 10
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    model = frontend.load(path)
+    assert [node.op_type for node in model.graph] == ["Conv", "Relu"]
+
+
+def test_external_data_through_escaping_symlink_is_rejected(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    inside = tmp_path / "model"
+    outside.mkdir()
+    inside.mkdir()
+    proto = conv_bn_model(18)
+    proto.ir_version = 10
+    onnx.save(proto, str(outside / "m.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    (inside / "w.data").symlink_to(outside / "w.data")
+    (inside / "m.onnx").write_bytes((outside / "m.onnx").read_bytes())
+    with pytest.raises(UnsafeModelError, match="outside"):
+        frontend.load(inside / "m.onnx")
+
+
+def test_efficientnet_normalizes(efficientnet: Path) -> None:
+    model = frontend.load(efficientnet)
+    ops = {node.op_type for node in model.graph}
+    assert "Conv" in ops and "BatchNormalization" not in ops and "Constant" not in ops
+    assert all(value.shape is not None for node in model.graph for value in node.outputs)
