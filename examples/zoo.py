@@ -122,7 +122,7 @@ def export_minilm(path: Path, seq_len: int = 64) -> Path:
     ids = torch.ones((1, seq_len), dtype=torch.int64)
     mask = torch.ones((1, seq_len), dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(Encoder(model), (ids, mask), str(path), dynamo=True, opset_version=18,
+    torch.onnx.export(Encoder(model).eval(), (ids, mask), str(path), dynamo=True, opset_version=18,
                       input_names=["input_ids", "attention_mask"], output_names=["hidden"],
                       external_data=False)
     return path

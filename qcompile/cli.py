@@ -22,9 +22,16 @@ EXIT_ERROR = 2
 EXIT_INTERNAL = 3
 
 
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log each stage (and tracebacks of internal errors)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return common
+
+
 def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "compile", help="compile an ONNX model into a verified int8 artifact (the default command)",
+        "compile", parents=[_common()], help="compile an ONNX model into a verified int8 artifact (the default command)",
         description="Load, check and normalize MODEL, calibrate it on sample data, quantize it to int8 "
                     "(W8A8), build it for the target, measure it, and write an artifact folder.")
     parser.add_argument("model", help="path of the ONNX model (external data must sit in its folder)")
@@ -56,7 +63,7 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 
 
 def _run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("run", help="run an artifact on inputs from .npy/.npz files",
+    parser = subparsers.add_parser("run", parents=[_common()], help="run an artifact on inputs from .npy/.npz files",
                                    description="Verify the artifact's checksums, load it and run it once.")
     parser.add_argument("artifact", help="artifact folder written by qcompile")
     parser.add_argument("-i", "--input", action="append", required=True, metavar="[NAME=]FILE",
@@ -66,7 +73,7 @@ def _run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def _bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("bench", help="median and p90 latency beside onnxruntime fp32, in one run",
+    parser = subparsers.add_parser("bench", parents=[_common()], help="median and p90 latency beside onnxruntime fp32, in one run",
                                    description="Time the artifact's executor and onnxruntime running the float "
                                                "model the artifact was compiled from, in the same process.")
     parser.add_argument("artifact", help="artifact folder written by qcompile")
@@ -84,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qcompile", description="A quantizing compiler for edge devices. "
         "'qcompile MODEL.onnx ...' is short for 'qcompile compile MODEL.onnx ...'.")
     parser.add_argument("--version", action="version", version=f"qcompile {version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage (and tracebacks of internal errors)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     subparsers = parser.add_subparsers(dest="command", metavar="{compile,run,bench}")
     _compile_parser(subparsers)
     _run_parser(subparsers)
@@ -190,11 +195,13 @@ def _command_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    position = 0
-    while position < len(arguments) and arguments[position] in ("-v", "--verbose", "-q", "--quiet"):
-        position += 1
-    if position < len(arguments) and arguments[position] not in (*COMMANDS, "-h", "--help", "--version"):
-        arguments.insert(position, "compile")
+    leading = []
+    while arguments and arguments[0] in ("-v", "--verbose", "-q", "--quiet"):
+        leading.append(arguments.pop(0))
+    if arguments and arguments[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        arguments.insert(0, "compile")
+    if leading and arguments and arguments[0] in COMMANDS:
+        arguments[1:1] = leading  # global-looking flags belong to the command
     args = build_parser().parse_args(arguments)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:

@@ -1,0 +1,248 @@
+"""Every bad input gets one ``error:`` line naming the problem, exit code 2, and no artifact."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import pytest
+from conftest import parse_model, save_model
+
+from qcompile import errors
+from qcompile.cli import main
+
+CONV = """
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[{batch}, 2, 5, 5] x) => (float[{batch}, 3, 5, 5] y) <float[3, 2, 3, 3] w = {weights}, float[3] b = {{0.1, 0.2, 0.3}}> {{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    y = Relu (c)
+}}
+"""
+
+
+def conv_text(opset: int = 18, batch: str = "1", fill: float | None = None) -> str:
+    values = np.random.default_rng(0).standard_normal(54)
+    if fill is not None:
+        values[7] = fill
+    weights = "{" + ", ".join("nan" if np.isnan(v) else ("inf" if np.isinf(v) else f"{v:.4f}") for v in values) + "}"
+    return CONV.format(opset=opset, batch=batch, weights=weights)
+
+
+def good_model(folder: Path) -> Path:
+    return save_model(parse_model(conv_text()), folder / "conv.onnx")
+
+
+def calibration_folder(folder: Path, shape: tuple[int, ...] = (1, 2, 5, 5), count: int = 4) -> Path:
+    data = folder / "calibration"
+    data.mkdir(exist_ok=True)
+    for index in range(count):
+        np.save(data / f"{index}.npy", np.random.default_rng(index).standard_normal(shape).astype(np.float32))
+    return data
+
+
+def external_model(folder: Path, location: str) -> Path:
+    """A valid model whose weight 'w' claims to live at ``location``."""
+    proto = parse_model(conv_text())
+    weight = next(tensor for tensor in proto.graph.initializer if tensor.name == "w")
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(54 * 4))):
+        weight.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
+    proto.ir_version = 10
+    path = folder / "ext.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def write_bytes(name: str, data: bytes) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        path = folder / name
+        path.write_bytes(data)
+        return path
+    return make
+
+
+def truncated(folder: Path) -> Path:
+    data = good_model(folder).read_bytes()
+    path = folder / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def checker_failure(folder: Path) -> Path:
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["missing"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    path = folder / "broken.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def custom_op(folder: Path) -> Path:
+    graph = onnx.helper.make_graph([onnx.helper.make_node("FancyOp", ["x"], ["y"], domain="com.example", name="fancy")],
+                                   "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                          onnx.helper.make_opsetid("com.example", 1)])
+    proto.ir_version = 10
+    path = folder / "custom.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def symlink_escape(folder: Path) -> Path:
+    outside = folder.parent / f"{folder.name}_outside"
+    outside.mkdir()
+    (outside / "w.bin").write_bytes(np.zeros(54, np.float32).tobytes())
+    (folder / "w.bin").symlink_to(outside / "w.bin")
+    return external_model(folder, "w.bin")
+
+
+def short_external(folder: Path) -> Path:
+    (folder / "w.bin").write_bytes(b"\0" * 16)
+    return external_model(folder, "w.bin")
+
+
+def inf_in_constant(folder: Path) -> Path:
+    proto = parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 3] x) => (float[1, 3] y) {
+        k = Constant <value = float[3] {1.0, inf, 2.0}> ()
+        y = Mul (x, k)
+    }""")
+    return save_model(proto, folder / "inf.onnx")
+
+
+MODEL_CASES: list[tuple[str, Callable[[Path], Path], type[errors.QCompileError], str]] = [
+    ("missing file", lambda folder: folder / "nope.onnx", errors.ModelLoadError, "no such file"),
+    ("directory", lambda folder: folder, errors.ModelLoadError, "not a file"),
+    ("empty file", write_bytes("empty.onnx", b""), errors.ModelLoadError, "the file is empty"),
+    ("truncated", truncated, errors.ModelLoadError, "truncated"),
+    ("not protobuf", write_bytes("text.onnx", b"this is not a model at all\n" * 10), errors.ModelLoadError, "not a valid ONNX protobuf|holds no graph"),
+    ("checker failure", checker_failure, errors.ModelLoadError, "fails onnx.checker"),
+    ("external data with ..", lambda folder: external_model(folder, "../w.bin"), errors.UnsafeModelError, "climbs out with '..'"),
+    ("external data absolute", lambda folder: external_model(folder, "/etc/passwd"), errors.UnsafeModelError, "absolute path"),
+    ("external data symlink escape", symlink_escape, errors.UnsafeModelError, "outside"),
+    ("external data missing", lambda folder: external_model(folder, "absent.bin"), errors.ModelLoadError, "does not exist"),
+    ("external data short", short_external, errors.ModelLoadError, "shorter"),
+    ("custom operator", custom_op, errors.UnsupportedModelError, "com.example::FancyOp"),
+    ("opset too old", lambda folder: save_model(parse_model(conv_text(opset=9)), folder / "old.onnx"), errors.UnsupportedModelError, "opset 9 is outside 11..23"),
+    ("dynamic shape", lambda folder: save_model(parse_model(conv_text(batch="N")), folder / "dyn.onnx"), errors.UnsupportedModelError, "--input-shape x="),
+    ("NaN weight", lambda folder: save_model(parse_model(conv_text(fill=float("nan"))), folder / "nan.onnx"), errors.InvalidWeightsError, "weight 'w' holds 1 NaN/Inf"),
+    ("Inf in a Constant node", inf_in_constant, errors.InvalidWeightsError, "NaN/Inf"),
+]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], arguments: list[str]) -> str:
+    code = main(arguments)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def expect_error(model: Path, calibration: Path, output: Path, error_type: type[errors.QCompileError],
+                 message: str, capsys: pytest.CaptureFixture[str], extra: list[str] | None = None) -> None:
+    from qcompile import api
+
+    with pytest.raises(error_type, match=message):
+        api.compile(model, output, calibration_data=calibration, build_tvm=False, progress=False,
+                    input_shapes=None)
+    assert not output.exists()
+    line = run_cli(capsys, [str(model), "-c", str(calibration), "-o", str(output), "--no-tvm", "-q", *(extra or [])])
+    assert any(part in line for part in message.split("|")) or __import__("re").search(message, line), line
+    assert not output.exists()
+    assert not any(entry.name.startswith(f".{output.name}.") for entry in output.parent.iterdir())
+
+
+@pytest.mark.parametrize(("case", "make", "error_type", "message"), MODEL_CASES, ids=[case[0] for case in MODEL_CASES])
+def test_bad_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, make: Callable[[Path], Path],
+                   error_type: type[errors.QCompileError], message: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    expect_error(make(folder), calibration_folder(tmp_path), tmp_path / "out", error_type, message, capsys)
+
+
+def test_bad_input_shape_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = save_model(parse_model(conv_text(batch="N")), tmp_path / "dyn.onnx")
+    line = run_cli(capsys, [str(model), "-c", str(calibration_folder(tmp_path)), "-o", str(tmp_path / "out"),
+                            "--no-tvm", "-q", "--input-shape", "image=1x2x5x5"])
+    assert "names 'image', which is not an input" in line
+    assert not (tmp_path / "out").exists()
+
+
+CALIBRATION_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
+    ("empty folder", lambda folder: _empty_folder(folder), "no .npy, .npz or image files"),
+    ("missing folder", lambda folder: folder / "absent", "not a folder"),
+    ("wrong shape", lambda folder: calibration_folder(folder, shape=(1, 3, 5, 5)), r"shape \(1, 3, 5, 5\)"),
+    ("corrupt npy", lambda folder: _corrupt_folder(folder), "cannot be read"),
+    ("NaN sample", lambda folder: _nan_folder(folder), "NaN/Inf"),
+]
+
+
+def _empty_folder(folder: Path) -> Path:
+    (folder / "empty").mkdir()
+    return folder / "empty"
+
+
+def _corrupt_folder(folder: Path) -> Path:
+    data = folder / "corrupt"
+    data.mkdir()
+    (data / "0.npy").write_bytes(b"\x93NUMPY garbage")
+    return data
+
+
+def _nan_folder(folder: Path) -> Path:
+    data = folder / "nan"
+    data.mkdir()
+    np.save(data / "0.npy", np.full((1, 2, 5, 5), np.nan, np.float32))
+    return data
+
+
+@pytest.mark.parametrize(("case", "make", "message"), CALIBRATION_CASES, ids=[case[0] for case in CALIBRATION_CASES])
+def test_bad_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, make: Callable[[Path], Path],
+                         message: str) -> None:
+    data = make(tmp_path)
+    expect_error(good_model(tmp_path), data, tmp_path / "out", errors.CalibrationError, message, capsys)
+
+
+def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o",
+                            str(tmp_path / "out"), "--target", "toaster", "-q"])
+    assert "unknown target 'toaster'; valid targets: " in line and "host" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "taken"
+    output.write_text("not a folder")
+    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o", str(output),
+                            "--no-tvm", "-q"])
+    assert "exists and is not an empty folder" in line
+    assert output.read_text() == "not a folder"
+
+
+def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o",
+                            str(blocker / "out"), "--no-tvm", "-q"])
+    assert "cannot write to" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o",
+                            str(locked / "out"), "--no-tvm", "-q"])
+    assert "cannot write to" in line
