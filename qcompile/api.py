@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -35,11 +36,17 @@ def version() -> str:
         return "0+unknown"
 
 
-def _feeds(source: str | os.PathLike[str] | Iterable[Feed] | None, inputs: list[calibration.InputSpec],
-           preprocess: Preprocess | None, what: str) -> Iterable[Feed]:
+def _feeds(
+    source: str | os.PathLike[str] | Iterable[Feed] | None,
+    inputs: list[calibration.InputSpec],
+    preprocess: Preprocess | None,
+    what: str,
+) -> Iterable[Feed]:
     if source is None:
-        raise CalibrationError(f"no {what} data; pass a folder of .npy/.npz/images (--calibration DIR) "
-                               "or an iterable of feeds through the API")
+        raise CalibrationError(
+            f"no {what} data; pass a folder of .npy/.npz/images (--calibration DIR) "
+            "or an iterable of feeds through the API"
+        )
     if isinstance(source, str | os.PathLike):
         return calibration.from_folder(Path(source), inputs, preprocess)
     return source
@@ -49,8 +56,13 @@ def _tensor_infos(proto: onnx.ModelProto, values: Any) -> list[dict[str, Any]]:
     infos = []
     for value in values:
         tensor_type = value.type.tensor_type
-        infos.append({"name": value.name, "shape": [dim.dim_value for dim in tensor_type.shape.dim],
-                      "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))})
+        infos.append(
+            {
+                "name": value.name,
+                "shape": [dim.dim_value for dim in tensor_type.shape.dim],
+                "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)),
+            }
+        )
     return infos
 
 
@@ -66,7 +78,7 @@ def _evaluate(float_session: Any, quantized_session: Any, feeds: Iterable[Feed])
     return metrics
 
 
-def compile(  # noqa: A001 - the natural name of a compiler's main entry point
+def compile(
     model_path: str | os.PathLike[str],
     output: str | os.PathLike[str],
     target: str = "host",
@@ -98,27 +110,39 @@ def compile(  # noqa: A001 - the natural name of a compiler's main entry point
         (staging / REFERENCE_ONNX).write_bytes(reference_proto.SerializeToString())
         executors: dict[str, dict[str, Any]] = {
             "onnxruntime": {"kind": "onnxruntime", "file": QUANTIZED_ONNX, "description": "quantized QDQ model"},
-            "onnxruntime-fp32": {"kind": "onnxruntime", "file": REFERENCE_ONNX,
-                                 "description": "the normalized float model (reference, fallback)"},
+            "onnxruntime-fp32": {
+                "kind": "onnxruntime",
+                "file": REFERENCE_ONNX,
+                "description": "the normalized float model (reference, fallback)",
+            },
         }
         if build_tvm:
             library = tvm_backend.build(quantized_proto, device.tvm_target, staging)
-            executors["tvm"] = {"kind": "tvm", "file": library, "target": device.tvm_target,
-                                "description": "TVM library of the quantized graph"}
+            executors["tvm"] = {
+                "kind": "tvm",
+                "file": library,
+                "target": device.tvm_target,
+                "description": "TVM library of the quantized graph",
+            }
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "qcompile_version": version(),
             "source": {"file": source.name, "sha256": sha256_file(source)},
-            "target": {"name": device.name, "description": device.description, "backend": device.backend,
-                       "tvm_target": device.tvm_target},
+            "target": {
+                "name": device.name,
+                "description": device.description,
+                "backend": device.backend,
+                "tvm_target": device.tvm_target,
+            },
             "inputs": _tensor_infos(quantized_proto, quantized_proto.graph.input),
             "outputs": _tensor_infos(quantized_proto, quantized_proto.graph.output),
             "options": pipeline.options_dict(options),
             "passes": result.passes,
             "layers": [vars(record) for record in result.layers],
             "executors": executors,
-            "files": {name: sha256_file(staging / name) for name in sorted(
-                entry["file"] for entry in executors.values())},
+            "files": {
+                name: sha256_file(staging / name) for name in sorted(entry["file"] for entry in executors.values())
+            },
         }
         (staging / MANIFEST).write_text(dumps(manifest))
         manifest["measured"] = _measure(staging, set(executors), result, eval_data, inputs, preprocess)
@@ -128,37 +152,60 @@ def compile(  # noqa: A001 - the natural name of a compiler's main entry point
     return manifest
 
 
-def _measure(folder: Path, executor_names: set[str], result: pipeline.QuantizeResult, eval_data: Any, inputs: list[calibration.InputSpec],
-             preprocess: Preprocess | None) -> dict[str, Any]:
+def _measure(
+    folder: Path,
+    executor_names: set[str],
+    result: pipeline.QuantizeResult,
+    eval_data: Any,
+    inputs: list[calibration.InputSpec],
+    preprocess: Preprocess | None,
+) -> dict[str, Any]:
     """Accuracy against float and the latency of every executor, measured now, on this machine."""
     sample = result.sample
-    sessions = {name: load_artifact(folder, name) for name in ("onnxruntime-fp32", "onnxruntime", "tvm")
-                if name in executor_names}
+    sessions = {
+        name: load_artifact(folder, name)
+        for name in ("onnxruntime-fp32", "onnxruntime", "tvm")
+        if name in executor_names
+    }
     latencies = {}
     for name, session in sessions.items():
         # An unscheduled TVM build can take a second per run: a few runs tell that it is not the default.
         fast = session.executor.startswith("onnxruntime")
-        latencies[name] = bench.measure(lambda session=session: session.run(sample), runs=50 if fast else 3,
-                                        warmup=5 if fast else 1).as_dict()
+        latencies[name] = bench.measure(
+            functools.partial(session.run, sample), runs=50 if fast else 3, warmup=5 if fast else 1
+        ).as_dict()
     quantized = [name for name in ("onnxruntime", "tvm") if name in latencies]
     fastest = min(quantized, key=lambda name: latencies[name]["median_ms"])
-    default, reason = fastest, f"fastest quantized executor ({latencies[fastest]['median_ms']:.2f} ms median)"
+    default: str = fastest
+    reason = f"fastest quantized executor ({latencies[fastest]['median_ms']:.2f} ms median)"
     if latencies[fastest]["median_ms"] > latencies["onnxruntime-fp32"]["median_ms"]:
         default = "onnxruntime-fp32"
-        reason = (f"every quantized executor was slower than float onnxruntime "
-                  f"({latencies[fastest]['median_ms']:.2f} vs {latencies['onnxruntime-fp32']['median_ms']:.2f} ms)")
+        reason = (
+            f"every quantized executor was slower than float onnxruntime "
+            f"({latencies[fastest]['median_ms']:.2f} vs {latencies['onnxruntime-fp32']['median_ms']:.2f} ms)"
+        )
         logger.warning("%s; the default executor is the float model", reason)
     accuracy: dict[str, Any] = {"calibration": result.error}
     if "tvm" in sessions:
-        difference = max(float(np.abs(a - b).max()) for a, b in zip(
-            sessions["tvm"].run(sample).values(), sessions["onnxruntime"].run(sample).values(), strict=True))
+        difference = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(
+                sessions["tvm"].run(sample).values(), sessions["onnxruntime"].run(sample).values(), strict=True
+            )
+        )
         accuracy["tvm_vs_onnxruntime_max_abs_diff"] = difference
     if eval_data is not None:
         feeds = calibration.checked(_feeds(eval_data, inputs, preprocess, "evaluation"), inputs, "evaluation data")
-        accuracy["evaluation"] = _evaluate(_RunAdapter(sessions["onnxruntime-fp32"]),
-                                           _RunAdapter(sessions["onnxruntime"]), feeds)
-    return {"latency_ms": latencies, "default_executor": default, "default_reason": reason, "accuracy": accuracy,
-            "machine": bench.machine()}
+        accuracy["evaluation"] = _evaluate(
+            _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["onnxruntime"]), feeds
+        )
+    return {
+        "latency_ms": latencies,
+        "default_executor": default,
+        "default_reason": reason,
+        "accuracy": accuracy,
+        "machine": bench.machine(),
+    }
 
 
 class _RunAdapter:
@@ -173,7 +220,7 @@ class _RunAdapter:
 
 def load(path: str | os.PathLike[str], executor: str | None = None) -> Session:
     """Verify and load an artifact (see :func:`qcompile.runtime.load`)."""
-    return load_artifact(path, executor)
+    return load_artifact(Path(path), executor)
 
 
 __all__ = ["compile", "load", "version"]

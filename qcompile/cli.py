@@ -1,13 +1,14 @@
 """Command-line interface: argument parsing only; the work is done by :mod:`qcompile.api`.
 
-    qcompile MODEL.onnx --calibration DIR [-o OUT] [--target host]   compile (the default command)
-    qcompile run OUT --input x.npy                                    run an artifact
-    qcompile bench OUT                                                latency beside onnxruntime fp32
+qcompile MODEL.onnx --calibration DIR [-o OUT] [--target host]   compile (the default command)
+qcompile run OUT --input x.npy                                    run an artifact
+qcompile bench OUT                                                latency beside onnxruntime fp32
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import traceback
@@ -24,72 +25,140 @@ EXIT_INTERNAL = 3
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log each stage (and tracebacks of internal errors)")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log each stage (and tracebacks of internal errors)"
+    )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return common
 
 
 def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "compile", parents=[_common()], help="compile an ONNX model into a verified int8 artifact (the default command)",
+        "compile",
+        parents=[_common()],
+        help="compile an ONNX model into a verified int8 artifact (the default command)",
         description="Load, check and normalize MODEL, calibrate it on sample data, quantize it to int8 "
-                    "(W8A8), build it for the target, measure it, and write an artifact folder.")
+        "(W8A8), build it for the target, measure it, and write an artifact folder.",
+    )
     parser.add_argument("model", help="path of the ONNX model (external data must sit in its folder)")
     parser.add_argument("-o", "--output", help="artifact folder to write (default: MODEL-STEM.TARGET beside the cwd)")
-    parser.add_argument("-t", "--target", default="host", help="target device (default: host); an unknown name lists the valid ones")
-    parser.add_argument("-c", "--calibration", metavar="DIR", required=True,
-                        help="folder of calibration samples: .npy (single-input models), .npz (one array per "
-                             "input name) or images (with --preprocess); a leading batch dim is split")
-    parser.add_argument("--eval", metavar="DIR", dest="eval_data",
-                        help="optional held-out folder (same format) to report accuracy against the float model")
-    parser.add_argument("--input-shape", action="append", metavar="NAME=DxDx...", default=[],
-                        help="static shape for an input with dynamic dims, e.g. input_ids=1x128 (repeatable)")
-    parser.add_argument("--preprocess", metavar="JSON",
-                        help='image preprocessing: {"size": [224, 224], "mean": [...], "std": [...], '
-                             '"layout": "NCHW"} (defaults: 224x224, ImageNet mean/std, NCHW)')
-    parser.add_argument("--calibration-method", choices=("minmax", "percentile", "mse"), default="mse",
-                        help="activation range: min/max, 99.99th percentile, or MSE-optimal clipping (default)")
-    parser.add_argument("--max-calibration-samples", type=int, metavar="N",
-                        help="stop calibrating after N samples (default: all)")
-    parser.add_argument("--no-bias-correction", action="store_true",
-                        help="do not fold the expected weight-rounding error into biases")
-    parser.add_argument("--float-threshold", type=float, default=1e-3, metavar="ERR",
-                        help="keep a layer in float when quantizing it alone moves the outputs by more than this "
-                             "relative squared error (default 1e-3; 0 quantizes every layer)")
-    parser.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
-                        help="calibration samples kept to measure per-layer sensitivity and error (default 16)")
+    parser.add_argument(
+        "-t", "--target", default="host", help="target device (default: host); an unknown name lists the valid ones"
+    )
+    parser.add_argument(
+        "-c",
+        "--calibration",
+        metavar="DIR",
+        required=True,
+        help="folder of calibration samples: .npy (single-input models), .npz (one array per "
+        "input name) or images (with --preprocess); a leading batch dim is split",
+    )
+    parser.add_argument(
+        "--eval",
+        metavar="DIR",
+        dest="eval_data",
+        help="optional held-out folder (same format) to report accuracy against the float model",
+    )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=DxDx...",
+        default=[],
+        help="static shape for an input with dynamic dims, e.g. input_ids=1x128 (repeatable)",
+    )
+    parser.add_argument(
+        "--preprocess",
+        metavar="JSON",
+        help='image preprocessing: {"size": [224, 224], "mean": [...], "std": [...], '
+        '"layout": "NCHW"} (defaults: 224x224, ImageNet mean/std, NCHW)',
+    )
+    parser.add_argument(
+        "--calibration-method",
+        choices=("minmax", "percentile", "mse"),
+        default="mse",
+        help="activation range: min/max, 99.99th percentile, or MSE-optimal clipping (default)",
+    )
+    parser.add_argument(
+        "--max-calibration-samples", type=int, metavar="N", help="stop calibrating after N samples (default: all)"
+    )
+    parser.add_argument(
+        "--weight-rounding",
+        choices=("gptq", "nearest"),
+        default="gptq",
+        help="int8 weight rounding: GPTQ error compensation, kept only where it beats "
+        "round-to-nearest on held-out calibration rows (default), or round-to-nearest",
+    )
+    parser.add_argument(
+        "--no-bias-correction", action="store_true", help="do not fold the expected weight-rounding error into biases"
+    )
+    parser.add_argument(
+        "--float-threshold",
+        type=float,
+        default=1e-3,
+        metavar="ERR",
+        help="keep a layer in float when quantizing it alone moves the outputs by more than this "
+        "relative squared error (default 1e-3; 0 quantizes every layer)",
+    )
+    parser.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=16,
+        metavar="N",
+        help="calibration samples kept to measure per-layer sensitivity and error (default 16)",
+    )
     parser.add_argument("--no-tvm", action="store_true", help="skip the TVM library (onnxruntime executor only)")
     parser.add_argument("--force", action="store_true", help="replace an existing artifact folder at --output")
 
 
 def _run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("run", parents=[_common()], help="run an artifact on inputs from .npy/.npz files",
-                                   description="Verify the artifact's checksums, load it and run it once.")
+    parser = subparsers.add_parser(
+        "run",
+        parents=[_common()],
+        help="run an artifact on inputs from .npy/.npz files",
+        description="Verify the artifact's checksums, load it and run it once.",
+    )
     parser.add_argument("artifact", help="artifact folder written by qcompile")
-    parser.add_argument("-i", "--input", action="append", required=True, metavar="[NAME=]FILE",
-                        help="input array: FILE.npy for a single-input model, NAME=FILE.npy per input, or one .npz")
+    parser.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        required=True,
+        metavar="[NAME=]FILE",
+        help="input array: FILE.npy for a single-input model, NAME=FILE.npy per input, or one .npz",
+    )
     parser.add_argument("-o", "--output", metavar="FILE.npz", help="save the outputs to this .npz file")
     parser.add_argument("--executor", help="executor to use (default: the one the manifest names)")
 
 
 def _bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("bench", parents=[_common()], help="median and p90 latency beside onnxruntime fp32, in one run",
-                                   description="Time the artifact's executor and onnxruntime running the float "
-                                               "model the artifact was compiled from, in the same process.")
+    parser = subparsers.add_parser(
+        "bench",
+        parents=[_common()],
+        help="median and p90 latency beside onnxruntime fp32, in one run",
+        description="Time the artifact's executor and onnxruntime running the float "
+        "model the artifact was compiled from, in the same process.",
+    )
     parser.add_argument("artifact", help="artifact folder written by qcompile")
     parser.add_argument("--executor", help="executor to time (default: the one the manifest names)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per executor (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
-    parser.add_argument("-i", "--input", action="append", metavar="[NAME=]FILE",
-                        help="input to time with (default: random data of the input shapes)")
+    parser.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        metavar="[NAME=]FILE",
+        help="input to time with (default: random data of the input shapes)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from qcompile.api import version
 
     parser = argparse.ArgumentParser(
-        prog="qcompile", description="A quantizing compiler for edge devices. "
-        "'qcompile MODEL.onnx ...' is short for 'qcompile compile MODEL.onnx ...'.")
+        prog="qcompile",
+        description="A quantizing compiler for edge devices. "
+        "'qcompile MODEL.onnx ...' is short for 'qcompile compile MODEL.onnx ...'.",
+    )
     parser.add_argument("--version", action="version", version=f"qcompile {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="{compile,run,bench}")
     _compile_parser(subparsers)
@@ -127,15 +196,28 @@ def _command_compile(args: argparse.Namespace) -> int:
     from qcompile.frontend import parse_input_shapes
     from qcompile.passes.pipeline import QuantizeOptions
 
-    options = QuantizeOptions(calibration=args.calibration_method, bias_correction=not args.no_bias_correction,
-                              float_threshold=args.float_threshold,
-                              max_calibration_samples=args.max_calibration_samples,
-                              sensitivity_samples=args.sensitivity_samples)
+    options = QuantizeOptions(
+        calibration=args.calibration_method,
+        bias_correction=not args.no_bias_correction,
+        weight_rounding=args.weight_rounding,
+        float_threshold=args.float_threshold,
+        max_calibration_samples=args.max_calibration_samples,
+        sensitivity_samples=args.sensitivity_samples,
+    )
     output = args.output or f"{Path(args.model).stem}.{args.target}"
-    manifest = api.compile(args.model, output, target=args.target, calibration_data=args.calibration,
-                           eval_data=args.eval_data, input_shapes=parse_input_shapes(args.input_shape),
-                           options=options, preprocess=Preprocess.from_json(args.preprocess) if args.preprocess else None,
-                           build_tvm=not args.no_tvm, force=args.force, progress=not args.quiet)
+    manifest = api.compile(
+        args.model,
+        output,
+        target=args.target,
+        calibration_data=args.calibration,
+        eval_data=args.eval_data,
+        input_shapes=parse_input_shapes(args.input_shape),
+        options=options,
+        preprocess=Preprocess.from_json(args.preprocess) if args.preprocess else None,
+        build_tvm=not args.no_tvm,
+        force=args.force,
+        progress=not args.quiet,
+    )
     measured = manifest["measured"]
     layers = manifest["layers"]
     floats = [layer for layer in layers if layer["float_reason"]]
@@ -147,8 +229,10 @@ def _command_compile(args: argparse.Namespace) -> int:
             print(f"  accuracy vs fp32 ({scope}): " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
     reference = measured["latency_ms"]["onnxruntime-fp32"]["median_ms"]
     for name, latency in measured["latency_ms"].items():
-        print(f"  latency {name}: {latency['median_ms']:.2f} ms median ({reference / latency['median_ms']:.2f}x "
-              "vs onnxruntime fp32)")
+        print(
+            f"  latency {name}: {latency['median_ms']:.2f} ms median ({reference / latency['median_ms']:.2f}x "
+            "vs onnxruntime fp32)"
+        )
     print(f"  default executor: {manifest['default_executor']} ({measured['default_reason']})")
     return 0
 
@@ -164,7 +248,7 @@ def _command_run(args: argparse.Namespace) -> int:
             summary += f", argmax {value.argmax(axis=1).tolist()}"
         print(summary)
     if args.output:
-        np.savez(args.output, **outputs)
+        np.savez(args.output, **outputs)  # type: ignore[arg-type]
         print(f"saved {args.output}")
     return 0
 
@@ -178,13 +262,21 @@ def _command_bench(args: argparse.Namespace) -> int:
         feeds = _read_inputs(args.input, [info.name for info in session.inputs])
     else:
         rng = np.random.default_rng(0)
-        feeds = {info.name: (rng.standard_normal(info.shape) if np.dtype(info.dtype).kind == "f"
-                             else np.ones(info.shape)).astype(info.dtype) for info in session.inputs}
+        feeds = {
+            info.name: (
+                rng.standard_normal(info.shape) if np.dtype(info.dtype).kind == "f" else np.ones(info.shape)
+            ).astype(info.dtype)
+            for info in session.inputs
+        }
     reference = runtime.load(args.artifact, "onnxruntime-fp32")
-    timed = {f"{session.executor} (artifact default)" if args.executor is None else session.executor: session,
-             "onnxruntime fp32 (source model)": reference}
-    results = {name: bench.measure(lambda s=s: s.run(feeds), runs=args.runs, warmup=args.warmup, max_seconds=60)
-               for name, s in timed.items()}
+    timed = {
+        f"{session.executor} (artifact default)" if args.executor is None else session.executor: session,
+        "onnxruntime fp32 (source model)": reference,
+    }
+    results = {
+        name: bench.measure(functools.partial(s.run, feeds), runs=args.runs, warmup=args.warmup, max_seconds=60)
+        for name, s in timed.items()
+    }
     base = results["onnxruntime fp32 (source model)"].median_ms
     print(f"machine: {bench.machine()['cpu']}, {bench.machine()['cores']} cores")
     print(f"{'executor':<40} {'median ms':>10} {'p90 ms':>10} {'speedup':>8}")
@@ -203,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if leading and arguments and arguments[0] in COMMANDS:
         arguments[1:1] = leading  # global-looking flags belong to the command
     args = build_parser().parse_args(arguments)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         build_parser().print_help()
         return EXIT_ERROR

@@ -29,7 +29,9 @@ def parse_model(text: str) -> onnx.ModelProto:
     """Parse onnx text syntax; initializers are rewritten as raw data (as exporters write them)."""
     model = onnx.parser.parse_model(text)
     for index, tensor in enumerate(model.graph.initializer):
-        model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+        model.graph.initializer[index].CopyFrom(
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name)
+        )
     return model
 
 
@@ -50,7 +52,7 @@ def digits_calibration(models_dir: Path) -> Path:
     folder = models_dir / "digits_calibration"
     folder.mkdir()
     for index in range(32):
-        np.save(folder / f"{index:03d}.npy", train_x[index:index + 1])
+        np.save(folder / f"{index:03d}.npy", train_x[index : index + 1])
     return folder
 
 

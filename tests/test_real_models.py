@@ -19,8 +19,13 @@ from qcompile.runtime.artifact import MANIFEST
 def test_efficientnet_lite0(efficientnet: Path, tmp_path: Path) -> None:
     calibration = zoo.photo_crops(32, seed=2)
     evaluation = zoo.photo_crops(64, seed=1)
-    manifest = api.compile(efficientnet, tmp_path / "effnet", calibration_data=({"input": image[None]} for image in calibration),
-                           eval_data=({"input": image[None]} for image in evaluation), progress=False)
+    manifest = api.compile(
+        efficientnet,
+        tmp_path / "effnet",
+        calibration_data=({"input": image[None]} for image in calibration),
+        eval_data=({"input": image[None]} for image in evaluation),
+        progress=False,
+    )
     assert json.loads((tmp_path / "effnet" / MANIFEST).read_text())["default_executor"] == manifest["default_executor"]
     evaluated = manifest["measured"]["accuracy"]["evaluation"]
     # 64 held-out crops; bench/ measures the 240-crop bar (>= 95 %).

@@ -32,8 +32,9 @@ def session_from_bytes(data: bytes, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def session(model: ir.Model | onnx.ModelProto, extra_outputs: list[str] | None = None,
-            threads: int = 0) -> ort.InferenceSession:
+def session(
+    model: ir.Model | onnx.ModelProto, extra_outputs: list[str] | None = None, threads: int = 0
+) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model``; ``extra_outputs`` exposes intermediate values."""
     proto = to_proto(model) if isinstance(model, ir.Model) else model
     if extra_outputs:

@@ -38,12 +38,24 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     specs = []
     for value in model.graph.inputs:
         assert value.shape is not None and value.dtype is not None, "frontend guarantees static inputs"
-        specs.append(InputSpec(str(value.name), tuple(int(dim) for dim in value.shape), np.dtype(value.dtype.numpy())))
+        specs.append(
+            InputSpec(
+                str(value.name),
+                tuple(dim if isinstance(dim, int) else -1 for dim in value.shape),
+                np.dtype(value.dtype.numpy()),
+            )
+        )
     return specs
 
 
-def collect(model: ir.Model, feeds: Iterable[Feed], value_names: list[str], method: str = "mse",
-            max_samples: int | None = None, progress: bool = True) -> Statistics:
+def collect(
+    model: ir.Model,
+    feeds: Iterable[Feed],
+    value_names: list[str],
+    method: str = "mse",
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> Statistics:
     """Run the float model over ``feeds`` and observe ``value_names``, one sample in memory at a time."""
     if method not in ("minmax", "percentile", "mse"):
         raise CalibrationError(f"calibration method '{method}' is not one of minmax, percentile, mse")

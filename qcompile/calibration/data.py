@@ -52,8 +52,12 @@ class Preprocess:
         """Parse the CLI's ``--preprocess`` JSON, e.g. ``{"size": [224, 224], "layout": "NCHW"}``."""
         try:
             fields = json.loads(text)
-            return cls(size=tuple(fields.get("size", cls.size)), mean=tuple(fields.get("mean", cls.mean)),
-                       std=tuple(fields.get("std", cls.std)), layout=fields.get("layout", cls.layout))
+            return cls(
+                size=tuple(fields.get("size", cls.size)),
+                mean=tuple(fields.get("mean", cls.mean)),
+                std=tuple(fields.get("std", cls.std)),
+                layout=fields.get("layout", cls.layout),
+            )
         except (ValueError, TypeError, AttributeError) as error:
             raise CalibrationError(f"--preprocess '{text}' is not a valid spec: {error}") from error
 
@@ -62,11 +66,12 @@ class Preprocess:
 
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB").resize((self.size[1], self.size[0]), Image.BILINEAR)
+                rgb = image.convert("RGB").resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
         except OSError as error:
             raise CalibrationError(f"calibration image {path}: cannot be read ({error})") from error
-        pixels = (np.asarray(rgb, dtype=np.float32) / 255.0 - np.array(self.mean, np.float32)) \
-            / np.array(self.std, np.float32)
+        pixels = (np.asarray(rgb, dtype=np.float32) / 255.0 - np.array(self.mean, np.float32)) / np.array(
+            self.std, np.float32
+        )
         array = pixels.transpose(2, 0, 1) if self.layout == "NCHW" else pixels
         return array[None].astype(np.float32)
 
@@ -96,8 +101,10 @@ def from_folder(folder: str | Path, inputs: list[InputSpec], preprocess: Preproc
             raise CalibrationError(f"calibration file {path.name}: cannot be read ({error})") from error
         if suffix == ".npy":
             if len(inputs) != 1:
-                raise CalibrationError(f"calibration file {path.name}: a .npy holds one array, but the model "
-                                       f"has inputs {[spec.name for spec in inputs]}; use .npz files")
+                raise CalibrationError(
+                    f"calibration file {path.name}: a .npy holds one array, but the model "
+                    f"has inputs {[spec.name for spec in inputs]}; use .npz files"
+                )
             yield {inputs[0].name: loaded}
         else:
             with loaded:
@@ -108,8 +115,13 @@ def _split_batch(feed: Feed, inputs: list[InputSpec]) -> Iterator[Feed]:
     """A feed whose leading dim is a multiple of the model's batch dim becomes several feeds."""
     first = inputs[0]
     array = feed.get(first.name)
-    if array is None or array.ndim != len(first.shape) or first.shape[0] <= 0 \
-            or array.shape[0] == first.shape[0] or array.shape[0] % first.shape[0]:
+    if (
+        array is None
+        or array.ndim != len(first.shape)
+        or first.shape[0] <= 0
+        or array.shape[0] == first.shape[0]
+        or array.shape[0] % first.shape[0]
+    ):
         yield feed
         return
     parts = array.shape[0] // first.shape[0]
@@ -118,7 +130,7 @@ def _split_batch(feed: Feed, inputs: list[InputSpec]) -> Iterator[Feed]:
         return
     step = first.shape[0]
     for part in range(parts):
-        yield {name: value[part * step:(part + 1) * step] for name, value in feed.items()}
+        yield {name: value[part * step : (part + 1) * step] for name, value in feed.items()}
 
 
 def checked(feeds: Iterable[Feed], inputs: list[InputSpec], source: str = "calibration data") -> Iterator[Feed]:
@@ -130,12 +142,15 @@ def checked(feeds: Iterable[Feed], inputs: list[InputSpec], source: str = "calib
         for feed in _split_batch({key: np.asarray(value) for key, value in raw.items()}, inputs):
             for spec in inputs:
                 if spec.name not in feed:
-                    raise CalibrationError(f"{source}: sample {count} has no array for input '{spec.name}' "
-                                           f"(it has {sorted(feed)})")
+                    raise CalibrationError(
+                        f"{source}: sample {count} has no array for input '{spec.name}' (it has {sorted(feed)})"
+                    )
                 array = feed[spec.name]
                 if tuple(array.shape) != spec.shape:
-                    raise CalibrationError(f"{source}: sample {count} gives input '{spec.name}' shape "
-                                           f"{tuple(array.shape)}, the model expects {spec.shape}")
+                    raise CalibrationError(
+                        f"{source}: sample {count} gives input '{spec.name}' shape "
+                        f"{tuple(array.shape)}, the model expects {spec.shape}"
+                    )
                 if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                     raise CalibrationError(f"{source}: sample {count} input '{spec.name}' holds NaN/Inf")
                 feed[spec.name] = array.astype(spec.dtype, copy=False)

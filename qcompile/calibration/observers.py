@@ -99,7 +99,7 @@ class HistogramObserver(MinMaxObserver):
             new_low, new_high = self.low - width, self.high
             start = self.bins // 2
         self.counts = np.zeros(self.bins, dtype=np.float64)
-        self.counts[start:start + self.bins // 2] = merged
+        self.counts[start : start + self.bins // 2] = merged
         self.low, self.high = new_low, new_high
 
     def _edges(self) -> np.ndarray:

@@ -61,23 +61,29 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> None:
         if os.path.isabs(location) or Path(location).is_absolute():
             raise UnsafeModelError(f"{where}, an absolute path; external data must sit in the model's folder")
         if ".." in Path(location).parts:
-            raise UnsafeModelError(f"{where}, which climbs out with '..'; external data must sit in the "
-                                   "model's folder")
+            raise UnsafeModelError(f"{where}, which climbs out with '..'; external data must sit in the model's folder")
         target = (base / location).resolve()
         if not target.is_relative_to(base):
-            raise UnsafeModelError(f"{where}, which resolves to {target} outside {base} (a symlink?); "
-                                   "copy the data next to the model")
+            raise UnsafeModelError(
+                f"{where}, which resolves to {target} outside {base} (a symlink?); copy the data next to the model"
+            )
         if not target.is_file():
             raise ModelLoadError(f"{where}, which does not exist; keep the data file next to the model")
         end = int(entries.get("offset", "0")) + int(entries.get("length", "0"))
         if end > target.stat().st_size:
-            raise ModelLoadError(f"{where}, which is shorter ({target.stat().st_size} bytes) than the "
-                                 f"{end} bytes the model refers to (truncated?)")
+            raise ModelLoadError(
+                f"{where}, which is shorter ({target.stat().st_size} bytes) than the "
+                f"{end} bytes the model refers to (truncated?)"
+            )
 
 
 def _external_bytes(proto: onnx.ModelProto, model_path: Path) -> int:
-    files = {entry.value for tensor in _iter_tensors(proto.graph) for entry in tensor.external_data
-             if entry.key == "location"}
+    files = {
+        entry.value
+        for tensor in _iter_tensors(proto.graph)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
     return sum((model_path.parent / location).stat().st_size for location in files)
 
 
@@ -99,25 +105,29 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if size == 0:
         raise ModelLoadError(f"{name}: the file is empty")
     if size > PROTOBUF_LIMIT:
-        raise ModelLoadError(f"{name}: {size} bytes is over protobuf's 2 GiB limit; save the weights as "
-                             "external data (onnx.save(..., save_as_external_data=True))")
+        raise ModelLoadError(
+            f"{name}: {size} bytes is over protobuf's 2 GiB limit; save the weights as "
+            "external data (onnx.save(..., save_as_external_data=True))"
+        )
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as error:
-        raise ModelLoadError(f"{name}: not a valid ONNX protobuf ({error}); the file may be truncated") \
-            from error
+        raise ModelLoadError(f"{name}: not a valid ONNX protobuf ({error}); the file may be truncated") from error
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{name}: parses, but holds no graph (not an ONNX model, or truncated)")
     check_external_data(proto, model_path)
     opset = next((entry.version for entry in proto.opset_import if entry.domain in SUPPORTED_DOMAINS), None)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UnsupportedModelError(f"{name}: default-domain opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}; "
-                                    "convert it with onnx.version_converter first")
+        raise UnsupportedModelError(
+            f"{name}: default-domain opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}; "
+            "convert it with onnx.version_converter first"
+        )
     for node in proto.graph.node:
         if node.domain not in SUPPORTED_DOMAINS:
             raise UnsupportedModelError(
                 f"{name}: node '{node.name or node.output[0]}' is {node.domain}::{node.op_type}, a custom "
-                "operator qcompile cannot compile; export the model with standard ONNX operators")
+                "operator qcompile cannot compile; export the model with standard ONNX operators"
+            )
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:

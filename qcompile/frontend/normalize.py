@@ -42,8 +42,9 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
         except ValueError:
             shape = ()
         if not sep or not name or not shape or any(dim <= 0 for dim in shape):
-            raise UnsupportedModelError(f"--input-shape '{spec}': expected NAME=D1xD2x..., e.g. "
-                                        "input=1x3x224x224, with positive integer dims")
+            raise UnsupportedModelError(
+                f"--input-shape '{spec}': expected NAME=D1xD2x..., e.g. input=1x3x224x224, with positive integer dims"
+            )
         shapes[name] = shape
     return shapes
 
@@ -52,23 +53,28 @@ def _apply_input_shapes(model: ir.Model, shapes: dict[str, tuple[int, ...]], nam
     inputs = {value.name: value for value in model.graph.inputs}
     for input_name, shape in shapes.items():
         if input_name not in inputs:
-            raise UnsupportedModelError(f"{name}: --input-shape names '{input_name}', which is not an input; "
-                                        f"inputs are {sorted(str(key) for key in inputs)}")
+            raise UnsupportedModelError(
+                f"{name}: --input-shape names '{input_name}', which is not an input; "
+                f"inputs are {sorted(str(key) for key in inputs)}"
+            )
         value = inputs[input_name]
         if value.shape is not None and len(value.shape) != len(shape):
-            raise UnsupportedModelError(f"{name}: input '{input_name}' has rank {len(value.shape)}, but "
-                                        f"--input-shape gives {len(shape)} dims")
+            raise UnsupportedModelError(
+                f"{name}: input '{input_name}' has rank {len(value.shape)}, but --input-shape gives {len(shape)} dims"
+            )
         if value.shape is not None:
             for axis, (old, new) in enumerate(zip(value.shape, shape, strict=True)):
                 if isinstance(old, int) and old != new:
-                    raise UnsupportedModelError(f"{name}: input '{input_name}' dim {axis} is fixed at {old}; "
-                                                f"--input-shape cannot make it {new}")
+                    raise UnsupportedModelError(
+                        f"{name}: input '{input_name}' dim {axis} is fixed at {old}; --input-shape cannot make it {new}"
+                    )
         value.shape = ir.Shape(shape)
     for value in model.graph.inputs:
         if value.shape is None or not all(isinstance(dim, int) for dim in value.shape):
             raise UnsupportedModelError(
                 f"{name}: input '{value.name}' has shape {value.shape} with unknown dims; give it a static "
-                f"shape with --input-shape {value.name}=1x... (one integer per dim)")
+                f"shape with --input-shape {value.name}=1x... (one integer per dim)"
+            )
 
 
 def check_weights(model: ir.Model, name: str) -> None:
@@ -80,8 +86,10 @@ def check_weights(model: ir.Model, name: str) -> None:
         array = tensor.numpy()
         if not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
-            raise InvalidWeightsError(f"{name}: weight '{value.name}' holds {bad} NaN/Inf values; fix the "
-                                      "model (a diverged training run?) before compiling it")
+            raise InvalidWeightsError(
+                f"{name}: weight '{value.name}' holds {bad} NaN/Inf values; fix the "
+                "model (a diverged training run?) before compiling it"
+            )
 
 
 def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
@@ -89,14 +97,15 @@ def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
     try:
         converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), CANONICAL_OPSET)
     except Exception as error:  # the converter raises RuntimeError / ValueError / its own types
-        raise UnsupportedModelError(f"{name}: cannot convert opset {opset} down to {CANONICAL_OPSET}: {error}; "
-                                    f"export the model at opset {CANONICAL_OPSET}") from error
+        raise UnsupportedModelError(
+            f"{name}: cannot convert opset {opset} down to {CANONICAL_OPSET}: {error}; "
+            f"export the model at opset {CANONICAL_OPSET}"
+        ) from error
     logger.info("%s: converted opset %d down to %d", name, opset, CANONICAL_OPSET)
     return ir.serde.deserialize_model(converted)
 
 
-def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None,
-              name: str = "model") -> ir.Model:
+def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None, name: str = "model") -> ir.Model:
     """Bring ``model`` into canonical form in place (see the module docstring) and return it."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     check_weights(model, name)
@@ -108,8 +117,9 @@ def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None =
         try:
             onnxscript.version_converter.convert_version(model, CANONICAL_OPSET)
         except Exception as error:
-            raise UnsupportedModelError(f"{name}: cannot convert opset {opset} to {CANONICAL_OPSET}: {error}") \
-                from error
+            raise UnsupportedModelError(
+                f"{name}: cannot convert opset {opset} to {CANONICAL_OPSET}: {error}"
+            ) from error
         if model.opset_imports.get("") != CANONICAL_OPSET:
             raise UnsupportedModelError(f"{name}: opset {opset} could not be converted to {CANONICAL_OPSET}")
         logger.info("%s: converted opset %s to %d", name, opset, CANONICAL_OPSET)
@@ -133,8 +143,9 @@ def _check_remaining_ops(model: ir.Model, name: str) -> None:
         if node.op_type == "BatchNormalization":
             logger.info("%s: BatchNormalization '%s' has no Conv/Gemm to fold into; it stays", name, node.name)
         if node.op_type == "Dropout":
-            raise UnsupportedModelError(f"{name}: Dropout '{node.name}' is in training mode; export the model "
-                                        "in inference mode (model.eval())")
+            raise UnsupportedModelError(
+                f"{name}: Dropout '{node.name}' is in training mode; export the model in inference mode (model.eval())"
+            )
 
 
 def _check_shapes(model: ir.Model, name: str) -> None:
@@ -148,4 +159,5 @@ def _check_shapes(model: ir.Model, name: str) -> None:
             if value.shape is None or not all(isinstance(dim, int) for dim in value.shape):
                 raise UnsupportedModelError(
                     f"{name}: value '{value.name}' of {node.op_type} '{node.name}' has unknown shape "
-                    f"{value.shape} after shape inference; pin the dynamic input dims with --input-shape")
+                    f"{value.shape} after shape inference; pin the dynamic input dims with --input-shape"
+                )

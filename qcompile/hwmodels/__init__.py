@@ -10,8 +10,9 @@ from typing import Any
 from qcompile.errors import TargetError
 
 # One table: which compile pipeline each pipeline name in a target file means.
-PIPELINES = {"w8a8": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq",
-                      "onnxruntime", "tvm")}
+PIPELINES = {
+    "w8a8": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "onnxruntime", "tvm")
+}
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,14 @@ def load_target(name: str) -> Target:
     text = resources.files("qcompile.hwmodels").joinpath("targets", f"{name}.toml").read_text()
     try:
         data = tomllib.loads(text)
-        target = Target(name=data["name"], description=data["description"], backend=data["backend"],
-                        pipeline=data["pipeline"], tvm_target=dict(data["tvm_target"]),
-                        device=dict(data.get("device", {})))
+        target = Target(
+            name=data["name"],
+            description=data["description"],
+            backend=data["backend"],
+            pipeline=data["pipeline"],
+            tvm_target=dict(data["tvm_target"]),
+            device=dict(data.get("device", {})),
+        )
     except (tomllib.TOMLDecodeError, KeyError) as error:
         raise TargetError(f"target file for '{name}' is invalid: {error}") from error
     if target.pipeline not in PIPELINES:

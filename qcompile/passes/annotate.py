@@ -75,12 +75,15 @@ def _activation_output(node: ir.Node) -> ir.Value:
     if len(users) == 1 and not output.is_graph_output():
         consumer = next(iter(users)).node
         if consumer.op_type in ACTIVATION_OPS and all(
-                index == 0 or is_constant(value) or value is None for index, value in enumerate(consumer.inputs)):
+            index == 0 or is_constant(value) or value is None for index, value in enumerate(consumer.inputs)
+        ):
             return consumer.outputs[0]
     return output
 
 
-def plan_quantization_points(model: ir.Model, float_layers: frozenset[str] = frozenset()) -> tuple[list[ir.Node], list[ir.Value]]:
+def plan_quantization_points(
+    model: ir.Model, float_layers: frozenset[str] = frozenset()
+) -> tuple[list[ir.Node], list[ir.Value]]:
     """The quantized compute layers and the activation values to quantize, in graph order."""
     layers = [node for node in quantizable_layers(model) if layer_name(node) not in float_layers]
     quantized_layers = {id(node) for node in layers}
@@ -94,8 +97,11 @@ def plan_quantization_points(model: ir.Model, float_layers: frozenset[str] = fro
             int8_flow.add(id(_activation_output(node)))
         elif node.op_type in AUX_OPS:
             activations = [value for value in node.inputs if value is not None and not is_constant(value)]
-            if activations and all(is_float(value) and id(value) in int8_flow for value in activations) \
-                    and len(activations) == len([v for v in node.inputs if v is not None]):
+            if (
+                activations
+                and all(is_float(value) and id(value) in int8_flow for value in activations)
+                and len(activations) == len([v for v in node.inputs if v is not None])
+            ):
                 for value in activations:
                     points.setdefault(id(value), value)
                 points.setdefault(id(node.outputs[0]), node.outputs[0])
@@ -114,17 +120,19 @@ def _known_activation_range(value: ir.Value) -> tuple[float, float] | None:
     for index in (1, 2):
         bound = producer.inputs[index] if len(producer.inputs) > index else None
         bounds.append(float(bound.const_value.numpy()) if is_constant(bound) else None)  # type: ignore[union-attr]
-    return (bounds[0] if bounds[0] is not None else -float("inf"),
-            bounds[1] if bounds[1] is not None else float("inf"))
+    return (bounds[0] if bounds[0] is not None else -float("inf"), bounds[1] if bounds[1] is not None else float("inf"))
 
 
 class AnnotatePass(ir.passes.InPlacePass):
     """After this pass, every quantized layer's weight and every quantization point carries a QuantSpec."""
 
-    def __init__(self, value_range: Callable[[str], tuple[float, float]],
-                 float_layers: frozenset[str] = frozenset(),
-                 weight_spec: QuantSpec | None = None,
-                 activation_spec: QuantSpec = ACTIVATION_UINT8) -> None:
+    def __init__(
+        self,
+        value_range: Callable[[str], tuple[float, float]],
+        float_layers: frozenset[str] = frozenset(),
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec = ACTIVATION_UINT8,
+    ) -> None:
         super().__init__()
         self.value_range = value_range
         self.float_layers = float_layers

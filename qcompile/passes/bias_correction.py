@@ -85,12 +85,15 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             return
         old = bias.const_value.numpy() if bias is not None and bias.const_value is not None else 0.0
         name = f"{layer_name(node)}_corrected_bias"
-        value = ir.Value(name=name, shape=ir.Shape(shift.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                         const_value=ir.tensor((old - shift).astype(np.float32), name=name))
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(shift.shape),
+            type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=ir.tensor((old - shift).astype(np.float32), name=name),
+        )
         graph.register_initializer(value)
         if len(node.inputs) > 2:
             node.replace_input_with(2, value)
         else:
             node.resize_inputs(3)
             node.replace_input_with(2, value)
-

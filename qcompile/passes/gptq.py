@@ -5,8 +5,9 @@ output error of rounded weights is ``E||(W_q - W) x||^2 = tr((W_q - W) H (W_q - 
 ``i`` to ``q_i`` and updating the remaining columns by ``-(w_i - q_i) / [H^-1]_ii * [H^-1]_{i, i+1:}`` is the
 optimal compensation for that column (Optimal Brain Surgeon); with the Cholesky factor of ``H^-1`` the whole
 sweep is one pass (Frantar et al., "GPTQ", 2023). Rows where GPTQ does not beat round-to-nearest on
-held-out calibration samples keep round-to-nearest (see :func:`validated_round`). Per-channel scales are fixed beforehand from max |W| (as
-round-to-nearest would use), so the result stays on the int8 grid the QDQ pass emits.
+held-out calibration samples keep round-to-nearest (see :func:`validated_round`). Per-channel scales are
+fixed beforehand from max |W| (as round-to-nearest would use), so the result stays on the int8 grid the QDQ
+pass emits.
 
 Depthwise convolutions have one tiny ``H`` per channel (``k*k`` square) and are solved batched. ``H`` is
 damped by 1 % of its mean diagonal, the usual choice; a layer with fewer input rows than columns keeps
@@ -49,17 +50,18 @@ def conv_patches(node: ir.Node, activation: np.ndarray, kernel: tuple[int, int])
     strides = _ints(node, "strides", [1, 1])
     dilations = _ints(node, "dilations", [1, 1])
     pads = _ints(node, "pads", [0, 0, 0, 0])
-    auto_pad = node.attributes.get("auto_pad")
-    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
-        raise ValueError("auto_pad")
     padded = np.pad(activation, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     extent = ((kernel[0] - 1) * dilations[0] + 1, (kernel[1] - 1) * dilations[1] + 1)
-    windows = sliding_window_view(padded, extent, axis=(2, 3))[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+    windows = sliding_window_view(padded, extent, axis=(2, 3))[
+        :, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]
+    ]
     batch, channels, out_h, out_w = windows.shape[:4]
     per_group = channels // groups
     # [batch, groups, per_group, out_h, out_w, kh, kw] -> [groups, batch*out_h*out_w, per_group*kh*kw]
     grouped = windows.reshape(batch, groups, per_group, out_h, out_w, kernel[0], kernel[1])
-    return grouped.transpose(1, 0, 3, 4, 2, 5, 6).reshape(groups, batch * out_h * out_w, per_group * kernel[0] * kernel[1])
+    return grouped.transpose(1, 0, 3, 4, 2, 5, 6).reshape(
+        groups, batch * out_h * out_w, per_group * kernel[0] * kernel[1]
+    )
 
 
 @dataclass
@@ -72,29 +74,37 @@ class Hessian:
     rows: int = 0
 
 
+def _supported(node: ir.Node) -> bool:
+    """2-D Convs with explicit padding, and Gemms whose activation is not transposed."""
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if weight is None or node.inputs[0] is None:
+        return False
+    if node.op_type == "Conv":
+        auto_pad = node.attributes.get("auto_pad")
+        return weight.shape.rank() == 4 and (auto_pad is None or auto_pad.as_string() in ("NOTSET", ""))
+    trans_a = node.attributes.get("transA")
+    return node.op_type == "Gemm" and not (trans_a is not None and trans_a.as_int())
+
+
 def collect_hessians(model: ir.Model, feeds: list[Feed], layers: list[ir.Node]) -> dict[str, Hessian]:
     """Input second moments of each Conv (2-D) / Gemm layer in ``layers``, from the float model."""
-    targets = {}
-    for node in layers:
-        weight = node.inputs[1].const_value  # type: ignore[union-attr]
-        if node.op_type == "Conv" and weight is not None and weight.shape.rank() == 4:
-            targets[layer_name(node)] = node
-        elif node.op_type == "Gemm" and weight is not None and not (node.attributes.get("transA") and node.attributes["transA"].as_int()):
-            targets[layer_name(node)] = node
-    names = sorted({str(node.inputs[0].name) for node in targets.values()})
+    targets = {layer_name(node): node for node in layers if _supported(node)}
+    names = sorted({str(node.inputs[0].name) for node in targets.values()})  # type: ignore[union-attr]
     session = ort_backend.session(model, extra_outputs=names)
     hessians: dict[str, Hessian] = {}
     for index, feed in enumerate(feeds):
         values = dict(zip(names, session.run(names, feed), strict=True))
         for name, node in targets.items():
-            activation = np.asarray(values[str(node.inputs[0].name)], np.float64)
+            activation = np.asarray(values[str(node.inputs[0].name)], np.float64)  # type: ignore[union-attr]
             if node.op_type == "Conv":
                 shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
-                rows = conv_patches(node, activation, (shape[2], shape[3]))
+                rows = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
             else:
                 rows = activation.reshape(1, -1, activation.shape[-1])
             moment = np.einsum("grk,grl->gkl", rows, rows) if rows.shape[0] > 1 else (rows[0].T @ rows[0])[None]
-            entry = hessians.setdefault(name, Hessian(np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment)))
+            entry = hessians.setdefault(
+                name, Hessian(np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment))
+            )
             entry.matrix += moment
             (entry.odd if index % 2 else entry.even)[...] += moment
             entry.rows += rows.shape[1]
@@ -124,7 +134,7 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax
         rounded = np.clip(np.rint(current / scale[:, :, 0]), -qmax, qmax) * scale[:, :, 0]
         error = (current - rounded) / upper[:, column, column][:, None]
         weight[:, :, column] = rounded
-        weight[:, :, column + 1:] -= error[:, :, None] * upper[:, None, column, column + 1:]
+        weight[:, :, column + 1 :] -= error[:, :, None] * upper[:, None, column, column + 1 :]
     return weight
 
 
@@ -176,7 +186,9 @@ class GPTQPass(ir.passes.InPlacePass):
                 matrix = original.reshape(groups, original.shape[0] // groups, cols)
             else:  # Gemm: rows of the matrix must be output channels
                 matrix = (original if spec.axis == 0 else original.T)[None]
-            result, share = validated_round(matrix.astype(np.float64), entry, scales.reshape(groups, -1).astype(np.float64), spec.qmax)
+            result, share = validated_round(
+                matrix.astype(np.float64), entry, scales.reshape(groups, -1).astype(np.float64), spec.qmax
+            )
             self.shares[layer_name(node)] = share
             if node.op_type == "Conv":
                 new = result.reshape(original.shape)

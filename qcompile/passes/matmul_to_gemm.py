@@ -18,6 +18,12 @@ import onnx_ir as ir
 from qcompile.passes.annotate import is_constant
 
 
+def _static(shape: ir.Shape | None) -> list[int] | None:
+    if shape is None or not all(isinstance(dim, int) for dim in shape):
+        return None
+    return [int(dim) for dim in shape]  # type: ignore[arg-type]
+
+
 def _bias_of(node: ir.Node, columns: int) -> tuple[ir.Node, ir.Value] | None:
     output = node.outputs[0]
     uses = list(output.uses())
@@ -27,7 +33,7 @@ def _bias_of(node: ir.Node, columns: int) -> tuple[ir.Node, ir.Value] | None:
     if add.op_type != "Add":
         return None
     other = add.inputs[1 - uses[0].idx]
-    if not is_constant(other):
+    if other is None or not is_constant(other):
         return None
     bias = other.const_value.numpy()  # type: ignore[union-attr]
     if bias.size != columns or bias.shape[-1] != columns:
@@ -47,26 +53,45 @@ class MatMulAddToGemmPass(ir.passes.InPlacePass):
             weight, activation = node.inputs[1], node.inputs[0]
             if weight.const_value.shape.rank() != 2 or activation is None or activation.shape is None:  # type: ignore[union-attr]
                 continue
-            columns = weight.const_value.shape[1]  # type: ignore[union-attr]
+            columns = int(weight.const_value.shape.numpy()[1])  # type: ignore[union-attr]
             found = _bias_of(node, columns)
-            output_shape = found[0].outputs[0].shape if found else None
-            if found is None or output_shape is None or not all(isinstance(dim, int) for dim in output_shape):
+            output_shape = _static(found[0].outputs[0].shape) if found else None
+            input_shape = _static(activation.shape)
+            if found is None or output_shape is None or input_shape is None:
                 continue
             add, bias = found
-            rows = weight.const_value.shape[0]  # type: ignore[union-attr]
+            rows = int(weight.const_value.shape.numpy()[0])  # type: ignore[union-attr]
             base = node.name or str(node.outputs[0].name)
-            flat_shape = ir.Value(name=f"{base}_flat_shape", const_value=ir.tensor(np.array([-1, rows], np.int64), name=f"{base}_flat_shape"),
-                                  shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.INT64))
-            out_shape = ir.Value(name=f"{base}_out_shape",
-                                 const_value=ir.tensor(np.array(list(output_shape), np.int64), name=f"{base}_out_shape"),
-                                 shape=ir.Shape([len(output_shape)]), type=ir.TensorType(ir.DataType.INT64))
-            bias_vector = ir.Value(name=f"{base}_bias", const_value=ir.tensor(bias.const_value.numpy().reshape(-1), name=f"{base}_bias"),  # type: ignore[union-attr]
-                                   shape=ir.Shape([columns]), type=bias.type)
+            flat_shape = ir.Value(
+                name=f"{base}_flat_shape",
+                const_value=ir.tensor(np.array([-1, rows], np.int64), name=f"{base}_flat_shape"),
+                shape=ir.Shape([2]),
+                type=ir.TensorType(ir.DataType.INT64),
+            )
+            out_shape = ir.Value(
+                name=f"{base}_out_shape",
+                const_value=ir.tensor(np.array(output_shape, np.int64), name=f"{base}_out_shape"),
+                shape=ir.Shape([len(output_shape)]),
+                type=ir.TensorType(ir.DataType.INT64),
+            )
+            bias_vector = ir.Value(
+                name=f"{base}_bias",
+                const_value=ir.tensor(bias.const_value.numpy().reshape(-1), name=f"{base}_bias"),  # type: ignore[union-attr]
+                shape=ir.Shape([columns]),
+                type=bias.type,
+            )
             for value in (flat_shape, out_shape, bias_vector):
                 graph.register_initializer(value)
-            flat = ir.Value(name=f"{base}_flat_input", shape=ir.Shape([int(np.prod(activation.shape.numpy()) // rows), rows]),  # type: ignore[arg-type]
-                            type=activation.type)
-            product = ir.Value(name=f"{base}_gemm", shape=ir.Shape([flat.shape[0], columns]), type=add.outputs[0].type)  # type: ignore[index]
+            flat = ir.Value(
+                name=f"{base}_flat_input",
+                shape=ir.Shape([int(np.prod(input_shape)) // rows, rows]),
+                type=activation.type,
+            )
+            product = ir.Value(
+                name=f"{base}_gemm",
+                shape=ir.Shape([int(np.prod(input_shape)) // rows, columns]),
+                type=add.outputs[0].type,
+            )
             reshape_in = ir.node("Reshape", [activation, flat_shape], outputs=[flat], name=f"{base}_reshape_input")
             gemm = ir.node("Gemm", [flat, weight, bias_vector], outputs=[product], name=base)
             result = add.outputs[0]

@@ -91,8 +91,13 @@ def activation_values(model: ir.Model) -> list[str]:
     return [str(value.name) for value in points]
 
 
-def _quantize_copy(model: ir.Model, stats: calibration.Statistics, float_layers: frozenset[str],
-                   options: QuantizeOptions, hessians: dict[str, Hessian] | None = None) -> ir.Model:
+def _quantize_copy(
+    model: ir.Model,
+    stats: calibration.Statistics,
+    float_layers: frozenset[str],
+    options: QuantizeOptions,
+    hessians: dict[str, Hessian] | None = None,
+) -> ir.Model:
     copy = _clone(model)
     AnnotatePass(stats.range, float_layers)(copy)
     if hessians:
@@ -109,17 +114,22 @@ def output_metrics(outputs: list[np.ndarray], references: list[np.ndarray]) -> d
     agree = []
     for out, ref in zip(outputs, references, strict=True):
         flat_out, flat_ref = out.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
-        cosines.append(float(flat_out @ flat_ref / max(np.linalg.norm(flat_out) * np.linalg.norm(flat_ref), 1e-30)))
+        norms = float(np.linalg.norm(flat_out) * np.linalg.norm(flat_ref))
+        cosines.append(float(flat_out @ flat_ref) / max(norms, 1e-30))
         if ref.ndim == 2 and ref.shape[1] > 1:
             agree.extend((out.argmax(axis=1) == ref.argmax(axis=1)).tolist())
-    metrics = {"relative_error": sensitivity.relative_error(outputs, references), "mean_cosine": float(np.mean(cosines))}
+    metrics = {
+        "relative_error": sensitivity.relative_error(outputs, references),
+        "mean_cosine": float(np.mean(cosines)),
+    }
     if agree:
         metrics["top1_agreement"] = float(np.mean(agree))
     return metrics
 
 
-def quantize(model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | None = None,
-             progress: bool = True) -> QuantizeResult:
+def quantize(
+    model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | None = None, progress: bool = True
+) -> QuantizeResult:
     """Quantize ``model`` to W8A8 QDQ; ``model`` itself is left unchanged."""
     options = options or QuantizeOptions()
     model = _clone(model)
@@ -133,8 +143,14 @@ def quantize(model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | 
             yield feed
 
     checked = calibration.checked(feeds, calibration.input_specs(model))
-    stats = calibration.collect(model, keep_first(checked), activation_values(model), options.calibration,
-                                options.max_calibration_samples, progress)
+    stats = calibration.collect(
+        model,
+        keep_first(checked),
+        activation_values(model),
+        options.calibration,
+        options.max_calibration_samples,
+        progress,
+    )
     references = sensitivity.run_all(model, kept)
     layers = quantizable_layers(model)
     names = [layer_name(node) for node in layers]
@@ -142,9 +158,13 @@ def quantize(model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | 
     float_layers: set[str] = set()
     if options.float_threshold > 0 and layers:
         measured = sensitivity.measure(
-            names, [node.op_type for node in layers],
+            names,
+            [node.op_type for node in layers],
             lambda layer: _quantize_copy(model, stats, frozenset(names) - {layer}, options),
-            kept, references, progress)
+            kept,
+            references,
+            progress,
+        )
         for result in measured:
             records[result.layer].sensitivity = result.error
             if result.error > options.float_threshold:
@@ -152,21 +172,24 @@ def quantize(model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | 
                 records[result.layer].weight_bits = records[result.layer].activation_bits = None
                 records[result.layer].float_reason = (
                     f"quantizing it alone moves the outputs by relative error {result.error:.2e}, over the "
-                    f"threshold {options.float_threshold:.0e}")
+                    f"threshold {options.float_threshold:.0e}"
+                )
     hessians = collect_hessians(model, kept, layers) if options.weight_rounding == "gptq" else None
     quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians)
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
-    passes = [
+    passes: list[dict[str, Any]] = [
         {"name": "matmul_add_to_gemm", "modified": gemm_rewrite.modified},
         {"name": "calibrate", "method": options.calibration, "samples": stats.samples},
-        {"name": "sensitivity", "samples": len(kept), "float_threshold": options.float_threshold,
-         "float_layers": sorted(float_layers)},
+        {
+            "name": "sensitivity",
+            "samples": len(kept),
+            "float_threshold": options.float_threshold,
+            "float_layers": sorted(float_layers),
+        },
         {"name": "annotate", "weights": "int8 symmetric per-channel", "activations": "uint8 asymmetric per-tensor"},
-        {"name": "weight_rounding", "method": options.weight_rounding,
-         "layers": len(hessians or {}), "damping": 0.01},
+        {"name": "weight_rounding", "method": options.weight_rounding, "layers": len(hessians or {}), "damping": 0.01},
         *([{"name": "bias_correction"}] if options.bias_correction else []),
-
         {"name": "qdq", "bias": "int32, scale = input scale x weight scale"},
     ]
     return QuantizeResult(quantized, [records[name] for name in names], passes, stats.samples, kept[0], error)

@@ -27,10 +27,13 @@ logger = logging.getLogger(__name__)
 INT32_BIAS_LIMIT = 2**30
 
 
-
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
     graph.register_initializer(value)
     return value
 
@@ -52,8 +55,11 @@ class QDQPass(ir.passes.InPlacePass):
             if weight is not None and SPEC_KEY in weight.meta and weight.const_value is not None:
                 self._quantize_weight(graph, node, weight)
                 modified = True
-        annotated = [value for value in (*graph.inputs, *(out for node in graph for out in node.outputs))
-                     if SPEC_KEY in value.meta]
+        annotated = [
+            value
+            for value in (*graph.inputs, *(out for node in graph for out in node.outputs))
+            if SPEC_KEY in value.meta
+        ]
         for value in annotated:
             self._insert_qdq(graph, value)
             modified = True
@@ -69,11 +75,17 @@ class QDQPass(ir.passes.InPlacePass):
         base = str(weight.name)
         zero = np.zeros(scales.shape, dtype=spec.storage_dtype)
         dequantized = ir.Value(name=f"{base}_dequantized", shape=weight.shape, type=weight.type)
-        dq = ir.node("DequantizeLinear",
-                     [_initializer(graph, f"{base}_quantized", codes), _initializer(graph, f"{base}_scale", scales),
-                      _initializer(graph, f"{base}_zero_point", zero)],
-                     {"axis": spec.axis} if spec.axis is not None and scales.ndim else {},
-                     outputs=[dequantized], name=f"{base}_DequantizeLinear")
+        dq = ir.node(
+            "DequantizeLinear",
+            [
+                _initializer(graph, f"{base}_quantized", codes),
+                _initializer(graph, f"{base}_scale", scales),
+                _initializer(graph, f"{base}_zero_point", zero),
+            ],
+            {"axis": spec.axis} if spec.axis is not None and scales.ndim else {},
+            outputs=[dequantized],
+            name=f"{base}_DequantizeLinear",
+        )
         graph.insert_before(node, dq)
         for use in list(weight.uses()):
             use.node.replace_input_with(use.idx, dequantized)
@@ -101,17 +113,24 @@ class QDQPass(ir.passes.InPlacePass):
         if bias.const_value is None or activation is None or SPEC_KEY not in activation.meta:
             return
         values = bias.const_value.numpy().astype(np.float64)
-        if values.ndim != 1 or values.shape[0] != np.size(weight_scales) and np.size(weight_scales) != 1:
+        if values.ndim != 1 or (values.shape[0] != np.size(weight_scales) and np.size(weight_scales) != 1):
             return
         input_scale, _ = activation_params(activation)
         scales = (np.float64(input_scale) * np.broadcast_to(weight_scales, values.shape)).astype(np.float32)
         codes = np.clip(np.rint(values / scales), -(2**31) + 1, 2**31 - 1).astype(np.int32)
         base = f"{layer_name(node)}_bias"
         dequantized = ir.Value(name=f"{base}_dequantized", shape=bias.shape, type=bias.type)
-        dq = ir.node("DequantizeLinear",
-                     [_initializer(graph, f"{base}_quantized", codes), _initializer(graph, f"{base}_scale", scales),
-                      _initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, np.int32))],
-                     {"axis": 0}, outputs=[dequantized], name=f"{base}_DequantizeLinear")
+        dq = ir.node(
+            "DequantizeLinear",
+            [
+                _initializer(graph, f"{base}_quantized", codes),
+                _initializer(graph, f"{base}_scale", scales),
+                _initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, np.int32)),
+            ],
+            {"axis": 0},
+            outputs=[dequantized],
+            name=f"{base}_DequantizeLinear",
+        )
         graph.insert_before(node, dq)
         node.replace_input_with(2, dequantized)
 
@@ -122,13 +141,19 @@ class QDQPass(ir.passes.InPlacePass):
         base = str(value.name)
         scale_value = _initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
         zero_value = _initializer(graph, f"{base}_zero_point", np.array(zero_point, dtype=spec.storage_dtype))
-        quantized = ir.Value(name=f"{base}_quantized", shape=value.shape,
-                             type=ir.TensorType(ir.DataType.from_numpy(spec.storage_dtype)))
+        quantized = ir.Value(
+            name=f"{base}_quantized", shape=value.shape, type=ir.TensorType(ir.DataType.from_numpy(spec.storage_dtype))
+        )
         dequantized = ir.Value(name=f"{base}_dequantized", shape=value.shape, type=value.type)
-        q = ir.node("QuantizeLinear", [value, scale_value, zero_value], outputs=[quantized],
-                    name=f"{base}_QuantizeLinear")
-        dq = ir.node("DequantizeLinear", [quantized, scale_value, zero_value], outputs=[dequantized],
-                     name=f"{base}_DequantizeLinear")
+        q = ir.node(
+            "QuantizeLinear", [value, scale_value, zero_value], outputs=[quantized], name=f"{base}_QuantizeLinear"
+        )
+        dq = ir.node(
+            "DequantizeLinear",
+            [quantized, scale_value, zero_value],
+            outputs=[dequantized],
+            name=f"{base}_DequantizeLinear",
+        )
         for use in consumers:
             use.node.replace_input_with(use.idx, dequantized)
         producer = value.producer()

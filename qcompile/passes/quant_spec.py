@@ -81,12 +81,18 @@ class QuantSpec:
 
     def quantize(self, array: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 0) -> np.ndarray:
         """Quantize with per-channel or per-tensor ``scale`` (broadcast along ``axis``)."""
-        scale_b, zero_b = self._broadcast(np.asarray(scale), array.ndim), self._broadcast(np.asarray(zero_point), array.ndim)
+        scale_b, zero_b = (
+            self._broadcast(np.asarray(scale), array.ndim),
+            self._broadcast(np.asarray(zero_point), array.ndim),
+        )
         codes = np.rint(array / scale_b) + zero_b
         return np.clip(codes, self.qmin, self.qmax).astype(self.storage_dtype)
 
     def dequantize(self, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 0) -> np.ndarray:
-        scale_b, zero_b = self._broadcast(np.asarray(scale), codes.ndim), self._broadcast(np.asarray(zero_point), codes.ndim)
+        scale_b, zero_b = (
+            self._broadcast(np.asarray(scale), codes.ndim),
+            self._broadcast(np.asarray(zero_point), codes.ndim),
+        )
         return ((codes.astype(np.float32) - zero_b) * scale_b).astype(np.float32)
 
     def _broadcast(self, values: np.ndarray, ndim: int) -> np.ndarray:

@@ -56,7 +56,9 @@ class Session:
                 raise ArtifactError(f"input '{info.name}' is missing from the feeds (given: {sorted(feeds)})")
             array = np.asarray(feeds[info.name])
             if tuple(array.shape) != info.shape:
-                raise ArtifactError(f"input '{info.name}' has shape {tuple(array.shape)}; the artifact expects {info.shape}")
+                raise ArtifactError(
+                    f"input '{info.name}' has shape {tuple(array.shape)}; the artifact expects {info.shape}"
+                )
             checked[info.name] = np.ascontiguousarray(array.astype(info.dtype, copy=False))
         return checked
 

@@ -67,8 +67,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ArtifactError(f"{path}: unreadable manifest ({error})") from error
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}"
-                            f" is not {SCHEMA_VERSION}; recompile with this qcompile")
+        raise ArtifactError(
+            f"{path}: schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}"
+            f" is not {SCHEMA_VERSION}; recompile with this qcompile"
+        )
     return manifest
 
 
@@ -86,6 +88,8 @@ def verify(folder: Path) -> dict[str, Any]:
             raise ArtifactError(f"{folder}: file '{name}' listed in the manifest is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise ArtifactError(f"{folder}: file '{name}' has sha256 {actual[:16]}..., the manifest says "
-                                f"{str(expected)[:16]}...; the artifact was modified or corrupted, recompile it")
+            raise ArtifactError(
+                f"{folder}: file '{name}' has sha256 {actual[:16]}..., the manifest says "
+                f"{str(expected)[:16]}...; the artifact was modified or corrupted, recompile it"
+            )
     return manifest

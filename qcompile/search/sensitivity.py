@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 def relative_error(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:
     """``sum ||y_q - y||^2 / sum ||y||^2`` over every output of every sample."""
-    numerator = sum(float(np.sum((np.asarray(out, np.float64) - ref) ** 2)) for out, ref in zip(outputs, references, strict=True))
+    numerator = sum(
+        float(np.sum((np.asarray(out, np.float64) - ref) ** 2)) for out, ref in zip(outputs, references, strict=True)
+    )
     denominator = sum(float(np.sum(np.asarray(ref, np.float64) ** 2)) for ref in references)
     return numerator / max(denominator, 1e-30)
 
@@ -46,13 +48,20 @@ class LayerSensitivity:
     error: float
 
 
-def measure(layers: Sequence[str], op_types: Sequence[str], build: Callable[[str], ir.Model],
-            feeds: Sequence[Feed], references: Sequence[np.ndarray], progress: bool = True) -> list[LayerSensitivity]:
+def measure(
+    layers: Sequence[str],
+    op_types: Sequence[str],
+    build: Callable[[str], ir.Model],
+    feeds: Sequence[Feed],
+    references: Sequence[np.ndarray],
+    progress: bool = True,
+) -> list[LayerSensitivity]:
     """Sensitivity of each layer; ``build(layer)`` returns a model with only ``layer`` quantized."""
     results = []
     show = progress and sys.stderr.isatty()
-    for layer, op_type in tqdm(list(zip(layers, op_types, strict=True)), desc="sensitivity", unit="layer",
-                               disable=not show, file=sys.stderr):
+    for layer, op_type in tqdm(
+        list(zip(layers, op_types, strict=True)), desc="sensitivity", unit="layer", disable=not show, file=sys.stderr
+    ):
         error = relative_error(run_all(build(layer), feeds), references)
         results.append(LayerSensitivity(layer, op_type, error))
     return results

@@ -18,7 +18,8 @@ from qcompile.cli import main
 
 CONV = """
 <ir_version: 8, opset_import: ["" : {opset}]>
-g (float[{batch}, 2, 5, 5] x) => (float[{batch}, 3, 5, 5] y) <float[3, 2, 3, 3] w = {weights}, float[3] b = {{0.1, 0.2, 0.3}}> {{
+g (float[{batch}, 2, 5, 5] x) => (float[{batch}, 3, 5, 5] y)
+  <float[3, 2, 3, 3] w = {weights}, float[3] b = {{0.1, 0.2, 0.3}}> {{
     c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
     y = Relu (c)
 }}
@@ -64,6 +65,7 @@ def write_bytes(name: str, data: bytes) -> Callable[[Path], Path]:
         path = folder / name
         path.write_bytes(data)
         return path
+
     return make
 
 
@@ -75,9 +77,12 @@ def truncated(folder: Path) -> Path:
 
 
 def checker_failure(folder: Path) -> Path:
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["missing"], ["y"])], "g",
-                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["missing"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     proto.ir_version = 10
     path = folder / "broken.onnx"
@@ -86,11 +91,15 @@ def checker_failure(folder: Path) -> Path:
 
 
 def custom_op(folder: Path) -> Path:
-    graph = onnx.helper.make_graph([onnx.helper.make_node("FancyOp", ["x"], ["y"], domain="com.example", name="fancy")],
-                                   "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
-                                                          onnx.helper.make_opsetid("com.example", 1)])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("FancyOp", ["x"], ["y"], domain="com.example", name="fancy")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid("com.example", 1)]
+    )
     proto.ir_version = 10
     path = folder / "custom.onnx"
     path.write_bytes(proto.SerializeToString())
@@ -125,17 +134,52 @@ MODEL_CASES: list[tuple[str, Callable[[Path], Path], type[errors.QCompileError],
     ("directory", lambda folder: folder, errors.ModelLoadError, "not a file"),
     ("empty file", write_bytes("empty.onnx", b""), errors.ModelLoadError, "the file is empty"),
     ("truncated", truncated, errors.ModelLoadError, "truncated"),
-    ("not protobuf", write_bytes("text.onnx", b"this is not a model at all\n" * 10), errors.ModelLoadError, "not a valid ONNX protobuf|holds no graph"),
+    (
+        "not protobuf",
+        write_bytes("text.onnx", b"this is not a model at all\n" * 10),
+        errors.ModelLoadError,
+        "not a valid ONNX protobuf|holds no graph",
+    ),
     ("checker failure", checker_failure, errors.ModelLoadError, "fails onnx.checker"),
-    ("external data with ..", lambda folder: external_model(folder, "../w.bin"), errors.UnsafeModelError, "climbs out with '..'"),
-    ("external data absolute", lambda folder: external_model(folder, "/etc/passwd"), errors.UnsafeModelError, "absolute path"),
+    (
+        "external data with ..",
+        lambda folder: external_model(folder, "../w.bin"),
+        errors.UnsafeModelError,
+        "climbs out with '..'",
+    ),
+    (
+        "external data absolute",
+        lambda folder: external_model(folder, "/etc/passwd"),
+        errors.UnsafeModelError,
+        "absolute path",
+    ),
     ("external data symlink escape", symlink_escape, errors.UnsafeModelError, "outside"),
-    ("external data missing", lambda folder: external_model(folder, "absent.bin"), errors.ModelLoadError, "does not exist"),
+    (
+        "external data missing",
+        lambda folder: external_model(folder, "absent.bin"),
+        errors.ModelLoadError,
+        "does not exist",
+    ),
     ("external data short", short_external, errors.ModelLoadError, "shorter"),
     ("custom operator", custom_op, errors.UnsupportedModelError, "com.example::FancyOp"),
-    ("opset too old", lambda folder: save_model(parse_model(conv_text(opset=9)), folder / "old.onnx"), errors.UnsupportedModelError, "opset 9 is outside 11..23"),
-    ("dynamic shape", lambda folder: save_model(parse_model(conv_text(batch="N")), folder / "dyn.onnx"), errors.UnsupportedModelError, "--input-shape x="),
-    ("NaN weight", lambda folder: save_model(parse_model(conv_text(fill=float("nan"))), folder / "nan.onnx"), errors.InvalidWeightsError, "weight 'w' holds 1 NaN/Inf"),
+    (
+        "opset too old",
+        lambda folder: save_model(parse_model(conv_text(opset=9)), folder / "old.onnx"),
+        errors.UnsupportedModelError,
+        "opset 9 is outside 11..23",
+    ),
+    (
+        "dynamic shape",
+        lambda folder: save_model(parse_model(conv_text(batch="N")), folder / "dyn.onnx"),
+        errors.UnsupportedModelError,
+        "--input-shape x=",
+    ),
+    (
+        "NaN weight",
+        lambda folder: save_model(parse_model(conv_text(fill=float("nan"))), folder / "nan.onnx"),
+        errors.InvalidWeightsError,
+        "weight 'w' holds 1 NaN/Inf",
+    ),
     ("Inf in a Constant node", inf_in_constant, errors.InvalidWeightsError, "NaN/Inf"),
 ]
 
@@ -150,13 +194,19 @@ def run_cli(capsys: pytest.CaptureFixture[str], arguments: list[str]) -> str:
     return lines[0]
 
 
-def expect_error(model: Path, calibration: Path, output: Path, error_type: type[errors.QCompileError],
-                 message: str, capsys: pytest.CaptureFixture[str], extra: list[str] | None = None) -> None:
+def expect_error(
+    model: Path,
+    calibration: Path,
+    output: Path,
+    error_type: type[errors.QCompileError],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str] | None = None,
+) -> None:
     from qcompile import api
 
     with pytest.raises(error_type, match=message):
-        api.compile(model, output, calibration_data=calibration, build_tvm=False, progress=False,
-                    input_shapes=None)
+        api.compile(model, output, calibration_data=calibration, build_tvm=False, progress=False, input_shapes=None)
     assert not output.exists()
     line = run_cli(capsys, [str(model), "-c", str(calibration), "-o", str(output), "--no-tvm", "-q", *(extra or [])])
     assert any(part in line for part in message.split("|")) or __import__("re").search(message, line), line
@@ -165,8 +215,14 @@ def expect_error(model: Path, calibration: Path, output: Path, error_type: type[
 
 
 @pytest.mark.parametrize(("case", "make", "error_type", "message"), MODEL_CASES, ids=[case[0] for case in MODEL_CASES])
-def test_bad_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, make: Callable[[Path], Path],
-                   error_type: type[errors.QCompileError], message: str) -> None:
+def test_bad_model(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    make: Callable[[Path], Path],
+    error_type: type[errors.QCompileError],
+    message: str,
+) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     expect_error(make(folder), calibration_folder(tmp_path), tmp_path / "out", error_type, message, capsys)
@@ -174,8 +230,20 @@ def test_bad_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
 
 def test_bad_input_shape_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = save_model(parse_model(conv_text(batch="N")), tmp_path / "dyn.onnx")
-    line = run_cli(capsys, [str(model), "-c", str(calibration_folder(tmp_path)), "-o", str(tmp_path / "out"),
-                            "--no-tvm", "-q", "--input-shape", "image=1x2x5x5"])
+    line = run_cli(
+        capsys,
+        [
+            str(model),
+            "-c",
+            str(calibration_folder(tmp_path)),
+            "-o",
+            str(tmp_path / "out"),
+            "--no-tvm",
+            "-q",
+            "--input-shape",
+            "image=1x2x5x5",
+        ],
+    )
     assert "names 'image', which is not an input" in line
     assert not (tmp_path / "out").exists()
 
@@ -209,15 +277,27 @@ def _nan_folder(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize(("case", "make", "message"), CALIBRATION_CASES, ids=[case[0] for case in CALIBRATION_CASES])
-def test_bad_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, make: Callable[[Path], Path],
-                         message: str) -> None:
+def test_bad_calibration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, make: Callable[[Path], Path], message: str
+) -> None:
     data = make(tmp_path)
     expect_error(good_model(tmp_path), data, tmp_path / "out", errors.CalibrationError, message, capsys)
 
 
 def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o",
-                            str(tmp_path / "out"), "--target", "toaster", "-q"])
+    line = run_cli(
+        capsys,
+        [
+            str(good_model(tmp_path)),
+            "-c",
+            str(calibration_folder(tmp_path)),
+            "-o",
+            str(tmp_path / "out"),
+            "--target",
+            "toaster",
+            "-q",
+        ],
+    )
     assert "unknown target 'toaster'; valid targets: " in line and "host" in line
     assert not (tmp_path / "out").exists()
 
@@ -225,8 +305,10 @@ def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_output_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "taken"
     output.write_text("not a folder")
-    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o", str(output),
-                            "--no-tvm", "-q"])
+    line = run_cli(
+        capsys,
+        [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o", str(output), "--no-tvm", "-q"],
+    )
     assert "exists and is not an empty folder" in line
     assert output.read_text() == "not a folder"
 
@@ -234,8 +316,18 @@ def test_output_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o",
-                            str(blocker / "out"), "--no-tvm", "-q"])
+    line = run_cli(
+        capsys,
+        [
+            str(good_model(tmp_path)),
+            "-c",
+            str(calibration_folder(tmp_path)),
+            "-o",
+            str(blocker / "out"),
+            "--no-tvm",
+            "-q",
+        ],
+    )
     assert "cannot write to" in line
 
 
@@ -243,6 +335,16 @@ def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_read_only_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    line = run_cli(capsys, [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o",
-                            str(locked / "out"), "--no-tvm", "-q"])
+    line = run_cli(
+        capsys,
+        [
+            str(good_model(tmp_path)),
+            "-c",
+            str(calibration_folder(tmp_path)),
+            "-o",
+            str(locked / "out"),
+            "--no-tvm",
+            "-q",
+        ],
+    )
     assert "cannot write to" in line

@@ -83,13 +83,15 @@ def test_folder_of_npy_npz_and_batches(tmp_path: Path) -> None:
 def test_images_with_preprocessing(tmp_path: Path) -> None:
     Image.fromarray(np.full((10, 12, 3), 255, np.uint8)).save(tmp_path / "white.png")
     spec = [InputSpec("x", (1, 4, 4, 3), np.dtype(np.float32))]
-    preprocess = Preprocess.from_json('{"size": [4, 4], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "layout": "NHWC"}')
+    preprocess = Preprocess.from_json(
+        '{"size": [4, 4], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "layout": "NHWC"}'
+    )
     (feed,) = list(checked(from_folder(tmp_path, spec, preprocess), spec))
     np.testing.assert_allclose(feed["x"], 1.0)  # (1 - 0.5) / 0.5
 
 
 def test_empty_and_mismatched_data(tmp_path: Path) -> None:
-    with pytest.raises(CalibrationError, match="no .npy, .npz or image files"):
+    with pytest.raises(CalibrationError, match=r"no \.npy, \.npz or image files"):
         list(from_folder(tmp_path, SPEC))
     with pytest.raises(CalibrationError, match="no samples"):
         list(checked(iter([]), SPEC))

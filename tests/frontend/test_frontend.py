@@ -16,7 +16,9 @@ from qcompile.errors import UnsafeModelError, UnsupportedModelError
 
 CONV_BN = """
 <ir_version: 8, opset_import: ["" : {opset}]>
-g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) <float[4, 3, 3, 3] w = {weights}, float[4] b = {bias}, float[4] s = {{1.5, 0.5, 2.0, 1.0}}, float[4] t = {{0.1, -0.2, 0.3, 0.0}}, float[4] m = {{0.05, 0.1, -0.1, 0.2}}, float[4] v = {{1.0, 2.0, 0.5, 1.5}}> {{
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y)
+  <float[4, 3, 3, 3] w = {weights}, float[4] b = {bias}, float[4] s = {{1.5, 0.5, 2.0, 1.0}},
+   float[4] t = {{0.1, -0.2, 0.3, 0.0}}, float[4] m = {{0.05, 0.1, -0.1, 0.2}}, float[4] v = {{1.0, 2.0, 0.5, 1.5}}> {{
     c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
     n = BatchNormalization (c, s, t, m, v)
     i = Identity (n)
@@ -92,8 +94,14 @@ def test_external_data_inside_folder_loads(tmp_path: Path) -> None:
     proto = conv_bn_model(18)
     path = tmp_path / "ext.onnx"
     proto.ir_version = 10
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.data", size_threshold=0)
+    onnx.save(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     model = frontend.load(path)
     assert [node.op_type for node in model.graph] == ["Conv", "Relu"]
 

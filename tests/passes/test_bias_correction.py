@@ -11,8 +11,18 @@ from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
 
 def conv_node(weight: np.ndarray, groups: int = 1) -> ir.Node:
     x = ir.Value(name="x", shape=ir.Shape([1, weight.shape[1] * groups, 5, 5]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(name="w", const_value=ir.tensor(weight, name="w"), shape=ir.Shape(weight.shape), type=ir.TensorType(ir.DataType.FLOAT))
-    b = ir.Value(name="b", const_value=ir.tensor(np.zeros(weight.shape[0], np.float32), name="b"), shape=ir.Shape([weight.shape[0]]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(
+        name="w",
+        const_value=ir.tensor(weight, name="w"),
+        shape=ir.Shape(weight.shape),
+        type=ir.TensorType(ir.DataType.FLOAT),
+    )
+    b = ir.Value(
+        name="b",
+        const_value=ir.tensor(np.zeros(weight.shape[0], np.float32), name="b"),
+        shape=ir.Shape([weight.shape[0]]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+    )
     return ir.node("Conv", [x, w, b], {"group": groups}, name="conv")
 
 
@@ -22,7 +32,7 @@ def test_expected_shift_matches_direct_computation() -> None:
     mean = rng.standard_normal(6)
     node = conv_node(np.zeros((6, 2, 1, 1), np.float32), groups=3)
     shift = expected_shift(node, error, mean)
-    direct = np.array([error[o, :, 0, 0] @ mean[(o // 2) * 2:(o // 2) * 2 + 2] for o in range(6)])
+    direct = np.array([error[o, :, 0, 0] @ mean[(o // 2) * 2 : (o // 2) * 2 + 2] for o in range(6)])
     np.testing.assert_allclose(shift, direct, rtol=1e-12)
 
 

@@ -16,7 +16,8 @@ from qcompile.passes.qdq import QDQPass
 
 RESIDUAL = """
 <ir_version: 8, opset_import: ["" : 18]>
-g (float[1, 4, 6, 6] x) => (float[1, 4, 6, 6] y) <float[4, 4, 1, 1] w1 = {w1}, float[4] b1 = {b1}, float[4, 4, 1, 1] w2 = {w2}, float[4] b2 = {b2}> {{
+g (float[1, 4, 6, 6] x) => (float[1, 4, 6, 6] y)
+  <float[4, 4, 1, 1] w1 = {w1}, float[4] b1 = {b1}, float[4, 4, 1, 1] w2 = {w2}, float[4] b2 = {b2}> {{
     c1 = Conv (x, w1, b1)
     r1 = Relu (c1)
     c2 = Conv (r1, w2, b2)

@@ -37,8 +37,10 @@ def test_manifest_records_everything(artifact: Path, digits: tuple[Path, float])
     assert set(measured["latency_ms"]) == {"onnxruntime", "onnxruntime-fp32", "tvm"}
     assert manifest["default_executor"] == measured["default_executor"]
     default_latency = measured["latency_ms"][manifest["default_executor"]]["median_ms"]
-    assert default_latency <= measured["latency_ms"]["onnxruntime-fp32"]["median_ms"] or \
-        manifest["default_executor"] == "onnxruntime-fp32"
+    assert (
+        default_latency <= measured["latency_ms"]["onnxruntime-fp32"]["median_ms"]
+        or manifest["default_executor"] == "onnxruntime-fp32"
+    )
     onnx.checker.check_model(str(artifact / "model.int8.onnx"), full_check=True)
 
 
@@ -46,8 +48,10 @@ def test_executors_agree_and_match_accuracy(artifact: Path, digits: tuple[Path, 
     _, _, test_x, test_y = zoo.digits_split()
     sessions = {name: runtime.load(artifact, name) for name in ("onnxruntime", "onnxruntime-fp32", "tvm")}
     assert [info.name for info in sessions["onnxruntime"].inputs] == ["image"]
-    predictions = {name: np.array([session.run({"image": test_x[i:i + 1]})["logits"].argmax() for i in range(len(test_x))])
-                   for name, session in sessions.items()}
+    predictions = {
+        name: np.array([session.run({"image": test_x[i : i + 1]})["logits"].argmax() for i in range(len(test_x))])
+        for name, session in sessions.items()
+    }
     accuracy = {name: float((values == test_y).mean()) for name, values in predictions.items()}
     assert accuracy["onnxruntime-fp32"] == pytest.approx(digits[1], abs=1e-9)
     # The bar: int8 accuracy within 1 point of fp32, on the 397 held-out digits.
@@ -56,7 +60,9 @@ def test_executors_agree_and_match_accuracy(artifact: Path, digits: tuple[Path, 
     assert (predictions["tvm"] == predictions["onnxruntime"]).mean() >= 0.99
 
 
-def test_same_inputs_same_bytes(artifact: Path, digits: tuple[Path, float], digits_calibration: Path, tmp_path: Path) -> None:
+def test_same_inputs_same_bytes(
+    artifact: Path, digits: tuple[Path, float], digits_calibration: Path, tmp_path: Path
+) -> None:
     again = tmp_path / "again"
     api.compile(digits[0], again, calibration_data=digits_calibration, progress=False)
     first, second = (json.loads((folder / MANIFEST).read_text()) for folder in (artifact, again))
@@ -77,7 +83,7 @@ def test_tampered_file_is_refused(artifact: Path, tmp_path: Path) -> None:
     data = bytearray((copy / "model.tvm.so").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "model.tvm.so").write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="'model.tvm.so' has sha256"):
+    with pytest.raises(ArtifactError, match=r"'model\.tvm\.so' has sha256"):
         runtime.load(copy, "onnxruntime")  # refused before loading anything, whichever executor
     (copy / "model.tvm.so").unlink()
     with pytest.raises(ArtifactError, match="missing"):

@@ -57,8 +57,9 @@ class TVMExecutor:
         self._input_names = input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        arguments = [self._tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self._device)
-                     for name in self._input_names]
+        arguments = [
+            self._tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self._device) for name in self._input_names
+        ]
         result = self._vm["main"](*arguments)
         if hasattr(result, "numpy"):
             return [result.numpy()]
