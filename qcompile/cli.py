@@ -89,6 +89,15 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "round-to-nearest on held-out calibration rows (default), or round-to-nearest",
     )
     parser.add_argument(
+        "--equalize",
+        nargs="?",
+        const=0.5,
+        type=float,
+        metavar="ALPHA",
+        help="fold per-channel scales s = max|x|^ALPHA / max|W|^(1-ALPHA) into the writers and readers of "
+        "residual streams (exact in float; ALPHA defaults to 0.5; off unless given)",
+    )
+    parser.add_argument(
         "--no-bias-correction", action="store_true", help="do not fold the expected weight-rounding error into biases"
     )
     parser.add_argument(
@@ -200,6 +209,8 @@ def _command_compile(args: argparse.Namespace) -> int:
         calibration=args.calibration_method,
         bias_correction=not args.no_bias_correction,
         weight_rounding=args.weight_rounding,
+        equalize=args.equalize is not None,
+        equalize_alpha=0.5 if args.equalize is None else args.equalize,
         float_threshold=args.float_threshold,
         max_calibration_samples=args.max_calibration_samples,
         sensitivity_samples=args.sensitivity_samples,

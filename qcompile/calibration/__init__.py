@@ -33,6 +33,10 @@ class Statistics:
     def channel_mean(self, name: str) -> np.ndarray | None:
         return self.observers[name].channel_mean()
 
+    def channel_absmax(self, name: str) -> np.ndarray | None:
+        observer = self.observers.get(name)
+        return None if observer is None else observer.channel_absmax
+
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
     specs = []

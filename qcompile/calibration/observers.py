@@ -19,13 +19,17 @@ HISTOGRAM_LIMIT = 1e30
 
 @dataclass
 class MinMaxObserver:
-    """Running minimum and maximum, and the per-channel mean along ``channel_axis`` (for bias correction)."""
+    """Running minimum and maximum, and per-channel mean and max |x| along ``channel_axis``.
+
+    The channel mean feeds bias correction; the channel max |x| feeds residual-stream equalization.
+    """
 
     channel_axis: int = 1
     minimum: float = math.inf
     maximum: float = -math.inf
     channel_sum: np.ndarray | None = None
     channel_count: int = 0
+    channel_absmax: np.ndarray | None = None
 
     def update(self, batch: np.ndarray) -> None:
         if batch.size == 0:
@@ -35,6 +39,8 @@ class MinMaxObserver:
         if batch.ndim >= 2:
             axes = tuple(axis for axis in range(batch.ndim) if axis != self.channel_axis % batch.ndim)
             sums = batch.sum(axis=axes, dtype=np.float64)
+            absmax = np.abs(batch).max(axis=axes)
+            self.channel_absmax = absmax if self.channel_absmax is None else np.maximum(self.channel_absmax, absmax)
             self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
             self.channel_count += batch.size // batch.shape[self.channel_axis]
 

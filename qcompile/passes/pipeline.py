@@ -19,6 +19,7 @@ from qcompile.calibration import Feed
 from qcompile.errors import CalibrationError
 from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points, quantizable_layers
 from qcompile.passes.bias_correction import BiasCorrectionPass
+from qcompile.passes.equalize import ResidualEqualizationPass
 from qcompile.passes.gptq import GPTQPass, Hessian, collect_hessians
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
@@ -34,6 +35,9 @@ class QuantizeOptions:
     Attributes:
         calibration: activation range method: 'minmax', 'percentile' (99.99) or 'mse'.
         bias_correction: fold the expected weight-rounding shift into biases.
+        equalize: fold SmoothQuant-style per-channel scales into the writers and readers of residual streams
+            (off by default: on EfficientNet-Lite0 it raised the output error from 2.4e-3 to 3.2e-3).
+        equalize_alpha: the SmoothQuant migration strength of those scales.
         weight_rounding: 'nearest' (round to nearest) or 'gptq' (error-compensating, needs calibration rows).
         float_threshold: a layer whose quantization alone moves the outputs by more than this relative
             squared error stays float (0 disables the fallback: every layer is quantized).
@@ -43,6 +47,8 @@ class QuantizeOptions:
 
     calibration: str = "mse"
     bias_correction: bool = True
+    equalize: bool = False
+    equalize_alpha: float = 0.5
     weight_rounding: str = "gptq"
     float_threshold: float = 1e-3
     max_calibration_samples: int | None = None
@@ -151,6 +157,16 @@ def quantize(
         options.max_calibration_samples,
         progress,
     )
+    equalized: list[list[str]] = []
+    if options.equalize:
+        equalizer = ResidualEqualizationPass(stats.channel_absmax, options.equalize_alpha)
+        equalizer(model)
+        equalized = equalizer.streams
+        names = [name for stream in equalized for name in stream]
+        if names:
+            # The equalized streams have new ranges; measure them again on the samples kept in memory.
+            again = calibration.collect(model, kept, names, options.calibration, progress=False)
+            stats.observers.update(again.observers)
     references = sensitivity.run_all(model, kept)
     layers = quantizable_layers(model)
     names = [layer_name(node) for node in layers]
@@ -181,6 +197,12 @@ def quantize(
     passes: list[dict[str, Any]] = [
         {"name": "matmul_add_to_gemm", "modified": gemm_rewrite.modified},
         {"name": "calibrate", "method": options.calibration, "samples": stats.samples},
+        {
+            "name": "residual_equalization",
+            "alpha": options.equalize_alpha,
+            "streams": len(equalized),
+            "enabled": options.equalize,
+        },
         {
             "name": "sensitivity",
             "samples": len(kept),
