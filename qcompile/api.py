@@ -52,18 +52,15 @@ def _feeds(
     return source
 
 
-def _tensor_infos(proto: onnx.ModelProto, values: Any) -> list[dict[str, Any]]:
-    infos = []
-    for value in values:
-        tensor_type = value.type.tensor_type
-        infos.append(
-            {
-                "name": value.name,
-                "shape": [dim.dim_value for dim in tensor_type.shape.dim],
-                "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)),
-            }
-        )
-    return infos
+def _tensor_infos(values: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": str(value.name),
+            "shape": [int(dim) if isinstance(dim, int) else -1 for dim in value.shape],
+            "dtype": str(np.dtype(value.dtype.numpy())),
+        }
+        for value in values
+    ]
 
 
 def _evaluate(float_session: Any, quantized_session: Any, feeds: Iterable[Feed]) -> dict[str, float]:
@@ -102,12 +99,10 @@ def compile(
     inputs = calibration.input_specs(model)
     calibration_feeds = _feeds(calibration_data, inputs, preprocess, "calibration")
     result = pipeline.quantize(model, calibration_feeds, options, progress)
-    reference_proto = ort_backend.to_proto(model)
-    quantized_proto = ort_backend.to_proto(result.model)
-    onnx.checker.check_model(quantized_proto)
     with atomic_folder(Path(output), overwrite=force) as staging:
-        (staging / QUANTIZED_ONNX).write_bytes(quantized_proto.SerializeToString())
-        (staging / REFERENCE_ONNX).write_bytes(reference_proto.SerializeToString())
+        written = ort_backend.save(result.model, staging / QUANTIZED_ONNX)
+        written += ort_backend.save(model, staging / REFERENCE_ONNX)
+        onnx.checker.check_model(str(staging / QUANTIZED_ONNX), full_check=True)
         executors: dict[str, dict[str, Any]] = {
             "onnxruntime": {"kind": "onnxruntime", "file": QUANTIZED_ONNX, "description": "quantized QDQ model"},
             "onnxruntime-fp32": {
@@ -116,8 +111,12 @@ def compile(
                 "description": "the normalized float model (reference, fallback)",
             },
         }
-        if build_tvm:
-            library = tvm_backend.build(quantized_proto, device.tvm_target, staging)
+        skipped = None
+        if build_tvm and ort_backend.is_large(result.model):
+            skipped = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
+            logger.warning("TVM library not built: %s", skipped)
+        elif build_tvm:
+            library = tvm_backend.build(ort_backend.to_proto(result.model), device.tvm_target, staging)
             executors["tvm"] = {
                 "kind": "tvm",
                 "file": library,
@@ -134,14 +133,16 @@ def compile(
                 "backend": device.backend,
                 "tvm_target": device.tvm_target,
             },
-            "inputs": _tensor_infos(quantized_proto, quantized_proto.graph.input),
-            "outputs": _tensor_infos(quantized_proto, quantized_proto.graph.output),
+            "inputs": _tensor_infos(result.model.graph.inputs),
+            "outputs": _tensor_infos(result.model.graph.outputs),
             "options": pipeline.options_dict(options),
             "passes": result.passes,
             "layers": [vars(record) for record in result.layers],
             "executors": executors,
+            "skipped": {"tvm": skipped} if skipped else {},
             "files": {
-                name: sha256_file(staging / name) for name in sorted(entry["file"] for entry in executors.values())
+                name: sha256_file(staging / name)
+                for name in sorted({*written, *(entry["file"] for entry in executors.values())})
             },
         }
         (staging / MANIFEST).write_text(dumps(manifest))

@@ -1,23 +1,56 @@
 """onnxruntime sessions from the IR: the one place that hands models to onnxruntime.
 
 onnx 1.23 writes IR version 14, which onnxruntime 1.31 rejects, so every model handed over is stamped
-with :data:`ORT_IR_VERSION`.
+with :data:`ORT_IR_VERSION`. A model whose weights pass :data:`LARGE_MODEL_BYTES` cannot be serialized as
+one protobuf (2 GiB limit): it is written with its weights in an external data file beside it, and
+onnxruntime loads it from that path.
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 ORT_IR_VERSION = 10
+# Leaves room under protobuf's 2 GiB for the graph itself.
+LARGE_MODEL_BYTES = 2**31 - 2**26
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
+
+
+def is_large(model: ir.Model) -> bool:
+    return weight_bytes(model) > LARGE_MODEL_BYTES
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize ``model`` for onnxruntime (and for writing to disk)."""
+    """Serialize ``model`` for onnxruntime (only for models that are not large)."""
     proto = ir.serde.serialize_model(model)
     proto.ir_version = ORT_IR_VERSION
     return proto
+
+
+def save(model: ir.Model, path: Path) -> list[str]:
+    """Write ``model`` to ``path`` for onnxruntime; returns the names of the files written.
+
+    A large model's weights go to ``<name>.data`` beside it, so the two files travel together.
+    """
+    if not is_large(model):
+        path.write_bytes(to_proto(model).SerializeToString())
+        return [path.name]
+    data = f"{path.name}.data"
+    original = model.ir_version
+    model.ir_version = ORT_IR_VERSION
+    try:
+        ir.save(model, path, external_data=data, size_threshold_bytes=1024)
+    finally:
+        model.ir_version = original
+    return [path.name, data]
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -32,10 +65,32 @@ def session_from_bytes(data: bytes, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
 
 
+def session_from_path(path: Path, threads: int = 0) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _large_session(model: ir.Model, extra_outputs: list[str], threads: int) -> ort.InferenceSession:
+    values = {str(value.name): value for node in model.graph for value in node.outputs}
+    values.update({str(value.name): value for value in model.graph.inputs})
+    added = [values[name] for name in extra_outputs if name in values and not values[name].is_graph_output()]
+    model.graph.outputs.extend(added)
+    folder = tempfile.TemporaryDirectory(prefix="qcompile-ort-")
+    try:
+        save(model, Path(folder.name) / "model.onnx")
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)
+    session = session_from_path(Path(folder.name) / "model.onnx", threads)
+    session._qcompile_folder = folder  # type: ignore[attr-defined]  # the data lives as long as the session
+    return session
+
+
 def session(
     model: ir.Model | onnx.ModelProto, extra_outputs: list[str] | None = None, threads: int = 0
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model``; ``extra_outputs`` exposes intermediate values."""
+    if isinstance(model, ir.Model) and is_large(model):
+        return _large_session(model, extra_outputs or [], threads)
     proto = to_proto(model) if isinstance(model, ir.Model) else model
     if extra_outputs:
         proto = onnx.ModelProto.FromString(proto.SerializeToString())

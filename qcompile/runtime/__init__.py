@@ -40,7 +40,7 @@ class Session:
         if entry["kind"] == "onnxruntime":
             from qcompile.backends import ort as ort_backend
 
-            session = ort_backend.session_from_bytes(path.read_bytes())
+            session = ort_backend.session_from_path(path)
             self._run = lambda feeds: session.run(None, feeds)
         elif entry["kind"] == "tvm":
             from qcompile.backends.tvm import TVMExecutor

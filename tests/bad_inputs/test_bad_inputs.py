@@ -284,20 +284,14 @@ def test_bad_calibration(
     expect_error(good_model(tmp_path), data, tmp_path / "out", errors.CalibrationError, message, capsys)
 
 
+def compile_with_good_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, output: Path, *extra: str) -> str:
+    """Run the CLI on a valid model and calibration set; return its one error line."""
+    model, data = good_model(tmp_path), calibration_folder(tmp_path)
+    return run_cli(capsys, [str(model), "-c", str(data), "-o", str(output), "--no-tvm", "-q", *extra])
+
+
 def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = run_cli(
-        capsys,
-        [
-            str(good_model(tmp_path)),
-            "-c",
-            str(calibration_folder(tmp_path)),
-            "-o",
-            str(tmp_path / "out"),
-            "--target",
-            "toaster",
-            "-q",
-        ],
-    )
+    line = compile_with_good_inputs(capsys, tmp_path, tmp_path / "out", "--target", "toaster")
     assert "unknown target 'toaster'; valid targets: " in line and "host" in line
     assert not (tmp_path / "out").exists()
 
@@ -305,46 +299,18 @@ def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_output_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "taken"
     output.write_text("not a folder")
-    line = run_cli(
-        capsys,
-        [str(good_model(tmp_path)), "-c", str(calibration_folder(tmp_path)), "-o", str(output), "--no-tvm", "-q"],
-    )
-    assert "exists and is not an empty folder" in line
+    assert "exists and is not an empty folder" in compile_with_good_inputs(capsys, tmp_path, output)
     assert output.read_text() == "not a folder"
 
 
 def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    line = run_cli(
-        capsys,
-        [
-            str(good_model(tmp_path)),
-            "-c",
-            str(calibration_folder(tmp_path)),
-            "-o",
-            str(blocker / "out"),
-            "--no-tvm",
-            "-q",
-        ],
-    )
-    assert "cannot write to" in line
+    assert "cannot write to" in compile_with_good_inputs(capsys, tmp_path, blocker / "out")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
 def test_read_only_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    line = run_cli(
-        capsys,
-        [
-            str(good_model(tmp_path)),
-            "-c",
-            str(calibration_folder(tmp_path)),
-            "-o",
-            str(locked / "out"),
-            "--no-tvm",
-            "-q",
-        ],
-    )
-    assert "cannot write to" in line
+    assert "cannot write to" in compile_with_good_inputs(capsys, tmp_path, locked / "out")
