@@ -111,6 +111,7 @@ class ResidualEqualizationPass(ir.passes.InPlacePass):
         self.channel_absmax = channel_absmax
         self.alpha = alpha
         self.streams: list[list[str]] = []
+        self.scales: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         for members in _streams(model.graph):
@@ -165,3 +166,4 @@ class ResidualEqualizationPass(ir.passes.InPlacePass):
             else:
                 _set(weight_value, array * scales.reshape(-1, 1))  # type: ignore[arg-type]
         self.streams.append([str(value.name) for value in members])
+        self.scales.update({str(value.name): scales for value in members})
