@@ -306,12 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     if leading and arguments and arguments[0] in COMMANDS:
         arguments[1:1] = leading  # global-looking flags belong to the command
     args = build_parser().parse_args(arguments)
+    if args.command is None:
+        build_parser().print_help(sys.stderr)
+        return EXIT_ERROR
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if args.command is None:
-        build_parser().print_help()
-        return EXIT_ERROR
     handlers = {"compile": _command_compile, "run": _command_run, "bench": _command_bench}
     try:
         return handlers[args.command](args)

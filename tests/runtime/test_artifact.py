@@ -118,3 +118,8 @@ def test_large_model_path_uses_external_data(
     session = runtime.load(tmp_path / "large")
     predictions = np.array([session.run({"image": test_x[i : i + 1]})["logits"].argmax() for i in range(100)])
     assert (predictions == test_y[:100]).mean() >= 0.95
+
+
+def test_cli_without_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: qcompile" in capsys.readouterr().err
