@@ -123,6 +123,12 @@ def _known_activation_range(value: ir.Value) -> tuple[float, float] | None:
     return (bounds[0] if bounds[0] is not None else -float("inf"), bounds[1] if bounds[1] is not None else float("inf"))
 
 
+def require_annotated(model: ir.Model, pass_name: str) -> None:
+    """Precondition of the passes that read weight specs: AnnotatePass has run on ``model``."""
+    if not any(SPEC_KEY in value.meta for value in model.graph.initializers.values()):
+        raise ir.passes.PreconditionError(f"{pass_name} reads weight QuantSpecs: run AnnotatePass first")
+
+
 class AnnotatePass(ir.passes.InPlacePass):
     """After this pass, every quantized layer's weight and every quantization point carries a QuantSpec."""
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.annotate import layer_name
+from qcompile.passes.annotate import layer_name, require_annotated
 from qcompile.passes.gptq import ORIGINAL_KEY, SCALES_KEY
 from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
 
@@ -51,6 +51,9 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
     def __init__(self, input_mean: Callable[[str], np.ndarray | None]) -> None:
         super().__init__()
         self.input_mean = input_mean
+
+    def requires(self, model: ir.Model) -> None:
+        require_annotated(model, type(self).__name__)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         corrected = 0

@@ -28,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qcompile.backends import ort as ort_backend
 from qcompile.calibration import Feed
-from qcompile.passes.annotate import layer_name
+from qcompile.passes.annotate import layer_name, require_annotated
 from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ def _supported(node: ir.Node) -> bool:
 def collect_hessians(model: ir.Model, feeds: list[Feed], layers: list[ir.Node]) -> dict[str, Hessian]:
     """Input second moments of each Conv (2-D) / Gemm layer in ``layers``, from the float model."""
     targets = {layer_name(node): node for node in layers if _supported(node)}
+    if not targets:
+        return {}
     names = sorted({str(node.inputs[0].name) for node in targets.values()})  # type: ignore[union-attr]
     session = ort_backend.session(model, extra_outputs=names)
     hessians: dict[str, Hessian] = {}
@@ -168,6 +170,9 @@ class GPTQPass(ir.passes.InPlacePass):
         super().__init__()
         self.hessians = hessians
         self.shares: dict[str, float] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        require_annotated(model, type(self).__name__)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rounded = 0

@@ -44,6 +44,20 @@ def _bias_of(node: ir.Node, columns: int) -> tuple[ir.Node, ir.Value] | None:
 class MatMulAddToGemmPass(ir.passes.InPlacePass):
     """After this pass, every MatMul(x, W) + b with constant W [K, N] and b [N] is a Gemm between Reshapes."""
 
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if node.op_type != "MatMul" or not is_constant(node.inputs[1]):
+                continue
+            weight = node.inputs[1].const_value  # type: ignore[union-attr]
+            shape = _static(node.inputs[0].shape) if node.inputs[0] is not None else None
+            if (
+                weight is not None
+                and weight.shape.rank() == 2
+                and shape is not None
+                and _bias_of(node, int(weight.shape.numpy()[1]))
+            ):
+                raise ir.passes.PostconditionError(f"MatMul '{node.name}' still feeds a bias Add")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         rewritten = 0

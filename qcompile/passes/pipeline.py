@@ -105,7 +105,8 @@ def _quantize_copy(
     hessians: dict[str, Hessian] | None = None,
 ) -> ir.Model:
     copy = _clone(model)
-    AnnotatePass(stats.range, float_layers)(copy)
+    if not AnnotatePass(stats.range, float_layers)(copy).modified:
+        return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
         GPTQPass(hessians)(copy)
     if options.bias_correction:

@@ -47,6 +47,12 @@ def activation_params(value: ir.Value) -> tuple[np.float32, np.integer]:
 class QDQPass(ir.passes.InPlacePass):
     """After this pass, every annotated value is quantized in the graph and no annotation is pending."""
 
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            for value in (*node.inputs, *node.outputs):
+                if value is not None and SPEC_KEY in value.meta:
+                    raise ir.passes.PostconditionError(f"value '{value.name}' still carries an unapplied QuantSpec")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False

@@ -314,3 +314,23 @@ def test_read_only_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert "cannot write to" in compile_with_good_inputs(capsys, tmp_path, locked / "out")
+
+
+def test_model_without_quantizable_layers_compiles_as_float(tmp_path: Path) -> None:
+    """Not an error: nothing to quantize is reported in the manifest, and the artifact still runs."""
+    from qcompile import api, runtime
+
+    model = save_model(
+        parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[1, 2, 5, 5] x) => (float[1, 2, 5, 5] y) {
+            y = Relu (x)
+        }"""),
+        tmp_path / "relu.onnx",
+    )
+    manifest = api.compile(
+        model, tmp_path / "out", calibration_data=calibration_folder(tmp_path), build_tvm=False, progress=False
+    )
+    assert manifest["layers"] == []
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(runtime.load(tmp_path / "out").run({"x": x})["y"], np.maximum(x, 0))

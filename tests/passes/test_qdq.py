@@ -70,3 +70,13 @@ def test_qdq_structure_and_numerics(tmp_path: Path) -> None:
     # Four 8-bit roundings in a row over a range of a few units: a few output steps at most.
     output_step = (expected.max() - expected.min()) / 255
     assert np.abs(actual - expected).max() <= 4 * output_step
+
+
+def test_ordering_is_checked(tmp_path: Path) -> None:
+    import pytest
+
+    from qcompile.passes.bias_correction import BiasCorrectionPass
+
+    model = residual_model(tmp_path)
+    with pytest.raises(ir.passes.PreconditionError, match="run AnnotatePass first"):
+        BiasCorrectionPass(lambda name: None)(model)
