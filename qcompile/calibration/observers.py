@@ -30,8 +30,6 @@ class MinMaxObserver:
     channel_sum: np.ndarray | None = None
     channel_count: int = 0
     channel_absmax: np.ndarray | None = None
-    channel_min: np.ndarray | None = None
-    channel_max: np.ndarray | None = None
 
     def update(self, batch: np.ndarray) -> None:
         if batch.size == 0:
@@ -41,22 +39,10 @@ class MinMaxObserver:
         if batch.ndim >= 2:
             axes = tuple(axis for axis in range(batch.ndim) if axis != self.channel_axis % batch.ndim)
             sums = batch.sum(axis=axes, dtype=np.float64)
-            low, high = batch.min(axis=axes), batch.max(axis=axes)
-            self.channel_min = low if self.channel_min is None else np.minimum(self.channel_min, low)
-            self.channel_max = high if self.channel_max is None else np.maximum(self.channel_max, high)
-            self.channel_absmax = np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
+            absmax = np.abs(batch).max(axis=axes)
+            self.channel_absmax = absmax if self.channel_absmax is None else np.maximum(self.channel_absmax, absmax)
             self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
             self.channel_count += batch.size // batch.shape[self.channel_axis]
-
-    def rescaled(self, divisors: np.ndarray) -> MinMaxObserver:
-        """The min/max this observer would have seen had channel ``c`` been divided by ``divisors[c]``."""
-        assert self.channel_min is not None and self.channel_max is not None
-        low, high = self.channel_min / divisors, self.channel_max / divisors
-        sums = None if self.channel_sum is None else self.channel_sum / divisors
-        absmax = np.maximum(np.abs(low), np.abs(high))
-        return MinMaxObserver(
-            self.channel_axis, float(low.min()), float(high.max()), sums, self.channel_count, absmax, low, high
-        )
 
     @property
     def seen(self) -> bool:
