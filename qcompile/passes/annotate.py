@@ -124,9 +124,10 @@ def _known_activation_range(value: ir.Value) -> tuple[float, float] | None:
 
 
 def require_annotated(model: ir.Model, pass_name: str) -> None:
-    """Precondition of the passes that read weight specs: AnnotatePass has run on ``model``."""
-    if not any(SPEC_KEY in value.meta for value in model.graph.initializers.values()):
-        raise ir.passes.PreconditionError(f"{pass_name} reads weight QuantSpecs: run AnnotatePass first")
+    """Precondition of the passes that read QuantSpecs: AnnotatePass has run on ``model``."""
+    values = (value for node in model.graph for value in (*node.inputs, *node.outputs) if value is not None)
+    if not any(SPEC_KEY in value.meta for value in (*model.graph.inputs, *values)):
+        raise ir.passes.PreconditionError(f"{pass_name} reads QuantSpecs: run AnnotatePass first")
 
 
 class AnnotatePass(ir.passes.InPlacePass):
