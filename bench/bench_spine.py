@@ -78,7 +78,7 @@ def efficientnet(work: Path, crops: int) -> list[dict[str, Any]]:
     api.compile(model, work / "effnet_tvm", calibration_data=calibration, progress=False)
     compile_with_tvm = time.perf_counter() - started
     ours = runtime.load(work / "effnet_tvm", "onnxruntime")
-    fp32 = runtime.load(work / "effnet_tvm", "onnxruntime-fp32")
+    fp32 = ours.with_executor("onnxruntime-fp32")
     theirs = OrtRunner(quantize_static(model, calibration, work / "effnet_ort_int8.onnx"))
     reference = np.concatenate([fp32.run(feed)["logits"] for feed in evaluation])
     probabilities = np.sort(np.exp(reference - reference.max(1, keepdims=True)), axis=1)
@@ -117,7 +117,7 @@ def minilm(work: Path, sentences: int) -> list[dict[str, Any]]:
     evaluation = list(zoo.minilm_feeds(zoo.pydoc_sentences(sentences)))
     api.compile(model, work / "minilm", calibration_data=calibration, build_tvm=False, progress=False)
     ours = runtime.load(work / "minilm", "onnxruntime")
-    fp32 = runtime.load(work / "minilm", "onnxruntime-fp32")
+    fp32 = ours.with_executor("onnxruntime-fp32")
     theirs = OrtRunner(quantize_static(model, calibration, work / "minilm_ort_int8.onnx"))
 
     def embeddings(runner: Any) -> np.ndarray:
@@ -150,7 +150,7 @@ def digits(work: Path) -> list[dict[str, Any]]:
     calibration = [{"image": train_x[i : i + 1]} for i in range(32)]
     api.compile(model, work / "digits", calibration_data=calibration, build_tvm=False, progress=False)
     ours = runtime.load(work / "digits", "onnxruntime")
-    fp32 = runtime.load(work / "digits", "onnxruntime-fp32")
+    fp32 = ours.with_executor("onnxruntime-fp32")
     theirs = OrtRunner(quantize_static(model, calibration, work / "digits_ort_int8.onnx"))
     rows = []
     for name, runner in (

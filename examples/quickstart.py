@@ -62,7 +62,7 @@ def main() -> int:
     from qcompile.runtime import bench
 
     quantized = runtime.load(artifact)
-    reference = runtime.load(artifact, "onnxruntime-fp32")
+    reference = quantized.with_executor("onnxruntime-fp32")
     ours = np.concatenate([quantized.run({"input": image[None]})["logits"] for image in evaluation])
     fp32 = np.concatenate([reference.run({"input": image[None]})["logits"] for image in evaluation])
     probabilities = np.sort(softmax(fp32), axis=1)

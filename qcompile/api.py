@@ -163,11 +163,9 @@ def _measure(
 ) -> dict[str, Any]:
     """Accuracy against float and the latency of every executor, measured now, on this machine."""
     sample = result.sample
-    sessions = {
-        name: load_artifact(folder, name)
-        for name in ("onnxruntime-fp32", "onnxruntime", "tvm")
-        if name in executor_names
-    }
+    reference = load_artifact(folder, "onnxruntime-fp32")  # verifies every file once
+    sessions = {"onnxruntime-fp32": reference}
+    sessions.update({name: reference.with_executor(name) for name in ("onnxruntime", "tvm") if name in executor_names})
     latencies = {}
     for name, session in sessions.items():
         # An unscheduled TVM build can take a second per run: a few runs tell that it is not the default.

@@ -279,7 +279,7 @@ def _command_bench(args: argparse.Namespace) -> int:
             ).astype(info.dtype)
             for info in session.inputs
         }
-    reference = runtime.load(args.artifact, "onnxruntime-fp32")
+    reference = session.with_executor("onnxruntime-fp32")
     timed = {
         f"{session.executor} (artifact default)" if args.executor is None else session.executor: session,
         "onnxruntime fp32 (source model)": reference,

@@ -96,11 +96,10 @@ def plan_quantization_points(
                     points.setdefault(id(value), value)
             int8_flow.add(id(_activation_output(node)))
         elif node.op_type in AUX_OPS:
-            activations = [value for value in node.inputs if value is not None and not is_constant(value)]
-            if (
-                activations
-                and all(is_float(value) and id(value) in int8_flow for value in activations)
-                and len(activations) == len([v for v in node.inputs if v is not None])
+            # Only ops fed entirely by int8 activations (no constant operand) stay in the int8 region.
+            activations = [value for value in node.inputs if value is not None]
+            if activations and all(
+                not is_constant(value) and is_float(value) and id(value) in int8_flow for value in activations
             ):
                 for value in activations:
                     points.setdefault(id(value), value)

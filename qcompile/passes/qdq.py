@@ -44,6 +44,21 @@ def activation_params(value: ir.Value) -> tuple[np.float32, np.integer]:
     return spec.params_from_range(low, high)
 
 
+def _quantizable_bias(node: ir.Node) -> tuple[np.ndarray, np.float32] | None:
+    """A Conv / Gemm's constant bias and the scale of its quantized input, when the bias can go int32.
+
+    The int32 bias has scale ``s_input * s_weight``; a channel whose weights are (near) zero gets a tiny
+    weight scale and ``bias / (s_input * s_weight)`` would overflow, so the weight scale is floored at
+    ``|bias| / (s_input * INT32_BIAS_LIMIT)``, which costs nothing (that channel's codes stay 0).
+    """
+    if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    bias, activation = node.inputs[2], node.inputs[0]
+    if bias.const_value is None or activation is None or SPEC_KEY not in activation.meta:
+        return None
+    return bias.const_value.numpy(), activation_params(activation)[0]
+
+
 class QDQPass(ir.passes.InPlacePass):
     """After this pass, every annotated value is quantized in the graph and no annotation is pending."""
 
@@ -76,7 +91,9 @@ class QDQPass(ir.passes.InPlacePass):
         spec: QuantSpec = weight.meta.pop(SPEC_KEY)
         array = weight.const_value.numpy()  # type: ignore[union-attr]
         chosen = weight.meta.get(SCALES_KEY)
-        scales = np.maximum(spec.weight_scales(array) if chosen is None else chosen, self._bias_scale_floor(node, spec))
+        bias = _quantizable_bias(node)
+        floor = 0.0 if bias is None else np.abs(bias[0]) / (float(bias[1]) * INT32_BIAS_LIMIT)
+        scales = np.maximum(spec.weight_scales(array) if chosen is None else chosen, floor).astype(np.float32)
         codes = spec.quantize(array, scales)
         base = str(weight.name)
         zero = np.zeros(scales.shape, dtype=spec.storage_dtype)
@@ -95,37 +112,19 @@ class QDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         for use in list(weight.uses()):
             use.node.replace_input_with(use.idx, dequantized)
-        self._quantize_bias(graph, node, scales)
+        if bias is not None:
+            self._quantize_bias(graph, node, scales, *bias)
 
-    @staticmethod
-    def _bias_scale_floor(node: ir.Node, spec: QuantSpec) -> np.ndarray | float:
-        """Smallest weight scale per channel that keeps the int32 bias code within INT32_BIAS_LIMIT.
-
-        A channel whose weights are (near) zero gets a tiny scale, and ``bias / (s_input * s_weight)``
-        would overflow int32; raising that channel's weight scale costs nothing (its codes stay 0).
-        """
-        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
-            return 0.0
-        bias, activation = node.inputs[2], node.inputs[0]
-        if bias.const_value is None or activation is None or SPEC_KEY not in activation.meta:
-            return 0.0
-        input_scale, _ = activation_params(activation)
-        return (np.abs(bias.const_value.numpy()) / (float(input_scale) * INT32_BIAS_LIMIT)).astype(np.float32)
-
-    def _quantize_bias(self, graph: ir.Graph, node: ir.Node, weight_scales: np.ndarray) -> None:
-        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
-            return
-        bias, activation = node.inputs[2], node.inputs[0]
-        if bias.const_value is None or activation is None or SPEC_KEY not in activation.meta:
-            return
-        values = bias.const_value.numpy().astype(np.float64)
+    def _quantize_bias(
+        self, graph: ir.Graph, node: ir.Node, weight_scales: np.ndarray, bias: np.ndarray, input_scale: np.float32
+    ) -> None:
+        values = bias.astype(np.float64)
         if values.ndim != 1 or (values.shape[0] != np.size(weight_scales) and np.size(weight_scales) != 1):
             return
-        input_scale, _ = activation_params(activation)
         scales = (np.float64(input_scale) * np.broadcast_to(weight_scales, values.shape)).astype(np.float32)
         codes = np.clip(np.rint(values / scales), -(2**31) + 1, 2**31 - 1).astype(np.int32)
         base = f"{layer_name(node)}_bias"
-        dequantized = ir.Value(name=f"{base}_dequantized", shape=bias.shape, type=bias.type)
+        dequantized = ir.Value(name=f"{base}_dequantized", shape=node.inputs[2].shape, type=node.inputs[2].type)  # type: ignore[union-attr]
         dq = ir.node(
             "DequantizeLinear",
             [

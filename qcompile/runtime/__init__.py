@@ -49,6 +49,10 @@ class Session:
         else:
             raise ArtifactError(f"{folder}: executor '{executor}' has unknown kind '{entry['kind']}'")
 
+    def with_executor(self, executor: str) -> Session:
+        """The same artifact, already verified, on another executor."""
+        return Session(self.folder, self.manifest, executor)
+
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = {}
         for info in self.inputs:
