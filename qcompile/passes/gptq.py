@@ -20,6 +20,7 @@ After this pass, every annotated weight with a Hessian holds values on its int8 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,31 +87,45 @@ def _supported(node: ir.Node) -> bool:
     return node.op_type == "Gemm" and not (trans_a is not None and trans_a.as_int())
 
 
-def collect_hessians(model: ir.Model, feeds: list[Feed], layers: list[ir.Node]) -> dict[str, Hessian]:
-    """Input second moments of each Conv (2-D) / Gemm layer in ``layers``, from the float model."""
-    targets = {layer_name(node): node for node in layers if _supported(node)}
-    if not targets:
-        return {}
-    names = sorted({str(node.inputs[0].name) for node in targets.values()})  # type: ignore[union-attr]
-    session = ort_backend.session(model, extra_outputs=names)
-    hessians: dict[str, Hessian] = {}
-    for index, feed in enumerate(feeds):
-        values = dict(zip(names, session.run(names, feed), strict=True))
-        for name, node in targets.items():
+class HessianCollector:
+    """Accumulates the input second moments of each Conv (2-D) / Gemm layer of ``layers`` on the float model.
+
+    Samples are observed one at a time (:meth:`tap` wraps a calibration stream), so memory stays bounded by
+    the Hessians themselves whatever the number of samples.
+    """
+
+    def __init__(self, model: ir.Model, layers: list[ir.Node]) -> None:
+        self.targets = {layer_name(node): node for node in layers if _supported(node)}
+        self.names = sorted({str(node.inputs[0].name) for node in self.targets.values()})  # type: ignore[union-attr]
+        self.session = ort_backend.session(model, extra_outputs=self.names) if self.targets else None
+        self.hessians: dict[str, Hessian] = {}
+        self.samples = 0
+
+    def observe(self, feed: Feed) -> None:
+        if self.session is None:
+            return
+        values = dict(zip(self.names, self.session.run(self.names, feed), strict=True))
+        for name, node in self.targets.items():
             activation = np.asarray(values[str(node.inputs[0].name)], np.float64)  # type: ignore[union-attr]
             if node.op_type == "Conv":
                 shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
                 rows = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
             else:
                 rows = activation.reshape(1, -1, activation.shape[-1])
-            moment = np.einsum("grk,grl->gkl", rows, rows) if rows.shape[0] > 1 else (rows[0].T @ rows[0])[None]
-            entry = hessians.setdefault(
+            moment = np.matmul(rows.transpose(0, 2, 1), rows)  # BLAS per group; einsum here is 20x slower
+            entry = self.hessians.setdefault(
                 name, Hessian(np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment))
             )
             entry.matrix += moment
-            (entry.odd if index % 2 else entry.even)[...] += moment
+            (entry.odd if self.samples % 2 else entry.even)[...] += moment
             entry.rows += rows.shape[1]
-    return hessians
+        self.samples += 1
+
+    def tap(self, feeds: Iterable[Feed]) -> Iterator[Feed]:
+        """Yield ``feeds`` unchanged, observing each one as it passes."""
+        for feed in feeds:
+            self.observe(feed)
+            yield feed
 
 
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
@@ -143,7 +158,7 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax
 def _row_costs(weight: np.ndarray, rounded: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """Output error ``e_o H e_o^T`` of each output row ``o`` of each group: ``[groups, out]``."""
     error = rounded - weight
-    return np.einsum("goi,gij,goj->go", error, hessian, error)
+    return (np.matmul(error, hessian) * error).sum(axis=2)
 
 
 def validated_round(weight: np.ndarray, hessian: Hessian, scales: np.ndarray, qmax: int) -> tuple[np.ndarray, float]:

@@ -21,7 +21,7 @@ from qcompile.errors import CalibrationError
 from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points, quantizable_layers
 from qcompile.passes.bias_correction import BiasCorrectionPass
 from qcompile.passes.equalize import ResidualEqualizationPass
-from qcompile.passes.gptq import GPTQPass, Hessian, collect_hessians
+from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.search import sensitivity
@@ -153,16 +153,19 @@ def quantize(
         equalizer = ResidualEqualizationPass(channels.channel_absmax, options.equalize_alpha)
         equalizer(model)
         equalized = equalizer.streams
+    layers = quantizable_layers(model)
+    # GPTQ's Hessians accumulate over the whole calibration stream, in the same single pass over it.
+    hessian_collector = HessianCollector(model, layers) if options.weight_rounding == "gptq" else None
+    stream: Iterable[Feed] = itertools.chain(kept, checked)
     stats = calibration.collect(
         model,
-        itertools.chain(kept, checked),
+        hessian_collector.tap(stream) if hessian_collector else stream,
         activation_values(model),
         options.calibration,
         options.max_calibration_samples,
         progress,
     )
     references = sensitivity.run_all(model, kept)
-    layers = quantizable_layers(model)
     names = [layer_name(node) for node in layers]
     records = {name: LayerRecord(name, node.op_type, 8, 8) for name, node in zip(names, layers, strict=True)}
     float_layers: set[str] = set()
@@ -184,7 +187,7 @@ def quantize(
                     f"quantizing it alone moves the outputs by relative error {result.error:.2e}, over the "
                     f"threshold {options.float_threshold:.0e}"
                 )
-    hessians = collect_hessians(model, kept, layers) if options.weight_rounding == "gptq" else None
+    hessians = hessian_collector.hessians if hessian_collector else None
     quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians)
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
@@ -204,7 +207,13 @@ def quantize(
             "float_layers": sorted(float_layers),
         },
         {"name": "annotate", "weights": "int8 symmetric per-channel", "activations": "uint8 asymmetric per-tensor"},
-        {"name": "weight_rounding", "method": options.weight_rounding, "layers": len(hessians or {}), "damping": 0.01},
+        {
+            "name": "weight_rounding",
+            "method": options.weight_rounding,
+            "layers": len(hessians or {}),
+            "hessian_samples": hessian_collector.samples if hessian_collector else 0,
+            "damping": 0.01,
+        },
         *([{"name": "bias_correction"}] if options.bias_correction else []),
         {"name": "qdq", "bias": "int32, scale = input scale x weight scale"},
     ]

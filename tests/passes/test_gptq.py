@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from qcompile.passes.gptq import Hessian, gptq_round, validated_round
+import numpy as np
+from conftest import parse_model, save_model
+
+from qcompile import frontend
+from qcompile.passes.annotate import quantizable_layers
+from qcompile.passes.gptq import Hessian, HessianCollector, gptq_round, validated_round
+
+DEPTHWISE = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[1, 2, 5, 5] x) => (float[1, 2, 3, 3] y)
+  <float[2, 1, 3, 3] w = {w}> {{
+    y = Conv <group: int = 2, strides: ints = [2, 2], pads: ints = [1, 1, 1, 1]> (x, w)
+}}
+"""
 
 
 def correlated_inputs(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -44,3 +57,26 @@ def test_validated_round_falls_back_on_degenerate_rows() -> None:
     nearest = np.clip(np.rint(weight / scales[:, :, None]), -127, 127) * scales[:, :, None]
     kept = np.all(np.isclose(rounded, nearest), axis=2)[0]
     assert share == 1.0 - kept.mean()
+
+
+def test_collector_streams_and_matches_direct_patches(tmp_path: Path) -> None:
+    weights = "{" + ", ".join(["0.1"] * 18) + "}"
+    model = frontend.load(save_model(parse_model(DEPTHWISE.format(w=weights)), tmp_path / "dw.onnx"))
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)} for _ in range(3)]
+    collector = HessianCollector(model, quantizable_layers(model))
+    passed = list(collector.tap(iter(feeds)))
+    assert passed == feeds and collector.samples == 3
+    (entry,) = collector.hessians.values()
+
+    def patches(x: np.ndarray, group: int) -> np.ndarray:
+        padded = np.pad(x[0, group].astype(np.float64), 1)
+        return np.array([padded[i : i + 3, j : j + 3].ravel() for i in range(0, 5, 2) for j in range(0, 5, 2)])
+
+    for group in range(2):
+        rows = [patches(feed["x"], group) for feed in feeds]
+        moments = [r.T @ r for r in rows]
+        np.testing.assert_allclose(entry.matrix[group], sum(moments), rtol=1e-6)
+        np.testing.assert_allclose(entry.even[group], moments[0] + moments[2], rtol=1e-6)
+        np.testing.assert_allclose(entry.odd[group], moments[1], rtol=1e-6)
+    assert entry.rows == 3 * 9
