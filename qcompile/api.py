@@ -181,7 +181,7 @@ def _measure(
         default = "onnxruntime-fp32"
         reason = (
             f"every quantized executor was slower than float onnxruntime "
-            f"({latencies[fastest]['median_ms']:.2f} vs {latencies['onnxruntime-fp32']['median_ms']:.2f} ms)"
+            f"({latencies[fastest]['median_ms']:.3f} vs {latencies['onnxruntime-fp32']['median_ms']:.3f} ms)"
         )
         logger.warning("%s; the default executor is the float model", reason)
     accuracy: dict[str, Any] = {"calibration": result.error}
