@@ -94,6 +94,7 @@ def compile(
     """
     options = options or pipeline.QuantizeOptions()
     device = hwmodels.load_target(target)
+    hwmodels.require_buildable(device)
     source = Path(model_path)
     model = frontend.load(source, input_shapes)
     inputs = calibration.input_specs(model)

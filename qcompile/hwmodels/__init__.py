@@ -1,4 +1,5 @@
-"""Target descriptions (data files in ``targets/``) and the table mapping a target to its pipeline."""
+"""Target descriptions (data files in ``targets/``), the table mapping a target to its pipeline, and the
+latency / size cost model built on them (:mod:`qcompile.hwmodels.cost`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,54 @@ from typing import Any
 
 from qcompile.errors import TargetError
 
-# One table: which compile pipeline each pipeline name in a target file means.
-PIPELINES = {
-    "w8a8": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "onnxruntime", "tvm")
+# One table: what each pipeline named in a target file runs, and whether this version can build it.
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "w8a8": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "onnxruntime", "tvm"),
+    "w8a8-cross": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "tvm-cross"),
+    "w8a8-cuda": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "tvm-cuda"),
+    "integer-only": ("frontend", "calibrate", "annotate", "qdq", "requantize", "tvm"),
+    "lut": ("frontend", "calibrate", "ternarize", "lut"),
 }
+BUILDABLE = frozenset({"w8a8"})
+
+DTYPES = ("fp32", "fp16", "int16", "int8", "ternary")
+_DEVICE_FIGURES = (
+    "cores",
+    "clock_ghz",
+    "memory_bandwidth_gbs",
+    "onchip_bandwidth_gbs",
+    "onchip_memory_kib",
+    "op_overhead_us",
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    """The figures the cost model needs; each target file states the source of each."""
+
+    cores: int
+    clock_ghz: float
+    memory_bandwidth_gbs: float
+    onchip_bandwidth_gbs: float
+    onchip_memory_kib: float
+    op_overhead_us: float
+    macs_per_cycle: dict[str, float]
+    dtypes: tuple[str, ...]
+    vector_bits: int = 0
+    cache_kib: float = 0.0
+    cache_bandwidth_gbs: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def memory_levels(self) -> list[tuple[float, float]]:
+        """``(capacity bytes, bandwidth bytes/s)`` from the innermost level (an optional inner cache) out to
+        off-chip memory (unbounded)."""
+        levels = [(self.cache_kib * 1024, self.cache_bandwidth_gbs * 1e9)] if self.cache_kib else []
+        levels.append((self.onchip_memory_kib * 1024, self.onchip_bandwidth_gbs * 1e9))
+        levels.append((float("inf"), self.memory_bandwidth_gbs * 1e9))
+        return levels
+
+    def peak_macs_per_second(self, dtype: str) -> float:
+        return self.macs_per_cycle[dtype] * self.cores * self.clock_ghz * 1e9
 
 
 @dataclass(frozen=True)
@@ -24,12 +69,43 @@ class Target:
     backend: str
     pipeline: str
     tvm_target: dict[str, Any]
-    device: dict[str, Any] = field(default_factory=dict)
+    device: Device
+
+    @property
+    def buildable(self) -> bool:
+        return self.pipeline in BUILDABLE
 
 
 def available_targets() -> list[str]:
     folder = resources.files("qcompile.hwmodels").joinpath("targets")
     return sorted(entry.name.removesuffix(".toml") for entry in folder.iterdir() if entry.name.endswith(".toml"))
+
+
+def _device(name: str, data: dict[str, Any]) -> Device:
+    missing = [key for key in (*_DEVICE_FIGURES, "macs_per_cycle", "dtypes") if key not in data]
+    if missing:
+        raise TargetError(f"target file for '{name}' lacks device figures: {', '.join(missing)}")
+    macs = {str(key): float(value) for key, value in data["macs_per_cycle"].items()}
+    unknown = sorted(set(macs) - set(DTYPES))
+    if unknown:
+        raise TargetError(f"target '{name}' gives MACs per cycle for unknown dtypes {unknown}; known: {DTYPES}")
+    if any(value <= 0 for value in macs.values()) or any(float(data[key]) <= 0 for key in _DEVICE_FIGURES[:5]):
+        raise TargetError(f"target '{name}' has a device figure <= 0")
+    known = {*_DEVICE_FIGURES, "macs_per_cycle", "dtypes", "vector_bits", "cache_kib", "cache_bandwidth_gbs"}
+    return Device(
+        cores=int(data["cores"]),
+        clock_ghz=float(data["clock_ghz"]),
+        memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]),
+        onchip_bandwidth_gbs=float(data["onchip_bandwidth_gbs"]),
+        onchip_memory_kib=float(data["onchip_memory_kib"]),
+        op_overhead_us=float(data["op_overhead_us"]),
+        macs_per_cycle=macs,
+        dtypes=tuple(data["dtypes"]),
+        vector_bits=int(data.get("vector_bits", 0)),
+        cache_kib=float(data.get("cache_kib", 0.0)),
+        cache_bandwidth_gbs=float(data.get("cache_bandwidth_gbs", 0.0)),
+        extra={key: value for key, value in data.items() if key not in known},
+    )
 
 
 def load_target(name: str) -> Target:
@@ -46,10 +122,21 @@ def load_target(name: str) -> Target:
             backend=data["backend"],
             pipeline=data["pipeline"],
             tvm_target=dict(data["tvm_target"]),
-            device=dict(data.get("device", {})),
+            device=_device(name, dict(data["device"])),
         )
-    except (tomllib.TOMLDecodeError, KeyError) as error:
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
         raise TargetError(f"target file for '{name}' is invalid: {error}") from error
     if target.pipeline not in PIPELINES:
         raise TargetError(f"target '{name}' names pipeline '{target.pipeline}'; known: {sorted(PIPELINES)}")
     return target
+
+
+def require_buildable(target: Target) -> None:
+    """Raise a clear error for a target whose pipeline this version cannot build yet."""
+    if not target.buildable:
+        buildable = [name for name in available_targets() if load_target(name).buildable]
+        raise TargetError(
+            f"target '{target.name}' needs the '{target.pipeline}' pipeline "
+            f"({' -> '.join(PIPELINES[target.pipeline])}),"
+            f" which this version cannot build yet; buildable targets: {', '.join(buildable)}"
+        )

@@ -1,0 +1,180 @@
+"""Latency and size of each layer at each bit-width on a target: a roofline with calibrated efficiencies.
+
+For a layer and a choice of weight / activation format, the roofline time is
+
+    max(MACs / peak MAC rate of the compute dtype,  bytes moved / bandwidth)
+
+where the compute dtype is fp32 when either side stays float, int16 for 16-bit activations, ternary for
+ternary weights on a device with a ternary engine, and int8 otherwise (int4, int2 and ternary weights
+are unpacked to int8 on CPUs, so they save bytes, not MACs), and the bandwidth is that of the innermost
+memory level (inner cache, on-chip memory, off-chip memory) that holds the layer's bytes.
+
+The predicted latency is ``a * roofline + b``, with one efficiency ``1 / a`` and one per-node overhead
+``b`` per (layer kind, compute dtype): depthwise convolutions reach a small fraction of the peak, large
+GEMMs most of it. Uncalibrated, ``a`` comes from :data:`DEFAULT_EFFICIENCY` and ``b`` from the target
+file's ``op_overhead_us``; ``qcompile profile`` fits both to measurements (:mod:`qcompile.hwmodels.profile`)
+and stores them as a :class:`Calibration`.
+
+Sizes count weight codes at their bit-width (ternary packs 5 trits per byte: 1.6 bits), a float32 scale
+per output channel and an int32 bias per output channel for quantized layers, float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.optimize
+
+from qcompile.errors import TargetError
+from qcompile.hwmodels import Target
+from qcompile.hwmodels.layers import LayerSpec
+
+WEIGHT_BITS = {"fp32": 32.0, "int8": 8.0, "int4": 4.0, "int2": 2.0, "ternary": 1.6}
+ACTIVATION_BITS = {"fp32": 32.0, "int16": 16.0, "int8": 8.0}
+# Fraction of the peak MAC rate reached before calibration, by layer kind (typical of CPU libraries).
+DEFAULT_EFFICIENCY = {"conv": 0.5, "pointwise": 0.5, "depthwise": 0.1, "gemm": 0.5, "matmul": 0.3, "other": 0.5}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The formats of one layer's weights and activations (inputs and output)."""
+
+    weights: str = "int8"
+    activations: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_BITS:
+            raise TargetError(f"weight format '{self.weights}' is not one of {sorted(WEIGHT_BITS)}")
+        if self.activations not in ACTIVATION_BITS:
+            raise TargetError(f"activation format '{self.activations}' is not one of {sorted(ACTIVATION_BITS)}")
+
+    @property
+    def is_float(self) -> bool:
+        return self.weights == "fp32" or self.activations == "fp32"
+
+    def label(self) -> str:
+        return "fp32" if self.is_float else f"w{self.weights.removeprefix('int')}a{self.activations[3:]}"
+
+
+FLOAT = Choice("fp32", "fp32")
+INT8 = Choice("int8", "int8")
+
+
+def compute_dtype(choice: Choice, target: Target) -> str | None:
+    """The dtype the target's MAC units run ``choice`` in, or None when the target cannot run it."""
+    rates = target.device.macs_per_cycle
+    if choice.is_float:
+        return "fp32" if "fp32" in rates else ("fp16" if "fp16" in rates else None)
+    if choice.activations == "int16":
+        return "int16" if "int16" in rates else None
+    if choice.weights == "ternary" and "ternary" in rates:
+        return "ternary"
+    return "int8" if "int8" in rates else None
+
+
+@dataclass
+class Calibration:
+    """Fitted ``(scale a, overhead b in us)`` per ``kind/dtype``, and where they were measured."""
+
+    target: str
+    factors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    run_overhead_us: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            data = json.loads(path.read_text())
+            data["factors"] = {key: (float(a), float(b)) for key, (a, b) in data["factors"].items()}
+            return cls(**data)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise TargetError(
+                f"cost-model calibration {path} is unreadable: {error}; run `qcompile profile`"
+            ) from error
+
+
+def calibration_path(target: str) -> Path:
+    """Where ``qcompile profile`` stores a target's calibration: ``$QCOMPILE_HOME/profiles`` or the user cache."""
+    home = os.environ.get("QCOMPILE_HOME")
+    base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qcompile"
+    return base / "profiles" / f"{target}.json"
+
+
+class CostModel:
+    """Predicted latency (us) and size (bytes) of layers on ``target``."""
+
+    def __init__(self, target: Target, calibration: Calibration | None = None) -> None:
+        self.target = target
+        self.calibration = calibration
+
+    @classmethod
+    def for_target(cls, target: Target) -> CostModel:
+        """The target's model, calibrated when ``qcompile profile`` has stored a calibration for it."""
+        path = calibration_path(target.name)
+        return cls(target, Calibration.load(path) if path.exists() else None)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    def bytes_moved(self, layer: LayerSpec, choice: Choice) -> float:
+        activation_bytes = ACTIVATION_BITS[choice.activations] / 8
+        return self.weight_bytes(layer, choice) + (layer.input_elements + layer.output_elements) * activation_bytes
+
+    def weight_bytes(self, layer: LayerSpec, choice: Choice) -> float:
+        return layer.weight_elements * WEIGHT_BITS[choice.weights] / 8
+
+    def size_bytes(self, layer: LayerSpec, choice: Choice) -> float:
+        """Bytes the artifact stores for this layer: weight codes, and scales and biases per channel."""
+        per_channel = 4.0 if choice.is_float else 8.0  # float bias | float32 scale + int32 bias
+        return math.ceil(self.weight_bytes(layer, choice)) + layer.output_channels * per_channel
+
+    def roofline_us(self, layer: LayerSpec, choice: Choice) -> float:
+        """The roofline time in microseconds; ``inf`` when the target cannot run ``choice``."""
+        device = self.target.device
+        dtype = compute_dtype(choice, self.target)
+        if dtype is None:
+            return math.inf
+        moved = self.bytes_moved(layer, choice)
+        bandwidth = next(speed for capacity, speed in device.memory_levels() if moved <= capacity)
+        compute = layer.macs / device.peak_macs_per_second(dtype) if layer.macs else 0.0
+        return max(compute, moved / bandwidth) * 1e6
+
+    def factors(self, layer: LayerSpec, choice: Choice) -> tuple[float, float]:
+        key = f"{layer.kind}/{compute_dtype(choice, self.target)}"
+        if self.calibration is not None and key in self.calibration.factors:
+            return self.calibration.factors[key]
+        return 1.0 / DEFAULT_EFFICIENCY[layer.kind], self.target.device.op_overhead_us
+
+    def latency_us(self, layer: LayerSpec, choice: Choice) -> float:
+        """Predicted time of one layer; 0 for nodes fused into their producer or that only relabel memory."""
+        if layer.free:
+            return 0.0
+        scale, overhead = self.factors(layer, choice)
+        return scale * self.roofline_us(layer, choice) + overhead
+
+    def model_latency_ms(self, layers: list[LayerSpec], choices: dict[str, Choice], default: Choice = FLOAT) -> float:
+        """End to end: every node at its choice (``default`` where none is given), plus the per-run overhead."""
+        total = sum(self.latency_us(layer, choices.get(layer.name, default)) for layer in layers)
+        overhead = self.calibration.run_overhead_us if self.calibration else 0.0
+        return (total + overhead) / 1e3
+
+
+def fit_factors(roofline_us: np.ndarray, measured_us: np.ndarray) -> tuple[float, float, float]:
+    """``a, b >= 0`` minimising the relative error of ``a * roofline + b``; returns ``a, b`` and its RMS."""
+    weights = 1.0 / measured_us
+    matrix = np.stack([roofline_us * weights, weights], axis=1)
+    (scale, overhead), _ = scipy.optimize.nnls(matrix, np.ones_like(measured_us))
+    predicted = scale * roofline_us + overhead
+    return float(scale), float(overhead), float(np.sqrt(np.mean(((predicted - measured_us) / measured_us) ** 2)))

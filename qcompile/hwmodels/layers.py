@@ -1,0 +1,139 @@
+"""What the cost model needs to know of each node of a model: its kind, MACs, weights and activations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from qcompile.passes.annotate import is_constant, layer_name
+
+# Nodes that onnxruntime and TVM fuse into the compute node before them: they cost nothing of their own.
+FUSED_AFTER_COMPUTE = frozenset({"Relu", "Clip"})
+# Nodes that only relabel memory.
+FREE = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Identity", "Constant"})
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One node as the cost model sees it.
+
+    ``kind`` is one of conv (k x k, dense), pointwise (1 x 1), depthwise, gemm (constant weight), matmul (two
+    activations) or other (everything else: elementwise, pooling, normalization, reshapes).
+    """
+
+    name: str
+    op_type: str
+    kind: str
+    macs: int
+    weight_elements: int
+    output_channels: int
+    input_elements: int
+    output_elements: int
+    input_shape: tuple[int, ...] = ()
+    weight_shape: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    attributes: dict[str, Any] = field(default_factory=dict)
+    free: bool = False
+
+    @property
+    def quantizable(self) -> bool:
+        return self.kind in ("conv", "pointwise", "depthwise", "gemm", "matmul")
+
+
+def _shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = [dim if isinstance(dim, int) else None for dim in value.shape]
+    return None if any(dim is None for dim in dims) else tuple(int(dim) for dim in dims)  # type: ignore[arg-type]
+
+
+def _elements(values: Sequence[ir.Value | None]) -> int:
+    total = 0
+    for value in values:
+        shape = _shape(value)
+        if value is not None and not is_constant(value) and shape is not None:
+            total += math.prod(shape)
+    return total
+
+
+def _attributes(node: ir.Node) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, attribute in node.attributes.items():
+        if attribute.type == ir.AttributeType.INT:
+            result[name] = attribute.as_int()
+        elif attribute.type == ir.AttributeType.INTS:
+            result[name] = list(attribute.as_ints())
+        elif attribute.type == ir.AttributeType.FLOAT:
+            result[name] = attribute.as_float()
+        elif attribute.type == ir.AttributeType.STRING:
+            result[name] = attribute.as_string()
+    return result
+
+
+def _conv(node: ir.Node, x: tuple[int, ...], w: tuple[int, ...], y: tuple[int, ...]) -> tuple[str, int]:
+    group = int(node.attributes["group"].as_int()) if "group" in node.attributes else 1
+    kernel = math.prod(w[2:])
+    macs = math.prod(y) * w[1] * kernel
+    if group > 1 and group == x[1] and w[1] == 1:
+        return "depthwise", macs
+    return ("pointwise" if kernel == 1 and group == 1 else "conv"), macs
+
+
+def describe(model: ir.Model) -> list[LayerSpec]:
+    """A :class:`LayerSpec` for every node of ``model``'s main graph whose shapes are known."""
+    specs = []
+    for node in model.graph:
+        inputs, outputs = list(node.inputs), list(node.outputs)
+        x = _shape(inputs[0]) if inputs else None
+        y = _shape(outputs[0]) if outputs else None
+        w_value = inputs[1] if len(inputs) > 1 else None
+        w = _shape(w_value)
+        attributes = _attributes(node)
+        common: dict[str, Any] = {
+            "name": layer_name(node),
+            "op_type": node.op_type,
+            "input_elements": _elements(inputs),
+            "output_elements": _elements(outputs),
+            "input_shape": x or (),
+            "output_shape": y or (),
+            "attributes": attributes,
+        }
+        if node.op_type in ("Conv", "Gemm", "MatMul") and x and y and w:
+            constant = is_constant(w_value)
+            if node.op_type == "Conv":
+                kind, macs = _conv(node, x, w, y)
+                channels = w[0]
+            elif node.op_type == "Gemm":
+                trans_a = bool(attributes.get("transA", 0))
+                depth = x[0] if trans_a else x[1]
+                kind, macs, channels = "gemm", math.prod(y) * depth, y[-1]
+            else:
+                kind, macs, channels = ("gemm" if constant else "matmul"), math.prod(y) * x[-1], y[-1]
+            specs.append(
+                LayerSpec(
+                    kind=kind,
+                    macs=macs,
+                    weight_elements=math.prod(w) if constant else 0,
+                    output_channels=channels if constant else 0,
+                    weight_shape=w,
+                    **common,
+                )
+            )
+            continue
+        producer = inputs[0].producer() if inputs and inputs[0] is not None else None
+        fused = (
+            node.op_type in FUSED_AFTER_COMPUTE
+            and producer is not None
+            and producer.op_type in ("Conv", "Gemm", "MatMul")
+            and len(inputs[0].uses()) == 1  # type: ignore[union-attr]
+        )
+        specs.append(
+            LayerSpec(
+                kind="other", macs=0, weight_elements=0, output_channels=0, free=fused or node.op_type in FREE, **common
+            )
+        )
+    return specs
