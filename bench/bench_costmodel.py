@@ -48,8 +48,7 @@ def evaluate(name: str, path: Path, feeds: list[dict[str, np.ndarray]], model: C
         measured = [times.get(spec.name, 0.0) for spec in compute]
         predicted = [model.latency_us(spec, choices.get(spec.name, FLOAT)) for spec in compute]
         rho = profile.spearman(predicted, measured)
-        session = ort_backend.session(graph)
-        wall = bench.measure(lambda s=session: s.run(None, feeds[0]), runs=100, warmup=10).median_ms
+        wall = profile.wall_us(graph, feeds[0], runs=100) / 1e3
         end_to_end = model.model_latency_ms(specs, choices)
         rows.append(
             f"| {name} | {label} | {len(compute)} | {rho:.3f} | {sum(measured) / 1e3:.2f} | "

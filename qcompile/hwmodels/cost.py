@@ -9,11 +9,12 @@ ternary weights on a device with a ternary engine, and int8 otherwise (int4, int
 are unpacked to int8 on CPUs, so they save bytes, not MACs), and the bandwidth is that of the innermost
 memory level (inner cache, on-chip memory, off-chip memory) that holds the layer's bytes.
 
-The predicted latency is ``a * roofline + b``, with one efficiency ``1 / a`` and one per-node overhead
-``b`` per (layer kind, compute dtype): depthwise convolutions reach a small fraction of the peak, large
-GEMMs most of it. Uncalibrated, ``a`` comes from :data:`DEFAULT_EFFICIENCY` and ``b`` from the target
-file's ``op_overhead_us``; ``qcompile profile`` fits both to measurements (:mod:`qcompile.hwmodels.profile`)
-and stores them as a :class:`Calibration`.
+The predicted latency is ``a * roofline + b + c * activation elements``, with an efficiency ``1 / a``, a
+per-node overhead ``b`` and a per-element cost ``c`` (layout changes, requantization, cache misses on
+large feature maps) per (layer kind, compute dtype): depthwise convolutions reach a small fraction of the
+peak, large GEMMs most of it. Uncalibrated, ``a`` comes from :data:`DEFAULT_EFFICIENCY`, ``b`` from the
+target file's ``op_overhead_us`` and ``c`` is 0; ``qcompile profile`` fits all three to measurements
+(:mod:`qcompile.hwmodels.profile`) and stores them as a :class:`Calibration`.
 
 Sizes count weight codes at their bit-width (ternary packs 5 trits per byte: 1.6 bits), a float32 scale
 per output channel and an int32 bias per output channel for quantized layers, float32 otherwise.
@@ -83,8 +84,8 @@ class Calibration:
     """Fitted ``(scale a, overhead b in us)`` per ``kind/dtype``, and where they were measured."""
 
     target: str
-    factors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    run_overhead_us: float = 0.0
+    factors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    node_overhead_us: float = 0.0  # time between kernels, per executed node: in wall time, in no kernel
     machine: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
 
@@ -96,7 +97,7 @@ class Calibration:
     def load(cls, path: Path) -> Calibration:
         try:
             data = json.loads(path.read_text())
-            data["factors"] = {key: (float(a), float(b)) for key, (a, b) in data["factors"].items()}
+            data["factors"] = {key: (float(a), float(b), float(c)) for key, (a, b, c) in data["factors"].items()}
             return cls(**data)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TargetError(
@@ -151,30 +152,37 @@ class CostModel:
         compute = layer.macs / device.peak_macs_per_second(dtype) if layer.macs else 0.0
         return max(compute, moved / bandwidth) * 1e6
 
-    def factors(self, layer: LayerSpec, choice: Choice) -> tuple[float, float]:
+    def factors(self, layer: LayerSpec, choice: Choice) -> tuple[float, float, float]:
+        """``(a, b, c)``: scale of the roofline, fixed overhead (us) and cost per activation element (us)."""
         key = f"{layer.kind}/{compute_dtype(choice, self.target)}"
         if self.calibration is not None and key in self.calibration.factors:
             return self.calibration.factors[key]
-        return 1.0 / DEFAULT_EFFICIENCY[layer.kind], self.target.device.op_overhead_us
+        return 1.0 / DEFAULT_EFFICIENCY[layer.kind], self.target.device.op_overhead_us, 0.0
 
     def latency_us(self, layer: LayerSpec, choice: Choice) -> float:
         """Predicted time of one layer; 0 for nodes fused into their producer or that only relabel memory."""
         if layer.free:
             return 0.0
-        scale, overhead = self.factors(layer, choice)
-        return scale * self.roofline_us(layer, choice) + overhead
+        scale, overhead, per_element = self.factors(layer, choice)
+        elements = layer.input_elements + layer.output_elements
+        return scale * self.roofline_us(layer, choice) + overhead + per_element * elements
 
     def model_latency_ms(self, layers: list[LayerSpec], choices: dict[str, Choice], default: Choice = FLOAT) -> float:
-        """End to end: every node at its choice (``default`` where none is given), plus the per-run overhead."""
-        total = sum(self.latency_us(layer, choices.get(layer.name, default)) for layer in layers)
-        overhead = self.calibration.run_overhead_us if self.calibration else 0.0
-        return (total + overhead) / 1e3
+        """End to end: every node at its choice (``default`` where none is given), plus the executor's time
+        between kernels."""
+        running = [layer for layer in layers if not layer.free]
+        total = sum(self.latency_us(layer, choices.get(layer.name, default)) for layer in running)
+        between = self.calibration.node_overhead_us if self.calibration else 0.0
+        return (total + between * len(running)) / 1e3
 
 
-def fit_factors(roofline_us: np.ndarray, measured_us: np.ndarray) -> tuple[float, float, float]:
-    """``a, b >= 0`` minimising the relative error of ``a * roofline + b``; returns ``a, b`` and its RMS."""
+def fit_factors(
+    roofline_us: np.ndarray, elements: np.ndarray, measured_us: np.ndarray
+) -> tuple[tuple[float, float, float], float]:
+    """``a, b, c >= 0`` minimising the relative error of ``a * roofline + b + c * elements``; and its RMS."""
     weights = 1.0 / measured_us
-    matrix = np.stack([roofline_us * weights, weights], axis=1)
-    (scale, overhead), _ = scipy.optimize.nnls(matrix, np.ones_like(measured_us))
-    predicted = scale * roofline_us + overhead
-    return float(scale), float(overhead), float(np.sqrt(np.mean(((predicted - measured_us) / measured_us) ** 2)))
+    matrix = np.stack([roofline_us * weights, weights, elements * weights], axis=1)
+    solution, _ = scipy.optimize.nnls(matrix, np.ones_like(measured_us))
+    predicted = matrix @ solution / weights
+    error = float(np.sqrt(np.mean(((predicted - measured_us) / measured_us) ** 2)))
+    return (float(solution[0]), float(solution[1]), float(solution[2])), error
