@@ -17,9 +17,10 @@ from qcompile import calibration, frontend, hwmodels
 from qcompile.backends import ort as ort_backend
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed, Preprocess
-from qcompile.errors import CalibrationError
+from qcompile.errors import ArtifactError, CalibrationError
 from qcompile.passes import pipeline
 from qcompile.runtime import Session, bench
+from qcompile.runtime import gate as gate_report
 from qcompile.runtime import load as load_artifact
 from qcompile.runtime.artifact import MANIFEST, SCHEMA_VERSION, atomic_folder, dumps, sha256_file
 
@@ -218,9 +219,118 @@ class _RunAdapter:
         return list(self.session.run(feed).values())
 
 
+def _random_feed(session: Session) -> Feed:
+    rng = np.random.default_rng(0)
+    return {
+        info.name: (
+            rng.standard_normal(info.shape) if np.dtype(info.dtype).kind == "f" else np.ones(info.shape)
+        ).astype(info.dtype)
+        for info in session.inputs
+    }
+
+
+def _accuracy_drop(metrics: dict[str, float]) -> float:
+    """Percentage points: 100 x (1 - top-1 agreement) for classifiers, 100 x (1 - mean cosine) otherwise."""
+    if "top1_agreement" in metrics:
+        return 100.0 * (1.0 - metrics["top1_agreement"])
+    return 100.0 * (1.0 - metrics["mean_cosine"])
+
+
+def predicted_latency_ms(folder: Path, manifest: dict[str, Any], target_name: str) -> tuple[float, str]:
+    """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``."""
+    from qcompile.hwmodels.cost import CostModel
+    from qcompile.hwmodels.layers import describe
+    from qcompile.hwmodels.profile import quantized_choices
+    from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
+
+    target = hwmodels.load_target(target_name)
+    cost = CostModel.for_target(target)
+    model = frontend.load(folder / REFERENCE_ONNX)
+    MatMulAddToGemmPass()(model)
+    float_layers = frozenset(layer["name"] for layer in manifest["layers"] if layer["float_reason"])
+    latency = cost.model_latency_ms(describe(model), quantized_choices(model, float_layers))
+    state = (
+        f"calibrated on {cost.calibration.machine.get('cpu', '?')}"
+        if cost.calibration
+        else "uncalibrated: target-file figures, default efficiencies"
+    )
+    return latency, f"predicted for {target_name} by the cost model ({state})"
+
+
+def gate(
+    path: str | os.PathLike[str],
+    max_latency_ms: float | None = None,
+    max_accuracy_drop: float | None = None,
+    max_size_mb: float | None = None,
+    data: str | os.PathLike[str] | Iterable[Feed] | None = None,
+    target: str | None = None,
+    runs: int = 100,
+    preprocess: Preprocess | None = None,
+) -> list[gate_report.Check]:
+    """Check the artifact at ``path`` against each budget given; see :mod:`qcompile.runtime.gate`.
+
+    Latency is measured here on the artifact's default executor, unless ``target`` names another device
+    than the artifact's, in which case the cost model predicts it (and the check says so). Accuracy drop is
+    measured on ``data`` against the artifact's float reference when given, else read from the manifest.
+    """
+    budgets = (max_latency_ms, max_accuracy_drop, max_size_mb)
+    if all(budget is None for budget in budgets):
+        raise ArtifactError("give at least one budget: --max-latency-ms, --max-accuracy-drop or --max-size-mb")
+    if any(budget is not None and budget <= 0 for budget in budgets):
+        raise ArtifactError("budgets must be positive")
+    folder = Path(path)
+    session = load_artifact(folder)
+    manifest = session.manifest
+    target = target or manifest["target"]["name"]
+    checks: list[gate_report.Check] = []
+    feeds: list[Feed] | None = None
+    if data is not None:
+        inputs = [calibration.InputSpec(info.name, info.shape, np.dtype(info.dtype)) for info in session.inputs]
+        feeds = list(calibration.checked(_feeds(data, inputs, preprocess, "gate"), inputs, "gate data"))
+        if not feeds:
+            raise CalibrationError(f"the gate data {data} holds no samples")
+    if max_latency_ms is not None:
+        if target == manifest["target"]["name"]:
+            feed = feeds[0] if feeds else _random_feed(session)
+            latency = bench.measure(functools.partial(session.run, feed), runs=runs, warmup=10, max_seconds=60)
+            machine = bench.machine()
+            value = latency.median_ms
+            source = (
+                f"measured here ({machine['cpu']}, {machine['cores']} cores), {session.executor}, "
+                f"median of {latency.runs} runs"
+            )
+        else:
+            value, source = predicted_latency_ms(folder, manifest, target)
+        checks.append(gate_report.Check("latency", max_latency_ms, value, "ms", source))
+    if max_accuracy_drop is not None:
+        if feeds is not None:
+            reference = session.with_executor("onnxruntime-fp32")
+            metrics = _evaluate(_RunAdapter(reference), _RunAdapter(session), feeds)
+            source = f"measured here on {len(feeds)} samples against the float reference"
+        else:
+            accuracy = manifest["measured"]["accuracy"]
+            scope = "evaluation" if "evaluation" in accuracy else "calibration"
+            metrics = accuracy[scope]
+            source = f"from the manifest: {scope} samples at compile time" + (
+                "" if scope == "evaluation" else " (not held out; pass --data for held-out samples)"
+            )
+        if session.executor == "onnxruntime-fp32":
+            metrics = {"mean_cosine": 1.0}
+            source = "the default executor is the float model"
+        kind = "top-1 disagreement" if "top1_agreement" in metrics else "1 - mean cosine"
+        checks.append(
+            gate_report.Check("accuracy drop", max_accuracy_drop, _accuracy_drop(metrics), "pt", f"{kind}, {source}")
+        )
+    if max_size_mb is not None:
+        file_name = manifest["executors"][session.executor]["file"]
+        size = (folder / file_name).stat().st_size / 1e6
+        checks.append(gate_report.Check("size", max_size_mb, size, "MB", f"{file_name} (the default executor's file)"))
+    return checks
+
+
 def load(path: str | os.PathLike[str], executor: str | None = None) -> Session:
     """Verify and load an artifact (see :func:`qcompile.runtime.load`)."""
     return load_artifact(Path(path), executor)
 
 
-__all__ = ["compile", "load", "version"]
+__all__ = ["compile", "gate", "load", "predicted_latency_ms", "version"]

@@ -3,6 +3,8 @@
 qcompile MODEL.onnx --calibration DIR [-o OUT] [--target host]   compile (the default command)
 qcompile run OUT --input x.npy                                    run an artifact
 qcompile bench OUT                                                latency beside onnxruntime fp32
+qcompile gate OUT --max-latency-ms X [--max-accuracy-drop Y] ...  CI budgets: exit 0 pass, 1 fail
+qcompile profile --target host                                    calibrate the cost model here
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 
 from qcompile.errors import QCompileError
 
-COMMANDS = ("compile", "run", "bench")
+COMMANDS = ("compile", "run", "bench", "gate", "profile")
+EXIT_BUDGET_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERNAL = 3
 
@@ -160,6 +163,57 @@ def _bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     )
 
 
+def _gate_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "gate",
+        parents=[_common()],
+        help="check an artifact against latency, accuracy and size budgets (exit 0 pass, 1 fail)",
+        description="Measure the artifact (or, for --target another device, predict its latency with the "
+        "target's cost model), print a table of every budget, optionally write JUnit XML, and exit 0 when "
+        "every budget holds, 1 when any fails, 2 on an error.",
+    )
+    parser.add_argument("artifact", help="artifact folder written by qcompile")
+    parser.add_argument("--max-latency-ms", type=float, metavar="X", help="median latency budget in milliseconds")
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="Y",
+        help="accuracy budget in percentage points against the float model: top-1 disagreement for "
+        "classifiers, 100 x (1 - mean cosine) otherwise",
+    )
+    parser.add_argument(
+        "--max-size-mb", type=float, metavar="Z", help="size budget of the deployed file, in MB (1e6 bytes)"
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="held-out samples (.npy/.npz/images) to measure accuracy on now; default: the figures the "
+        "manifest recorded at compile time",
+    )
+    parser.add_argument(
+        "-t",
+        "--target",
+        help="device to hold to the latency budget (default: the artifact's own, measured here); another "
+        "target's latency is predicted by its cost model and labelled so",
+    )
+    parser.add_argument("--runs", type=int, default=100, help="timed runs for the latency (default 100)")
+    parser.add_argument("--junit", metavar="FILE.xml", help="also write the checks as JUnit XML")
+
+
+def _profile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "profile",
+        parents=[_common()],
+        help="measure layers on this machine and calibrate the target's cost model",
+        description="Run the sweep networks (a MobileNetV2-style CNN and a small transformer, fp32 and "
+        "int8) under onnxruntime's profiler, fit the cost model's efficiencies per layer kind and dtype, and "
+        "store them where the cost model finds them ($QCOMPILE_HOME/profiles or ~/.cache/qcompile/profiles).",
+    )
+    parser.add_argument("-t", "--target", default="host", help="target to calibrate (only host can be measured)")
+    parser.add_argument("--runs", type=int, default=60, help="profiled runs per network and session (default 60)")
+    parser.add_argument("-o", "--output", metavar="FILE.json", help="write the calibration here instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qcompile.api import version
 
@@ -169,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'qcompile MODEL.onnx ...' is short for 'qcompile compile MODEL.onnx ...'.",
     )
     parser.add_argument("--version", action="version", version=f"qcompile {version()}")
-    subparsers = parser.add_subparsers(dest="command", metavar="{compile,run,bench}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     _compile_parser(subparsers)
     _run_parser(subparsers)
     _bench_parser(subparsers)
+    _gate_parser(subparsers)
+    _profile_parser(subparsers)
     return parser
 
 
@@ -296,6 +352,51 @@ def _command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_gate(args: argparse.Namespace) -> int:
+    from qcompile import api
+    from qcompile.runtime import gate
+
+    checks = api.gate(
+        args.artifact,
+        max_latency_ms=args.max_latency_ms,
+        max_accuracy_drop=args.max_accuracy_drop,
+        max_size_mb=args.max_size_mb,
+        data=args.data,
+        target=args.target,
+        runs=args.runs,
+    )
+    print(gate.table(checks))
+    if args.junit:
+        gate.write_junit(checks, Path(args.junit), Path(args.artifact).name)
+        print(f"wrote {args.junit}")
+    failed = [check for check in checks if not check.passed]
+    print("gate: " + ("PASS" if not failed else "FAIL: " + "; ".join(check.message() for check in failed)))
+    return EXIT_BUDGET_FAILED if failed else 0
+
+
+def _command_profile(args: argparse.Namespace) -> int:
+    from qcompile import hwmodels
+    from qcompile.hwmodels import profile
+    from qcompile.hwmodels.cost import calibration_path
+
+    target = hwmodels.load_target(args.target)
+    calibration, measurements = profile.calibrate(target, runs=args.runs, progress=not args.quiet)
+    path = Path(args.output) if args.output else calibration_path(target.name)
+    calibration.save(path)
+    print(
+        f"profiled {len(measurements)} nodes of {len(profile.default_sweep())} networks in "
+        f"{calibration.fit['seconds']:.1f} s; wrote {path}"
+    )
+    print(f"{'kind/dtype':<18} {'nodes':>5} {'efficiency':>10} {'overhead us':>11} {'rms error':>9}")
+    for key, (scale, overhead, _per_element) in sorted(calibration.factors.items()):
+        fit = calibration.fit[key]
+        print(
+            f"{key:<18} {fit['layers']:>5} {f'{1 / scale:.3f}' if scale else '-':>10} {overhead:>11.1f} "
+            f"{fit['rms_relative_error']:>9.2f}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     leading = []
@@ -312,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"compile": _command_compile, "run": _command_run, "bench": _command_bench}
+    handlers = {
+        "compile": _command_compile,
+        "run": _command_run,
+        "bench": _command_bench,
+        "gate": _command_gate,
+        "profile": _command_profile,
+    }
     try:
         return handlers[args.command](args)
     except QCompileError as error:

@@ -1,10 +1,11 @@
 """QDQ insertion: turn QuantSpec annotations into QuantizeLinear / DequantizeLinear nodes.
 
-After this pass, no value carries an unapplied QuantSpec: every annotated weight is an integer
-initializer read through DequantizeLinear (per-channel ``axis`` as annotated), the bias of a quantized
-Conv / Gemm is int32 with scale ``s_input * s_weight[channel]`` (so an integer kernel adds it to the int32
-accumulator unchanged), and every annotated activation ``v`` is followed by ``QuantizeLinear ->
-DequantizeLinear`` whose output replaces ``v`` for all of ``v``'s consumers.
+After this pass, no value carries an unapplied QuantSpec and no float weight survives beside its integer
+copy: every annotated weight is an integer initializer read through DequantizeLinear (per-channel
+``axis`` as annotated), the bias of a quantized Conv / Gemm is int32 with scale
+``s_input * s_weight[channel]`` (so an integer kernel adds it to the int32 accumulator unchanged), and
+every annotated activation ``v`` is followed by ``QuantizeLinear -> DequantizeLinear`` whose output
+replaces ``v`` for all of ``v``'s consumers.
 
 This is the standard form onnxruntime fuses into QLinearConv / QLinearMatMul / QLinearAdd kernels.
 """
@@ -38,6 +39,12 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove a float initializer its integer replacement made dead: the artifact must not carry both."""
+    if value is not None and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
+        del graph.initializers[value.name]  # type: ignore[arg-type]
+
+
 def activation_params(value: ir.Value) -> tuple[np.float32, np.integer]:
     spec: QuantSpec = value.meta[SPEC_KEY]
     low, high = value.meta[RANGE_KEY]
@@ -63,6 +70,14 @@ class QDQPass(ir.passes.InPlacePass):
     """After this pass, every annotated value is quantized in the graph and no annotation is pending."""
 
     def ensures(self, model: ir.Model) -> None:
+        initializers = model.graph.initializers
+        dead = [
+            name
+            for name, value in initializers.items()
+            if f"{name}_quantized" in initializers and not value.uses() and not value.is_graph_output()
+        ]
+        if dead:
+            raise ir.passes.PostconditionError(f"float weights left beside their integer copies: {dead[:5]}")
         for node in model.graph:
             for value in (*node.inputs, *node.outputs):
                 if value is not None and SPEC_KEY in value.meta:
@@ -112,6 +127,7 @@ class QDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         for use in list(weight.uses()):
             use.node.replace_input_with(use.idx, dequantized)
+        _drop_if_unused(graph, weight)
         if bias is not None:
             self._quantize_bias(graph, node, scales, *bias)
 
@@ -137,7 +153,9 @@ class QDQPass(ir.passes.InPlacePass):
             name=f"{base}_DequantizeLinear",
         )
         graph.insert_before(node, dq)
+        replaced = node.inputs[2]
         node.replace_input_with(2, dequantized)
+        _drop_if_unused(graph, replaced)
 
     def _insert_qdq(self, graph: ir.Graph, value: ir.Value) -> None:
         spec: QuantSpec = value.meta[SPEC_KEY]
