@@ -266,12 +266,14 @@ def gate(
     target: str | None = None,
     runs: int = 100,
     preprocess: Preprocess | None = None,
+    executor: str | None = None,
 ) -> list[gate_report.Check]:
     """Check the artifact at ``path`` against each budget given; see :mod:`qcompile.runtime.gate`.
 
-    Latency is measured here on the artifact's default executor, unless ``target`` names another device
-    than the artifact's, in which case the cost model predicts it (and the check says so). Accuracy drop is
-    measured on ``data`` against the artifact's float reference when given, else read from the manifest.
+    Latency is measured here on ``executor`` (default: the artifact's default executor), unless ``target``
+    names another device than the artifact's, in which case the cost model predicts it (and the check says
+    so). Accuracy drop is measured on ``data`` against the artifact's float reference when given, else read
+    from the manifest.
     """
     budgets = (max_latency_ms, max_accuracy_drop, max_size_mb)
     if all(budget is None for budget in budgets):
@@ -279,7 +281,7 @@ def gate(
     if any(budget is not None and budget <= 0 for budget in budgets):
         raise ArtifactError("budgets must be positive")
     folder = Path(path)
-    session = load_artifact(folder)
+    session = load_artifact(folder, executor)
     manifest = session.manifest
     target = target or manifest["target"]["name"]
     checks: list[gate_report.Check] = []
@@ -316,7 +318,7 @@ def gate(
             )
         if session.executor == "onnxruntime-fp32":
             metrics = {"mean_cosine": 1.0}
-            source = "the default executor is the float model"
+            source = "the executor runs the float model"
         kind = "top-1 disagreement" if "top1_agreement" in metrics else "1 - mean cosine"
         checks.append(
             gate_report.Check("accuracy drop", max_accuracy_drop, _accuracy_drop(metrics), "pt", f"{kind}, {source}")
@@ -324,7 +326,7 @@ def gate(
     if max_size_mb is not None:
         file_name = manifest["executors"][session.executor]["file"]
         size = (folder / file_name).stat().st_size / 1e6
-        checks.append(gate_report.Check("size", max_size_mb, size, "MB", f"{file_name} (the default executor's file)"))
+        checks.append(gate_report.Check("size", max_size_mb, size, "MB", f"{file_name} ({session.executor}'s file)"))
     return checks
 
 

@@ -196,6 +196,7 @@ def _gate_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="device to hold to the latency budget (default: the artifact's own, measured here); another "
         "target's latency is predicted by its cost model and labelled so",
     )
+    parser.add_argument("--executor", help="executor to hold to the budgets (default: the one the manifest names)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs for the latency (default 100)")
     parser.add_argument("--junit", metavar="FILE.xml", help="also write the checks as JUnit XML")
 
@@ -364,6 +365,7 @@ def _command_gate(args: argparse.Namespace) -> int:
         data=args.data,
         target=args.target,
         runs=args.runs,
+        executor=args.executor,
     )
     print(gate.table(checks))
     if args.junit:

@@ -57,6 +57,16 @@ def digits_calibration(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def artifact(digits: tuple[Path, float], digits_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits CNN compiled for the host (with its TVM library)."""
+    from qcompile import api
+
+    output = tmp_path_factory.mktemp("artifacts") / "digits.host"
+    api.compile(digits[0], output, calibration_data=digits_calibration, progress=False)
+    return output
+
+
+@pytest.fixture(scope="session")
 def efficientnet(models_dir: Path) -> Path:
     return zoo.export_efficientnet_lite0(models_dir / "efficientnet_lite0.onnx")
 

@@ -16,13 +16,6 @@ from qcompile.errors import ArtifactError
 from qcompile.runtime.artifact import MANIFEST
 
 
-@pytest.fixture(scope="module")
-def artifact(digits: tuple[Path, float], digits_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("artifacts") / "digits.host"
-    api.compile(digits[0], output, calibration_data=digits_calibration, progress=False)
-    return output
-
-
 def test_manifest_records_everything(artifact: Path, digits: tuple[Path, float]) -> None:
     manifest = json.loads((artifact / MANIFEST).read_text())
     assert manifest["schema_version"] == 1 and manifest["qcompile_version"]
@@ -42,6 +35,9 @@ def test_manifest_records_everything(artifact: Path, digits: tuple[Path, float])
         or manifest["default_executor"] == "onnxruntime-fp32"
     )
     onnx.checker.check_model(str(artifact / "model.int8.onnx"), full_check=True)
+    quantized = onnx.load(str(artifact / "model.int8.onnx"))
+    used = {name for node in quantized.graph.node for name in node.input}
+    assert [tensor.name for tensor in quantized.graph.initializer if tensor.name not in used] == []
 
 
 def test_executors_agree_and_match_accuracy(artifact: Path, digits: tuple[Path, float]) -> None:

@@ -1,0 +1,49 @@
+"""Profiling maps onnxruntime's kernels back to layers, and calibration fits every layer kind it measures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qcompile import frontend, hwmodels
+from qcompile.backends import ort as ort_backend
+from qcompile.errors import TargetError
+from qcompile.hwmodels import profile
+from qcompile.hwmodels.cost import CostModel, calibration_path
+from qcompile.hwmodels.layers import describe
+from qcompile.passes import pipeline
+
+
+def test_kernels_map_to_every_compute_layer(digits: tuple[Path, float]) -> None:
+    import zoo
+
+    train_x = zoo.digits_split()[0]
+    feeds = [{"image": train_x[i : i + 1]} for i in range(8)]
+    model = frontend.load(digits[0])
+    quantized = pipeline.quantize(model, feeds, progress=False).model
+    compute = [spec.name for spec in describe(model) if spec.quantizable]
+    for graph in (model, quantized):  # fp32 (ORT fuses Conv + Relu) and QDQ (ORT fuses into QLinearConv)
+        times, unattributed = profile.layer_times(graph, ort_backend.kernel_times(graph, feeds[0], runs=3, sessions=1))
+        assert all(times.get(name, 0.0) > 0 for name in compute), (times, compute)
+        assert unattributed >= 0
+
+
+def test_calibration_fits_and_is_found_by_the_cost_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path))
+    target = hwmodels.load_target("host")
+    assert not CostModel.for_target(target).calibrated
+    calibration, measurements = profile.calibrate(target, runs=3, progress=False)
+    assert {"depthwise/int8", "pointwise/fp32", "gemm/int8", "matmul/fp32", "other/fp32"} <= set(calibration.factors)
+    assert {item.network for item in measurements} == {"mobile CNN", "small transformer"}
+    calibration.save(calibration_path("host"))
+    model = CostModel.for_target(target)
+    assert model.calibrated and model.calibration is not None
+    assert model.calibration.factors == pytest.approx(calibration.factors)
+    for item in measurements:
+        assert model.latency_us(item.layer, item.choice) > 0
+
+
+def test_only_the_host_can_be_profiled() -> None:
+    with pytest.raises(TargetError, match="profiling 'rpi4' needs that device"):
+        profile.calibrate(hwmodels.load_target("rpi4"), runs=1, progress=False)
