@@ -43,6 +43,10 @@ def main() -> int:
     for index, image in enumerate(zoo.photo_crops(32, seed=2)):
         np.save(calibration / f"crop_{index:03d}.npy", image[None])
     evaluation = zoo.photo_crops(args.eval_crops, seed=1)
+    held_out = work / "evaluation"  # for `qcompile gate --data` (see examples/ci/)
+    held_out.mkdir(exist_ok=True)
+    for index, image in enumerate(evaluation):
+        np.save(held_out / f"crop_{index:03d}.npy", image[None])
     artifact = work / "efficientnet_lite0.host"
     command = [
         "qcompile",
