@@ -23,11 +23,13 @@ from qcompile.runtime import Session, bench
 from qcompile.runtime import gate as gate_report
 from qcompile.runtime import load as load_artifact
 from qcompile.runtime.artifact import MANIFEST, SCHEMA_VERSION, atomic_folder, dumps, sha256_file
+from qcompile.search import report
 
 logger = logging.getLogger(__name__)
 
 QUANTIZED_ONNX = "model.int8.onnx"
 REFERENCE_ONNX = "reference.fp32.onnx"
+REPORT_HTML = "report.html"
 
 
 def version() -> str:
@@ -100,11 +102,15 @@ def compile(
     model = frontend.load(source, input_shapes)
     inputs = calibration.input_specs(model)
     calibration_feeds = _feeds(calibration_data, inputs, preprocess, "calibration")
-    result = pipeline.quantize(model, calibration_feeds, options, progress)
+    result = pipeline.quantize(model, calibration_feeds, options, progress, target=device)
     with atomic_folder(Path(output), overwrite=force) as staging:
         written = ort_backend.save(result.model, staging / QUANTIZED_ONNX)
         written += ort_backend.save(model, staging / REFERENCE_ONNX)
         onnx.checker.check_model(str(staging / QUANTIZED_ONNX), full_check=True)
+        search = next((entry for entry in result.passes if entry["name"] == "bit_search"), None)
+        if search is not None:
+            (staging / REPORT_HTML).write_text(report.render(source.name, device.name, search, result.layers))
+            written.append(REPORT_HTML)
         executors: dict[str, dict[str, Any]] = {
             "onnxruntime": {"kind": "onnxruntime", "file": QUANTIZED_ONNX, "description": "quantized QDQ model"},
             "onnxruntime-fp32": {

@@ -118,6 +118,25 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         metavar="N",
         help="calibration samples kept to measure per-layer sensitivity and error (default 16)",
     )
+    parser.add_argument(
+        "--bits",
+        choices=("8", "4", "auto"),
+        default="8",
+        help="weight width: 8 (default), 4, or auto: per-layer formats (fp32, int8, int4, ternary weights; "
+        "int8 activations) chosen by measured sensitivity and the target's cost model under the budgets",
+    )
+    parser.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        metavar="X",
+        help="with --bits auto: end-to-end latency budget on the target, as the cost model predicts it",
+    )
+    parser.add_argument(
+        "--size-budget-mb",
+        type=float,
+        metavar="Z",
+        help="with --bits auto: budget for the bytes of weights and constants, in MB (1e6 bytes)",
+    )
     parser.add_argument("--no-tvm", action="store_true", help="skip the TVM library (onnxruntime executor only)")
     parser.add_argument("--force", action="store_true", help="replace an existing artifact folder at --output")
 
@@ -271,6 +290,9 @@ def _command_compile(args: argparse.Namespace) -> int:
         float_threshold=args.float_threshold,
         max_calibration_samples=args.max_calibration_samples,
         sensitivity_samples=args.sensitivity_samples,
+        bits=args.bits,
+        latency_budget_ms=args.latency_budget_ms,
+        size_budget_mb=args.size_budget_mb,
     )
     output = args.output or f"{Path(args.model).stem}.{args.target}"
     manifest = api.compile(
@@ -289,7 +311,7 @@ def _command_compile(args: argparse.Namespace) -> int:
     measured = manifest["measured"]
     layers = manifest["layers"]
     floats = [layer for layer in layers if layer["float_reason"]]
-    print(f"wrote {output}: {len(layers) - len(floats)}/{len(layers)} layers int8, target {args.target}")
+    print(f"wrote {output}: {len(layers) - len(floats)}/{len(layers)} layers quantized, target {args.target}")
     for layer in floats:
         print(f"  float: {layer['name']} ({layer['op_type']}): {layer['float_reason']}")
     for scope, metrics in measured["accuracy"].items():
@@ -302,6 +324,13 @@ def _command_compile(args: argparse.Namespace) -> int:
             "vs onnxruntime fp32)"
         )
     print(f"  default executor: {manifest['default_executor']} ({measured['default_reason']})")
+    search = next((entry for entry in manifest["passes"] if entry["name"] == "bit_search"), None)
+    if search is not None:
+        predicted = search["predicted"]
+        print(
+            f"  bit-width search ({search['cost_model']}): predicted {predicted['latency_ms']:.2f} ms, "
+            f"{predicted['size_mb']:.2f} MB, layers {predicted['layers']}; report: {output}/report.html"
+        )
     return 0
 
 

@@ -41,3 +41,7 @@ class ArtifactError(QCompileError):
 
 class BackendError(QCompileError):
     """A backend failed to build or run the model."""
+
+
+class BudgetError(QCompileError):
+    """No choice of bit-widths meets the latency / size budget."""

@@ -86,6 +86,7 @@ class Calibration:
     target: str
     factors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     node_overhead_us: float = 0.0  # time between kernels, per executed node: in wall time, in no kernel
+    transition: tuple[float, float] = (0.0, 0.0)  # (us per element, us) where a float and an int8 layer meet
     machine: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
 
@@ -98,6 +99,7 @@ class Calibration:
         try:
             data = json.loads(path.read_text())
             data["factors"] = {key: (float(a), float(b), float(c)) for key, (a, b, c) in data["factors"].items()}
+            data["transition"] = tuple(float(value) for value in data.get("transition", (0.0, 0.0)))
             return cls(**data)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TargetError(
@@ -167,12 +169,32 @@ class CostModel:
         elements = layer.input_elements + layer.output_elements
         return scale * self.roofline_us(layer, choice) + overhead + per_element * elements
 
-    def model_latency_ms(self, layers: list[LayerSpec], choices: dict[str, Choice], default: Choice = FLOAT) -> float:
-        """End to end: every node at its choice (``default`` where none is given), plus the executor's time
-        between kernels."""
+    def transition_us(self, elements: int) -> float:
+        """Time to change a tensor of ``elements`` between float and int8 where a float layer meets an int8
+        one: a (De)QuantizeLinear and, on CPUs, a layout change. Uncalibrated: both read and write the tensor
+        (1 + 4 bytes an element) twice from on-chip memory, plus two node overheads."""
+        if self.calibration is not None and any(self.calibration.transition):
+            per_element, fixed = self.calibration.transition
+            return per_element * elements + fixed
+        device = self.target.device
+        return 2 * elements * 5 / (device.onchip_bandwidth_gbs * 1e3) + 2 * device.op_overhead_us
+
+    def model_latency_ms(
+        self,
+        layers: list[LayerSpec],
+        choices: dict[str, Choice],
+        default: Choice = FLOAT,
+        edges: list[tuple[str, str, int]] | None = None,
+    ) -> float:
+        """End to end: every node at its choice (``default`` where none is given), the executor's time
+        between kernels, and a transition on each of ``edges`` (see :func:`layer_edges`) whose two layers
+        differ in being float."""
         running = [layer for layer in layers if not layer.free]
         total = sum(self.latency_us(layer, choices.get(layer.name, default)) for layer in running)
         between = self.calibration.node_overhead_us if self.calibration else 0.0
+        for producer, consumer, elements in edges or []:
+            if choices.get(producer, default).is_float != choices.get(consumer, default).is_float:
+                total += self.transition_us(elements)
         return (total + between * len(running)) / 1e3
 
 

@@ -137,3 +137,34 @@ def describe(model: ir.Model) -> list[LayerSpec]:
             )
         )
     return specs
+
+
+# Ops a tensor passes through between two compute layers without leaving its region (int8 or float).
+PASS_THROUGH = FUSED_AFTER_COMPUTE | FREE | frozenset({"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"})
+
+
+def layer_edges(model: ir.Model, layers: Sequence[str]) -> list[tuple[str, str, int]]:
+    """``(producer, consumer, elements)`` for each pair of layers in ``layers`` joined by a tensor that passes
+    only through pass-through ops: where one is float and the other int8, the tensor changes representation
+    there (a QuantizeLinear or DequantizeLinear, and often a layout change), which costs time."""
+    wanted = set(layers)
+    edges: dict[tuple[str, str], int] = {}
+    for node in model.graph:
+        name = layer_name(node)
+        if name not in wanted or not node.inputs or node.inputs[0] is None:
+            continue
+        shape = _shape(node.inputs[0])
+        elements = math.prod(shape) if shape else 0
+        stack = [node.inputs[0]]
+        seen: set[int] = set()
+        while stack:
+            value = stack.pop()
+            producer = value.producer()
+            if producer is None or id(producer) in seen:
+                continue
+            seen.add(id(producer))
+            if layer_name(producer) in wanted:
+                edges[(layer_name(producer), name)] = elements
+            elif producer.op_type in PASS_THROUGH:
+                stack.extend(v for v in producer.inputs if v is not None and not is_constant(v))
+    return [(producer, consumer, elements) for (producer, consumer), elements in edges.items()]

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import scipy.optimize
 from tqdm import tqdm
 
 from qcompile.backends import ort as ort_backend
@@ -34,7 +35,7 @@ from qcompile.calibration import Feed
 from qcompile.errors import TargetError
 from qcompile.hwmodels import Target
 from qcompile.hwmodels.cost import FLOAT, INT8, Calibration, Choice, CostModel, compute_dtype, fit_factors
-from qcompile.hwmodels.layers import FUSED_AFTER_COMPUTE, LayerSpec, describe
+from qcompile.hwmodels.layers import FUSED_AFTER_COMPUTE, LayerSpec, describe, layer_edges
 from qcompile.passes.annotate import plan_quantization_points
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.runtime import bench
@@ -247,19 +248,48 @@ class Measurement:
     measured_us: float
 
 
-def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) -> tuple[list[Measurement], float]:
-    """Every node's time in ``model`` as fp32 and as qcompile's W8A8 model; and the time between kernels per
-    node."""
+def sweep_options() -> Any:
+    """Quick quantization for timing only: the graph is what matters, not the rounding."""
     from qcompile.passes import pipeline
 
-    options = pipeline.QuantizeOptions(
+    return pipeline.QuantizeOptions(
         calibration="minmax",
         bias_correction=False,
         weight_rounding="nearest",
         float_threshold=0.0,
         sensitivity_samples=1,
     )
-    quantized = pipeline.quantize(model, feeds, options, progress=False).model
+
+
+def measure_transitions(
+    model: ir.Model, feeds: list[Feed], runs: int, cost: CostModel
+) -> list[tuple[float, float, float]]:
+    """``(unexplained us, elements, count)`` of float/int8 transitions in mixed versions of ``model`` (every
+    second, then every third compute layer float): wall time the per-node model does not explain."""
+    from qcompile.passes import pipeline
+
+    rewritten = pipeline._clone(model)
+    MatMulAddToGemmPass()(rewritten)
+    specs = describe(rewritten)
+    names = [spec.name for spec in specs if spec.quantizable]
+    edges = layer_edges(rewritten, names)
+    rows = []
+    for step in (2, 3):
+        floats = frozenset(names[::step])
+        mixed = pipeline.quantize(model, feeds, sweep_options(), progress=False, keep_float=floats).model
+        choices = quantized_choices(rewritten, floats)
+        explained = cost.model_latency_ms(specs, choices) * 1e3
+        crossing = [elements for producer, consumer, elements in edges if (producer in floats) != (consumer in floats)]
+        rows.append((wall_us(mixed, feeds[0], runs) - explained, float(sum(crossing)), float(len(crossing))))
+    return rows
+
+
+def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) -> tuple[list[Measurement], float]:
+    """Every node's time in ``model`` as fp32 and as qcompile's W8A8 model; and the time between kernels per
+    node."""
+    from qcompile.passes import pipeline
+
+    quantized = pipeline.quantize(model, feeds, sweep_options(), progress=False).model
     rewritten = pipeline._clone(model)
     MatMulAddToGemmPass()(rewritten)
     specs = describe(rewritten)
@@ -306,6 +336,12 @@ def calibrate(target: Target, runs: int = 30, progress: bool = True) -> tuple[Ca
         calibration.factors[key], error = fit_factors(roofline, elements, measured)
         calibration.fit[key] = {"layers": len(items), "rms_relative_error": error}
     calibration.node_overhead_us = float(np.median(overheads))
+    fitted = CostModel(target, calibration)
+    transitions = [row for _, build in default_sweep() for row in measure_transitions(*build(), runs, fitted)]
+    unexplained, elements, counts = (np.array(column) for column in zip(*transitions, strict=True))
+    solution, _ = scipy.optimize.nnls(np.stack([elements, counts], axis=1), np.maximum(unexplained, 0.0))
+    calibration.transition = (float(solution[0]), float(solution[1]))
+    calibration.fit["transitions"] = {"networks": len(transitions), "unexplained_us": unexplained.tolist()}
     calibration.fit["seconds"] = time.perf_counter() - started
     logger.info("profiled %d nodes in %.1f s", len(measurements), calibration.fit["seconds"])
     return calibration, measurements

@@ -1,7 +1,8 @@
 """Annotation: decide which values are quantized, and how, as QuantSpecs attached to values.
 
-After this pass, every weight of a quantized Conv / Gemm / MatMul carries an int8 per-channel symmetric
-``QuantSpec`` and every activation at a quantization point carries a uint8 spec and its calibrated range.
+After this pass, every weight of a quantized Conv / Gemm / MatMul carries a per-channel symmetric
+``QuantSpec`` (int8, unless ``weight_formats`` names int4 or ternary for its layer) and every activation
+at a quantization point carries a uint8 spec and its calibrated range.
 
 Quantization points are chosen so that onnxruntime (and TVM) can run whole regions in integers:
 
@@ -16,13 +17,14 @@ A layer named in ``float_layers`` is not annotated; the caller records why it st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.quant_spec import ACTIVATION_UINT8, RANGE_KEY, SPEC_KEY, QuantSpec
+from qcompile.passes.quant_spec import ACTIVATION_UINT8, RANGE_KEY, SPEC_KEY, WEIGHT_FORMATS, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +138,13 @@ class AnnotatePass(ir.passes.InPlacePass):
         self,
         value_range: Callable[[str], tuple[float, float]],
         float_layers: frozenset[str] = frozenset(),
-        weight_spec: QuantSpec | None = None,
+        weight_formats: Mapping[str, str] | None = None,
         activation_spec: QuantSpec = ACTIVATION_UINT8,
     ) -> None:
         super().__init__()
         self.value_range = value_range
         self.float_layers = float_layers
-        self.weight_spec = weight_spec
+        self.weight_formats = weight_formats or {}
         self.activation_spec = activation_spec
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -151,8 +153,8 @@ class AnnotatePass(ir.passes.InPlacePass):
             for index, value in enumerate(node.inputs[:2]):
                 axis = weight_axis(node, index)
                 if value is not None and is_constant(value) and axis is not None:
-                    spec = QuantSpec(bits=8 if self.weight_spec is None else self.weight_spec.bits, axis=axis)
-                    value.meta[SPEC_KEY] = spec
+                    base = WEIGHT_FORMATS[self.weight_formats.get(layer_name(node), "int8")]
+                    value.meta[SPEC_KEY] = dataclasses.replace(base, axis=axis)
         for value in points:
             low, high = self.value_range(str(value.name))
             known = _known_activation_range(value)

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import calibration
+from qcompile import calibration, hwmodels
 from qcompile.calibration import Feed
-from qcompile.errors import CalibrationError
+from qcompile.errors import BudgetError, CalibrationError
+from qcompile.hwmodels import Target
 from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points, quantizable_layers
 from qcompile.passes.bias_correction import BiasCorrectionPass
 from qcompile.passes.equalize import ResidualEqualizationPass
@@ -25,6 +26,8 @@ from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.search import sensitivity
+from qcompile.search.bits import SearchResult
+from qcompile.search.bits import search as search_bits
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ class QuantizeOptions:
             squared error stays float (0 disables the fallback: every layer is quantized).
         max_calibration_samples: stop calibrating after this many samples (None: use them all).
         sensitivity_samples: calibration samples kept in memory to measure layer sensitivity and error.
+        bits: '8' (int8 weights), '4' (int4 weights) or 'auto': per-layer formats (fp32, int8, int4 or
+            ternary weights, int8 activations) chosen by the search under the budgets below.
+        latency_budget_ms: the search's end-to-end latency budget on the target (cost-model prediction).
+        size_budget_mb: the search's budget for the bytes of weights and constants.
     """
 
     calibration: str = "mse"
@@ -55,8 +62,19 @@ class QuantizeOptions:
     float_threshold: float = 1e-3
     max_calibration_samples: int | None = None
     sensitivity_samples: int = 16
+    bits: str = "8"
+    latency_budget_ms: float | None = None
+    size_budget_mb: float | None = None
 
     def __post_init__(self) -> None:
+        if self.bits not in ("8", "4", "auto"):
+            raise CalibrationError(f"bits '{self.bits}' is not 8, 4 or auto")
+        if self.bits == "auto" and self.latency_budget_ms is None and self.size_budget_mb is None:
+            raise BudgetError("--bits auto needs a budget: --latency-budget-ms and/or --size-budget-mb")
+        if self.bits != "auto" and (self.latency_budget_ms is not None or self.size_budget_mb is not None):
+            raise BudgetError("latency and size budgets are met by the bit-width search: add --bits auto")
+        if any(budget is not None and budget <= 0 for budget in (self.latency_budget_ms, self.size_budget_mb)):
+            raise BudgetError("budgets must be positive")
         if self.calibration not in ("minmax", "percentile", "mse"):
             raise CalibrationError(f"calibration method '{self.calibration}' is not minmax, percentile or mse")
         if self.weight_rounding not in ("nearest", "gptq"):
@@ -77,6 +95,8 @@ class LayerRecord:
     activation_bits: int | None
     sensitivity: float | None = None
     float_reason: str | None = None
+    weight_format: str | None = "int8"
+    predicted_latency_us: float | None = None
 
 
 @dataclass
@@ -105,9 +125,10 @@ def _quantize_copy(
     float_layers: frozenset[str],
     options: QuantizeOptions,
     hessians: dict[str, Hessian] | None = None,
+    weight_formats: dict[str, str] | None = None,
 ) -> ir.Model:
     copy = _clone(model)
-    if not AnnotatePass(stats.range, float_layers)(copy).modified:
+    if not AnnotatePass(stats.range, float_layers, weight_formats)(copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
         GPTQPass(hessians)(copy)
@@ -137,9 +158,16 @@ def output_metrics(outputs: list[np.ndarray], references: list[np.ndarray]) -> d
 
 
 def quantize(
-    model: ir.Model, feeds: Iterable[Feed], options: QuantizeOptions | None = None, progress: bool = True
+    model: ir.Model,
+    feeds: Iterable[Feed],
+    options: QuantizeOptions | None = None,
+    progress: bool = True,
+    target: Target | None = None,
+    keep_float: frozenset[str] = frozenset(),
 ) -> QuantizeResult:
-    """Quantize ``model`` to W8A8 QDQ; ``model`` itself is left unchanged."""
+    """Quantize ``model`` to QDQ (int8 activations; weights as ``options.bits`` says); ``model`` itself is
+    left unchanged. ``target`` (default host) prices the bit-width search's candidates; the layers named
+    in ``keep_float`` stay float whatever else is decided."""
     options = options or QuantizeOptions()
     model = _clone(model)
     gemm_rewrite = MatMulAddToGemmPass()(model)
@@ -168,27 +196,68 @@ def quantize(
     references = sensitivity.run_all(model, kept)
     names = [layer_name(node) for node in layers]
     records = {name: LayerRecord(name, node.op_type, 8, 8) for name, node in zip(names, layers, strict=True)}
+    hessians = hessian_collector.hessians if hessian_collector else None
+    uniform = "int4" if options.bits == "4" else "int8"
+    weight_formats = {name: uniform for name in names}
     float_layers: set[str] = set()
-    if options.float_threshold > 0 and layers:
+    searched: SearchResult | None = None
+    if options.bits == "auto" and layers:
+        searched = search_bits(
+            model,
+            names,
+            [node.op_type for node in layers],
+            lambda layer, chosen: _quantize_copy(
+                model, stats, frozenset(names) - {layer}, options, hessians, {layer: chosen}
+            ),
+            kept,
+            references,
+            target or hwmodels.load_target("host"),
+            options.latency_budget_ms,
+            options.size_budget_mb,
+            progress,
+        )
+        for cost in searched.problem.layers:
+            chosen = searched.chosen.formats[cost.name]
+            record = records[cost.name]
+            record.sensitivity = cost.error[chosen]
+            record.predicted_latency_us = cost.latency_us[chosen]
+            record.weight_format = chosen
+            record.weight_bits = {"int8": 8, "int4": 4, "ternary": 2}.get(chosen)
+            if chosen == "fp32":
+                float_layers.add(cost.name)
+                record.activation_bits = None
+                record.float_reason = (
+                    "the bit-width search kept it float: within the budgets, the least total error "
+                    f"(int8 alone would add relative error {cost.error['int8']:.2e})"
+                )
+        weight_formats = {name: fmt for name, fmt in searched.chosen.formats.items() if fmt != "fp32"}
+    elif options.float_threshold > 0 and layers:
         measured = sensitivity.measure(
             names,
             [node.op_type for node in layers],
-            lambda layer: _quantize_copy(model, stats, frozenset(names) - {layer}, options),
+            lambda layer: _quantize_copy(model, stats, frozenset(names) - {layer}, options, None, weight_formats),
             kept,
             references,
             progress,
         )
         for result in measured:
             records[result.layer].sensitivity = result.error
+            records[result.layer].weight_format = uniform
+            records[result.layer].weight_bits = 4 if uniform == "int4" else 8
             if result.error > options.float_threshold:
                 float_layers.add(result.layer)
                 records[result.layer].weight_bits = records[result.layer].activation_bits = None
+                records[result.layer].weight_format = "fp32"
                 records[result.layer].float_reason = (
                     f"quantizing it alone moves the outputs by relative error {result.error:.2e}, over the "
                     f"threshold {options.float_threshold:.0e}"
                 )
-    hessians = hessian_collector.hessians if hessian_collector else None
-    quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians)
+    for name in keep_float & set(names):
+        float_layers.add(name)
+        records[name].weight_bits = records[name].activation_bits = None
+        records[name].weight_format = "fp32"
+        records[name].float_reason = records[name].float_reason or "kept float by the caller"
+    quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians, weight_formats)
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
     passes: list[dict[str, Any]] = [
@@ -206,7 +275,11 @@ def quantize(
             "float_threshold": options.float_threshold,
             "float_layers": sorted(float_layers),
         },
-        {"name": "annotate", "weights": "int8 symmetric per-channel", "activations": "uint8 asymmetric per-tensor"},
+        {
+            "name": "annotate",
+            "weights": "symmetric per-channel: " + ("per-layer formats" if searched else uniform),
+            "activations": "uint8 asymmetric per-tensor",
+        },
         {
             "name": "weight_rounding",
             "method": options.weight_rounding,
@@ -217,6 +290,24 @@ def quantize(
         *([{"name": "bias_correction"}] if options.bias_correction else []),
         {"name": "qdq", "bias": "int32, scale = input scale x weight scale"},
     ]
+    if searched is not None:
+        passes.insert(
+            3,
+            {
+                "name": "bit_search",
+                "cost_model": searched.cost_model,
+                "latency_budget_ms": options.latency_budget_ms,
+                "size_budget_mb": options.size_budget_mb,
+                "predicted": searched.chosen.summary(),
+                "fixed": {"latency_ms": searched.problem.fixed_ms, "size_mb": searched.problem.fixed_mb},
+                "transitions": len(searched.problem.transitions),
+                "pareto_front": [point.summary() for point in searched.front],
+                "candidates": {
+                    cost.name: {"error": cost.error, "latency_us": cost.latency_us} for cost in searched.problem.layers
+                },
+                "seconds": searched.seconds,
+            },
+        )
     return QuantizeResult(quantized, [records[name] for name in names], passes, stats.samples, kept[0], error)
 
 

@@ -27,6 +27,8 @@ class QuantSpec:
         symmetric: zero point fixed at 0 (True) or fitted to the range (False).
         axis: per-channel axis, or None for one scale per tensor.
         group_size: channels along ``axis`` share a scale in groups of this many (None: each its own).
+        scale_rule: weight scales from the largest magnitude ('max': nothing clips) or from the mean
+            magnitude ('absmean', as BitNet b1.58 scales ternary weights: 2-bit symmetric codes -1, 0, 1).
     """
 
     bits: int = 8
@@ -34,8 +36,11 @@ class QuantSpec:
     symmetric: bool = True
     axis: int | None = None
     group_size: int | None = None
+    scale_rule: str = "max"
 
     def __post_init__(self) -> None:
+        if self.scale_rule not in ("max", "absmean"):
+            raise ValueError(f"QuantSpec scale_rule must be 'max' or 'absmean', got {self.scale_rule!r}")
         if not 2 <= self.bits <= 16:
             raise ValueError(f"QuantSpec bits must be in 2..16, got {self.bits}")
         if self.group_size is not None and (self.axis is None or self.group_size < 1):
@@ -74,10 +79,12 @@ class QuantSpec:
 
     def weight_scales(self, weight: np.ndarray) -> np.ndarray:
         """Symmetric scales for ``weight``: one per channel along ``axis`` (or one for the tensor)."""
+        reduce = np.mean if self.scale_rule == "absmean" else np.max
+        divisor = 1 if self.scale_rule == "absmean" else self.qmax
         if self.axis is None:
-            return np.array(max(float(np.abs(weight).max()), 0.0) / self.qmax, dtype=np.float32).clip(MIN_SCALE)
+            return np.array(float(reduce(np.abs(weight))) / divisor, dtype=np.float32).clip(MIN_SCALE)
         moved = np.moveaxis(np.abs(weight), self.axis, 0).reshape(weight.shape[self.axis], -1)
-        return (moved.max(axis=1) / self.qmax).astype(np.float32).clip(MIN_SCALE)
+        return (reduce(moved, axis=1) / divisor).astype(np.float32).clip(MIN_SCALE)
 
     def quantize(self, array: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 0) -> np.ndarray:
         """Quantize with per-channel or per-tensor ``scale`` (broadcast along ``axis``)."""
@@ -104,4 +111,10 @@ class QuantSpec:
 
 
 WEIGHT_INT8_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
+# Weight formats the bit-width search chooses between, as specs without an axis (annotation sets it).
+WEIGHT_FORMATS = {
+    "int8": QuantSpec(bits=8),
+    "int4": QuantSpec(bits=4),
+    "ternary": QuantSpec(bits=2, scale_rule="absmean"),
+}
 ACTIVATION_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False)

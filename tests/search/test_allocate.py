@@ -1,0 +1,131 @@
+"""The bit-width allocation is the exact optimum, budgets it cannot meet are clear errors, and the
+pipeline records and reports what the search chose."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcompile import api
+from qcompile.cli import main
+from qcompile.errors import BudgetError
+from qcompile.passes.pipeline import QuantizeOptions
+from qcompile.search.allocate import CANDIDATES, LayerCosts, Problem, allocate, evaluate, pareto_front
+
+
+def random_problem(seed: int) -> Problem:
+    rng = np.random.default_rng(seed)
+    layers = []
+    for index in range(5):
+        base = rng.uniform(50, 200)
+        layers.append(
+            LayerCosts(
+                f"l{index}",
+                {
+                    "fp32": 0.0,
+                    "int8": rng.uniform(1e-4, 1e-3),
+                    "int4": rng.uniform(1e-3, 1e-2),
+                    "ternary": rng.uniform(0.01, 0.1),
+                },
+                {"fp32": base, "int8": base * rng.uniform(0.3, 0.6), "int4": base * 0.35, "ternary": base * 0.3},
+                {"fp32": 4e5, "int8": 1e5, "int4": 5e4, "ternary": 2e4},
+            )
+        )
+    transitions = [(f"l{i}", f"l{i + 1}", rng.uniform(5, 40)) for i in range(4)]
+    return Problem(layers, transitions, fixed_ms=0.1, fixed_mb=0.01)
+
+
+def brute_force(problem: Problem, latency_ms: float, size_mb: float) -> float:
+    best = np.inf
+    for formats in itertools.product(CANDIDATES, repeat=len(problem.layers)):
+        point = evaluate(problem, dict(zip([layer.name for layer in problem.layers], formats, strict=True)))
+        if point.latency_ms <= latency_ms and point.size_mb <= size_mb:
+            best = min(best, point.error)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_milp_matches_brute_force(seed: int) -> None:
+    problem = random_problem(seed)
+    fp32 = evaluate(problem, {layer.name: "fp32" for layer in problem.layers})
+    for fraction in (0.5, 0.7, 0.9):
+        latency, size = fp32.latency_ms * fraction, fp32.size_mb * 0.6
+        expected = brute_force(problem, latency, size)
+        if np.isinf(expected):
+            with pytest.raises(BudgetError):
+                allocate(problem, latency, size)
+            continue
+        found = allocate(problem, latency, size)
+        assert found.latency_ms <= latency + 1e-9 and found.size_mb <= size + 1e-9
+        assert found.error == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_impossible_budget_names_the_reachable_extremes() -> None:
+    with pytest.raises(BudgetError, match=r"fastest reachable configuration takes [0-9.]+ ms .*the smallest is"):
+        allocate(random_problem(0), latency_budget_ms=1e-6)
+
+
+def test_front_is_sorted_and_non_dominated() -> None:
+    front = pareto_front(random_problem(1))
+    assert len(front) >= 2
+    assert [point.latency_ms for point in front] == sorted(point.latency_ms for point in front)
+    assert all(a.error > b.error for a, b in itertools.pairwise(front))
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(BudgetError, match="needs a budget"):
+        QuantizeOptions(bits="auto")
+    with pytest.raises(BudgetError, match="add --bits auto"):
+        QuantizeOptions(latency_budget_ms=3.0)
+    with pytest.raises(BudgetError, match="positive"):
+        QuantizeOptions(bits="auto", size_budget_mb=-1.0)
+
+
+def test_compile_with_search_records_and_reports(
+    digits: tuple[Path, float], digits_calibration: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "auto"
+    manifest = api.compile(
+        digits[0],
+        output,
+        calibration_data=digits_calibration,
+        build_tvm=False,
+        progress=False,
+        options=QuantizeOptions(bits="auto", size_budget_mb=0.02),
+    )
+    search = next(entry for entry in manifest["passes"] if entry["name"] == "bit_search")
+    assert search["predicted"]["size_mb"] <= 0.02 and search["pareto_front"]
+    formats = {layer["name"]: layer["weight_format"] for layer in manifest["layers"]}
+    # The float model holds 0.06 MB of weights: 0.02 MB forces most layers into integers.
+    assert set(formats.values()) <= set(CANDIDATES) and list(formats.values()).count("fp32") < len(formats)
+    assert all(layer["predicted_latency_us"] > 0 for layer in manifest["layers"])
+    report = (output / "report.html").read_text()
+    assert "<svg" in report and "Pareto front" in report and "report.html" in manifest["files"]
+    assert json.loads((output / "manifest.json").read_text())["layers"] == manifest["layers"]
+
+
+def test_cli_impossible_budget_exits_2_without_artifact(
+    digits: tuple[Path, float], digits_calibration: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "none"
+    code = main(
+        [
+            str(digits[0]),
+            "-c",
+            str(digits_calibration),
+            "-o",
+            str(output),
+            "--bits",
+            "auto",
+            "--latency-budget-ms",
+            "1e-6",
+            "--no-tvm",
+            "-q",
+        ]
+    )
+    assert code == 2 and not output.exists()
+    assert "no bit-width allocation meets latency <= 1e-06 ms" in capsys.readouterr().err
