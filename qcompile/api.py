@@ -225,16 +225,6 @@ class _RunAdapter:
         return list(self.session.run(feed).values())
 
 
-def _random_feed(session: Session) -> Feed:
-    rng = np.random.default_rng(0)
-    return {
-        info.name: (
-            rng.standard_normal(info.shape) if np.dtype(info.dtype).kind == "f" else np.ones(info.shape)
-        ).astype(info.dtype)
-        for info in session.inputs
-    }
-
-
 def _accuracy_drop(metrics: dict[str, float]) -> float:
     """Percentage points: 100 x (1 - top-1 agreement) for classifiers, 100 x (1 - mean cosine) otherwise."""
     if "top1_agreement" in metrics:
@@ -299,7 +289,7 @@ def gate(
             raise CalibrationError(f"the gate data {data} holds no samples")
     if max_latency_ms is not None:
         if target == manifest["target"]["name"]:
-            feed = feeds[0] if feeds else _random_feed(session)
+            feed = feeds[0] if feeds else session.random_feeds()
             latency = bench.measure(functools.partial(session.run, feed), runs=runs, warmup=10, max_seconds=60)
             machine = bench.machine()
             value = latency.median_ms

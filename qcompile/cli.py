@@ -355,16 +355,8 @@ def _command_bench(args: argparse.Namespace) -> int:
     from qcompile.runtime import bench
 
     session = runtime.load(args.artifact, args.executor)
-    if args.input:
-        feeds = _read_inputs(args.input, [info.name for info in session.inputs])
-    else:
-        rng = np.random.default_rng(0)
-        feeds = {
-            info.name: (
-                rng.standard_normal(info.shape) if np.dtype(info.dtype).kind == "f" else np.ones(info.shape)
-            ).astype(info.dtype)
-            for info in session.inputs
-        }
+    names = [info.name for info in session.inputs]
+    feeds = _read_inputs(args.input, names) if args.input else session.random_feeds()
     reference = session.with_executor("onnxruntime-fp32")
     timed = {
         f"{session.executor} (artifact default)" if args.executor is None else session.executor: session,

@@ -113,9 +113,11 @@ class HessianCollector:
             else:
                 rows = activation.reshape(1, -1, activation.shape[-1])
             moment = np.matmul(rows.transpose(0, 2, 1), rows)  # BLAS per group; einsum here is 20x slower
-            entry = self.hessians.setdefault(
-                name, Hessian(np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment))
-            )
+            entry = self.hessians.get(name)
+            if entry is None:
+                entry = self.hessians[name] = Hessian(
+                    np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment)
+                )
             entry.matrix += moment
             (entry.odd if self.samples % 2 else entry.even)[...] += moment
             entry.rows += rows.shape[1]

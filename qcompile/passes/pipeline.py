@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,10 +107,16 @@ class QuantizeResult:
     calibration_samples: int
     sample: Feed
     error: dict[str, float] = field(default_factory=dict)
+    search: SearchResult | None = None
+    # Another per-layer choice of formats ('fp32', 'int8', 'int4', 'ternary') on the same calibration,
+    # Hessians and options: for comparing the search's Pareto points without calibrating again.
+    variant: Callable[[dict[str, str]], ir.Model] | None = None
 
 
 def _clone(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """A copy of the graph and of every value's metadata; weight tensors are shared, which is safe because
+    passes replace a tensor (``value.const_value = ...``) and never write into one."""
+    return model.clone(deep_copy=True)
 
 
 def activation_values(model: ir.Model) -> list[str]:
@@ -206,8 +212,10 @@ def quantize(
             model,
             names,
             [node.op_type for node in layers],
+            # Round-to-nearest here: GPTQ for every layer in every format would double the search's time;
+            # the chosen model is then GPTQ-rounded, so these errors are upper bounds.
             lambda layer, chosen: _quantize_copy(
-                model, stats, frozenset(names) - {layer}, options, hessians, {layer: chosen}
+                model, stats, frozenset(names) - {layer}, options, None, {layer: chosen}
             ),
             kept,
             references,
@@ -308,7 +316,16 @@ def quantize(
                 "seconds": searched.seconds,
             },
         )
-    return QuantizeResult(quantized, [records[name] for name in names], passes, stats.samples, kept[0], error)
+
+    def variant(formats: dict[str, str]) -> ir.Model:
+        floats = frozenset(name for name, chosen in formats.items() if chosen == "fp32")
+        return _quantize_copy(
+            model, stats, floats, options, hessians, {n: f for n, f in formats.items() if f != "fp32"}
+        )
+
+    return QuantizeResult(
+        quantized, [records[name] for name in names], passes, stats.samples, kept[0], error, searched, variant
+    )
 
 
 def options_dict(options: QuantizeOptions) -> dict[str, Any]:

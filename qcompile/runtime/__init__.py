@@ -66,6 +66,16 @@ class Session:
             checked[info.name] = np.ascontiguousarray(array.astype(info.dtype, copy=False))
         return checked
 
+    def random_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Inputs of the right shapes and dtypes (normal floats, ones for integers), for timing."""
+        rng = np.random.default_rng(seed)
+        return {
+            info.name: (
+                rng.standard_normal(info.shape) if np.dtype(info.dtype).kind == "f" else np.ones(info.shape)
+            ).astype(info.dtype)
+            for info in self.inputs
+        }
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self._run(self.check_feeds(feeds))
         return {info.name: np.asarray(value) for info, value in zip(self.outputs, results, strict=True)}

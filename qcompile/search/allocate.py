@@ -19,6 +19,7 @@ chosen model's real error afterwards. A Pareto front comes from solving at a swe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,7 +90,11 @@ def uniform(problem: Problem, candidate: str) -> Allocation:
 
 
 def _solve(
-    problem: Problem, objective: str, latency_budget_ms: float | None, size_budget_mb: float | None
+    problem: Problem,
+    objective: str,
+    latency_budget_ms: float | None,
+    size_budget_mb: float | None,
+    error_budget: float | None = None,
 ) -> Allocation | None:
     layers = problem.layers
     names = [(index, candidate) for index, layer in enumerate(layers) for candidate in layer.error]
@@ -118,6 +123,8 @@ def _solve(
         )
     if size_budget_mb is not None:
         constraints.append(scipy.optimize.LinearConstraint(size[None], -np.inf, size_budget_mb - problem.fixed_mb))
+    if error_budget is not None:
+        constraints.append(scipy.optimize.LinearConstraint(error[None], -np.inf, error_budget))
     integrality = np.concatenate([np.ones(count), np.zeros(extra)])
     result = scipy.optimize.milp(
         cost, constraints=constraints, integrality=integrality, bounds=scipy.optimize.Bounds(0, 1)
@@ -164,21 +171,33 @@ def allocate(
     return found
 
 
-def pareto_front(problem: Problem, points: int = 12, size_budget_mb: float | None = None) -> list[Allocation]:
+def pareto_front(
+    problem: Problem, points: int = 12, size_budget_mb: float | None = None, anchors: Sequence[Allocation] = ()
+) -> list[Allocation]:
     """Least-error allocations at ``points`` latency budgets from the fastest configuration to the slowest
-    useful one (every layer float); dominated and repeated points dropped."""
+    useful one (every layer float), plus, for each of ``anchors`` (say uniform int8), the least error at
+    its latency and the least latency at its error; dominated and repeated points dropped."""
     low = fastest(problem).latency_ms
     high = max(uniform(problem, "fp32").latency_ms, low)
+    found = [
+        _solve(problem, "error", float(budget) * (1 + 1e-9), size_budget_mb)
+        for budget in np.linspace(low, high, points)
+    ]
+    for anchor in anchors:
+        found.append(_solve(problem, "error", anchor.latency_ms * (1 + 1e-9), size_budget_mb))
+        found.append(_solve(problem, "latency", None, size_budget_mb, error_budget=anchor.error * (1 + 1e-9)))
     front: list[Allocation] = []
-    for budget in np.linspace(low, high, points):
-        found = _solve(problem, "error", float(budget) * (1 + 1e-9), size_budget_mb)
-        if found is not None and not any(point.formats == found.formats for point in front):
-            front.append(found)
+    for point in found:
+        if point is not None and not any(other.formats == point.formats for other in front):
+            front.append(point)
     front.sort(key=lambda point: point.latency_ms)
     return [
         point
         for point in front
         if not any(
-            other.latency_ms <= point.latency_ms and other.error < point.error for other in front if other is not point
+            (other.latency_ms <= point.latency_ms and other.error < point.error)
+            or (other.latency_ms < point.latency_ms and other.error <= point.error)
+            for other in front
+            if other is not point
         )
     ]

@@ -18,7 +18,15 @@ from qcompile.hwmodels.cost import FLOAT, Choice, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
 from qcompile.hwmodels.profile import quantized_choices
 from qcompile.search import sensitivity
-from qcompile.search.allocate import CANDIDATES, Allocation, LayerCosts, Problem, allocate, pareto_front
+from qcompile.search.allocate import (
+    CANDIDATES,
+    Allocation,
+    LayerCosts,
+    Problem,
+    allocate,
+    pareto_front,
+    uniform,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +105,8 @@ def search(
     ]
     problem = Problem(costs, transitions, fixed_ms, fixed_mb)
     chosen = allocate(problem, latency_budget_ms, size_budget_mb)
-    front = pareto_front(problem, size_budget_mb=size_budget_mb)
+    anchors = [uniform(problem, "int8"), uniform(problem, "int4")]
+    front = pareto_front(problem, size_budget_mb=size_budget_mb, anchors=anchors)
     state = "calibrated" if cost.calibrated else "uncalibrated"
     seconds = time.perf_counter() - started
     logger.info("bit-width search: %s in %.1f s", chosen.summary(), seconds)
