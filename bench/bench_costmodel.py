@@ -25,7 +25,7 @@ from qcompile import frontend, hwmodels
 from qcompile.backends import ort as ort_backend
 from qcompile.hwmodels import profile
 from qcompile.hwmodels.cost import FLOAT, CostModel
-from qcompile.hwmodels.layers import describe
+from qcompile.hwmodels.layers import describe, layer_edges
 from qcompile.passes import pipeline
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.runtime import bench
@@ -49,7 +49,8 @@ def evaluate(name: str, path: Path, feeds: list[dict[str, np.ndarray]], model: C
         predicted = [model.latency_us(spec, choices.get(spec.name, FLOAT)) for spec in compute]
         rho = profile.spearman(predicted, measured)
         wall = profile.wall_us(graph, feeds[0], runs=100) / 1e3
-        end_to_end = model.model_latency_ms(specs, choices)
+        edges = layer_edges(rewritten, [spec.name for spec in compute])
+        end_to_end = model.model_latency_ms(specs, choices, edges=edges)
         rows.append(
             f"| {name} | {label} | {len(compute)} | {rho:.3f} | {sum(measured) / 1e3:.2f} | "
             f"{sum(predicted) / 1e3:.2f} | {wall:.2f} | {end_to_end:.2f} | {(end_to_end / wall - 1) * 100:+.0f} % |"

@@ -12,7 +12,7 @@ from conftest import parse_model, save_model
 from qcompile import api, frontend, hwmodels
 from qcompile.errors import TargetError
 from qcompile.hwmodels.cost import FLOAT, INT8, Calibration, Choice, CostModel, fit_factors
-from qcompile.hwmodels.layers import LayerSpec, describe
+from qcompile.hwmodels.layers import LayerSpec, describe, layer_edges
 
 SMALL = """
 <ir_version: 8, opset_import: ["" : 18]>
@@ -123,3 +123,18 @@ def test_fit_recovers_known_factors_and_calibration_round_trips(tmp_path: Path) 
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(TargetError, match=r"unreadable.*qcompile profile"):
         Calibration.load(tmp_path / "bad.json")
+
+
+def test_edges_join_layers_through_pass_through_ops(tmp_path: Path) -> None:
+    model = frontend.load(small_model(tmp_path))
+    names = [spec.name for spec in describe(model) if spec.quantizable]
+    dw, pw, fc = names
+    edges = {(producer, consumer): elements for producer, consumer, elements in layer_edges(model, names)}
+    # dw -> pw directly; pw -> Relu -> GlobalAveragePool -> Flatten -> Gemm: 16 pooled values cross.
+    assert edges == {(dw, pw): 800, (pw, fc): 16}
+    costs = CostModel(hwmodels.load_target("host"))
+    specs = describe(model)
+    mixed = {dw: FLOAT, pw: INT8, fc: FLOAT}
+    with_edges = costs.model_latency_ms(specs, mixed, edges=layer_edges(model, names))
+    without = costs.model_latency_ms(specs, mixed)
+    assert with_edges == pytest.approx(without + (costs.transition_us(800) + costs.transition_us(16)) / 1e3)
