@@ -27,7 +27,6 @@ from qcompile.hwmodels import profile
 from qcompile.hwmodels.cost import FLOAT, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
 from qcompile.passes import pipeline
-from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.runtime import bench
 
 
@@ -35,8 +34,7 @@ def evaluate(name: str, path: Path, feeds: list[dict[str, np.ndarray]], model: C
     source = frontend.load(path)
     quantized = pipeline.quantize(source, feeds, progress=False)
     float_layers = frozenset(record.name for record in quantized.layers if record.float_reason)
-    rewritten = pipeline._clone(source)
-    MatMulAddToGemmPass()(rewritten)
+    rewritten = profile.as_pipeline_sees_it(source)
     specs = describe(rewritten)
     compute = [spec for spec in specs if spec.quantizable]
     rows = []

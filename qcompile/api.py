@@ -236,13 +236,11 @@ def predicted_latency_ms(folder: Path, manifest: dict[str, Any], target_name: st
     """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``."""
     from qcompile.hwmodels.cost import CostModel
     from qcompile.hwmodels.layers import describe
-    from qcompile.hwmodels.profile import quantized_choices
-    from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
+    from qcompile.hwmodels.profile import as_pipeline_sees_it, quantized_choices
 
     target = hwmodels.load_target(target_name)
     cost = CostModel.for_target(target)
-    model = frontend.load(folder / REFERENCE_ONNX)
-    MatMulAddToGemmPass()(model)
+    model = as_pipeline_sees_it(frontend.load(folder / REFERENCE_ONNX))
     float_layers = frozenset(layer["name"] for layer in manifest["layers"] if layer["float_reason"])
     latency = cost.model_latency_ms(describe(model), quantized_choices(model, float_layers))
     state = (

@@ -36,7 +36,7 @@ from qcompile.errors import TargetError
 from qcompile.hwmodels import Target
 from qcompile.hwmodels.cost import FLOAT, INT8, Calibration, Choice, CostModel, compute_dtype, fit_factors
 from qcompile.hwmodels.layers import FUSED_AFTER_COMPUTE, LayerSpec, describe, layer_edges
-from qcompile.passes.annotate import plan_quantization_points
+from qcompile.passes.annotate import layer_name, plan_quantization_points
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.runtime import bench
 
@@ -84,16 +84,25 @@ def quantized_choices(model: ir.Model, float_layers: frozenset[str] = frozenset(
     """The choice of every node once ``model`` is quantized W8A8 as the pipeline does it: int8 compute
     layers, int8 Add / Concat / pooling where the int8 flow reaches them, float elsewhere."""
     layers, points = plan_quantization_points(model, float_layers)
+    quantized = {layer_name(node) for node in layers}
     names = {str(value.name) for value in points}
-    choices = {spec.name: INT8 for spec in describe(model) if spec.name in {_name(node) for node in layers}}
+    choices = {}
     for node, spec in zip(model.graph, describe(model), strict=True):
-        if spec.kind == "other" and any(value is not None and str(value.name) in names for value in node.inputs):
+        if spec.name in quantized or (
+            spec.kind == "other" and any(value is not None and str(value.name) in names for value in node.inputs)
+        ):
             choices[spec.name] = INT8
     return choices
 
 
-def _name(node: ir.Node) -> str:
-    return str(node.name or node.outputs[0].name)
+def as_pipeline_sees_it(model: ir.Model) -> ir.Model:
+    """A copy of the float ``model`` in the form the pipeline quantizes (MatMul + bias Add as Gemm), so that
+    its node names match the quantized model's layers."""
+    from qcompile.passes import pipeline
+
+    rewritten = pipeline._clone(model)
+    MatMulAddToGemmPass()(rewritten)
+    return rewritten
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -268,8 +277,7 @@ def measure_transitions(
     second, then every third compute layer float): wall time the per-node model does not explain."""
     from qcompile.passes import pipeline
 
-    rewritten = pipeline._clone(model)
-    MatMulAddToGemmPass()(rewritten)
+    rewritten = as_pipeline_sees_it(model)
     specs = describe(rewritten)
     names = [spec.name for spec in specs if spec.quantizable]
     edges = layer_edges(rewritten, names)
@@ -290,8 +298,7 @@ def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) ->
     from qcompile.passes import pipeline
 
     quantized = pipeline.quantize(model, feeds, sweep_options(), progress=False).model
-    rewritten = pipeline._clone(model)
-    MatMulAddToGemmPass()(rewritten)
+    rewritten = as_pipeline_sees_it(model)
     specs = describe(rewritten)
     measurements: list[Measurement] = []
     overheads = []
@@ -318,8 +325,8 @@ def calibrate(target: Target, runs: int = 30, progress: bool = True) -> tuple[Ca
     measurements: list[Measurement] = []
     overheads = []
     show = progress and sys.stderr.isatty()
-    for name, build in tqdm(default_sweep(), desc="profiling", unit="network", disable=not show, file=sys.stderr):
-        model, feeds = build()
+    networks = [(name, *build()) for name, build in default_sweep()]
+    for name, model, feeds in tqdm(networks, desc="profiling", unit="network", disable=not show, file=sys.stderr):
         found, overhead = measure_network(name, model, feeds, runs)
         measurements += found
         overheads.append(overhead)
@@ -337,7 +344,7 @@ def calibrate(target: Target, runs: int = 30, progress: bool = True) -> tuple[Ca
         calibration.fit[key] = {"layers": len(items), "rms_relative_error": error}
     calibration.node_overhead_us = float(np.median(overheads))
     fitted = CostModel(target, calibration)
-    transitions = [row for _, build in default_sweep() for row in measure_transitions(*build(), runs, fitted)]
+    transitions = [row for _, model, feeds in networks for row in measure_transitions(model, feeds, runs, fitted)]
     unexplained, elements, counts = (np.array(column) for column in zip(*transitions, strict=True))
     solution, _ = scipy.optimize.nnls(np.stack([elements, counts], axis=1), np.maximum(unexplained, 0.0))
     calibration.transition = (float(solution[0]), float(solution[1]))

@@ -25,6 +25,7 @@ from qcompile.passes.equalize import ResidualEqualizationPass
 from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
+from qcompile.passes.quant_spec import WEIGHT_FORMATS
 from qcompile.search import sensitivity
 from qcompile.search.bits import SearchResult
 from qcompile.search.bits import search as search_bits
@@ -230,7 +231,7 @@ def quantize(
             record.sensitivity = cost.error[chosen]
             record.predicted_latency_us = cost.latency_us[chosen]
             record.weight_format = chosen
-            record.weight_bits = {"int8": 8, "int4": 4, "ternary": 2}.get(chosen)
+            record.weight_bits = WEIGHT_FORMATS[chosen].bits if chosen in WEIGHT_FORMATS else None
             if chosen == "fp32":
                 float_layers.add(cost.name)
                 record.activation_bits = None
@@ -251,7 +252,7 @@ def quantize(
         for result in measured:
             records[result.layer].sensitivity = result.error
             records[result.layer].weight_format = uniform
-            records[result.layer].weight_bits = 4 if uniform == "int4" else 8
+            records[result.layer].weight_bits = WEIGHT_FORMATS[uniform].bits
             if result.error > options.float_threshold:
                 float_layers.add(result.layer)
                 records[result.layer].weight_bits = records[result.layer].activation_bits = None

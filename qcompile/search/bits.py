@@ -17,6 +17,7 @@ from qcompile.hwmodels import Target
 from qcompile.hwmodels.cost import FLOAT, Choice, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
 from qcompile.hwmodels.profile import quantized_choices
+from qcompile.passes.annotate import layer_name
 from qcompile.search import sensitivity
 from qcompile.search.allocate import (
     CANDIDATES,
@@ -53,12 +54,7 @@ def fixed_costs(model: ir.Model, names: Sequence[str], cost: CostModel) -> tuple
     searched = set(names)
     others = [spec for spec in describe(model) if spec.name not in searched]
     latency = cost.model_latency_ms(others, quantized_choices(model))
-    layer_constants = {
-        id(value)
-        for node in model.graph
-        if (node.name or node.outputs[0].name) in searched
-        for value in node.inputs[1:]
-    }
+    layer_constants = {id(value) for node in model.graph if layer_name(node) in searched for value in node.inputs[1:]}
     size = sum(
         value.const_value.nbytes
         for value in model.graph.initializers.values()
