@@ -120,6 +120,7 @@ def compile(
             },
         }
         skipped = None
+        toolchain = tvm_backend.cross.toolchain_for(device.tvm_target) if device.backend == "tvm" else None
         if build_tvm and ort_backend.is_large(result.model):
             skipped = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
             logger.warning("TVM library not built: %s", skipped)
@@ -131,6 +132,17 @@ def compile(
                 "target": device.tvm_target,
                 "description": "TVM library of the quantized graph",
             }
+            if toolchain:
+                executors["tvm"]["arch"] = toolchain.arch
+                executors["tvm"]["description"] += f", cross-compiled for {toolchain.arch}"
+                if toolchain.runnable:
+                    written += tvm_backend.cross.bundle(toolchain, staging)
+                    executors["tvm"]["runner"] = f"{tvm_backend.cross.DEVICE_FOLDER}/{tvm_backend.cross.RUNNER}"
+                else:
+                    executors["tvm"]["cannot_run"] = (
+                        f"no TVM runtime is published for {toolchain.arch}: the library is cross-compiled, linked "
+                        "and its ELF header checked, but it cannot be run here"
+                    )
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "qcompile_version": version(),
@@ -154,7 +166,11 @@ def compile(
             },
         }
         (staging / MANIFEST).write_text(dumps(manifest))
-        manifest["measured"] = _measure(staging, set(executors), result, eval_data, inputs, preprocess)
+        manifest["measured"] = _measure(
+            staging, set(executors), result, eval_data, inputs, preprocess, target_is_here=toolchain is None
+        )
+        if toolchain:
+            _predict_default(manifest, model, result, device)
         manifest["default_executor"] = manifest["measured"]["default_executor"]
         (staging / MANIFEST).write_text(dumps(manifest))
     logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
@@ -168,12 +184,15 @@ def _measure(
     eval_data: Any,
     inputs: list[calibration.InputSpec],
     preprocess: Preprocess | None,
+    target_is_here: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy against float and the latency of every executor, measured now, on this machine."""
+    """Accuracy against float and the latency of every executor, measured now, on this machine (for a cross
+    target the caller then chooses the default executor by prediction)."""
     sample = result.sample
     reference = load_artifact(folder, "onnxruntime-fp32")  # verifies every file once
     sessions = {"onnxruntime-fp32": reference}
-    sessions.update({name: reference.with_executor(name) for name in ("onnxruntime", "tvm") if name in executor_names})
+    native = [name for name in ("onnxruntime", "tvm") if name in executor_names and reference.runnable_here(name)]
+    sessions.update({name: reference.with_executor(name) for name in native})
     latencies = {}
     for name, session in sessions.items():
         # An unscheduled TVM build can take a second per run: a few runs tell that it is not the default.
@@ -191,7 +210,8 @@ def _measure(
             f"every quantized executor was slower than float onnxruntime "
             f"({latencies[fastest]['median_ms']:.3f} vs {latencies['onnxruntime-fp32']['median_ms']:.3f} ms)"
         )
-        logger.warning("%s; the default executor is the float model", reason)
+        if target_is_here:
+            logger.warning("%s; the default executor is the float model", reason)
     accuracy: dict[str, Any] = {"calibration": result.error}
     if "tvm" in sessions:
         difference = max(
@@ -215,6 +235,25 @@ def _measure(
     }
 
 
+def _predict_default(
+    manifest: dict[str, Any], model: Any, result: pipeline.QuantizeResult, target: hwmodels.Target
+) -> None:
+    """For a cross target nothing here measures the board: the default executor is chosen by the cost
+    model's prediction, and the manifest says so."""
+    float_layers = frozenset(record.name for record in result.layers if record.float_reason)
+    quantized, floating, state = _predict(model, float_layers, target)
+    measured = manifest["measured"]
+    measured["latency_scope"] = "measured on this build machine, not on the target"
+    measured["predicted_latency_ms"] = {"onnxruntime": quantized, "onnxruntime-fp32": floating, "cost_model": state}
+    default = "onnxruntime" if quantized <= floating else "onnxruntime-fp32"
+    measured["default_executor"] = manifest["default_executor"] = default
+    measured["default_reason"] = (
+        f"cross target {target.name}, not measured here: the cost model ({state}) predicts "
+        f"{quantized:.2f} ms quantized vs {floating:.2f} ms float; measure on the board with "
+        "`qcompile bench --rpc`"
+    )
+
+
 class _RunAdapter:
     """Gives a runtime Session the ``run(None, feeds) -> list`` shape of an onnxruntime session."""
 
@@ -232,22 +271,30 @@ def _accuracy_drop(metrics: dict[str, float]) -> float:
     return 100.0 * (1.0 - metrics["mean_cosine"])
 
 
-def predicted_latency_ms(folder: Path, manifest: dict[str, Any], target_name: str) -> tuple[float, str]:
-    """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``."""
+def _predict(float_model: Any, float_layers: frozenset[str], target: hwmodels.Target) -> tuple[float, float, str]:
+    """The cost model's end-to-end latency on ``target`` of the quantized graph and of the float one, in ms,
+    and how calibrated the model is."""
     from qcompile.hwmodels.cost import CostModel
     from qcompile.hwmodels.layers import describe
     from qcompile.hwmodels.profile import as_pipeline_sees_it, quantized_choices
 
-    target = hwmodels.load_target(target_name)
     cost = CostModel.for_target(target)
-    model = as_pipeline_sees_it(frontend.load(folder / REFERENCE_ONNX))
-    float_layers = frozenset(layer["name"] for layer in manifest["layers"] if layer["float_reason"])
-    latency = cost.model_latency_ms(describe(model), quantized_choices(model, float_layers))
+    model = as_pipeline_sees_it(float_model)
+    specs = describe(model)
+    quantized = cost.model_latency_ms(specs, quantized_choices(model, float_layers))
     state = (
         f"calibrated on {cost.calibration.machine.get('cpu', '?')}"
         if cost.calibration
         else "uncalibrated: target-file figures, default efficiencies"
     )
+    return quantized, cost.model_latency_ms(specs, {}), state
+
+
+def predicted_latency_ms(folder: Path, manifest: dict[str, Any], target_name: str) -> tuple[float, str]:
+    """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``."""
+    float_layers = frozenset(layer["name"] for layer in manifest["layers"] if layer["float_reason"])
+    target = hwmodels.load_target(target_name)
+    latency, _, state = _predict(frontend.load(folder / REFERENCE_ONNX), float_layers, target)
     return latency, f"predicted for {target_name} by the cost model ({state})"
 
 
@@ -261,12 +308,14 @@ def gate(
     runs: int = 100,
     preprocess: Preprocess | None = None,
     executor: str | None = None,
+    rpc: str | None = None,
 ) -> list[gate_report.Check]:
     """Check the artifact at ``path`` against each budget given; see :mod:`qcompile.runtime.gate`.
 
-    Latency is measured here on ``executor`` (default: the artifact's default executor), unless ``target``
-    names another device than the artifact's, in which case the cost model predicts it (and the check says
-    so). Accuracy drop is measured on ``data`` against the artifact's float reference when given, else read
+    Latency is measured here on ``executor`` (default: the artifact's default executor), or with ``rpc``
+    (HOST:PORT) on the remote device that runs the artifact's TVM library, unless ``target`` names another
+    device than the artifact's, in which case the cost model predicts it (and the check says so). Accuracy
+    drop is measured on ``data`` against the artifact's float reference when given, else read
     from the manifest.
     """
     budgets = (max_latency_ms, max_accuracy_drop, max_size_mb)
@@ -286,7 +335,17 @@ def gate(
         if not feeds:
             raise CalibrationError(f"the gate data {data} holds no samples")
     if max_latency_ms is not None:
-        if target == manifest["target"]["name"]:
+        if rpc is not None:
+            from qcompile.backends.tvm import rpc as tvm_rpc
+
+            entry = manifest["executors"].get(executor or "tvm")
+            if entry is None or entry["kind"] != "tvm":
+                raise ArtifactError(f"--rpc measures a TVM library; {folder} has no TVM executor '{executor or 'tvm'}'")
+            feed = session.check_feeds(feeds[0] if feeds else session.random_feeds())
+            remote = tvm_rpc.run_remote(folder / entry["file"], [feed[info.name] for info in session.inputs], rpc, runs)
+            value = remote.latency.median_ms
+            source = f"measured on the {remote.device}, {entry['file']}, median of {remote.latency.runs} runs"
+        elif target == manifest["target"]["name"]:
             feed = feeds[0] if feeds else session.random_feeds()
             latency = bench.measure(functools.partial(session.run, feed), runs=runs, warmup=10, max_seconds=60)
             machine = bench.machine()
@@ -324,9 +383,94 @@ def gate(
     return checks
 
 
+def _host_reference_target() -> dict[str, Any]:
+    """The host build that rounds as AArch64 code does (FMA contraction), when this CPU has FMA."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return tvm_backend.cross.HOST_REFERENCE if " fma " in flags else {"kind": "llvm"}
+
+
+def verify(
+    path: str | os.PathLike[str],
+    emulate: bool = False,
+    cpu: str | None = None,
+    feeds: Feed | None = None,
+) -> list[dict[str, Any]]:
+    """Check an artifact: every file's sha256 (always), the ELF header of every cross-compiled library,
+    and with ``emulate`` a run of each aarch64 library under qemu as ``cpu`` (default: the target's
+    ``mcpu``) compared with the same graph built for and run on this machine.
+
+    Returns one record per check (``check``, ``passed``, ``detail`` and figures). Tolerance of the emulated
+    run: max |difference| <= 1e-5 x max(1, max |host output|); with the FMA-contracting host build the
+    outputs are expected to be bit-identical, and ``bit_exact`` says whether they were.
+    """
+    folder = Path(path)
+    session = load_artifact(folder, "onnxruntime-fp32")
+    manifest = session.manifest
+    records: list[dict[str, Any]] = [
+        {"check": "sha256", "passed": True, "detail": f"{len(manifest['files'])} files match the manifest"}
+    ]
+    for name, entry in manifest["executors"].items():
+        if entry["kind"] != "tvm" or "arch" not in entry:
+            continue
+        toolchain = tvm_backend.cross.TOOLCHAINS[entry["arch"]]
+        info = tvm_backend.cross.check_elf(folder / entry["file"], toolchain)
+        abi = f", float ABI {info.float_abi}" if info.float_abi else ""
+        records.append({"check": f"{name}: ELF", "passed": True, "detail": f"{toolchain.arch}, ELF{info.bits}{abi}"})
+        if not emulate:
+            continue
+        if not toolchain.runnable or "runner" not in entry:
+            records.append(
+                {
+                    "check": f"{name}: emulated run",
+                    "passed": None,
+                    "detail": entry.get("cannot_run", f"no TVM runtime for {toolchain.arch}: not run"),
+                }
+            )
+            continue
+        target = entry["target"].get("host", entry["target"]) if entry["target"]["kind"] != "llvm" else entry["target"]
+        chosen_cpu = cpu or target.get("mcpu") or "max"
+        feed = session.check_feeds(feeds) if feeds is not None else session.random_feeds()
+        arrays = [feed[info.name] for info in session.inputs]
+        try:
+            outputs, _ = tvm_backend.cross.emulate(
+                toolchain, folder, entry["file"], arrays, chosen_cpu, list(target.get("mattr", []))
+            )
+        except tvm_backend.cross.IllegalInstructionError as error:
+            records.append({"check": f"{name}: emulated run", "passed": False, "detail": str(error)})
+            continue
+        references = _host_run(folder / QUANTIZED_ONNX, feed, [info.name for info in session.inputs])
+        differences = [float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs, references, strict=True)]
+        scale = max(1.0, *(float(np.abs(b).max()) for b in references))
+        worst = max(differences)
+        records.append(
+            {
+                "check": f"{name}: emulated run",
+                "passed": worst <= 1e-5 * scale,
+                "bit_exact": worst == 0.0,
+                "max_abs_diff": worst,
+                "detail": f"qemu -cpu {chosen_cpu} vs host build: max |diff| {worst:.3g}"
+                + (" (bit-exact)" if worst == 0.0 else f", tolerance {1e-5 * scale:.3g}"),
+            }
+        )
+    return records
+
+
+def _host_run(onnx_path: Path, feed: Feed, input_names: list[str]) -> list[np.ndarray]:
+    """Build ``onnx_path`` with TVM for this machine (rounding as AArch64 does) and run it on ``feed``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-host-ref-") as scratch:
+        library = tvm_backend.build(onnx.load(str(onnx_path)), _host_reference_target(), Path(scratch))
+        executor = tvm_backend.TVMExecutor(Path(scratch) / library, input_names)
+        return [np.asarray(value) for value in executor.run(feed)]
+
+
 def load(path: str | os.PathLike[str], executor: str | None = None) -> Session:
     """Verify and load an artifact (see :func:`qcompile.runtime.load`)."""
     return load_artifact(Path(path), executor)
 
 
-__all__ = ["compile", "gate", "load", "predicted_latency_ms", "version"]
+__all__ = ["compile", "gate", "load", "predicted_latency_ms", "verify", "version"]

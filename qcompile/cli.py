@@ -5,6 +5,8 @@ qcompile run OUT --input x.npy                                    run an artifac
 qcompile bench OUT                                                latency beside onnxruntime fp32
 qcompile gate OUT --max-latency-ms X [--max-accuracy-drop Y] ...  CI budgets: exit 0 pass, 1 fail
 qcompile profile --target host                                    calibrate the cost model here
+qcompile verify OUT [--emulate]                                   checksums, ELF, run under qemu vs host
+qcompile toolchains [--install]                                   cross compilers, qemu, device runtimes
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from qcompile.errors import QCompileError
 
-COMMANDS = ("compile", "run", "bench", "gate", "profile")
+COMMANDS = ("compile", "run", "bench", "gate", "profile", "verify", "toolchains")
 EXIT_BUDGET_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERNAL = 3
@@ -33,6 +35,10 @@ def _common() -> argparse.ArgumentParser:
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return common
+
+
+def _input_argument(parser: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
+    parser.add_argument("-i", "--input", action="append", required=required, metavar="[NAME=]FILE", help=help_text)
 
 
 def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -149,13 +155,8 @@ def _run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         description="Verify the artifact's checksums, load it and run it once.",
     )
     parser.add_argument("artifact", help="artifact folder written by qcompile")
-    parser.add_argument(
-        "-i",
-        "--input",
-        action="append",
-        required=True,
-        metavar="[NAME=]FILE",
-        help="input array: FILE.npy for a single-input model, NAME=FILE.npy per input, or one .npz",
+    _input_argument(
+        parser, "input array: FILE.npy for a single-input model, NAME=FILE.npy per input, or one .npz", True
     )
     parser.add_argument("-o", "--output", metavar="FILE.npz", help="save the outputs to this .npz file")
     parser.add_argument("--executor", help="executor to use (default: the one the manifest names)")
@@ -173,12 +174,13 @@ def _bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     parser.add_argument("--executor", help="executor to time (default: the one the manifest names)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per executor (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
+    _input_argument(parser, "input to time with (default: random data of the input shapes)")
     parser.add_argument(
-        "-i",
-        "--input",
-        action="append",
-        metavar="[NAME=]FILE",
-        help="input to time with (default: random data of the input shapes)",
+        "--rpc",
+        metavar="HOST:PORT",
+        help="time the artifact's TVM library on a remote device through a TVM RPC server "
+        "(`python -m tvm.exec.rpc_server --port PORT` on the device); its outputs are checked against "
+        "the quantized model run here",
     )
 
 
@@ -218,6 +220,11 @@ def _gate_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     parser.add_argument("--executor", help="executor to hold to the budgets (default: the one the manifest names)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs for the latency (default 100)")
     parser.add_argument("--junit", metavar="FILE.xml", help="also write the checks as JUnit XML")
+    parser.add_argument(
+        "--rpc",
+        metavar="HOST:PORT",
+        help="measure the latency of the artifact's TVM library on a remote device through a TVM RPC server",
+    )
 
 
 def _profile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -249,7 +256,45 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(subparsers)
     _gate_parser(subparsers)
     _profile_parser(subparsers)
+    _verify_parser(subparsers)
+    _toolchains_parser(subparsers)
     return parser
+
+
+def _verify_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "verify",
+        parents=[_common()],
+        help="check an artifact's files, and run cross-compiled libraries under emulation",
+        description="Check every file's sha256 against the manifest and the ELF header (machine, class, "
+        "float ABI) of every cross-compiled library. With --emulate, run each aarch64 library with the "
+        "artifact's own runner under qemu-user as the target's CPU and compare its outputs with the same "
+        "graph built for and run on this machine (tolerance 1e-5 x max(1, max |output|); bit-exact "
+        "expected). Exit 0 when every check passes, 1 when one fails, 2 on an error.",
+    )
+    parser.add_argument("artifact", help="artifact folder written by qcompile")
+    parser.add_argument("--emulate", action="store_true", help="run aarch64 libraries under qemu-aarch64")
+    parser.add_argument(
+        "--cpu",
+        help="qemu CPU model to emulate (default: the target's mcpu, e.g. cortex-a72 for rpi4); one that "
+        "lacks a feature the library uses fails with the feature named",
+    )
+    _input_argument(parser, "input to run (default: seeded random data of the input shapes)")
+
+
+def _toolchains_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "toolchains",
+        parents=[_common()],
+        help="show (or install) the cross compilers, qemu and device runtimes of the edge targets",
+        description="List, per architecture (aarch64, armv7, riscv64), the GNU cross compiler, the qemu "
+        "emulator and the TVM device runtime that cross targets need. --install installs the missing "
+        "Debian packages with apt-get (as root, or through sudo) and takes the aarch64 TVM runtime "
+        "(libtvm_runtime.so, libtvm_ffi.so, tvm-ffi headers) from the official wheels of the installed "
+        "TVM version on PyPI, into $QCOMPILE_HOME/runtimes (default ~/.cache/qcompile/runtimes).",
+    )
+    parser.add_argument("--install", action="store_true", help="install what is missing")
+    parser.add_argument("--arch", action="append", help="only this architecture (repeatable; default: all of them)")
 
 
 def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
@@ -354,6 +399,8 @@ def _command_bench(args: argparse.Namespace) -> int:
     from qcompile import runtime
     from qcompile.runtime import bench
 
+    if args.rpc:
+        return _bench_remote(args)
     session = runtime.load(args.artifact, args.executor)
     names = [info.name for info in session.inputs]
     feeds = _read_inputs(args.input, names) if args.input else session.random_feeds()
@@ -374,6 +421,33 @@ def _command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_remote(args: argparse.Namespace) -> int:
+    from qcompile import runtime
+    from qcompile.backends.tvm import rpc
+
+    local = runtime.load(args.artifact, "onnxruntime")
+    executor = args.executor or "tvm"
+    entry = local.manifest["executors"].get(executor)
+    if entry is None or entry["kind"] != "tvm":
+        raise QCompileError(f"--rpc times a TVM library; the artifact has no TVM executor '{executor}'")
+    feeds = local.check_feeds(
+        _read_inputs(args.input, [info.name for info in local.inputs]) if args.input else local.random_feeds()
+    )
+    remote = rpc.run_remote(
+        local.folder / entry["file"], [feeds[info.name] for info in local.inputs], args.rpc, runs=args.runs
+    )
+    here = local.run(feeds)
+    difference = max(
+        float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(remote.outputs, here.values(), strict=True)
+    )
+    latency = remote.latency
+    print(f"device: {remote.device} ({entry.get('arch', 'host')} library, target {entry['target']})")
+    print(f"{'executor':<40} {'median ms':>10} {'p90 ms':>10} {'runs':>6}")
+    print(f"{executor + ' (remote)':<40} {latency.median_ms:>10.3f} {latency.p90_ms:>10.3f} {latency.runs:>6}")
+    print(f"outputs vs the quantized model run here (onnxruntime): max |diff| {difference:.3g}")
+    return 0
+
+
 def _command_gate(args: argparse.Namespace) -> int:
     from qcompile import api
     from qcompile.runtime import gate
@@ -387,6 +461,7 @@ def _command_gate(args: argparse.Namespace) -> int:
         target=args.target,
         runs=args.runs,
         executor=args.executor,
+        rpc=args.rpc,
     )
     print(gate.table(checks))
     if args.junit:
@@ -420,6 +495,42 @@ def _command_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_verify(args: argparse.Namespace) -> int:
+    from qcompile import api, runtime
+
+    feeds = None
+    if args.input:
+        names = [info.name for info in runtime.load(args.artifact, "onnxruntime-fp32").inputs]
+        feeds = _read_inputs(args.input, names)
+    records = api.verify(args.artifact, emulate=args.emulate, cpu=args.cpu, feeds=feeds)
+    for record in records:
+        state = {True: "ok", False: "FAIL", None: "not run"}[record["passed"]]
+        print(f"{state:<8} {record['check']:<28} {record['detail']}")
+    failed = [record for record in records if record["passed"] is False]
+    print("verify: " + ("PASS" if not failed else f"FAIL ({len(failed)} checks)"))
+    return EXIT_BUDGET_FAILED if failed else 0
+
+
+def _command_toolchains(args: argparse.Namespace) -> int:
+    from qcompile.backends.tvm import cross
+
+    unknown = sorted(set(args.arch or []) - set(cross.TOOLCHAINS))
+    if unknown:
+        raise QCompileError(f"unknown architecture {unknown}; known: {sorted(cross.TOOLCHAINS)}")
+    for arch in args.arch or list(cross.TOOLCHAINS):
+        toolchain = cross.TOOLCHAINS[arch]
+        if args.install:
+            for line in cross.install(toolchain):
+                print(f"{arch}: {line}")
+        state = cross.status(toolchain)
+        runtime = state["runtime"] or ("missing" if toolchain.runnable else "none published (build and check only)")
+        print(
+            f"{arch:<8} compiler {state['compiler'] or 'missing'}; "
+            f"qemu {state['qemu'] or ('missing' if toolchain.qemu else '-')}; runtime {runtime}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     leading = []
@@ -442,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _command_bench,
         "gate": _command_gate,
         "profile": _command_profile,
+        "verify": _command_verify,
+        "toolchains": _command_toolchains,
     }
     try:
         return handlers[args.command](args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from qcompile.errors import TargetError
@@ -18,7 +19,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "integer-only": ("frontend", "calibrate", "annotate", "qdq", "requantize", "tvm"),
     "lut": ("frontend", "calibrate", "ternarize", "lut"),
 }
-BUILDABLE = frozenset({"w8a8"})
+BUILDABLE = frozenset({"w8a8", "w8a8-cross"})
 
 DTYPES = ("fp32", "fp16", "int16", "int8", "ternary")
 _DEVICE_FIGURES = (
@@ -109,11 +110,20 @@ def _device(name: str, data: dict[str, Any]) -> Device:
 
 
 def load_target(name: str) -> Target:
-    """The target called ``name``; an unknown name lists the valid ones."""
-    valid = available_targets()
-    if name not in valid:
-        raise TargetError(f"unknown target '{name}'; valid targets: {', '.join(valid)}")
-    text = resources.files("qcompile.hwmodels").joinpath("targets", f"{name}.toml").read_text()
+    """The target called ``name``, or the target file at the path ``name`` (ending in .toml, in the format
+    of the files in ``targets/``: a board of your own); an unknown name lists the valid ones."""
+    if name.endswith(".toml"):
+        try:
+            text = Path(name).read_text()
+        except OSError as error:
+            raise TargetError(f"cannot read target file {name}: {error.strerror}") from error
+    else:
+        valid = available_targets()
+        if name not in valid:
+            raise TargetError(
+                f"unknown target '{name}'; valid targets: {', '.join(valid)} (or the path of a .toml target file)"
+            )
+        text = resources.files("qcompile.hwmodels").joinpath("targets", f"{name}.toml").read_text()
     try:
         data = tomllib.loads(text)
         target = Target(

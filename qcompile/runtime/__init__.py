@@ -7,6 +7,7 @@ asked for).
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ class Session:
         if entry is None:
             raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest['executors'])}")
         path = folder / entry["file"]
+        if not self.runnable_here(executor):
+            raise ArtifactError(
+                f"{folder}: executor '{executor}' is built for {entry['arch']}, not for this {platform.machine()} "
+                f"machine; run it on the device (its runner is {entry.get('runner', 'not bundled')}), or here "
+                "with `qcompile verify --emulate`"
+            )
         if entry["kind"] == "onnxruntime":
             from qcompile.backends import ort as ort_backend
 
@@ -48,6 +55,11 @@ class Session:
             self._run = TVMExecutor(path, [info.name for info in self.inputs]).run
         else:
             raise ArtifactError(f"{folder}: executor '{executor}' has unknown kind '{entry['kind']}'")
+
+    def runnable_here(self, executor: str) -> bool:
+        """Whether ``executor`` can run on this machine (a cross-compiled library cannot)."""
+        arch = self.manifest["executors"][executor].get("arch")
+        return arch is None or arch == platform.machine()
 
     def with_executor(self, executor: str) -> Session:
         """The same artifact, already verified, on another executor."""

@@ -36,22 +36,27 @@ def small_model(tmp_path: Path) -> Path:
     return save_model(parse_model(text), tmp_path / "small.onnx")
 
 
-def test_every_target_loads_with_positive_figures() -> None:
+def test_every_target_loads_with_positive_figures(tmp_path: Path) -> None:
     names = hwmodels.available_targets()
     assert set(names) >= {"host", "cortex-a76", "rpi4", "armv7", "riscv64", "jetson-orin-nano", "int8-npu", "fpga-lut"}
     for name in names:
         target = hwmodels.load_target(name)
         assert target.device.clock_ghz > 0 and target.device.macs_per_cycle
         assert all(rate > 0 for rate in target.device.macs_per_cycle.values())
-    assert hwmodels.load_target("host").buildable and not hwmodels.load_target("rpi4").buildable
+    assert hwmodels.load_target("host").buildable and hwmodels.load_target("rpi4").buildable
+    assert not hwmodels.load_target("int8-npu").buildable
     with pytest.raises(TargetError, match=r"valid targets: .*rpi4"):
         hwmodels.load_target("pdp11")
+    with pytest.raises(TargetError, match="cannot read target file"):
+        hwmodels.load_target(str(tmp_path / "missing.toml"))
 
 
 def test_unbuildable_target_is_a_clear_error(tmp_path: Path, digits: tuple[Path, float]) -> None:
     output = tmp_path / "out"
-    with pytest.raises(TargetError, match=r"'rpi4' needs the 'w8a8-cross' pipeline.*buildable targets: host"):
-        api.compile(digits[0], output, target="rpi4", calibration_data=[{"image": np.zeros((1, 1, 8, 8), np.float32)}])
+    with pytest.raises(TargetError, match=r"'int8-npu' needs the 'integer-only' pipeline.*buildable targets: .*rpi4"):
+        api.compile(
+            digits[0], output, target="int8-npu", calibration_data=[{"image": np.zeros((1, 1, 8, 8), np.float32)}]
+        )
     assert not output.exists()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qcompile.backends.tvm import cross
 from qcompile.errors import BackendError
 
 logger = logging.getLogger(__name__)
@@ -24,24 +25,36 @@ logger = logging.getLogger(__name__)
 LIBRARY_FILE = "model.tvm.so"
 
 
-def build(proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path) -> str:
-    """Compile ``proto`` for ``tvm_target`` into ``out_dir / LIBRARY_FILE``; returns the file name."""
+def build(proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE) -> str:
+    """Compile ``proto`` for ``tvm_target`` into ``out_dir / file_name``; returns the file name.
+
+    A target whose (host) ``mtriple`` names another CPU than this machine's is linked with that CPU's GNU
+    cross compiler (:mod:`qcompile.backends.tvm.cross`) and its ELF header checked.
+    """
     try:
         import tvm
         import tvm.relax.frontend.onnx
         from tvm import relax
+        from tvm.support import cc
     except ImportError as error:
         raise BackendError(f"the TVM backend needs apache-tvm: {error}") from error
+    toolchain = cross.toolchain_for(tvm_target)
+    compiler = cross.require_compiler(toolchain) if toolchain else None
     started = time.perf_counter()
     try:
         module = tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
         executable = relax.build(module, target=tvm.target.Target(tvm_target))
-        executable.export_library(str(out_dir / LIBRARY_FILE))
+        if compiler:
+            executable.export_library(str(out_dir / file_name), fcompile=cc.cross_compiler(compiler))
+        else:
+            executable.export_library(str(out_dir / file_name))
     except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BackendError(f"TVM could not build the model for {tvm_target}: {first_line}") from error
+    if toolchain:
+        cross.check_elf(out_dir / file_name, toolchain)
     logger.info("TVM build for %s took %.1f s", tvm_target, time.perf_counter() - started)
-    return LIBRARY_FILE
+    return file_name
 
 
 class TVMExecutor:

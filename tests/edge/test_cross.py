@@ -1,0 +1,156 @@
+"""Edge targets: cross-compiled artifacts, runs under qemu-user compared with the host, SIGILL caught with
+the missing feature named, armv7 / riscv64 ELF checks, and measurement through TVM RPC on loopback.
+
+Needs the cross toolchains, qemu and the aarch64 TVM runtime: `qcompile toolchains --install` (part of the
+README's test command). Tolerance of the emulated runs: none; the host reference is built with FMA
+contraction as AArch64 code is, and the outputs must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcompile import api, runtime
+from qcompile.backends.tvm import cross
+from qcompile.cli import main
+from qcompile.errors import ArtifactError, BackendError
+from qcompile.passes.pipeline import QuantizeOptions
+
+TARGETS = Path(__file__).resolve().parents[2] / "qcompile" / "hwmodels" / "targets"
+# Sensitivity measurement does not change what is being checked here (the build), and halves the time.
+FAST = QuantizeOptions(float_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def efficientnet_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import zoo
+
+    folder = tmp_path_factory.mktemp("effnet_calibration")
+    for index, crop in enumerate(zoo.photo_crops(8, seed=0)):
+        np.save(folder / f"{index:02d}.npy", crop[None])
+    return folder
+
+
+def _compile(model: Path, calibration: Path, target: str, folder: Path) -> Path:
+    output = folder / f"{model.stem}.{Path(target).stem}"
+    api.compile(model, output, target=target, calibration_data=calibration, options=FAST, progress=False)
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rpi4", "cortex-a76"])
+def test_efficientnet_runs_bit_exact_under_qemu(
+    target: str, efficientnet: Path, efficientnet_calibration: Path, tmp_path: Path
+) -> None:
+    folder = _compile(efficientnet, efficientnet_calibration, target, tmp_path)
+    manifest = runtime.load(folder, "onnxruntime").manifest
+    entry = manifest["executors"]["tvm"]
+    assert entry["arch"] == "aarch64" and entry["runner"] == "device/qcompile-runner"
+    for name in ("device/qcompile-runner", "device/libtvm_runtime.so", "device/libtvm_ffi.so"):
+        assert name in manifest["files"]
+        assert cross.elf_info(folder / name).machine == 183
+    assert "predicted_latency_ms" in manifest["measured"]
+    assert "cross target" in manifest["measured"]["default_reason"]
+
+    records = api.verify(folder, emulate=True)
+    run = next(record for record in records if record["check"] == "tvm: emulated run")
+    mcpu = {"rpi4": "cortex-a72", "cortex-a76": "cortex-a76"}[target]
+    assert run["passed"] and run["bit_exact"], run
+    assert f"-cpu {mcpu}" in run["detail"]
+
+
+def test_aarch64_library_is_refused_on_this_machine(
+    tmp_path: Path, digits: tuple[Path, float], digits_calibration: Path
+) -> None:
+    folder = _compile(digits[0], digits_calibration, "rpi4", tmp_path)
+    assert platform.machine() != "aarch64"
+    with pytest.raises(ArtifactError, match=r"built for aarch64.*verify --emulate"):
+        runtime.load(folder, "tvm")
+    # The portable executors still run here, and the quantized one agrees with its own emulated library.
+    session = runtime.load(folder)
+    assert session.executor in ("onnxruntime", "onnxruntime-fp32")
+    assert main(["verify", str(folder), "--emulate"]) == 0
+
+
+def test_sigill_names_the_feature_the_cpu_lacks(
+    tmp_path: Path, digits: tuple[Path, float], digits_calibration: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A board file that claims SVE: LLVM then vectorizes with SVE, which a Cortex-A72 does not have.
+    text = (TARGETS / "cortex-a76.toml").read_text()
+    board = tmp_path / "a76-sve.toml"
+    board.write_text(
+        text.replace('name = "cortex-a76"', 'name = "a76-sve"').replace('"+fullfp16"]', '"+fullfp16", "+sve"]')
+    )
+    folder = _compile(digits[0], digits_calibration, str(board), tmp_path)
+    records = api.verify(folder, emulate=True, cpu="cortex-a72")
+    run = next(record for record in records if record["check"] == "tvm: emulated run")
+    assert run["passed"] is False
+    assert "SIGILL" in run["detail"] and "+sve" in run["detail"] and "cortex-a72" in run["detail"]
+    assert main(["verify", str(folder), "--emulate", "--cpu", "cortex-a72"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("target", "machine", "bits", "abi"), [("armv7", 40, 32, "hard"), ("riscv64", 243, 64, "double")]
+)
+def test_build_only_targets_are_linked_and_checked(
+    target: str, machine: int, bits: int, abi: str, tmp_path: Path, digits: tuple[Path, float], digits_calibration: Path
+) -> None:
+    folder = _compile(digits[0], digits_calibration, target, tmp_path)
+    info = cross.elf_info(folder / "model.tvm.so")
+    assert (info.machine, info.bits, info.float_abi) == (machine, bits, abi)
+    records = api.verify(folder, emulate=True)
+    assert [record["passed"] for record in records] == [True, True, None]
+    assert "cannot be run here" in records[-1]["detail"]
+
+
+def test_elf_check_rejects_a_library_for_another_machine(tmp_path: Path) -> None:
+    library = tmp_path / "host.so"
+    host_library = next(Path(np.__file__).parent.glob("_core/_multiarray_umath*.so"))
+    with pytest.raises(BackendError, match="not for aarch64"):
+        cross.check_elf(host_library, cross.TOOLCHAINS["aarch64"])
+    library.write_bytes(b"not an elf file at all")
+    with pytest.raises(BackendError, match="not an ELF file"):
+        cross.elf_info(library)
+
+
+def test_missing_cross_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cross, "_which", lambda program: None)
+    with pytest.raises(BackendError, match="toolchains --install"):
+        cross.require_compiler(cross.TOOLCHAINS["aarch64"])
+
+
+def test_rpc_bench_on_loopback(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tvm import rpc as tvm_rpc
+
+    from qcompile.backends.tvm import TVMExecutor, rpc
+
+    server = tvm_rpc.Server(host="127.0.0.1", port=9190, port_end=9290)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        session = runtime.load(artifact, "onnxruntime")
+        feeds = session.random_feeds()
+        inputs = [feeds[info.name] for info in session.inputs]
+        remote = rpc.run_remote(artifact / "model.tvm.so", inputs, address, runs=5)
+        local = TVMExecutor(artifact / "model.tvm.so", [info.name for info in session.inputs]).run(feeds)
+        np.testing.assert_array_equal(remote.outputs[0], local[0])  # the same library on the same CPU
+        assert remote.latency.runs == 5 and remote.latency.median_ms > 0
+        assert main(["bench", str(artifact), "--rpc", address, "--runs", "3"]) == 0
+        assert "tvm (remote)" in capsys.readouterr().out
+        checks = api.gate(artifact, max_latency_ms=1e6, rpc=address, runs=3)
+        assert checks[0].passed and "TVM RPC server" in checks[0].source
+    finally:
+        server.terminate()
+
+
+def test_rpc_errors_are_clear(artifact: Path) -> None:
+    from qcompile.backends.tvm import rpc
+
+    with pytest.raises(BackendError, match="not HOST:PORT"):
+        rpc.run_remote(artifact / "model.tvm.so", [], "localhost")
+    with pytest.raises(BackendError, match="cannot reach a TVM RPC server"):
+        rpc.run_remote(artifact / "model.tvm.so", [], "127.0.0.1:1")
