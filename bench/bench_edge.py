@@ -65,7 +65,7 @@ def main() -> int:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         started = time.perf_counter()
-        library = tvm_backend.build(proto, target.tvm_target, folder)
+        (library, *_), _ = tvm_backend.build(proto, target.tvm_target, folder)
         seconds = time.perf_counter() - started
         toolchain = cross.toolchain_for(target.tvm_target)
         emulated, difference, qemu_ms = "-", "-", "-"

@@ -120,25 +120,33 @@ def compile(
             },
         }
         skipped = None
-        toolchain = tvm_backend.cross.toolchain_for(device.tvm_target) if device.backend == "tvm" else None
+        toolchain = tvm_backend.cross.toolchain_for(device.tvm_target) if device.backend.startswith("tvm") else None
         if build_tvm and ort_backend.is_large(result.model):
             skipped = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
             logger.warning("TVM library not built: %s", skipped)
         elif build_tvm:
-            library = tvm_backend.build(ort_backend.to_proto(result.model), device.tvm_target, staging)
+            built, gpu_note = tvm_backend.build(ort_backend.to_proto(result.model), device.tvm_target, staging)
+            library = built[0]
+            written += built[1:]
             executors["tvm"] = {
                 "kind": "tvm",
                 "file": library,
                 "target": device.tvm_target,
                 "description": "TVM library of the quantized graph",
             }
+            if gpu_note:
+                executors["tvm"]["kernels"] = built[1:]
+                executors["tvm"]["cannot_run"] = (
+                    f"{gpu_note}. The library's CUDA module holds source only (the TVM wheel's code generator "
+                    "has no CUDA compiler): a device runtime cannot load it as is"
+                )
             if toolchain:
                 executors["tvm"]["arch"] = toolchain.arch
                 executors["tvm"]["description"] += f", cross-compiled for {toolchain.arch}"
-                if toolchain.runnable:
+                if toolchain.runnable and not gpu_note:
                     written += tvm_backend.cross.bundle(toolchain, staging)
                     executors["tvm"]["runner"] = f"{tvm_backend.cross.DEVICE_FOLDER}/{tvm_backend.cross.RUNNER}"
-                else:
+                elif not gpu_note:
                     executors["tvm"]["cannot_run"] = (
                         f"no TVM runtime is published for {toolchain.arch}: the library is cross-compiled, linked "
                         "and its ELF header checked, but it cannot be run here"
@@ -463,7 +471,7 @@ def _host_run(onnx_path: Path, feed: Feed, input_names: list[str]) -> list[np.nd
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="qcompile-host-ref-") as scratch:
-        library = tvm_backend.build(onnx.load(str(onnx_path)), _host_reference_target(), Path(scratch))
+        (library, *_), _ = tvm_backend.build(onnx.load(str(onnx_path)), _host_reference_target(), Path(scratch))
         executor = tvm_backend.TVMExecutor(Path(scratch) / library, input_names)
         return [np.asarray(value) for value in executor.run(feed)]
 

@@ -9,6 +9,7 @@ contraction as AArch64 code is, and the outputs must be bit-identical.
 from __future__ import annotations
 
 import platform
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,18 @@ def test_rpc_errors_are_clear(artifact: Path) -> None:
         rpc.run_remote(artifact / "model.tvm.so", [], "localhost")
     with pytest.raises(BackendError, match="cannot reach a TVM RPC server"):
         rpc.run_remote(artifact / "model.tvm.so", [], "127.0.0.1:1")
+
+
+def test_jetson_kernels_are_generated_and_compiled_by_nvcc(
+    tmp_path: Path, digits: tuple[Path, float], digits_calibration: Path
+) -> None:
+    folder = _compile(digits[0], digits_calibration, "jetson-orin-nano", tmp_path)
+    manifest = runtime.load(folder, "onnxruntime").manifest
+    entry = manifest["executors"]["tvm"]
+    assert entry["arch"] == "aarch64" and "runner" not in entry  # host code for the Orin's Cortex-A78AE
+    assert "__global__" in (folder / "kernels.cu").read_text()
+    if shutil.which("nvcc"):
+        assert entry["kernels"] == ["kernels.cu", "kernels.fatbin"]
+        assert (folder / "kernels.fatbin").read_bytes()[:4] == bytes.fromhex("50ed55ba")  # fatbin magic
+    records = api.verify(folder, emulate=True)
+    assert records[-1]["passed"] is None and "no GPU" in records[-1]["detail"]

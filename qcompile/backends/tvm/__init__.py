@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qcompile.backends.tvm import cross
+from qcompile.backends.tvm import cross, cuda
 from qcompile.errors import BackendError
 
 logger = logging.getLogger(__name__)
@@ -25,11 +25,15 @@ logger = logging.getLogger(__name__)
 LIBRARY_FILE = "model.tvm.so"
 
 
-def build(proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE) -> str:
-    """Compile ``proto`` for ``tvm_target`` into ``out_dir / file_name``; returns the file name.
+def build(
+    proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE
+) -> tuple[list[str], str | None]:
+    """Compile ``proto`` for ``tvm_target`` into ``out_dir / file_name``; returns the files written (the
+    library first) and, for a GPU target, a line saying how far its kernels were built.
 
     A target whose (host) ``mtriple`` names another CPU than this machine's is linked with that CPU's GNU
-    cross compiler (:mod:`qcompile.backends.tvm.cross`) and its ELF header checked.
+    cross compiler (:mod:`qcompile.backends.tvm.cross`) and its ELF header checked. A CUDA target gets
+    default GPU schedules and its kernels written beside the library (:mod:`qcompile.backends.tvm.cuda`).
     """
     try:
         import tvm
@@ -41,20 +45,29 @@ def build(proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, fil
     toolchain = cross.toolchain_for(tvm_target)
     compiler = cross.require_compiler(toolchain) if toolchain else None
     started = time.perf_counter()
+    files, note = [file_name], None
     try:
+        target = tvm.target.Target(tvm_target)
         module = tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
-        executable = relax.build(module, target=tvm.target.Target(tvm_target))
+        if tvm_target.get("kind") == "cuda":
+            module = cuda.schedule(module, target)
+        executable = relax.build(module, target=target)
+        if tvm_target.get("kind") == "cuda":
+            kernels, note = cuda.write_kernels(executable, str(tvm_target.get("arch", "sm_80")), out_dir)
+            files += kernels
         if compiler:
             executable.export_library(str(out_dir / file_name), fcompile=cc.cross_compiler(compiler))
         else:
             executable.export_library(str(out_dir / file_name))
+    except BackendError:
+        raise
     except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BackendError(f"TVM could not build the model for {tvm_target}: {first_line}") from error
     if toolchain:
         cross.check_elf(out_dir / file_name, toolchain)
     logger.info("TVM build for %s took %.1f s", tvm_target, time.perf_counter() - started)
-    return file_name
+    return files, note
 
 
 class TVMExecutor:
