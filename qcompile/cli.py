@@ -236,9 +236,17 @@ def _profile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "int8) under onnxruntime's profiler, fit the cost model's efficiencies per layer kind and dtype, and "
         "store them where the cost model finds them ($QCOMPILE_HOME/profiles or ~/.cache/qcompile/profiles).",
     )
-    parser.add_argument("-t", "--target", default="host", help="target to calibrate (only host can be measured)")
+    parser.add_argument(
+        "-t", "--target", default="host", help="target to calibrate (the host here, any other with --rpc)"
+    )
     parser.add_argument("--runs", type=int, default=60, help="profiled runs per network and session (default 60)")
     parser.add_argument("-o", "--output", metavar="FILE.json", help="write the calibration here instead")
+    parser.add_argument(
+        "--rpc",
+        metavar="HOST:PORT",
+        help="measure on a remote board through its TVM RPC server: every distinct compute layer of the sweep "
+        "networks, alone, fp32 and W8A8, built by TVM for --target and timed on the board",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -478,7 +486,10 @@ def _command_profile(args: argparse.Namespace) -> int:
     from qcompile.hwmodels.cost import calibration_path
 
     target = hwmodels.load_target(args.target)
-    calibration, measurements = profile.calibrate(target, runs=args.runs, progress=not args.quiet)
+    if args.rpc:
+        calibration, measurements = profile.calibrate_remote(target, args.rpc, runs=args.runs, progress=not args.quiet)
+    else:
+        calibration, measurements = profile.calibrate(target, runs=args.runs, progress=not args.quiet)
     path = Path(args.output) if args.output else calibration_path(target.name)
     calibration.save(path)
     print(

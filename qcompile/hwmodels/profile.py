@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,12 +315,29 @@ def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) ->
     return measurements, float(np.median(overheads))
 
 
+def _fit(target: Target, measurements: list[Measurement], machine: dict[str, Any]) -> Calibration:
+    """The cost model's factors per ``kind/dtype``, fitted to every measured layer."""
+    cost = CostModel(target)
+    groups: dict[str, list[Measurement]] = {}
+    for item in measurements:
+        if item.measured_us > 0 and math.isfinite(cost.roofline_us(item.layer, item.choice)):
+            groups.setdefault(f"{item.layer.kind}/{compute_dtype(item.choice, target)}", []).append(item)
+    calibration = Calibration(target.name, machine=machine)
+    for key, items in sorted(groups.items()):
+        roofline = np.array([cost.roofline_us(item.layer, item.choice) for item in items])
+        measured = np.array([item.measured_us for item in items])
+        elements = np.array([item.layer.input_elements + item.layer.output_elements for item in items], float)
+        calibration.factors[key], error = fit_factors(roofline, elements, measured)
+        calibration.fit[key] = {"layers": len(items), "rms_relative_error": error}
+    return calibration
+
+
 def calibrate(target: Target, runs: int = 30, progress: bool = True) -> tuple[Calibration, list[Measurement]]:
     """Measure the sweep networks here as fp32 and int8, and fit the cost model's factors to every node."""
     if target.name != "host":
         raise TargetError(
-            f"profiling '{target.name}' needs that device; this version measures only the host (remote boards "
-            "through TVM RPC are not supported yet)"
+            f"profiling '{target.name}' needs that device; this machine profiles only the host: run a TVM RPC "
+            f"server on the board and pass --rpc HOST:PORT"
         )
     started = time.perf_counter()
     measurements: list[Measurement] = []
@@ -330,18 +348,7 @@ def calibrate(target: Target, runs: int = 30, progress: bool = True) -> tuple[Ca
         found, overhead = measure_network(name, model, feeds, runs)
         measurements += found
         overheads.append(overhead)
-    cost = CostModel(target)
-    groups: dict[str, list[Measurement]] = {}
-    for item in measurements:
-        if item.measured_us > 0 and math.isfinite(cost.roofline_us(item.layer, item.choice)):
-            groups.setdefault(f"{item.layer.kind}/{compute_dtype(item.choice, target)}", []).append(item)
-    calibration = Calibration(target.name, machine=bench.machine())
-    for key, items in sorted(groups.items()):
-        roofline = np.array([cost.roofline_us(item.layer, item.choice) for item in items])
-        measured = np.array([item.measured_us for item in items])
-        elements = np.array([item.layer.input_elements + item.layer.output_elements for item in items], float)
-        calibration.factors[key], error = fit_factors(roofline, elements, measured)
-        calibration.fit[key] = {"layers": len(items), "rms_relative_error": error}
+    calibration = _fit(target, measurements, bench.machine())
     calibration.node_overhead_us = float(np.median(overheads))
     fitted = CostModel(target, calibration)
     transitions = [row for _, model, feeds in networks for row in measure_transitions(model, feeds, runs, fitted)]
@@ -351,6 +358,102 @@ def calibrate(target: Target, runs: int = 30, progress: bool = True) -> tuple[Ca
     calibration.fit["transitions"] = {"networks": len(transitions), "unexplained_us": unexplained.tolist()}
     calibration.fit["seconds"] = time.perf_counter() - started
     logger.info("profiled %d nodes in %.1f s", len(measurements), calibration.fit["seconds"])
+    return calibration, measurements
+
+
+def single_layer(model: ir.Model, node: ir.Node, seed: int = 0) -> tuple[ir.Model, list[Feed]]:
+    """``node`` of ``model`` alone: its activations become graph inputs (random data of their shapes), its
+    constants stay constants."""
+    rng = np.random.default_rng(seed)
+    inputs: list[ir.Value] = []
+    constants: list[ir.Value] = []
+    wired: list[ir.Value | None] = []
+    for value in node.inputs:
+        if value is None:
+            wired.append(None)
+            continue
+        copy = ir.Value(name=str(value.name), shape=value.shape, type=value.type, const_value=value.const_value)
+        (constants if value.const_value is not None else inputs).append(copy)
+        wired.append(copy)
+    outputs = [ir.Value(name=str(value.name), shape=value.shape, type=value.type) for value in node.outputs]
+    alone = ir.Node(
+        node.domain, node.op_type, wired, attributes=list(node.attributes.values()), outputs=outputs, name=node.name
+    )
+    graph = ir.Graph(
+        inputs, outputs, nodes=[alone], initializers=constants, opset_imports=dict(model.opset_imports), name="layer"
+    )
+    feeds = [
+        {
+            str(value.name): rng.standard_normal(value.shape.numpy()).astype(value.dtype.numpy())  # type: ignore[union-attr]
+            for value in inputs
+        }
+    ]
+    return ir.Model(graph, ir_version=10, producer_name="qcompile-profile"), feeds
+
+
+def calibrate_remote(
+    target: Target, address: str, runs: int = 10, max_layers: int | None = None, progress: bool = True
+) -> tuple[Calibration, list[Measurement]]:
+    """Measure the sweep networks' compute layers on a remote board through TVM RPC, and fit the cost model.
+
+    Each distinct Conv / Gemm / MatMul of the sweep networks is cut out alone (:func:`single_layer`), as fp32
+    and as qcompile's W8A8 QDQ layer, built with TVM for ``target`` (cross-compiled as for an artifact),
+    uploaded, and timed on the board's clock. TVM 0.27's Relax VM has no per-kernel profiler, so layers are
+    timed alone here, unlike on the host; the calibration therefore describes what the board's TVM build
+    runs. The per-call overhead comes from a one-element Add; float/int8 transitions keep their defaults.
+    ``max_layers`` (per network) shortens the sweep.
+    """
+    import tempfile
+
+    from qcompile.backends import tvm as tvm_backend
+    from qcompile.backends.tvm import rpc
+    from qcompile.passes import pipeline
+
+    started = time.perf_counter()
+    rpc.time_libraries([], address)  # fail now, not after minutes of building, when nothing answers there
+    show = progress and sys.stderr.isatty()
+    cases: list[tuple[str, LayerSpec, Choice, ir.Model, list[Feed]]] = []
+    for name, build in default_sweep():
+        model, _ = build()
+        rewritten = as_pipeline_sees_it(model)
+        seen: set[tuple[Any, ...]] = set()
+        chosen = []
+        for node, spec in zip(rewritten.graph, describe(rewritten), strict=True):
+            key = (spec.kind, spec.macs, spec.weight_elements, spec.input_elements)
+            if spec.quantizable and key not in seen:
+                seen.add(key)
+                chosen.append((node, spec))
+        for node, spec in chosen[:max_layers]:
+            alone, feeds = single_layer(rewritten, node)
+            cases.append((name, spec, FLOAT, alone, feeds))
+            quantized = pipeline.quantize(alone, feeds, sweep_options(), progress=False).model
+            cases.append((name, spec, INT8, quantized, feeds))
+    overhead_net = _Net(0)
+    x = _input("x", (1,))
+    overhead_model = overhead_net.model([x], overhead_net.op("Add", [x, overhead_net.constant(np.ones(1, np.float32))]))
+    with tempfile.TemporaryDirectory(prefix="qcompile-profile-") as scratch:
+        libraries = []
+        for index, (_, _, _, model, feeds) in enumerate(
+            tqdm(cases, desc="building layers", unit="layer", disable=not show, file=sys.stderr)
+        ):
+            (library, *_), _ = tvm_backend.build(
+                ort_backend.to_proto(model), target.tvm_target, Path(scratch), f"layer_{index}.so"
+            )
+            libraries.append((Path(scratch) / library, [feeds[0][str(value.name)] for value in model.graph.inputs]))
+        (library, *_), _ = tvm_backend.build(
+            ort_backend.to_proto(overhead_model), target.tvm_target, Path(scratch), "overhead.so"
+        )
+        libraries.append((Path(scratch) / library, [np.ones(1, np.float32)]))
+        times = rpc.time_libraries(libraries, address, runs)
+    measurements = [
+        Measurement(name, spec, choice, measured)
+        for (name, spec, choice, _, _), measured in zip(cases, times[:-1], strict=True)
+    ]
+    calibration = _fit(target, measurements, {"cpu": f"remote board at {address}", "via": "TVM RPC", "executor": "tvm"})
+    calibration.node_overhead_us = times[-1]
+    calibration.fit["transitions"] = "not measured remotely: defaults"
+    calibration.fit["seconds"] = time.perf_counter() - started
+    logger.info("profiled %d layers remotely in %.1f s", len(measurements), calibration.fit["seconds"])
     return calibration, measurements
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,27 +126,48 @@ def test_missing_cross_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
         cross.require_compiler(cross.TOOLCHAINS["aarch64"])
 
 
-def test_rpc_bench_on_loopback(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def rpc_server() -> Iterator[str]:
+    """A TVM RPC server on loopback, standing in for a board (it runs host libraries)."""
     from tvm import rpc as tvm_rpc
-
-    from qcompile.backends.tvm import TVMExecutor, rpc
 
     server = tvm_rpc.Server(host="127.0.0.1", port=9190, port_end=9290)
     try:
-        address = f"127.0.0.1:{server.port}"
-        session = runtime.load(artifact, "onnxruntime")
-        feeds = session.random_feeds()
-        inputs = [feeds[info.name] for info in session.inputs]
-        remote = rpc.run_remote(artifact / "model.tvm.so", inputs, address, runs=5)
-        local = TVMExecutor(artifact / "model.tvm.so", [info.name for info in session.inputs]).run(feeds)
-        np.testing.assert_array_equal(remote.outputs[0], local[0])  # the same library on the same CPU
-        assert remote.latency.runs == 5 and remote.latency.median_ms > 0
-        assert main(["bench", str(artifact), "--rpc", address, "--runs", "3"]) == 0
-        assert "tvm (remote)" in capsys.readouterr().out
-        checks = api.gate(artifact, max_latency_ms=1e6, rpc=address, runs=3)
-        assert checks[0].passed and "TVM RPC server" in checks[0].source
+        yield f"127.0.0.1:{server.port}"
     finally:
         server.terminate()
+
+
+def test_rpc_bench_on_loopback(artifact: Path, rpc_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from qcompile.backends.tvm import TVMExecutor, rpc
+
+    session = runtime.load(artifact, "onnxruntime")
+    feeds = session.random_feeds()
+    inputs = [feeds[info.name] for info in session.inputs]
+    remote = rpc.run_remote(artifact / "model.tvm.so", inputs, rpc_server, runs=5)
+    local = TVMExecutor(artifact / "model.tvm.so", [info.name for info in session.inputs]).run(feeds)
+    np.testing.assert_array_equal(remote.outputs[0], local[0])  # the same library on the same CPU
+    assert remote.latency.runs == 5 and remote.latency.median_ms > 0
+    assert main(["bench", str(artifact), "--rpc", rpc_server, "--runs", "3"]) == 0
+    assert "tvm (remote)" in capsys.readouterr().out
+    checks = api.gate(artifact, max_latency_ms=1e6, rpc=rpc_server, runs=3)
+    assert checks[0].passed and "TVM RPC server" in checks[0].source
+
+
+def test_profile_through_rpc_calibrates_the_cost_model(rpc_server: str) -> None:
+    from qcompile import hwmodels
+    from qcompile.hwmodels import profile
+    from qcompile.hwmodels.cost import CostModel
+
+    target = hwmodels.load_target("host")
+    calibration, measurements = profile.calibrate_remote(target, rpc_server, runs=3, max_layers=2, progress=False)
+    # Two distinct layers of each sweep network, each fp32 and W8A8, timed on the server.
+    assert len(measurements) == 8 and all(item.measured_us > 0 for item in measurements)
+    assert {"conv/fp32", "conv/int8", "gemm/fp32", "gemm/int8"} <= set(calibration.factors)
+    assert calibration.machine["via"] == "TVM RPC" and calibration.node_overhead_us > 0
+    fitted = CostModel(target, calibration)
+    for item in measurements:  # the fit reproduces what it was fitted to (2 layers per group: within 2x)
+        assert 0.5 < fitted.latency_us(item.layer, item.choice) / item.measured_us < 2.0
 
 
 def test_rpc_errors_are_clear(artifact: Path) -> None:
@@ -155,6 +177,7 @@ def test_rpc_errors_are_clear(artifact: Path) -> None:
         rpc.run_remote(artifact / "model.tvm.so", [], "localhost")
     with pytest.raises(BackendError, match="cannot reach a TVM RPC server"):
         rpc.run_remote(artifact / "model.tvm.so", [], "127.0.0.1:1")
+    assert main(["profile", "--target", "rpi4", "--rpc", "127.0.0.1:1", "-o", "unused.json"]) == 2
 
 
 def test_jetson_kernels_are_generated_and_compiled_by_nvcc(
