@@ -143,6 +143,14 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         metavar="Z",
         help="with --bits auto: budget for the bytes of weights and constants, in MB (1e6 bytes)",
     )
+    parser.add_argument(
+        "--sensitivity",
+        choices=("measured", "hessian"),
+        default="measured",
+        help="with --bits auto: how each layer's error per format is obtained: 'measured' (every format of "
+        "every layer run on the calibration samples; default) or 'hessian' (int8 measured, int4 / ternary "
+        "scaled from it by the Hessian-weighted weight-error ratio: about a third of the runs)",
+    )
     parser.add_argument("--no-tvm", action="store_true", help="skip the TVM library (onnxruntime executor only)")
     parser.add_argument("--force", action="store_true", help="replace an existing artifact folder at --output")
 
@@ -346,6 +354,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         bits=args.bits,
         latency_budget_ms=args.latency_budget_ms,
         size_budget_mb=args.size_budget_mb,
+        sensitivity=args.sensitivity,
     )
     output = args.output or f"{Path(args.model).stem}.{args.target}"
     manifest = api.compile(

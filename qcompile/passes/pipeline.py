@@ -53,6 +53,9 @@ class QuantizeOptions:
             ternary weights, int8 activations) chosen by the search under the budgets below.
         latency_budget_ms: the search's end-to-end latency budget on the target (cost-model prediction).
         size_budget_mb: the search's budget for the bytes of weights and constants.
+        sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
+            every layer) or 'hessian' (measure int8 only; scale it by the Hessian-weighted weight-error ratio
+            of the other formats, for layers with a Hessian: about a third of the runs).
     """
 
     calibration: str = "mse"
@@ -66,6 +69,7 @@ class QuantizeOptions:
     bits: str = "8"
     latency_budget_ms: float | None = None
     size_budget_mb: float | None = None
+    sensitivity: str = "measured"
 
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
@@ -82,6 +86,8 @@ class QuantizeOptions:
             raise CalibrationError(f"weight rounding '{self.weight_rounding}' is not nearest or gptq")
         if self.float_threshold < 0:
             raise CalibrationError("float threshold must be >= 0")
+        if self.sensitivity not in ("measured", "hessian"):
+            raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.sensitivity_samples < 1:
             raise CalibrationError("sensitivity samples must be >= 1")
 
@@ -190,7 +196,8 @@ def quantize(
         equalized = equalizer.streams
     layers = quantizable_layers(model)
     # GPTQ's Hessians accumulate over the whole calibration stream, in the same single pass over it.
-    hessian_collector = HessianCollector(model, layers) if options.weight_rounding == "gptq" else None
+    needs_hessians = options.weight_rounding == "gptq" or (options.bits == "auto" and options.sensitivity == "hessian")
+    hessian_collector = HessianCollector(model, layers) if needs_hessians else None
     stream: Iterable[Feed] = itertools.chain(kept, checked)
     stats = calibration.collect(
         model,
@@ -204,6 +211,12 @@ def quantize(
     names = [layer_name(node) for node in layers]
     records = {name: LayerRecord(name, node.op_type, 8, 8) for name, node in zip(names, layers, strict=True)}
     hessians = hessian_collector.hessians if hessian_collector else None
+    ratios = None
+    if options.bits == "auto" and options.sensitivity == "hessian" and hessians:
+        by_name = dict(zip([layer_name(node) for node in layers], layers, strict=True))
+        ratios = sensitivity.hessian_ratios(by_name, hessians, [fmt for fmt in WEIGHT_FORMATS if fmt != "int8"])
+    if options.weight_rounding != "gptq":
+        hessians = None  # collected for the sensitivity proxy only
     uniform = "int4" if options.bits == "4" else "int8"
     weight_formats = {name: uniform for name in names}
     float_layers: set[str] = set()
@@ -224,6 +237,7 @@ def quantize(
             options.latency_budget_ms,
             options.size_budget_mb,
             progress,
+            ratios,
         )
         for cost in searched.problem.layers:
             chosen = searched.chosen.formats[cost.name]
@@ -305,6 +319,8 @@ def quantize(
             {
                 "name": "bit_search",
                 "cost_model": searched.cost_model,
+                "sensitivity": options.sensitivity,
+                "hessian_proxied_layers": len(ratios or {}),
                 "latency_budget_ms": options.latency_budget_ms,
                 "size_budget_mb": options.size_budget_mb,
                 "predicted": searched.chosen.summary(),

@@ -74,13 +74,31 @@ def search(
     latency_budget_ms: float | None,
     size_budget_mb: float | None,
     progress: bool = True,
+    ratios: dict[str, dict[str, float]] | None = None,
 ) -> SearchResult:
-    """``build(layer, format)`` returns ``model`` with only ``layer`` quantized in ``format``."""
+    """``build(layer, format)`` returns ``model`` with only ``layer`` quantized in ``format``.
+
+    Every layer's sensitivity is measured at int8. With ``ratios`` (layer -> format -> second-order weight
+    error relative to int8's, :func:`qcompile.search.sensitivity.hessian_ratios`), a layer that has them
+    gets its other formats' sensitivities by scaling its int8 one instead of measuring them.
+    """
     started = time.perf_counter()
+    ratios = ratios or {}
     errors: dict[str, dict[str, float]] = {name: {"fp32": 0.0} for name in names}
     for candidate in CANDIDATES[1:]:
+        pending = [(name, op) for name, op in zip(names, op_types, strict=True) if candidate not in errors[name]]
+        if candidate != "int8":
+            for name, _ in pending:
+                if name in ratios:
+                    errors[name][candidate] = errors[name]["int8"] * ratios[name][candidate]
+            pending = [(name, op) for name, op in pending if name not in ratios]
         measured = sensitivity.measure(
-            names, op_types, functools.partial(_build_as, build, candidate), feeds, references, progress
+            [name for name, _ in pending],
+            [op for _, op in pending],
+            functools.partial(_build_as, build, candidate),
+            feeds,
+            references,
+            progress,
         )
         for item in measured:
             errors[item.layer][candidate] = item.error

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from qcompile.backends import ort as ort_backend
 from qcompile.calibration import Feed
+from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +67,44 @@ def measure(
         error = relative_error(run_all(build(layer), feeds), references)
         results.append(LayerSensitivity(layer, op_type, error))
     return results
+
+
+def weight_rows(node: ir.Node, hessian_groups: int) -> np.ndarray | None:
+    """The weight of a Conv / Gemm as ``[groups, output channels per group, input columns]``, matching the
+    layout of its Hessian (:mod:`qcompile.passes.gptq`); None when it has no constant weight."""
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if weight is None:
+        return None
+    array = weight.numpy().astype(np.float64)
+    if node.op_type == "Conv":
+        return array.reshape(hessian_groups, array.shape[0] // hessian_groups, -1)
+    trans_b = node.attributes.get("transB")
+    return (array if trans_b is not None and trans_b.as_int() else array.T)[None]
+
+
+def hessian_weight_error(rows: np.ndarray, hessian: np.ndarray, spec: QuantSpec) -> float:
+    """``sum_g tr(dW_g H_g dW_g^T)``: the layer-output squared error that round-to-nearest weights in
+    ``spec`` (one scale per output channel) add, to second order, on the samples behind ``hessian``."""
+    flat = rows.reshape(-1, rows.shape[2])
+    scales = QuantSpec(bits=spec.bits, scale_rule=spec.scale_rule, axis=0).weight_scales(flat).astype(np.float64)
+    rounded = np.clip(np.rint(flat / scales[:, None]), -spec.qmax, spec.qmax) * scales[:, None]
+    delta = (rounded - flat).reshape(rows.shape)
+    return float((np.matmul(delta, hessian) * delta).sum())
+
+
+def hessian_ratios(
+    layers: dict[str, ir.Node], hessians: dict[str, Any], formats: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Per layer, each format's second-order weight error relative to int8's, for the layers with a
+    Hessian (those GPTQ supports); the bit-width search's cheaper proxy scales a layer's measured int8
+    sensitivity by these ratios instead of measuring every format."""
+    ratios: dict[str, dict[str, float]] = {}
+    for name, node in layers.items():
+        entry = hessians.get(name)
+        rows = weight_rows(node, entry.matrix.shape[0]) if entry is not None else None
+        if entry is None or rows is None or rows.shape[2] != entry.matrix.shape[1]:
+            continue
+        errors = {fmt: hessian_weight_error(rows, entry.matrix, WEIGHT_FORMATS[fmt]) for fmt in ("int8", *formats)}
+        if errors["int8"] > 0:
+            ratios[name] = {fmt: errors[fmt] / errors["int8"] for fmt in formats}
+    return ratios
