@@ -41,6 +41,18 @@ def _input_argument(parser: argparse.ArgumentParser, help_text: str, required: b
     parser.add_argument("-i", "--input", action="append", required=required, metavar="[NAME=]FILE", help=help_text)
 
 
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number in [0, 1] or 'auto'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value
+
+
 def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "compile",
@@ -96,6 +108,17 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         default="gptq",
         help="int8 weight rounding: GPTQ error compensation, kept only where it beats "
         "round-to-nearest on held-out calibration rows (default), or round-to-nearest",
+    )
+    parser.add_argument(
+        "--smoothquant",
+        nargs="?",
+        const=0.5,
+        type=_alpha,
+        metavar="ALPHA|auto",
+        help="fold SmoothQuant scales max|x|^ALPHA / max|W|^(1-ALPHA) into the producers of MatMul/Gemm/Conv "
+        "inputs (LayerNorm, linear layers), exact in float; 'auto' searches ALPHA per producer (default off; "
+        "0.5 when given without a value). Producers that cannot absorb a scale are left alone and listed in "
+        "the manifest",
     )
     parser.add_argument(
         "--equalize",
@@ -346,6 +369,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         calibration=args.calibration_method,
         bias_correction=not args.no_bias_correction,
         weight_rounding=args.weight_rounding,
+        smoothquant=args.smoothquant,
         equalize=args.equalize is not None,
         equalize_alpha=0.5 if args.equalize is None else args.equalize,
         float_threshold=args.float_threshold,

@@ -26,6 +26,7 @@ from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.passes.quant_spec import WEIGHT_FORMATS
+from qcompile.passes.smoothquant import Decision, SmoothQuantPass, producer_statistics
 from qcompile.search import sensitivity
 from qcompile.search.bits import SearchResult
 from qcompile.search.bits import search as search_bits
@@ -53,6 +54,9 @@ class QuantizeOptions:
             ternary weights, int8 activations) chosen by the search under the budgets below.
         latency_budget_ms: the search's end-to-end latency budget on the target (cost-model prediction).
         size_budget_mb: the search's budget for the bytes of weights and constants.
+        smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
+            linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
+            producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
             every layer) or 'hessian' (measure int8 only; scale it by the Hessian-weighted weight-error ratio
             of the other formats, for layers with a Hessian: about a third of the runs).
@@ -70,6 +74,7 @@ class QuantizeOptions:
     latency_budget_ms: float | None = None
     size_budget_mb: float | None = None
     sensitivity: str = "measured"
+    smoothquant: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
@@ -86,6 +91,12 @@ class QuantizeOptions:
             raise CalibrationError(f"weight rounding '{self.weight_rounding}' is not nearest or gptq")
         if self.float_threshold < 0:
             raise CalibrationError("float threshold must be >= 0")
+        if (
+            self.smoothquant is not None
+            and self.smoothquant != "auto"
+            and not (isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0)
+        ):
+            raise CalibrationError(f"SmoothQuant alpha {self.smoothquant!r} is not a number in [0, 1] or 'auto'")
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.sensitivity_samples < 1:
@@ -188,6 +199,12 @@ def quantize(
     # The first samples stay in memory (a bounded number): they choose equalization scales, measure
     # sensitivity and feed GPTQ; the stream then goes on through calibration once, without being held.
     kept = list(itertools.islice(checked, options.sensitivity_samples))
+    smoothed: list[Decision] = []
+    if options.smoothquant is not None:
+        absmax, rows = producer_statistics(model, kept)
+        smoother = SmoothQuantPass(absmax.get, options.smoothquant, rows.get)
+        smoother(model)
+        smoothed = smoother.decisions
     equalized: list[list[str]] = []
     if options.equalize:
         channels = calibration.collect(model, kept, activation_values(model), "minmax", progress=False)
@@ -286,6 +303,13 @@ def quantize(
     passes: list[dict[str, Any]] = [
         {"name": "matmul_add_to_gemm", "modified": gemm_rewrite.modified},
         {"name": "calibrate", "method": options.calibration, "samples": stats.samples},
+        {
+            "name": "smoothquant",
+            "enabled": options.smoothquant is not None,
+            "alpha": options.smoothquant,
+            "folded": [asdict(d) for d in smoothed if d.reason is None],
+            "left_alone": [asdict(d) for d in smoothed if d.reason is not None],
+        },
         {
             "name": "residual_equalization",
             "alpha": options.equalize_alpha,
