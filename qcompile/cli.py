@@ -121,6 +121,12 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "the manifest",
     )
     parser.add_argument(
+        "--split-layers",
+        action="store_true",
+        help="SplitQuant: split each Conv/Gemm/MatMul into three layers holding the low, middle and high k-means "
+        "clusters of its weights, summed after, each with its own scales (exact in float; 3x those layers' MACs)",
+    )
+    parser.add_argument(
         "--equalize",
         nargs="?",
         const=0.5,
@@ -370,6 +376,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         bias_correction=not args.no_bias_correction,
         weight_rounding=args.weight_rounding,
         smoothquant=args.smoothquant,
+        split_layers=args.split_layers,
         equalize=args.equalize is not None,
         equalize_alpha=0.5 if args.equalize is None else args.equalize,
         float_threshold=args.float_threshold,

@@ -27,6 +27,7 @@ from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.passes.quant_spec import WEIGHT_FORMATS
 from qcompile.passes.smoothquant import Decision, SmoothQuantPass, producer_statistics
+from qcompile.passes.split_layers import Split, SplitLayersPass
 from qcompile.search import sensitivity
 from qcompile.search.bits import SearchResult
 from qcompile.search.bits import search as search_bits
@@ -57,6 +58,8 @@ class QuantizeOptions:
         smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
             linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
             producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
+        split_layers: split every Conv / Gemm / MatMul into three layers holding the low, middle and high
+            k-means clusters of its weights, summed after (SplitQuant; exact in float, 3x the layer's MACs).
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
             every layer) or 'hessian' (measure int8 only; scale it by the Hessian-weighted weight-error ratio
             of the other formats, for layers with a Hessian: about a third of the runs).
@@ -75,6 +78,7 @@ class QuantizeOptions:
     size_budget_mb: float | None = None
     sensitivity: str = "measured"
     smoothquant: float | str | None = None
+    split_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
@@ -205,6 +209,11 @@ def quantize(
         smoother = SmoothQuantPass(absmax.get, options.smoothquant, rows.get)
         smoother(model)
         smoothed = smoother.decisions
+    splits: list[Split] = []
+    if options.split_layers:
+        splitter = SplitLayersPass()
+        splitter(model)
+        splits = splitter.splits
     equalized: list[list[str]] = []
     if options.equalize:
         channels = calibration.collect(model, kept, activation_values(model), "minmax", progress=False)
@@ -309,6 +318,12 @@ def quantize(
             "alpha": options.smoothquant,
             "folded": [asdict(d) for d in smoothed if d.reason is None],
             "left_alone": [asdict(d) for d in smoothed if d.reason is not None],
+        },
+        {
+            "name": "split_layers",
+            "enabled": options.split_layers,
+            "clusters": "1-D k-means, k=3, over each layer's weights",
+            "layers": [asdict(split) for split in splits],
         },
         {
             "name": "residual_equalization",
