@@ -121,6 +121,12 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "the manifest",
     )
     parser.add_argument(
+        "--rotate",
+        choices=("hadamard",),
+        help="rotate MatMul/Gemm inputs by randomized Hadamard matrices (QuaRot style), folded into a linear "
+        "producer where possible, else an online transform in standard ONNX ops; exact in float",
+    )
+    parser.add_argument(
         "--split-layers",
         action="store_true",
         help="SplitQuant: split each Conv/Gemm/MatMul into three layers holding the low, middle and high k-means "
@@ -377,6 +383,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         weight_rounding=args.weight_rounding,
         smoothquant=args.smoothquant,
         split_layers=args.split_layers,
+        rotate=args.rotate,
         equalize=args.equalize is not None,
         equalize_alpha=0.5 if args.equalize is None else args.equalize,
         float_threshold=args.float_threshold,

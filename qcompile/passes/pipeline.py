@@ -23,6 +23,7 @@ from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization
 from qcompile.passes.bias_correction import BiasCorrectionPass
 from qcompile.passes.equalize import ResidualEqualizationPass
 from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
+from qcompile.passes.hadamard import HadamardRotationPass, Rotation
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.passes.quant_spec import WEIGHT_FORMATS
@@ -58,6 +59,8 @@ class QuantizeOptions:
         smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
             linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
             producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
+        rotate: None, or 'hadamard': rotate MatMul / Gemm inputs by randomized Hadamard matrices, folded into a
+            linear producer where one can take it, else as an online transform (exact in float).
         split_layers: split every Conv / Gemm / MatMul into three layers holding the low, middle and high
             k-means clusters of its weights, summed after (SplitQuant; exact in float, 3x the layer's MACs).
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
@@ -79,6 +82,7 @@ class QuantizeOptions:
     sensitivity: str = "measured"
     smoothquant: float | str | None = None
     split_layers: bool = False
+    rotate: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
@@ -101,6 +105,8 @@ class QuantizeOptions:
             and not (isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0)
         ):
             raise CalibrationError(f"SmoothQuant alpha {self.smoothquant!r} is not a number in [0, 1] or 'auto'")
+        if self.rotate not in (None, "hadamard"):
+            raise CalibrationError(f"rotation '{self.rotate}' is not hadamard")
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.sensitivity_samples < 1:
@@ -209,6 +215,11 @@ def quantize(
         smoother = SmoothQuantPass(absmax.get, options.smoothquant, rows.get)
         smoother(model)
         smoothed = smoother.decisions
+    rotations: list[Rotation] = []
+    if options.rotate == "hadamard":
+        rotator = HadamardRotationPass()
+        rotator(model)
+        rotations = rotator.rotations
     splits: list[Split] = []
     if options.split_layers:
         splitter = SplitLayersPass()
@@ -318,6 +329,12 @@ def quantize(
             "alpha": options.smoothquant,
             "folded": [asdict(d) for d in smoothed if d.reason is None],
             "left_alone": [asdict(d) for d in smoothed if d.reason is not None],
+        },
+        {
+            "name": "hadamard_rotation",
+            "enabled": options.rotate == "hadamard",
+            "rotations": [asdict(item) for item in rotations if item.reason is None],
+            "left_alone": [asdict(item) for item in rotations if item.reason is not None],
         },
         {
             "name": "split_layers",
