@@ -42,7 +42,7 @@ def _input_argument(parser: argparse.ArgumentParser, help_text: str, required: b
 
 
 def _alpha(text: str) -> float | str:
-    if text == "auto":
+    if text in ("auto", "off"):
         return text
     try:
         value = float(text)
@@ -114,23 +114,25 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         nargs="?",
         const=0.5,
         type=_alpha,
-        metavar="ALPHA|auto",
+        metavar="ALPHA|auto|off",
         help="fold SmoothQuant scales max|x|^ALPHA / max|W|^(1-ALPHA) into the producers of MatMul/Gemm/Conv "
         "inputs (LayerNorm, linear layers), exact in float; 'auto' searches ALPHA per producer (default off; "
-        "0.5 when given without a value). Producers that cannot absorb a scale are left alone and listed in "
-        "the manifest",
+        "0.5 when given without a value; default: the target's recipe). Producers that cannot absorb a scale "
+        "are left alone and listed in the manifest",
     )
     parser.add_argument(
         "--rotate",
-        choices=("hadamard",),
+        choices=("hadamard", "none"),
         help="rotate MatMul/Gemm inputs by randomized Hadamard matrices (QuaRot style), folded into a linear "
-        "producer where possible, else an online transform in standard ONNX ops; exact in float",
+        "producer where possible, else an online transform in standard ONNX ops; exact in float (default: the "
+        "target's recipe)",
     )
     parser.add_argument(
         "--split-layers",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="SplitQuant: split each Conv/Gemm/MatMul into three layers holding the low, middle and high k-means "
-        "clusters of its weights, summed after, each with its own scales (exact in float; 3x those layers' MACs)",
+        "clusters of its weights, summed after, each with its own scales (exact in float; 3x those layers' MACs; "
+        "default: the target's recipe)",
     )
     parser.add_argument(
         "--equalize",
@@ -372,18 +374,21 @@ def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarr
 
 
 def _command_compile(args: argparse.Namespace) -> int:
-    from qcompile import api
+    from qcompile import api, hwmodels
     from qcompile.calibration import Preprocess
     from qcompile.frontend import parse_input_shapes
     from qcompile.passes.pipeline import QuantizeOptions
 
+    recipe = hwmodels.load_target(args.target).recipe  # what the target uses unless a flag says otherwise
+    smoothquant = recipe["smoothquant"] if args.smoothquant is None else args.smoothquant
+    rotate = recipe["rotate"] if args.rotate is None else args.rotate
     options = QuantizeOptions(
         calibration=args.calibration_method,
         bias_correction=not args.no_bias_correction,
         weight_rounding=args.weight_rounding,
-        smoothquant=args.smoothquant,
-        split_layers=args.split_layers,
-        rotate=args.rotate,
+        smoothquant=None if smoothquant == "off" else smoothquant,
+        split_layers=bool(recipe["split_layers"] if args.split_layers is None else args.split_layers),
+        rotate=None if rotate == "none" else rotate,
         equalize=args.equalize is not None,
         equalize_alpha=0.5 if args.equalize is None else args.equalize,
         float_threshold=args.float_threshold,

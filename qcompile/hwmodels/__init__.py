@@ -71,6 +71,9 @@ class Target:
     pipeline: str
     tvm_target: dict[str, Any]
     device: Device
+    # The graph rewrites the target uses when the command line does not say: smoothquant (off, an alpha or
+    # 'auto'), rotate ('none' or 'hadamard'), split_layers (true / false).
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def buildable(self) -> bool:
@@ -109,6 +112,22 @@ def _device(name: str, data: dict[str, Any]) -> Device:
     )
 
 
+RECIPE_DEFAULTS: dict[str, Any] = {"smoothquant": "off", "rotate": "none", "split_layers": False}
+
+
+def _recipe(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(RECIPE_DEFAULTS))
+    if unknown:
+        raise TargetError(f"target '{name}' has unknown recipe entries {unknown}; known: {sorted(RECIPE_DEFAULTS)}")
+    recipe = {**RECIPE_DEFAULTS, **data}
+    alpha = recipe["smoothquant"]
+    if not (alpha in ("off", "auto") or (isinstance(alpha, float | int) and 0 <= alpha <= 1)):
+        raise TargetError(f"target '{name}': recipe smoothquant must be 'off', 'auto' or an alpha in [0, 1]")
+    if recipe["rotate"] not in ("none", "hadamard") or not isinstance(recipe["split_layers"], bool):
+        raise TargetError(f"target '{name}': recipe rotate must be 'none' or 'hadamard', split_layers true/false")
+    return recipe
+
+
 def load_target(name: str) -> Target:
     """The target called ``name``, or the target file at the path ``name`` (ending in .toml, in the format
     of the files in ``targets/``: a board of your own); an unknown name lists the valid ones."""
@@ -133,6 +152,7 @@ def load_target(name: str) -> Target:
             pipeline=data["pipeline"],
             tvm_target=dict(data["tvm_target"]),
             device=_device(name, dict(data["device"])),
+            recipe=_recipe(name, dict(data.get("recipe", {}))),
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
         raise TargetError(f"target file for '{name}' is invalid: {error}") from error

@@ -143,3 +143,20 @@ def test_edges_join_layers_through_pass_through_ops(tmp_path: Path) -> None:
     with_edges = costs.model_latency_ms(specs, mixed, edges=layer_edges(model, names))
     without = costs.model_latency_ms(specs, mixed)
     assert with_edges == pytest.approx(without + (costs.transition_us(800) + costs.transition_us(16)) / 1e3)
+
+
+def test_target_recipes_are_read_and_checked(tmp_path: Path) -> None:
+    for name in hwmodels.available_targets():
+        recipe = hwmodels.load_target(name).recipe
+        assert set(recipe) == {"smoothquant", "rotate", "split_layers"}
+    text = (Path(hwmodels.__file__).parent / "targets" / "host.toml").read_text()
+    board = tmp_path / "board.toml"
+    board.write_text(text + '\n[recipe]\nsmoothquant = "auto"\nrotate = "hadamard"\n')
+    expected = {"smoothquant": "auto", "rotate": "hadamard", "split_layers": False}
+    assert hwmodels.load_target(str(board)).recipe == expected
+    board.write_text(text + '\n[recipe]\nrotate = "givens"\n')
+    with pytest.raises(TargetError, match="recipe rotate must be"):
+        hwmodels.load_target(str(board))
+    board.write_text(text + "\n[recipe]\nfuse = true\n")
+    with pytest.raises(TargetError, match="unknown recipe entries"):
+        hwmodels.load_target(str(board))
