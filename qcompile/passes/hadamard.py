@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.passes.qdq import add_initializer
 from qcompile.passes.smoothquant import _attribute, _consumer_rows, _readers, _single_use_constant
 
 logger = logging.getLogger(__name__)
@@ -98,17 +99,6 @@ class Rotation:
     kind: str | None = None
     folded_into: str | None = None
     reason: str | None = None
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _rotate_consumer(node: ir.Node, q: np.ndarray) -> None:
@@ -223,9 +213,9 @@ class HadamardRotationPass(ir.passes.InPlacePass):
         signs = np.random.default_rng(self.seed + size).choice([-1.0, 1.0], size).astype(np.float32)
         base = f"{source.name}_hadamard"
         m, p = outer.shape[0], inner.shape[0]
-        shape_in = _constant(graph, f"{base}_shape_in", np.array([-1, m, p], np.int64))
+        shape_in = add_initializer(graph, f"{base}_shape_in", np.array([-1, m, p], np.int64))
         dims = [int(dim) for dim in source.shape]  # type: ignore[union-attr,arg-type]
-        shape_out = _constant(graph, f"{base}_shape_out", np.array(dims, np.int64))
+        shape_out = add_initializer(graph, f"{base}_shape_out", np.array(dims, np.int64))
         nodes = []
 
         def add(op: str, inputs: list[ir.Value], suffix: str, **attributes: Any) -> ir.Value:
@@ -233,12 +223,14 @@ class HadamardRotationPass(ir.passes.InPlacePass):
             nodes.append(ir.node(op, inputs, attributes=attributes, outputs=[output], name=f"{base}_{suffix}"))
             return output
 
-        signed = add("Mul", [source, _constant(graph, f"{base}_signs_c", signs)], "signed")
+        signed = add("Mul", [source, add_initializer(graph, f"{base}_signs_c", signs)], "signed")
         grid = add("Reshape", [signed, shape_in], "grid")  # [rows, m, p]: index i * p + j
-        right = add("MatMul", [grid, _constant(graph, f"{base}_inner_c", inner.astype(np.float32))], "inner")
+        right = add("MatMul", [grid, add_initializer(graph, f"{base}_inner_c", inner.astype(np.float32))], "inner")
         if kind == "kronecker":
             flipped = add("Transpose", [right], "flip", perm=[0, 2, 1])  # [rows, p, m]
-            mixed = add("MatMul", [flipped, _constant(graph, f"{base}_outer_c", outer.astype(np.float32))], "outer")
+            mixed = add(
+                "MatMul", [flipped, add_initializer(graph, f"{base}_outer_c", outer.astype(np.float32))], "outer"
+            )
             right = add("Transpose", [mixed], "unflip", perm=[0, 2, 1])
         rotated = add("Reshape", [right, shape_out], "out")
         rotated.shape = source.shape

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 INT32_BIAS_LIMIT = 2**30
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` called ``name``; returns its value."""
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),
@@ -116,9 +117,9 @@ class QDQPass(ir.passes.InPlacePass):
         dq = ir.node(
             "DequantizeLinear",
             [
-                _initializer(graph, f"{base}_quantized", codes),
-                _initializer(graph, f"{base}_scale", scales),
-                _initializer(graph, f"{base}_zero_point", zero),
+                add_initializer(graph, f"{base}_quantized", codes),
+                add_initializer(graph, f"{base}_scale", scales),
+                add_initializer(graph, f"{base}_zero_point", zero),
             ],
             {"axis": spec.axis} if spec.axis is not None and scales.ndim else {},
             outputs=[dequantized],
@@ -144,9 +145,9 @@ class QDQPass(ir.passes.InPlacePass):
         dq = ir.node(
             "DequantizeLinear",
             [
-                _initializer(graph, f"{base}_quantized", codes),
-                _initializer(graph, f"{base}_scale", scales),
-                _initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, np.int32)),
+                add_initializer(graph, f"{base}_quantized", codes),
+                add_initializer(graph, f"{base}_scale", scales),
+                add_initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, np.int32)),
             ],
             {"axis": 0},
             outputs=[dequantized],
@@ -162,8 +163,8 @@ class QDQPass(ir.passes.InPlacePass):
         consumers = list(value.uses())
         scale, zero_point = activation_params(value)
         base = str(value.name)
-        scale_value = _initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
-        zero_value = _initializer(graph, f"{base}_zero_point", np.array(zero_point, dtype=spec.storage_dtype))
+        scale_value = add_initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
+        zero_value = add_initializer(graph, f"{base}_zero_point", np.array(zero_point, dtype=spec.storage_dtype))
         quantized = ir.Value(
             name=f"{base}_quantized", shape=value.shape, type=ir.TensorType(ir.DataType.from_numpy(spec.storage_dtype))
         )

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.annotate import is_constant
+from qcompile.passes.qdq import add_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +83,7 @@ class SplitLayersPass(ir.passes.InPlacePass):
         for index, part in enumerate(PARTS):
             values = np.where(labels == index, weight, 0).astype(weight.dtype)
             name = f"{node.name}_{part}"
-            constant = ir.Value(
-                name=f"{name}_weight",
-                shape=ir.Shape(values.shape),
-                type=ir.TensorType(ir.DataType.from_numpy(values.dtype)),
-                const_value=ir.tensor(values, name=f"{name}_weight"),
-            )
-            graph.register_initializer(constant)
+            constant = add_initializer(graph, f"{name}_weight", values)
             inputs = [node.inputs[0], constant]
             if part == "high":
                 inputs += list(node.inputs[2:])  # the bias stays with one part
