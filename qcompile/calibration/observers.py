@@ -86,19 +86,21 @@ class HistogramObserver(MinMaxObserver):
             if self.high <= self.low:
                 self.high = self.low + 1e-8
         while batch_low < self.low or batch_high > self.high:
-            self._double_span()
+            self._double_span(batch_low < self.low, batch_high > self.high)
         hist, _ = np.histogram(batch, bins=self.bins, range=(self.low, self.high))
         self.counts += hist
 
-    def _double_span(self) -> None:
+    def _double_span(self, grow_low: bool, grow_high: bool) -> None:
         # Double the span while keeping old bin edges on new bin edges: each new bin covers two old ones.
+        # The old span goes where the new one grows toward the data: both sides (and always when zero is
+        # strictly inside), only up, or only down. A span starting at 0 that meets negative values grows
+        # down (it used to grow up forever: a hang on outputs that are all zeros in the first batch).
         width = self.high - self.low
         merged = self.counts.reshape(-1, 2).sum(axis=1)
-        # Place the old span in the half of the new span that keeps zero inside and grows toward data.
-        if self.low < 0.0 and self.high > 0.0:
+        if (grow_low and grow_high) or (self.low < 0.0 < self.high):
             new_low, new_high = self.low - width / 2, self.high + width / 2
             start = self.bins // 4
-        elif self.low >= 0.0:
+        elif grow_high:
             new_low, new_high = self.low, self.high + width
             start = 0
         else:

@@ -45,6 +45,18 @@ def test_histogram_growth_keeps_counts_and_percentiles() -> None:
     assert abs(low - np.percentile(values, 0.5)) <= 2 * bin_width
 
 
+@pytest.mark.parametrize("first", [np.zeros(64), np.abs(np.linspace(0, 2, 64)), -np.abs(np.linspace(0, 2, 64))])
+def test_histogram_grows_toward_either_side(first: np.ndarray) -> None:
+    # A span that starts on one side of zero (an output that is all zeros, or all positive, in the first
+    # batch) must grow toward later values on the other side: this used to loop forever.
+    observer = HistogramObserver()
+    observer.update(first.astype(np.float32))
+    later = np.linspace(-40.0, 3.0, 1000, dtype=np.float32)
+    observer.update(later)
+    assert observer.low <= -40.0 and observer.high >= 3.0
+    assert observer.counts.sum() == first.size + later.size
+
+
 def test_mse_range_matches_laplace_optimum() -> None:
     observer = HistogramObserver()
     values = np.random.default_rng(2).laplace(0.0, 1.0, 400000).astype(np.float32)
