@@ -9,6 +9,8 @@ quantized per output channel. ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` (X
 The division is folded into the producer of ``x``, never inserted as a runtime Mul:
 
 - LayerNormalization over the last axis with constant scale (and bias): both divided by ``s``;
+- Mul by a constant per-channel vector (the weight of an RMSNorm decomposed at opset 18, as Llama-style
+  models such as SmolLM2 export): the vector divided by ``s``;
 - MatMul / Gemm with a constant weight (and Gemm's constant bias): output columns divided by ``s``;
 - Conv with a constant weight (and bias): output channels divided by ``s``.
 
@@ -100,6 +102,13 @@ def _producer_channels(node: ir.Node) -> int | None:
         if not (_single_use_constant(node.inputs[1]) and bias_ok) or _attribute(node, "axis", -1) not in (-1, rank - 1):
             return None
         return int(node.inputs[1].const_value.numpy().shape[-1])  # type: ignore[union-attr]
+    if node.op_type == "Mul" and len(node.inputs) == 2:
+        # The weight of a decomposed RMSNorm (Llama / SmolLM2 at opset 18): x * gamma, gamma per last-axis channel.
+        constants = [value for value in node.inputs if value is not None and is_constant(value)]
+        if len(constants) != 1 or not _single_use_constant(constants[0]):
+            return None
+        array = constants[0].const_value.numpy()  # type: ignore[union-attr]
+        return int(array.shape[-1]) if array.ndim >= 1 and array.size == array.shape[-1] > 1 else None
     if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.inputs) > 1 and _single_use_constant(node.inputs[1]):
         weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
         if node.op_type == "MatMul" and weight.ndim != 2:
@@ -120,6 +129,10 @@ def _divide_producer(node: ir.Node, scale: np.ndarray) -> None:
         value.const_value = ir.tensor(array_fn(array).astype(array.dtype), name=value.name)
 
     bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if node.op_type == "Mul":
+        gamma = next(value for value in node.inputs if value is not None and _single_use_constant(value))
+        divide(gamma, lambda a: a / scale.reshape(a.shape))
+        return
     if node.op_type == "LayerNormalization":
         divide(node.inputs[1], lambda a: a / scale)  # type: ignore[arg-type]
     elif node.op_type == "Conv":

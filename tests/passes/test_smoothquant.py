@@ -101,3 +101,50 @@ def test_options_and_flags_are_validated() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["model.onnx", "-c", "data", "--smoothquant", "2"])
     assert exit_info.value.code == 2
+
+
+def test_decomposed_rmsnorm_weight_takes_the_scale() -> None:
+    """A Llama-style block at opset 18: RMSNorm as Pow / ReduceMean / Add / Sqrt / Div, then Mul by its
+    weight, feeding Q, K and V. The weight vector absorbs one joint scale."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    width = 64
+
+    def constant(name: str, array: np.ndarray) -> ir.Value:
+        array = np.asarray(array, np.int64 if array.dtype.kind == "i" else np.float32)
+        return ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )  # fmt: skip
+
+    x = ir.Value(name="x", shape=ir.Shape([1, 8, width]), type=ir.TensorType(ir.DataType.FLOAT))
+    nodes, values = [], {}
+
+    def op(kind: str, inputs: list[ir.Value], name: str, **attributes: object) -> ir.Value:
+        out = ir.Value(name=name)
+        nodes.append(ir.node(kind, inputs, attributes=attributes, outputs=[out], name=f"node_{name}"))  # type: ignore[arg-type]
+        values[name] = out
+        return out
+
+    squared = op("Pow", [x, constant("two", np.array(2.0))], "squared")
+    mean = op("ReduceMean", [squared, constant("axes", np.array([-1], np.int64))], "mean")
+    root = op("Sqrt", [op("Add", [mean, constant("eps", np.array(1e-6))], "mean_eps")], "root")
+    normed = op("Div", [x, root], "normed")
+    gamma = rng.uniform(0.5, 2.0, width) * np.where(np.arange(width) % 16 == 0, 20.0, 1.0)  # outlier channels
+    weighted = op("Mul", [normed, constant("gamma", gamma)], "weighted")
+    outputs = [
+        op("MatMul", [weighted, constant(f"w_{head}", rng.standard_normal((width, width)) / 8)], head)
+        for head in ("q", "k", "v")
+    ]
+    total = op("Add", [op("Add", [outputs[0], outputs[1]], "qk"), outputs[2]], "total")
+    initializers = [
+        value for node in nodes for value in node.inputs if value is not None and value.const_value is not None
+    ]
+    graph = ir.Graph([x], [total], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="block")
+    model = frontend.normalize(ir.Model(graph, ir_version=10), name="rmsnorm block")
+    feeds = [{"x": rng.standard_normal((1, 8, width)).astype(np.float32)} for _ in range(4)]
+    _, decisions, worst = _smooth(model, feeds, "auto")
+    assert worst < TOLERANCE
+    (folded,) = [d for d in decisions if d.reason is None]
+    assert folded.producer == "node_weighted" and sorted(folded.consumers) == ["node_k", "node_q", "node_v"]
