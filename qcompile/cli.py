@@ -169,6 +169,14 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "int8 activations) chosen by measured sensitivity and the target's cost model under the budgets",
     )
     parser.add_argument(
+        "--activation-bits",
+        type=int,
+        choices=(8, 4),
+        default=8,
+        help="activation width: 8 (uint8, default) or 4 (uint4 codes stored in uint8 and clamped by a Clip; "
+        "for accuracy studies such as W4A4: onnxruntime has no 4-bit kernels, so it is not faster)",
+    )
+    parser.add_argument(
         "--latency-budget-ms",
         type=float,
         metavar="X",
@@ -395,6 +403,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         max_calibration_samples=args.max_calibration_samples,
         sensitivity_samples=args.sensitivity_samples,
         bits=args.bits,
+        activation_bits=args.activation_bits,
         latency_budget_ms=args.latency_budget_ms,
         size_budget_mb=args.size_budget_mb,
         sensitivity=args.sensitivity,

@@ -27,8 +27,9 @@ class Statistics:
     samples: int
     method: str
 
-    def range(self, name: str) -> tuple[float, float]:
-        return observed_range(self.observers[name], self.method)
+    def range(self, name: str, levels: int = 256) -> tuple[float, float]:
+        """The calibrated range of ``name`` for quantization to ``levels`` codes (the MSE range depends on it)."""
+        return observed_range(self.observers[name], self.method, levels=levels)
 
     def channel_mean(self, name: str) -> np.ndarray | None:
         return self.observers[name].channel_mean()

@@ -156,12 +156,15 @@ def make_observer(method: str) -> MinMaxObserver:
     return MinMaxObserver() if method == "minmax" else HistogramObserver()
 
 
-def observed_range(observer: MinMaxObserver, method: str, percentile: float = 99.99) -> tuple[float, float]:
-    """The range ``method`` ('minmax', 'percentile' or 'mse') chooses from an observer's statistics."""
+def observed_range(
+    observer: MinMaxObserver, method: str, percentile: float = 99.99, levels: int = 256
+) -> tuple[float, float]:
+    """The range ``method`` ('minmax', 'percentile' or 'mse') chooses from an observer's statistics; the MSE
+    range is optimal for quantization to ``levels`` codes."""
     if method == "minmax" or not isinstance(observer, HistogramObserver) or not observer.histogram_valid:
         return observer.compute_range()
     if method == "percentile":
         return observer.percentile_range(percentile)
     if method == "mse":
-        return observer.mse_range()
+        return observer.mse_range(levels)
     raise ValueError(f"unknown calibration method '{method}' (minmax, percentile, mse)")

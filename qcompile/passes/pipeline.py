@@ -26,7 +26,7 @@ from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.hadamard import HadamardRotationPass, Rotation
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
-from qcompile.passes.quant_spec import WEIGHT_FORMATS
+from qcompile.passes.quant_spec import ACTIVATION_FORMATS, WEIGHT_FORMATS
 from qcompile.passes.smoothquant import Decision, SmoothQuantPass, producer_statistics
 from qcompile.passes.split_layers import Split, SplitLayersPass
 from qcompile.search import sensitivity
@@ -54,6 +54,8 @@ class QuantizeOptions:
         sensitivity_samples: calibration samples kept in memory to measure layer sensitivity and error.
         bits: '8' (int8 weights), '4' (int4 weights) or 'auto': per-layer formats (fp32, int8, int4 or
             ternary weights, int8 activations) chosen by the search under the budgets below.
+        activation_bits: 8 (uint8 activations) or 4 (uint4 codes, clamped in uint8 storage: for accuracy
+            studies such as W4A4; the bit-width search always uses 8).
         latency_budget_ms: the search's end-to-end latency budget on the target (cost-model prediction).
         size_budget_mb: the search's budget for the bytes of weights and constants.
         smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
@@ -77,6 +79,7 @@ class QuantizeOptions:
     max_calibration_samples: int | None = None
     sensitivity_samples: int = 16
     bits: str = "8"
+    activation_bits: int = 8
     latency_budget_ms: float | None = None
     size_budget_mb: float | None = None
     sensitivity: str = "measured"
@@ -87,6 +90,10 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
             raise CalibrationError(f"bits '{self.bits}' is not 8, 4 or auto")
+        if self.activation_bits not in ACTIVATION_FORMATS:
+            raise CalibrationError(f"activation bits {self.activation_bits} is not one of {sorted(ACTIVATION_FORMATS)}")
+        if self.bits == "auto" and self.activation_bits != 8:
+            raise CalibrationError("the bit-width search chooses weight formats for int8 activations only")
         if self.bits == "auto" and self.latency_budget_ms is None and self.size_budget_mb is None:
             raise BudgetError("--bits auto needs a budget: --latency-budget-ms and/or --size-budget-mb")
         if self.bits != "auto" and (self.latency_budget_ms is not None or self.size_budget_mb is not None):
@@ -162,7 +169,13 @@ def _quantize_copy(
     weight_formats: dict[str, str] | None = None,
 ) -> ir.Model:
     copy = _clone(model)
-    if not AnnotatePass(stats.range, float_layers, weight_formats)(copy).modified:
+    spec = ACTIVATION_FORMATS[options.activation_bits]
+    levels = spec.qmax - spec.qmin + 1
+
+    def value_range(name: str) -> tuple[float, float]:
+        return stats.range(name, levels)
+
+    if not AnnotatePass(value_range, float_layers, weight_formats, spec)(copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
         GPTQPass(hessians)(copy)
@@ -357,7 +370,7 @@ def quantize(
         {
             "name": "annotate",
             "weights": "symmetric per-channel: " + ("per-layer formats" if searched else uniform),
-            "activations": "uint8 asymmetric per-tensor",
+            "activations": f"uint{options.activation_bits} asymmetric per-tensor",
         },
         {
             "name": "weight_rounding",

@@ -178,11 +178,24 @@ class QDQPass(ir.passes.InPlacePass):
             outputs=[dequantized],
             name=f"{base}_DequantizeLinear",
         )
+        inserted = [q, dq]
+        storage = np.iinfo(spec.storage_dtype)
+        if (spec.qmin, spec.qmax) != (storage.min, storage.max):
+            # Codes narrower than their storage (uint4 in uint8): QuantizeLinear saturates to the storage
+            # range only, so a Clip on the codes keeps them in qmin..qmax.
+            clamped = ir.Value(name=f"{base}_clamped", shape=value.shape, type=quantized.type)
+            bounds = [
+                add_initializer(graph, f"{base}_{which}", np.array(bound, dtype=spec.storage_dtype))
+                for which, bound in (("qmin", spec.qmin), ("qmax", spec.qmax))
+            ]
+            clip = ir.node("Clip", [quantized, *bounds], outputs=[clamped], name=f"{base}_ClipCodes")
+            dq.replace_input_with(0, clamped)
+            inserted = [q, clip, dq]
         for use in consumers:
             use.node.replace_input_with(use.idx, dequantized)
         producer = value.producer()
         if producer is not None:
-            graph.insert_after(producer, [q, dq])
+            graph.insert_after(producer, inserted)
         else:
-            graph.insert_before(next(iter(graph)), [q, dq])
+            graph.insert_before(next(iter(graph)), inserted)
         del value.meta[SPEC_KEY]

@@ -118,3 +118,5 @@ WEIGHT_FORMATS = {
     "ternary": QuantSpec(bits=2, scale_rule="absmean"),
 }
 ACTIVATION_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False)
+# Activation formats: asymmetric per-tensor unsigned codes (uint4 codes are stored in uint8 and clamped).
+ACTIVATION_FORMATS = {8: ACTIVATION_UINT8, 4: QuantSpec(bits=4, signed=False, symmetric=False)}

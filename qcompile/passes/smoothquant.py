@@ -12,7 +12,10 @@ The division is folded into the producer of ``x``, never inserted as a runtime M
 - Mul by a constant per-channel vector (the weight of an RMSNorm decomposed at opset 18, as Llama-style
   models such as SmolLM2 export): the vector divided by ``s``;
 - MatMul / Gemm with a constant weight (and Gemm's constant bias): output columns divided by ``s``;
-- Conv with a constant weight (and bias): output channels divided by ``s``.
+- Conv with a constant weight (and bias): output channels divided by ``s``;
+- through a gating Mul of two activations (the SwiGLU MLP of Llama-style models: ``silu(x G) * (x U)``, read
+  by the down projection): the MatMul / Gemm producing one factor, read by that Mul alone, divides its output
+  columns by ``s`` (elementwise products are scaled channel by channel, so the Mul's output is too).
 
 Between producer and consumers only Reshapes that keep the channel axis (the last one) may stand; every
 reader of the producer's output must be a consumer that can take the scale (a MatMul / Gemm with a constant
@@ -123,6 +126,30 @@ def _producer_channels(node: ir.Node) -> int | None:
     return None
 
 
+def _absorber(node: ir.Node) -> ir.Node | None:
+    """The node whose constant parameters can take a scale of ``node``'s output channels: ``node`` itself,
+    or, for a Mul of two activations of one shape, a channels-last linear producer of one factor that only
+    this Mul reads; None when there is none."""
+    if _producer_channels(node) is not None:
+        return node
+    if node.op_type != "Mul" or len(node.inputs) != 2 or any(v is None or is_constant(v) for v in node.inputs):
+        return None
+    left, right = node.inputs
+    if left is None or right is None or left.shape is None or left.shape != right.shape:
+        return None
+    for factor in (right, left):
+        producer = factor.producer()
+        if (
+            producer is not None
+            and producer.op_type in ("MatMul", "Gemm")
+            and _producer_channels(producer) is not None
+            and len(factor.uses()) == 1
+            and not factor.is_graph_output()
+        ):
+            return producer
+    return None
+
+
 def _divide_producer(node: ir.Node, scale: np.ndarray) -> None:
     def divide(value: ir.Value, array_fn: Callable[[np.ndarray], np.ndarray]) -> None:
         array = value.const_value.numpy()  # type: ignore[union-attr]
@@ -219,11 +246,12 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.decisions = []
         covered: set[int] = set()
         for node in list(model.graph):
-            channels = _producer_channels(node)
-            if channels is None:
+            absorber = _absorber(node)
+            channels = _producer_channels(absorber) if absorber is not None else None
+            if absorber is None or channels is None:
                 continue
             output = node.outputs[0]
-            channels_last = node.op_type != "Conv"
+            channels_last = absorber.op_type != "Conv"
             readers = _readers(output, channels_last)
             if not readers:
                 continue
@@ -246,7 +274,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 reason = f"value '{output.name}' is read with its channels on another axis than its producer's"
                 self.decisions.append(Decision(str(output.name), names, str(node.name), reason=reason))
             else:
-                self._fold(node, output, eligible, channels)
+                self._fold(absorber, output, eligible, channels)
         for node in model.graph:
             if id(node) in covered or _consumer_rows(node, 0) is None:
                 continue
@@ -318,7 +346,7 @@ def producer_statistics(
     axes = {
         str(node.outputs[0].name): (1 if node.op_type == "Conv" else -1)
         for node in model.graph
-        if _producer_channels(node) is not None and not node.outputs[0].is_graph_output()
+        if _absorber(node) is not None and not node.outputs[0].is_graph_output()
     }
     if not axes or not feeds:
         return {}, {}

@@ -80,3 +80,27 @@ def test_ordering_is_checked(tmp_path: Path) -> None:
     model = residual_model(tmp_path)
     with pytest.raises(ir.passes.PreconditionError, match="run AnnotatePass first"):
         BiasCorrectionPass(lambda name: None)(model)
+
+
+def test_uint4_activations_are_clamped_to_sixteen_levels(tmp_path: Path) -> None:
+    """uint4 codes live in uint8 storage: QuantizeLinear alone would saturate at 255, so a Clip keeps the
+    codes in 0..15. Checked on the dequantized input of the first Conv: inputs beyond the calibrated range
+    land on the range's ends, and at most 16 distinct values remain."""
+    from qcompile.passes.quant_spec import ACTIVATION_FORMATS
+
+    model = residual_model(tmp_path)
+    rng = np.random.default_rng(2)
+    calibration_x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    AnnotatePass(ranges_from(model, calibration_x), activation_spec=ACTIVATION_FORMATS[4])(model)
+    QDQPass()(model)
+    proto = ort_backend.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    clips = [node for node in proto.graph.node if node.op_type == "Clip" and node.input[0].endswith("_quantized")]
+    assert len(clips) == 4  # one per activation point: x, r1, c2, y
+    wide = (calibration_x * 3.0).astype(np.float32)  # far outside the calibrated range
+    session = ort_backend.session(model, extra_outputs=["x_dequantized"])
+    (seen,) = session.run(["x_dequantized"], {"x": wide})
+    low, high = float(calibration_x.min()), float(calibration_x.max())
+    scale = (high - min(low, 0.0)) / 15
+    assert len(np.unique(seen)) <= 16
+    assert seen.max() <= high + scale / 2 and seen.min() >= min(low, 0.0) - scale / 2

@@ -103,9 +103,11 @@ def test_options_and_flags_are_validated() -> None:
     assert exit_info.value.code == 2
 
 
-def test_decomposed_rmsnorm_weight_takes_the_scale() -> None:
+def test_llama_style_block_folds_into_rmsnorm_weight_and_up_projection() -> None:
     """A Llama-style block at opset 18: RMSNorm as Pow / ReduceMean / Add / Sqrt / Div, then Mul by its
-    weight, feeding Q, K and V. The weight vector absorbs one joint scale."""
+    weight, feeding Q, K and V; then a SwiGLU MLP, ``(silu(h G) * (h U)) D``. The RMSNorm weight absorbs one
+    joint scale for Q, K and V; the up projection (read only by the gating Mul) absorbs the down
+    projection's; the gate projection (read by Sigmoid and Mul) cannot."""
     import onnx_ir as ir
 
     rng = np.random.default_rng(0)
@@ -138,13 +140,25 @@ def test_decomposed_rmsnorm_weight_takes_the_scale() -> None:
         for head in ("q", "k", "v")
     ]
     total = op("Add", [op("Add", [outputs[0], outputs[1]], "qk"), outputs[2]], "total")
+    gate = op("MatMul", [total, constant("w_gate", rng.standard_normal((width, 2 * width)) / 8)], "gate")
+    silu = op("Mul", [gate, op("Sigmoid", [gate], "sigmoid")], "silu")
+    outlier_columns = np.where(np.arange(2 * width) % 8 == 0, 30.0, 1.0)
+    w_up = rng.standard_normal((width, 2 * width)) / 8 * outlier_columns
+    hidden = op("Mul", [silu, op("MatMul", [total, constant("w_up", w_up)], "up")], "hidden")
+    down = op("MatMul", [hidden, constant("w_down", rng.standard_normal((2 * width, width)) / 8)], "down")
     initializers = [
         value for node in nodes for value in node.inputs if value is not None and value.const_value is not None
     ]
-    graph = ir.Graph([x], [total], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="block")
+    graph = ir.Graph([x], [down], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="block")
     model = frontend.normalize(ir.Model(graph, ir_version=10), name="rmsnorm block")
     feeds = [{"x": rng.standard_normal((1, 8, width)).astype(np.float32)} for _ in range(4)]
     _, decisions, worst = _smooth(model, feeds, "auto")
     assert worst < TOLERANCE
-    (folded,) = [d for d in decisions if d.reason is None]
-    assert folded.producer == "node_weighted" and sorted(folded.consumers) == ["node_k", "node_q", "node_v"]
+    folded = {d.producer: d for d in decisions if d.reason is None}
+    assert sorted(folded) == ["node_up", "node_weighted"]
+    norm, mlp = folded["node_weighted"], folded["node_up"]
+    assert norm.producer == "node_weighted" and sorted(norm.consumers) == ["node_k", "node_q", "node_v"]
+    assert mlp.producer == "node_up" and mlp.value == "hidden" and mlp.consumers == ["node_down"]
+    assert mlp.max_scale is not None and mlp.max_scale > 2.0
+    refused = {d.consumers[0]: d.reason for d in decisions if d.reason is not None}
+    assert "'total'" in refused["node_gate"] and "Add" in refused["node_gate"]
