@@ -74,3 +74,13 @@ def efficientnet(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def minilm(models_dir: Path) -> Path:
     return zoo.export_minilm(models_dir / "minilm.onnx")
+
+
+@pytest.fixture(scope="session")
+def smollm2(models_dir: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    """SmolLM2-135M-Instruct cut to its first 2 decoder layers (the final norm and tied LM head kept), 64-token
+    windows; with 4 windows of real text (tokens of ``pydoc_data.topics``). Full-model figures are in bench/."""
+    model, tokenizer = zoo.load_smollm2(layers=2)
+    del model
+    path = zoo.export_smollm2(models_dir / "smollm2_2layers.onnx", seq_len=64, layers=2)
+    return path, zoo.token_windows(zoo.pydoc_tokens(tokenizer, 256), 64)

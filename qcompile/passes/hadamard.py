@@ -5,11 +5,11 @@ other, so a channel with outliers no longer sets the per-tensor scale alone, and
 quantize per output channel. ``Q = D H / sqrt(n)`` with ``H`` a Hadamard matrix and ``D`` a random +-1
 diagonal (seeded: the rotation is randomized but reproducible).
 
-Sizes: ``n = m * 2^k``. For ``m = 1`` ``H`` is Sylvester's; for ``m`` = 12 or 20, ``H = H_m (x) H_{2^k}``
-(Kronecker product) with ``H_m`` from Paley's first construction (primes 11 and 19); otherwise ``H`` is
-block-diagonal, ``m`` copies of ``H_{2^k}`` (orthogonal, but mixing only within blocks of ``2^k``).
-MiniLM's 384 = 12 x 32 and 1536 = 12 x 128 get the full Kronecker rotation; SmolLM2's 576 = 9 x 64 would
-get 9 blocks of 64.
+Sizes: ``n = m * 2^k``. For ``m = 1`` ``H`` is Sylvester's; for ``m`` a product of 12s and 20s,
+``H = H_m (x) H_{2^k}`` (Kronecker products) with ``H_12`` and ``H_20`` from Paley's first construction
+(primes 11 and 19); otherwise ``H`` is block-diagonal, ``n / 2^k`` copies of ``H_{2^k}`` (orthogonal, but
+mixing only within blocks of ``2^k``). MiniLM's 384 = 12 x 32 and 1536 = 12 x 128 and SmolLM2's
+1536 and 576 = 12 x 12 x 4 get full Kronecker rotations; 160 = 20 x 8 too; 72 = 9 x 8 gets 9 blocks of 8.
 
 Where the rotation goes:
 - the producer of ``x`` is a MatMul / Gemm with constant weight (and bias) read only by rotated consumers:
@@ -68,14 +68,34 @@ def _paley(prime: int) -> np.ndarray:
 SMALL = {12: 11, 20: 19}
 
 
+def _paley_product(size: int) -> np.ndarray | None:
+    """A Hadamard matrix of order ``m``, the Kronecker product of Paley matrices of orders 12 (= 4 x 3) and
+    20 (= 4 x 5), with ``size = m * 2^k``: one H_12 per factor 3 of ``size``, one H_20 per factor 5, each
+    taking two factors 2. None when ``size`` has other odd factors, too few factors 2, or no odd factor."""
+    counts = {}
+    rest = size
+    for order, odd in ((12, 3), (20, 5)):
+        counts[order] = 0
+        while rest % odd == 0:
+            rest //= odd
+            counts[order] += 1
+    twos = sum(counts.values()) * 2
+    if rest & (rest - 1) or rest < 2**twos or twos == 0:
+        return None
+    matrix = np.ones((1, 1))
+    for order, count in counts.items():
+        for _ in range(count):
+            matrix = np.kron(matrix, _paley(SMALL[order]))
+    return matrix
+
+
 def factors(size: int) -> tuple[np.ndarray, np.ndarray, str]:
     """``(A, B, kind)`` with the rotation's Hadamard part ``A (x) B`` (``kind`` 'kronecker') or ``m`` blocks
     of ``B`` (``A`` the identity, ``kind`` 'block-diagonal'); both normalized to be orthogonal."""
-    for multiple, prime in SMALL.items():
-        rest = size // multiple
-        if size % multiple == 0 and rest & (rest - 1) == 0:
-            inner = _sylvester(rest) / np.sqrt(rest)
-            return _paley(prime) / np.sqrt(multiple), inner, "kronecker"
+    outer = _paley_product(size)
+    if outer is not None:
+        rest = size // outer.shape[0]
+        return outer / np.sqrt(outer.shape[0]), _sylvester(rest) / np.sqrt(rest), "kronecker"
     power = size & -size
     multiple = size // power
     block = _sylvester(power) / np.sqrt(power)

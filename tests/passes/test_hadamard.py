@@ -28,7 +28,14 @@ TOLERANCE = 1e-5
 
 @pytest.mark.parametrize(
     ("size", "kind"),
-    [(256, "sylvester"), (384, "kronecker"), (1536, "kronecker"), (160, "kronecker"), (576, "block-diagonal")],
+    [
+        (256, "sylvester"),
+        (384, "kronecker"),
+        (1536, "kronecker"),
+        (160, "kronecker"),
+        (576, "kronecker"),
+        (72, "block-diagonal"),
+    ],
 )
 def test_rotations_are_orthogonal(size: int, kind: str) -> None:
     q = rotation(size)
