@@ -1,7 +1,9 @@
 """Normalization: one canonical form for every model the passes see.
 
 After :func:`normalize`, a model is at opset :data:`CANONICAL_OPSET`; every graph input has a static
-shape; Constant nodes are initializers; constant subexpressions are folded; BatchNormalization that
+shape; Constant nodes are initializers; constant subexpressions are folded (a Transpose of a constant read as a
+MatMul / Gemm weight whatever its size: an LM head tied to the embedding table gets its own transposed
+weight, so it is quantized as a weight, not as an activation); BatchNormalization that
 follows a Conv or Gemm is folded into its weights; Identity and inference-mode Dropout are gone; every
 value has an inferred type and shape; and no floating-point weight is NaN or Inf.
 """
@@ -105,6 +107,39 @@ def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
     return ir.serde.deserialize_model(converted)
 
 
+def _fold_weight_transposes(model: ir.Model) -> int:
+    """Fold ``Transpose(constant)`` nodes whose output only feeds MatMul / Gemm weight inputs (onnxscript's
+    folding skips large tensors; a tied LM head is 49152 x 576 in SmolLM2). Returns how many were folded."""
+    folded = 0
+    for node in list(model.graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if source is None or source.const_value is None or source.is_graph_input():
+            continue
+        output = node.outputs[0]
+        uses = output.uses()
+        if (
+            not uses
+            or output.is_graph_output()
+            or any(use.node.op_type not in ("MatMul", "Gemm") or use.idx != 1 for use in uses)
+        ):
+            continue
+        perm = node.attributes.get("perm")
+        array = source.const_value.numpy()
+        transposed = np.ascontiguousarray(np.transpose(array, perm.as_ints() if perm is not None else None))
+        weight = ir.Value(
+            name=f"{source.name}_transposed",
+            shape=ir.Shape(transposed.shape),
+            type=source.type,
+            const_value=ir.tensor(transposed, name=f"{source.name}_transposed"),
+        )
+        model.graph.register_initializer(weight)
+        for use in list(uses):
+            use.node.replace_input_with(use.idx, weight)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
 def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None, name: str = "model") -> ir.Model:
     """Bring ``model`` into canonical form in place (see the module docstring) and return it."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -125,6 +160,7 @@ def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None =
         logger.info("%s: converted opset %s to %d", name, opset, CANONICAL_OPSET)
     try:
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+        _fold_weight_transposes(model)
         rewrite_rules.apply_normalization_rules(model)
         IdentityEliminationPass()(model)
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.qdq import add_initializer
-from qcompile.passes.smoothquant import _attribute, _consumer_rows, _readers, _single_use_constant
+from qcompile.passes.smoothquant import _attribute, _consumer_rows, _readers, _single_use_constant, private_weight
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Rotation:
 
 
 def _rotate_consumer(node: ir.Node, q: np.ndarray) -> None:
-    value = node.inputs[1]
+    value = private_weight(node)
     weight = value.const_value.numpy()  # type: ignore[union-attr]
     if node.op_type == "Gemm" and _attribute(node, "transB", 0):
         new = weight.astype(np.float64) @ q  # W^T stored: (Q^T W)^T = W^T Q

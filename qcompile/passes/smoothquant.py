@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.annotate import is_constant
+from qcompile.passes.qdq import add_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,30 @@ def _single_use_constant(value: ir.Value | None) -> bool:
     return value is not None and is_constant(value) and len(value.uses()) == 1 and not value.is_graph_input()
 
 
+def _constant_weight(value: ir.Value | None) -> bool:
+    return value is not None and is_constant(value) and not value.is_graph_input()
+
+
+def private_weight(node: ir.Node, index: int = 1) -> ir.Value:
+    """The constant input ``index`` of ``node``, copied first when other nodes read it too (an LM head tied to
+    the embedding table): a rewrite of this consumer's weight must not change theirs. The quantized model
+    stores the consumer's weight as integer codes anyway, so the copy costs nothing in the artifact."""
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None
+    if len(value.uses()) == 1:
+        return value
+    graph = node.graph
+    assert graph is not None
+    copy = add_initializer(graph, f"{value.name}_{node.name}", value.const_value.numpy().copy())
+    node.replace_input_with(index, copy)
+    return copy
+
+
 def _consumer_rows(node: ir.Node, index: int) -> np.ndarray | None:
     """The weight of a consumer with its input channels as rows ``[channels, outputs]``; None when ``node``
-    cannot take an input-channel scale on input ``index``."""
-    if index != 0 or len(node.inputs) < 2 or not _single_use_constant(node.inputs[1]):
+    cannot take an input-channel scale on input ``index``. A weight that other nodes read too (tied) is
+    copied for this consumer when it is rewritten (:func:`private_weight`)."""
+    if index != 0 or len(node.inputs) < 2 or not _constant_weight(node.inputs[1]):
         return None
     weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
     if node.op_type == "MatMul" and weight.ndim == 2:
@@ -86,7 +107,7 @@ def _consumer_rows(node: ir.Node, index: int) -> np.ndarray | None:
 
 
 def _scale_consumer(node: ir.Node, scale: np.ndarray) -> None:
-    value = node.inputs[1]
+    value = private_weight(node)
     weight = value.const_value.numpy()  # type: ignore[union-attr]
     if node.op_type == "Conv":
         new = weight * scale[None, :, None, None]

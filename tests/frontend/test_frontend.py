@@ -125,3 +125,32 @@ def test_efficientnet_normalizes(efficientnet: Path) -> None:
     ops = {node.op_type for node in model.graph}
     assert "Conv" in ops and "BatchNormalization" not in ops and "Constant" not in ops
     assert all(value.shape is not None for node in model.graph for value in node.outputs)
+
+
+def test_tied_lm_head_gets_its_own_transposed_weight(tmp_path: Path) -> None:
+    """An LM head tied to the embedding table reads ``Transpose(table)``; folding skips tensors this large, so
+    the frontend folds it itself: the head's MatMul gets a constant weight (quantized as a weight, per
+    channel), the Gather keeps the table, and the outputs are unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, width = 1100, 1000  # 1.1M elements, over onnxscript's folding limit
+    table = np.random.default_rng(0).standard_normal((vocab, width)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["hidden"]),
+            helper.make_node("Transpose", ["table"], ["head"], perm=[1, 0]),
+            helper.make_node("MatMul", ["hidden", "head"], ["logits"]),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, vocab])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = frontend.load(save_model(proto, tmp_path / "tied.onnx"))
+    assert [node.op_type for node in model.graph] == ["Gather", "MatMul"]
+    head = next(node for node in model.graph if node.op_type == "MatMul").inputs[1]
+    assert head is not None and head.const_value is not None and head.shape == (width, vocab)
+    ids = {"ids": np.array([[0, 5, 77, 1099]], np.int64)}
+    expected = ort_backend.session(proto).run(None, ids)[0]
+    np.testing.assert_array_equal(ort_backend.session(model).run(None, ids)[0], expected)
