@@ -169,6 +169,13 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "int8 activations) chosen by measured sensitivity and the target's cost model under the budgets",
     )
     parser.add_argument(
+        "--weight-block",
+        type=int,
+        metavar="N",
+        help="group-wise weights: one scale per output channel and block of N input channels of every 2-D "
+        "MatMul/Gemm weight (e.g. 32 or 64 with --bits 4); default one scale per output channel",
+    )
+    parser.add_argument(
         "--activation-bits",
         type=int,
         choices=(8, 4),
@@ -404,6 +411,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         sensitivity_samples=args.sensitivity_samples,
         bits=args.bits,
         activation_bits=args.activation_bits,
+        weight_block=args.weight_block,
         latency_budget_ms=args.latency_budget_ms,
         size_budget_mb=args.size_budget_mb,
         sensitivity=args.sensitivity,

@@ -140,12 +140,14 @@ class AnnotatePass(ir.passes.InPlacePass):
         float_layers: frozenset[str] = frozenset(),
         weight_formats: Mapping[str, str] | None = None,
         activation_spec: QuantSpec = ACTIVATION_UINT8,
+        weight_block: int | None = None,
     ) -> None:
         super().__init__()
         self.value_range = value_range
         self.float_layers = float_layers
         self.weight_formats = weight_formats or {}
         self.activation_spec = activation_spec
+        self.weight_block = weight_block
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers, points = plan_quantization_points(model, self.float_layers)
@@ -154,7 +156,10 @@ class AnnotatePass(ir.passes.InPlacePass):
                 axis = weight_axis(node, index)
                 if value is not None and is_constant(value) and axis is not None:
                     base = WEIGHT_FORMATS[self.weight_formats.get(layer_name(node), "int8")]
-                    value.meta[SPEC_KEY] = dataclasses.replace(base, axis=axis)
+                    spec = dataclasses.replace(base, axis=axis, block_size=self.weight_block)
+                    if not spec.blocked(value.const_value.numpy().shape):  # type: ignore[union-attr]
+                        spec = dataclasses.replace(spec, block_size=None)  # not 2-D, or blocks cannot tile it
+                    value.meta[SPEC_KEY] = spec
         for value in points:
             low, high = self.value_range(str(value.name))
             known = _known_activation_range(value)

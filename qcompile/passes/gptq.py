@@ -19,6 +19,7 @@ After this pass, every annotated weight with a Hessian holds values on its int8 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -133,7 +134,8 @@ class HessianCollector:
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
     """GPTQ rounding of ``weight`` ``[groups, out, cols]`` with ``hessian`` ``[groups, cols, cols]``.
 
-    ``scales`` is ``[groups, out]``. Returns the rounded weights (on the grid ``scales * integer``).
+    ``scales`` is ``[groups, out]``, or ``[groups, out, cols]`` for block scales (one per input column).
+    Returns the rounded weights (on the grid ``scales * integer``).
     """
     weight = weight.astype(np.float64).copy()
     hessian = hessian.astype(np.float64).copy()
@@ -147,10 +149,11 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax
     inverse = np.linalg.inv(hessian)
     inverse = (inverse + inverse.transpose(0, 2, 1)) / 2
     upper = np.linalg.cholesky(inverse).transpose(0, 2, 1)  # H^-1 = U^T U, U upper triangular
-    scale = scales[:, :, None].astype(np.float64)
+    scale = (scales if scales.ndim == 3 else scales[:, :, None]).astype(np.float64)
     for column in range(cols):
         current = weight[:, :, column]
-        rounded = np.clip(np.rint(current / scale[:, :, 0]), -qmax, qmax) * scale[:, :, 0]
+        step = scale[:, :, column if scale.shape[2] > 1 else 0]
+        rounded = np.clip(np.rint(current / step), -qmax, qmax) * step
         error = (current - rounded) / upper[:, column, column][:, None]
         weight[:, :, column] = rounded
         weight[:, :, column + 1 :] -= error[:, :, None] * upper[:, None, column, column + 1 :]
@@ -171,7 +174,8 @@ def validated_round(weight: np.ndarray, hessian: Hessian, scales: np.ndarray, qm
     on all samples, the others are rounded to nearest. Small per-channel problems (depthwise layers over
     a few late, mostly-zero feature maps) otherwise overfit: GPTQ's in-sample gain turns into a loss.
     """
-    nearest = np.clip(np.rint(weight / scales[:, :, None]), -qmax, qmax) * scales[:, :, None]
+    full = scales if scales.ndim == 3 else scales[:, :, None]
+    nearest = np.clip(np.rint(weight / full), -qmax, qmax) * full
     trial = gptq_round(weight, hessian.even, scales, qmax)
     wins = _row_costs(weight, trial, hessian.odd) < _row_costs(weight, nearest, hessian.odd)
     if not wins.any():
@@ -203,14 +207,19 @@ class GPTQPass(ir.passes.InPlacePass):
                 continue
             spec: QuantSpec = weight.meta[SPEC_KEY]
             original = weight.const_value.numpy().astype(np.float32)
+            if spec.block_size is not None and not spec.blocked(original.shape):
+                spec = dataclasses.replace(spec, block_size=None)  # as the QDQ pass will: per channel
+                weight.meta[SPEC_KEY] = spec
             scales = spec.weight_scales(original)
             if node.op_type == "Conv":
                 matrix = original.reshape(groups, original.shape[0] // groups, cols)
             else:  # Gemm: rows of the matrix must be output channels
                 matrix = (original if spec.axis == 0 else original.T)[None]
-            result, share = validated_round(
-                matrix.astype(np.float64), entry, scales.reshape(groups, -1).astype(np.float64), spec.qmax
-            )
+            if spec.block_size is not None:  # one scale per input column: [1, out, cols]
+                per_column = np.repeat(scales, spec.block_size, axis=1)[None]
+            else:
+                per_column = scales.reshape(groups, -1)
+            result, share = validated_round(matrix.astype(np.float64), entry, per_column.astype(np.float64), spec.qmax)
             self.shares[layer_name(node)] = share
             if node.op_type == "Conv":
                 new = result.reshape(original.shape)

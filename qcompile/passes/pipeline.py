@@ -56,6 +56,10 @@ class QuantizeOptions:
             ternary weights, int8 activations) chosen by the search under the budgets below.
         activation_bits: 8 (uint8 activations) or 4 (uint4 codes, clamped in uint8 storage: for accuracy
             studies such as W4A4; the bit-width search always uses 8).
+        weight_block: None (one scale per output channel) or a block size: each output channel of a 2-D
+            MatMul / Gemm weight gets one scale per block of this many input channels (group-wise, as GGUF
+            and AWQ store 4-bit weights); weights whose inputs the blocks cannot tile stay per channel.
+            Not combinable with ``bits='auto'`` (the size model prices per-channel scales).
         latency_budget_ms: the search's end-to-end latency budget on the target (cost-model prediction).
         size_budget_mb: the search's budget for the bytes of weights and constants.
         smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
@@ -80,6 +84,7 @@ class QuantizeOptions:
     sensitivity_samples: int = 16
     bits: str = "8"
     activation_bits: int = 8
+    weight_block: int | None = None
     latency_budget_ms: float | None = None
     size_budget_mb: float | None = None
     sensitivity: str = "measured"
@@ -92,6 +97,8 @@ class QuantizeOptions:
             raise CalibrationError(f"bits '{self.bits}' is not 8, 4 or auto")
         if self.activation_bits not in ACTIVATION_FORMATS:
             raise CalibrationError(f"activation bits {self.activation_bits} is not one of {sorted(ACTIVATION_FORMATS)}")
+        if self.weight_block is not None and (self.weight_block < 2 or self.bits == "auto"):
+            raise CalibrationError("weight blocks must hold >= 2 inputs, and cannot be combined with --bits auto")
         if self.bits == "auto" and self.activation_bits != 8:
             raise CalibrationError("the bit-width search chooses weight formats for int8 activations only")
         if self.bits == "auto" and self.latency_budget_ms is None and self.size_budget_mb is None:
@@ -175,7 +182,7 @@ def _quantize_copy(
     def value_range(name: str) -> tuple[float, float]:
         return stats.range(name, levels)
 
-    if not AnnotatePass(value_range, float_layers, weight_formats, spec)(copy).modified:
+    if not AnnotatePass(value_range, float_layers, weight_formats, spec, options.weight_block)(copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
         GPTQPass(hessians)(copy)
@@ -369,7 +376,9 @@ def quantize(
         },
         {
             "name": "annotate",
-            "weights": "symmetric per-channel: " + ("per-layer formats" if searched else uniform),
+            "weights": "symmetric per-channel: "
+            + ("per-layer formats" if searched else uniform)
+            + (f", one scale per {options.weight_block} inputs of 2-D weights" if options.weight_block else ""),
             "activations": f"uint{options.activation_bits} asymmetric per-tensor",
         },
         {

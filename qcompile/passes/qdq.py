@@ -12,6 +12,7 @@ This is the standard form onnxruntime fuses into QLinearConv / QLinearMatMul / Q
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -109,28 +110,55 @@ class QDQPass(ir.passes.InPlacePass):
         chosen = weight.meta.get(SCALES_KEY)
         bias = _quantizable_bias(node)
         floor = 0.0 if bias is None else np.abs(bias[0]) / (float(bias[1]) * INT32_BIAS_LIMIT)
-        scales = np.maximum(spec.weight_scales(array) if chosen is None else chosen, floor).astype(np.float32)
+        blocked = spec.block_size is not None and spec.blocked(array.shape)
+        if not blocked and spec.block_size is not None:
+            spec = dataclasses.replace(spec, block_size=None)  # a shape blocks cannot tile: per channel
+        scales = spec.weight_scales(array) if chosen is None else chosen
+        if blocked and np.ndim(floor):
+            floor = np.reshape(floor, (-1, 1))  # one floor per output channel, over its blocks
+        scales = np.maximum(scales, floor).astype(np.float32)
         codes = spec.quantize(array, scales)
         base = str(weight.name)
-        zero = np.zeros(scales.shape, dtype=spec.storage_dtype)
         dequantized = ir.Value(name=f"{base}_dequantized", shape=weight.shape, type=weight.type)
+        if blocked:
+            # Opset 18 DequantizeLinear takes one scale per slice of one axis: lay the codes out as one row
+            # per (output channel, input block), dequantize per row, then reshape back to the weight.
+            codes, flat_scales = spec.blocks(codes), scales.reshape(-1)
+        else:
+            flat_scales = scales
+        zero = np.zeros(flat_scales.shape, dtype=spec.storage_dtype)
+        rows = ir.Value(name=f"{base}_rows", type=weight.type) if blocked else dequantized
         dq = ir.node(
             "DequantizeLinear",
             [
                 add_initializer(graph, f"{base}_quantized", codes),
-                add_initializer(graph, f"{base}_scale", scales),
+                add_initializer(graph, f"{base}_scale", flat_scales),
                 add_initializer(graph, f"{base}_zero_point", zero),
             ],
-            {"axis": spec.axis} if spec.axis is not None and scales.ndim else {},
-            outputs=[dequantized],
+            {"axis": 0 if blocked else spec.axis} if spec.axis is not None and flat_scales.ndim else {},
+            outputs=[rows],
             name=f"{base}_DequantizeLinear",
         )
-        graph.insert_before(node, dq)
+        inserted = [dq]
+        if blocked:
+            axis = int(spec.axis or 0)
+            outputs_first = (array.shape[axis], array.shape[1 - axis])
+            shape = add_initializer(graph, f"{base}_shape", np.array(outputs_first, np.int64))
+            if spec.axis == 0:
+                inserted.append(ir.node("Reshape", [rows, shape], outputs=[dequantized], name=f"{base}_Reshape"))
+            else:
+                matrix = ir.Value(name=f"{base}_matrix", type=weight.type)
+                inserted.append(ir.node("Reshape", [rows, shape], outputs=[matrix], name=f"{base}_Reshape"))
+                inserted.append(
+                    ir.node("Transpose", [matrix], {"perm": [1, 0]}, outputs=[dequantized], name=f"{base}_Transpose")
+                )
+        for step in inserted:
+            graph.insert_before(node, step)
         for use in list(weight.uses()):
             use.node.replace_input_with(use.idx, dequantized)
         _drop_if_unused(graph, weight)
         if bias is not None:
-            self._quantize_bias(graph, node, scales, *bias)
+            self._quantize_bias(graph, node, scales.max(axis=1) if blocked else scales, *bias)
 
     def _quantize_bias(
         self, graph: ir.Graph, node: ir.Node, weight_scales: np.ndarray, bias: np.ndarray, input_scale: np.float32

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from conftest import parse_model, save_model
 
 from qcompile import frontend
 from qcompile.backends import ort as ort_backend
-from qcompile.passes.annotate import AnnotatePass, plan_quantization_points
+from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points
 from qcompile.passes.qdq import QDQPass
 
 RESIDUAL = """
@@ -104,3 +105,42 @@ def test_uint4_activations_are_clamped_to_sixteen_levels(tmp_path: Path) -> None
     scale = (high - min(low, 0.0)) / 15
     assert len(np.unique(seen)) <= 16
     assert seen.max() <= high + scale / 2 and seen.min() >= min(low, 0.0) - scale / 2
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: bool) -> None:
+    """int4 weights with one scale per output channel and block of 32 inputs: the dequantized weight the
+    graph computes (DequantizeLinear over one row per block, Reshape, Transpose) equals codes x scales
+    computed in numpy, exactly; each block of 32 inputs has the scale it would have alone."""
+    from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((16, 64) if trans_b else (64, 16)).astype(np.float32)
+    shape, values = ",".join(map(str, weight.shape)), ", ".join(f"{v:.6f}" for v in weight.ravel())
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[3, 64] x) => (float[3, 16] y) <float[{shape}] w = {{{values}}}> {{
+        y = Gemm <transB = {int(trans_b)}> (x, w)
+    }}"""
+    model = frontend.load(save_model(parse_model(text), tmp_path / "gemm.onnx"))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    spec_formats = {layer_name(node): "int4" for node in model.graph}
+    AnnotatePass(ranges_from(model, x), weight_formats=spec_formats, weight_block=32)(model)
+    (node,) = [node for node in model.graph if node.op_type == "Gemm"]
+    spec = node.inputs[1].meta["qcompile.quant_spec"]
+    assert spec.block_size == 32 and spec.bits == 4 and spec.scale_rule == WEIGHT_FORMATS["int4"].scale_rule
+    original = node.inputs[1].const_value.numpy().copy()
+    QDQPass()(model)
+    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    dequantized = str(node.inputs[1].name)
+    (seen,) = ort_backend.session(model, extra_outputs=[dequantized]).run([dequantized], {"x": x})
+    scales = spec.weight_scales(original)  # [16 outputs, 2 blocks]
+    assert scales.shape == (16, 2)
+    expected = spec.dequantize(spec.quantize(original, scales), scales)
+    np.testing.assert_array_equal(seen, expected)
+    rows = original.T if not trans_b else original  # [outputs, inputs]
+    per_channel = QuantSpec(bits=4, axis=0, scale_rule=spec.scale_rule)
+    for block in range(2):  # each block's scale is that block's own per-channel scale
+        np.testing.assert_array_equal(
+            scales[:, block], per_channel.weight_scales(rows[:, 32 * block : 32 * (block + 1)])
+        )
