@@ -77,19 +77,23 @@ class Hessian:
 
 
 def _supported(node: ir.Node) -> bool:
-    """2-D Convs with explicit padding, and Gemms whose activation is not transposed."""
+    """2-D Convs with explicit padding, Gemms whose activation is not transposed, and MatMuls with a 2-D
+    constant weight (the linear layers of transformers without biases, as Llama-style models export them)."""
     weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
     if weight is None or node.inputs[0] is None:
         return False
     if node.op_type == "Conv":
         auto_pad = node.attributes.get("auto_pad")
         return weight.shape.rank() == 4 and (auto_pad is None or auto_pad.as_string() in ("NOTSET", ""))
+    if node.op_type == "MatMul":
+        return weight.shape.rank() == 2
     trans_a = node.attributes.get("transA")
     return node.op_type == "Gemm" and not (trans_a is not None and trans_a.as_int())
 
 
 class HessianCollector:
-    """Accumulates the input second moments of each Conv (2-D) / Gemm layer of ``layers`` on the float model.
+    """Accumulates the input second moments of each Conv (2-D) / Gemm / MatMul layer of ``layers`` (see
+    :func:`_supported`) on the float model.
 
     Samples are observed one at a time (:meth:`tap` wraps a calibration stream), so memory stays bounded by
     the Hessians themselves whatever the number of samples.
@@ -131,12 +135,28 @@ class HessianCollector:
             yield feed
 
 
-def gptq_round(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
+def gptq_round(
+    weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int, act_order: bool = False
+) -> np.ndarray:
     """GPTQ rounding of ``weight`` ``[groups, out, cols]`` with ``hessian`` ``[groups, cols, cols]``.
 
     ``scales`` is ``[groups, out]``, or ``[groups, out, cols]`` for block scales (one per input column).
-    Returns the rounded weights (on the grid ``scales * integer``).
+    ``act_order`` rounds the columns with the largest ``H_ii`` (the most active inputs) first, so that their
+    error is compensated by every other column rather than by few (GPTQ's "act-order"; the scales stay
+    fixed, so the grid is unchanged). Returns the rounded weights (on the grid ``scales * integer``).
     """
+    if act_order:
+        order = np.argsort(-np.einsum("gii->gi", hessian), axis=1, kind="stable")  # [groups, cols]
+        full = np.broadcast_to(scales if scales.ndim == 3 else scales[:, :, None], weight.shape)
+        permuted = gptq_round(
+            np.take_along_axis(weight, order[:, None, :], axis=2),
+            np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1), order[:, None, :], axis=2),
+            np.take_along_axis(full, order[:, None, :], axis=2) if scales.ndim == 3 else scales,
+            qmax,
+        )
+        result = np.empty_like(permuted)
+        np.put_along_axis(result, np.broadcast_to(order[:, None, :], permuted.shape), permuted, axis=2)
+        return result
     weight = weight.astype(np.float64).copy()
     hessian = hessian.astype(np.float64).copy()
     cols = weight.shape[2]
@@ -166,7 +186,9 @@ def _row_costs(weight: np.ndarray, rounded: np.ndarray, hessian: np.ndarray) -> 
     return (np.matmul(error, hessian) * error).sum(axis=2)
 
 
-def validated_round(weight: np.ndarray, hessian: Hessian, scales: np.ndarray, qmax: int) -> tuple[np.ndarray, float]:
+def validated_round(
+    weight: np.ndarray, hessian: Hessian, scales: np.ndarray, qmax: int, act_order: bool = False
+) -> tuple[np.ndarray, float]:
     """GPTQ where it generalizes, round-to-nearest elsewhere; returns the weights and the GPTQ share.
 
     Each output row of each group is an independent GPTQ problem. It is solved on the even calibration
@@ -176,11 +198,11 @@ def validated_round(weight: np.ndarray, hessian: Hessian, scales: np.ndarray, qm
     """
     full = scales if scales.ndim == 3 else scales[:, :, None]
     nearest = np.clip(np.rint(weight / full), -qmax, qmax) * full
-    trial = gptq_round(weight, hessian.even, scales, qmax)
+    trial = gptq_round(weight, hessian.even, scales, qmax, act_order)
     wins = _row_costs(weight, trial, hessian.odd) < _row_costs(weight, nearest, hessian.odd)
     if not wins.any():
         return nearest, 0.0
-    final = gptq_round(weight, hessian.matrix, scales, qmax)
+    final = gptq_round(weight, hessian.matrix, scales, qmax, act_order)
     return np.where(wins[:, :, None], final, nearest), float(wins.mean())
 
 
@@ -213,13 +235,16 @@ class GPTQPass(ir.passes.InPlacePass):
             scales = spec.weight_scales(original)
             if node.op_type == "Conv":
                 matrix = original.reshape(groups, original.shape[0] // groups, cols)
-            else:  # Gemm: rows of the matrix must be output channels
+            else:  # Gemm / MatMul: rows of the matrix must be output channels
                 matrix = (original if spec.axis == 0 else original.T)[None]
             if spec.block_size is not None:  # one scale per input column: [1, out, cols]
                 per_column = np.repeat(scales, spec.block_size, axis=1)[None]
             else:
                 per_column = scales.reshape(groups, -1)
-            result, share = validated_round(matrix.astype(np.float64), entry, per_column.astype(np.float64), spec.qmax)
+            # Act-order for 4-bit and narrower weights, where it pays; int8 keeps the natural order.
+            result, share = validated_round(
+                matrix.astype(np.float64), entry, per_column.astype(np.float64), spec.qmax, spec.bits <= 4
+            )
             self.shares[layer_name(node)] = share
             if node.op_type == "Conv":
                 new = result.reshape(original.shape)

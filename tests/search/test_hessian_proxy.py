@@ -3,6 +3,7 @@ be, and the search with it measures int8 only and scales the other formats."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,11 @@ def test_hessian_weight_error_is_the_layer_output_error(fmt: str) -> None:
     assert rows is not None and rows.shape == (1, 24, 16)  # output channels x input columns
     hessian = (samples.T @ samples)[None]
     claimed = sensitivity.hessian_weight_error(rows, hessian, WEIGHT_FORMATS[fmt])
-    # Round the same way by hand: per output channel, as the proxy documents; weights as float32 in the node.
+    # Round the same way by hand: the format's scale per output channel (max, absmean or MSE clipping, as the
+    # proxy documents); weights as float32 in the node.
     spec = WEIGHT_FORMATS[fmt]
     exact = weight.astype(np.float32).astype(np.float64)
-    scale = (
-        np.abs(exact).mean(axis=0) if spec.scale_rule == "absmean" else np.abs(exact).max(axis=0) / spec.qmax
-    ).astype(np.float32)
+    scale = dataclasses.replace(spec, axis=1).weight_scales(exact).astype(np.float64)  # per output column
     rounded = np.clip(np.rint(exact / scale), -spec.qmax, spec.qmax) * scale
     actual = float(np.sum((samples @ rounded - samples @ exact) ** 2))
     assert claimed == pytest.approx(actual, rel=1e-9)  # the same quantity, summed in another order
