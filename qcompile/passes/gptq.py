@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 SCALES_KEY = "qcompile.weight_scales"
 ORIGINAL_KEY = "qcompile.original_weight"
 DAMPING = 0.01
+LAZY_BLOCK = 128
 
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
@@ -170,13 +171,24 @@ def gptq_round(
     inverse = (inverse + inverse.transpose(0, 2, 1)) / 2
     upper = np.linalg.cholesky(inverse).transpose(0, 2, 1)  # H^-1 = U^T U, U upper triangular
     scale = (scales if scales.ndim == 3 else scales[:, :, None]).astype(np.float64)
-    for column in range(cols):
-        current = weight[:, :, column]
-        step = scale[:, :, column if scale.shape[2] > 1 else 0]
-        rounded = np.clip(np.rint(current / step), -qmax, qmax) * step
-        error = (current - rounded) / upper[:, column, column][:, None]
-        weight[:, :, column] = rounded
-        weight[:, :, column + 1 :] -= error[:, :, None] * upper[:, None, column, column + 1 :]
+    # Lazy batches (as the GPTQ paper does): the column-by-column updates stay inside a block of columns;
+    # the block's accumulated errors reach the columns after it in one matrix product.
+    for start in range(0, cols, LAZY_BLOCK):
+        stop = min(start + LAZY_BLOCK, cols)
+        block = weight[:, :, start:stop].copy()
+        errors = np.zeros_like(block)
+        for offset in range(stop - start):
+            column = start + offset
+            current = block[:, :, offset]
+            step = scale[:, :, column if scale.shape[2] > 1 else 0]
+            rounded = np.clip(np.rint(current / step), -qmax, qmax) * step
+            error = (current - rounded) / upper[:, column, column][:, None]
+            block[:, :, offset] = rounded
+            block[:, :, offset + 1 :] -= error[:, :, None] * upper[:, None, column, column + 1 : stop]
+            errors[:, :, offset] = error
+        weight[:, :, start:stop] = block
+        if stop < cols:
+            weight[:, :, stop:] -= np.matmul(errors, upper[:, start:stop, stop:])
     return weight
 
 
