@@ -1,16 +1,18 @@
 """The outlier rewrites (SmoothQuant, Hadamard rotation, SplitQuant) on real models: exact in float, and what
 they do to low-bit accuracy on SmolLM2-135M.
 
-    python bench/bench_outliers.py [--work DIR] [--seq 512] [--configs w8a8,w8a8+sq,...] [--skip-exactness]
+    python bench/bench_outliers.py [--work DIR] [--seq 512] [--configs w8a8+none,w4a8+rot+sq,...] [--skip-exactness]
 
 1. Exactness: each pass alone on the fp32 EfficientNet-Lite0, all-MiniLM-L6-v2 and SmolLM2-135M-Instruct
    (all 30 layers); the largest output difference relative to the largest output magnitude.
 2. Perplexity of SmolLM2-135M-Instruct on the first 2048 tokens of ``pydoc_data.topics`` (4 windows of 512
    tokens, fp32 about 15.3), calibrated on 8 other windows (tokens 4096..8191), for W8A8, W4A8 (int4
-   per-channel weights) and W4A4 (uint4 activations), with no rewrite, each pass, and combinations. Every
+   per-channel weights; g32: one scale per 32 inputs) and W4A4 (uint4 activations), with no rewrite, each
+   pass, and combinations ('all' = SmoothQuant auto + Hadamard + split). GPTQ weights (the default). Every
    layer is quantized (``float_threshold=0``: the per-layer float fallback would measure 211 layers).
 
-Runs on the CPU; about 3 minutes per configuration on 2 cores.
+Runs on the CPU; 3 to 10 minutes per configuration on 2 cores (SmoothQuant's alpha search and GPTQ
+over 211 layers dominate).
 """
 
 from __future__ import annotations
@@ -47,15 +49,16 @@ REWRITES: dict[str, dict[str, Any]] = {
     "rot+sq": {"rotate": "hadamard", "smoothquant": "auto"},
     "all": {"rotate": "hadamard", "smoothquant": "auto", "split_layers": True},
 }
+# 'g32': one weight scale per output channel and block of 32 inputs (--weight-block 32).
 WIDTHS: dict[str, dict[str, Any]] = {
     "w8a8": {},
     "w4a8": {"bits": "4"},
+    "w4g32a8": {"bits": "4", "weight_block": 32},
     "w4a4": {"bits": "4", "activation_bits": 4},
+    "w4g32a4": {"bits": "4", "weight_block": 32, "activation_bits": 4},
 }
 DEFAULT_CONFIGS = (
-    "w8a8+none,w8a8+sq,w8a8+rot,w8a8+split,w8a8+rot+sq,w8a8+all,"
-    "w4a8+none,w4a8+sq,w4a8+rot,w4a8+rot+sq,"
-    "w4a4+none,w4a4+rot,w4a4+rot+sq"
+    "w8a8+none,w8a8+sq,w8a8+rot,w8a8+split,w8a8+rot+sq,w8a8+all,w4a8+none,w4a8+rot+sq,w4g32a8+rot+sq,w4a4+rot+sq"
 )
 
 
