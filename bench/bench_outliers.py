@@ -57,9 +57,7 @@ WIDTHS: dict[str, dict[str, Any]] = {
     "w4a4": {"bits": "4", "activation_bits": 4},
     "w4g32a4": {"bits": "4", "weight_block": 32, "activation_bits": 4},
 }
-DEFAULT_CONFIGS = (
-    "w8a8+none,w8a8+sq,w8a8+rot,w8a8+split,w8a8+rot+sq,w8a8+all,w4a8+none,w4a8+rot+sq,w4g32a8+rot+sq,w4a4+rot+sq"
-)
+DEFAULT_CONFIGS = "w8a8+none,w8a8+sq,w8a8+rot,w8a8+split,w8a8+rot+sq,w8a8+all,w4a8+none,w4a8+rot+sq,w4a4+rot+sq"
 
 
 def rewrite(model: Any, which: str, feeds: list[dict[str, np.ndarray]]) -> str:
