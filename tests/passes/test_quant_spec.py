@@ -34,3 +34,21 @@ def test_activation_params_keep_zero_exact() -> None:
     codes = ACTIVATION_UINT8.quantize(np.array([0.0, -1.3, 5.1], np.float32), scale, zero_point)
     assert ACTIVATION_UINT8.dequantize(codes, scale, zero_point)[0] == 0.0
     assert codes[1] == 0 and codes[2] == 255
+
+
+def test_block_and_activation_width_options_are_validated() -> None:
+
+    from qcompile.errors import CalibrationError
+    from qcompile.passes.pipeline import QuantizeOptions
+
+    with pytest.raises(CalibrationError, match="weight blocks must hold >= 2 inputs"):
+        QuantizeOptions(weight_block=1)
+    with pytest.raises(CalibrationError, match="cannot be combined with --bits auto"):
+        QuantizeOptions(weight_block=32, bits="auto", size_budget_mb=1.0)
+    with pytest.raises(CalibrationError, match="activation bits 6"):
+        QuantizeOptions(activation_bits=6)
+    with pytest.raises(CalibrationError, match="int8 activations only"):
+        QuantizeOptions(activation_bits=4, bits="auto", size_budget_mb=1.0)
+    with pytest.raises(ValueError, match="block_size needs an axis"):
+        QuantSpec(bits=4, block_size=32)
+    assert QuantizeOptions(bits="4", weight_block=32, activation_bits=4).weight_block == 32
