@@ -37,7 +37,6 @@ def test_activation_params_keep_zero_exact() -> None:
 
 
 def test_block_and_activation_width_options_are_validated() -> None:
-
     from qcompile.errors import CalibrationError
     from qcompile.passes.pipeline import QuantizeOptions
 
