@@ -19,7 +19,6 @@ After this pass, every annotated weight with a Hessian holds values on its int8 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -148,11 +147,10 @@ def gptq_round(
     """
     if act_order:
         order = np.argsort(-np.einsum("gii->gi", hessian), axis=1, kind="stable")  # [groups, cols]
-        full = np.broadcast_to(scales if scales.ndim == 3 else scales[:, :, None], weight.shape)
         permuted = gptq_round(
             np.take_along_axis(weight, order[:, None, :], axis=2),
             np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1), order[:, None, :], axis=2),
-            np.take_along_axis(full, order[:, None, :], axis=2) if scales.ndim == 3 else scales,
+            np.take_along_axis(scales, order[:, None, :], axis=2) if scales.ndim == 3 else scales,
             qmax,
         )
         result = np.empty_like(permuted)
@@ -241,9 +239,6 @@ class GPTQPass(ir.passes.InPlacePass):
                 continue
             spec: QuantSpec = weight.meta[SPEC_KEY]
             original = weight.const_value.numpy().astype(np.float32)
-            if spec.block_size is not None and not spec.blocked(original.shape):
-                spec = dataclasses.replace(spec, block_size=None)  # as the QDQ pass will: per channel
-                weight.meta[SPEC_KEY] = spec
             scales = spec.weight_scales(original)
             if node.op_type == "Conv":
                 matrix = original.reshape(groups, original.shape[0] // groups, cols)

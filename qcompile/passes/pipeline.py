@@ -177,10 +177,9 @@ def _quantize_copy(
 ) -> ir.Model:
     copy = _clone(model)
     spec = ACTIVATION_FORMATS[options.activation_bits]
-    levels = spec.qmax - spec.qmin + 1
 
     def value_range(name: str) -> tuple[float, float]:
-        return stats.range(name, levels)
+        return stats.range(name, spec.levels)
 
     if not AnnotatePass(value_range, float_layers, weight_formats, spec, options.weight_block)(copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert

@@ -12,7 +12,6 @@ This is the standard form onnxruntime fuses into QLinearConv / QLinearMatMul / Q
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -110,9 +109,7 @@ class QDQPass(ir.passes.InPlacePass):
         chosen = weight.meta.get(SCALES_KEY)
         bias = _quantizable_bias(node)
         floor = 0.0 if bias is None else np.abs(bias[0]) / (float(bias[1]) * INT32_BIAS_LIMIT)
-        blocked = spec.block_size is not None and spec.blocked(array.shape)
-        if not blocked and spec.block_size is not None:
-            spec = dataclasses.replace(spec, block_size=None)  # a shape blocks cannot tile: per channel
+        blocked = spec.block_size is not None  # AnnotatePass sets a block size only where blocks tile the weight
         scales = spec.weight_scales(array) if chosen is None else chosen
         if blocked and np.ndim(floor):
             floor = np.reshape(floor, (-1, 1))  # one floor per output channel, over its blocks

@@ -72,6 +72,10 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+    @property
     def storage_dtype(self) -> np.dtype:
         if self.bits <= 8:
             return np.dtype(np.int8 if self.signed else np.uint8)
