@@ -346,3 +346,58 @@ def train_digits_cnn(path: Path, epochs: int = 15) -> tuple[Path, float]:
         training=torch.onnx.TrainingMode.PRESERVE,
     )
     return path, accuracy
+
+
+def _ternary_linear(torch: Any) -> Any:
+    """A Linear layer trained for ternary weights and per-row int8 activations (BitNet b1.58 style, straight-
+    through estimator): its forward computes what qcompile's ternarize pass will compute from its weights."""
+
+    class TernaryLinear(torch.nn.Linear):  # type: ignore[misc, name-defined]
+        def forward(self, x: Any) -> Any:
+            scale = self.weight.abs().mean(dim=1, keepdim=True).clamp(min=1e-8)
+            trits = (self.weight / scale).round().clamp(-1, 1) * scale
+            weight = self.weight + (trits - self.weight).detach()
+            row = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
+            codes = (x / row).round().clamp(-127, 127) * row
+            return torch.nn.functional.linear(x + (codes - x).detach(), weight, self.bias)
+
+    return TernaryLinear
+
+
+def train_digits_ternary(path: Path, epochs: int = 40, hidden: int = 128) -> tuple[Path, float]:
+    """Train an MLP on digits for ternary weights (quantization-aware) and export its latent float weights
+    as plain Linear layers; returns the accuracy of the ternary-aware model itself (its float-QAT accuracy)."""
+    import torch
+
+    torch.manual_seed(0)
+    train_x, train_y, test_x, test_y = digits_split()
+    linear = _ternary_linear(torch)
+    layers = [linear(64, hidden), linear(hidden, hidden), linear(hidden, 10)]
+    model = torch.nn.Sequential(torch.nn.Flatten(), layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs, targets = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    for _ in range(epochs):
+        permutation = torch.randperm(len(inputs))
+        for start in range(0, len(inputs), 64):
+            batch = permutation[start : start + 64]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
+    plain = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
+    )
+    plain.load_state_dict(model.state_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        plain.eval(), (inputs[:1],), str(path), dynamo=False, opset_version=13, input_names=["image"],
+        output_names=["logits"],
+    )  # fmt: skip
+    return path, accuracy

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 QUANTIZED_ONNX = "model.int8.onnx"
 REFERENCE_ONNX = "reference.fp32.onnx"
+TERNARY_ONNX = "model.ternary.onnx"
 REPORT_HTML = "report.html"
 
 
@@ -102,6 +103,8 @@ def compile(
     model = frontend.load(source, input_shapes)
     inputs = calibration.input_specs(model)
     calibration_feeds = _feeds(calibration_data, inputs, preprocess, "calibration")
+    if device.pipeline == "lut":
+        return _compile_lut(model, source, Path(output), device, calibration_feeds, eval_data, options, force)
     result = pipeline.quantize(model, calibration_feeds, options, progress, target=device)
     with atomic_folder(Path(output), overwrite=force) as staging:
         written = ort_backend.save(result.model, staging / QUANTIZED_ONNX)
@@ -183,6 +186,127 @@ def compile(
         (staging / MANIFEST).write_text(dumps(manifest))
     logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
     return manifest
+
+
+def _compile_lut(
+    model: Any,
+    source: Path,
+    output: Path,
+    device: hwmodels.Target,
+    calibration_feeds: Iterable[Feed],
+    eval_data: Any,
+    options: pipeline.QuantizeOptions,
+    force: bool,
+) -> dict[str, Any]:
+    """The LUT pipeline: ternary weights and per-row int8 activations (no calibration statistics: the
+    activation scales are computed at run time), then the ``lut/`` package of :mod:`qcompile.backends.lut`.
+    The calibration data gives the sample that latencies and the calibration error are measured on."""
+    from qcompile.backends import lut
+    from qcompile.passes.ternarize import TernarizePass
+
+    inputs = calibration.input_specs(model)
+    sample = next(iter(calibration.checked(calibration_feeds, inputs, "calibration data")), None)
+    if sample is None:
+        raise CalibrationError("the calibration data is empty")
+    ternary = pipeline._clone(model)
+    ternarize = TernarizePass(options.ternary_scales)
+    ternarize(ternary)
+    logger.info("ternarized %d layers", len(ternarize.layers))
+    proto = ort_backend.to_proto(ternary)
+    with atomic_folder(output, overwrite=force) as staging:
+        written = ort_backend.save(ternary, staging / TERNARY_ONNX)
+        written += ort_backend.save(model, staging / REFERENCE_ONNX)
+        onnx.checker.check_model(str(staging / TERNARY_ONNX), full_check=True)
+        lut_files, plan = lut.build(proto, device, staging)
+        written += lut_files
+        executors: dict[str, dict[str, Any]] = {
+            "onnxruntime": {
+                "kind": "onnxruntime",
+                "file": TERNARY_ONNX,
+                "description": "ternary graph: int8 rows x ternary weights in MatMulInteger",
+            },
+            "onnxruntime-fp32": {"kind": "onnxruntime", "file": REFERENCE_ONNX, "description": "the float model"},
+            "lut": {
+                "kind": "lut",
+                "file": lut.GRAPH,
+                "kernels": lut.KERNELS,
+                "description": "table-lookup TVM kernels on this machine (the FPGA engine's host simulation)",
+            },
+        }
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "qcompile_version": version(),
+            "source": {"file": source.name, "sha256": sha256_file(source)},
+            "target": {
+                "name": device.name,
+                "description": device.description,
+                "backend": device.backend,
+                "tvm_target": device.tvm_target,
+            },
+            "inputs": _tensor_infos(ternary.graph.inputs),
+            "outputs": _tensor_infos(ternary.graph.outputs),
+            "options": {"ternary_scales": options.ternary_scales},
+            "passes": [{"name": "ternarize", "scales": options.ternary_scales, "layers": len(ternarize.layers)}],
+            "layers": [
+                {
+                    "name": layer.name,
+                    "op_type": "MatMul",
+                    "weight_format": "ternary",
+                    "weight_bits": 1.6,
+                    "activation_bits": 8,
+                    "float_reason": None,
+                    "k": layer.k,
+                    "n": layer.n,
+                    "zero_fraction": round(layer.zero_fraction, 4),
+                }
+                for layer in ternarize.layers
+            ],
+            "lut": {
+                key: plan[key]
+                for key in ("weights_on_chip", "weight_bytes", "resources", "step_latency_us", "bound", "estimate")
+            },
+            "executors": executors,
+            "skipped": {},
+            "files": {name: sha256_file(staging / name) for name in sorted(set(written))},
+        }
+        (staging / MANIFEST).write_text(dumps(manifest))
+        manifest["measured"] = _measure_lut(staging, sample, eval_data, inputs)
+        manifest["default_executor"] = manifest["measured"]["default_executor"]
+        (staging / MANIFEST).write_text(dumps(manifest))
+    logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
+    return manifest
+
+
+def _measure_lut(folder: Path, sample: Feed, eval_data: Any, inputs: list[calibration.InputSpec]) -> dict[str, Any]:
+    """Latencies of the ternary executors on this machine, the LUT executor's agreement with onnxruntime's
+    integer kernels, and accuracy against float."""
+    sessions = {"onnxruntime-fp32": load_artifact(folder, "onnxruntime-fp32")}
+    sessions.update({name: sessions["onnxruntime-fp32"].with_executor(name) for name in ("onnxruntime", "lut")})
+    latencies = {
+        name: bench.measure(functools.partial(session.run, sample), runs=30, warmup=3).as_dict()
+        for name, session in sessions.items()
+    }
+    default = min(("onnxruntime", "lut"), key=lambda name: latencies[name]["median_ms"])
+    agreement = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(sessions["lut"].run(sample).values(), sessions["onnxruntime"].run(sample).values(), strict=True)
+    )
+    accuracy: dict[str, Any] = {"lut_vs_onnxruntime_max_abs_diff": agreement}
+    if eval_data is not None:
+        feeds = calibration.checked(_feeds(eval_data, inputs, None, "evaluation"), inputs, "evaluation data")
+        accuracy["evaluation"] = _evaluate(
+            _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["onnxruntime"]), feeds
+        )
+    return {
+        "latency_ms": latencies,
+        "default_executor": default,
+        "default_reason": (
+            f"faster ternary executor on this build machine ({latencies[default]['median_ms']:.3f} ms median); "
+            "the FPGA's own latency is the plan's estimate (lut/plan.json)"
+        ),
+        "accuracy": accuracy,
+        "machine": bench.machine(),
+    }
 
 
 def _measure(

@@ -19,7 +19,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "integer-only": ("frontend", "calibrate", "annotate", "qdq", "requantize", "tvm"),
     "lut": ("frontend", "calibrate", "ternarize", "lut"),
 }
-BUILDABLE = frozenset({"w8a8", "w8a8-cross", "w8a8-cuda"})
+BUILDABLE = frozenset({"w8a8", "w8a8-cross", "w8a8-cuda", "lut"})
 
 DTYPES = ("fp32", "fp16", "int16", "int8", "ternary")
 _DEVICE_FIGURES = (

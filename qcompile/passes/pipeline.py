@@ -72,6 +72,8 @@ class QuantizeOptions:
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
             every layer) or 'hessian' (measure int8 only; scale it by the Hessian-weighted weight-error ratio
             of the other formats, for layers with a Hessian: about a third of the runs).
+        ternary_scales: for the LUT pipeline (target fpga-lut): the absmean scale of ternary weights per
+            output 'channel' or one per 'tensor' (BitNet b1.58). See :mod:`qcompile.passes.ternarize`.
     """
 
     calibration: str = "mse"
@@ -91,6 +93,7 @@ class QuantizeOptions:
     smoothquant: float | str | None = None
     split_layers: bool = False
     rotate: str | None = None
+    ternary_scales: str = "channel"
 
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
@@ -125,6 +128,8 @@ class QuantizeOptions:
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.sensitivity_samples < 1:
             raise CalibrationError("sensitivity samples must be >= 1")
+        if self.ternary_scales not in ("channel", "tensor"):
+            raise CalibrationError(f"ternary scales '{self.ternary_scales}' is not channel or tensor")
 
 
 @dataclass

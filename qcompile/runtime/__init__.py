@@ -53,6 +53,10 @@ class Session:
             from qcompile.backends.tvm import TVMExecutor
 
             self._run = TVMExecutor(path, [info.name for info in self.inputs]).run
+        elif entry["kind"] == "lut":
+            from qcompile.backends.lut import LutExecutor
+
+            self._run = LutExecutor(folder, entry).run
         else:
             raise ArtifactError(f"{folder}: executor '{executor}' has unknown kind '{entry['kind']}'")
 

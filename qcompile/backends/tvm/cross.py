@@ -325,9 +325,14 @@ def emulate(
     cpu: str,
     mattr: list[str],
     repeat: int = 0,
+    function: str | None = None,
+    runner: Path | None = None,
 ) -> tuple[list[np.ndarray], float | None]:
     """Run ``folder/library`` with the artifact's runner under qemu as ``cpu``; returns the outputs (and the
-    median latency under emulation when ``repeat`` > 0, which says nothing about the board's speed)."""
+    median latency under emulation when ``repeat`` > 0, which says nothing about the board's speed).
+
+    ``function`` calls that function of the library instead of the Relax ``main`` (the outputs are then
+    every argument after the call); ``runner`` replaces the artifact's bundled runner."""
     if toolchain.qemu is None or _which(toolchain.qemu) is None:
         raise BackendError(f"no emulator for {toolchain.arch}; run `qcompile toolchains --install`")
     with tempfile.TemporaryDirectory(prefix="qcompile-emulate-") as scratch:
@@ -337,10 +342,12 @@ def emulate(
             np.save(paths[-1], np.ascontiguousarray(array))
         command = [
             toolchain.qemu, "-cpu", cpu, "-L", str(toolchain.sysroot),
-            str(folder / DEVICE_FOLDER / RUNNER), str(folder / library), scratch, *paths,
+            str(runner or folder / DEVICE_FOLDER / RUNNER), str(folder / library), scratch, *paths,
         ]  # fmt: skip
         if repeat:
             command += ["--repeat", str(repeat)]
+        if function:
+            command += ["--function", function]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode in (-signal.SIGILL, 128 + signal.SIGILL):
             lacking = lacking_features(mattr, cpu)

@@ -1,10 +1,12 @@
 // qcompile-runner: runs a Relax library exported by qcompile on a device without Python.
 //
-//   qcompile-runner MODEL.so OUT_DIR INPUT.npy [INPUT.npy ...] [--repeat N]
+//   qcompile-runner MODEL.so OUT_DIR INPUT.npy [INPUT.npy ...] [--repeat N] [--function NAME]
 //
 // Loads MODEL.so, creates the Relax virtual machine on the CPU, calls "main" with the inputs (in the
 // model's input order), writes output i to OUT_DIR/output_i.npy, and prints one line
-// "qcompile-runner: runs=N median_ms=M" when --repeat is given. Only the tvm-ffi headers and the
+// "qcompile-runner: runs=N median_ms=M" when --repeat is given. With --function NAME it calls the
+// library's function NAME directly instead (a TIR kernel in destination-passing style: outputs and
+// scratch are among the arguments) and writes every argument back as output_i.npy. Only the tvm-ffi headers and the
 // libtvm_ffi / libtvm_runtime libraries of the device are needed. Exit codes: 0 done, 1 bad input,
 // 2 the library failed.
 
@@ -47,7 +49,7 @@ struct DType {
 const DType kTypes[] = {
     {"<f4", {kDLFloat, 32, 1}}, {"<f8", {kDLFloat, 64, 1}}, {"<i8", {kDLInt, 64, 1}},
     {"<i4", {kDLInt, 32, 1}},   {"|i1", {kDLInt, 8, 1}},    {"|u1", {kDLUInt, 8, 1}},
-    {"|b1", {kDLBool, 8, 1}},
+    {"|b1", {kDLBool, 8, 1}},   {"<i2", {kDLInt, 16, 1}},   {"<u2", {kDLUInt, 16, 1}},
 };
 
 DLDataType ParseDescr(const std::string& descr) {
@@ -149,15 +151,18 @@ std::vector<ffi::Tensor> Outputs(const ffi::Any& result) {
 int main(int argc, char** argv) {
   std::vector<std::string> inputs;
   int repeat = 0;
+  std::string function;
   for (int i = 3; i < argc; ++i) {
     if (std::strcmp(argv[i], "--repeat") == 0 && i + 1 < argc) {
       repeat = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--function") == 0 && i + 1 < argc) {
+      function = argv[++i];
     } else {
       inputs.emplace_back(argv[i]);
     }
   }
   if (argc < 3) {
-    std::cerr << "usage: qcompile-runner MODEL.so OUT_DIR INPUT.npy [INPUT.npy ...] [--repeat N]\n";
+    std::cerr << "usage: qcompile-runner MODEL.so OUT_DIR INPUT.npy [INPUT.npy ...] [--repeat N] [--function NAME]\n";
     return 1;
   }
   std::vector<ffi::Tensor> arguments;
@@ -169,6 +174,27 @@ int main(int argc, char** argv) {
   }
   try {
     ffi::Module library = ffi::Module::LoadFromFile(argv[1]);
+    if (!function.empty()) {
+      ffi::Function kernel = library->GetFunction(function).value();
+      std::vector<ffi::AnyView> packed(arguments.begin(), arguments.end());
+      ffi::Any ignored;
+      auto call = [&] { kernel.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &ignored); };
+      call();
+      for (size_t i = 0; i < arguments.size(); ++i) {
+        WriteNpy(std::string(argv[2]) + "/output_" + std::to_string(i) + ".npy", arguments[i]);
+      }
+      if (repeat > 0) {
+        std::vector<double> times;
+        for (int run = 0; run < repeat; ++run) {
+          auto start = std::chrono::steady_clock::now();
+          call();
+          times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+        }
+        std::sort(times.begin(), times.end());
+        std::printf("qcompile-runner: runs=%d median_ms=%.4f\n", repeat, times[times.size() / 2]);
+      }
+      return 0;
+    }
     ffi::Function load = library->GetFunction("vm_load_executable").value();
     ffi::Module vm = load().cast<ffi::Module>();
     // (device type, device id, allocator) for the CPU; 2 is the pooled allocator, as Python's default.

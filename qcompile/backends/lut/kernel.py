@@ -1,0 +1,331 @@
+# mypy: disable-error-code="valid-type"
+# (TVMScript annotates buffers as T.Buffer(shape, dtype), which is not a type to mypy.)
+"""The table-lookup ternary matmul as a TVM TIR kernel, for x86-64 (AVX2) and aarch64 (NEON).
+
+``Y[M, N] = X[M, K] @ W[K, N]`` with int8 ``X``, ternary ``W`` packed by
+:func:`~qcompile.backends.lut.pack.pack_pairs` and int32 ``Y``, bit-exact with
+:func:`~qcompile.backends.lut.reference.dense`. Two stages, written directly in TIR (no schedule search):
+
+1. Tables. For every row and every pair of activations ``(x0, x1)``, the 9 partial sums
+   ``(d0 - 1) * x0 + (d1 - 1) * x1`` (index ``3 * d0 + d1``), offset by +256 into [0, 512] so they are
+   non-negative, split into a low-byte and a high-byte table of 16 entries (repeated to the vector width).
+2. Lookups. One vector load fetches the packed indices of ``lanes`` outputs (two pairs per byte); each pair
+   costs, per row, two byte shuffles (``vpshufb`` / ``tbl``: ``lanes`` lookups each, low and high bytes), one
+   byte interleave that forms the 16-bit values, and one 16-bit add. 16-bit sums cannot overflow within a
+   chunk of 126 pairs (126 x 512 < 65536); each chunk is widened into int32 and the offset removed at the end.
+
+The vectors are explicit (``T.call_llvm_pure_intrin`` on the shuffle intrinsic, ``T.Shuffle`` for the
+interleave); LLVM allocates registers. Outputs blocks run in parallel. Scratch buffers (tables and
+accumulators) are arguments, allocated once per layer by :class:`LutMatMul`, so a call allocates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompile.backends.lut.pack import lane_order, pack_pairs
+from qcompile.errors import BackendError
+
+OFFSET = 256  # added to every table entry: pair sums of int8 lie in [-256, 256]
+CHUNK_BYTES = 63  # index bytes (two pairs each) summed in 16 bits before widening: 126 x 512 < 65536
+FUNCTION = "lut_matmul"
+
+# TVM sizes its thread pool once, from TVM_NUM_THREADS or else half the logical CPUs (it assumes SMT): on a
+# two-core machine without SMT that is one thread. Use every CPU this process may run on, unless the user
+# said otherwise; this must happen before TVM's first parallel call in the process.
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """How the kernel is vectorized for one instruction set."""
+
+    arch: str
+    lanes: int
+    shuffle: str  # the LLVM intrinsic of a 16-entry byte table lookup
+    tvm_target: dict[str, Any]
+
+
+FLAVORS = {
+    "x86_64": Flavor("x86_64", 32, "llvm.x86.avx2.pshuf.b", {"kind": "llvm", "mattr": ["+avx2", "+ssse3"]}),
+    "aarch64": Flavor(
+        "aarch64",
+        16,
+        "llvm.aarch64.neon.tbl1",
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    ),
+}
+
+
+def host_flavor() -> Flavor:
+    """The flavor for this machine, or a clear error (x86-64 needs AVX2)."""
+    import platform
+
+    machine = platform.machine()
+    if machine == "aarch64":
+        return FLAVORS["aarch64"]
+    if machine in ("x86_64", "AMD64"):
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+        if " avx2" not in flags:
+            raise BackendError("the x86-64 LUT kernel needs AVX2 (vpshufb on 256-bit vectors); this CPU lacks it")
+        return FLAVORS["x86_64"]
+    raise BackendError(f"no LUT kernel for {machine}; it is written for x86-64 (AVX2) and aarch64 (NEON)")
+
+
+def _interleave_masks(lanes: int) -> list[int]:
+    """``T.Shuffle`` indices that interleave low bytes (0..lanes-1) with high bytes (lanes..2*lanes-1) in the
+    order :func:`~qcompile.backends.lut.pack.lane_order` gives the accumulator lanes."""
+    return [index for position in lane_order(lanes) for index in (position, lanes + position)]
+
+
+def primfunc(rows: int, k: int, n: int, flavor: Flavor) -> Any:
+    """The TIR kernel for ``[rows, k] @ [k, n]``; its arguments are described in :class:`LutMatMul`."""
+    from tvm.script import tirx as T
+
+    lanes = flavor.lanes
+    index_bytes = -(-k // 4)
+    pairs = 2 * index_bytes
+    blocks = -(-n // lanes)
+    chunks = -(-index_bytes // CHUNK_BYTES)
+    mask = _interleave_masks(lanes)
+    shuffle = flavor.shuffle
+    i8 = f"int8x{lanes}"
+    u8 = f"uint8x{lanes}"
+    u16 = f"uint16x{lanes}"
+    bias = OFFSET * pairs
+
+    # TVMScript lowers a name bound inside a loop to a buffer, so expressions are written out in full.
+    @T.prim_func
+    def kernel(
+        X: T.Buffer((rows, k), "int8"),
+        Wp: T.Buffer((blocks, index_bytes, lanes), "uint8"),
+        Y: T.Buffer((rows, n), "int32"),
+        low: T.Buffer((rows, pairs, lanes), "int8"),
+        high: T.Buffer((rows, pairs, lanes), "int8"),
+        acc: T.Buffer((blocks, rows, lanes), "int32"),
+        acc16: T.Buffer((blocks, rows, lanes), "uint16"),
+        digits: T.Buffer((2, lanes), "int16"),
+    ):
+        T.func_attr({"global_symbol": FUNCTION, "tir.noalias": True})
+        for rp in range(rows * pairs):
+            low[rp // pairs, rp % pairs, T.ramp(0, 1, lanes)] = T.Cast(
+                i8,
+                T.Cast(
+                    u8,
+                    (
+                        digits[0, T.ramp(0, 1, lanes)]
+                        * T.Broadcast(
+                            T.Cast(
+                                "int16",
+                                T.if_then_else(
+                                    rp % pairs * 2 < k, X[rp // pairs, T.min(rp % pairs * 2, k - 1)], T.int8(0)
+                                ),
+                            ),
+                            lanes,
+                        )
+                        + digits[1, T.ramp(0, 1, lanes)]
+                        * T.Broadcast(
+                            T.Cast(
+                                "int16",
+                                T.if_then_else(
+                                    rp % pairs * 2 + 1 < k,
+                                    X[rp // pairs, T.min(rp % pairs * 2 + 1, k - 1)],
+                                    T.int8(0),
+                                ),
+                            ),
+                            lanes,
+                        )
+                        + T.Broadcast(T.int16(OFFSET), lanes)
+                    )
+                    & T.Broadcast(T.int16(255), lanes),
+                ),
+            )
+            high[rp // pairs, rp % pairs, T.ramp(0, 1, lanes)] = T.Cast(
+                i8,
+                (
+                    digits[0, T.ramp(0, 1, lanes)]
+                    * T.Broadcast(
+                        T.Cast(
+                            "int16",
+                            T.if_then_else(rp % pairs * 2 < k, X[rp // pairs, T.min(rp % pairs * 2, k - 1)], T.int8(0)),
+                        ),
+                        lanes,
+                    )
+                    + digits[1, T.ramp(0, 1, lanes)]
+                    * T.Broadcast(
+                        T.Cast(
+                            "int16",
+                            T.if_then_else(
+                                rp % pairs * 2 + 1 < k, X[rp // pairs, T.min(rp % pairs * 2 + 1, k - 1)], T.int8(0)
+                            ),
+                        ),
+                        lanes,
+                    )
+                    + T.Broadcast(T.int16(OFFSET), lanes)
+                )
+                >> T.Broadcast(T.int16(8), lanes),
+            )
+        for nb in T.parallel(blocks):
+            for m in range(rows):
+                acc[nb, m, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+            for c in range(chunks):
+                for m in range(rows):
+                    acc16[nb, m, T.ramp(0, 1, lanes)] = T.Broadcast(T.uint16(0), lanes)
+                    for q in range(T.min(CHUNK_BYTES, index_bytes - c * CHUNK_BYTES)):
+                        acc16[nb, m, T.ramp(0, 1, lanes)] = (
+                            acc16[nb, m, T.ramp(0, 1, lanes)]
+                            + T.reinterpret(
+                                u16,
+                                T.Shuffle(
+                                    [
+                                        T.call_llvm_pure_intrin(
+                                            i8,
+                                            shuffle,
+                                            low[m, (c * CHUNK_BYTES + q) * 2, T.ramp(0, 1, lanes)],
+                                            T.reinterpret(
+                                                i8,
+                                                Wp[nb, c * CHUNK_BYTES + q, T.ramp(0, 1, lanes)]
+                                                & T.Broadcast(T.uint8(15), lanes),
+                                            ),
+                                        ),
+                                        T.call_llvm_pure_intrin(
+                                            i8,
+                                            shuffle,
+                                            high[m, (c * CHUNK_BYTES + q) * 2, T.ramp(0, 1, lanes)],
+                                            T.reinterpret(
+                                                i8,
+                                                Wp[nb, c * CHUNK_BYTES + q, T.ramp(0, 1, lanes)]
+                                                & T.Broadcast(T.uint8(15), lanes),
+                                            ),
+                                        ),
+                                    ],
+                                    mask,
+                                ),
+                            )
+                            + T.reinterpret(
+                                u16,
+                                T.Shuffle(
+                                    [
+                                        T.call_llvm_pure_intrin(
+                                            i8,
+                                            shuffle,
+                                            low[m, (c * CHUNK_BYTES + q) * 2 + 1, T.ramp(0, 1, lanes)],
+                                            T.reinterpret(
+                                                i8,
+                                                Wp[nb, c * CHUNK_BYTES + q, T.ramp(0, 1, lanes)]
+                                                >> T.Broadcast(T.uint8(4), lanes),
+                                            ),
+                                        ),
+                                        T.call_llvm_pure_intrin(
+                                            i8,
+                                            shuffle,
+                                            high[m, (c * CHUNK_BYTES + q) * 2 + 1, T.ramp(0, 1, lanes)],
+                                            T.reinterpret(
+                                                i8,
+                                                Wp[nb, c * CHUNK_BYTES + q, T.ramp(0, 1, lanes)]
+                                                >> T.Broadcast(T.uint8(4), lanes),
+                                            ),
+                                        ),
+                                    ],
+                                    mask,
+                                ),
+                            )
+                        )
+                    acc[nb, m, T.ramp(0, 1, lanes)] = acc[nb, m, T.ramp(0, 1, lanes)] + T.Cast(
+                        f"int32x{lanes}", acc16[nb, m, T.ramp(0, 1, lanes)]
+                    )
+            for m, lane in T.grid(rows, lanes):
+                if nb * lanes + lane < n:
+                    Y[m, nb * lanes + lane] = acc[nb, m, lane] - bias
+
+    return kernel
+
+
+def digit_table(lanes: int) -> np.ndarray:
+    """``[2, lanes]`` int16: the weight ``d0 - 1`` and ``d1 - 1`` of table entry ``lane % 16`` (zero past 9)."""
+    entry = np.arange(lanes) % 16
+    valid = entry < 9
+    return np.stack([np.where(valid, entry // 3 - 1, 0), np.where(valid, entry % 3 - 1, 0)]).astype(np.int16)
+
+
+def build(shapes: dict[str, tuple[int, int, int]], flavor: Flavor) -> Any:
+    """One TVM module with a kernel per layer: ``shapes`` maps a function name to ``(rows, k, n)``."""
+    import tvm
+
+    functions = {}
+    for name, (rows, k, n) in shapes.items():
+        functions[name] = primfunc(rows, k, n, flavor).with_attr("global_symbol", name)
+    try:
+        return tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(flavor.tvm_target))
+    except Exception as error:  # TVM raises its own error types and plain Python errors alike
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BackendError(f"TVM could not build the LUT kernel for {flavor.arch}: {first}") from error
+
+
+def export(module: Any, path: Any, flavor: Flavor) -> None:
+    """Write ``module`` as a shared library; a foreign CPU's library is linked with its cross compiler and
+    its ELF header checked."""
+    from tvm.support import cc
+
+    from qcompile.backends.tvm import cross
+
+    toolchain = cross.toolchain_for(flavor.tvm_target)
+    if toolchain is None:
+        module.export_library(str(path))
+        return
+    module.export_library(str(path), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))
+    cross.check_elf(path, toolchain)
+
+
+def arguments(weights: np.ndarray, rows: int, flavor: Flavor) -> list[np.ndarray]:
+    """Every argument of the kernel after the activations, for ``weights`` ``[K, N]``: packed weights, the
+    int32 output, the two tables, the two accumulators and the digit table."""
+    k, n = weights.shape
+    lanes = flavor.lanes
+    pairs = 2 * -(-k // 4)
+    blocks = -(-n // lanes)
+    return [
+        pack_pairs(weights, lanes),
+        np.zeros((rows, n), np.int32),
+        np.zeros((rows, pairs, lanes), np.int8),
+        np.zeros((rows, pairs, lanes), np.int8),
+        np.zeros((blocks, rows, lanes), np.int32),
+        np.zeros((blocks, rows, lanes), np.uint16),
+        digit_table(lanes),
+    ]
+
+
+OUTPUT_ARGUMENT = 2  # position of Y among the kernel's arguments
+
+
+class LutMatMul:
+    """A compiled kernel bound to one layer's packed weights, with its scratch buffers allocated once."""
+
+    def __init__(self, function: Any, weights: np.ndarray, rows: int, flavor: Flavor) -> None:
+        import tvm
+
+        self.rows, (self.k, self.n) = rows, weights.shape
+        self._tvm = tvm
+        self._device = tvm.cpu()
+        self._function = function
+        self._arguments = [tvm.runtime.tensor(array, self._device) for array in arguments(weights, rows, flavor)]
+
+    def run_tensor(self, activations: Any) -> Any:
+        """Run on a TVM tensor already on the device; returns the (reused) int32 output tensor."""
+        self._function(activations, *self._arguments)
+        return self._arguments[OUTPUT_ARGUMENT - 1]
+
+    def __call__(self, activations: np.ndarray) -> np.ndarray:
+        if activations.shape != (self.rows, self.k) or activations.dtype != np.int8:
+            raise BackendError(
+                f"LUT kernel built for int8 [{self.rows}, {self.k}] activations, got {activations.dtype} "
+                f"{list(activations.shape)}"
+            )
+        tensor = self._tvm.runtime.tensor(np.ascontiguousarray(activations), self._device)
+        return self.run_tensor(tensor).numpy()
