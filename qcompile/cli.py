@@ -176,6 +176,13 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "MatMul/Gemm weight (e.g. 32 or 64 with --bits 4); default one scale per output channel",
     )
     parser.add_argument(
+        "--ternary-scales",
+        choices=("channel", "tensor"),
+        default="channel",
+        help="target fpga-lut only: the absmean scale of ternary weights per output channel (default) or one "
+        "per weight matrix (BitNet b1.58); activations are int8 per row, scaled at run time",
+    )
+    parser.add_argument(
         "--activation-bits",
         type=int,
         choices=(8, 4),
@@ -415,6 +422,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         latency_budget_ms=args.latency_budget_ms,
         size_budget_mb=args.size_budget_mb,
         sensitivity=args.sensitivity,
+        ternary_scales=args.ternary_scales,
     )
     output = args.output or f"{Path(args.model).stem}.{args.target}"
     manifest = api.compile(
@@ -444,6 +452,17 @@ def _command_compile(args: argparse.Namespace) -> int:
         print(
             f"  latency {name}: {latency['median_ms']:.2f} ms median ({reference / latency['median_ms']:.2f}x "
             "vs onnxruntime fp32)"
+        )
+    agreement = measured["accuracy"].get("lut_vs_onnxruntime_max_abs_diff")
+    if agreement is not None:
+        print(f"  lut vs onnxruntime: max |diff| {agreement:g} (the same integer products)")
+    if "lut" in manifest:
+        plan = manifest["lut"]
+        resources = plan["resources"]
+        print(
+            f"  {args.target} estimate (not synthesized): {plan['step_latency_us']:.2f} us per step, "
+            f"{plan['bound']}; {resources['luts']}/{resources['luts_available']} LUTs, "
+            f"{resources['on_chip_kib']}/{resources['on_chip_kib_available']} KiB on chip; plan: {output}/lut/plan.json"
         )
     print(f"  default executor: {manifest['default_executor']} ({measured['default_reason']})")
     search = next((entry for entry in manifest["passes"] if entry["name"] == "bit_search"), None)

@@ -6,7 +6,9 @@ From a graph rewritten by :class:`qcompile.passes.ternarize.TernarizePass` (int8
 - ``layer_<i>.trits5``: each layer's weights in the engine's 1.6-bit format (:mod:`.pack`);
 - ``model.lut.onnx``: the graph with each such ``MatMulInteger`` replaced by ``LutMatMul`` (domain
   ``ai.qcompile.lut``, attributes ``layer``, ``k``, ``n``), the weights no longer inside;
-- ``kernels.so``: the TVM table-lookup kernel (:mod:`.kernel`) of every layer, built for this machine;
+- ``kernels.so``: the TVM table-lookup kernel (:mod:`.kernel`) of every layer, built for this machine, and
+  ``kernels.aarch64.so``, the same for the board's Arm cores (NEON), when the aarch64 cross compiler is
+  installed (``qcompile toolchains --install``);
 - ``engine.hpp`` and ``sim_main.cpp``: the FPGA engine as HLS-style C++ and its C++ simulation (:mod:`.hls`);
 - ``plan.json``: per-layer tiling, table size, weight placement, cycles, and the device's resources and
   latency (:mod:`.fpga`), an estimate.
@@ -30,12 +32,14 @@ import onnx.shape_inference
 
 from qcompile.backends.lut import fpga, hls, kernel
 from qcompile.backends.lut.pack import pack_trits5, unpack_trits5
+from qcompile.backends.tvm import cross
 from qcompile.errors import BackendError, UnsupportedModelError
 from qcompile.hwmodels import Target
 
 FOLDER = "lut"
 GRAPH = f"{FOLDER}/model.lut.onnx"
 KERNELS = f"{FOLDER}/kernels.so"
+DEVICE_KERNELS = f"{FOLDER}/kernels.aarch64.so"  # for the board's Arm cores (the KV260's Cortex-A53)
 PLAN = f"{FOLDER}/plan.json"
 DOMAIN = "ai.qcompile.lut"
 OP = "LutMatMul"
@@ -131,6 +135,14 @@ def build(proto: onnx.ModelProto, target: Target, staging: Path) -> tuple[list[s
     module = kernel.build({layer.function: (layer.rows, layer.k, layer.n) for layer in layers}, flavor)
     kernel.export(module, staging / KERNELS, flavor)
     files.append(KERNELS)
+    shapes = {layer.function: (layer.rows, layer.k, layer.n) for layer in layers}
+    arm = kernel.FLAVORS["aarch64"]
+    toolchain = cross.toolchain_for(arm.tvm_target)
+    device_kernels = "not built: no aarch64 cross compiler (qcompile toolchains --install)"
+    if toolchain is not None and cross.status(toolchain)["compiler"]:
+        kernel.export(kernel.build(shapes, arm), staging / DEVICE_KERNELS, arm)
+        files.append(DEVICE_KERNELS)
+        device_kernels = DEVICE_KERNELS
     figures = fpga.engine_figures(target)
     parallel = int(figures["group_parallel"])
     engine_layers = [
@@ -140,6 +152,7 @@ def build(proto: onnx.ModelProto, target: Target, staging: Path) -> tuple[list[s
     plan = fpga.plan([(layer.name, layer.k, layer.n, layer.rows) for layer in layers], target)
     plan["files"] = {layer.name: layer.file for layer in layers}
     plan["kernel"] = {"arch": flavor.arch, "lanes": flavor.lanes, "shuffle": flavor.shuffle}
+    plan["device_kernels"] = device_kernels
     (staging / PLAN).write_text(json.dumps(plan, indent=1))
     files.append(PLAN)
     return files, plan

@@ -64,15 +64,17 @@ def unpack_trits5(packed: np.ndarray, k: int) -> np.ndarray:
 def lane_order(lanes: int) -> list[int]:
     """For each accumulator lane of a ``lanes``-wide block, the byte position whose index it sums.
 
-    The kernel widens the low and high table bytes to 16 bits with an interleave that, on 256-bit x86,
-    works within each 128-bit half (``vpunpcklbw`` / ``vpunpckhbw``): lanes 0..15 come from bytes 0..7 and
-    16..23, lanes 16..31 from bytes 8..15 and 24..31. 128-bit vectors (Arm ``zip1`` / ``zip2``) keep order.
+    The kernel widens the low and high table bytes to 16 bits with the byte interleave of the instruction
+    set, which works within each 128-bit part of a vector (x86 ``vpunpcklbw`` / ``vpunpckhbw``; Arm
+    ``zip1`` / ``zip2`` on a single 128-bit vector): the first half of the lanes comes from bytes 0..7 of
+    every 128-bit part, the second half from bytes 8..15.
     """
-    if lanes == 32:
-        return [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]
-    if lanes == 16:
-        return list(range(16))
-    raise BackendError(f"the LUT kernel works on 16 or 32 byte vectors, not {lanes}")
+    if lanes % 16 or lanes < 16:
+        raise BackendError(f"the LUT kernel works on vectors of 16, 32 or 64 bytes, not {lanes}")
+    parts = range(0, lanes, 16)
+    return [base + byte for base in parts for byte in range(8)] + [
+        base + byte for base in parts for byte in range(8, 16)
+    ]
 
 
 def pack_pairs(weights: np.ndarray, lanes: int) -> np.ndarray:

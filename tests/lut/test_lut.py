@@ -1,0 +1,288 @@
+"""The table-lookup ternary path: packing, the numpy reference, the TVM kernel (host, and aarch64 under qemu),
+the HLS-style C++ engine, the ternarize pass, and a ternary-trained digits MLP compiled for fpga-lut.
+
+Every integer product is compared for equality (no tolerance): int8 x ternary in int32 is exact in every
+engine. Float outputs of the ternary graph are compared with a numpy model of the same arithmetic at
+1e-6 relative (float32 rescaling; the integer part is exact).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import zoo
+from conftest import save_model
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile import api, hwmodels, runtime
+from qcompile.backends import lut
+from qcompile.backends.lut import fpga, hls, kernel, pack, reference
+from qcompile.backends.ort import session_from_bytes, to_proto
+from qcompile.backends.tvm import cross
+from qcompile.cli import main
+from qcompile.errors import BackendError, CalibrationError, TargetError, UnsupportedModelError
+from qcompile.passes.ternarize import TernarizePass, quantize_rows, ternarize_weights
+
+# (rows, K, N): SmolLM2's MLP shape, and shapes the packing must pad (K not a multiple of 4 or 5, N not of
+# the vector width, a single weight).
+SHAPES = [(1, 576, 1536), (3, 7, 5), (2, 130, 77), (1, 1, 1)]
+
+
+def _case(rows: int, k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    activations = rng.integers(-128, 128, (rows, k)).astype(np.int8)
+    activations[0, : min(k, 3)] = -128  # the extreme code: pair sums reach -256
+    return activations, rng.integers(-1, 2, (k, n)).astype(np.int8)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packing_round_trips_and_the_table_reference_is_exact(shape: tuple[int, int, int]) -> None:
+    activations, weights = _case(*shape)
+    packed = pack.pack_trits5(weights)
+    assert packed.shape == (shape[2], -(-shape[1] // 5)) and packed.max() < 243
+    assert np.array_equal(pack.unpack_trits5(packed, shape[1]), weights)
+    assert np.array_equal(reference.lut_matmul(activations, packed), reference.dense(activations, weights))
+
+
+def test_packing_refuses_weights_that_are_not_ternary() -> None:
+    with pytest.raises(BackendError, match="must be -1, 0 or \\+1"):
+        pack.pack_trits5(np.array([[0, 2]]))
+    with pytest.raises(BackendError, match="2-D"):
+        pack.pack_pairs(np.zeros((0, 3)), 32)
+    with pytest.raises(BackendError, match="16, 32 or 64"):
+        pack.lane_order(24)
+
+
+def test_host_kernel_is_bit_exact() -> None:
+    flavor = kernel.host_flavor()
+    module = kernel.build({f"case{index}": shape for index, shape in enumerate(SHAPES)}, flavor)
+    for index, shape in enumerate(SHAPES):
+        activations, weights = _case(*shape, seed=index)
+        matmul = kernel.LutMatMul(module[f"case{index}"], weights, shape[0], flavor)
+        assert np.array_equal(matmul(activations), reference.dense(activations, weights)), shape
+    with pytest.raises(BackendError, match=r"int8 \[1, 1\] activations"):
+        matmul(np.zeros((1, 2), np.int8))
+
+
+def test_aarch64_kernel_is_bit_exact_under_qemu(tmp_path: Path) -> None:
+    flavor = kernel.FLAVORS["aarch64"]
+    toolchain = cross.toolchain_for(flavor.tvm_target)
+    assert toolchain is not None
+    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+        pytest.skip("needs the aarch64 cross toolchain and qemu: qcompile toolchains --install")
+    runner = cross.build_runner(toolchain)
+    shape = (2, 130, 77)
+    kernel.export(kernel.build({"lut": shape}, flavor), tmp_path / "lut.so", flavor)
+    assert cross.elf_info(tmp_path / "lut.so").machine == cross.check_elf(tmp_path / "lut.so", toolchain).machine
+    activations, weights = _case(*shape)
+    outputs, _ = cross.emulate(
+        toolchain, tmp_path, "lut.so", [activations, *kernel.arguments(weights, shape[0], flavor)], "cortex-a72",
+        ["+neon"], function="lut", runner=runner,
+    )  # fmt: skip
+    assert np.array_equal(outputs[kernel.OUTPUT_ARGUMENT], reference.dense(activations, weights))
+
+
+def test_cpp_simulation_of_the_engine_is_bit_exact(tmp_path: Path) -> None:
+    layers = [hls.EngineLayer(f"layer{index}", k, n, 16, 4) for index, (_, k, n) in enumerate(SHAPES)]
+    hls.emit(layers, tmp_path)
+    binary = hls.compile_simulation(tmp_path, tmp_path / "sim")
+    for index, shape in enumerate(SHAPES):
+        activations, weights = _case(shape[0] + 1, *shape[1:], seed=index)
+        packed = pack.pack_trits5(weights)
+        assert np.array_equal(
+            hls.simulate(binary, index, activations, packed), reference.lut_matmul(activations, packed)
+        )
+
+
+def _linear_model(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """x [2, 3, 8] -> MatMul W1 [8, 6] -> Relu -> Gemm(transB) W2 [4, 6] + b -> y."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((8, 6)).astype(np.float32)
+    w2 = rng.standard_normal((4, 6)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Reshape", ["r", "flat"], ["f"]),
+            helper.make_node("Gemm", ["f", "w2", "b"], ["y"], name="second", transB=1),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(bias, "b"),
+            numpy_helper.from_array(np.array([6, 6], np.int64), "flat"),
+        ],
+    )
+    path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "linear.onnx")
+    return path, w1, w2, bias
+
+
+def test_ternarize_pass_computes_the_ternary_arithmetic(tmp_path: Path) -> None:
+    path, w1, w2, bias = _linear_model(tmp_path)
+    model = ir.load(path)
+    ternarize = TernarizePass()
+    ternarize(model)
+    assert [(layer.name, layer.k, layer.n) for layer in ternarize.layers] == [("first", 8, 6), ("second", 6, 4)]
+    proto = to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {node.op_type for node in proto.graph.node} >= {"MatMulInteger", "ReduceMax", "Round"}
+    assert not {"MatMul", "Gemm"} & {node.op_type for node in proto.graph.node}
+    x = np.random.default_rng(4).standard_normal((2, 3, 8)).astype(np.float32)
+    (y,) = session_from_bytes(proto.SerializeToString()).run(None, {"x": x})
+
+    def layer(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        trits, scales = ternarize_weights(weights)
+        codes, row_scale = quantize_rows(values)
+        return (
+            reference.dense(codes.reshape(-1, weights.shape[0]), trits)
+            .reshape(*values.shape[:-1], -1)
+            .astype(np.float32)
+            * row_scale
+            * scales
+        )
+
+    expected = layer(np.maximum(layer(x, w1), 0).reshape(6, 6), w2.T) + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="granularity"):
+        TernarizePass("row")
+
+
+def test_ternarize_refuses_a_model_without_linear_layers(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "relu.onnx")
+    with pytest.raises(UnsupportedModelError, match="no MatMul / Gemm"):
+        TernarizePass()(ir.load(path))
+    with pytest.raises(UnsupportedModelError, match="no MatMul / Gemm"):
+        api.compile(path, tmp_path / "out", target="fpga-lut", calibration_data=[{"x": np.ones((1, 4), np.float32)}])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def ternary_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Path]:
+    """The MLP trained here for ternary weights, its float-QAT accuracy, and its fpga-lut artifact."""
+    folder = tmp_path_factory.mktemp("ternary")
+    model, accuracy = zoo.train_digits_ternary(folder / "digits_ternary.onnx")
+    train_x, _, _, _ = zoo.digits_split()
+    output = folder / "digits.fpga-lut"
+    api.compile(
+        model, output, target="fpga-lut", calibration_data=[{"image": train_x[i : i + 1]} for i in range(4)],
+        progress=False,
+    )  # fmt: skip
+    return model, accuracy, output
+
+
+def test_ternary_digits_keep_their_qat_accuracy_and_lut_equals_onnxruntime(
+    ternary_digits: tuple[Path, float, Path],
+) -> None:
+    _, qat_accuracy, artifact = ternary_digits
+    _, _, test_x, test_y = zoo.digits_split()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert (
+        manifest["target"]["name"] == "fpga-lut"
+        and manifest["measured"]["accuracy"]["lut_vs_onnxruntime_max_abs_diff"] == 0
+    )
+    assert {layer["weight_format"] for layer in manifest["layers"]} == {"ternary"}
+    session = runtime.load(artifact, "lut")
+    sample = {"image": test_x[:1]}
+    assert np.array_equal(session.run(sample)["logits"], runtime.load(artifact, "onnxruntime").run(sample)["logits"])
+    assert qat_accuracy > 0.93
+    # The compiled model computes what the quantization-aware model trained: within 1 point of it.
+    session = runtime.load(artifact, "onnxruntime")
+    full = np.array([session.run({"image": test_x[i : i + 1]})["logits"].argmax() for i in range(len(test_x))])
+    assert abs(float(np.mean(full == test_y)) - qat_accuracy) <= 0.01
+
+
+def test_every_engine_agrees_on_the_digits_layers(ternary_digits: tuple[Path, float, Path], tmp_path: Path) -> None:
+    _, _, artifact = ternary_digits
+    proto = onnx.load(str(artifact / api.TERNARY_ONNX))
+    layers = lut.ternary_layers(proto)
+    plan = json.loads((artifact / lut.PLAN).read_text())
+    binary = hls.compile_simulation(artifact / lut.FOLDER, tmp_path / "sim")
+    _, _, test_x, _ = zoo.digits_split()
+    first, _ = quantize_rows(test_x[:16].reshape(16, 64))
+    layer = layers[0]
+    packed = np.fromfile(artifact / plan["files"][layer.name], np.uint8).reshape(layer.n, -1)
+    expected = reference.dense(first, layer.weights)
+    assert np.array_equal(hls.simulate(binary, 0, first, packed), expected)
+    assert np.array_equal(reference.lut_matmul(first, packed), expected)
+    assert plan["resources"]["luts"] <= plan["resources"]["luts_available"] and plan["weights_on_chip"]
+    assert [entry["k"] for entry in plan["layers"]] == [64, 128, 128]
+    if plan["device_kernels"] == lut.DEVICE_KERNELS:
+        assert cross.elf_info(artifact / lut.DEVICE_KERNELS).machine == 183  # EM_AARCH64
+
+
+def test_cli_compiles_for_fpga_lut(
+    ternary_digits: tuple[Path, float, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, _, _ = ternary_digits
+    train_x, _, _, _ = zoo.digits_split()
+    (tmp_path / "calibration").mkdir()
+    np.save(tmp_path / "calibration" / "sample.npy", train_x[:1])
+    np.save(tmp_path / "sample.npy", train_x[:1])
+    output = tmp_path / "cli.fpga-lut"
+    assert (
+        main(
+            [
+                str(model),
+                "--target",
+                "fpga-lut",
+                "-o",
+                str(output),
+                "--calibration",
+                str(tmp_path / "calibration"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "fpga-lut estimate" in printed and "lut vs onnxruntime: max |diff| 0" in printed
+    assert main(["run", str(output), "--executor", "lut", "--input", str(tmp_path / "sample.npy")]) == 0
+    assert main(["verify", str(output)]) == 0
+
+
+def test_fpga_estimate_for_a_smollm2_sized_decoder() -> None:
+    target = hwmodels.load_target("fpga-lut")
+    shapes = [
+        ("q", 576, 576),
+        ("k", 576, 192),
+        ("v", 576, 192),
+        ("o", 576, 576),
+        ("gate", 576, 1536),
+        ("up", 576, 1536),
+        ("down", 1536, 576),
+    ]
+    layers = [(f"{block}.{name}", k, n) for block in range(30) for name, k, n in shapes]
+    estimate = fpga.decoder_estimate(layers, target, lm_head=(576, 49152))
+    # 106M ternary weights at 1.6 bits do not fit the 2.9 MiB of BRAM + URAM: streamed, DDR-bound.
+    assert not estimate["weights_on_chip"] and estimate["bound"] == "weight streaming (DDR)"
+    assert 19 < estimate["weights_mib"] < 21
+    assert 0 < estimate["tokens_per_s"] < 1e4 and estimate["reference"]["decode_tokens_per_s"] == 25.0
+    assert estimate["resources"]["luts"] <= estimate["resources"]["luts_available"]
+
+
+def test_impossible_engine_and_bad_options_are_clear_errors(tmp_path: Path) -> None:
+    text = (Path(hwmodels.__file__).parent / "targets" / "fpga-lut.toml").read_text()
+    board = tmp_path / "tiny-fpga.toml"
+    board.write_text(text.replace('name = "fpga-lut"', 'name = "tiny-fpga"').replace("luts = 117120", "luts = 1000"))
+    with pytest.raises(TargetError, match="needs 47616 LUTs; tiny-fpga has 1000"):
+        fpga.plan([("layer", 64, 64, 1)], hwmodels.load_target(str(board)))
+    with pytest.raises(CalibrationError, match="ternary scales"):
+        from qcompile.passes.pipeline import QuantizeOptions
+
+        QuantizeOptions(ternary_scales="row")
