@@ -64,7 +64,7 @@ def test_host_kernel_is_bit_exact() -> None:
     module = kernel.build({f"case{index}": shape for index, shape in enumerate(SHAPES)}, flavor)
     for index, shape in enumerate(SHAPES):
         activations, weights = _case(*shape, seed=index)
-        matmul = kernel.LutMatMul(module[f"case{index}"], weights, shape[0], flavor)
+        matmul = kernel.LutMatMul(module, f"case{index}", weights, shape[0], flavor)
         assert np.array_equal(matmul(activations), reference.dense(activations, weights)), shape
     with pytest.raises(BackendError, match=r"int8 \[1, 1\] activations"):
         matmul(np.zeros((1, 2), np.int8))

@@ -181,7 +181,7 @@ class LutExecutor:
             index, k, n = attributes["layer"], attributes["k"], attributes["n"]
             packed = np.fromfile(folder / plan["files"][node.name], np.uint8).reshape(n, -1)
             rows = next(layer["rows"] for layer in plan["layers"] if layer["name"] == node.name)
-            kernels[index] = kernel.LutMatMul(module[f"layer_{index}"], unpack_trits5(packed, k), rows, flavor)
+            kernels[index] = kernel.LutMatMul(module, f"layer_{index}", unpack_trits5(packed, k), rows, flavor)
 
         class LutMatMul(OpRun):  # type: ignore[misc]
             op_domain = DOMAIN

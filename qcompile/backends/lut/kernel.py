@@ -42,8 +42,12 @@ PARTS = 4  # output blocks are split into this many parallel parts, each walking
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS or else half the logical CPUs (it assumes SMT): on a
 # two-core machine without SMT that is one thread. Use every CPU this process may run on, unless the user
-# said otherwise; this must happen before TVM's first parallel call in the process.
+# said otherwise. TVM also pins its workers to cores but not the calling thread, which the OS then often
+# runs on a worker's core: parallel kernels measured erratic here (7.5 to 17 us for 1 x 576 x 1536) until
+# TVM_BIND_THREADS=0 left placement to the OS (7.5 us, steady). Both must be set before TVM's first
+# parallel call in the process.
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,9 @@ def _interleave_masks(lanes: int) -> list[int]:
     return [index for position in lane_order(lanes) for index in (position, lanes + position)]
 
 
-def primfunc(rows: int, k: int, n: int, flavor: Flavor) -> Any:
-    """The TIR kernel for ``[rows, k] @ [k, n]``; its arguments are described in :class:`LutMatMul`."""
+def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -> Any:
+    """The TIR kernel for ``[rows, k] @ [k, n]`` (its arguments: :func:`arguments`); ``parallel=False`` runs
+    the parts one after the other on the calling thread."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -106,6 +111,7 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor) -> Any:
     mask = _interleave_masks(lanes)
     repeat = list(range(lanes))  # of [table] x 4: the 16-byte table in every 128-bit part (up to 512 bits)
     parts = min(blocks, PARTS)
+    part_loop = T.parallel if parallel else T.serial
     per_part = -(-blocks // parts)
     t8 = f"int8x{TABLE_BYTES}"
     tu8 = f"uint8x{TABLE_BYTES}"
@@ -160,7 +166,7 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor) -> Any:
             high[rp // pairs, rp % pairs, T.ramp(0, 1, TABLE_BYTES)] = T.Cast(
                 t8, entries(X, digits, rp // pairs, rp % pairs) >> T.Broadcast(T.int16(8), TABLE_BYTES)
             )
-        for part in T.parallel(parts):
+        for part in part_loop(parts):
             for m in range(rows):
                 for nb in T.serial(part * per_part, T.min(part * per_part + per_part, blocks)):
                     acc[nb, m, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
@@ -201,13 +207,21 @@ def digit_table() -> np.ndarray:
     return np.stack([np.where(valid, entry // 3 - 1, 0), np.where(valid, entry % 3 - 1, 0)]).astype(np.int16)
 
 
+SERIAL = "_serial"  # suffix of the single-threaded variant of every kernel
+
+
 def build(shapes: dict[str, tuple[int, int, int]], flavor: Flavor) -> Any:
-    """One TVM module with a kernel per layer: ``shapes`` maps a function name to ``(rows, k, n)``."""
+    """One TVM module with two kernels per layer: ``shapes`` maps a function name to ``(rows, k, n)``; the
+    function ``name`` runs output blocks in parallel, ``name + SERIAL`` on the calling thread (a thread pool
+    wake-up costs microseconds, which small layers do not repay; :class:`LutMatMul` times both)."""
     import tvm
 
     functions = {}
     for name, (rows, k, n) in shapes.items():
         functions[name] = primfunc(rows, k, n, flavor).with_attr("global_symbol", name)
+        functions[name + SERIAL] = primfunc(rows, k, n, flavor, parallel=False).with_attr(
+            "global_symbol", name + SERIAL
+        )
     try:
         return tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(flavor.tvm_target))
     except Exception as error:  # TVM raises its own error types and plain Python errors alike
@@ -252,16 +266,35 @@ OUTPUT_ARGUMENT = 2  # position of Y among the kernel's arguments
 
 
 class LutMatMul:
-    """A compiled kernel bound to one layer's packed weights, with its scratch buffers allocated once."""
+    """A layer's kernel bound to its packed weights, with its scratch buffers allocated once.
 
-    def __init__(self, function: Any, weights: np.ndarray, rows: int, flavor: Flavor) -> None:
+    Given the module and the layer's function name, it times the parallel and the serial variant on zero
+    activations (``trials`` calls each, best of three rounds) and keeps the faster; ``chosen`` says which."""
+
+    def __init__(
+        self, module: Any, name: str, weights: np.ndarray, rows: int, flavor: Flavor, trials: int = 30
+    ) -> None:
+        import time
+
         import tvm
 
         self.rows, (self.k, self.n) = rows, weights.shape
         self._tvm = tvm
         self._device = tvm.cpu()
-        self._function = function
         self._arguments = [tvm.runtime.tensor(array, self._device) for array in arguments(weights, rows, flavor)]
+        zeros = tvm.runtime.tensor(np.zeros((rows, self.k), np.int8), self._device)
+        timings = {}
+        for variant in (name, name + SERIAL):
+            function = module[variant]
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                for _ in range(trials):
+                    function(zeros, *self._arguments)
+                best = min(best, time.perf_counter() - started)
+            timings[variant] = best
+        self.chosen = min(timings, key=timings.__getitem__)
+        self._function = module[self.chosen]
 
     def run_tensor(self, activations: Any) -> Any:
         """Run on a TVM tensor already on the device; returns the (reused) int32 output tensor."""
