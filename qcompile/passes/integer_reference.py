@@ -1,0 +1,139 @@
+"""A plain numpy interpreter of integer-only graphs: the oracle the lowered graph is checked against.
+
+It knows exactly the ops :mod:`qcompile.passes.requantize` emits and evaluates each with the integer
+semantics of the ONNX specification, in int64 where the spec's result type allows no overflow:
+``QuantizeLinear`` (round half to even, saturate), ``ConvInteger`` / ``MatMulInteger`` (subtract the zero
+points, multiply, accumulate in int32), ``Div`` on integers (truncation toward zero), ``Clip``, ``Max``,
+``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, the layout ops, and at the output ``Mul`` on floats and
+``DequantizeLinear``. Any other op is an error: the oracle never guesses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qcompile.errors import UnsupportedModelError
+
+_DTYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
+           onnx.TensorProto.INT8: np.int8, onnx.TensorProto.FLOAT: np.float32}  # fmt: skip
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def _windows(
+    x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int], dilations: list[int], fill: Any
+) -> np.ndarray:
+    """``[N, C, OH, OW, KH, KW]`` sliding windows of an NCHW tensor padded with ``fill``."""
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=fill)
+    height = (padded.shape[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    width = (padded.shape[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    rows = (np.arange(height) * strides[0])[:, None] + np.arange(kernel[0]) * dilations[0]  # [OH, KH]
+    cols = (np.arange(width) * strides[1])[:, None] + np.arange(kernel[1]) * dilations[1]  # [OW, KW]
+    return padded[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+
+
+def _conv_integer(x: np.ndarray, w: np.ndarray, x_zero: Any, w_zero: Any, attributes: dict[str, Any]) -> np.ndarray:
+    kernel = list(attributes.get("kernel_shape", w.shape[2:]))
+    strides = list(attributes.get("strides", [1, 1]))
+    dilations = list(attributes.get("dilations", [1, 1]))
+    pads = list(attributes.get("pads", [0, 0, 0, 0]))
+    if attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise UnsupportedModelError("the integer oracle takes explicit pads, not auto_pad")
+    groups = int(attributes.get("group", 1))
+    centred = x.astype(np.int64) - np.int64(x_zero)
+    weights = w.astype(np.int64) - np.int64(w_zero)
+    # Padding holds the zero point, i.e. 0 once centred.
+    windows = _windows(centred, kernel, strides, pads, dilations, 0)  # [N, C, OH, OW, KH, KW]
+    per_group_in = x.shape[1] // groups
+    per_group_out = w.shape[0] // groups
+    outputs = []
+    for group in range(groups):
+        part = windows[:, group * per_group_in : (group + 1) * per_group_in]
+        filters = weights[group * per_group_out : (group + 1) * per_group_out]
+        outputs.append(np.einsum("nchwij,ocij->nohw", part, filters))
+    return np.concatenate(outputs, axis=1).astype(np.int32)
+
+
+def _max_pool(x: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+    if attributes.get("ceil_mode", 0) or attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise UnsupportedModelError("the integer oracle's MaxPool takes explicit pads and floor mode")
+    kernel = list(attributes["kernel_shape"])
+    windows = _windows(
+        x, kernel, list(attributes.get("strides", [1, 1])), list(attributes.get("pads", [0, 0, 0, 0])),
+        list(attributes.get("dilations", [1, 1])), np.iinfo(x.dtype).min,
+    )  # fmt: skip
+    return windows.max(axis=(4, 5)).astype(x.dtype)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Evaluate the integer graph ``model`` on ``feeds``; returns the graph outputs in order."""
+    env: dict[str, np.ndarray] = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    env.update(feeds)
+    for node in model.graph.node:
+        args: list[Any] = [env[name] if name else None for name in node.input]
+        attributes = _attributes(node)
+        op = node.op_type
+        if op == "QuantizeLinear":
+            zero = args[2] if len(args) > 2 and args[2] is not None else np.uint8(0)
+            info = np.iinfo(zero.dtype)
+            scaled = np.round(args[0].astype(np.float32) / np.float32(args[1])).astype(np.float64) + float(zero)
+            result = np.clip(scaled, info.min, info.max).astype(zero.dtype)
+        elif op == "DequantizeLinear":
+            zero = args[2] if len(args) > 2 and args[2] is not None else 0
+            result = ((args[0].astype(np.int32) - np.int32(zero)).astype(np.float32) * np.float32(args[1])).astype(
+                np.float32
+            )
+        elif op == "ConvInteger":
+            result = _conv_integer(
+                args[0], args[1], args[2] if len(args) > 2 else 0, args[3] if len(args) > 3 else 0, attributes
+            )
+        elif op == "MatMulInteger":
+            a = args[0].astype(np.int64) - np.int64(args[2] if len(args) > 2 and args[2] is not None else 0)
+            b = args[1].astype(np.int64) - np.int64(args[3] if len(args) > 3 and args[3] is not None else 0)
+            result = np.matmul(a, b).astype(np.int32)
+        elif op == "Cast":
+            target = _DTYPES[attributes["to"]]
+            result = args[0].astype(target)
+        elif op in ("Add", "Sub", "Mul", "Max", "Min"):
+            a, b = np.asarray(args[0]), np.asarray(args[1])
+            function = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum, "Min": np.minimum}[op]
+            result = function(a, b).astype(np.result_type(a.dtype, b.dtype))
+        elif op == "Div":
+            a, b = np.asarray(args[0]), np.asarray(args[1])
+            if a.dtype.kind not in "iu":
+                raise UnsupportedModelError(f"{node.name}: the integer oracle divides integers only")
+            quotient = np.abs(a.astype(np.int64)) // np.abs(b.astype(np.int64))
+            result = (np.sign(a) * np.sign(b) * quotient).astype(a.dtype)  # truncation toward zero
+        elif op == "Clip":
+            result = np.clip(args[0], args[1], args[2]).astype(args[0].dtype)
+        elif op == "MaxPool":
+            result = _max_pool(args[0], attributes)
+        elif op == "ReduceSum":
+            axes = tuple(int(axis) for axis in args[1])
+            result = (
+                args[0]
+                .sum(axis=axes, keepdims=bool(attributes.get("keepdims", 1)), dtype=np.int64)
+                .astype(args[0].dtype)
+            )
+        elif op == "Flatten":
+            axis = int(attributes.get("axis", 1))
+            result = args[0].reshape(int(np.prod(args[0].shape[:axis])), -1)
+        elif op == "Reshape":
+            shape = [dim if dim != 0 else args[0].shape[index] for index, dim in enumerate(args[1].tolist())]
+            result = args[0].reshape(shape)
+        elif op == "Transpose":
+            result = np.transpose(args[0], attributes.get("perm"))
+        elif op == "Squeeze":
+            result = np.squeeze(args[0], axis=tuple(int(a) for a in args[1]) if len(args) > 1 else None)
+        elif op == "Unsqueeze":
+            result = np.expand_dims(args[0], tuple(int(a) for a in args[1]))
+        else:
+            raise UnsupportedModelError(f"{node.name}: the integer oracle has no '{op}'")
+        env[node.output[0]] = np.asarray(result)
+    return [env[output.name] for output in model.graph.output]

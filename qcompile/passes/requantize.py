@@ -1,0 +1,437 @@
+"""Integer-only lowering of a QDQ model: no float arithmetic between input quantization and output
+dequantization.
+
+From the QDQ graph of :mod:`qcompile.passes.qdq` (activations uint8 with zero point, weights int8 symmetric
+per output channel, int32 biases at scale ``s_x * s_w``) this builds a graph of standard ONNX integer ops:
+
+- Conv / Gemm / MatMul: ``ConvInteger`` / ``MatMulInteger`` (uint8 x int8 -> int32, the activation's zero
+  point as an input), plus the int32 bias: an int32 accumulator at scale ``s_x * s_w[c]``.
+- Requantization (at each ``QuantizeLinear``): the real multiplier ``M = s_acc[c] / s_y`` becomes a dyadic
+  number ``M0[c] * 2**-n[c]`` with ``2**29 <= M0 < 2**30`` (relative error < 2**-29), and
+  ``q = clamp(floor((acc * M0 + 2**(n-1)) / 2**n) + z_y, lo, hi)`` in int64: round half up, saturating.
+  ONNX integer ``Div`` truncates toward zero, so a constant ``C = 2**61`` (a multiple of ``2**n``) is added
+  before the division and ``C / 2**n`` subtracted after: the dividend is never negative, and the result is
+  the floor, for any int32 accumulator.
+- ReLU / Clip on an accumulator move the clamp bounds to ``round(bound / s_y) + z_y`` (the same codes the
+  QDQ graph gives); on a uint8 value, ReLU is ``Max(q, z)``.
+- MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze run on the uint8 codes (order-preserving, same
+  scale). GlobalAveragePool / ReduceMean over H, W: ``ReduceSum`` of ``q - z`` in int32, an accumulator at
+  scale ``s / (H * W)``. Add of two uint8 values: each ``q - z`` times an integer approximation of
+  ``s_input / s_unit`` (``s_unit`` = the finer scale / 2**k, k as large as int32 allows), summed in int32.
+- Graph outputs: an accumulator is dequantized (``Cast`` to float, ``Mul`` by its scales); a uint8 value
+  by ``DequantizeLinear``.
+
+Static overflow analysis: for every accumulator, ``255 * sum_k |w[c, k]| + |bias[c]|`` bounds ``|acc|``; a
+layer whose bound passes the int32 range is an error naming it (splitting the reduction is not
+implemented). The report lists every layer's bound.
+
+Anything else (Softmax, LayerNorm, GELU, Sigmoid, float ops between quantized values) cannot be lowered:
+:func:`lower` raises one error listing every such node, with its op and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.shape_inference
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.errors import UnsupportedModelError
+
+ACCUMULATOR_LIMIT = 2**31 - 1  # the int32 accumulator's range
+OFFSET_EXPONENT = 61  # C = 2**61 keeps acc * M0 + C positive and below 2**63 for any int32 acc, M0 < 2**30
+MULTIPLIER_BITS = 30  # M0 in [2**29, 2**30): 30 significant bits
+LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
+CONV_ATTRIBUTES = ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")
+
+
+def dyadic(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``M`` (positive float64) -> int64 ``(M0, n)`` with ``M ~= M0 * 2**-n`` and ``2**29 <= M0 < 2**30``."""
+    values = np.asarray(multiplier, np.float64)
+    if (values <= 0).any() or not np.isfinite(values).all():
+        raise UnsupportedModelError(f"requantization multipliers must be positive and finite, got {values.min()}")
+    mantissa, exponent = np.frexp(values)  # values = mantissa * 2**exponent, mantissa in [0.5, 1)
+    m0 = np.round(mantissa * 2.0**MULTIPLIER_BITS).astype(np.int64)
+    shift = (MULTIPLIER_BITS - exponent).astype(np.int64)
+    carry = m0 == 2**MULTIPLIER_BITS
+    m0 = np.where(carry, m0 // 2, m0)
+    shift = np.where(carry, shift - 1, shift)
+    if (shift < 1).any() or (shift > OFFSET_EXPONENT).any():
+        raise UnsupportedModelError(f"requantization multiplier {values.max():.3g} is outside the dyadic range")
+    return m0, shift
+
+
+@dataclass(frozen=True)
+class Codes:
+    """An activation held as uint8 codes: real = scale * (q - zero_point)."""
+
+    name: str
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """An int32 value: real = scales[c] * acc (zero point 0), c along ``axis`` of a rank-``rank`` tensor;
+    ``clip`` holds the real bounds a ReLU / Clip after it imposes, applied when it is requantized."""
+
+    name: str
+    scales: np.ndarray
+    axis: int
+    rank: int
+    bound: float
+    clip: tuple[float, float] = (-math.inf, math.inf)
+
+
+@dataclass
+class LoweringReport:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    requantizations: int = 0
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.taken = {value for node in model.graph.node for value in (*node.input, *node.output)}
+        self.taken |= {tensor.name for tensor in model.graph.initializer}
+
+    def name(self, base: str) -> str:
+        candidate, index = base, 0
+        while candidate in self.taken:
+            index += 1
+            candidate = f"{base}_{index}"
+        self.taken.add(candidate)
+        return candidate
+
+    def const(self, array: np.ndarray, base: str) -> str:
+        name = self.name(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], base: str, **attributes: Any) -> str:
+        output = self.name(base)
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+
+def _channel_shape(count: int, axis: int, rank: int) -> list[int]:
+    shape = [1] * rank
+    shape[axis % rank] = count
+    return shape
+
+
+def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
+    """The integer-only form of the QDQ ``model``; raises one error listing every node that cannot be lowered."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        info.name: [dim.dim_value for dim in info.type.tensor_type.shape.dim]
+        for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    build = _Builder(model)
+    report = LoweringReport()
+    values: dict[str, Codes | Accumulator | tuple[np.ndarray, np.ndarray, int]] = {}
+    refused: list[str] = []
+    failed: set[str] = set()  # values downstream of a refused node
+    dependent = 0
+
+    def refuse(node: onnx.NodeProto, message: str) -> None:
+        refused.append(message)
+        failed.update(node.output)
+
+    graph_inputs = {value.name for value in model.graph.input}
+
+    def constant(name: str) -> np.ndarray | None:
+        return constants.get(name)
+
+    def requantize(source: Accumulator, scale: float, zero_point: int, base: str) -> str:
+        m0, shift = dyadic(source.scales.astype(np.float64) / scale)
+        shape = _channel_shape(m0.size, source.axis, source.rank) if m0.size > 1 else []
+        offset = np.int64(2) ** OFFSET_EXPONENT
+        wide = build.node("Cast", [source.name], f"{base}_int64", to=TensorProto.INT64)
+        scaled = build.node("Mul", [wide, build.const(m0.reshape(shape), f"{base}_m0")], f"{base}_scaled")
+        rounding = (np.int64(1) << (shift - 1)) + offset
+        biased = build.node("Add", [scaled, build.const(rounding.reshape(shape), f"{base}_round")], f"{base}_biased")
+        divisor = np.int64(1) << shift
+        floored = build.node("Div", [biased, build.const(divisor.reshape(shape), f"{base}_divisor")], f"{base}_div")
+        shifted = (offset >> shift) - zero_point
+        centred = build.node("Sub", [floored, build.const(shifted.reshape(shape), f"{base}_unbias")], f"{base}_zp")
+        low = max(0, int(np.round(source.clip[0] / scale)) + zero_point) if math.isfinite(source.clip[0]) else 0
+        high = min(255, int(np.round(source.clip[1] / scale)) + zero_point) if math.isfinite(source.clip[1]) else 255
+        clamped = build.node(
+            "Clip",
+            [
+                centred,
+                build.const(np.array(low, np.int64), f"{base}_lo"),
+                build.const(np.array(high, np.int64), f"{base}_hi"),
+            ],
+            f"{base}_clamp",
+        )
+        report.requantizations += 1
+        return build.node("Cast", [clamped], f"{base}_q", to=TensorProto.UINT8)
+
+    def as_accumulator(codes: Codes, base: str) -> Accumulator:
+        wide = build.node("Cast", [codes.name], f"{base}_int32", to=TensorProto.INT32)
+        centred = build.node("Sub", [wide, build.const(np.array(codes.zero_point, np.int32), f"{base}_z")], f"{base}_c")
+        rank = len(shapes.get(codes.name, [0, 0, 0, 0]))
+        return Accumulator(centred, np.array([codes.scale]), 0, rank, 255.0)
+
+    scale: Any  # names reused below for constants, floats and value names
+    zero: Any
+    scales: Any
+    for node in model.graph.node:
+        op, name = node.op_type, node.name or node.output[0]
+        inputs = list(node.input)
+        if failed.intersection(inputs):
+            failed.update(node.output)
+            dependent += 1
+            continue
+        if op == "DequantizeLinear":
+            data = constant(inputs[0])
+            scale = constant(inputs[1])
+            zero = constant(inputs[2]) if len(inputs) > 2 and inputs[2] else None
+            if data is not None:  # a weight or a bias
+                if zero is not None and np.any(zero != 0):
+                    refuse(node, f"{name} (DequantizeLinear): constant with a nonzero zero point")
+                    continue
+                axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+                values[node.output[0]] = (data, np.asarray(scale, np.float64).reshape(-1), axis)
+            elif inputs[0] in values and isinstance(values[inputs[0]], Codes):
+                values[node.output[0]] = values[inputs[0]]
+            else:
+                refuse(node, f"{name} (DequantizeLinear): input '{inputs[0]}' is not quantized")
+            continue
+        if op == "QuantizeLinear":
+            scale = float(np.asarray(constant(inputs[1])).reshape(-1)[0])
+            zero = constant(inputs[2]) if len(inputs) > 2 and inputs[2] else np.array(0, np.uint8)
+            if zero is None or zero.dtype != np.uint8 or np.asarray(constant(inputs[1])).size != 1:
+                refuse(node, f"{name} (QuantizeLinear): only per-tensor uint8 activations are lowered")
+                continue
+            zero_point = int(zero)
+            source = values.get(inputs[0])
+            if inputs[0] in graph_inputs:  # input quantization stays as it is
+                build.nodes.append(node)
+                values[node.output[0]] = Codes(node.output[0], scale, zero_point)
+            elif isinstance(source, Accumulator):
+                values[node.output[0]] = Codes(requantize(source, scale, zero_point, name), scale, zero_point)
+            elif isinstance(source, Codes):
+                if math.isclose(source.scale, scale, rel_tol=1e-7) and source.zero_point == zero_point:
+                    values[node.output[0]] = source
+                else:
+                    rescaled = requantize(as_accumulator(source, name), scale, zero_point, name)
+                    values[node.output[0]] = Codes(rescaled, scale, zero_point)
+            else:
+                refuse(node, f"{name} (QuantizeLinear): its input '{inputs[0]}' is computed in float")
+            continue
+        arguments = [values.get(value) for value in inputs if value]
+        if op in ("Conv", "Gemm", "MatMul") and len(arguments) >= 2 and isinstance(arguments[0], Codes):
+            weight = arguments[1]
+            if not isinstance(weight, tuple):
+                refuse(node, f"{name} ({op}): its weight is not a quantized constant")
+                continue
+            codes, (weights, weight_scales, _axis) = arguments[0], weight
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            if op == "Gemm":
+                if (
+                    attributes.get("transA", 0)
+                    or attributes.get("alpha", 1.0) != 1.0
+                    or attributes.get("beta", 1.0) != 1.0
+                ):
+                    refuse(node, f"{name} (Gemm): transA / alpha / beta are not lowered")
+                    continue
+                matrix = weights.T if attributes.get("transB", 0) else weights
+            else:
+                matrix = weights
+            zero = build.const(np.array(codes.zero_point, np.uint8), f"{name}_xz")
+            if op == "Conv":
+                channels = weights.shape[0]
+                geometry = {key: value for key, value in attributes.items() if key in CONV_ATTRIBUTES}
+                inputs_int = [codes.name, build.const(weights, f"{name}_w"), zero]
+                accumulated = build.node("ConvInteger", inputs_int, f"{name}_acc", **geometry)
+                per_channel = np.abs(weights.astype(np.int64)).reshape(channels, -1).sum(axis=1)
+                axis, rank = 1, 4
+            else:
+                if matrix.ndim != 2:
+                    refuse(node, f"{name} ({op}): only 2-D weights are lowered")
+                    continue
+                channels = matrix.shape[1]
+                accumulated = build.node(
+                    "MatMulInteger",
+                    [codes.name, build.const(np.ascontiguousarray(matrix), f"{name}_w"), zero],
+                    f"{name}_acc",
+                )
+                per_channel = np.abs(matrix.astype(np.int64)).sum(axis=0)
+                axis, rank = -1, max(2, len(shapes.get(node.output[0], [0, 0])))
+            scales = codes.scale * np.broadcast_to(weight_scales, (channels,)).astype(np.float64)
+            bias_bound = np.zeros(channels)
+            if len(arguments) > 2 and isinstance(arguments[2], tuple):
+                bias = arguments[2][0].astype(np.int32).reshape(-1)
+                bias_bound = np.abs(bias.astype(np.float64))
+                accumulated = build.node(
+                    "Add",
+                    [accumulated, build.const(bias.reshape(_channel_shape(channels, axis, rank)), f"{name}_b")],
+                    f"{name}_biased",
+                )
+            bound = float((255.0 * per_channel + bias_bound).max())
+            report.layers.append({"name": name, "op_type": op, "accumulator_bound": bound, "limit": ACCUMULATOR_LIMIT})
+            if bound > ACCUMULATOR_LIMIT:
+                refuse(
+                    node, f"{name} ({op}): its int32 accumulator can reach {bound:.3g}, past int32; split the reduction"
+                )
+                continue
+            values[node.output[0]] = Accumulator(accumulated, scales, axis, rank, bound)
+            continue
+        source = arguments[0] if arguments else None
+        if op in ("Relu", "Clip") and isinstance(source, Accumulator):
+            low, high = source.clip
+            if op == "Relu":
+                low = max(low, 0.0)
+            else:
+                bounds = [constant(value) for value in inputs[1:3]] + [None, None]
+                low = max(low, float(bounds[0])) if bounds[0] is not None and inputs[1:2] and inputs[1] else low
+                high = min(high, float(bounds[1])) if len(inputs) > 2 and inputs[2] and bounds[1] is not None else high
+            values[node.output[0]] = Accumulator(
+                source.name, source.scales, source.axis, source.rank, source.bound, (low, high)
+            )
+            continue
+        if op in ("GlobalAveragePool", "ReduceMean") and isinstance(source, Accumulator):
+            # A float mean of an accumulator (the QDQ graph quantizes only after it): clamp the int32 values
+            # to the ReLU / Clip bounds in accumulator units, sum them in int64, scale by 1 / (H * W).
+            shape = shapes.get(node.output[0] if op == "GlobalAveragePool" else inputs[0], [])
+            axes = [2, 3] if op == "GlobalAveragePool" else _reduce_axes(node, constants)
+            spatial = shapes.get(inputs[0], [])
+            if source.rank != 4 or len(spatial) != 4 or sorted(a % 4 for a in axes) != [2, 3] or source.axis != 1:
+                refuse(node, f"{name} ({op}): only a mean over H and W of an NCHW accumulator is lowered")
+                continue
+            channel = _channel_shape(source.scales.size, 1, 4) if source.scales.size > 1 else []
+            held = source.name
+            if math.isfinite(source.clip[0]):
+                low_codes = np.ceil(source.clip[0] / source.scales).astype(np.int32).reshape(channel)
+                held = build.node("Max", [held, build.const(low_codes, f"{name}_lo")], f"{name}_floor")
+            if math.isfinite(source.clip[1]):
+                high_codes = np.floor(source.clip[1] / source.scales).astype(np.int32).reshape(channel)
+                held = build.node("Min", [held, build.const(high_codes, f"{name}_hi")], f"{name}_ceiling")
+            wide = build.node("Cast", [held], f"{name}_int64", to=TensorProto.INT64)
+            keep = 1 if op == "GlobalAveragePool" else next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+            axes_name = build.const(np.array([2, 3], np.int64), f"{name}_axes")
+            total = build.node("ReduceSum", [wide, axes_name], f"{name}_sum", keepdims=keep)
+            count = spatial[2] * spatial[3]
+            values[node.output[0]] = Accumulator(
+                total, source.scales / count, 1, 4 if keep else 2, source.bound, (-math.inf, math.inf)
+            )
+            continue
+        if op in ("Flatten", "Reshape") and isinstance(source, Accumulator):
+            before, after = shapes.get(inputs[0], []), shapes.get(node.output[0], [])
+            if (
+                source.axis != 1
+                or len(after) != 2
+                or len(before) < 2
+                or before[:2] != after
+                or any(d != 1 for d in before[2:])
+            ):
+                refuse(node, f"{name} ({op}): an accumulator is reshaped only from [N, C, 1, 1] to [N, C]")
+                continue
+            copied = helper.make_node(op, [source.name, *inputs[1:]], [build.name(f"{name}_acc")], name=f"{name}_acc")
+            copied.attribute.extend(node.attribute)
+            build.nodes.append(copied)
+            values[node.output[0]] = Accumulator(copied.output[0], source.scales, 1, 2, source.bound, source.clip)
+            continue
+        if op == "Relu" and isinstance(source, Codes):
+            floor = build.const(np.array(source.zero_point, np.uint8), f"{name}_z")
+            values[node.output[0]] = Codes(
+                build.node("Max", [source.name, floor], f"{name}_q"), source.scale, source.zero_point
+            )
+            continue
+        if (op == "MaxPool" or op in LAYOUT_OPS) and isinstance(source, Codes):
+            if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
+                refuse(node, f"{name} (MaxPool): the indices output is not lowered")
+                continue
+            copied = helper.make_node(op, [source.name, *inputs[1:]], [build.name(f"{name}_q")], name=f"{name}_q")
+            copied.attribute.extend(node.attribute)
+            build.nodes.append(copied)
+            values[node.output[0]] = Codes(copied.output[0], source.scale, source.zero_point)
+            continue
+        if op in ("GlobalAveragePool", "ReduceMean") and isinstance(source, Codes):
+            shape = shapes.get(inputs[0], [])
+            axes = [2, 3] if op == "GlobalAveragePool" else _reduce_axes(node, constants)
+            if len(shape) != 4 or sorted(a % 4 for a in axes) != [2, 3] or any(dim <= 0 for dim in shape):
+                refuse(node, f"{name} ({op}): only a mean over H and W of a static NCHW tensor is lowered")
+                continue
+            keep = 1 if op == "GlobalAveragePool" else next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+            centred = as_accumulator(source, name)
+            total = build.node(
+                "ReduceSum",
+                [centred.name, build.const(np.array([2, 3], np.int64), f"{name}_axes")],
+                f"{name}_sum",
+                keepdims=keep,
+            )
+            count = shape[2] * shape[3]
+            values[node.output[0]] = Accumulator(
+                total, np.array([source.scale / count]), 0, 4 if keep else 2, 255.0 * count
+            )
+            continue
+        if op == "Add" and len(arguments) == 2 and all(isinstance(item, Codes) for item in arguments):
+            first, second = arguments  # type: ignore[misc]
+            assert isinstance(first, Codes) and isinstance(second, Codes)
+            ratio = max(first.scale, second.scale) / min(first.scale, second.scale)
+            exponent = math.floor(math.log2((2**29) / (255.0 * ratio)))
+            unit = min(first.scale, second.scale) / 2.0**exponent
+            terms = []
+            for index, term in enumerate((first, second)):
+                centred = as_accumulator(term, f"{name}_{index}")
+                factor = np.array(round(term.scale / unit), np.int32)
+                terms.append(
+                    build.node("Mul", [centred.name, build.const(factor, f"{name}_{index}_f")], f"{name}_{index}_t")
+                )
+            summed = build.node("Add", terms, f"{name}_sum")
+            rank = len(shapes.get(node.output[0], [0, 0, 0, 0]))
+            values[node.output[0]] = Accumulator(summed, np.array([unit]), 0, rank, 2.0**30)
+            continue
+        kinds = ", ".join(type(item).__name__ if item is not None else "float" for item in arguments) or "none"
+        refuse(node, f"{name} ({op}): no integer form for it with inputs [{kinds}]")
+    outputs = []
+    for output in model.graph.output:
+        held = values.get(output.name)
+        if isinstance(held, Accumulator):
+            floating = build.node("Cast", [held.name], f"{output.name}_float", to=TensorProto.FLOAT)
+            shape = _channel_shape(held.scales.size, held.axis, held.rank) if held.scales.size > 1 else []
+            scales = build.const(held.scales.astype(np.float32).reshape(shape), f"{output.name}_scales")
+            build.nodes.append(
+                helper.make_node("Mul", [floating, scales], [output.name], name=f"{output.name}_dequantize")
+            )
+        elif isinstance(held, Codes):
+            scale = build.const(np.array(held.scale, np.float32), f"{output.name}_scale")
+            zero = build.const(np.array(held.zero_point, np.uint8), f"{output.name}_zero")
+            build.nodes.append(helper.make_node("DequantizeLinear", [held.name, scale, zero], [output.name]))
+        elif output.name not in failed:
+            refused.append(f"graph output '{output.name}' is not computed in integers")
+        outputs.append(output)
+    if refused:
+        after = f"\n  (and {dependent} node(s) after them, which read their outputs)" if dependent else ""
+        raise UnsupportedModelError(
+            f"{len(refused)} node(s) cannot be lowered to integer-only arithmetic:\n  " + "\n  ".join(refused) + after
+        )
+    # Constants the copied nodes (input quantization, layout ops) read keep their names.
+    present = {tensor.name for tensor in build.initializers}
+    read = {value for node in build.nodes for value in node.input}
+    build.initializers += [tensor for tensor in model.graph.initializer if tensor.name in read - present]
+    graph = helper.make_graph(
+        build.nodes, f"{model.graph.name}_integer", list(model.graph.input), outputs, build.initializers
+    )
+    lowered = helper.make_model(graph, opset_imports=list(model.opset_import))
+    lowered.ir_version = model.ir_version
+    return lowered, report
+
+
+def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int]:
+    for attribute in node.attribute:
+        if attribute.name == "axes":
+            return list(attribute.ints)
+    if len(node.input) > 1 and node.input[1] in constants:
+        return [int(axis) for axis in constants[node.input[1]]]
+    return []
