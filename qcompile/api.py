@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 QUANTIZED_ONNX = "model.int8.onnx"
 REFERENCE_ONNX = "reference.fp32.onnx"
 TERNARY_ONNX = "model.ternary.onnx"
+INTEGER_ONNX = "model.integer.onnx"
 REPORT_HTML = "report.html"
 
 
@@ -98,18 +99,39 @@ def compile(
     """
     options = options or pipeline.QuantizeOptions()
     device = hwmodels.load_target(target)
-    hwmodels.require_buildable(device)
     source = Path(model_path)
     model = frontend.load(source, input_shapes)
     inputs = calibration.input_specs(model)
     calibration_feeds = _feeds(calibration_data, inputs, preprocess, "calibration")
     if device.pipeline == "lut":
         return _compile_lut(model, source, Path(output), device, calibration_feeds, eval_data, options, force)
+    integer_only = device.pipeline == "integer-only"
+    if integer_only:
+        options = _integer_only_options(options, device)
+        build_tvm = False
     result = pipeline.quantize(model, calibration_feeds, options, progress, target=device)
+    lowered = None
+    if integer_only:
+        from qcompile.passes import requantize
+
+        lowered, lowering = requantize.lower(ort_backend.to_proto(result.model))
+        result.passes.append(
+            {
+                "name": "requantize",
+                "requantizations": lowering.requantizations,
+                "rounding": "round half up: floor((acc * M0 + 2**(n-1)) / 2**n), M0 in [2**29, 2**30)",
+                "accumulator_bounds": lowering.layers,
+            }
+        )
     with atomic_folder(Path(output), overwrite=force) as staging:
         written = ort_backend.save(result.model, staging / QUANTIZED_ONNX)
         written += ort_backend.save(model, staging / REFERENCE_ONNX)
         onnx.checker.check_model(str(staging / QUANTIZED_ONNX), full_check=True)
+        if lowered is not None:
+            lowered.ir_version = ort_backend.ORT_IR_VERSION
+            (staging / INTEGER_ONNX).write_bytes(lowered.SerializeToString())
+            onnx.checker.check_model(str(staging / INTEGER_ONNX), full_check=True)
+            written.append(INTEGER_ONNX)
         search = next((entry for entry in result.passes if entry["name"] == "bit_search"), None)
         if search is not None:
             (staging / REPORT_HTML).write_text(report.render(source.name, device.name, search, result.layers))
@@ -123,7 +145,21 @@ def compile(
             },
         }
         skipped = None
-        toolchain = tvm_backend.cross.toolchain_for(device.tvm_target) if device.backend.startswith("tvm") else None
+        if lowered is not None:
+            executors["integer"] = {
+                "kind": "onnxruntime",
+                "file": INTEGER_ONNX,
+                "description": "integer-only graph: ConvInteger / MatMulInteger, int32 bias, dyadic requantization",
+            }
+            skipped = (
+                "TVM 0.27's ONNX importer rejects ConvInteger, so the integer-only graph is not built with TVM; "
+                "it runs under onnxruntime's integer kernels and is checked against a numpy oracle"
+            )
+        toolchain = (
+            tvm_backend.cross.toolchain_for(device.tvm_target)
+            if device.backend.startswith("tvm") and not integer_only
+            else None
+        )
         if build_tvm and ort_backend.is_large(result.model):
             skipped = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
             logger.warning("TVM library not built: %s", skipped)
@@ -182,10 +218,49 @@ def compile(
         )
         if toolchain:
             _predict_default(manifest, model, result, device)
+        if lowered is not None:
+            _check_integer(manifest, staging, lowered, result.sample)
         manifest["default_executor"] = manifest["measured"]["default_executor"]
         (staging / MANIFEST).write_text(dumps(manifest))
     logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
     return manifest
+
+
+def _integer_only_options(options: pipeline.QuantizeOptions, device: hwmodels.Target) -> pipeline.QuantizeOptions:
+    """An integer-only device has no float unit: every layer is quantized, weights int8, activations uint8."""
+    import dataclasses
+
+    if options.bits != "8" or options.activation_bits != 8 or options.weight_block is not None:
+        raise CalibrationError(
+            f"target {device.name} runs int8 weights (per channel) and 8-bit activations only: "
+            "drop --bits, --activation-bits and --weight-block"
+        )
+    if options.float_threshold:
+        logger.info("target %s has no float unit: every layer is quantized (float threshold 0)", device.name)
+    return dataclasses.replace(options, float_threshold=0.0)
+
+
+def _check_integer(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelProto, sample: Feed) -> None:
+    """The integer graph against the numpy oracle on the calibration sample (bit for bit), and as the default."""
+    from qcompile.passes import integer_reference
+
+    session = load_artifact(folder, "integer")
+    produced = session.run(sample)
+    expected = integer_reference.run(lowered, sample)
+    exact = all(np.array_equal(a, b) for a, b in zip(produced.values(), expected, strict=True))
+    if not exact:
+        raise ArtifactError("the integer-only graph under onnxruntime differs from the numpy integer oracle")
+    measured = manifest["measured"]
+    measured["accuracy"]["integer_vs_oracle"] = "bit-exact on the calibration sample"
+    measured["accuracy"]["integer_vs_qdq_max_abs_diff"] = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(produced.values(), session.with_executor("onnxruntime").run(sample).values(), strict=True)
+    )
+    measured["default_executor"] = "integer"
+    measured["default_reason"] = (
+        "integer-only target: the integer graph is what the device runs (measured here on onnxruntime's "
+        f"integer kernels: {measured['latency_ms']['integer']['median_ms']:.3f} ms median)"
+    )
 
 
 def _compile_lut(
@@ -323,7 +398,9 @@ def _measure(
     sample = result.sample
     reference = load_artifact(folder, "onnxruntime-fp32")  # verifies every file once
     sessions = {"onnxruntime-fp32": reference}
-    native = [name for name in ("onnxruntime", "tvm") if name in executor_names and reference.runnable_here(name)]
+    native = [
+        name for name in ("onnxruntime", "tvm", "integer") if name in executor_names and reference.runnable_here(name)
+    ]
     sessions.update({name: reference.with_executor(name) for name in native})
     latencies = {}
     for name, session in sessions.items():
@@ -354,7 +431,14 @@ def _measure(
         )
         accuracy["tvm_vs_onnxruntime_max_abs_diff"] = difference
     if eval_data is not None:
-        feeds = calibration.checked(_feeds(eval_data, inputs, preprocess, "evaluation"), inputs, "evaluation data")
+        # A list: with an integer graph the feeds are evaluated twice (the QDQ graph, and what the device runs).
+        feeds = list(
+            calibration.checked(_feeds(eval_data, inputs, preprocess, "evaluation"), inputs, "evaluation data")
+        )
+        if "integer" in sessions:
+            accuracy["evaluation_integer"] = _evaluate(
+                _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["integer"]), feeds
+            )
         accuracy["evaluation"] = _evaluate(
             _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["onnxruntime"]), feeds
         )

@@ -11,15 +11,14 @@ from typing import Any
 
 from qcompile.errors import TargetError
 
-# One table: what each pipeline named in a target file runs, and whether this version can build it.
+# One table: what each pipeline named in a target file runs.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "w8a8": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "onnxruntime", "tvm"),
     "w8a8-cross": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "tvm-cross"),
     "w8a8-cuda": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "tvm-cuda"),
-    "integer-only": ("frontend", "calibrate", "annotate", "qdq", "requantize", "tvm"),
+    "integer-only": ("frontend", "calibrate", "annotate", "qdq", "requantize", "onnxruntime"),
     "lut": ("frontend", "calibrate", "ternarize", "lut"),
 }
-BUILDABLE = frozenset({"w8a8", "w8a8-cross", "w8a8-cuda", "lut"})
 
 DTYPES = ("fp32", "fp16", "int16", "int8", "ternary")
 _DEVICE_FIGURES = (
@@ -74,10 +73,6 @@ class Target:
     # The graph rewrites the target uses when the command line does not say: smoothquant (off, an alpha or
     # 'auto'), rotate ('none' or 'hadamard'), split_layers (true / false).
     recipe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def buildable(self) -> bool:
-        return self.pipeline in BUILDABLE
 
 
 def available_targets() -> list[str]:
@@ -159,14 +154,3 @@ def load_target(name: str) -> Target:
     if target.pipeline not in PIPELINES:
         raise TargetError(f"target '{name}' names pipeline '{target.pipeline}'; known: {sorted(PIPELINES)}")
     return target
-
-
-def require_buildable(target: Target) -> None:
-    """Raise a clear error for a target whose pipeline this version cannot build yet."""
-    if not target.buildable:
-        buildable = [name for name in available_targets() if load_target(name).buildable]
-        raise TargetError(
-            f"target '{target.name}' needs the '{target.pipeline}' pipeline "
-            f"({' -> '.join(PIPELINES[target.pipeline])}),"
-            f" which this version cannot build yet; buildable targets: {', '.join(buildable)}"
-        )

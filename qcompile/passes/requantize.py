@@ -46,6 +46,12 @@ ACCUMULATOR_LIMIT = 2**31 - 1  # the int32 accumulator's range
 OFFSET_EXPONENT = 61  # C = 2**61 keeps acc * M0 + C positive and below 2**63 for any int32 acc, M0 < 2**30
 MULTIPLIER_BITS = 30  # M0 in [2**29, 2**30): 30 significant bits
 LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
+# Ops this pass has an integer form for (given quantized inputs); any other op is listed when refused.
+LOWERABLE_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "GlobalAveragePool"}
+    | {"ReduceMean", "Add"}
+    | LAYOUT_OPS
+)
 CONV_ATTRIBUTES = ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")
 
 
@@ -189,7 +195,10 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         inputs = list(node.input)
         if failed.intersection(inputs):
             failed.update(node.output)
-            dependent += 1
+            if op in LOWERABLE_OPS:
+                dependent += 1
+            else:
+                refused.append(f"{name} ({op}): no integer form for this op")
             continue
         if op == "DequantizeLinear":
             data = constant(inputs[0])
@@ -392,29 +401,37 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             rank = len(shapes.get(node.output[0], [0, 0, 0, 0]))
             values[node.output[0]] = Accumulator(summed, np.array([unit]), 0, rank, 2.0**30)
             continue
-        kinds = ", ".join(type(item).__name__ if item is not None else "float" for item in arguments) or "none"
-        refuse(node, f"{name} ({op}): no integer form for it with inputs [{kinds}]")
+        kinds = ", ".join(_kind(item) for item in arguments) or "none"
+        reason = "no integer form for this op" if op not in LOWERABLE_OPS else "no integer form for these inputs"
+        refuse(node, f"{name} ({op}): {reason} ({kinds})")
     outputs = []
     for output in model.graph.output:
-        held = values.get(output.name)
-        if isinstance(held, Accumulator):
-            floating = build.node("Cast", [held.name], f"{output.name}_float", to=TensorProto.FLOAT)
-            shape = _channel_shape(held.scales.size, held.axis, held.rank) if held.scales.size > 1 else []
-            scales = build.const(held.scales.astype(np.float32).reshape(shape), f"{output.name}_scales")
+        result = values.get(output.name)
+        if isinstance(result, Accumulator):
+            floating = build.node("Cast", [result.name], f"{output.name}_float", to=TensorProto.FLOAT)
+            shape = _channel_shape(result.scales.size, result.axis, result.rank) if result.scales.size > 1 else []
+            factors = build.const(result.scales.astype(np.float32).reshape(shape), f"{output.name}_scales")
             build.nodes.append(
-                helper.make_node("Mul", [floating, scales], [output.name], name=f"{output.name}_dequantize")
+                helper.make_node("Mul", [floating, factors], [output.name], name=f"{output.name}_dequantize")
             )
-        elif isinstance(held, Codes):
-            scale = build.const(np.array(held.scale, np.float32), f"{output.name}_scale")
-            zero = build.const(np.array(held.zero_point, np.uint8), f"{output.name}_zero")
-            build.nodes.append(helper.make_node("DequantizeLinear", [held.name, scale, zero], [output.name]))
+        elif isinstance(result, Codes):
+            step = build.const(np.array(result.scale, np.float32), f"{output.name}_scale")
+            offset = build.const(np.array(result.zero_point, np.uint8), f"{output.name}_zero")
+            build.nodes.append(helper.make_node("DequantizeLinear", [result.name, step, offset], [output.name]))
         elif output.name not in failed:
             refused.append(f"graph output '{output.name}' is not computed in integers")
         outputs.append(output)
     if refused:
-        after = f"\n  (and {dependent} node(s) after them, which read their outputs)" if dependent else ""
+        downstream = f"\n  (and {dependent} node(s) after them, which read their outputs)" if dependent else ""
+        by_op: dict[str, int] = {}
+        for message in refused:
+            kind = message.split(" (", 1)[1].split(")", 1)[0] if " (" in message else "output"
+            by_op[kind] = by_op.get(kind, 0) + 1
+        summary = ", ".join(f"{kind} x{count}" for kind, count in sorted(by_op.items(), key=lambda item: -item[1]))
         raise UnsupportedModelError(
-            f"{len(refused)} node(s) cannot be lowered to integer-only arithmetic:\n  " + "\n  ".join(refused) + after
+            f"{len(refused)} node(s) cannot be lowered to integer-only arithmetic ({summary}):\n  "
+            + "\n  ".join(refused)
+            + downstream
         )
     # Constants the copied nodes (input quantization, layout ops) read keep their names.
     present = {tensor.name for tensor in build.initializers}
@@ -426,6 +443,14 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     lowered = helper.make_model(graph, opset_imports=list(model.opset_import))
     lowered.ir_version = model.ir_version
     return lowered, report
+
+
+def _kind(item: object) -> str:
+    if isinstance(item, Codes):
+        return "uint8"
+    if isinstance(item, Accumulator):
+        return "int32 accumulator"
+    return "constant" if isinstance(item, tuple) else "float"
 
 
 def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int]:

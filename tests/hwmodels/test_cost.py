@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import parse_model, save_model
 
-from qcompile import api, frontend, hwmodels
+from qcompile import frontend, hwmodels
 from qcompile.errors import TargetError
 from qcompile.hwmodels.cost import FLOAT, INT8, Calibration, Choice, CostModel, fit_factors
 from qcompile.hwmodels.layers import LayerSpec, describe, layer_edges
@@ -43,21 +43,10 @@ def test_every_target_loads_with_positive_figures(tmp_path: Path) -> None:
         target = hwmodels.load_target(name)
         assert target.device.clock_ghz > 0 and target.device.macs_per_cycle
         assert all(rate > 0 for rate in target.device.macs_per_cycle.values())
-    assert hwmodels.load_target("host").buildable and hwmodels.load_target("rpi4").buildable
-    assert not hwmodels.load_target("int8-npu").buildable
     with pytest.raises(TargetError, match=r"valid targets: .*rpi4"):
         hwmodels.load_target("pdp11")
     with pytest.raises(TargetError, match="cannot read target file"):
         hwmodels.load_target(str(tmp_path / "missing.toml"))
-
-
-def test_unbuildable_target_is_a_clear_error(tmp_path: Path, digits: tuple[Path, float]) -> None:
-    output = tmp_path / "out"
-    with pytest.raises(TargetError, match=r"'int8-npu' needs the 'integer-only' pipeline.*buildable targets: .*rpi4"):
-        api.compile(
-            digits[0], output, target="int8-npu", calibration_data=[{"image": np.zeros((1, 1, 8, 8), np.float32)}]
-        )
-    assert not output.exists()
 
 
 def test_describe_counts_macs_and_kinds(tmp_path: Path) -> None:
