@@ -108,7 +108,6 @@ def compile(
     integer_only = device.pipeline == "integer-only"
     if integer_only:
         options = _integer_only_options(options, device)
-        build_tvm = False
     result = pipeline.quantize(model, calibration_feeds, options, progress, target=device)
     lowered = None
     if integer_only:
@@ -151,10 +150,6 @@ def compile(
                 "file": INTEGER_ONNX,
                 "description": "integer-only graph: ConvInteger / MatMulInteger, int32 bias, dyadic requantization",
             }
-            skipped = (
-                "TVM 0.27's ONNX importer rejects ConvInteger, so the integer-only graph is not built with TVM; "
-                "it runs under onnxruntime's integer kernels and is checked against a numpy oracle"
-            )
         toolchain = (
             tvm_backend.cross.toolchain_for(device.tvm_target)
             if device.backend.startswith("tvm") and not integer_only
@@ -164,14 +159,15 @@ def compile(
             skipped = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
             logger.warning("TVM library not built: %s", skipped)
         elif build_tvm:
-            built, gpu_note = tvm_backend.build(ort_backend.to_proto(result.model), device.tvm_target, staging)
+            graph = lowered if lowered is not None else ort_backend.to_proto(result.model)
+            built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
             library = built[0]
             written += built[1:]
             executors["tvm"] = {
                 "kind": "tvm",
                 "file": library,
                 "target": device.tvm_target,
-                "description": "TVM library of the quantized graph",
+                "description": f"TVM library of the {'integer-only' if lowered is not None else 'quantized'} graph",
             }
             if gpu_note:
                 executors["tvm"]["kernels"] = built[1:]
@@ -241,7 +237,8 @@ def _integer_only_options(options: pipeline.QuantizeOptions, device: hwmodels.Ta
 
 
 def _check_integer(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelProto, sample: Feed) -> None:
-    """The integer graph against the numpy oracle on the calibration sample (bit for bit), and as the default."""
+    """The integer graph under onnxruntime and under TVM against the numpy oracle on the calibration sample
+    (bit for bit), and the integer graph as the default executor."""
     from qcompile.passes import integer_reference
 
     session = load_artifact(folder, "integer")
@@ -252,6 +249,11 @@ def _check_integer(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelPr
         raise ArtifactError("the integer-only graph under onnxruntime differs from the numpy integer oracle")
     measured = manifest["measured"]
     measured["accuracy"]["integer_vs_oracle"] = "bit-exact on the calibration sample"
+    if "tvm" in manifest["executors"]:
+        built = session.with_executor("tvm").run(sample)
+        if not all(np.array_equal(a, b) for a, b in zip(built.values(), expected, strict=True)):
+            raise ArtifactError("the TVM build of the integer-only graph differs from the numpy integer oracle")
+        measured["accuracy"]["tvm_vs_oracle"] = "bit-exact on the calibration sample"
     measured["accuracy"]["integer_vs_qdq_max_abs_diff"] = max(
         float(np.abs(a - b).max())
         for a, b in zip(produced.values(), session.with_executor("onnxruntime").run(sample).values(), strict=True)

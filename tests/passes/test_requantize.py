@@ -1,6 +1,6 @@
 """Integer-only lowering: the dyadic multiplier, the rounding rule against Python integers, the digits CNN
-bit-exact between onnxruntime and the numpy oracle and as accurate as its QDQ graph, the int8-npu target,
-and the errors (ops with no integer form, accumulators past int32).
+bit-exact between onnxruntime, TVM and the numpy oracle and as accurate as its QDQ graph, the int8-npu
+target, and the errors (ops with no integer form, accumulators past int32).
 
 Integer outputs are compared for equality (no tolerance); accuracy of the integer graph against the QDQ
 graph: top-1 within 0.5 points on the 397 held-out digits.
@@ -112,6 +112,7 @@ def test_digits_integer_graph_is_bit_exact_and_as_accurate_as_qdq(digits_qdq: Pa
     manifest = json.loads((digits_qdq / "manifest.json").read_text())
     assert manifest["default_executor"] == "integer" and manifest["target"]["name"] == "int8-npu"
     assert manifest["measured"]["accuracy"]["integer_vs_oracle"].startswith("bit-exact")
+    assert manifest["measured"]["accuracy"]["tvm_vs_oracle"].startswith("bit-exact")  # TVM built the same graph
     assert "ConvInteger" in {node.op_type for node in onnx.load(str(digits_qdq / api.INTEGER_ONNX)).graph.node}
     lowered = onnx.load(str(digits_qdq / api.INTEGER_ONNX))
     # No float op between the input's QuantizeLinear and the output's dequantization.

@@ -48,7 +48,7 @@ def build(
     files, note = [file_name], None
     try:
         target = tvm.target.Target(tvm_target)
-        module = tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
+        module = _import_onnx(proto)
         if tvm_target.get("kind") == "cuda":
             module = cuda.schedule(module, target)
         executable = relax.build(module, target=target)
@@ -68,6 +68,54 @@ def build(
         cross.check_elf(out_dir / file_name, toolchain)
     logger.info("TVM build for %s took %.1f s", tvm_target, time.perf_counter() - started)
     return files, note
+
+
+def _conv_integer_converter() -> Any:
+    """A Relax converter for ONNX ``ConvInteger``, which TVM 0.27's ONNX importer lacks: both operands
+    widened to int32 less their zero points, then an int32 ``conv2d`` (exact: int8 x int8 products summed
+    in int32, as the ONNX spec and onnxruntime define it)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class ConvInteger(onnx_frontend.OnnxOpConverter):  # type: ignore[misc]
+        @classmethod
+        def _impl_v10(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
+            if attr.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise ValueError("ConvInteger with auto_pad is not supported; give explicit pads")
+            data = relax.op.astype(inputs[0], "int32")
+            weight = relax.op.astype(inputs[1], "int32")
+            if len(inputs) > 2 and inputs[2] is not None:
+                data = relax.op.subtract(data, relax.op.astype(inputs[2], "int32"))
+            if len(inputs) > 3 and inputs[3] is not None:
+                weight = relax.op.subtract(weight, relax.op.astype(inputs[3], "int32"))
+            return relax.op.nn.conv2d(
+                data,
+                weight,
+                strides=attr.get("strides", [1, 1]),
+                padding=attr.get("pads", [0, 0, 0, 0]),
+                dilation=attr.get("dilations", [1, 1]),
+                groups=attr.get("group", 1),
+                out_dtype="int32",
+            )
+
+    return ConvInteger
+
+
+def _import_onnx(proto: onnx.ModelProto) -> Any:
+    """``from_onnx`` with a ``ConvInteger`` converter added (TVM 0.27 has no public hook for converters, so
+    the importer's private converter table is extended for the duration of the call)."""
+    import tvm.relax.frontend.onnx
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    if not any(node.op_type == "ConvInteger" for node in proto.graph.node):
+        return tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
+    original = onnx_frontend._get_convert_map
+    converter = _conv_integer_converter()
+    onnx_frontend._get_convert_map = lambda: {**original(), "ConvInteger": converter}
+    try:
+        return tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
+    finally:
+        onnx_frontend._get_convert_map = original
 
 
 class TVMExecutor:
