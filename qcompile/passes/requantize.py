@@ -21,9 +21,12 @@ per output channel, int32 biases at scale ``s_x * s_w``) this builds a graph of 
 - Graph outputs: an accumulator is dequantized (``Cast`` to float, ``Mul`` by its scales); a uint8 value
   by ``DequantizeLinear``.
 
-Static overflow analysis: for every accumulator, ``255 * sum_k |w[c, k]| + |bias[c]|`` bounds ``|acc|``; a
-layer whose bound passes the int32 range is an error naming it (splitting the reduction is not
-implemented). The report lists every layer's bound.
+Static overflow analysis: for every accumulator, ``255 * sum_k |w[c, k]| + |bias[c]|`` bounds ``|acc|``. A
+layer whose bound passes the int32 range has its reduction split (input channels of a Conv, rows of a
+MatMul weight) into parts whose partial sums each fit int32, summed in int64 (``Slice`` of the input, one
+``ConvInteger`` / ``MatMulInteger`` per part); the requantization then uses fewer multiplier bits so that
+``acc * M0`` stays below 2**60. A grouped Conv is not split (an error names it). The report lists every
+layer's bound and number of parts.
 
 Anything else (Softmax, LayerNorm, GELU, Sigmoid, float ops between quantized values) cannot be lowered:
 :func:`lower` raises one error listing every such node, with its op and the reason.
@@ -55,15 +58,16 @@ LOWERABLE_OPS = frozenset(
 CONV_ATTRIBUTES = ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")
 
 
-def dyadic(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``M`` (positive float64) -> int64 ``(M0, n)`` with ``M ~= M0 * 2**-n`` and ``2**29 <= M0 < 2**30``."""
+def dyadic(multiplier: np.ndarray, bits: int = MULTIPLIER_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """``M`` (positive float64) -> int64 ``(M0, n)`` with ``M ~= M0 * 2**-n`` and ``2**(bits-1) <= M0 < 2**bits``
+    (30 bits by default: relative error below 2**-29)."""
     values = np.asarray(multiplier, np.float64)
     if (values <= 0).any() or not np.isfinite(values).all():
         raise UnsupportedModelError(f"requantization multipliers must be positive and finite, got {values.min()}")
     mantissa, exponent = np.frexp(values)  # values = mantissa * 2**exponent, mantissa in [0.5, 1)
-    m0 = np.round(mantissa * 2.0**MULTIPLIER_BITS).astype(np.int64)
-    shift = (MULTIPLIER_BITS - exponent).astype(np.int64)
-    carry = m0 == 2**MULTIPLIER_BITS
+    m0 = np.round(mantissa * 2.0**bits).astype(np.int64)
+    shift = (bits - exponent).astype(np.int64)
+    carry = m0 == 2**bits
     m0 = np.where(carry, m0 // 2, m0)
     shift = np.where(carry, shift - 1, shift)
     if (shift < 1).any() or (shift > OFFSET_EXPONENT).any():
@@ -156,7 +160,9 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         return constants.get(name)
 
     def requantize(source: Accumulator, scale: float, zero_point: int, base: str) -> str:
-        m0, shift = dyadic(source.scales.astype(np.float64) / scale)
+        # acc * M0 must stay below 2**60 (C = 2**61 is added): fewer multiplier bits past the int32 range.
+        bits = min(MULTIPLIER_BITS, 60 - math.ceil(math.log2(source.bound + 1)))
+        m0, shift = dyadic(source.scales.astype(np.float64) / scale, bits)
         shape = _channel_shape(m0.size, source.axis, source.rank) if m0.size > 1 else []
         offset = np.int64(2) ** OFFSET_EXPONENT
         wide = build.node("Cast", [source.name], f"{base}_int64", to=TensorProto.INT64)
@@ -260,39 +266,75 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             if op == "Conv":
                 channels = weights.shape[0]
                 geometry = {key: value for key, value in attributes.items() if key in CONV_ATTRIBUTES}
-                inputs_int = [codes.name, build.const(weights, f"{name}_w"), zero]
-                accumulated = build.node("ConvInteger", inputs_int, f"{name}_acc", **geometry)
-                per_channel = np.abs(weights.astype(np.int64)).reshape(channels, -1).sum(axis=1)
-                axis, rank = 1, 4
+                # |w| summed over the kernel window: [Cin per group, Cout], the reduction axis first.
+                contributions = np.abs(weights.astype(np.int64)).sum(axis=(2, 3)).T
+                axis, rank, input_axis = 1, 4, 1
             else:
                 if matrix.ndim != 2:
                     refuse(node, f"{name} ({op}): only 2-D weights are lowered")
                     continue
                 channels = matrix.shape[1]
-                accumulated = build.node(
-                    "MatMulInteger",
-                    [codes.name, build.const(np.ascontiguousarray(matrix), f"{name}_w"), zero],
-                    f"{name}_acc",
-                )
-                per_channel = np.abs(matrix.astype(np.int64)).sum(axis=0)
-                axis, rank = -1, max(2, len(shapes.get(node.output[0], [0, 0])))
+                geometry = {}
+                contributions = np.abs(matrix.astype(np.int64))
+                axis, rank, input_axis = -1, max(2, len(shapes.get(node.output[0], [0, 0]))), -1
             scales = codes.scale * np.broadcast_to(weight_scales, (channels,)).astype(np.float64)
+            bias = None
             bias_bound = np.zeros(channels)
             if len(arguments) > 2 and isinstance(arguments[2], tuple):
-                bias = arguments[2][0].astype(np.int32).reshape(-1)
+                bias = arguments[2][0].astype(np.int64).reshape(-1)
                 bias_bound = np.abs(bias.astype(np.float64))
-                accumulated = build.node(
-                    "Add",
-                    [accumulated, build.const(bias.reshape(_channel_shape(channels, axis, rank)), f"{name}_b")],
-                    f"{name}_biased",
-                )
-            bound = float((255.0 * per_channel + bias_bound).max())
-            report.layers.append({"name": name, "op_type": op, "accumulator_bound": bound, "limit": ACCUMULATOR_LIMIT})
-            if bound > ACCUMULATOR_LIMIT:
-                refuse(
-                    node, f"{name} ({op}): its int32 accumulator can reach {bound:.3g}, past int32; split the reduction"
-                )
+            bound = float((255.0 * contributions.sum(axis=0) + bias_bound).max())
+            parts = _split_reduction(contributions, bias_bound)
+            if len(parts) > 1 and op == "Conv" and int(attributes.get("group", 1)) != 1:
+                refuse(node, f"{name} ({op}): its int32 accumulator can reach {bound:.3g}; a grouped conv is not split")
                 continue
+            report.layers.append(
+                {
+                    "name": name,
+                    "op_type": op,
+                    "accumulator_bound": bound,
+                    "limit": ACCUMULATOR_LIMIT,
+                    "parts": len(parts),
+                }
+            )
+            partials: list[str] = []
+            for index, (start, stop) in enumerate(parts):
+                piece = f"{name}_part{index}" if len(parts) > 1 else name
+                operand = codes.name
+                if len(parts) > 1:
+                    limits = [
+                        build.const(np.array([value], np.int64), f"{piece}_{tag}")
+                        for value, tag in ((start, "start"), (stop, "stop"))
+                    ]
+                    operand = build.node(
+                        "Slice",
+                        [operand, *limits, build.const(np.array([input_axis], np.int64), f"{piece}_axis")],
+                        f"{piece}_x",
+                    )
+                if op == "Conv":
+                    sliced = np.ascontiguousarray(weights[:, start:stop])
+                    product = build.node(
+                        "ConvInteger", [operand, build.const(sliced, f"{piece}_w"), zero], f"{piece}_acc", **geometry
+                    )
+                else:
+                    sliced = np.ascontiguousarray(matrix[start:stop])
+                    product = build.node(
+                        "MatMulInteger", [operand, build.const(sliced, f"{piece}_w"), zero], f"{piece}_acc"
+                    )
+                partials.append(product)
+            accumulated = partials[0]
+            bias_type: type[np.signedinteger[Any]] = np.int32
+            if len(parts) > 1:  # partial sums in int32 each, their total in int64
+                widened = [
+                    build.node("Cast", [partial], f"{partial}_int64", to=TensorProto.INT64) for partial in partials
+                ]
+                accumulated = widened[0]
+                for index, partial_sum in enumerate(widened[1:]):
+                    accumulated = build.node("Add", [accumulated, partial_sum], f"{name}_sum{index}")
+                bias_type = np.int64
+            if bias is not None:
+                shaped = bias.astype(bias_type).reshape(_channel_shape(channels, axis, rank))
+                accumulated = build.node("Add", [accumulated, build.const(shaped, f"{name}_b")], f"{name}_biased")
             values[node.output[0]] = Accumulator(accumulated, scales, axis, rank, bound)
             continue
         source = arguments[0] if arguments else None
@@ -443,6 +485,23 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     lowered = helper.make_model(graph, opset_imports=list(model.opset_import))
     lowered.ir_version = model.ir_version
     return lowered, report
+
+
+def _split_reduction(contributions: np.ndarray, bias_bound: np.ndarray) -> list[tuple[int, int]]:
+    """Ranges of the reduction axis (rows of ``contributions``, ``|w|`` per input and output channel) whose
+    partial accumulators each stay within int32: one range when the whole sum (with the bias) does."""
+    totals = 255.0 * contributions.sum(axis=0) + bias_bound
+    if totals.max() <= ACCUMULATOR_LIMIT:
+        return [(0, contributions.shape[0])]
+    parts, start, running = [], 0, np.zeros(contributions.shape[1])
+    for row in range(contributions.shape[0]):
+        step = 255.0 * contributions[row]
+        if (running + step).max() > ACCUMULATOR_LIMIT and row > start:
+            parts.append((start, row))
+            start, running = row, np.zeros_like(running)
+        running = running + step
+    parts.append((start, contributions.shape[0]))
+    return parts
 
 
 def _kind(item: object) -> str:

@@ -165,7 +165,18 @@ def test_ops_without_integer_form_are_listed_and_nothing_is_written(tmp_path: Pa
         )
 
 
-def test_an_accumulator_past_int32_is_refused_by_name() -> None:
-    weights = np.full((1, 70000), 127)
-    with pytest.raises(UnsupportedModelError, match=r"layer \(Gemm\): its int32 accumulator can reach 2.27e\+09"):
-        requantize.lower(_qdq_gemm(weights, np.zeros(1), (0.01, 0.01, 0.1), 0))
+def test_a_reduction_past_int32_is_split_and_stays_exact() -> None:
+    rng = np.random.default_rng(5)
+    weights = np.where(rng.random((3, 70000)) < 0.9, 127, -127)  # up to 255 x 127 x 70000 = 2.27e9 > 2**31
+    weights[0] = 127
+    qdq = _qdq_gemm(weights, np.zeros(3), (0.01, 0.01, 30.0), 0)
+    lowered, report = requantize.lower(qdq)
+    assert report.layers[0]["parts"] == 2 and report.layers[0]["accumulator_bound"] > 2**31
+    assert [node.op_type for node in lowered.graph.node].count("MatMulInteger") == 2
+    x = np.full((1, 70000), 2.5, np.float32)  # every code 250: channel 0's accumulator is 2.22e9, past int32
+    (out,) = session_from_bytes(lowered.SerializeToString()).run(None, {"x": x})
+    assert np.array_equal(out, integer_reference.run(lowered, {"x": x})[0])
+    codes = np.clip(np.round(x / np.float32(0.01)), 0, 255).astype(np.int64)
+    real = float(0.01 * 0.01) * (codes @ weights.T)  # exact in float64 here
+    assert np.abs(codes @ weights.T).max() > 2**31
+    np.testing.assert_allclose(out, np.clip(np.round(real / 30.0), 0, 255) * np.float32(30.0), atol=30.0)  # one code
