@@ -180,3 +180,22 @@ def test_a_reduction_past_int32_is_split_and_stays_exact() -> None:
     real = float(0.01 * 0.01) * (codes @ weights.T)  # exact in float64 here
     assert np.abs(codes @ weights.T).max() > 2**31
     np.testing.assert_allclose(out, np.clip(np.round(real / 30.0), 0, 255) * np.float32(30.0), atol=30.0)  # one code
+
+
+def test_efficientnet_lowers_completely_and_is_bit_exact(efficientnet: Path, tmp_path: Path) -> None:
+    """49 Conv (depthwise among them), ReLU6 clamps, residual Adds, the H x W mean and the classifier."""
+    crops = zoo.photo_crops(6, seed=2)
+    output = tmp_path / "efficientnet.int8-npu"
+    manifest = api.compile(
+        efficientnet, output, target="int8-npu", calibration_data=[{"input": crop[None]} for crop in crops[:4]],
+        progress=False,
+    )  # fmt: skip
+    assert manifest["measured"]["accuracy"]["tvm_vs_oracle"].startswith("bit-exact")
+    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    kinds = [node.op_type for node in lowered.graph.node]
+    assert kinds.count("ConvInteger") == 49 and kinds.count("MatMulInteger") == 1 and "Conv" not in kinds
+    session = runtime.load(output, "integer")
+    for crop in crops[4:]:
+        feed = {"input": crop[None]}
+        (produced,) = session.run(feed).values()
+        assert np.array_equal(produced, integer_reference.run(lowered, feed)[0])
