@@ -297,6 +297,22 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images[train], labels[train], images[test], labels[test]
 
 
+def _train_on_digits(model: Any, train_x: np.ndarray, train_y: np.ndarray, epochs: int) -> Any:
+    """Adam, batches of 64, cross-entropy, on the CPU; returns the training inputs as a tensor."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs, targets = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    for _ in range(epochs):
+        permutation = torch.randperm(len(inputs))
+        for start in range(0, len(inputs), 64):
+            batch = permutation[start : start + 64]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+            optimizer.step()
+    return inputs
+
+
 def train_digits_cnn(path: Path, epochs: int = 15) -> tuple[Path, float]:
     """Train a small CNN on digits (deterministically, on the CPU) and export it; returns fp32 accuracy."""
     import torch
@@ -318,16 +334,7 @@ def train_digits_cnn(path: Path, epochs: int = 15) -> tuple[Path, float]:
         torch.nn.Flatten(),
         torch.nn.Linear(32, 10),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    inputs, targets = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    for _ in range(epochs):
-        permutation = torch.randperm(len(inputs))
-        for start in range(0, len(inputs), 64):
-            batch = permutation[start : start + 64]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
-            loss.backward()
-            optimizer.step()
+    inputs = _train_on_digits(model, train_x, train_y, epochs)
     model.eval()
     with torch.no_grad():
         accuracy = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
@@ -374,15 +381,7 @@ def train_digits_ternary(path: Path, epochs: int = 40, hidden: int = 128) -> tup
     linear = _ternary_linear(torch)
     layers = [linear(64, hidden), linear(hidden, hidden), linear(hidden, 10)]
     model = torch.nn.Sequential(torch.nn.Flatten(), layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    inputs, targets = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    for _ in range(epochs):
-        permutation = torch.randperm(len(inputs))
-        for start in range(0, len(inputs), 64):
-            batch = permutation[start : start + 64]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
-            optimizer.step()
+    inputs = _train_on_digits(model, train_x, train_y, epochs)
     model.eval()
     with torch.no_grad():
         accuracy = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())

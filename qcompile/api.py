@@ -187,17 +187,7 @@ def compile(
                         "and its ELF header checked, but it cannot be run here"
                     )
         manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "qcompile_version": version(),
-            "source": {"file": source.name, "sha256": sha256_file(source)},
-            "target": {
-                "name": device.name,
-                "description": device.description,
-                "backend": device.backend,
-                "tvm_target": device.tvm_target,
-            },
-            "inputs": _tensor_infos(result.model.graph.inputs),
-            "outputs": _tensor_infos(result.model.graph.outputs),
+            **_manifest_header(source, device, result.model),
             "options": pipeline.options_dict(options),
             "passes": result.passes,
             "layers": [vars(record) for record in result.layers],
@@ -220,6 +210,23 @@ def compile(
         (staging / MANIFEST).write_text(dumps(manifest))
     logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
     return manifest
+
+
+def _manifest_header(source: Path, device: hwmodels.Target, model: Any) -> dict[str, Any]:
+    """What every manifest opens with: versions, the source, the target, the compiled graph's inputs/outputs."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "qcompile_version": version(),
+        "source": {"file": source.name, "sha256": sha256_file(source)},
+        "target": {
+            "name": device.name,
+            "description": device.description,
+            "backend": device.backend,
+            "tvm_target": device.tvm_target,
+        },
+        "inputs": _tensor_infos(model.graph.inputs),
+        "outputs": _tensor_infos(model.graph.outputs),
+    }
 
 
 def _integer_only_options(options: pipeline.QuantizeOptions, device: hwmodels.Target) -> pipeline.QuantizeOptions:
@@ -311,17 +318,7 @@ def _compile_lut(
             },
         }
         manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "qcompile_version": version(),
-            "source": {"file": source.name, "sha256": sha256_file(source)},
-            "target": {
-                "name": device.name,
-                "description": device.description,
-                "backend": device.backend,
-                "tvm_target": device.tvm_target,
-            },
-            "inputs": _tensor_infos(ternary.graph.inputs),
-            "outputs": _tensor_infos(ternary.graph.outputs),
+            **_manifest_header(source, device, ternary),
             "options": {"ternary_scales": options.ternary_scales},
             "passes": [{"name": "ternarize", "scales": options.ternary_scales, "layers": len(ternarize.layers)}],
             "layers": [

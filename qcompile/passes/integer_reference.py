@@ -131,11 +131,11 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
             result = np.transpose(args[0], attributes.get("perm"))
         elif op == "Slice":
             starts, ends = (np.asarray(args[1]).tolist(), np.asarray(args[2]).tolist())
-            axes = np.asarray(args[3]).tolist() if len(args) > 3 and args[3] is not None else list(range(len(starts)))
-            index = [slice(None)] * args[0].ndim
-            for start, end, axis in zip(starts, ends, axes, strict=True):
-                index[axis] = slice(start, end)
-            result = args[0][tuple(index)]
+            sliced = np.asarray(args[3]).tolist() if len(args) > 3 and args[3] is not None else range(len(starts))
+            window = [slice(None)] * args[0].ndim
+            for start, end, dimension in zip(starts, ends, sliced, strict=True):
+                window[dimension] = slice(start, end)
+            result = args[0][tuple(window)]
         elif op == "Squeeze":
             result = np.squeeze(args[0], axis=tuple(int(a) for a in args[1]) if len(args) > 1 else None)
         elif op == "Unsqueeze":
