@@ -200,7 +200,7 @@ def compile(
         }
         (staging / MANIFEST).write_text(dumps(manifest))
         manifest["measured"] = _measure(
-            staging, set(executors), result, eval_data, inputs, preprocess, target_is_here=toolchain is None
+            staging, set(executors), result, eval_data, inputs, preprocess, target_is_here=toolchain is None and lowered is None
         )
         if toolchain:
             _predict_default(manifest, model, result, device)
@@ -240,7 +240,7 @@ def _integer_only_options(options: pipeline.QuantizeOptions, device: hwmodels.Ta
         )
     if options.float_threshold:
         logger.info("target %s has no float unit: every layer is quantized (float threshold 0)", device.name)
-    return dataclasses.replace(options, float_threshold=0.0)
+    return dataclasses.replace(options, float_threshold=0.0, integer_only=True)
 
 
 def _check_integer(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelProto, sample: Feed) -> None:

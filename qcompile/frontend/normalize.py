@@ -107,6 +107,35 @@ def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
     return ir.serde.deserialize_model(converted)
 
 
+# Reductions whose ``axes`` became an input at opset 18 (ReduceSum's did at 13).
+_AXES_AS_INPUT = frozenset(
+    {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum"}
+    | {"ReduceLogSumExp", "ReduceSumSquare", "ReduceSum"}
+)
+
+
+def _reduce_axes_to_inputs(model: ir.Model) -> None:
+    """Move a reduction's ``axes`` attribute to its input, as opset 18 wants: onnxscript's converter bumps
+    the opset of a ReduceMean with an ``axes`` attribute without moving it, and onnxruntime then rejects
+    the model ("Unrecognized attribute: axes")."""
+    for node in model.graph:
+        axes = node.attributes.get("axes")
+        if node.op_type not in _AXES_AS_INPUT or axes is None or node.domain not in ("", "ai.onnx"):
+            continue
+        values = np.array(axes.as_ints(), np.int64)
+        constant = ir.Value(
+            name=f"{node.name or node.outputs[0].name}_axes",
+            shape=ir.Shape(values.shape),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(values, name=f"{node.name or node.outputs[0].name}_axes"),
+        )
+        model.graph.register_initializer(constant)
+        del node.attributes["axes"]
+        if len(node.inputs) < 2:
+            node.resize_inputs(2)
+        node.replace_input_with(1, constant)
+
+
 def _fold_weight_transposes(model: ir.Model) -> int:
     """Fold ``Transpose(constant)`` nodes whose output only feeds MatMul / Gemm weight inputs (onnxscript's
     folding skips large tensors; a tied LM head is 49152 x 576 in SmolLM2). Returns how many were folded."""
@@ -157,6 +186,7 @@ def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None =
             ) from error
         if model.opset_imports.get("") != CANONICAL_OPSET:
             raise UnsupportedModelError(f"{name}: opset {opset} could not be converted to {CANONICAL_OPSET}")
+        _reduce_axes_to_inputs(model)
         logger.info("%s: converted opset %s to %d", name, opset, CANONICAL_OPSET)
     try:
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)

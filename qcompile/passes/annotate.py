@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 AUX_OPS = frozenset({"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"})
 ACTIVATION_OPS = frozenset({"Relu", "Clip"})
+# Elementwise activations an integer-only target computes as a 256-entry table on uint8 codes; with
+# ``table_ops`` their inputs and outputs become quantization points as AUX_OPS' are.
+TABLE_OPS = frozenset({"Sigmoid", "Tanh", "HardSigmoid", "HardSwish"})
 
 
 def is_constant(value: ir.Value | None) -> bool:
@@ -84,9 +87,11 @@ def _activation_output(node: ir.Node) -> ir.Value:
 
 
 def plan_quantization_points(
-    model: ir.Model, float_layers: frozenset[str] = frozenset()
+    model: ir.Model, float_layers: frozenset[str] = frozenset(), table_ops: bool = False
 ) -> tuple[list[ir.Node], list[ir.Value]]:
-    """The quantized compute layers and the activation values to quantize, in graph order."""
+    """The quantized compute layers and the activation values to quantize, in graph order (with
+    ``table_ops``, also around the TABLE_OPS activations fed by int8 values)."""
+    grouped = AUX_OPS | TABLE_OPS if table_ops else AUX_OPS
     layers = [node for node in quantizable_layers(model) if layer_name(node) not in float_layers]
     quantized_layers = {id(node) for node in layers}
     int8_flow: set[int] = set()
@@ -97,7 +102,7 @@ def plan_quantization_points(
                 if value is not None and not is_constant(value):
                     points.setdefault(id(value), value)
             int8_flow.add(id(_activation_output(node)))
-        elif node.op_type in AUX_OPS:
+        elif node.op_type in grouped:
             # Only ops fed entirely by int8 activations (no constant operand) stay in the int8 region.
             activations = [value for value in node.inputs if value is not None]
             if activations and all(
@@ -141,8 +146,10 @@ class AnnotatePass(ir.passes.InPlacePass):
         weight_formats: Mapping[str, str] | None = None,
         activation_spec: QuantSpec = ACTIVATION_UINT8,
         weight_block: int | None = None,
+        table_ops: bool = False,
     ) -> None:
         super().__init__()
+        self.table_ops = table_ops
         self.value_range = value_range
         self.float_layers = float_layers
         self.weight_formats = weight_formats or {}
@@ -150,7 +157,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         self.weight_block = weight_block
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        layers, points = plan_quantization_points(model, self.float_layers)
+        layers, points = plan_quantization_points(model, self.float_layers, self.table_ops)
         for node in layers:
             for index, value in enumerate(node.inputs[:2]):
                 axis = weight_axis(node, index)

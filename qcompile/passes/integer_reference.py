@@ -4,8 +4,8 @@ It knows exactly the ops :mod:`qcompile.passes.requantize` emits and evaluates e
 semantics of the ONNX specification, in int64 where the spec's result type allows no overflow:
 ``QuantizeLinear`` (round half to even, saturate), ``ConvInteger`` / ``MatMulInteger`` (subtract the zero
 points, multiply, accumulate in int32), ``Div`` on integers (truncation toward zero), ``Clip``, ``Max``,
-``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, the layout ops, and at the output ``Mul`` on floats and
-``DequantizeLinear``. Any other op is an error: the oracle never guesses.
+``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``Gather`` (tables), ``Concat``, the layout ops, and at the
+output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses.
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
             result = args[0].reshape(shape)
         elif op == "Transpose":
             result = np.transpose(args[0], attributes.get("perm"))
+        elif op == "Gather":
+            result = np.take(args[0], args[1].astype(np.int64), axis=int(attributes.get("axis", 0)))
+        elif op == "Concat":
+            result = np.concatenate(args, axis=int(attributes["axis"]))
         elif op == "Slice":
             starts, ends = (np.asarray(args[1]).tolist(), np.asarray(args[2]).tolist())
             sliced = np.asarray(args[3]).tolist() if len(args) > 3 and args[3] is not None else range(len(starts))

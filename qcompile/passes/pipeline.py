@@ -74,6 +74,8 @@ class QuantizeOptions:
             of the other formats, for layers with a Hessian: about a third of the runs).
         ternary_scales: for the LUT pipeline (target fpga-lut): the absmean scale of ternary weights per
             output 'channel' or one per 'tensor' (BitNet b1.58). See :mod:`qcompile.passes.ternarize`.
+        integer_only: set for integer-only targets (int8-npu): also quantize around Sigmoid / Tanh /
+            HardSigmoid / HardSwish, which the integer graph computes as 256-entry tables.
     """
 
     calibration: str = "mse"
@@ -94,6 +96,7 @@ class QuantizeOptions:
     split_layers: bool = False
     rotate: str | None = None
     ternary_scales: str = "channel"
+    integer_only: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in ("8", "4", "auto"):
@@ -166,9 +169,9 @@ def _clone(model: ir.Model) -> ir.Model:
     return model.clone(deep_copy=True)
 
 
-def activation_values(model: ir.Model) -> list[str]:
+def activation_values(model: ir.Model, table_ops: bool = False) -> list[str]:
     """Names of the activations that can become quantization points when every layer is quantized."""
-    _, points = plan_quantization_points(model)
+    _, points = plan_quantization_points(model, table_ops=table_ops)
     return [str(value.name) for value in points]
 
 
@@ -186,7 +189,8 @@ def _quantize_copy(
     def value_range(name: str) -> tuple[float, float]:
         return stats.range(name, spec.levels)
 
-    if not AnnotatePass(value_range, float_layers, weight_formats, spec, options.weight_block)(copy).modified:
+    annotate = AnnotatePass(value_range, float_layers, weight_formats, spec, options.weight_block, options.integer_only)
+    if not annotate(copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
         GPTQPass(hessians)(copy)
@@ -251,7 +255,9 @@ def quantize(
         splits = splitter.splits
     equalized: list[list[str]] = []
     if options.equalize:
-        channels = calibration.collect(model, kept, activation_values(model), "minmax", progress=False)
+        channels = calibration.collect(
+            model, kept, activation_values(model, options.integer_only), "minmax", progress=False
+        )
         equalizer = ResidualEqualizationPass(channels.channel_absmax, options.equalize_alpha)
         equalizer(model)
         equalized = equalizer.streams
@@ -263,7 +269,7 @@ def quantize(
     stats = calibration.collect(
         model,
         hessian_collector.tap(stream) if hessian_collector else stream,
-        activation_values(model),
+        activation_values(model, options.integer_only),
         options.calibration,
         options.max_calibration_samples,
         progress,

@@ -15,9 +15,13 @@ per output channel, int32 biases at scale ``s_x * s_w``) this builds a graph of 
 - ReLU / Clip on an accumulator move the clamp bounds to ``round(bound / s_y) + z_y`` (the same codes the
   QDQ graph gives); on a uint8 value, ReLU is ``Max(q, z)``.
 - MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze run on the uint8 codes (order-preserving, same
-  scale). GlobalAveragePool / ReduceMean over H, W: ``ReduceSum`` of ``q - z`` in int32, an accumulator at
-  scale ``s / (H * W)``. Add of two uint8 values: each ``q - z`` times an integer approximation of
-  ``s_input / s_unit`` (``s_unit`` = the finer scale / 2**k, k as large as int32 allows), summed in int32.
+  scale). Sigmoid, Tanh, HardSigmoid, HardSwish on uint8 codes become a 256-entry uint8 table built from
+  the input and output quantization parameters (``Gather``); Concat rescales each input to the output's
+  scale (requantization) where they differ.
+- GlobalAveragePool / ReduceMean over H, W: ``ReduceSum`` of ``q - z`` in int32, an accumulator at scale
+  ``s / (H * W)`` (of an accumulator: clamped to its ReLU / Clip bounds, summed in int64).
+- Add of two uint8 values: each ``q - z`` times an integer approximation of ``s_input / s_unit``
+  (``s_unit`` = the finer scale / 2**k, k as large as int32 allows), summed in int32.
 - Graph outputs: an accumulator is dequantized (``Cast`` to float, ``Mul`` by its scales); a uint8 value
   by ``DequantizeLinear``.
 
@@ -50,10 +54,17 @@ OFFSET_EXPONENT = 61  # C = 2**61 keeps acc * M0 + C positive and below 2**63 fo
 MULTIPLIER_BITS = 30  # M0 in [2**29, 2**30): 30 significant bits
 LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
 # Ops this pass has an integer form for (given quantized inputs); any other op is listed when refused.
+TABLE_FUNCTIONS = {
+    "Sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
+    "Tanh": lambda x, a: np.tanh(x),
+    "HardSigmoid": lambda x, a: np.clip(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda x, a: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+}
 LOWERABLE_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "GlobalAveragePool"}
-    | {"ReduceMean", "Add"}
+    | {"ReduceMean", "Add", "Concat"}
     | LAYOUT_OPS
+    | set(TABLE_FUNCTIONS)
 )
 CONV_ATTRIBUTES = ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")
 
@@ -95,6 +106,16 @@ class Accumulator:
     rank: int
     bound: float
     clip: tuple[float, float] = (-math.inf, math.inf)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """An op on uint8 codes whose integer form needs the scale of the QuantizeLinear after it: a table
+    activation (``sources`` one value) or a Concat (its inputs rescaled to the output scale)."""
+
+    op: str
+    sources: tuple[Codes, ...]
+    attributes: dict[str, Any]
 
 
 @dataclass
@@ -145,7 +166,7 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
     build = _Builder(model)
     report = LoweringReport()
-    values: dict[str, Codes | Accumulator | tuple[np.ndarray, np.ndarray, int]] = {}
+    values: dict[str, Codes | Accumulator | Deferred | tuple[np.ndarray, np.ndarray, int]] = {}
     refused: list[str] = []
     failed: set[str] = set()  # values downstream of a refused node
     dependent = 0
@@ -186,6 +207,24 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         )
         report.requantizations += 1
         return build.node("Cast", [clamped], f"{base}_q", to=TensorProto.UINT8)
+
+    def resolve(deferred: Deferred, scale: float, zero_point: int, base: str) -> str:
+        if deferred.op == "Concat":
+            parts = [
+                part.name
+                if math.isclose(part.scale, scale, rel_tol=1e-7) and part.zero_point == zero_point
+                else requantize(as_accumulator(part, f"{base}_{index}"), scale, zero_point, f"{base}_{index}")
+                for index, part in enumerate(deferred.sources)
+            ]
+            return build.node("Concat", parts, f"{base}_q", axis=int(deferred.attributes.get("axis", 0)))
+        (codes,) = deferred.sources
+        # Every input code's real value through the function, quantized as the QuantizeLinear after it does.
+        real = np.float32(codes.scale) * (np.arange(256, dtype=np.float32) - np.float32(codes.zero_point))
+        function = TABLE_FUNCTIONS[deferred.op](real.astype(np.float64), deferred.attributes)
+        levels = np.round(function.astype(np.float32) / np.float32(scale)) + zero_point
+        table = np.clip(levels, 0, 255).astype(np.uint8)
+        index = build.node("Cast", [codes.name], f"{base}_index", to=TensorProto.INT32)
+        return build.node("Gather", [build.const(table, f"{base}_table"), index], f"{base}_q", axis=0)
 
     def as_accumulator(codes: Codes, base: str) -> Accumulator:
         wide = build.node("Cast", [codes.name], f"{base}_int32", to=TensorProto.INT32)
@@ -234,6 +273,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 values[node.output[0]] = Codes(node.output[0], scale, zero_point)
             elif isinstance(source, Accumulator):
                 values[node.output[0]] = Codes(requantize(source, scale, zero_point, name), scale, zero_point)
+            elif isinstance(source, Deferred):
+                values[node.output[0]] = Codes(resolve(source, scale, zero_point, name), scale, zero_point)
             elif isinstance(source, Codes):
                 if math.isclose(source.scale, scale, rel_tol=1e-7) and source.zero_point == zero_point:
                     values[node.output[0]] = source
@@ -391,6 +432,16 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             copied.attribute.extend(node.attribute)
             build.nodes.append(copied)
             values[node.output[0]] = Accumulator(copied.output[0], source.scales, 1, 2, source.bound, source.clip)
+            continue
+        if op in TABLE_FUNCTIONS and isinstance(source, Codes):
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            values[node.output[0]] = Deferred(op, (source,), attributes)
+            continue
+        if op == "Concat" and arguments and all(isinstance(item, Codes) for item in arguments):
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            values[node.output[0]] = Deferred(
+                op, tuple(item for item in arguments if isinstance(item, Codes)), attributes
+            )
             continue
         if op == "Relu" and isinstance(source, Codes):
             floor = build.const(np.array(source.zero_point, np.uint8), f"{name}_z")

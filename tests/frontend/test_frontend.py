@@ -50,6 +50,24 @@ def test_opsets_normalize_to_canonical_and_fold_batchnorm(tmp_path: Path, opset:
     onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
 
 
+@pytest.mark.parametrize("opset", [13, 17])
+def test_reduction_axes_move_to_an_input_at_the_canonical_opset(tmp_path: Path, opset: int) -> None:
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[1, 3, 4, 4] x) => (float[1, 3] y, float[1, 1, 4, 4] z) {{
+        y = ReduceMean <axes = [2, 3], keepdims = 0> (x)
+        z = ReduceMax <axes = [1]> (x)
+    }}
+    """
+    path = save_model(parse_model(text), tmp_path / "reduce.onnx")
+    model = frontend.load(path)
+    assert all("axes" not in node.attributes and len(node.inputs) == 2 for node in model.graph)
+    x = np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    y, z = ort_backend.session(model).run(None, {"x": x})  # onnxruntime rejected the attribute at opset 18
+    np.testing.assert_allclose(y, x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-7)  # summation order differs
+    np.testing.assert_array_equal(z, x.max(axis=1, keepdims=True))
+
+
 def test_constant_nodes_become_initializers(tmp_path: Path) -> None:
     proto = parse_model("""
     <ir_version: 8, opset_import: ["" : 17]>

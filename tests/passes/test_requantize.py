@@ -199,3 +199,60 @@ def test_efficientnet_lowers_completely_and_is_bit_exact(efficientnet: Path, tmp
         feed = {"input": crop[None]}
         (produced,) = session.run(feed).values()
         assert np.array_equal(produced, integer_reference.run(lowered, feed)[0])
+
+
+def _activations_net(path: Path) -> Path:
+    """A small CNN (trained briefly here) with HardSwish, Sigmoid, Tanh and HardSigmoid, and a Concat of three
+    branches: op coverage for the tables and the Concat rescaling, not a good classifier."""
+    import torch
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.branches = torch.nn.ModuleList(
+                [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 1)]
+            )
+            self.mix = torch.nn.Conv2d(24, 16, 3, padding=1)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.nn.functional.hardswish(self.stem(x))
+            functions = (torch.sigmoid, torch.tanh, torch.nn.functional.hardsigmoid)
+            merged = torch.cat([f(branch(hidden)) for f, branch in zip(functions, self.branches, strict=True)], 1)
+            return self.head(torch.nn.functional.hardswish(self.mix(merged)).mean((2, 3)))
+
+    net = Net()
+    train_x, train_y, _, _ = zoo.digits_split()
+    zoo._train_on_digits(net, train_x, train_y, 10)
+    torch.onnx.export(
+        net.eval(), (torch.from_numpy(train_x[:1]),), str(path), dynamo=False, opset_version=17,
+        input_names=["image"], output_names=["logits"],
+    )  # fmt: skip
+    return path
+
+
+def test_table_activations_and_concat_are_lowered_exactly(tmp_path: Path) -> None:
+    model = _activations_net(tmp_path / "activations.onnx")
+    train_x, _, test_x, _ = zoo.digits_split()
+    output = tmp_path / "activations.int8-npu"
+    api.compile(
+        model,
+        output,
+        target="int8-npu",
+        calibration_data=[{"image": train_x[i : i + 1]} for i in range(16)],
+        progress=False,
+    )
+    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    kinds = [node.op_type for node in lowered.graph.node]
+    assert kinds.count("Gather") == 5 and kinds.count("Concat") == 1  # 2 HardSwish, Sigmoid, Tanh, HardSigmoid
+    integer, qdq = runtime.load(output, "integer"), runtime.load(output, "onnxruntime")
+    agree = 0
+    for index in range(60):
+        feed = {"image": test_x[index : index + 1]}
+        (produced,) = integer.run(feed).values()
+        assert np.array_equal(produced, integer_reference.run(lowered, feed)[0]), index
+        agree += int(produced.argmax() == qdq.run(feed)["logits"].argmax())
+    assert agree >= 59  # the tables quantize as the QDQ graph does: the same decisions
