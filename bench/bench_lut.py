@@ -232,7 +232,8 @@ def fpga_section() -> None:
     print(f"  {estimate['tokens_per_s']:.0f} tokens/s upper bound ({estimate['token_latency_us'] / 1e3:.2f} ms/token: "
           f"linear layers {estimate['linear_layers_us'] / 1e3:.2f} ms, {estimate['bound']}; LM head "
           f"{estimate['lm_head_int8_us'] / 1e3:.2f} ms); ternary weights {estimate['weights_mib']:.1f} MiB "
-          f"({'on chip' if estimate['weights_on_chip'] else 'streamed from DDR'})")  # fmt: skip
+          f"({'on chip' if estimate['weights_on_chip'] else 'streamed from DDR'}); time to first token "
+          + ", ".join(f"{s:.3f} s ({n} tokens)" for n, s in estimate["time_to_first_token_s"].items()))  # fmt: skip
     print(f"  resources: {resources['luts']} / {resources['luts_available']} LUTs, {resources['flip_flops']} / "
           f"{resources['flip_flops_available']} FFs, {resources['on_chip_kib']} / "
           f"{resources['on_chip_kib_available']} KiB BRAM+URAM, {resources['dsp_slices']} DSPs")  # fmt: skip

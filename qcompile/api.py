@@ -200,7 +200,13 @@ def compile(
         }
         (staging / MANIFEST).write_text(dumps(manifest))
         manifest["measured"] = _measure(
-            staging, set(executors), result, eval_data, inputs, preprocess, target_is_here=toolchain is None and lowered is None
+            staging,
+            set(executors),
+            result,
+            eval_data,
+            inputs,
+            preprocess,
+            target_is_here=toolchain is None and lowered is None,
         )
         if toolchain:
             _predict_default(manifest, model, result, device)

@@ -273,6 +273,9 @@ def test_fpga_estimate_for_a_smollm2_sized_decoder() -> None:
     assert not estimate["weights_on_chip"] and estimate["bound"] == "weight streaming (DDR)"
     assert 19 < estimate["weights_mib"] < 21
     assert 0 < estimate["tokens_per_s"] < 1e4 and estimate["reference"]["decode_tokens_per_s"] == 25.0
+    # A 128-token prompt is 128 rows per layer: compute-bound, longer than 64 tokens, shorter than 128 decodes.
+    first = estimate["time_to_first_token_s"]
+    assert first["64"] < first["128"] < 128 / estimate["tokens_per_s"]
     assert estimate["resources"]["luts"] <= estimate["resources"]["luts_available"]
 
 

@@ -166,9 +166,11 @@ def decoder_estimate(
     layers: list[tuple[str, int, int]],
     target: Target,
     lm_head: tuple[int, int] | None = None,
+    prompts: tuple[int, ...] = (64, 128),
 ) -> dict[str, Any]:
     """Tokens/s of a decoder whose linear layers are ``layers`` (``(name, K, N)``, one token = one row),
-    with an optional int8 LM head ``(K, vocabulary)`` streamed from DDR; clearly an upper bound."""
+    with an optional int8 LM head ``(K, vocabulary)`` streamed from DDR, and the time to first token of
+    ``prompts`` (every prompt token a row of one step, the LM head for the last one); an upper bound."""
     result = plan([(name, k, n, 1) for name, k, n in layers], target)
     head_us = 0.0
     if lm_head is not None:
@@ -176,11 +178,16 @@ def decoder_estimate(
         head_bytes = lm_head[0] * lm_head[1]
         head_us = head_bytes / (target.device.memory_bandwidth_gbs * 1e9 * figures["dram_efficiency"]) * 1e6
     token_us = result["step_latency_us"] + head_us
+    first_token_s = {
+        str(length): (plan([(name, k, n, length) for name, k, n in layers], target)["step_latency_us"] + head_us) / 1e6
+        for length in prompts
+    }
     return {
         "linear_layers_us": result["step_latency_us"],
         "lm_head_int8_us": head_us,
         "token_latency_us": token_us,
         "tokens_per_s": 1e6 / token_us,
+        "time_to_first_token_s": first_token_s,
         "weights_mib": result["weight_bytes"] / 2**20,
         "weights_on_chip": result["weights_on_chip"],
         "bound": result["bound"],
