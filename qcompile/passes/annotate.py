@@ -34,6 +34,10 @@ ACTIVATION_OPS = frozenset({"Relu", "Clip"})
 # Elementwise activations an integer-only target computes as a 256-entry table on uint8 codes; with
 # ``table_ops`` their inputs and outputs become quantization points as AUX_OPS' are.
 TABLE_OPS = frozenset({"Sigmoid", "Tanh", "HardSigmoid", "HardSwish"})
+# Ops an integer-only target computes in integers from their first input's codes (their other inputs are
+# constants: LayerNorm's scale and bias); quantized around with ``table_ops`` as well.
+INTEGER_ROW_OPS = frozenset({"Softmax", "LayerNormalization"})
+SHAPE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
 
 
 def is_constant(value: ir.Value | None) -> bool:
@@ -91,7 +95,7 @@ def plan_quantization_points(
 ) -> tuple[list[ir.Node], list[ir.Value]]:
     """The quantized compute layers and the activation values to quantize, in graph order (with
     ``table_ops``, also around the TABLE_OPS activations fed by int8 values)."""
-    grouped = AUX_OPS | TABLE_OPS if table_ops else AUX_OPS
+    grouped = AUX_OPS | TABLE_OPS | INTEGER_ROW_OPS if table_ops else AUX_OPS
     layers = [node for node in quantizable_layers(model) if layer_name(node) not in float_layers]
     quantized_layers = {id(node) for node in layers}
     int8_flow: set[int] = set()
@@ -102,9 +106,13 @@ def plan_quantization_points(
                 if value is not None and not is_constant(value):
                     points.setdefault(id(value), value)
             int8_flow.add(id(_activation_output(node)))
+        elif table_ops and node.op_type in SHAPE_OPS and node.inputs and id(node.inputs[0]) in int8_flow:
+            int8_flow.add(id(node.outputs[0]))  # a reshape of an int8 value is still one (for the row ops)
         elif node.op_type in grouped:
             # Only ops fed entirely by int8 activations (no constant operand) stay in the int8 region.
             activations = [value for value in node.inputs if value is not None]
+            if node.op_type in INTEGER_ROW_OPS:
+                activations = activations[:1]
             if activations and all(
                 not is_constant(value) and is_float(value) and id(value) in int8_flow for value in activations
             ):

@@ -4,8 +4,8 @@ It knows exactly the ops :mod:`qcompile.passes.requantize` emits and evaluates e
 semantics of the ONNX specification, in int64 where the spec's result type allows no overflow:
 ``QuantizeLinear`` (round half to even, saturate), ``ConvInteger`` / ``MatMulInteger`` (subtract the zero
 points, multiply, accumulate in int32), ``Div`` on integers (truncation toward zero), ``Clip``, ``Max``,
-``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``Gather`` (tables), ``Concat``, the layout ops, and at the
-output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses.
+``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``, ``Gather`` (tables), ``Concat``, the layout ops,
+and at the output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses.
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
                 .sum(axis=axes, keepdims=bool(attributes.get("keepdims", 1)), dtype=np.int64)
                 .astype(args[0].dtype)
             )
+        elif op == "ReduceMax":
+            axes = tuple(int(axis) for axis in args[1])
+            result = args[0].max(axis=axes, keepdims=bool(attributes.get("keepdims", 1)))
         elif op == "Flatten":
             axis = int(attributes.get("axis", 1))
             result = args[0].reshape(int(np.prod(args[0].shape[:axis])), -1)

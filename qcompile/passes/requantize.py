@@ -62,10 +62,13 @@ TABLE_FUNCTIONS = {
 }
 LOWERABLE_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "GlobalAveragePool"}
-    | {"ReduceMean", "Add", "Concat"}
+    | {"ReduceMean", "Add", "Concat", "Softmax", "LayerNormalization"}
     | LAYOUT_OPS
     | set(TABLE_FUNCTIONS)
 )
+EXP_FRACTION_BITS = 16  # the exp table of the integer Softmax holds round(exp(-s * d) * 2**16)
+NORM_FRACTION_BITS = 16  # LayerNorm's output scale and offset as integers * 2**16
+NORM_OFFSET = 2**20  # keeps LayerNorm's rounded division's dividend non-negative (|y / s_y| < 2**20)
 CONV_ATTRIBUTES = ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")
 
 
@@ -217,6 +220,10 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 for index, part in enumerate(deferred.sources)
             ]
             return build.node("Concat", parts, f"{base}_q", axis=int(deferred.attributes.get("axis", 0)))
+        if deferred.op == "Softmax":
+            return integer_softmax(deferred.sources[0], scale, zero_point, base)
+        if deferred.op == "LayerNormalization":
+            return integer_layer_norm(deferred.sources[0], deferred.attributes, scale, zero_point, base)
         (codes,) = deferred.sources
         # Every input code's real value through the function, quantized as the QuantizeLinear after it does.
         real = np.float32(codes.scale) * (np.arange(256, dtype=np.float32) - np.float32(codes.zero_point))
@@ -225,6 +232,101 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         table = np.clip(levels, 0, 255).astype(np.uint8)
         index = build.node("Cast", [codes.name], f"{base}_index", to=TensorProto.INT32)
         return build.node("Gather", [build.const(table, f"{base}_table"), index], f"{base}_q", axis=0)
+
+    def const64(value: Any, base: str) -> str:
+        return build.const(np.asarray(value, np.int64), base)
+
+    def saturate(value: str, zero_point: int, base: str) -> str:
+        shifted = build.node("Add", [value, const64(zero_point, f"{base}_z")], f"{base}_shift")
+        clamped = build.node("Clip", [shifted, const64(0, f"{base}_lo"), const64(255, f"{base}_hi")], f"{base}_clamp")
+        return build.node("Cast", [clamped], f"{base}_q", to=TensorProto.UINT8)
+
+    def integer_softmax(codes: Codes, scale: float, zero_point: int, base: str) -> str:
+        """exp(x - max) from a 256-entry table of the code distance to the row's maximum, in 2**-16
+        units; y = e / sum(e), rounded half up by an integer division: e * M0 / (sum * 2**n)."""
+        peak = build.node("ReduceMax", [codes.name, const64([-1], f"{base}_axis")], f"{base}_max", keepdims=1)
+        distance = build.node(
+            "Sub",
+            [
+                build.node("Cast", [peak], f"{base}_max64", to=TensorProto.INT64),
+                build.node("Cast", [codes.name], f"{base}_x64", to=TensorProto.INT64),
+            ],
+            f"{base}_distance",
+        )
+        table = np.round(np.exp(-codes.scale * np.arange(256, dtype=np.float64)) * 2**EXP_FRACTION_BITS).astype(
+            np.int64
+        )
+        exps = build.node("Gather", [build.const(table, f"{base}_exp"), distance], f"{base}_e", axis=0)
+        total = build.node("ReduceSum", [exps, const64([-1], f"{base}_axis2")], f"{base}_sum", keepdims=1)
+        (m0,), (shift,) = dyadic(np.array([1.0 / scale]))
+        numerator = build.node(
+            "Add",
+            [
+                build.node("Mul", [exps, const64(m0, f"{base}_m0")], f"{base}_scaled"),
+                build.node("Mul", [total, const64(1 << (int(shift) - 1), f"{base}_half")], f"{base}_round"),
+            ],
+            f"{base}_numerator",
+        )
+        denominator = build.node("Mul", [total, const64(1 << int(shift), f"{base}_unit")], f"{base}_denominator")
+        report.requantizations += 1
+        return saturate(build.node("Div", [numerator, denominator], f"{base}_ratio"), zero_point, base)
+
+    def integer_layer_norm(codes: Codes, attributes: dict[str, Any], scale: float, zero_point: int, base: str) -> str:
+        """LayerNorm in integers: c = N * q - sum(q) (the centred codes, times N), V = sum(c**2),
+        D = isqrt(V / N + eps * N**2 / s**2) by Newton's method (fixed iterations from above, the floor
+        square root), then y / s_y = (G * c + B * D) / (D * 2**16) rounded half up, G = gamma / s_y * 2**16,
+        B = beta / s_y * 2**16 (integers)."""
+        width = int(attributes["width"])
+        epsilon = float(attributes.get("epsilon", 1e-5))
+        x = build.node("Cast", [codes.name], f"{base}_x64", to=TensorProto.INT64)
+        axis = const64([-1], f"{base}_axis")
+        total = build.node("ReduceSum", [x, axis], f"{base}_sum", keepdims=1)
+        centred = build.node(
+            "Sub", [build.node("Mul", [x, const64(width, f"{base}_n")], f"{base}_nx"), total], f"{base}_c"
+        )
+        energy = build.node(
+            "ReduceSum", [build.node("Mul", [centred, centred], f"{base}_c2"), axis], f"{base}_v", keepdims=1
+        )
+        floor_term = max(1, round(epsilon * width**2 / codes.scale**2))
+        radicand = build.node(
+            "Add",
+            [
+                build.node("Div", [energy, const64(width, f"{base}_n2")], f"{base}_vn"),
+                const64(floor_term, f"{base}_eps"),
+            ],
+            f"{base}_r",
+        )
+        largest = 65025 * width**2 + floor_term  # (255 * N)**2 * N / N + eps term
+        estimate = const64(1 << ((largest.bit_length() + 1) // 2), f"{base}_x0")  # >= sqrt(largest)
+        iterations = largest.bit_length() // 2 + 6
+        previous = estimate
+        for step in range(iterations):
+            quotient = build.node("Div", [radicand, previous], f"{base}_q{step}")
+            summed = build.node("Add", [previous, quotient], f"{base}_s{step}")
+            current = build.node("Div", [summed, const64(2, f"{base}_two{step}")], f"{base}_x{step + 1}")
+            if step < iterations - 1:
+                previous = current
+        root = build.node("Min", [previous, current], f"{base}_root")  # floor(sqrt): the smaller of the last two
+        gamma = np.broadcast_to(np.asarray(attributes["gamma"], np.float64).reshape(-1), (width,))
+        beta = np.broadcast_to(np.asarray(attributes["beta"], np.float64).reshape(-1), (width,))
+        gains = np.round(gamma / scale * 2**NORM_FRACTION_BITS).astype(np.int64)
+        offsets = np.round(beta / scale * 2**NORM_FRACTION_BITS).astype(np.int64) + NORM_OFFSET * 2**NORM_FRACTION_BITS
+        unit = build.node("Mul", [root, const64(1 << NORM_FRACTION_BITS, f"{base}_unit")], f"{base}_d")
+        numerator = build.node(
+            "Add",
+            [
+                build.node("Mul", [centred, const64(gains, f"{base}_g")], f"{base}_gc"),
+                build.node(
+                    "Mul", [root, const64(offsets + (1 << (NORM_FRACTION_BITS - 1)), f"{base}_b")], f"{base}_bd"
+                ),
+            ],
+            f"{base}_numerator",
+        )
+        ratio = build.node("Div", [numerator, unit], f"{base}_ratio")
+        report.requantizations += 1
+        return saturate(
+            build.node("Sub", [ratio, const64(NORM_OFFSET, f"{base}_unoffset")], f"{base}_y"), zero_point, base
+        )
 
     def as_accumulator(codes: Codes, base: str) -> Accumulator:
         wide = build.node("Cast", [codes.name], f"{base}_int32", to=TensorProto.INT32)
@@ -419,22 +521,37 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             continue
         if op in ("Flatten", "Reshape") and isinstance(source, Accumulator):
             before, after = shapes.get(inputs[0], []), shapes.get(node.output[0], [])
-            if (
-                source.axis != 1
-                or len(after) != 2
-                or len(before) < 2
-                or before[:2] != after
-                or any(d != 1 for d in before[2:])
-            ):
-                refuse(node, f"{name} ({op}): an accumulator is reshaped only from [N, C, 1, 1] to [N, C]")
+            squeezed = source.axis == 1 and len(after) == 2 and before[:2] == after and all(d == 1 for d in before[2:])
+            channels_last = bool(before and after) and source.axis % source.rank == source.rank - 1
+            channels_last = channels_last and before[-1] == after[-1]
+            if not (squeezed or channels_last or source.scales.size == 1):
+                refuse(node, f"{name} ({op}): a reshape of an accumulator must keep its channel axis")
                 continue
             copied = helper.make_node(op, [source.name, *inputs[1:]], [build.name(f"{name}_acc")], name=f"{name}_acc")
             copied.attribute.extend(node.attribute)
             build.nodes.append(copied)
-            values[node.output[0]] = Accumulator(copied.output[0], source.scales, 1, 2, source.bound, source.clip)
+            axis = 1 if squeezed else -1
+            values[node.output[0]] = Accumulator(
+                copied.output[0], source.scales, axis, max(2, len(after)), source.bound, source.clip
+            )
             continue
         if op in TABLE_FUNCTIONS and isinstance(source, Codes):
             attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            values[node.output[0]] = Deferred(op, (source,), attributes)
+            continue
+        if op in ("Softmax", "LayerNormalization") and isinstance(source, Codes):
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            rank = len(shapes.get(inputs[0], []))
+            if rank == 0 or int(attributes.get("axis", -1)) % rank != rank - 1:
+                refuse(node, f"{name} ({op}): only the last axis is lowered")
+                continue
+            if op == "LayerNormalization":
+                gamma = constant(inputs[1])
+                beta = constant(inputs[2]) if len(inputs) > 2 and inputs[2] else np.zeros(1, np.float32)
+                if gamma is None or beta is None:
+                    refuse(node, f"{name} ({op}): its scale and bias must be constants")
+                    continue
+                attributes |= {"gamma": gamma, "beta": beta, "width": shapes[inputs[0]][-1]}
             values[node.output[0]] = Deferred(op, (source,), attributes)
             continue
         if op == "Concat" and arguments and all(isinstance(item, Codes) for item in arguments):
@@ -448,6 +565,11 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             values[node.output[0]] = Codes(
                 build.node("Max", [source.name, floor], f"{name}_q"), source.scale, source.zero_point
             )
+            continue
+        if op in LAYOUT_OPS and inputs and inputs[0] in graph_inputs:
+            # Reshaping the float input before its quantization moves values, it computes nothing.
+            build.nodes.append(node)
+            graph_inputs.update(node.output)
             continue
         if (op == "MaxPool" or op in LAYOUT_OPS) and isinstance(source, Codes):
             if op == "MaxPool" and len(node.output) > 1 and node.output[1]:

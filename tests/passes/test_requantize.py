@@ -140,10 +140,10 @@ def test_ops_without_integer_form_are_listed_and_nothing_is_written(tmp_path: Pa
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w"], ["h"], name="project"),
-            helper.make_node("Softmax", ["h"], ["p"], name="attention_probs", axis=-1),
+            helper.make_node("Erf", ["h"], ["p"], name="gelu_erf"),
             helper.make_node("MatMul", ["p", "v"], ["y"], name="mix"),
         ],
-        "softmax",
+        "erf",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
         [
@@ -151,11 +151,11 @@ def test_ops_without_integer_form_are_listed_and_nothing_is_written(tmp_path: Pa
             numpy_helper.from_array(np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32), "v"),
         ],
     )
-    model = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "softmax.onnx")
+    model = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "erf.onnx")
     calibration = [{"x": np.random.default_rng(index).standard_normal((2, 8)).astype(np.float32)} for index in range(4)]
     with pytest.raises(
         UnsupportedModelError,
-        match=r"(?s)Softmax x1\).*attention_probs \(Softmax\): no integer form for this op \(int32 accumulator\)",
+        match=r"(?s)Erf x1\).*gelu_erf \(Erf\): no integer form for this op \(int32 accumulator\)",
     ):
         api.compile(model, tmp_path / "out", target="int8-npu", calibration_data=calibration, progress=False)
     assert not (tmp_path / "out").exists()
@@ -256,3 +256,101 @@ def test_table_activations_and_concat_are_lowered_exactly(tmp_path: Path) -> Non
         assert np.array_equal(produced, integer_reference.run(lowered, feed)[0]), index
         agree += int(produced.argmax() == qdq.run(feed)["logits"].argmax())
     assert agree >= 59  # the tables quantize as the QDQ graph does: the same decisions
+
+
+def _token_net(path: Path) -> Path:
+    """A tiny token model trained here: 8 tokens of 8 pixels -> Linear -> LayerNorm -> Linear -> ReLU ->
+    Linear -> Softmax -> Flatten -> Linear, for the integer LayerNorm and Softmax."""
+    import torch
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.norm = torch.nn.Linear(8, 32), torch.nn.LayerNorm(32)
+            self.mlp, self.mix, self.head = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16), torch.nn.Linear(128, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.relu(self.mlp(self.norm(self.embed(x.reshape(x.shape[0], 8, 8)))))
+            return self.head(torch.softmax(self.mix(hidden), -1).flatten(1))
+
+    net = Net()
+    train_x, train_y, _, _ = zoo.digits_split()
+    zoo._train_on_digits(net, train_x, train_y, 15)
+    torch.onnx.export(
+        net.eval(), (torch.from_numpy(train_x[:1]),), str(path), dynamo=False, opset_version=17,
+        input_names=["image"], output_names=["logits"],
+    )  # fmt: skip
+    return path
+
+
+def test_integer_layer_norm_and_softmax_match_qdq(tmp_path: Path) -> None:
+    model = _token_net(tmp_path / "tokens.onnx")
+    train_x, _, test_x, test_y = zoo.digits_split()
+    output = tmp_path / "tokens.int8-npu"
+    api.compile(
+        model,
+        output,
+        target="int8-npu",
+        calibration_data=[{"image": train_x[i : i + 1]} for i in range(32)],
+        progress=False,
+    )
+    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    kinds = {node.op_type for node in lowered.graph.node}
+    assert {"ReduceMax", "Gather", "Min"} <= kinds and not {"LayerNormalization", "Softmax", "Sqrt", "Exp"} & kinds
+    integer, qdq = runtime.load(output, "integer"), runtime.load(output, "onnxruntime")
+    hits = {"integer": 0, "qdq": 0}
+    for index in range(len(test_x)):
+        feed = {"image": test_x[index : index + 1]}
+        (produced,) = integer.run(feed).values()
+        if index < 30:
+            assert np.array_equal(produced, integer_reference.run(lowered, feed)[0]), index
+        hits["integer"] += int(produced.argmax() == test_y[index])
+        hits["qdq"] += int(qdq.run(feed)["logits"].argmax() == test_y[index])
+    assert abs(hits["integer"] - hits["qdq"]) / len(test_x) <= 0.005 and hits["qdq"] / len(test_x) > 0.85
+
+
+def test_integer_layer_norm_root_is_the_floor_square_root() -> None:
+    """The Newton iteration the LayerNorm lowering emits gives floor(sqrt(R)) for every radicand it meets."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+            helper.make_node("LayerNormalization", ["d", "g", "b"], ["y"], axis=-1, epsilon=1e-5),
+            helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"]),
+            helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["out"]),
+        ],
+        "norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [64, 16])],
+        [
+            numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.uint8), "z"),
+            numpy_helper.from_array(np.ones(16, np.float32), "g"),
+            numpy_helper.from_array(np.zeros(16, np.float32), "b"),
+            numpy_helper.from_array(np.array(8.0 / 255, np.float32), "sy"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zy"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = ORT_IR_VERSION
+    lowered, _ = requantize.lower(model)
+    root = next(node.output[0] for node in lowered.graph.node if node.op_type == "Min")
+    radicand = next(node.output[0] for node in lowered.graph.node if node.output[0].endswith("_r"))
+    lowered.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.INT64, None) for name in (radicand, root)
+    )
+    rng = np.random.default_rng(7)
+    # Rows from constant (R = the epsilon floor) to full-range spikes: every row is another radicand.
+    x = np.where(rng.random((64, 16)) < np.linspace(0, 1, 64)[:, None], rng.integers(0, 256, (64, 16)), 7).astype(
+        np.float32
+    )
+    out, r, d = session_from_bytes(lowered.SerializeToString()).run(None, {"x": x})
+    r, d = r.ravel().astype(object), d.ravel().astype(object)  # Python integers: exact squares
+    assert all(root**2 <= value < (root + 1) ** 2 for root, value in zip(d, r, strict=True))
+    assert len(set(r)) > 50
+    reference = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(
+        out, np.clip(np.round(reference / (8 / 255)), -128, 127) * (8 / 255), atol=8 / 255 + 1e-6
+    )
