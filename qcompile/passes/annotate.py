@@ -90,6 +90,42 @@ def _activation_output(node: ir.Node) -> ir.Value:
     return output
 
 
+def gelu_output(node: ir.Node) -> ir.Value | None:
+    """The output of the erf GELU that starts at ``node`` — ``x * 0.5 * (1 + erf(x / sqrt 2))`` as exporters
+    write it at opsets without a Gelu op (Div, Erf, Add, then two Muls, one of them by x) — or None."""
+    if node.op_type != "Div" or not is_constant(node.inputs[1]) or node.inputs[0] is None:
+        return None
+    x = node.inputs[0]
+    divisor = float(node.inputs[1].const_value.numpy().reshape(-1)[0])  # type: ignore[union-attr]
+    if abs(divisor - 2**0.5) > 1e-3:
+        return None
+    chain = [node]
+    for expected in ("Erf", "Add"):
+        uses = list(chain[-1].outputs[0].uses())
+        if len(uses) != 1 or uses[0].node.op_type != expected:
+            return None
+        chain.append(uses[0].node)
+    if chain[-1].inputs[1] is None or not is_constant(chain[-1].inputs[1]):
+        return None
+    value = chain[-1].outputs[0]
+    multiplied_by_x = False
+    for _ in range(2):  # Mul by x and Mul by 0.5, in either order
+        uses = list(value.uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Mul":
+            return None
+        other = uses[0].node.inputs[1 - uses[0].idx]
+        if other is x:
+            multiplied_by_x = True
+        elif (
+            other is None
+            or other.const_value is None
+            or abs(float(other.const_value.numpy().reshape(-1)[0]) - 0.5) > 1e-6
+        ):
+            return None
+        value = uses[0].node.outputs[0]
+    return value if multiplied_by_x else None
+
+
 def plan_quantization_points(
     model: ir.Model, float_layers: frozenset[str] = frozenset(), table_ops: bool = False
 ) -> tuple[list[ir.Node], list[ir.Value]]:
@@ -106,6 +142,10 @@ def plan_quantization_points(
                 if value is not None and not is_constant(value):
                     points.setdefault(id(value), value)
             int8_flow.add(id(_activation_output(node)))
+        elif table_ops and (gelu := gelu_output(node)) is not None and id(node.inputs[0]) in int8_flow:
+            points.setdefault(id(node.inputs[0]), node.inputs[0])  # type: ignore[arg-type]
+            points.setdefault(id(gelu), gelu)
+            int8_flow.add(id(gelu))
         elif table_ops and node.op_type in SHAPE_OPS and node.inputs and id(node.inputs[0]) in int8_flow:
             int8_flow.add(id(node.outputs[0]))  # a reshape of an int8 value is still one (for the row ops)
         elif node.op_type in grouped:

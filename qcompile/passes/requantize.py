@@ -16,7 +16,8 @@ per output channel, int32 biases at scale ``s_x * s_w``) this builds a graph of 
   QDQ graph gives); on a uint8 value, ReLU is ``Max(q, z)``.
 - MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze run on the uint8 codes (order-preserving, same
   scale). Sigmoid, Tanh, HardSigmoid, HardSwish on uint8 codes become a 256-entry uint8 table built from
-  the input and output quantization parameters (``Gather``); Concat rescales each input to the output's
+  the input and output quantization parameters (``Gather``), and so does an erf GELU as exporters write
+  it (Div, Erf, Add, Mul, Mul: recognised as one); Concat rescales each input to the output's
   scale (requantization) where they differ.
 - GlobalAveragePool / ReduceMean over H, W: ``ReduceSum`` of ``q - z`` in int32, an accumulator at scale
   ``s / (H * W)`` (of an accumulator: clamped to its ReLU / Clip bounds, summed in int64).
@@ -53,8 +54,17 @@ ACCUMULATOR_LIMIT = 2**31 - 1  # the int32 accumulator's range
 OFFSET_EXPONENT = 61  # C = 2**61 keeps acc * M0 + C positive and below 2**63 for any int32 acc, M0 < 2**30
 MULTIPLIER_BITS = 30  # M0 in [2**29, 2**30): 30 significant bits
 LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
+
+
 # Ops this pass has an integer form for (given quantized inputs); any other op is listed when refused.
+def _gelu(x: np.ndarray, _attributes: dict[str, Any]) -> np.ndarray:
+    from scipy.special import erf
+
+    return np.asarray(x * 0.5 * (1.0 + erf(x / np.sqrt(2.0))))
+
+
 TABLE_FUNCTIONS = {
+    "Gelu": _gelu,
     "Sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
     "Tanh": lambda x, a: np.tanh(x),
     "HardSigmoid": lambda x, a: np.clip(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0.0, 1.0),
@@ -337,9 +347,20 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     scale: Any  # names reused below for constants, floats and value names
     zero: Any
     scales: Any
+    gelus = _gelu_chains(model, constants)
+    inside_gelu: set[str] = set()  # the other nodes (by output) of the GELU chains lowered as tables
     for node in model.graph.node:
         op, name = node.op_type, node.name or node.output[0]
         inputs = list(node.input)
+        if node.output[0] in inside_gelu:
+            continue  # handled with the chain's Div
+        if node.output[0] in gelus and isinstance(values.get(inputs[0]), Codes):
+            codes = values[inputs[0]]
+            assert isinstance(codes, Codes)
+            members, output = gelus[node.output[0]]
+            values[output] = Deferred("Gelu", (codes,), {})
+            inside_gelu |= members
+            continue
         if failed.intersection(inputs):
             failed.update(node.output)
             if op in LOWERABLE_OPS:
@@ -675,6 +696,51 @@ def _split_reduction(contributions: np.ndarray, bias_bound: np.ndarray) -> list[
         running = running + step
     parts.append((start, contributions.shape[0]))
     return parts
+
+
+def _gelu_chains(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> dict[str, tuple[set[str], str]]:
+    """Erf GELUs as exporters write them (Div by sqrt 2, Erf, Add 1, Mul by x, Mul by 0.5 in either order):
+    for each chain's Div node (by its output's name), its other nodes (by output name) and its output."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+
+    def sole(value: str, op: str) -> onnx.NodeProto | None:
+        found = readers.get(value, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    def scalar(value: str) -> float | None:
+        array = constants.get(value)
+        return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+    chains = {}
+    for node in model.graph.node:
+        divisor = scalar(node.input[1]) if node.op_type == "Div" and len(node.input) == 2 else None
+        if divisor is None or abs(divisor - 2**0.5) > 1e-3:
+            continue
+        x = node.input[0]
+        erf = sole(node.output[0], "Erf")
+        add = sole(erf.output[0], "Add") if erf else None
+        if add is None or erf is None:
+            continue
+        chain, value, by_x = {erf.output[0], add.output[0]}, add.output[0], False
+        for _ in range(2):
+            mul = sole(value, "Mul")
+            if mul is None:
+                break
+            other = mul.input[1] if mul.input[0] == value else mul.input[0]
+            half = scalar(other)
+            if other == x:
+                by_x = True
+            elif half is None or abs(half - 0.5) > 1e-6:
+                break
+            chain.add(mul.output[0])
+            value = mul.output[0]
+        else:
+            if by_x:
+                chains[node.output[0]] = (chain, value)
+    return chains
 
 
 def _kind(item: object) -> str:
