@@ -126,6 +126,22 @@ def gelu_output(node: ir.Node) -> ir.Value | None:
     return value if multiplied_by_x else None
 
 
+def masked_scores(node: ir.Node, int8_flow: set[int]) -> ir.Value | None:
+    """For a Softmax over ``Add(scores, Where(mask, 0, -inf))`` (an attention mask as exporters write it),
+    the int8 scores value; else None."""
+    source = node.inputs[0] if node.op_type == "Softmax" and node.inputs else None
+    adder = source.producer() if source is not None else None
+    if adder is None or adder.op_type != "Add" or len(source.uses()) != 1:  # type: ignore[union-attr]
+        return None
+    for index in (0, 1):
+        scores, mask = adder.inputs[index], adder.inputs[1 - index]
+        where = mask.producer() if mask is not None else None
+        constant_branches = where is not None and all(is_constant(value) for value in where.inputs[1:3])
+        if scores is not None and id(scores) in int8_flow and where is not None and where.op_type == "Where":
+            return scores if constant_branches else None
+    return None
+
+
 def plan_quantization_points(
     model: ir.Model, float_layers: frozenset[str] = frozenset(), table_ops: bool = False
 ) -> tuple[list[ir.Node], list[ir.Value]]:
@@ -142,12 +158,26 @@ def plan_quantization_points(
                 if value is not None and not is_constant(value):
                     points.setdefault(id(value), value)
             int8_flow.add(id(_activation_output(node)))
+        elif table_ops and node.op_type == "Gather" and is_constant(node.inputs[0]) and is_float(node.inputs[0]):
+            # An embedding: its float table is quantized with the lookup's output range.
+            points.setdefault(id(node.outputs[0]), node.outputs[0])
+            int8_flow.add(id(node.outputs[0]))
+        elif table_ops and (scores := masked_scores(node, int8_flow)) is not None:
+            points.setdefault(id(scores), scores)  # the mask is applied in integers, inside the Softmax
+            points.setdefault(id(node.outputs[0]), node.outputs[0])
+            int8_flow.add(id(node.outputs[0]))
+        elif table_ops and node.op_type == "Mul" and node.inputs[0] is not None and id(node.inputs[0]) in int8_flow:
+            if is_constant(node.inputs[1]) and node.inputs[1].const_value.numpy().size == 1:  # type: ignore[union-attr]
+                int8_flow.add(id(node.outputs[0]))  # scaling by a constant changes only the scale
         elif table_ops and (gelu := gelu_output(node)) is not None and id(node.inputs[0]) in int8_flow:
             points.setdefault(id(node.inputs[0]), node.inputs[0])  # type: ignore[arg-type]
             points.setdefault(id(gelu), gelu)
             int8_flow.add(id(gelu))
         elif table_ops and node.op_type in SHAPE_OPS and node.inputs and id(node.inputs[0]) in int8_flow:
-            int8_flow.add(id(node.outputs[0]))  # a reshape of an int8 value is still one (for the row ops)
+            # A reshape of an int8 value is still one; quantized before it, so that a per-channel accumulator
+            # is never reshaped across its channel axis (attention heads split it).
+            points.setdefault(id(node.inputs[0]), node.inputs[0])  # type: ignore[arg-type]
+            int8_flow.add(id(node.outputs[0]))
         elif node.op_type in grouped:
             # Only ops fed entirely by int8 activations (no constant operand) stay in the int8 region.
             activations = [value for value in node.inputs if value is not None]

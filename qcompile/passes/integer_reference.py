@@ -4,7 +4,9 @@ It knows exactly the ops :mod:`qcompile.passes.requantize` emits and evaluates e
 semantics of the ONNX specification, in int64 where the spec's result type allows no overflow:
 ``QuantizeLinear`` (round half to even, saturate), ``ConvInteger`` / ``MatMulInteger`` (subtract the zero
 points, multiply, accumulate in int32), ``Div`` on integers (truncation toward zero), ``Clip``, ``Max``,
-``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``, ``Gather`` (tables), ``Concat``, the layout ops,
+``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``, ``Gather`` (tables), ``Concat``, ``Where``, the
+integer and boolean ops of masks (``And``, ``Or``, ``Not``, ``Equal``, ``GatherElements``, ``GatherND``,
+``Expand``), the layout ops,
 and at the output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses.
 """
 
@@ -19,7 +21,8 @@ from onnx import helper, numpy_helper
 from qcompile.errors import UnsupportedModelError
 
 _DTYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
-           onnx.TensorProto.INT8: np.int8, onnx.TensorProto.FLOAT: np.float32}  # fmt: skip
+           onnx.TensorProto.INT8: np.int8, onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.BOOL: np.bool_,
+           onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16}  # fmt: skip
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
@@ -132,6 +135,23 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
             result = args[0].reshape(shape)
         elif op == "Transpose":
             result = np.transpose(args[0], attributes.get("perm"))
+        elif op == "Where":
+            result = np.where(args[0], args[1], args[2])
+        elif op in ("And", "Or", "Xor"):
+            result = {"And": np.logical_and, "Or": np.logical_or, "Xor": np.logical_xor}[op](args[0], args[1])
+        elif op == "Not":
+            result = np.logical_not(args[0])
+        elif op == "Equal":
+            result = np.equal(args[0], args[1])
+        elif op == "GatherElements":
+            result = np.take_along_axis(args[0], args[1].astype(np.int64), axis=int(attributes.get("axis", 0)))
+        elif op == "GatherND":
+            if int(attributes.get("batch_dims", 0)):
+                raise UnsupportedModelError(f"{node.name}: the integer oracle's GatherND takes batch_dims = 0")
+            indices = args[1].astype(np.int64)
+            result = args[0][tuple(np.moveaxis(indices, -1, 0))]
+        elif op == "Expand":
+            result = args[0] * np.ones(tuple(int(d) for d in args[1]), dtype=args[0].dtype)
         elif op == "Gather":
             result = np.take(args[0], args[1].astype(np.int64), axis=int(attributes.get("axis", 0)))
         elif op == "Concat":

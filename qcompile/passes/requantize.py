@@ -54,6 +54,10 @@ ACCUMULATOR_LIMIT = 2**31 - 1  # the int32 accumulator's range
 OFFSET_EXPONENT = 61  # C = 2**61 keeps acc * M0 + C positive and below 2**63 for any int32 acc, M0 < 2**30
 MULTIPLIER_BITS = 30  # M0 in [2**29, 2**30): 30 significant bits
 LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
+INTEGRAL_TYPES = frozenset(
+    {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8}
+    | {TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+)
 
 
 # Ops this pass has an integer form for (given quantized inputs); any other op is listed when refused.
@@ -72,7 +76,7 @@ TABLE_FUNCTIONS = {
 }
 LOWERABLE_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "GlobalAveragePool"}
-    | {"ReduceMean", "Add", "Concat", "Softmax", "LayerNormalization"}
+    | {"ReduceMean", "Add", "Concat", "Softmax", "LayerNormalization", "Gather", "Mul", "Where", "IsNaN"}
     | LAYOUT_OPS
     | set(TABLE_FUNCTIONS)
 )
@@ -176,12 +180,18 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         info.name: [dim.dim_value for dim in info.type.tensor_type.shape.dim]
         for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
     }
+    element_types = {
+        info.name: info.type.tensor_type.elem_type
+        for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
     constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    element_types.update({name: helper.np_dtype_to_tensor_dtype(array.dtype) for name, array in constants.items()})
     build = _Builder(model)
     report = LoweringReport()
     values: dict[str, Codes | Accumulator | Deferred | tuple[np.ndarray, np.ndarray, int]] = {}
     refused: list[str] = []
     failed: set[str] = set()  # values downstream of a refused node
+    quantized_as: dict[str, Codes] = {}  # a deferred op's float output -> its codes after the QuantizeLinear
     dependent = 0
 
     def refuse(node: onnx.NodeProto, message: str) -> None:
@@ -230,8 +240,23 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 for index, part in enumerate(deferred.sources)
             ]
             return build.node("Concat", parts, f"{base}_q", axis=int(deferred.attributes.get("axis", 0)))
+        if deferred.op == "GatherTable":
+            # The constant float table quantized as the QuantizeLinear after the lookup quantizes its rows.
+            table = deferred.attributes["table"].astype(np.float32)
+            codes_table = np.clip(np.round(table / np.float32(scale)) + zero_point, 0, 255).astype(np.uint8)
+            original = deferred.attributes["node"]
+            gathered = build.name(f"{base}_q")
+            lookup = helper.make_node(
+                "Gather",
+                [build.const(codes_table, f"{base}_table"), deferred.attributes["indices"]],
+                [gathered],
+                name=gathered,
+            )
+            lookup.attribute.extend(original.attribute)
+            build.nodes.append(lookup)
+            return gathered
         if deferred.op == "Softmax":
-            return integer_softmax(deferred.sources[0], scale, zero_point, base)
+            return integer_softmax(deferred.sources[0], scale, zero_point, base, deferred.attributes)
         if deferred.op == "LayerNormalization":
             return integer_layer_norm(deferred.sources[0], deferred.attributes, scale, zero_point, base)
         (codes,) = deferred.sources
@@ -251,15 +276,24 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         clamped = build.node("Clip", [shifted, const64(0, f"{base}_lo"), const64(255, f"{base}_hi")], f"{base}_clamp")
         return build.node("Cast", [clamped], f"{base}_q", to=TensorProto.UINT8)
 
-    def integer_softmax(codes: Codes, scale: float, zero_point: int, base: str) -> str:
+    def integer_softmax(codes: Codes, scale: float, zero_point: int, base: str, options: dict[str, Any]) -> str:
         """exp(x - max) from a 256-entry table of the code distance to the row's maximum, in 2**-16
-        units; y = e / sum(e), rounded half up by an integer division: e * M0 / (sum * 2**n)."""
-        peak = build.node("ReduceMax", [codes.name, const64([-1], f"{base}_axis")], f"{base}_max", keepdims=1)
+        units; y = e / sum(e), rounded half up by an integer division: e * M0 / (sum * 2**n). With an
+        attention mask, masked positions take code 0 for the maximum and exp 0 for the sum."""
+        valid = None
+        source_codes = codes.name
+        if "condition" in options:
+            valid = options["condition"]
+            if not options["keep_when"]:
+                valid = build.node("Not", [valid], f"{base}_valid")
+            zero_code = build.const(np.array(0, np.uint8), f"{base}_zero_code")
+            source_codes = build.node("Where", [valid, codes.name, zero_code], f"{base}_visible")
+        peak = build.node("ReduceMax", [source_codes, const64([-1], f"{base}_axis")], f"{base}_max", keepdims=1)
         distance = build.node(
             "Sub",
             [
                 build.node("Cast", [peak], f"{base}_max64", to=TensorProto.INT64),
-                build.node("Cast", [codes.name], f"{base}_x64", to=TensorProto.INT64),
+                build.node("Cast", [source_codes], f"{base}_x64", to=TensorProto.INT64),
             ],
             f"{base}_distance",
         )
@@ -267,6 +301,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             np.int64
         )
         exps = build.node("Gather", [build.const(table, f"{base}_exp"), distance], f"{base}_e", axis=0)
+        if valid is not None:
+            exps = build.node("Where", [valid, exps, const64(0, f"{base}_masked")], f"{base}_e_masked")
         total = build.node("ReduceSum", [exps, const64([-1], f"{base}_axis2")], f"{base}_sum", keepdims=1)
         (m0,), (shift,) = dyadic(np.array([1.0 / scale]))
         numerator = build.node(
@@ -398,6 +434,7 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 values[node.output[0]] = Codes(requantize(source, scale, zero_point, name), scale, zero_point)
             elif isinstance(source, Deferred):
                 values[node.output[0]] = Codes(resolve(source, scale, zero_point, name), scale, zero_point)
+                quantized_as[inputs[0]] = values[node.output[0]]  # type: ignore[assignment]
             elif isinstance(source, Codes):
                 if math.isclose(source.scale, scale, rel_tol=1e-7) and source.zero_point == zero_point:
                     values[node.output[0]] = source
@@ -408,6 +445,79 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 refuse(node, f"{name} (QuantizeLinear): its input '{inputs[0]}' is computed in float")
             continue
         arguments = [values.get(value) for value in inputs if value]
+        if (
+            inputs
+            and all(value == "" or element_types.get(value) in INTEGRAL_TYPES for value in inputs)
+            and all(element_types.get(value) in INTEGRAL_TYPES for value in node.output)
+        ):
+            # Integer and boolean arithmetic on integer inputs (masks, position ids) is already integer-only.
+            build.nodes.append(node)
+            continue
+        if op == "Gather" and constant(inputs[0]) is not None and constant(inputs[0]).dtype.kind == "f":  # type: ignore[union-attr]
+            values[node.output[0]] = Deferred(
+                "GatherTable", (), {"table": constant(inputs[0]), "indices": inputs[1], "node": node}
+            )
+            continue
+        if op == "Where" and element_types.get(inputs[0]) == TensorProto.BOOL and inputs[0] not in values:
+            branches = [constant(value) for value in inputs[1:3]]
+            if all(branch is not None and branch.size == 1 for branch in branches):
+                kept, dropped = (float(branch.reshape(-1)[0]) for branch in branches)  # type: ignore[union-attr]
+                if (kept == 0.0 and dropped <= -1e9) or (dropped == 0.0 and kept <= -1e9):
+                    # An attention mask: 0 where attended, -inf (or a huge negative) elsewhere.
+                    values[node.output[0]] = Deferred("Mask", (), {"condition": inputs[0], "keep_when": kept == 0.0})
+                    continue
+        if (
+            op == "Add"
+            and len(arguments) == 2
+            and any(isinstance(item, Deferred) and item.op == "Mask" for item in arguments)
+        ):
+            scores = next((item for item in arguments if isinstance(item, Codes)), None)
+            mask = next(item for item in arguments if isinstance(item, Deferred))
+            if scores is not None:
+                values[node.output[0]] = Deferred("Masked", (scores,), mask.attributes)
+                continue
+        if op == "IsNaN" and arguments and isinstance(arguments[0], Codes):
+            values[node.output[0]] = Deferred("NotNaN", (), {})  # integer codes are never NaN
+            continue
+        if op == "Where" and isinstance(values.get(inputs[0]), Deferred) and values[inputs[0]].op == "NotNaN":  # type: ignore[union-attr]
+            kept_value = values.get(inputs[2])
+            if isinstance(kept_value, Codes):
+                values[node.output[0]] = kept_value  # Where(isnan(p), 0, p) is p
+                continue
+        if op == "Mul" and len(arguments) == 2 and isinstance(arguments[0], Codes | Accumulator):
+            factor = constant(inputs[1])
+            if factor is not None and factor.size == 1 and float(factor.reshape(-1)[0]) > 0:
+                scaled = float(factor.reshape(-1)[0])
+                factor_of = arguments[0]
+                if isinstance(factor_of, Codes):
+                    values[node.output[0]] = Codes(factor_of.name, factor_of.scale * scaled, factor_of.zero_point)
+                else:
+                    values[node.output[0]] = Accumulator(
+                        factor_of.name, factor_of.scales * scaled, factor_of.axis, factor_of.rank, factor_of.bound
+                    )
+                continue
+        if op == "MatMul" and len(arguments) == 2 and all(isinstance(item, Codes) for item in arguments):
+            left, right = arguments
+            assert isinstance(left, Codes) and isinstance(right, Codes)
+            zeros = [
+                build.const(np.array(item.zero_point, np.uint8), f"{name}_z{index}")
+                for index, item in enumerate((left, right))
+            ]
+            product = build.node("MatMulInteger", [left.name, right.name, *zeros], f"{name}_acc")
+            depth = shapes.get(inputs[0], [0])[-1]
+            rank = len(shapes.get(node.output[0], [0, 0]))
+            bound = 255.0 * 255.0 * depth
+            if bound > ACCUMULATOR_LIMIT:
+                refuse(
+                    node,
+                    f"{name} ({op}): its int32 accumulator can reach {bound:.3g}; an activation product is not split",
+                )
+                continue
+            values[node.output[0]] = Accumulator(product, np.array([left.scale * right.scale]), -1, max(2, rank), bound)
+            report.layers.append(
+                {"name": name, "op_type": "MatMul", "accumulator_bound": bound, "limit": ACCUMULATOR_LIMIT, "parts": 1}
+            )
+            continue
         if op in ("Conv", "Gemm", "MatMul") and len(arguments) >= 2 and isinstance(arguments[0], Codes):
             weight = arguments[1]
             if not isinstance(weight, tuple):
@@ -560,6 +670,10 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
             values[node.output[0]] = Deferred(op, (source,), attributes)
             continue
+        if op == "Softmax" and isinstance(source, Deferred) and source.op == "Masked":
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            values[node.output[0]] = Deferred("Softmax", source.sources, attributes | source.attributes)
+            continue
         if op in ("Softmax", "LayerNormalization") and isinstance(source, Codes):
             attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
             rank = len(shapes.get(inputs[0], []))
@@ -643,6 +757,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     outputs = []
     for output in model.graph.output:
         result = values.get(output.name)
+        if isinstance(result, Deferred) and output.name in quantized_as:
+            result = quantized_as[output.name]  # the float output of an integer op: its quantized codes
         if isinstance(result, Accumulator):
             floating = build.node("Cast", [result.name], f"{output.name}_float", to=TensorProto.FLOAT)
             shape = _channel_shape(result.scales.size, result.axis, result.rank) if result.scales.size > 1 else []
