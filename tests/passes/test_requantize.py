@@ -355,3 +355,32 @@ def test_integer_layer_norm_root_is_the_floor_square_root() -> None:
     np.testing.assert_allclose(
         out, np.clip(np.round(reference / (8 / 255)), -128, 127) * (8 / 255), atol=8 / 255 + 1e-6
     )
+
+
+def test_minilm_lowers_completely_and_is_bit_exact(minilm: Path, tmp_path: Path) -> None:
+    """Embeddings, attention masks, Q.K^T and P.V, Softmax, LayerNorm, GELU: every node of a real
+    transformer in integers, onnxruntime = TVM = the numpy oracle (checked at compile time)."""
+    calibration = list(zoo.minilm_feeds(zoo.pydoc_sentences(4)))
+    output = tmp_path / "minilm.int8-npu"
+    manifest = api.compile(minilm, output, target="int8-npu", calibration_data=calibration, progress=False)
+    accuracy = manifest["measured"]["accuracy"]
+    assert accuracy["integer_vs_oracle"].startswith("bit-exact") and accuracy["tvm_vs_oracle"].startswith("bit-exact")
+    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    kinds = {node.op_type for node in lowered.graph.node}
+    assert not {"Softmax", "LayerNormalization", "Erf", "MatMul", "Gemm", "DequantizeLinear"} & (
+        kinds - {"DequantizeLinear"}
+    )
+    assert [node.op_type for node in lowered.graph.node].count("DequantizeLinear") == 1  # the output only
+    sessions = {name: runtime.load(output, name) for name in ("integer", "onnxruntime", "onnxruntime-fp32")}
+    cosines: dict[str, list[float]] = {"integer": [], "onnxruntime": []}
+    for feed in zoo.minilm_feeds(zoo.pydoc_sentences(8, offset=50)):
+        mask = feed["attention_mask"][0].astype(bool)
+        pooled = {name: next(iter(session.run(feed).values()))[0][mask].mean(0) for name, session in sessions.items()}
+        reference = pooled["onnxruntime-fp32"]
+        for name in cosines:
+            cosines[name].append(
+                float(pooled[name] @ reference / np.linalg.norm(pooled[name]) / np.linalg.norm(reference))
+            )
+    # All-int8 MiniLM (LayerNorm inputs, scores and embeddings per-tensor uint8) is itself far from fp32
+    # (~0.87 pooled cosine); the integer graph must be as good as the QDQ graph it comes from.
+    assert abs(np.mean(cosines["integer"]) - np.mean(cosines["onnxruntime"])) < 0.02
