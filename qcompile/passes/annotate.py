@@ -187,10 +187,26 @@ def plan_quantization_points(
                 not is_constant(value) and is_float(value) and id(value) in int8_flow for value in activations
             ):
                 for value in activations:
-                    points.setdefault(id(value), value)
-                points.setdefault(id(node.outputs[0]), node.outputs[0])
+                    if not (table_ops and _residual_into_norm(value)):
+                        points.setdefault(id(value), value)
+                if not (table_ops and _residual_into_norm(node.outputs[0])):
+                    points.setdefault(id(node.outputs[0]), node.outputs[0])
                 int8_flow.add(id(node.outputs[0]))
     return layers, list(points.values())
+
+
+def _residual_into_norm(value: ir.Value) -> bool:
+    """A residual Add's sum read only by a LayerNorm: an integer-only target keeps it in int32 (I-BERT does)
+    rather than re-quantizing the residual stream to 8 bits before the normalization."""
+    producer = value.producer()
+    uses = list(value.uses())
+    return (
+        producer is not None
+        and producer.op_type == "Add"
+        and len(uses) == 1
+        and uses[0].node.op_type == "LayerNormalization"
+        and uses[0].idx == 0
+    )
 
 
 def _known_activation_range(value: ir.Value) -> tuple[float, float] | None:

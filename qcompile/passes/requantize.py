@@ -257,6 +257,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             return gathered
         if deferred.op == "Softmax":
             return integer_softmax(deferred.sources[0], scale, zero_point, base, deferred.attributes)
+        if deferred.op == "LayerNormalizationAcc":
+            return integer_layer_norm(deferred.attributes["source"], deferred.attributes, scale, zero_point, base)
         if deferred.op == "LayerNormalization":
             return integer_layer_norm(deferred.sources[0], deferred.attributes, scale, zero_point, base)
         (codes,) = deferred.sources
@@ -317,14 +319,27 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         report.requantizations += 1
         return saturate(build.node("Div", [numerator, denominator], f"{base}_ratio"), zero_point, base)
 
-    def integer_layer_norm(codes: Codes, attributes: dict[str, Any], scale: float, zero_point: int, base: str) -> str:
-        """LayerNorm in integers: c = N * q - sum(q) (the centred codes, times N), V = sum(c**2),
+    def integer_layer_norm(
+        source: Codes | Accumulator, attributes: dict[str, Any], scale: float, zero_point: int, base: str
+    ) -> str:
+        """LayerNorm in integers: c = N * x - sum(x) (the centred input, times N), V = sum(c**2),
         D = isqrt(V / N + eps * N**2 / s**2) by Newton's method (fixed iterations from above, the floor
         square root), then y / s_y = (G * c + B * D) / (D * 2**16) rounded half up, G = gamma / s_y * 2**16,
-        B = beta / s_y * 2**16 (integers)."""
+        B = beta / s_y * 2**16 (integers). ``x`` is uint8 codes, or an int32 accumulator (a residual sum,
+        as I-BERT keeps it: not re-quantized to 8 bits first) rounded to 16 bits."""
         width = int(attributes["width"])
         epsilon = float(attributes.get("epsilon", 1e-5))
-        x = build.node("Cast", [codes.name], f"{base}_x64", to=TensorProto.INT64)
+        if isinstance(source, Codes):
+            x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
+            input_scale, levels = source.scale, 255
+        else:
+            drop = max(0, math.ceil(math.log2(source.bound + 1)) - 15)  # keep 16 bits of the accumulator
+            x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
+            if drop:
+                biased = build.node("Add", [x, const64((1 << 33) + (1 << (drop - 1)), f"{base}_bias")], f"{base}_xb")
+                shifted = build.node("Div", [biased, const64(1 << drop, f"{base}_step")], f"{base}_xs")
+                x = build.node("Sub", [shifted, const64(1 << (33 - drop), f"{base}_unbias")], f"{base}_x16")
+            input_scale, levels = float(source.scales.reshape(-1)[0]) * 2.0**drop, 2**15
         axis = const64([-1], f"{base}_axis")
         total = build.node("ReduceSum", [x, axis], f"{base}_sum", keepdims=1)
         centred = build.node(
@@ -333,7 +348,7 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         energy = build.node(
             "ReduceSum", [build.node("Mul", [centred, centred], f"{base}_c2"), axis], f"{base}_v", keepdims=1
         )
-        floor_term = max(1, round(epsilon * width**2 / codes.scale**2))
+        floor_term = max(1, round(epsilon * width**2 / input_scale**2))
         radicand = build.node(
             "Add",
             [
@@ -342,7 +357,7 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             ],
             f"{base}_r",
         )
-        largest = 65025 * width**2 + floor_term  # (255 * N)**2 * N / N + eps term
+        largest = (levels * width) ** 2 + floor_term  # V / N <= (levels * N)**2, plus the eps term
         estimate = const64(1 << ((largest.bit_length() + 1) // 2), f"{base}_x0")  # >= sqrt(largest)
         iterations = largest.bit_length() // 2 + 6
         previous = estimate
@@ -670,6 +685,15 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
             values[node.output[0]] = Deferred(op, (source,), attributes)
             continue
+        if op == "LayerNormalization" and isinstance(source, Accumulator) and source.scales.size == 1:
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            rank = len(shapes.get(inputs[0], []))
+            gamma = constant(inputs[1])
+            beta = constant(inputs[2]) if len(inputs) > 2 and inputs[2] else np.zeros(1, np.float32)
+            if rank and int(attributes.get("axis", -1)) % rank == rank - 1 and gamma is not None and beta is not None:
+                attributes |= {"gamma": gamma, "beta": beta, "width": shapes[inputs[0]][-1]}
+                values[node.output[0]] = Deferred("LayerNormalizationAcc", (), attributes | {"source": source})
+                continue
         if op == "Softmax" and isinstance(source, Deferred) and source.op == "Masked":
             attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
             values[node.output[0]] = Deferred("Softmax", source.sources, attributes | source.attributes)
