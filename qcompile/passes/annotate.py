@@ -162,8 +162,8 @@ def plan_quantization_points(
             # An embedding: its float table is quantized with the lookup's output range.
             points.setdefault(id(node.outputs[0]), node.outputs[0])
             int8_flow.add(id(node.outputs[0]))
-        elif table_ops and (scores := masked_scores(node, int8_flow)) is not None:
-            points.setdefault(id(scores), scores)  # the mask is applied in integers, inside the Softmax
+        elif table_ops and masked_scores(node, int8_flow) is not None:
+            # The mask is applied in integers inside the Softmax, on the scores' int32 accumulator.
             points.setdefault(id(node.outputs[0]), node.outputs[0])
             int8_flow.add(id(node.outputs[0]))
         elif table_ops and node.op_type == "Mul" and node.inputs[0] is not None and id(node.inputs[0]) in int8_flow:

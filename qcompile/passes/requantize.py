@@ -256,7 +256,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             build.nodes.append(lookup)
             return gathered
         if deferred.op == "Softmax":
-            return integer_softmax(deferred.sources[0], scale, zero_point, base, deferred.attributes)
+            first = deferred.sources[0] if deferred.sources else None
+            return integer_softmax(first, scale, zero_point, base, deferred.attributes)
         if deferred.op == "LayerNormalizationAcc":
             return integer_layer_norm(deferred.attributes["source"], deferred.attributes, scale, zero_point, base)
         if deferred.op == "LayerNormalization":
@@ -278,30 +279,35 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         clamped = build.node("Clip", [shifted, const64(0, f"{base}_lo"), const64(255, f"{base}_hi")], f"{base}_clamp")
         return build.node("Cast", [clamped], f"{base}_q", to=TensorProto.UINT8)
 
-    def integer_softmax(codes: Codes, scale: float, zero_point: int, base: str, options: dict[str, Any]) -> str:
-        """exp(x - max) from a 256-entry table of the code distance to the row's maximum, in 2**-16
-        units; y = e / sum(e), rounded half up by an integer division: e * M0 / (sum * 2**n). With an
-        attention mask, masked positions take code 0 for the maximum and exp 0 for the sum."""
+    def integer_softmax(codes: Codes | None, scale: float, zero_point: int, base: str, options: dict[str, Any]) -> str:
+        """exp(x - max) from a table of the distance to the row's maximum (256 entries for uint8 codes; for
+        an int32 accumulator, rounded to 12 bits first, 4097), in 2**-16 units; y = e / sum(e), rounded half
+        up by an integer division: e * M0 / (sum * 2**n). With an attention mask, masked positions are
+        left out of the maximum and take exp 0 in the sum."""
+        if codes is not None:
+            x = build.node("Cast", [codes.name], f"{base}_x64", to=TensorProto.INT64)
+            input_scale, entries, hidden = codes.scale, 256, 0
+        else:
+            source: Accumulator = options["accumulator"]
+            drop = max(0, math.ceil(math.log2(source.bound + 1)) - 11)  # |x| < 2**11 after rounding
+            x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
+            if drop:
+                biased = build.node("Add", [x, const64((1 << 33) + (1 << (drop - 1)), f"{base}_bias")], f"{base}_xb")
+                shifted = build.node("Div", [biased, const64(1 << drop, f"{base}_step")], f"{base}_xs")
+                x = build.node("Sub", [shifted, const64(1 << (33 - drop), f"{base}_unbias")], f"{base}_x12")
+            input_scale, entries, hidden = float(source.scales.reshape(-1)[0]) * 2.0**drop, 4097, -(1 << 13)
         valid = None
-        source_codes = codes.name
         if "condition" in options:
             valid = options["condition"]
             if not options["keep_when"]:
                 valid = build.node("Not", [valid], f"{base}_valid")
-            zero_code = build.const(np.array(0, np.uint8), f"{base}_zero_code")
-            source_codes = build.node("Where", [valid, codes.name, zero_code], f"{base}_visible")
-        peak = build.node("ReduceMax", [source_codes, const64([-1], f"{base}_axis")], f"{base}_max", keepdims=1)
-        distance = build.node(
-            "Sub",
-            [
-                build.node("Cast", [peak], f"{base}_max64", to=TensorProto.INT64),
-                build.node("Cast", [source_codes], f"{base}_x64", to=TensorProto.INT64),
-            ],
-            f"{base}_distance",
-        )
-        table = np.round(np.exp(-codes.scale * np.arange(256, dtype=np.float64)) * 2**EXP_FRACTION_BITS).astype(
-            np.int64
-        )
+            x = build.node("Where", [valid, x, const64(hidden, f"{base}_hidden")], f"{base}_visible")
+        peak = build.node("ReduceMax", [x, const64([-1], f"{base}_axis")], f"{base}_max", keepdims=1)
+        gap = build.node("Sub", [peak, x], f"{base}_gap")
+        limits = [const64(0, f"{base}_d0"), const64(entries - 1, f"{base}_d1")]
+        distance = build.node("Clip", [gap, *limits], f"{base}_distance")
+        exponent = -input_scale * np.arange(entries, dtype=np.float64)
+        table = np.round(np.exp(exponent) * 2**EXP_FRACTION_BITS).astype(np.int64)
         exps = build.node("Gather", [build.const(table, f"{base}_exp"), distance], f"{base}_e", axis=0)
         if valid is not None:
             exps = build.node("Where", [valid, exps, const64(0, f"{base}_masked")], f"{base}_e_masked")
@@ -486,10 +492,13 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             and len(arguments) == 2
             and any(isinstance(item, Deferred) and item.op == "Mask" for item in arguments)
         ):
-            scores = next((item for item in arguments if isinstance(item, Codes)), None)
+            scores = next((item for item in arguments if isinstance(item, Codes | Accumulator)), None)
             mask = next(item for item in arguments if isinstance(item, Deferred))
-            if scores is not None:
+            if isinstance(scores, Codes):
                 values[node.output[0]] = Deferred("Masked", (scores,), mask.attributes)
+                continue
+            if isinstance(scores, Accumulator) and scores.scales.size == 1:
+                values[node.output[0]] = Deferred("Masked", (), mask.attributes | {"accumulator": scores})
                 continue
         if op == "IsNaN" and arguments and isinstance(arguments[0], Codes):
             values[node.output[0]] = Deferred("NotNaN", (), {})  # integer codes are never NaN
@@ -694,6 +703,10 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 attributes |= {"gamma": gamma, "beta": beta, "width": shapes[inputs[0]][-1]}
                 values[node.output[0]] = Deferred("LayerNormalizationAcc", (), attributes | {"source": source})
                 continue
+        if op == "Softmax" and isinstance(source, Accumulator) and source.scales.size == 1:
+            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            values[node.output[0]] = Deferred("Softmax", (), attributes | {"accumulator": source})
+            continue
         if op == "Softmax" and isinstance(source, Deferred) and source.op == "Masked":
             attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
             values[node.output[0]] = Deferred("Softmax", source.sources, attributes | source.attributes)
