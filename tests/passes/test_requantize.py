@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -201,7 +202,25 @@ def test_efficientnet_lowers_completely_and_is_bit_exact(efficientnet: Path, tmp
         assert np.array_equal(produced, integer_reference.run(lowered, feed)[0])
 
 
-def _activations_net(path: Path) -> Path:
+def _train_and_compile(net: Any, epochs: int, folder: Path, calibration: int) -> tuple[Path, onnx.ModelProto]:
+    """Train ``net`` on digits, export it (opset 17, legacy exporter), compile it for int8-npu; returns the
+    artifact and its integer graph."""
+    import torch
+
+    train_x, train_y, _, _ = zoo.digits_split()
+    zoo._train_on_digits(net, train_x, train_y, epochs)
+    model = folder / "net.onnx"
+    torch.onnx.export(
+        net.eval(), (torch.from_numpy(train_x[:1]),), str(model), dynamo=False, opset_version=17,
+        input_names=["image"], output_names=["logits"],
+    )  # fmt: skip
+    output = folder / "net.int8-npu"
+    feeds = [{"image": train_x[i : i + 1]} for i in range(calibration)]
+    api.compile(model, output, target="int8-npu", calibration_data=feeds, progress=False)
+    return output, onnx.load(str(output / api.INTEGER_ONNX))
+
+
+def _activations_net() -> Any:
     """A small CNN (trained briefly here) with HardSwish, Sigmoid, Tanh and HardSigmoid, and a Concat of three
     branches: op coverage for the tables and the Concat rescaling, not a good classifier."""
     import torch
@@ -224,28 +243,12 @@ def _activations_net(path: Path) -> Path:
             merged = torch.cat([f(branch(hidden)) for f, branch in zip(functions, self.branches, strict=True)], 1)
             return self.head(torch.nn.functional.hardswish(self.mix(merged)).mean((2, 3)))
 
-    net = Net()
-    train_x, train_y, _, _ = zoo.digits_split()
-    zoo._train_on_digits(net, train_x, train_y, 10)
-    torch.onnx.export(
-        net.eval(), (torch.from_numpy(train_x[:1]),), str(path), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"],
-    )  # fmt: skip
-    return path
+    return Net()
 
 
 def test_table_activations_and_concat_are_lowered_exactly(tmp_path: Path) -> None:
-    model = _activations_net(tmp_path / "activations.onnx")
-    train_x, _, test_x, _ = zoo.digits_split()
-    output = tmp_path / "activations.int8-npu"
-    api.compile(
-        model,
-        output,
-        target="int8-npu",
-        calibration_data=[{"image": train_x[i : i + 1]} for i in range(16)],
-        progress=False,
-    )
-    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    output, lowered = _train_and_compile(_activations_net(), 10, tmp_path, 16)
+    _, _, test_x, _ = zoo.digits_split()
     kinds = [node.op_type for node in lowered.graph.node]
     assert kinds.count("Gather") == 5 and kinds.count("Concat") == 1  # 2 HardSwish, Sigmoid, Tanh, HardSigmoid
     integer, qdq = runtime.load(output, "integer"), runtime.load(output, "onnxruntime")
@@ -258,7 +261,7 @@ def test_table_activations_and_concat_are_lowered_exactly(tmp_path: Path) -> Non
     assert agree >= 59  # the tables quantize as the QDQ graph does: the same decisions
 
 
-def _token_net(path: Path) -> Path:
+def _token_net() -> Any:
     """A tiny token model trained here: 8 tokens of 8 pixels -> Linear -> LayerNorm -> Linear -> GELU (erf,
     exported as Div/Erf/Add/Mul/Mul) -> Linear -> Softmax -> Flatten -> Linear, for the integer LayerNorm,
     GELU table and Softmax."""
@@ -276,28 +279,12 @@ def _token_net(path: Path) -> Path:
             hidden = torch.nn.functional.gelu(self.mlp(self.norm(self.embed(x.reshape(x.shape[0], 8, 8)))))
             return self.head(torch.softmax(self.mix(hidden), -1).flatten(1))
 
-    net = Net()
-    train_x, train_y, _, _ = zoo.digits_split()
-    zoo._train_on_digits(net, train_x, train_y, 15)
-    torch.onnx.export(
-        net.eval(), (torch.from_numpy(train_x[:1]),), str(path), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"],
-    )  # fmt: skip
-    return path
+    return Net()
 
 
 def test_integer_layer_norm_gelu_and_softmax_match_qdq(tmp_path: Path) -> None:
-    model = _token_net(tmp_path / "tokens.onnx")
-    train_x, _, test_x, test_y = zoo.digits_split()
-    output = tmp_path / "tokens.int8-npu"
-    api.compile(
-        model,
-        output,
-        target="int8-npu",
-        calibration_data=[{"image": train_x[i : i + 1]} for i in range(32)],
-        progress=False,
-    )
-    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    output, lowered = _train_and_compile(_token_net(), 15, tmp_path, 32)
+    _, _, test_x, test_y = zoo.digits_split()
     kinds = {node.op_type for node in lowered.graph.node}
     assert {"ReduceMax", "Gather", "Min"} <= kinds and not {"LayerNormalization", "Softmax", "Erf", "Exp"} & kinds
     integer, qdq = runtime.load(output, "integer"), runtime.load(output, "onnxruntime")
