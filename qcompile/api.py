@@ -495,14 +495,17 @@ def _accuracy_drop(metrics: dict[str, float]) -> float:
 def _predict(float_model: Any, float_layers: frozenset[str], target: hwmodels.Target) -> tuple[float, float, str]:
     """The cost model's end-to-end latency on ``target`` of the quantized graph and of the float one, in ms,
     and how calibrated the model is."""
-    from qcompile.hwmodels.cost import CostModel
+    from qcompile.hwmodels.cost import INT8, CostModel
     from qcompile.hwmodels.layers import describe
     from qcompile.hwmodels.profile import as_pipeline_sees_it, quantized_choices
 
     cost = CostModel.for_target(target)
     model = as_pipeline_sees_it(float_model)
     specs = describe(model)
-    quantized = cost.model_latency_ms(specs, quantized_choices(model, float_layers))
+    choices = quantized_choices(model, float_layers)
+    if target.pipeline == "integer-only":
+        choices = {spec.name: INT8 for spec in specs}  # the lowering leaves no float op (or fails)
+    quantized = cost.model_latency_ms(specs, choices)
     state = (
         f"calibrated on {cost.calibration.machine.get('cpu', '?')}"
         if cost.calibration
@@ -517,6 +520,11 @@ def predicted_latency_ms(folder: Path, manifest: dict[str, Any], target_name: st
     target = hwmodels.load_target(target_name)
     latency, _, state = _predict(frontend.load(folder / REFERENCE_ONNX), float_layers, target)
     return latency, f"predicted for {target_name} by the cost model ({state})"
+
+
+def _device_elsewhere(target: str) -> bool:
+    """Whether ``target`` is an accelerator this machine only simulates (its latency is then predicted)."""
+    return hwmodels.load_target(target).pipeline in ("integer-only", "lut")
 
 
 def gate(
@@ -535,7 +543,9 @@ def gate(
 
     Latency is measured here on ``executor`` (default: the artifact's default executor), or with ``rpc``
     (HOST:PORT) on the remote device that runs the artifact's TVM library, unless ``target`` names another
-    device than the artifact's, in which case the cost model predicts it (and the check says so). Accuracy
+    device than the artifact's, or an accelerator this machine only simulates (int8-npu, fpga-lut) and no
+    ``executor`` is named: then the cost model predicts it, or the fpga-lut plan estimates it (and the
+    check says so). Accuracy
     drop is measured on ``data`` against the artifact's float reference when given, else read
     from the manifest.
     """
@@ -566,7 +576,11 @@ def gate(
             remote = tvm_rpc.run_remote(folder / entry["file"], [feed[info.name] for info in session.inputs], rpc, runs)
             value = remote.latency.median_ms
             source = f"measured on the {remote.device}, {entry['file']}, median of {remote.latency.runs} runs"
-        elif target == manifest["target"]["name"]:
+        elif target == manifest["target"]["name"] and manifest.get("lut") and executor is None:
+            # An FPGA-style target: nothing here runs its engine; the plan written at compile time estimates it.
+            value = float(manifest["lut"]["step_latency_us"]) / 1e3
+            source = f"estimated for {target} by the LUT engine plan (lut/plan.json), not measured"
+        elif target == manifest["target"]["name"] and not (_device_elsewhere(target) and executor is None):
             feed = feeds[0] if feeds else session.random_feeds()
             latency = bench.measure(functools.partial(session.run, feed), runs=runs, warmup=10, max_seconds=60)
             machine = bench.machine()

@@ -254,6 +254,8 @@ def test_cli_compiles_for_fpga_lut(
     assert "fpga-lut estimate" in printed and "lut vs onnxruntime: max |diff| 0" in printed
     assert main(["run", str(output), "--executor", "lut", "--input", str(tmp_path / "sample.npy")]) == 0
     assert main(["verify", str(output)]) == 0
+    (check,) = api.gate(output, max_latency_ms=1.0)  # the FPGA is not here: the plan's estimate
+    assert check.passed and "estimated for fpga-lut by the LUT engine plan" in check.source
 
 
 def test_fpga_estimate_for_a_smollm2_sized_decoder() -> None:

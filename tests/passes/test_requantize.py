@@ -135,6 +135,11 @@ def test_digits_integer_graph_is_bit_exact_and_as_accurate_as_qdq(digits_qdq: Pa
         hits["qdq"] += int(qdq.run(feed)["logits"].argmax() == test_y[index])
     assert abs(hits["integer"] - hits["qdq"]) / len(test_x) <= 0.005
     assert hits["integer"] / len(test_x) > 0.95
+    # The NPU is not here: the gate predicts its latency (every node int8), unless an executor is named.
+    (check,) = api.gate(digits_qdq, max_latency_ms=5.0)
+    assert check.passed and check.source.startswith("predicted for int8-npu by the cost model")
+    (measured,) = api.gate(digits_qdq, max_latency_ms=5.0, executor="integer")
+    assert measured.source.startswith("measured here")
 
 
 def test_ops_without_integer_form_are_listed_and_nothing_is_written(tmp_path: Path) -> None:
