@@ -60,8 +60,16 @@ def median_us(call: Any, runs: int) -> float:
     return float(np.median(timings) * 1e6)
 
 
-def ort_session(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any], threads: int) -> Any:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+def ort_session(op: str, x_shape: list[int], types: tuple[int, int], weights: np.ndarray | None, threads: int) -> Any:
+    """onnxruntime running one node ``y = op(x[, w])``; ``types`` are the input's and the output's."""
+    inputs = ["x", "w"] if weights is not None else ["x"]
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", types[0], x_shape)],
+        [helper.make_tensor_value_info("y", types[1], None)],
+        [numpy_helper.from_array(weights, "w")] if weights is not None else [],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = ORT_IR_VERSION
     options = ort.SessionOptions()
@@ -70,22 +78,12 @@ def ort_session(nodes: list[Any], inputs: list[Any], outputs: list[Any], initial
 
 
 def ort_timings(weights: np.ndarray, rows: int, threads: int, runs: int, rng: np.random.Generator) -> dict[str, float]:
-    k, n = weights.shape
+    k, _ = weights.shape
     x_float = rng.standard_normal((rows, k)).astype(np.float32)
     x_int = rng.integers(-127, 128, (rows, k)).astype(np.int8)
-    fp32 = ort_session(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
-        [numpy_helper.from_array(weights.astype(np.float32), "w")],
-        threads,
-    )
+    fp32 = ort_session("MatMul", [rows, k], (TensorProto.FLOAT, TensorProto.FLOAT), weights.astype(np.float32), threads)
     int8 = ort_session(
-        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.INT8, [rows, k])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [rows, n])],
-        [numpy_helper.from_array(weights.astype(np.int8), "w")],
-        threads,
+        "MatMulInteger", [rows, k], (TensorProto.INT8, TensorProto.INT32), weights.astype(np.int8), threads
     )
     assert np.array_equal(int8.run(None, {"x": x_int})[0], reference.dense(x_int, weights))
     return {
@@ -95,13 +93,7 @@ def ort_timings(weights: np.ndarray, rows: int, threads: int, runs: int, rng: np
 
 
 def ort_floor(threads: int, runs: int) -> float:
-    identity = ort_session(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [],
-        threads,
-    )
+    identity = ort_session("Identity", [1, 4], (TensorProto.FLOAT, TensorProto.FLOAT), None, threads)
     x = np.zeros((1, 4), np.float32)
     return median_us(lambda: identity.run(None, {"x": x}), runs)
 

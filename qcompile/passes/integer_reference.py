@@ -25,7 +25,8 @@ _DTYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, o
            onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16}  # fmt: skip
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes as Python values."""
     return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
 
 
@@ -80,7 +81,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     env.update(feeds)
     for node in model.graph.node:
         args: list[Any] = [env[name] if name else None for name in node.input]
-        attributes = _attributes(node)
+        attributes = node_attributes(node)
         op = node.op_type
         if op == "QuantizeLinear":
             zero = args[2] if len(args) > 2 and args[2] is not None else np.uint8(0)

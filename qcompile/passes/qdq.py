@@ -40,7 +40,7 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
     """Remove a float initializer its integer replacement made dead: the artifact must not carry both."""
     if value is not None and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
         del graph.initializers[value.name]  # type: ignore[arg-type]
@@ -153,7 +153,7 @@ class QDQPass(ir.passes.InPlacePass):
             graph.insert_before(node, step)
         for use in list(weight.uses()):
             use.node.replace_input_with(use.idx, dequantized)
-        _drop_if_unused(graph, weight)
+        drop_if_unused(graph, weight)
         if bias is not None:
             self._quantize_bias(graph, node, scales.max(axis=1) if blocked else scales, *bias)
 
@@ -181,7 +181,7 @@ class QDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         replaced = node.inputs[2]
         node.replace_input_with(2, dequantized)
-        _drop_if_unused(graph, replaced)
+        drop_if_unused(graph, replaced)
 
     def _insert_qdq(self, graph: ir.Graph, value: ir.Value) -> None:
         spec: QuantSpec = value.meta[SPEC_KEY]

@@ -49,6 +49,7 @@ import onnx.shape_inference
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.errors import UnsupportedModelError
+from qcompile.passes.integer_reference import node_attributes
 
 ACCUMULATOR_LIMIT = 2**31 - 1  # the int32 accumulator's range
 OFFSET_EXPONENT = 61  # C = 2**61 keeps acc * M0 + C positive and below 2**63 for any int32 acc, M0 < 2**30
@@ -258,10 +259,9 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         if deferred.op == "Softmax":
             first = deferred.sources[0] if deferred.sources else None
             return integer_softmax(first, scale, zero_point, base, deferred.attributes)
-        if deferred.op == "LayerNormalizationAcc":
-            return integer_layer_norm(deferred.attributes["source"], deferred.attributes, scale, zero_point, base)
         if deferred.op == "LayerNormalization":
-            return integer_layer_norm(deferred.sources[0], deferred.attributes, scale, zero_point, base)
+            held = deferred.sources[0] if deferred.sources else deferred.attributes["accumulator"]
+            return integer_layer_norm(held, deferred.attributes, scale, zero_point, base)
         (codes,) = deferred.sources
         # Every input code's real value through the function, quantized as the QuantizeLinear after it does.
         real = np.float32(codes.scale) * (np.arange(256, dtype=np.float32) - np.float32(codes.zero_point))
@@ -279,6 +279,17 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
         clamped = build.node("Clip", [shifted, const64(0, f"{base}_lo"), const64(255, f"{base}_hi")], f"{base}_clamp")
         return build.node("Cast", [clamped], f"{base}_q", to=TensorProto.UINT8)
 
+    def rounded(source: Accumulator, bits: int, base: str) -> tuple[str, float]:
+        """A scalar-scale accumulator in int64, rounded (half up) to ``|x| < 2**bits``; returns the value and
+        its scale. The dividend is offset by 2**33 so that truncating division floors."""
+        drop = max(0, math.ceil(math.log2(source.bound + 1)) - bits)
+        x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
+        if drop:
+            biased = build.node("Add", [x, const64((1 << 33) + (1 << (drop - 1)), f"{base}_bias")], f"{base}_xb")
+            shifted = build.node("Div", [biased, const64(1 << drop, f"{base}_step")], f"{base}_xs")
+            x = build.node("Sub", [shifted, const64(1 << (33 - drop), f"{base}_unbias")], f"{base}_xr")
+        return x, float(source.scales.reshape(-1)[0]) * 2.0**drop
+
     def integer_softmax(codes: Codes | None, scale: float, zero_point: int, base: str, options: dict[str, Any]) -> str:
         """exp(x - max) from a table of the distance to the row's maximum (256 entries for uint8 codes; for
         an int32 accumulator, rounded to 12 bits first, 4097), in 2**-16 units; y = e / sum(e), rounded half
@@ -288,14 +299,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             x = build.node("Cast", [codes.name], f"{base}_x64", to=TensorProto.INT64)
             input_scale, entries, hidden = codes.scale, 256, 0
         else:
-            source: Accumulator = options["accumulator"]
-            drop = max(0, math.ceil(math.log2(source.bound + 1)) - 11)  # |x| < 2**11 after rounding
-            x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
-            if drop:
-                biased = build.node("Add", [x, const64((1 << 33) + (1 << (drop - 1)), f"{base}_bias")], f"{base}_xb")
-                shifted = build.node("Div", [biased, const64(1 << drop, f"{base}_step")], f"{base}_xs")
-                x = build.node("Sub", [shifted, const64(1 << (33 - drop), f"{base}_unbias")], f"{base}_x12")
-            input_scale, entries, hidden = float(source.scales.reshape(-1)[0]) * 2.0**drop, 4097, -(1 << 13)
+            x, input_scale = rounded(options["accumulator"], 11, base)  # |x| < 2**11
+            entries, hidden = 4097, -(1 << 13)
         valid = None
         if "condition" in options:
             valid = options["condition"]
@@ -339,13 +344,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
             input_scale, levels = source.scale, 255
         else:
-            drop = max(0, math.ceil(math.log2(source.bound + 1)) - 15)  # keep 16 bits of the accumulator
-            x = build.node("Cast", [source.name], f"{base}_x64", to=TensorProto.INT64)
-            if drop:
-                biased = build.node("Add", [x, const64((1 << 33) + (1 << (drop - 1)), f"{base}_bias")], f"{base}_xb")
-                shifted = build.node("Div", [biased, const64(1 << drop, f"{base}_step")], f"{base}_xs")
-                x = build.node("Sub", [shifted, const64(1 << (33 - drop), f"{base}_unbias")], f"{base}_x16")
-            input_scale, levels = float(source.scales.reshape(-1)[0]) * 2.0**drop, 2**15
+            x, input_scale = rounded(source, 15, base)  # 16 bits of the accumulator
+            levels = 2**15
         axis = const64([-1], f"{base}_axis")
         total = build.node("ReduceSum", [x, axis], f"{base}_sum", keepdims=1)
         centred = build.node(
@@ -548,7 +548,7 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                 refuse(node, f"{name} ({op}): its weight is not a quantized constant")
                 continue
             codes, (weights, weight_scales, _axis) = arguments[0], weight
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            attributes = node_attributes(node)
             if op == "Gemm":
                 if (
                     attributes.get("transA", 0)
@@ -691,28 +691,17 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
             )
             continue
         if op in TABLE_FUNCTIONS and isinstance(source, Codes):
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            attributes = node_attributes(node)
             values[node.output[0]] = Deferred(op, (source,), attributes)
             continue
-        if op == "LayerNormalization" and isinstance(source, Accumulator) and source.scales.size == 1:
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-            rank = len(shapes.get(inputs[0], []))
-            gamma = constant(inputs[1])
-            beta = constant(inputs[2]) if len(inputs) > 2 and inputs[2] else np.zeros(1, np.float32)
-            if rank and int(attributes.get("axis", -1)) % rank == rank - 1 and gamma is not None and beta is not None:
-                attributes |= {"gamma": gamma, "beta": beta, "width": shapes[inputs[0]][-1]}
-                values[node.output[0]] = Deferred("LayerNormalizationAcc", (), attributes | {"source": source})
-                continue
-        if op == "Softmax" and isinstance(source, Accumulator) and source.scales.size == 1:
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-            values[node.output[0]] = Deferred("Softmax", (), attributes | {"accumulator": source})
-            continue
         if op == "Softmax" and isinstance(source, Deferred) and source.op == "Masked":
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            attributes = node_attributes(node)
             values[node.output[0]] = Deferred("Softmax", source.sources, attributes | source.attributes)
             continue
-        if op in ("Softmax", "LayerNormalization") and isinstance(source, Codes):
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        scalar_accumulator = isinstance(source, Accumulator) and source.scales.size == 1
+        if op in ("Softmax", "LayerNormalization") and (isinstance(source, Codes) or scalar_accumulator):
+            # On uint8 codes, or on an int32 accumulator with one scale (a residual sum, attention scores).
+            attributes = node_attributes(node)
             rank = len(shapes.get(inputs[0], []))
             if rank == 0 or int(attributes.get("axis", -1)) % rank != rank - 1:
                 refuse(node, f"{name} ({op}): only the last axis is lowered")
@@ -724,10 +713,13 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
                     refuse(node, f"{name} ({op}): its scale and bias must be constants")
                     continue
                 attributes |= {"gamma": gamma, "beta": beta, "width": shapes[inputs[0]][-1]}
-            values[node.output[0]] = Deferred(op, (source,), attributes)
+            if isinstance(source, Codes):
+                values[node.output[0]] = Deferred(op, (source,), attributes)
+            else:
+                values[node.output[0]] = Deferred(op, (), attributes | {"accumulator": source})
             continue
         if op == "Concat" and arguments and all(isinstance(item, Codes) for item in arguments):
-            attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+            attributes = node_attributes(node)
             values[node.output[0]] = Deferred(
                 op, tuple(item for item in arguments if isinstance(item, Codes)), attributes
             )

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qcompile.errors import UnsupportedModelError
 from qcompile.passes.annotate import is_constant, layer_name
-from qcompile.passes.qdq import add_initializer
+from qcompile.passes.qdq import add_initializer, drop_if_unused
 
 TERNARY_KEY = "qcompile.ternary"  # MatMulInteger meta: the layer name, for the LUT backend
 ACTIVATION_LIMIT = 127
@@ -154,5 +154,4 @@ class TernarizePass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
         result.name, result.shape, result.type = output.name, output.shape, output.type
         for value in node.inputs[1:]:
-            if value is not None and not value.uses() and value.name in graph.initializers:
-                del graph.initializers[value.name]  # type: ignore[arg-type]
+            drop_if_unused(graph, value)

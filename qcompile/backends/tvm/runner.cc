@@ -174,36 +174,20 @@ int main(int argc, char** argv) {
   }
   try {
     ffi::Module library = ffi::Module::LoadFromFile(argv[1]);
-    if (!function.empty()) {
-      ffi::Function kernel = library->GetFunction(function).value();
-      std::vector<ffi::AnyView> packed(arguments.begin(), arguments.end());
-      ffi::Any ignored;
-      auto call = [&] { kernel.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &ignored); };
-      call();
-      for (size_t i = 0; i < arguments.size(); ++i) {
-        WriteNpy(std::string(argv[2]) + "/output_" + std::to_string(i) + ".npy", arguments[i]);
-      }
-      if (repeat > 0) {
-        std::vector<double> times;
-        for (int run = 0; run < repeat; ++run) {
-          auto start = std::chrono::steady_clock::now();
-          call();
-          times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-        }
-        std::sort(times.begin(), times.end());
-        std::printf("qcompile-runner: runs=%d median_ms=%.4f\n", repeat, times[times.size() / 2]);
-      }
-      return 0;
-    }
-    ffi::Function load = library->GetFunction("vm_load_executable").value();
-    ffi::Module vm = load().cast<ffi::Module>();
-    // (device type, device id, allocator) for the CPU; 2 is the pooled allocator, as Python's default.
-    vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
-    ffi::Function entry = vm->GetFunction("main").value();
     std::vector<ffi::AnyView> packed(arguments.begin(), arguments.end());
     ffi::Any result;
-    entry.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
-    std::vector<ffi::Tensor> outputs = Outputs(result);
+    // The Relax VM runs "main"; with --function, the library's own function runs directly.
+    ffi::Module vm =
+        function.empty() ? library->GetFunction("vm_load_executable").value()().cast<ffi::Module>() : library;
+    if (function.empty()) {
+      // (device type, device id, allocator) for the CPU; 2 is the pooled allocator, as Python's default.
+      vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
+    }
+    ffi::Function entry = vm->GetFunction(function.empty() ? std::string("main") : function).value();
+    auto call = [&] { entry.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result); };
+    call();
+    // The Relax main returns its outputs; a TIR kernel writes into its arguments.
+    std::vector<ffi::Tensor> outputs = function.empty() ? Outputs(result) : arguments;
     for (size_t i = 0; i < outputs.size(); ++i) {
       WriteNpy(std::string(argv[2]) + "/output_" + std::to_string(i) + ".npy", outputs[i]);
     }
@@ -211,7 +195,7 @@ int main(int argc, char** argv) {
       std::vector<double> times;
       for (int run = 0; run < repeat; ++run) {
         auto start = std::chrono::steady_clock::now();
-        entry.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
+        call();
         times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
       }
       std::sort(times.begin(), times.end());
