@@ -8,7 +8,8 @@ they do to low-bit accuracy on SmolLM2-135M.
 2. Perplexity of SmolLM2-135M-Instruct on the first 2048 tokens of ``pydoc_data.topics`` (4 windows of 512
    tokens, fp32 about 15.3), calibrated on 8 other windows (tokens 4096..8191), for W8A8, W4A8 (int4
    per-channel weights; g32: one scale per 32 inputs) and W4A4 (uint4 activations), with no rewrite, each
-   pass, and combinations ('all' = SmoothQuant auto + Hadamard + split). GPTQ weights (the default). Every
+   pass, and combinations ('all' = SmoothQuant auto + Hadamard + split; 'rotres' = Hadamard with the residual
+   stream rotated offline, --rotate hadamard-residual). GPTQ weights (the default). Every
    layer is quantized (``float_threshold=0``: the per-layer float fallback would measure 211 layers).
 
 Runs on the CPU; 3 to 10 minutes per configuration on 2 cores (SmoothQuant's alpha search and GPTQ
@@ -33,11 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import zoo
 
 from qcompile import frontend
+from qcompile.backends import ort as ort_backend
 from qcompile.passes import pipeline
 from qcompile.passes.hadamard import HadamardRotationPass
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.smoothquant import SmoothQuantPass, producer_statistics
 from qcompile.passes.split_layers import SplitLayersPass
+from qcompile.runtime import bench
 from qcompile.search import sensitivity
 
 # Name -> QuantizeOptions fields. 'sq' = SmoothQuant with alpha searched per producer.
@@ -47,6 +50,8 @@ REWRITES: dict[str, dict[str, Any]] = {
     "rot": {"rotate": "hadamard"},
     "split": {"split_layers": True},
     "rot+sq": {"rotate": "hadamard", "smoothquant": "auto"},
+    "rotres": {"rotate": "hadamard-residual"},
+    "rotres+sq": {"rotate": "hadamard-residual", "smoothquant": "auto"},
     "all": {"rotate": "hadamard", "smoothquant": "auto", "split_layers": True},
 }
 # 'g32': one weight scale per output channel and block of 32 inputs (--weight-block 32).
@@ -69,27 +74,47 @@ def rewrite(model: Any, which: str, feeds: list[dict[str, np.ndarray]]) -> str:
         smoother(model)
         folded = sum(1 for d in smoother.decisions if d.reason is None)
         return f"{folded} groups folded, {len(smoother.decisions) - folded} left alone"
-    if which == "hadamard":
-        rotator = HadamardRotationPass()
+    if which.startswith("hadamard"):
+        rotator = HadamardRotationPass(residual=which == "hadamard-residual")
         rotator(model)
         done = [r for r in rotator.rotations if r.reason is None]
         folded = sum(1 for r in done if r.folded_into)
-        return f"{len(done)} rotations ({folded} folded, {len(done) - folded} online)"
+        stream = [r for r in done if r.folded_into and "residual stream" in r.folded_into]
+        readers = f", residual stream: {len(stream[0].consumers)} readers" if stream else ""
+        return f"{len(done)} rotations ({folded} folded{readers}, {len(done) - folded} online)"
     splitter = SplitLayersPass()
     splitter(model)
     return f"{len(splitter.splits)} layers split"
 
 
+def fp32_latency_ms(model: Any, feed: dict[str, np.ndarray]) -> float:
+    """Median onnxruntime latency of a float model (what a rewrite's runtime ops cost before quantization)."""
+    session = ort_backend.session(model)
+    return bench.measure(lambda: session.run(None, feed), runs=50, warmup=3, max_seconds=15).median_ms
+
+
 def exactness(models: dict[str, tuple[Path, list[dict[str, np.ndarray]]]]) -> list[str]:
-    lines = ["| model | pass | max relative difference | what it did |", "|---|---|---|---|"]
+    """Each pass alone in float: its largest output change, what it did, its time, and the fp32 latency of
+    the rewritten model beside the original's (the cost of any online transform), in the same process."""
+    lines = [
+        "| model | pass | max relative difference | what it did | pass s | fp32 ms: original / rewritten |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, (path, feeds) in models.items():
-        references = sensitivity.run_all(frontend.load(path), feeds)
-        for which in ("smoothquant", "hadamard", "split"):
+        source = frontend.load(path)
+        references = sensitivity.run_all(source, feeds)
+        original_ms = fp32_latency_ms(source, feeds[0])
+        for which in ("smoothquant", "hadamard", "hadamard-residual", "split"):
             model = frontend.load(path)
+            started = time.perf_counter()
             did = rewrite(model, which, feeds)
+            seconds = time.perf_counter() - started
             outputs = sensitivity.run_all(model, feeds)
             worst = max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(outputs, references, strict=True))
-            lines.append(f"| {name} | {which} | {worst:.1e} | {did} |")
+            rewritten_ms = fp32_latency_ms(model, feeds[0])
+            lines.append(
+                f"| {name} | {which} | {worst:.1e} | {did} | {seconds:.1f} | {original_ms:.2f} / {rewritten_ms:.2f} |"
+            )
             print(lines[-1], flush=True)
     return lines
 

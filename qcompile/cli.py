@@ -122,10 +122,12 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     parser.add_argument(
         "--rotate",
-        choices=("hadamard", "none"),
+        choices=("hadamard", "hadamard-residual", "none"),
         help="rotate MatMul/Gemm inputs by randomized Hadamard matrices (QuaRot style), folded into a linear "
-        "producer where possible, else an online transform in standard ONNX ops; exact in float (default: the "
-        "target's recipe)",
+        "producer where possible, else an online transform in standard ONNX ops; exact in float. "
+        "hadamard-residual also rotates a pre-norm transformer's residual stream offline (embedding, residual "
+        "writers, RMSNorm readers with the norm weights folded in): fewer online transforms, less accurate "
+        "with static activation scales (default: the target's recipe)",
     )
     parser.add_argument(
         "--split-layers",
@@ -163,9 +165,10 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     parser.add_argument(
         "--bits",
-        choices=("8", "4", "auto"),
+        choices=("8", "4", "2", "auto"),
         default="8",
-        help="weight width: 8 (default), 4, or auto: per-layer formats (fp32, int8, int4, ternary weights; "
+        help="weight width: 8 (default), 4, 2 (codes -1/0/1 with an MSE-fitted scale per channel: for accuracy "
+        "studies, e.g. with --split-layers), or auto: per-layer formats (fp32, int8, int4, ternary weights; "
         "int8 activations) chosen by measured sensitivity and the target's cost model under the budgets",
     )
     parser.add_argument(

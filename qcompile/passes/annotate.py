@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.quant_spec import ACTIVATION_UINT8, RANGE_KEY, SPEC_KEY, WEIGHT_FORMATS, QuantSpec
+from qcompile.passes.quant_spec import ACTIVATION_UINT8, RANGE_KEY, SPEC_KEY, SPLIT_SUM_KEY, WEIGHT_FORMATS, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,10 @@ def plan_quantization_points(
                 if value is not None and not is_constant(value):
                     points.setdefault(id(value), value)
             int8_flow.add(id(_activation_output(node)))
+        elif node.op_type == "Add" and SPLIT_SUM_KEY in node.metadata_props:
+            # The parts of one split layer are summed as accumulators, before any re-quantization.
+            if all(value is not None and id(value) in int8_flow for value in node.inputs):
+                int8_flow.add(id(_activation_output(node)))
         elif table_ops and node.op_type == "Gather" and is_constant(node.inputs[0]) and is_float(node.inputs[0]):
             # An embedding: its float table is quantized with the lookup's output range.
             points.setdefault(id(node.outputs[0]), node.outputs[0])

@@ -30,6 +30,7 @@ from qcompile.passes.quant_spec import ACTIVATION_FORMATS, WEIGHT_FORMATS
 from qcompile.passes.smoothquant import Decision, SmoothQuantPass, producer_statistics
 from qcompile.passes.split_layers import Split, SplitLayersPass
 from qcompile.search import sensitivity
+from qcompile.search.allocate import CANDIDATES
 from qcompile.search.bits import SearchResult
 from qcompile.search.bits import search as search_bits
 
@@ -52,7 +53,8 @@ class QuantizeOptions:
             squared error stays float (0 disables the fallback: every layer is quantized).
         max_calibration_samples: stop calibrating after this many samples (None: use them all).
         sensitivity_samples: calibration samples kept in memory to measure layer sensitivity and error.
-        bits: '8' (int8 weights), '4' (int4 weights) or 'auto': per-layer formats (fp32, int8, int4 or
+        bits: '8' (int8 weights), '4' (int4 weights), '2' (2-bit weights {-1, 0, 1} x an MSE-fitted scale per
+            channel: for accuracy studies such as SplitQuant's INT2) or 'auto': per-layer formats (fp32, int8, int4 or
             ternary weights, int8 activations) chosen by the search under the budgets below.
         activation_bits: 8 (uint8 activations) or 4 (uint4 codes, clamped in uint8 storage: for accuracy
             studies such as W4A4; the bit-width search always uses 8).
@@ -65,8 +67,12 @@ class QuantizeOptions:
         smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
             linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
             producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
-        rotate: None, or 'hadamard': rotate MatMul / Gemm inputs by randomized Hadamard matrices, folded into a
-            linear producer where one can take it, else as an online transform (exact in float).
+        rotate: None, 'hadamard' or 'hadamard-residual': rotate MatMul / Gemm inputs by randomized Hadamard
+            matrices, folded into a linear producer where one can take it, else as an online transform (exact in
+            float). 'hadamard-residual' first rotates a pre-norm transformer's whole residual stream offline
+            (QuaRot): fewer online transforms, but the activations after each RMSNorm lose its weight's
+            damping of outlier channels, which per-tensor static activation scales pay for (SmolLM2-135M
+            W8A8 with SmoothQuant: +2.5 % perplexity vs +2.2 %; W4A8: +17.8 % vs +15.0 %).
         split_layers: split every Conv / Gemm / MatMul into three layers holding the low, middle and high
             k-means clusters of its weights, summed after (SplitQuant; exact in float, 3x the layer's MACs).
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
@@ -99,8 +105,8 @@ class QuantizeOptions:
     integer_only: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in ("8", "4", "auto"):
-            raise CalibrationError(f"bits '{self.bits}' is not 8, 4 or auto")
+        if self.bits not in ("8", "4", "2", "auto"):
+            raise CalibrationError(f"bits '{self.bits}' is not 8, 4, 2 or auto")
         if self.activation_bits not in ACTIVATION_FORMATS:
             raise CalibrationError(f"activation bits {self.activation_bits} is not one of {sorted(ACTIVATION_FORMATS)}")
         if self.weight_block is not None and (self.weight_block < 2 or self.bits == "auto"):
@@ -125,8 +131,8 @@ class QuantizeOptions:
             and not (isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0)
         ):
             raise CalibrationError(f"SmoothQuant alpha {self.smoothquant!r} is not a number in [0, 1] or 'auto'")
-        if self.rotate not in (None, "hadamard"):
-            raise CalibrationError(f"rotation '{self.rotate}' is not hadamard")
+        if self.rotate not in (None, "hadamard", "hadamard-residual"):
+            raise CalibrationError(f"rotation '{self.rotate}' is not hadamard or hadamard-residual")
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.sensitivity_samples < 1:
@@ -244,8 +250,8 @@ def quantize(
         smoother(model)
         smoothed = smoother.decisions
     rotations: list[Rotation] = []
-    if options.rotate == "hadamard":
-        rotator = HadamardRotationPass()
+    if options.rotate is not None:
+        rotator = HadamardRotationPass(residual=options.rotate == "hadamard-residual")
         rotator(model)
         rotations = rotator.rotations
     splits: list[Split] = []
@@ -281,10 +287,11 @@ def quantize(
     ratios = None
     if options.bits == "auto" and options.sensitivity == "hessian" and hessians:
         by_name = dict(zip([layer_name(node) for node in layers], layers, strict=True))
-        ratios = sensitivity.hessian_ratios(by_name, hessians, [fmt for fmt in WEIGHT_FORMATS if fmt != "int8"])
+        narrow = [fmt for fmt in CANDIDATES if fmt not in ("fp32", "int8")]
+        ratios = sensitivity.hessian_ratios(by_name, hessians, narrow)
     if options.weight_rounding != "gptq":
         hessians = None  # collected for the sensitivity proxy only
-    uniform = "int4" if options.bits == "4" else "int8"
+    uniform = {"4": "int4", "2": "int2"}.get(options.bits, "int8")
     weight_formats = {name: uniform for name in names}
     float_layers: set[str] = set()
     searched: SearchResult | None = None
@@ -362,7 +369,8 @@ def quantize(
         },
         {
             "name": "hadamard_rotation",
-            "enabled": options.rotate == "hadamard",
+            "enabled": options.rotate is not None,
+            "residual_stream": options.rotate == "hadamard-residual",
             "rotations": [asdict(item) for item in rotations if item.reason is None],
             "left_alone": [asdict(item) for item in rotations if item.reason is not None],
         },

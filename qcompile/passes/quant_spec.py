@@ -13,6 +13,9 @@ import numpy as np
 
 SPEC_KEY = "qcompile.quant_spec"
 RANGE_KEY = "qcompile.range"
+# On the Adds that sum one split layer's parts (split_layers): their inputs are accumulators of one layer,
+# summed before any re-quantization, so annotation does not quantize them.
+SPLIT_SUM_KEY = "qcompile.split_sum"
 # The smallest scale we emit; a constant-zero tensor would otherwise get scale 0 (a division by zero).
 MIN_SCALE = 1e-8
 
@@ -174,6 +177,9 @@ WEIGHT_FORMATS = {
     "int8": QuantSpec(bits=8),
     "int4": QuantSpec(bits=4, scale_rule="mse"),
     "ternary": QuantSpec(bits=2, scale_rule="absmean"),
+    # Symmetric 2-bit codes are {-1, 0, 1} too, with an MSE-fitted scale: for uniform --bits 2 studies
+    # (SplitQuant's INT2); the search prefers ternary's absmean scale.
+    "int2": QuantSpec(bits=2, scale_rule="mse"),
 }
 ACTIVATION_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False)
 # Activation formats: asymmetric per-tensor unsigned codes (uint4 codes are stored in uint8 and clamped).

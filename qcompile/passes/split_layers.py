@@ -9,7 +9,10 @@ outliers, and the outlier parts keep their resolution too (Song et al., "SplitQu
 with the high part.
 
 Exact in float up to the order of the final sums (measured 1e-7 relative on the digits CNN). The model gets
-two more Conv / Gemm / MatMul nodes and two Adds per split layer; the parts are quantized like any layer.
+two more Conv / Gemm / MatMul nodes and two Adds per split layer. Each part's weights are quantized like any
+layer's, with their own scales; the parts' outputs are not re-quantized: they are summed as accumulators
+(int32 on an integer device; in float between the parts' DequantizeLinear and the sum's quantization in the
+QDQ graph), so that parts whose outputs partly cancel do not each need a wide activation range.
 After this pass, every split layer's three parts read the same input and their sum replaces its output.
 """
 
@@ -23,6 +26,7 @@ import onnx_ir as ir
 
 from qcompile.passes.annotate import is_constant
 from qcompile.passes.qdq import add_initializer
+from qcompile.passes.quant_spec import SPLIT_SUM_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,8 @@ class SplitLayersPass(ir.passes.InPlacePass):
         total = ir.Value(name=f"{node.name}_sum", shape=output.shape, type=output.type)
         second = ir.Node("", "Add", [partial, parts[2]], outputs=[total], name=f"{node.name}_sum")
         graph.insert_before(node, second)
+        for adder in (first, second):
+            adder.metadata_props[SPLIT_SUM_KEY] = str(node.name)
         old_weight = node.inputs[1]
         if output.is_graph_output():
             original = str(output.name)

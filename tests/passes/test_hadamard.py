@@ -45,10 +45,12 @@ def test_rotations_are_orthogonal(size: int, kind: str) -> None:
         assert np.all(np.abs(q) > 0)
 
 
-def _rotate(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> tuple[HadamardRotationPass, float]:
+def _rotate(
+    model: ir.Model, feeds: list[dict[str, np.ndarray]], residual: bool = False
+) -> tuple[HadamardRotationPass, float]:
     MatMulAddToGemmPass()(model)
     references = sensitivity.run_all(model, feeds)
-    rotator = HadamardRotationPass()
+    rotator = HadamardRotationPass(residual=residual)
     rotator(model)
     onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
     outputs = sensitivity.run_all(model, feeds)
@@ -113,3 +115,80 @@ def test_rotation_folds_into_a_linear_producer() -> None:
 def test_option_is_validated() -> None:
     with pytest.raises(CalibrationError, match="not hadamard"):
         QuantizeOptions(rotate="givens")
+
+
+def _tiny_decoder(extra_reader: str | None = None) -> tuple[ir.Model, list[dict[str, np.ndarray]]]:
+    """A pre-norm decoder at opset 18 as exporters write it: embedding Gather, RMSNorm (Pow / ReduceMean /
+    Add / Sqrt / Reciprocal / Mul, then * gamma) feeding two projections, a residual Add written by a linear
+    layer, a final RMSNorm and a head. ``extra_reader``: an op that also reads the stream (a refusal case)."""
+    rng = np.random.default_rng(1)
+    width, vocab = 48, 40
+
+    def constant(name: str, array: np.ndarray) -> ir.Value:
+        array = np.asarray(array, np.int64 if array.dtype.kind == "i" else np.float32)
+        return ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )  # fmt: skip
+
+    ids = ir.Value(name="ids", shape=ir.Shape([1, 6]), type=ir.TensorType(ir.DataType.INT64))
+    nodes = []
+
+    def op(kind: str, inputs: list[ir.Value], name: str) -> ir.Value:
+        out = ir.Value(name=name)
+        nodes.append(ir.node(kind, inputs, outputs=[out], name=f"node_{name}"))
+        return out
+
+    def rmsnorm(x: ir.Value, name: str) -> ir.Value:
+        squared = op("Pow", [x, constant(f"{name}_two", np.array(2.0))], f"{name}_sq")
+        mean = op("ReduceMean", [squared, constant(f"{name}_axes", np.array([-1], np.int64))], f"{name}_ms")
+        root = op("Sqrt", [op("Add", [mean, constant(f"{name}_eps", np.array(1e-6))], f"{name}_eps_add")], f"{name}_rt")
+        scaled = op("Mul", [x, op("Reciprocal", [root], f"{name}_inv")], f"{name}_scaled")
+        gamma = rng.uniform(0.5, 2.0, width) * np.where(np.arange(width) % 12 == 0, 10.0, 1.0)
+        return op("Mul", [constant(f"{name}_gamma", gamma), scaled], f"{name}_out")
+
+    table = constant("table", rng.standard_normal((vocab, width)))
+    stream = op("Gather", [table, ids], "embedded")
+    normed = rmsnorm(stream, "norm1")
+    up = op("MatMul", [normed, constant("w_up", rng.standard_normal((width, 2 * width)) / 8)], "up")
+    gate = op("MatMul", [normed, constant("w_gate", rng.standard_normal((width, 2 * width)) / 8)], "gate")
+    hidden = op("Mul", [op("Relu", [gate], "relu"), up], "hidden")
+    written = op("MatMul", [hidden, constant("w_down", rng.standard_normal((2 * width, width)) / 8)], "down")
+    stream2 = op("Add", [stream, written], "residual")
+    head = op("MatMul", [rmsnorm(stream2, "norm2"), constant("w_head", rng.standard_normal((width, vocab)))], "logits")
+    outputs = [head]
+    if extra_reader is not None:
+        outputs.append(op(extra_reader, [stream2], "extra"))
+    initializers = [
+        value for node in nodes for value in node.inputs if value is not None and value.const_value is not None
+    ]
+    graph = ir.Graph([ids], outputs, nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="decoder")
+    model = frontend.normalize(ir.Model(graph, ir_version=10), name="tiny decoder")
+    feeds = [{"ids": rng.integers(0, vocab, (1, 6)).astype(np.int64)} for _ in range(3)]
+    return model, feeds
+
+
+def test_residual_stream_is_rotated_offline_through_rmsnorm() -> None:
+    """QuaRot's fold (``residual=True``): the embedding table, the residual writer and every RMSNorm reader
+    are rotated offline (gamma folded into the readers), so the only online transform left is the down
+    projection's input."""
+    model, feeds = _tiny_decoder()
+    rotator, worst = _rotate(model, feeds, residual=True)
+    assert worst < TOLERANCE
+    stream = [item for item in rotator.rotations if item.folded_into and "residual stream" in item.folded_into]
+    assert len(stream) == 1 and sorted(stream[0].consumers) == ["node_gate", "node_logits", "node_up"]
+    assert "1 residual writers, 2 RMSNorms" in stream[0].folded_into  # type: ignore[operator]
+    online = {str(node.name).split("_hadamard")[0] for node in model.graph if "_hadamard" in str(node.name)}
+    assert online == {"hidden"}
+    # gamma is folded into the readers: its Mul and initializer are gone.
+    assert not any(str(name).endswith("_gamma") for name in model.graph.initializers)
+    assert not any(str(node.name).endswith("_out") and node.op_type == "Mul" for node in model.graph)
+
+
+def test_residual_stream_read_by_another_op_stays_online_with_a_reason() -> None:
+    model, feeds = _tiny_decoder(extra_reader="Sigmoid")
+    rotator, worst = _rotate(model, feeds, residual=True)
+    assert worst < TOLERANCE
+    refused = [item.reason for item in rotator.rotations if item.reason and "residual stream" in item.reason]
+    assert refused == ["residual stream not rotated: 'node_extra' (Sigmoid) reads the residual stream 'residual'"]
+    assert all(not item.folded_into or "residual" not in item.folded_into for item in rotator.rotations)

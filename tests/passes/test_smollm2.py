@@ -29,7 +29,7 @@ def _worst(before: list[np.ndarray], after: list[np.ndarray]) -> float:
     return max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(after, before, strict=True))
 
 
-@pytest.mark.parametrize("which", ["smoothquant", "hadamard", "split"])
+@pytest.mark.parametrize("which", ["smoothquant", "hadamard", "hadamard-residual", "split"])
 def test_smollm2_rewrites_are_exact(which: str, smollm2: tuple[Path, list[dict[str, np.ndarray]]]) -> None:
     path, feeds = smollm2
     model = frontend.load(path)
@@ -48,12 +48,21 @@ def test_smollm2_rewrites_are_exact(which: str, smollm2: tuple[Path, list[dict[s
         refused = [d for d in smoother.decisions if d.reason is not None]
         # o_proj reads the attention output through Transpose / Reshape: no producer can take its scale.
         assert len(refused) == 2 and all(d.value in d.reason and "Transpose" in d.reason for d in refused)
-    elif which == "hadamard":
-        rotator = HadamardRotationPass()
+    elif which.startswith("hadamard"):
+        rotator = HadamardRotationPass(residual=which == "hadamard-residual")
         rotator(model)
         rotated = [r for r in rotator.rotations if r.reason is None]
         assert {r.size for r in rotated} == {576, 1536}
         assert {r.kind for r in rotated} == {"kronecker"}  # 576 = 12 x 12 x 4, 1536 = 12 x 128
+        online = [r for r in rotated if not r.folded_into]
+        if which == "hadamard-residual":
+            # The residual stream is rotated offline: Q, K, V, gate, up of both layers and the LM head read it
+            # through RMSNorms whose weights are folded in; only o_proj's and down's inputs stay online.
+            (stream,) = [r for r in rotated if r.folded_into]
+            assert len(stream.consumers) == 2 * 5 + 1 and "4 residual writers, 5 RMSNorms" in str(stream.folded_into)
+            assert len(online) == 2 * 2
+        else:
+            assert len(online) == 2 * 4 + 1  # norm outputs (shared by Q/K/V, gate/up), o, down; the head
     else:
         splitter = SplitLayersPass()
         splitter(model)

@@ -54,3 +54,38 @@ def test_split_is_exact_in_float(which: str, request: pytest.FixtureRequest) -> 
     outputs = sensitivity.run_all(model, feeds)
     for out, ref in zip(outputs, references, strict=True):
         assert float(np.abs(out - ref).max()) <= TOLERANCE * float(np.abs(ref).max())
+
+
+def test_split_parts_sum_as_accumulators_and_help_int4(minilm: Path) -> None:
+    """The parts' outputs are not re-quantized (no QuantizeLinear reads them: they sum as one layer's
+    accumulators), and at 4-bit weights (round to nearest, every layer quantized) splitting brings the
+    pooled embeddings closer to fp32's on real sentences, as SplitQuant reports for low-bit BERTs (measured
+    mean cosine 0.904 -> 0.954 on 200 sentences; here on 24, asserted only to improve)."""
+    from qcompile.passes import pipeline
+
+    model = frontend.load(minilm)
+    calibration = list(zoo.minilm_feeds(zoo.pydoc_sentences(16, offset=1000)))
+    evaluation = list(zoo.minilm_feeds(zoo.pydoc_sentences(24)))
+
+    def pooled(candidate) -> np.ndarray:  # type: ignore[no-untyped-def]
+        outputs = sensitivity.run_all(candidate, evaluation)
+        return np.concatenate([zoo.mean_pool(o, f["attention_mask"]) for o, f in zip(outputs, evaluation, strict=True)])
+
+    reference = pooled(model)
+    cosines = {}
+    for split in (False, True):
+        options = pipeline.QuantizeOptions(
+            bits="4", split_layers=split, float_threshold=0, weight_rounding="nearest", sensitivity_samples=4
+        )
+        result = pipeline.quantize(model, calibration, options, progress=False)
+        proto = ort_backend.to_proto(result.model)
+        parts = {
+            o for node in proto.graph.node for o in node.output if o.endswith(("_low_out", "_mid_out", "_high_out"))
+        }
+        assert len(parts) == (3 * 36 if split else 0)
+        assert not any(node.op_type == "QuantizeLinear" and node.input[0] in parts for node in proto.graph.node)
+        values = pooled(result.model)
+        cosines[split] = float(
+            ((values * reference).sum(1) / np.linalg.norm(values, axis=1) / np.linalg.norm(reference, axis=1)).mean()
+        )
+    assert cosines[True] > cosines[False] + 0.01, cosines
