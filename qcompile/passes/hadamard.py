@@ -22,8 +22,12 @@ Where the rotation goes:
   hadamard-residual``): with per-tensor static activation scales it costs accuracy (the RMSNorm weight no
   longer damps the stream's outlier channels before quantization; SmolLM2-135M W4A8 perplexity +17.8 %
   against +15.0 % with per-input rotations), though it removes most online transforms.
-  Anything else reading the stream (a LayerNorm, whose mean is not rotation invariant; a BERT-style
-  post-norm block; a graph output) leaves the stream alone, and the reason is recorded;
+  A stream read by LayerNorms instead (pre-LN GPT / OPT style) is first centred, as QuaRot does: the
+  embedding table's rows and every writer's output columns lose their mean, so every stream row has zero
+  mean, each LayerNorm is then an RMSNorm (``x / sqrt(mean(x^2) + eps)``, replacing the node), its scale is
+  folded into the readers' rows and its bias into their outputs (``beta W`` added). Anything else reading
+  the stream (both kinds of norm at once; a BERT-style post-norm block, where the normalized value is the
+  stream; a graph output) leaves the stream alone, and the reason is recorded;
 - the producer of ``x`` is a MatMul / Gemm with constant weight (and bias) read only by rotated consumers:
   ``Q`` is folded into its output columns, ``W_p Q`` and ``b Q``: no runtime cost;
 - otherwise (the input of a down projection after a gated MLP, attention heads going into an output
@@ -221,11 +225,13 @@ def _row_invariant(value: ir.Value | None, stream: ir.Value, depth: int = 0) -> 
 
 @dataclass
 class _Norm:
-    """One RMSNorm reading the residual stream: ``x * r(x)`` (``scaled``), then an optional ``* gamma``."""
+    """One norm reading the residual stream: an RMSNorm's ``x * r(x)`` (``scaled``), then an optional
+    ``* gamma``; or a LayerNormalization node (``scaled``, ``layer_norm`` set)."""
 
     scaled: ir.Node
     gamma: ir.Node | None
     readers: list[tuple[ir.Node, int]]
+    layer_norm: bool = False
 
 
 @dataclass
@@ -287,6 +293,13 @@ def _trace_stream(embedding: ir.Node, size: int) -> tuple[_Stream | None, str]:
                 for use, _ in node.outputs[0].uses()
             ):
                 continue
+            elif node.op_type == "LayerNormalization" and index == 0 and _plain_layer_norm(node, value):
+                readers = _readers(node.outputs[0], channels_last=True)
+                if not readers or any(
+                    _consumer_rows(reader, slot) is None or reader.op_type == "Conv" for reader, slot in readers
+                ):
+                    return None, f"the normalized value '{node.outputs[0].name}' of {name} is read by a non-linear node"
+                stream.norms.append(_Norm(node, None, readers, layer_norm=True))
             elif _per_row(node, index, value):
                 out = node.outputs[0]
                 gamma = None
@@ -303,8 +316,90 @@ def _trace_stream(embedding: ir.Node, size: int) -> tuple[_Stream | None, str]:
             else:
                 return None, f"{name} reads the residual stream '{value.name}'"
     if not stream.norms:
-        return None, "no RMSNorm reads the stream"
+        return None, "no RMSNorm or LayerNorm reads the stream"
+    if len({norm.layer_norm for norm in stream.norms}) > 1:
+        return None, "RMSNorms and LayerNorms both read the stream (centering it would change the RMSNorms)"
     return stream, ""
+
+
+def _plain_layer_norm(node: ir.Node, stream: ir.Value) -> bool:
+    """A LayerNormalization over the last axis with constant scale (and bias), only its first output used."""
+    rank = stream.shape.rank() if stream.shape is not None else 0
+    constants = all(is_constant(value) for value in node.inputs[1:] if value is not None)
+    extra_outputs = any(output.uses() or output.is_graph_output() for output in node.outputs[1:])
+    return _attribute(node, "axis", -1) in (-1, rank - 1) and constants and not extra_outputs
+
+
+def _center_producer(node: ir.Node) -> None:
+    """Subtract each row's mean over the output channels from a linear producer's weight (and its bias'
+    mean): its outputs then have zero mean over the channels."""
+    value = private_weight(node)
+    weight = value.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+    axis = 0 if node.op_type == "Gemm" and _attribute(node, "transB", 0) else -1
+    centred = weight - weight.mean(axis=axis, keepdims=True)
+    value.const_value = ir.tensor(centred.astype(np.float32), name=value.name)  # type: ignore[union-attr]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and bias.const_value is not None:
+        b = bias.const_value.numpy()
+        bias.const_value = ir.tensor((b - b.mean()).astype(b.dtype), name=bias.name)
+
+
+def _add_reader_bias(reader: ir.Node, extra: np.ndarray) -> None:
+    """``reader``'s output gains ``extra`` (a LayerNorm's bias pushed through its weight): into a Gemm's C,
+    else an Add of a constant inserted after it."""
+    graph = reader.graph
+    assert graph is not None
+    if reader.op_type == "Gemm" and len(reader.inputs) > 2 and reader.inputs[2] is not None:
+        bias = reader.inputs[2]
+        if len(bias.uses()) > 1:
+            bias = add_initializer(graph, f"{bias.name}_{reader.name}", bias.const_value.numpy())  # type: ignore[union-attr]
+            reader.replace_input_with(2, bias)
+        current = bias.const_value.numpy()  # type: ignore[union-attr]
+        bias.const_value = ir.tensor((current + extra).astype(current.dtype), name=bias.name)
+        return
+    output = reader.outputs[0]
+    constant = add_initializer(graph, f"{reader.name}_layernorm_bias", extra.astype(np.float32))
+    shifted = ir.Value(name=f"{output.name}_shifted", shape=output.shape, type=output.type)
+    output.replace_all_uses_with(shifted, replace_graph_outputs=True)
+    graph.insert_after(
+        reader, ir.node("Add", [output, constant], outputs=[shifted], name=f"{reader.name}_layernorm_bias")
+    )
+    if shifted.is_graph_output():
+        original = str(output.name)
+        output.name = f"{original}_unshifted"
+        shifted.name = original
+
+
+def _layer_norm_to_rms(node: ir.Node) -> None:
+    """Replace a LayerNormalization of a zero-mean input by its RMSNorm without scale and bias
+    (``x / sqrt(mean(x^2) + eps)``, which equals ``(x - mean) / std`` there); scale and bias were folded
+    into the readers."""
+    graph = node.graph
+    assert graph is not None
+    x = node.inputs[0]
+    assert x is not None
+    epsilon = node.attributes.get("epsilon")
+    eps = epsilon.as_float() if epsilon is not None else 1e-5
+    base = str(node.name)
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list[ir.Value], suffix: str, **attributes: Any) -> ir.Value:
+        out = ir.Value(name=f"{base}_{suffix}")
+        nodes.append(ir.node(op, inputs, attributes=attributes, outputs=[out], name=f"{base}_{suffix}"))
+        return out
+
+    squared = add("Pow", [x, add_initializer(graph, f"{base}_two_c", np.array(2.0, np.float32))], "square")
+    axes = add_initializer(graph, f"{base}_axes_c", np.array([-1], np.int64))
+    mean = add("ReduceMean", [squared, axes], "mean_square", keepdims=1)
+    root = add(
+        "Sqrt", [add("Add", [mean, add_initializer(graph, f"{base}_eps_c", np.array(eps, np.float32))], "eps")], "rms"
+    )
+    normed = add("Div", [x, root], "rmsnorm")
+    normed.shape, normed.type = node.outputs[0].shape, node.outputs[0].type
+    for new in nodes:
+        graph.insert_before(node, new)
+    node.outputs[0].replace_all_uses_with(normed)
+    graph.remove(node, safe=True)
 
 
 def _rotate_table(node: ir.Node, q: np.ndarray) -> None:
@@ -347,6 +442,18 @@ class HadamardRotationPass(ir.passes.InPlacePass):
             self.rotations.append(Rotation(str(output.name), [], size, reason=f"residual stream not rotated: {reason}"))
             return set()
         q = rotation(size, self.seed)
+        layer_norms = stream.norms[0].layer_norm
+        if layer_norms:  # QuaRot: centre the stream, so that each LayerNorm is an RMSNorm (+ folded scale, bias)
+            table_value, graph = embedding.inputs[0], embedding.graph
+            assert table_value is not None and table_value.const_value is not None and graph is not None
+            centred = table_value.const_value.numpy().astype(np.float64)
+            centred -= centred.mean(axis=1, keepdims=True)
+            if len(table_value.uses()) > 1:
+                table_value = add_initializer(graph, f"{table_value.name}_{embedding.name}", centred)
+                embedding.replace_input_with(0, table_value)
+            table_value.const_value = ir.tensor(centred.astype(np.float32), name=table_value.name)
+            for writer in stream.writers:
+                _center_producer(writer)
         _rotate_table(embedding, q)
         for writer in stream.writers:
             private_weight(writer)
@@ -355,11 +462,22 @@ class HadamardRotationPass(ir.passes.InPlacePass):
         for norm in stream.norms:
             gamma_value = _gamma_of(norm.gamma, size) if norm.gamma is not None else None
             gamma = gamma_value.const_value.numpy().reshape(-1) if gamma_value is not None else None  # type: ignore[union-attr]
-            for reader, _ in norm.readers:
+            beta = None
+            if norm.layer_norm:
+                gamma = norm.scaled.inputs[1].const_value.numpy().reshape(-1)  # type: ignore[union-attr]
+                bias = norm.scaled.inputs[2] if len(norm.scaled.inputs) > 2 else None
+                beta = bias.const_value.numpy().reshape(-1) if bias is not None else None  # type: ignore[union-attr]
+            for reader, slot in norm.readers:
+                if beta is not None:
+                    rows = _consumer_rows(reader, slot)
+                    assert rows is not None
+                    _add_reader_bias(reader, beta.astype(np.float64) @ rows.astype(np.float64))
                 if gamma is not None:
                     _scale_consumer(reader, gamma.astype(np.float64))
                 _rotate_consumer(reader, q)
                 rotated.add(id(reader))
+            if norm.layer_norm:
+                _layer_norm_to_rms(norm.scaled)
             if norm.gamma is not None and gamma_value is not None:  # folded: the Mul and its weight go
                 graph = norm.gamma.graph
                 assert graph is not None
@@ -368,9 +486,10 @@ class HadamardRotationPass(ir.passes.InPlacePass):
                 if not gamma_value.uses() and gamma_value.name in graph.initializers:
                     graph.initializers.pop(str(gamma_value.name))
         readers = [str(reader.name) for norm in stream.norms for reader, _ in norm.readers]
+        kind = "LayerNorms turned RMSNorms (stream centred; scale and bias" if layer_norms else "RMSNorms (gamma"
         where = (
             f"residual stream: embedding '{embedding.name}', {len(stream.writers)} residual writers, "
-            f"{len(stream.norms)} RMSNorms (gamma folded into their readers)"
+            f"{len(stream.norms)} {kind} folded into their readers)"
         )
         self.rotations.append(Rotation(str(output.name), readers, size, factors(size)[2], folded_into=where))
         return rotated

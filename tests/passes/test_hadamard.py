@@ -117,7 +117,9 @@ def test_option_is_validated() -> None:
         QuantizeOptions(rotate="givens")
 
 
-def _tiny_decoder(extra_reader: str | None = None) -> tuple[ir.Model, list[dict[str, np.ndarray]]]:
+def _tiny_decoder(
+    extra_reader: str | None = None, layer_norm: bool = False
+) -> tuple[ir.Model, list[dict[str, np.ndarray]]]:
     """A pre-norm decoder at opset 18 as exporters write it: embedding Gather, RMSNorm (Pow / ReduceMean /
     Add / Sqrt / Reciprocal / Mul, then * gamma) feeding two projections, a residual Add written by a linear
     layer, a final RMSNorm and a head. ``extra_reader``: an op that also reads the stream (a refusal case)."""
@@ -140,11 +142,14 @@ def _tiny_decoder(extra_reader: str | None = None) -> tuple[ir.Model, list[dict[
         return out
 
     def rmsnorm(x: ir.Value, name: str) -> ir.Value:
+        gamma = rng.uniform(0.5, 2.0, width) * np.where(np.arange(width) % 12 == 0, 10.0, 1.0)
+        if layer_norm:  # a LayerNormalization instead (pre-LN GPT / OPT style)
+            beta = constant(f"{name}_beta", rng.normal(0, 0.5, width))
+            return op("LayerNormalization", [x, constant(f"{name}_gamma", gamma), beta], f"{name}_out")
         squared = op("Pow", [x, constant(f"{name}_two", np.array(2.0))], f"{name}_sq")
         mean = op("ReduceMean", [squared, constant(f"{name}_axes", np.array([-1], np.int64))], f"{name}_ms")
         root = op("Sqrt", [op("Add", [mean, constant(f"{name}_eps", np.array(1e-6))], f"{name}_eps_add")], f"{name}_rt")
         scaled = op("Mul", [x, op("Reciprocal", [root], f"{name}_inv")], f"{name}_scaled")
-        gamma = rng.uniform(0.5, 2.0, width) * np.where(np.arange(width) % 12 == 0, 10.0, 1.0)
         return op("Mul", [constant(f"{name}_gamma", gamma), scaled], f"{name}_out")
 
     table = constant("table", rng.standard_normal((vocab, width)))
@@ -192,3 +197,17 @@ def test_residual_stream_read_by_another_op_stays_online_with_a_reason() -> None
     refused = [item.reason for item in rotator.rotations if item.reason and "residual stream" in item.reason]
     assert refused == ["residual stream not rotated: 'node_extra' (Sigmoid) reads the residual stream 'residual'"]
     assert all(not item.folded_into or "residual" not in item.folded_into for item in rotator.rotations)
+
+
+def test_layer_norm_stream_is_centred_and_rotated_as_rmsnorm() -> None:
+    """QuaRot's LayerNorm conversion: the embedding and the writers are centred (every stream row then has
+    zero mean), each LayerNorm becomes an RMSNorm with its scale folded into the readers' rows and its bias
+    into their outputs, and the stream is rotated offline as with RMSNorms."""
+    model, feeds = _tiny_decoder(layer_norm=True)
+    rotator, worst = _rotate(model, feeds, residual=True)
+    assert worst < TOLERANCE
+    (stream,) = [item for item in rotator.rotations if item.folded_into and "residual stream" in item.folded_into]
+    assert "2 LayerNorms turned RMSNorms" in str(stream.folded_into)
+    assert not any(node.op_type == "LayerNormalization" for node in model.graph)
+    online = {str(node.name).split("_hadamard")[0] for node in model.graph if "_hadamard" in str(node.name)}
+    assert online == {"hidden"}
