@@ -7,7 +7,8 @@ they do to low-bit accuracy on SmolLM2-135M.
    (all 30 layers); the largest output difference relative to the largest output magnitude.
 2. Perplexity of SmolLM2-135M-Instruct on the first 2048 tokens of ``pydoc_data.topics`` (4 windows of 512
    tokens, fp32 about 15.3), calibrated on 8 other windows (tokens 4096..8191), for W8A8, W4A8 (int4
-   per-channel weights; g32: one scale per 32 inputs) and W4A4 (uint4 activations), with no rewrite, each
+   per-channel weights; g32: one scale per 32 inputs; head8: the LM head int8, quantized a second time
+   from the same calibration) and W4A4 (uint4 activations), with no rewrite, each
    pass, and combinations ('all' = SmoothQuant auto + Hadamard + split; 'rotres' = Hadamard with the residual
    stream rotated offline, --rotate hadamard-residual). GPTQ weights (the default). Every
    layer is quantized (``float_threshold=0``: the per-layer float fallback would measure 211 layers).
@@ -58,6 +59,8 @@ REWRITES: dict[str, dict[str, Any]] = {
 WIDTHS: dict[str, dict[str, Any]] = {
     "w8a8": {},
     "w4a8": {"bits": "4"},
+    # int4 decoder layers, int8 LM head (QuaRot and GPTQ report with the head in higher precision).
+    "w4a8-head8": {"bits": "4"},
     "w4g32a8": {"bits": "4", "weight_block": 32},
     "w4a4": {"bits": "4", "activation_bits": 4},
     "w4g32a4": {"bits": "4", "weight_block": 32, "activation_bits": 4},
@@ -138,8 +141,12 @@ def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str]) -> li
         )
         start = time.perf_counter()
         result = pipeline.quantize(source, calibration, options, progress=False)
+        model = result.model
+        if width.endswith("-head8") and result.variant is not None:
+            head = [record.name for record in result.layers if record.weight_bits is not None][-1]
+            model = result.variant({record.name: "int8" if record.name == head else "int4" for record in result.layers})
         seconds = time.perf_counter() - start
-        value = zoo.perplexity(sensitivity.run_all(result.model, evaluation), evaluation)
+        value = zoo.perplexity(sensitivity.run_all(model, evaluation), evaluation)
         change = 100 * (value / fp32 - 1)
         lines.append(f"| {width.upper()} | {rewrites} | {value:.3f} | {change:+.1f} % | {seconds:.0f} |")
         print(lines[-1], flush=True)

@@ -127,7 +127,7 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "producer where possible, else an online transform in standard ONNX ops; exact in float. "
         "hadamard-residual also rotates a pre-norm transformer's residual stream offline (embedding, residual "
         "writers, RMSNorm readers with the norm weights folded in): fewer online transforms, less accurate "
-        "with static activation scales (default: the target's recipe)",
+        "with static activation scales at 4-bit weights (default: the target's recipe)",
     )
     parser.add_argument(
         "--split-layers",

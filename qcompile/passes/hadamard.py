@@ -19,9 +19,10 @@ Where the rotation goes:
   RMSNorm reader's rows (``Q^T diag(gamma) W``). RMSNorm commutes with ``Q`` once gamma is folded out,
   since ``r(x)`` depends only on the row's mean square; the Mul by gamma is removed. No runtime cost; Q, K,
   V, gate, up and the LM head read rotated inputs. Only with ``residual=True`` (``--rotate
-  hadamard-residual``): with per-tensor static activation scales it costs accuracy (the RMSNorm weight no
-  longer damps the stream's outlier channels before quantization; SmolLM2-135M W4A8 perplexity +17.8 %
-  against +15.0 % with per-input rotations), though it removes most online transforms.
+  hadamard-residual``): with per-tensor static activation scales it costs accuracy at 4-bit weights (the
+  RMSNorm weight no longer damps the stream's outlier channels before quantization; SmolLM2-135M W4A8 with
+  SmoothQuant: perplexity +17.8 % against +15.8 % with per-input rotations; W8A8 +2.5 % against +2.7 %),
+  though it halves the online transforms.
   A stream read by LayerNorms instead (pre-LN GPT / OPT style) is first centred, as QuaRot does: the
   embedding table's rows and every writer's output columns lose their mean, so every stream row has zero
   mean, each LayerNorm is then an RMSNorm (``x / sqrt(mean(x^2) + eps)``, replacing the node), its scale is

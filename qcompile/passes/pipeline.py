@@ -71,8 +71,8 @@ class QuantizeOptions:
             matrices, folded into a linear producer where one can take it, else as an online transform (exact in
             float). 'hadamard-residual' first rotates a pre-norm transformer's whole residual stream offline
             (QuaRot): fewer online transforms, but the activations after each RMSNorm lose its weight's
-            damping of outlier channels, which per-tensor static activation scales pay for (SmolLM2-135M
-            W8A8 with SmoothQuant: +2.5 % perplexity vs +2.2 %; W4A8: +17.8 % vs +15.0 %).
+            damping of outlier channels, which per-tensor static activation scales pay for at 4 bits
+            (SmolLM2-135M with SmoothQuant, perplexity: W8A8 +2.5 % vs +2.7 %; W4A8 +17.8 % vs +15.8 %).
         split_layers: split every Conv / Gemm / MatMul into three layers holding the low, middle and high
             k-means clusters of its weights, summed after (SplitQuant; exact in float, 3x the layer's MACs).
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
