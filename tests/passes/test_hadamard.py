@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import zoo
+from graph_helpers import constant
 
 from qcompile import frontend
 from qcompile.backends import ort as ort_backend
@@ -125,13 +126,6 @@ def _tiny_decoder(
     layer, a final RMSNorm and a head. ``extra_reader``: an op that also reads the stream (a refusal case)."""
     rng = np.random.default_rng(1)
     width, vocab = 48, 40
-
-    def constant(name: str, array: np.ndarray) -> ir.Value:
-        array = np.asarray(array, np.int64 if array.dtype.kind == "i" else np.float32)
-        return ir.Value(
-            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
-        )  # fmt: skip
 
     ids = ir.Value(name="ids", shape=ir.Shape([1, 6]), type=ir.TensorType(ir.DataType.INT64))
     nodes = []

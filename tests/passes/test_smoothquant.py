@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import zoo
+from graph_helpers import constant
 
 from qcompile import frontend
 from qcompile.backends import ort as ort_backend
@@ -112,13 +113,6 @@ def test_llama_style_block_folds_into_rmsnorm_weight_and_up_projection() -> None
 
     rng = np.random.default_rng(0)
     width = 64
-
-    def constant(name: str, array: np.ndarray) -> ir.Value:
-        array = np.asarray(array, np.int64 if array.dtype.kind == "i" else np.float32)
-        return ir.Value(
-            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
-        )  # fmt: skip
 
     x = ir.Value(name="x", shape=ir.Shape([1, 8, width]), type=ir.TensorType(ir.DataType.FLOAT))
     nodes, values = [], {}
