@@ -293,6 +293,9 @@ def quantize(
         hessians = None  # collected for the sensitivity proxy only
     uniform = {"4": "int4", "2": "int2"}.get(options.bits, "int8")
     weight_formats = {name: uniform for name in names}
+    for record in records.values():  # what every layer gets unless the search or the fallback decides
+        record.weight_format, record.weight_bits = uniform, WEIGHT_FORMATS[uniform].bits
+        record.activation_bits = options.activation_bits
     float_layers: set[str] = set()
     searched: SearchResult | None = None
     if options.bits == "auto" and layers:

@@ -144,3 +144,25 @@ def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: b
         np.testing.assert_array_equal(
             scales[:, block], per_channel.weight_scales(rows[:, 32 * block : 32 * (block + 1)])
         )
+
+
+def test_two_bit_weights_are_codes_minus_one_zero_one(tmp_path: Path) -> None:
+    """``--bits 2``: every weight is stored as int8 codes in {-1, 0, 1} with a per-channel scale, and the
+    quantized model still follows the float one's sign pattern (a coarse format: only a sanity bound)."""
+    from qcompile.passes import pipeline
+
+    model = residual_model(tmp_path)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    options = pipeline.QuantizeOptions(bits="2", float_threshold=0, weight_rounding="nearest", sensitivity_samples=4)
+    result = pipeline.quantize(model, feeds, options, progress=False)
+    assert [record.weight_bits for record in result.layers] == [2, 2]
+    codes = [
+        value.const_value.numpy()
+        for value in result.model.graph.initializers.values()
+        if str(value.name).endswith(("w1_quantized", "w2_quantized"))
+    ]
+    assert len(codes) == 2 and all(set(np.unique(c)) <= {-1, 0, 1} for c in codes)
+    assert result.error["mean_cosine"] > 0.5
+    with pytest.raises(Exception, match="not 8, 4, 2 or auto"):
+        pipeline.QuantizeOptions(bits="3")
