@@ -6,9 +6,9 @@ they do to low-bit accuracy on SmolLM2-135M.
 1. Exactness: each pass alone on the fp32 EfficientNet-Lite0, all-MiniLM-L6-v2 and SmolLM2-135M-Instruct
    (all 30 layers); the largest output difference relative to the largest output magnitude.
 2. Perplexity of SmolLM2-135M-Instruct on the first 2048 tokens of ``pydoc_data.topics`` (4 windows of 512
-   tokens, fp32 about 15.3), calibrated on 8 other windows (tokens 4096..8191), for W8A8, W4A8 (int4
-   per-channel weights; g32: one scale per 32 inputs; head8: the LM head int8, quantized a second time
-   from the same calibration) and W4A4 (uint4 activations), with no rewrite, each
+   tokens, fp32 about 15.3), calibrated on 8 other windows (tokens 4096..8191; --calibration-windows N for
+   more), for W8A8, W4A8 (int4 per-channel weights; g32: one scale per 32 inputs; head8: the LM head int8,
+   quantized a second time from the same calibration) and W4A4 (uint4 activations), with no rewrite, each
    pass, and combinations ('all' = SmoothQuant auto + Hadamard + split; 'rotres' = Hadamard with the residual
    stream rotated offline, --rotate hadamard-residual). GPTQ weights (the default). Every
    layer is quantized (``float_threshold=0``: the per-layer float fallback would measure 211 layers).
@@ -50,6 +50,9 @@ REWRITES: dict[str, dict[str, Any]] = {
     "sq": {"smoothquant": "auto"},
     "rot": {"rotate": "hadamard"},
     "split": {"split_layers": True},
+    # Round-to-nearest weights: GPTQ's Hessians for the 633 split layers of the full SmolLM2 exceed 24 GB here.
+    "split-rtn": {"split_layers": True, "weight_rounding": "nearest"},
+    "none-rtn": {"weight_rounding": "nearest"},
     "rot+sq": {"rotate": "hadamard", "smoothquant": "auto"},
     "rotres": {"rotate": "hadamard-residual"},
     "rotres+sq": {"rotate": "hadamard-residual", "smoothquant": "auto"},
@@ -122,9 +125,9 @@ def exactness(models: dict[str, tuple[Path, list[dict[str, np.ndarray]]]]) -> li
     return lines
 
 
-def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str]) -> list[str]:
+def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windows: int = 8) -> list[str]:
     evaluation = zoo.token_windows(zoo.pydoc_tokens(tokenizer, 2048), seq)
-    calibration = zoo.token_windows(zoo.pydoc_tokens(tokenizer, 8 * seq, offset=4096), seq)
+    calibration = zoo.token_windows(zoo.pydoc_tokens(tokenizer, windows * seq, offset=4096), seq)
     source = frontend.load(path)
     fp32 = zoo.perplexity(sensitivity.run_all(source, evaluation), evaluation)
     lines = [
@@ -159,6 +162,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated WIDTH+REWRITES entries")
     parser.add_argument("--skip-exactness", action="store_true", help="only the perplexity table")
+    parser.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=8,
+        help="calibration windows of --seq tokens, from token 4096 on (default 8; GPTQ's int4 Hessians gain from more)",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_outliers_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -185,7 +194,7 @@ def main() -> None:
             }
         )
         report.append("")
-    report += perplexities(smollm2, tokenizer, args.seq, configs)
+    report += perplexities(smollm2, tokenizer, args.seq, configs, args.calibration_windows)
     print("\n".join(report))
 
 
