@@ -53,6 +53,8 @@ REWRITES: dict[str, dict[str, Any]] = {
     # Round-to-nearest weights: GPTQ's Hessians for the 633 split layers of the full SmolLM2 exceed 24 GB here.
     "split-rtn": {"split_layers": True, "weight_rounding": "nearest"},
     "none-rtn": {"weight_rounding": "nearest"},
+    "rot+sq-rtn": {"rotate": "hadamard", "smoothquant": "auto", "weight_rounding": "nearest"},
+    "all-rtn": {"rotate": "hadamard", "smoothquant": "auto", "split_layers": True, "weight_rounding": "nearest"},
     "rot+sq": {"rotate": "hadamard", "smoothquant": "auto"},
     "rotres": {"rotate": "hadamard-residual"},
     "rotres+sq": {"rotate": "hadamard-residual", "smoothquant": "auto"},
