@@ -351,10 +351,7 @@ def _add_reader_bias(reader: ir.Node, extra: np.ndarray) -> None:
     graph = reader.graph
     assert graph is not None
     if reader.op_type == "Gemm" and len(reader.inputs) > 2 and reader.inputs[2] is not None:
-        bias = reader.inputs[2]
-        if len(bias.uses()) > 1:
-            bias = add_initializer(graph, f"{bias.name}_{reader.name}", bias.const_value.numpy())  # type: ignore[union-attr]
-            reader.replace_input_with(2, bias)
+        bias = private_weight(reader, 2)
         current = bias.const_value.numpy()  # type: ignore[union-attr]
         bias.const_value = ir.tensor((current + extra).astype(current.dtype), name=bias.name)
         return
@@ -405,14 +402,8 @@ def _layer_norm_to_rms(node: ir.Node) -> None:
 
 def _rotate_table(node: ir.Node, q: np.ndarray) -> None:
     """``Gather(table, ids)`` returns rows of ``table @ q``."""
-    value = node.inputs[0]
-    assert value is not None and value.const_value is not None
-    table = value.const_value.numpy()
-    if len(value.uses()) > 1:
-        graph = node.graph
-        assert graph is not None
-        value = add_initializer(graph, f"{value.name}_{node.name}", table)
-        node.replace_input_with(0, value)
+    value = private_weight(node, 0)
+    table = value.const_value.numpy()  # type: ignore[union-attr]
     new = (table.astype(np.float64) @ q).astype(table.dtype)
     value.const_value = ir.tensor(new, name=value.name)
 
@@ -445,19 +436,14 @@ class HadamardRotationPass(ir.passes.InPlacePass):
         q = rotation(size, self.seed)
         layer_norms = stream.norms[0].layer_norm
         if layer_norms:  # QuaRot: centre the stream, so that each LayerNorm is an RMSNorm (+ folded scale, bias)
-            table_value, graph = embedding.inputs[0], embedding.graph
-            assert table_value is not None and table_value.const_value is not None and graph is not None
-            centred = table_value.const_value.numpy().astype(np.float64)
+            table_value = private_weight(embedding, 0)
+            centred = table_value.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
             centred -= centred.mean(axis=1, keepdims=True)
-            if len(table_value.uses()) > 1:
-                table_value = add_initializer(graph, f"{table_value.name}_{embedding.name}", centred)
-                embedding.replace_input_with(0, table_value)
             table_value.const_value = ir.tensor(centred.astype(np.float32), name=table_value.name)
             for writer in stream.writers:
                 _center_producer(writer)
         _rotate_table(embedding, q)
-        for writer in stream.writers:
-            private_weight(writer)
+        for writer in stream.writers:  # their weights are single-use (_linear_producer)
             _fold_into_producer(writer, q)
         rotated: set[int] = set()
         for norm in stream.norms:
