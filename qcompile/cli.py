@@ -146,7 +146,20 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "residual streams (exact in float; ALPHA defaults to 0.5; off unless given)",
     )
     parser.add_argument(
-        "--no-bias-correction", action="store_true", help="do not fold the expected weight-rounding error into biases"
+        "--bias-correction",
+        choices=("sequential", "expected", "none"),
+        default="sequential",
+        help="sequential (default): fold the expected weight-rounding shift into the biases, then refit each "
+        "Conv/Gemm bias in graph order so that its output mean in the quantized model equals the float "
+        "model's (one onnxruntime session per layer; covers activation clipping too); expected: the first "
+        "step only; none: leave biases alone",
+    )
+    parser.add_argument(
+        "--bias-samples",
+        type=int,
+        default=32,
+        metavar="N",
+        help="calibration samples kept for the sequential bias refit (default 32)",
     )
     parser.add_argument(
         "--float-threshold",
@@ -409,7 +422,8 @@ def _command_compile(args: argparse.Namespace) -> int:
     rotate = recipe["rotate"] if args.rotate is None else args.rotate
     options = QuantizeOptions(
         calibration=args.calibration_method,
-        bias_correction=not args.no_bias_correction,
+        bias_correction=args.bias_correction,
+        bias_samples=args.bias_samples,
         weight_rounding=args.weight_rounding,
         smoothquant=None if smoothquant == "off" else smoothquant,
         split_layers=bool(recipe["split_layers"] if args.split_layers is None else args.split_layers),

@@ -264,7 +264,7 @@ def sweep_options() -> Any:
 
     return pipeline.QuantizeOptions(
         calibration="minmax",
-        bias_correction=False,
+        bias_correction="none",
         weight_rounding="nearest",
         float_threshold=0.0,
         sensitivity_samples=1,

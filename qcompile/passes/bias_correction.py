@@ -9,16 +9,30 @@ most.
 
 After this pass, every annotated Conv / Gemm / MatMul weight with a known input mean has a bias that
 absorbs the expected rounding shift (a zero bias is added where the layer had none).
+
+That correction sees the layer's own weights only. Quantizing activations moves means too: clipping to the
+calibrated range is biased, and the rounding noise passed through a ReLU6 raises its mean. :func:`refit_biases`
+then works on the finished QDQ model, one layer at a time in graph order: it measures each Conv / Gemm
+output's per-channel mean in the quantized model (whose earlier layers are refitted already) and moves the
+bias so that the mean equals the float model's on the same samples (empirical bias correction). Done for
+all layers at once instead, each layer cancels again the shifts its predecessors cancel themselves: on
+EfficientNet-Lite0 (top-1 agreement with fp32, six evaluation sets of 240 crops) a simultaneous refit of
+weights and biases fell from 94.0 % to 84.7 %, while the refit one layer at a time rises to 95.1 %.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from tqdm import tqdm
 
+from qcompile.backends import ort as ort_backend
+from qcompile.calibration import Feed
 from qcompile.passes.annotate import layer_name, require_annotated
 from qcompile.passes.gptq import ORIGINAL_KEY, SCALES_KEY
 from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
@@ -100,3 +114,80 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
         else:
             node.resize_inputs(3)
             node.replace_input_with(2, value)
+
+
+INT32_LIMIT = 2**31 - 1
+
+
+def _bias_writer(node: ir.Node) -> tuple[np.ndarray, Callable[[np.ndarray], None]] | None:
+    """The float bias of a quantized Conv / Gemm (int32 codes behind a DequantizeLinear, or a float
+    constant) and a function that replaces it; None when the bias is missing or shared."""
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        return None
+    producer = bias.producer()
+    if producer is None:
+        if bias.const_value is None or len(bias.uses()) != 1:
+            return None
+        constant = bias
+
+        def write_float(values: np.ndarray) -> None:
+            constant.const_value = ir.tensor(values.astype(np.float32), name=constant.name)
+
+        return bias.const_value.numpy().astype(np.float64), write_float
+    codes, scale = producer.inputs[0], producer.inputs[1] if len(producer.inputs) > 1 else None
+    if producer.op_type != "DequantizeLinear" or codes is None or scale is None:
+        return None
+    if codes.const_value is None or scale.const_value is None or len(codes.uses()) != 1 or len(bias.uses()) != 1:
+        return None
+    current = codes.const_value.numpy().astype(np.float64)
+    step = np.broadcast_to(scale.const_value.numpy().astype(np.float64), current.shape)
+    stored = codes
+
+    def write_codes(values: np.ndarray) -> None:
+        integers = np.clip(np.rint(values / step), -INT32_LIMIT, INT32_LIMIT).astype(np.int32)
+        stored.const_value = ir.tensor(integers, name=stored.name)
+
+    return current * step, write_codes
+
+
+def _channel_means(session: Any, names: list[str], feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
+    """Mean over batch and space of each output ``names`` (channels on axis 1) over ``feeds``."""
+    sums: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, array in zip(names, session.run(names, feed), strict=True):
+            axes = tuple(axis for axis in range(array.ndim) if axis != 1)
+            sums[name] = sums.get(name, 0.0) + np.asarray(array).mean(axis=axes, dtype=np.float64)
+    return {name: total / len(feeds) for name, total in sums.items()}
+
+
+def refit_biases(reference: ir.Model, quantized: ir.Model, feeds: Sequence[Feed], progress: bool = False) -> int:
+    """Refit, in graph order, the bias of every quantized Conv / Gemm of ``quantized`` (a QDQ model of
+    ``reference``) so that its per-channel output mean over ``feeds`` equals ``reference``'s; returns the
+    number of layers refitted. ``quantized`` is changed in place (only bias values)."""
+    produced = {str(value.name) for node in reference.graph for value in node.outputs}
+    layers = []
+    for node in quantized.graph:
+        weight = node.inputs[1] if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 1 else None
+        producer = weight.producer() if weight is not None else None
+        while producer is not None and producer.op_type in ("Reshape", "Transpose") and producer.inputs[0] is not None:
+            producer = producer.inputs[0].producer()  # block-quantized weights are reshaped after dequantizing
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue  # a float layer: no rounding to cancel
+        writer = _bias_writer(node)
+        if writer is not None and str(node.outputs[0].name) in produced and node.outputs[0].shape is not None:
+            layers.append((node, writer))
+    if not layers or not feeds:
+        return 0
+    names = [str(node.outputs[0].name) for node, _ in layers]
+    targets = _channel_means(ort_backend.session(reference, extra_outputs=names), names, feeds)
+    show = progress and sys.stderr.isatty()
+    refitted = 0
+    for node, (bias, write) in tqdm(layers, desc="refitting biases", unit="layer", disable=not show, file=sys.stderr):
+        name = str(node.outputs[0].name)
+        measured = _channel_means(ort_backend.session(quantized, extra_outputs=[name]), [name], feeds)[name]
+        if measured.shape == bias.shape:
+            write(bias - (measured - targets[name]))
+            refitted += 1
+    logger.info("refitted the biases of %d layers one at a time", refitted)
+    return refitted

@@ -20,7 +20,7 @@ from qcompile.calibration import Feed
 from qcompile.errors import BudgetError, CalibrationError
 from qcompile.hwmodels import Target
 from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points, quantizable_layers
-from qcompile.passes.bias_correction import BiasCorrectionPass
+from qcompile.passes.bias_correction import BiasCorrectionPass, refit_biases
 from qcompile.passes.equalize import ResidualEqualizationPass
 from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.hadamard import HadamardRotationPass, Rotation
@@ -34,6 +34,8 @@ from qcompile.search.allocate import CANDIDATES
 from qcompile.search.bits import SearchResult
 from qcompile.search.bits import search as search_bits
 
+BIAS_CORRECTIONS = ("sequential", "expected", "none")
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,7 +45,10 @@ class QuantizeOptions:
 
     Attributes:
         calibration: activation range method: 'minmax', 'percentile' (99.99) or 'mse'.
-        bias_correction: fold the expected weight-rounding shift into biases.
+        bias_correction: 'sequential' (fold the expected weight-rounding shift into biases, then refit each
+            Conv / Gemm bias in graph order so that its output mean in the quantized model matches the float
+            model's on the first ``bias_samples`` samples: one quantized-model session per layer),
+            'expected' (the first step only) or 'none'.
         equalize: fold SmoothQuant-style per-channel scales into the writers and readers of residual streams
             (off by default: on EfficientNet-Lite0 it raised the held-out output error from 2.4e-3 to
             3.3e-3 at alpha 0.5 and 2.6e-3 at alpha 0.9).
@@ -53,6 +58,8 @@ class QuantizeOptions:
             squared error stays float (0 disables the fallback: every layer is quantized).
         max_calibration_samples: stop calibrating after this many samples (None: use them all).
         sensitivity_samples: calibration samples kept in memory to measure layer sensitivity and error.
+        bias_samples: calibration samples kept in memory for the sequential bias refit (measured on
+            EfficientNet-Lite0: 16 samples gave 94.5 % top-1 agreement over six evaluation sets, 32 gave 95.1 %).
         bits: '8' (int8 weights), '4' (int4 weights), '2' (2-bit weights {-1, 0, 1} x an MSE-fitted scale per
             channel: for accuracy studies such as SplitQuant's INT2) or 'auto': per-layer formats (fp32, int8, int4 or
             ternary weights, int8 activations) chosen by the search under the budgets below.
@@ -85,13 +92,14 @@ class QuantizeOptions:
     """
 
     calibration: str = "mse"
-    bias_correction: bool = True
+    bias_correction: str = "sequential"
     equalize: bool = False
     equalize_alpha: float = 0.5
     weight_rounding: str = "gptq"
     float_threshold: float = 1e-3
     max_calibration_samples: int | None = None
     sensitivity_samples: int = 16
+    bias_samples: int = 32
     bits: str = "8"
     activation_bits: int = 8
     weight_block: int | None = None
@@ -121,6 +129,10 @@ class QuantizeOptions:
             raise BudgetError("budgets must be positive")
         if self.calibration not in ("minmax", "percentile", "mse"):
             raise CalibrationError(f"calibration method '{self.calibration}' is not minmax, percentile or mse")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise CalibrationError(
+                f"bias correction '{self.bias_correction}' is not one of {', '.join(BIAS_CORRECTIONS)}"
+            )
         if self.weight_rounding not in ("nearest", "gptq"):
             raise CalibrationError(f"weight rounding '{self.weight_rounding}' is not nearest or gptq")
         if self.float_threshold < 0:
@@ -135,6 +147,8 @@ class QuantizeOptions:
             raise CalibrationError(f"rotation '{self.rotate}' is not hadamard or hadamard-residual")
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
+        if self.bias_samples < 1:
+            raise CalibrationError(f"bias_samples must be at least 1, got {self.bias_samples}")
         if self.sensitivity_samples < 1:
             raise CalibrationError("sensitivity samples must be >= 1")
         if self.ternary_scales not in ("channel", "tensor"):
@@ -200,7 +214,7 @@ def _quantize_copy(
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
         GPTQPass(hessians)(copy)
-    if options.bias_correction:
+    if options.bias_correction != "none":
         BiasCorrectionPass(stats.channel_mean)(copy)
     QDQPass()(copy)
     return copy
@@ -242,7 +256,9 @@ def quantize(
     checked = calibration.checked(feeds, calibration.input_specs(model))
     # The first samples stay in memory (a bounded number): they choose equalization scales, measure
     # sensitivity and feed GPTQ; the stream then goes on through calibration once, without being held.
-    kept = list(itertools.islice(checked, options.sensitivity_samples))
+    refit_count = options.bias_samples if options.bias_correction == "sequential" else 0
+    held = list(itertools.islice(checked, max(options.sensitivity_samples, refit_count)))
+    kept = held[: options.sensitivity_samples]
     smoothed: list[Decision] = []
     if options.smoothquant is not None:
         absmax, rows = producer_statistics(model, kept)
@@ -271,7 +287,7 @@ def quantize(
     # GPTQ's Hessians accumulate over the whole calibration stream, in the same single pass over it.
     needs_hessians = options.weight_rounding == "gptq" or (options.bits == "auto" and options.sensitivity == "hessian")
     hessian_collector = HessianCollector(model, layers) if needs_hessians else None
-    stream: Iterable[Feed] = itertools.chain(kept, checked)
+    stream: Iterable[Feed] = itertools.chain(held, checked)
     stats = calibration.collect(
         model,
         hessian_collector.tap(stream) if hessian_collector else stream,
@@ -358,6 +374,7 @@ def quantize(
         records[name].weight_format = "fp32"
         records[name].float_reason = records[name].float_reason or "kept float by the caller"
     quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians, weight_formats)
+    refitted = refit_biases(model, quantized, held[:refit_count], progress) if refit_count else 0
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
     passes: list[dict[str, Any]] = [
@@ -409,7 +426,11 @@ def quantize(
             "hessian_samples": hessian_collector.samples if hessian_collector else 0,
             "damping": 0.01,
         },
-        *([{"name": "bias_correction"}] if options.bias_correction else []),
+        *(
+            [{"name": "bias_correction", "method": options.bias_correction, "refitted_layers": refitted}]
+            if options.bias_correction != "none"
+            else []
+        ),
         {"name": "qdq", "bias": "int32, scale = input scale x weight scale"},
     ]
     if searched is not None:

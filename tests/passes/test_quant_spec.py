@@ -36,7 +36,7 @@ def test_activation_params_keep_zero_exact() -> None:
     assert codes[1] == 0 and codes[2] == 255
 
 
-def test_block_and_activation_width_options_are_validated() -> None:
+def test_quantize_options_are_validated() -> None:
     from qcompile.errors import CalibrationError
     from qcompile.passes.pipeline import QuantizeOptions
 
@@ -48,6 +48,10 @@ def test_block_and_activation_width_options_are_validated() -> None:
         QuantizeOptions(activation_bits=6)
     with pytest.raises(CalibrationError, match="int8 activations only"):
         QuantizeOptions(activation_bits=4, bits="auto", size_budget_mb=1.0)
+    with pytest.raises(CalibrationError, match="bias correction 'empirical' is not one of sequential, expected, none"):
+        QuantizeOptions(bias_correction="empirical")
+    with pytest.raises(CalibrationError, match="bias_samples must be at least 1"):
+        QuantizeOptions(bias_samples=0)
     with pytest.raises(ValueError, match="block_size needs an axis"):
         QuantSpec(bits=4, block_size=32)
     assert QuantizeOptions(bits="4", weight_block=32, activation_bits=4).weight_block == 32
