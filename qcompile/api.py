@@ -407,13 +407,18 @@ def _measure(
         name for name in ("onnxruntime", "tvm", "integer") if name in executor_names and reference.runnable_here(name)
     ]
     sessions.update({name: reference.with_executor(name) for name in native})
-    latencies = {}
+    # onnxruntime executors are timed in interleaved rounds (tiny models differ by microseconds, and whichever
+    # ran first would pay for the warm-up); an unscheduled TVM build can take a second per run: a few runs
+    # tell that it is not the default.
+    fast = {
+        name: functools.partial(session.run, sample)
+        for name, session in sessions.items()
+        if name.startswith("onnxruntime")
+    }
+    latencies = {name: timed.as_dict() for name, timed in bench.compare(fast).items()}
     for name, session in sessions.items():
-        # An unscheduled TVM build can take a second per run: a few runs tell that it is not the default.
-        fast = session.executor.startswith("onnxruntime")
-        latencies[name] = bench.measure(
-            functools.partial(session.run, sample), runs=50 if fast else 3, warmup=5 if fast else 1
-        ).as_dict()
+        if name not in fast:
+            latencies[name] = bench.measure(functools.partial(session.run, sample), runs=3, warmup=1).as_dict()
     quantized = [name for name in ("onnxruntime", "tvm") if name in latencies]
     fastest = min(quantized, key=lambda name: latencies[name]["median_ms"])
     default: str = fastest

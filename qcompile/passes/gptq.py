@@ -91,9 +91,23 @@ def _supported(node: ir.Node) -> bool:
     return node.op_type == "Gemm" and not (trans_a is not None and trans_a.as_int())
 
 
+def _input_key(node: ir.Node) -> tuple[str, ...]:
+    """Layers with equal keys see the same rows (same input; for a Conv, the same windows), so they share
+    one Hessian: Q, K and V, a gate and an up projection, the parts of a split layer."""
+    key = (str(node.inputs[0].name),)  # type: ignore[union-attr]
+    if node.op_type != "Conv":
+        return key
+    shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
+    attributes = [tuple(shape.numpy()[2:4])] + [
+        _ints(node, name, default) for name, default in (("strides", [1, 1]), ("dilations", [1, 1]), ("pads", [0] * 4))
+    ]
+    group = node.attributes.get("group")
+    return (*key, repr(attributes), str(group.as_int() if group is not None else 1), str(shape.numpy()[1]))
+
+
 class HessianCollector:
     """Accumulates the input second moments of each Conv (2-D) / Gemm / MatMul layer of ``layers`` (see
-    :func:`_supported`) on the float model.
+    :func:`_supported`) on the float model; layers that read the same rows share one (see :func:`_input_key`).
 
     Samples are observed one at a time (:meth:`tap` wraps a calibration stream), so memory stays bounded by
     the Hessians themselves whatever the number of samples.
@@ -101,28 +115,33 @@ class HessianCollector:
 
     def __init__(self, model: ir.Model, layers: list[ir.Node]) -> None:
         self.targets = {layer_name(node): node for node in layers if _supported(node)}
+        self.keys = {name: _input_key(node) for name, node in self.targets.items()}
+        self.readers = {key: self.targets[name] for name, key in self.keys.items()}  # one layer per key
         self.names = sorted({str(node.inputs[0].name) for node in self.targets.values()})  # type: ignore[union-attr]
         self.session = ort_backend.session(model, extra_outputs=self.names) if self.targets else None
-        self.hessians: dict[str, Hessian] = {}
+        self.shared: dict[tuple[str, ...], Hessian] = {}
         self.samples = 0
+
+    @property
+    def hessians(self) -> dict[str, Hessian]:
+        """Each layer's Hessian (shared objects: read them, never change them in place)."""
+        return {name: self.shared[key] for name, key in self.keys.items() if key in self.shared}
 
     def observe(self, feed: Feed) -> None:
         if self.session is None:
             return
         values = dict(zip(self.names, self.session.run(self.names, feed), strict=True))
-        for name, node in self.targets.items():
-            activation = np.asarray(values[str(node.inputs[0].name)], np.float64)  # type: ignore[union-attr]
+        for key, node in self.readers.items():
+            activation = np.asarray(values[key[0]], np.float64)
             if node.op_type == "Conv":
                 shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
                 rows = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
             else:
                 rows = activation.reshape(1, -1, activation.shape[-1])
             moment = np.matmul(rows.transpose(0, 2, 1), rows)  # BLAS per group; einsum here is 20x slower
-            entry = self.hessians.get(name)
+            entry = self.shared.get(key)
             if entry is None:
-                entry = self.hessians[name] = Hessian(
-                    np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment)
-                )
+                entry = self.shared[key] = Hessian(np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment))
             entry.matrix += moment
             (entry.odd if self.samples % 2 else entry.even)[...] += moment
             entry.rows += rows.shape[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +34,30 @@ def measure(run: Callable[[], object], runs: int = 50, warmup: int = 5, max_seco
         timings.append((time.perf_counter() - started) * 1e3)
     values = np.array(timings)
     return Latency(float(np.median(values)), float(np.percentile(values, 90)), len(timings))
+
+
+def compare(
+    runs: Mapping[str, Callable[[], object]], rounds: int = 5, round_seconds: float = 0.05, min_runs: int = 10
+) -> dict[str, Latency]:
+    """Time several callables in interleaved rounds (a, b, a, b, ...), so that drift (warming caches, clock
+    changes, other load) falls on each alike; a round times each for ``min_runs`` runs or ``round_seconds``,
+    whichever is longer, so microsecond-scale models get thousands of runs. Medians over every run."""
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # a first run (allocations, lazy initialization) is never timed
+    for _ in range(rounds):
+        for name, run in runs.items():
+            deadline = time.perf_counter() + round_seconds
+            count = 0
+            while count < min_runs or time.perf_counter() < deadline:
+                started = time.perf_counter()
+                run()
+                timings[name].append((time.perf_counter() - started) * 1e3)
+                count += 1
+    return {
+        name: Latency(float(np.median(values)), float(np.percentile(values, 90)), len(values))
+        for name, values in timings.items()
+    }
 
 
 def machine() -> dict[str, Any]:
