@@ -148,7 +148,7 @@ class QuantizeOptions:
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.bias_samples < 1:
-            raise CalibrationError(f"bias_samples must be at least 1, got {self.bias_samples}")
+            raise CalibrationError(f"bias samples (--bias-samples) must be at least 1, got {self.bias_samples}")
         if self.sensitivity_samples < 1:
             raise CalibrationError("sensitivity samples must be >= 1")
         if self.ternary_scales not in ("channel", "tensor"):

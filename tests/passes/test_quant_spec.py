@@ -50,7 +50,7 @@ def test_quantize_options_are_validated() -> None:
         QuantizeOptions(activation_bits=4, bits="auto", size_budget_mb=1.0)
     with pytest.raises(CalibrationError, match="bias correction 'empirical' is not one of sequential, expected, none"):
         QuantizeOptions(bias_correction="empirical")
-    with pytest.raises(CalibrationError, match="bias_samples must be at least 1"):
+    with pytest.raises(CalibrationError, match=r"bias samples \(--bias-samples\) must be at least 1, got 0"):
         QuantizeOptions(bias_samples=0)
     with pytest.raises(ValueError, match="block_size needs an axis"):
         QuantSpec(bits=4, block_size=32)
