@@ -455,10 +455,14 @@ def quantize(
         )
 
     def variant(formats: dict[str, str]) -> ir.Model:
+        """The model quantized with other per-layer formats, as the pipeline would finish it."""
         floats = frozenset(name for name, chosen in formats.items() if chosen == "fp32")
-        return _quantize_copy(
+        built = _quantize_copy(
             model, stats, floats, options, hessians, {n: f for n, f in formats.items() if f != "fp32"}
         )
+        if refit_count:
+            refit_biases(model, built, held[:refit_count])
+        return built
 
     return QuantizeResult(
         quantized, [records[name] for name in names], passes, stats.samples, kept[0], error, searched, variant
