@@ -106,7 +106,8 @@ def kernel_section(runs: int) -> None:
     started = time.perf_counter()
     shapes = {f"m{r}k{k}n{n}": (r, k, n) for r, k, n, _ in cases} | {"floor": (1, 4, 1)}
     module = kernel.build(shapes, flavor)
-    print(f"TVM build of {len(shapes)} LUT kernels ({flavor.arch}, {flavor.lanes}-byte vectors, {flavor.shuffle}): "
+    print(f"TVM build of {len(shapes)} LUT kernels ({flavor.arch}, {flavor.lanes}-byte vectors, {flavor.shuffle}"
+          f"{', and triplet words with vpermw' if flavor.words else ''}): "
           f"{time.perf_counter() - started:.1f} s; TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")  # fmt: skip
     import tvm
 
@@ -122,7 +123,8 @@ def kernel_section(runs: int) -> None:
         x = rng.integers(-127, 128, (rows, k)).astype(np.int8)
         assert np.array_equal(matmul(x), reference.dense(x, weights)), "LUT kernel is not exact"
         tensor = tvm.runtime.tensor(x, device)
-        variant = "serial" if matmul.chosen.endswith(kernel.SERIAL) else "parallel"
+        layout = "words" if matmul.chosen.endswith(kernel.WORDS) else "pairs"
+        variant = f"{layout}, {'serial' if kernel.SERIAL in matmul.chosen else 'parallel'}"
         return median_us(lambda: matmul.run_tensor(tensor), runs), variant
 
     floors = {t: ort_floor(t, runs) for t in (default, 1)}

@@ -70,6 +70,43 @@ def test_host_kernel_is_bit_exact() -> None:
         matmul(np.zeros((1, 2), np.int8))
 
 
+def test_every_host_kernel_variant_is_bit_exact_at_the_extremes() -> None:
+    """Each variant (pairs / triplet words, parallel / serial), called directly, on the padded shapes and on
+    the largest sums: every activation -128 and every weight -1 over K = 1536, where the 16-bit partial
+    sums of a chunk come closest to overflowing (pairs: 126 x 512; words: 42 x 2 x 384)."""
+    import tvm
+
+    flavor = kernel.host_flavor()
+    shapes = [*SHAPES, (2, 1536, 40)]
+    module = kernel.build({f"case{index}": shape for index, shape in enumerate(shapes)}, flavor)
+    layouts = {"": kernel.arguments}
+    if flavor.words:
+        layouts[kernel.WORDS] = lambda weights, rows, _flavor: kernel.word_arguments(weights, rows)
+    for index, (rows, k, n) in enumerate(shapes):
+        activations, weights = _case(rows, k, n, seed=index)
+        if k == 1536:
+            activations[:], weights[:] = -128, -1
+        for suffix, make in layouts.items():
+            for variant in (f"case{index}", f"case{index}{kernel.SERIAL}"):
+                arrays = [tvm.runtime.tensor(array) for array in [activations, *make(weights, rows, flavor)]]
+                module[variant + suffix](*arrays)
+                result = arrays[kernel.OUTPUT_ARGUMENT].numpy()
+                assert np.array_equal(result, reference.dense(activations, weights)), (variant + suffix, rows, k, n)
+
+
+def test_triplet_words_hold_two_indices_per_output_lane() -> None:
+    weights = np.array([[1, -1], [0, 0], [-1, 1], [1, 1], [1, 0], [1, -1], [-1, 0]], np.int8)  # K = 7, N = 2
+    words = pack.pack_triplet_words(weights)
+    assert words.shape == (1, 2, 32) and words.dtype == np.uint16
+    digits = weights.astype(int) + 1
+    first = 9 * digits[0] + 3 * digits[1] + digits[2]
+    second = 9 * digits[3] + 3 * digits[4] + digits[5]
+    third = 9 * digits[6] + 3 * 1 + 1  # padded with zero weights (digit 1)
+    assert np.array_equal(words[0, 0, :2], first | (second << 8))
+    assert np.array_equal(words[0, 1, :2], third | (13 << 8))  # 13: three zero weights
+    assert (words[0, :, 2:] == 13 | (13 << 8)).all()  # padded outputs hold zero weights
+
+
 def test_aarch64_kernel_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     flavor = kernel.FLAVORS["aarch64"]
     toolchain = cross.toolchain_for(flavor.tvm_target)

@@ -15,6 +15,12 @@ bytes of ``lanes`` consecutive outputs are contiguous (``[ceil(N / lanes), ceil(
 vector load fetches the indices of ``lanes`` outputs, and a byte shuffle (x86 ``pshufb``, Arm ``tbl``) is
 ``lanes`` lookups in a 16-entry table. ``lane_order`` says which output each byte position holds.
 
+``triplet words`` (the x86-64 AVX-512 kernel's format, 16 bits per 6 weights): ``g = 3``, index
+``9 * d_0 + 3 * d_1 + d_2`` in [0, 27); the 16-bit word ``q`` of an output holds groups ``2q`` (low byte)
+and ``2q + 1`` (high byte), stored ``[ceil(N / 32), ceil(K / 6), 32]`` with output ``32 b + i`` in lane
+``i``: a 16-bit permute (``vpermw``) reads only the low 5 bits of each word, so one vector of words indexes
+a 32-entry table of 16-bit sums for the low byte directly and for the high byte after one shift.
+
 Padding: K and N are padded with zero weights (index of an all-zero group); the kernels read padded
 activations as zero and never write padded outputs, so any shape packs.
 """
@@ -29,6 +35,9 @@ TRITS5_GROUP = 5
 TRITS5_ZERO = 121  # index of five zero weights: digits (1, 1, 1, 1, 1)
 TRITS5_TABLE = 122  # entries kept once the sign symmetry folds the other 121 away
 PAIR_ZERO = 4  # index of two zero weights: 3 * 1 + 1
+TRIPLET = 3
+TRIPLET_ENTRIES = 27  # 3 ** 3 indices of a triplet word's byte
+WORD_LANES = 32  # 16-bit lanes of a 512-bit vector
 NIBBLE_TABLE = 16  # a byte shuffle looks up in 16 entries; pair indices use 9
 
 
@@ -91,3 +100,18 @@ def pack_pairs(weights: np.ndarray, lanes: int) -> np.ndarray:
     out = np.empty_like(by_block)
     out[:, :, lane_order(lanes)] = by_block
     return np.ascontiguousarray(out)
+
+
+def pack_triplet_words(weights: np.ndarray) -> np.ndarray:
+    """``[K, N]`` ternary -> ``[ceil(N / 32), ceil(K / 6), 32]`` uint16: two triplet indices a word."""
+    trits = check_ternary(weights)
+    k, n = trits.shape
+    words_per_output = -(-k // (2 * TRIPLET))
+    blocks = -(-n // WORD_LANES)
+    digits = np.ones((words_per_output * 2 * TRIPLET, blocks * WORD_LANES), np.int64)  # zero weights
+    digits[:k, :n] = trits.astype(np.int64) + 1
+    codes = 9 * digits[0::3] + 3 * digits[1::3] + digits[2::3]  # [groups, blocks * 32]
+    words = codes[0::2] | (codes[1::2] << 8)  # [words, blocks * 32]
+    return np.ascontiguousarray(
+        words.reshape(words_per_output, blocks, WORD_LANES).transpose(1, 0, 2).astype(np.uint16)
+    )
