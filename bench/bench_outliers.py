@@ -2,6 +2,7 @@
 they do to low-bit accuracy on SmolLM2-135M.
 
     python bench/bench_outliers.py [--work DIR] [--seq 512] [--configs w8a8+none,w4a8+rot+sq,...] [--skip-exactness]
+        [--skip-minilm]
 
 1. Exactness: each pass alone on the fp32 EfficientNet-Lite0, all-MiniLM-L6-v2 and SmolLM2-135M-Instruct
    (all 30 layers); the largest output difference relative to the largest output magnitude.
@@ -12,6 +13,9 @@ they do to low-bit accuracy on SmolLM2-135M.
    pass, and combinations ('all' = SmoothQuant auto + Hadamard + split; 'rotres' = Hadamard with the residual
    stream rotated offline, --rotate hadamard-residual). GPTQ weights (the default). Every
    layer is quantized (``float_threshold=0``: the per-layer float fallback would measure 211 layers).
+3. all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings to fp32 on 200 pydoc sentences, W8A8 with no
+   rewrite, SmoothQuant and rotation, and int4 / 2-bit weights (every layer quantized; round-to-nearest and
+   GPTQ) without and with SplitQuant.
 
 Runs on the CPU; 3 to 10 minutes per configuration on 2 cores (SmoothQuant's alpha search and GPTQ
 over 211 layers dominate).
@@ -158,12 +162,60 @@ def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windo
     return lines
 
 
+# MiniLM rows: (weight bits, rounding, rewrites). W8A8 with the default options (float fallback on); int4 and
+# 2-bit weights with every layer quantized, each with and without SplitQuant.
+MINILM_CONFIGS = [("8", "gptq", "none"), ("8", "gptq", "sq"), ("8", "gptq", "rot")] + [
+    (bits, rounding, rewrites)
+    for bits in ("4", "2")
+    for rounding in ("nearest", "gptq")
+    for rewrites in ("none", "split")
+]
+
+
+def minilm_cosines(work: Path, sentences: int = 200) -> list[str]:
+    """Mean cosine of mean-pooled embeddings to fp32 on pydoc sentences (calibration: 32 other sentences)."""
+    path = work / "minilm.onnx"
+    if not path.exists():
+        zoo.export_minilm(path)
+    source = frontend.load(path)
+    calibration = list(zoo.minilm_feeds(zoo.pydoc_sentences(32, offset=1000)))
+    evaluation = list(zoo.minilm_feeds(zoo.pydoc_sentences(sentences)))
+
+    def embeddings(model: Any) -> np.ndarray:
+        outputs = sensitivity.run_all(model, evaluation)
+        pooled = [zoo.mean_pool(out, feed["attention_mask"]) for out, feed in zip(outputs, evaluation, strict=True)]
+        return np.concatenate(pooled)
+
+    reference = embeddings(source)
+    lines = [
+        f"all-MiniLM-L6-v2, mean cosine of mean-pooled embeddings to fp32 on {sentences} pydoc sentences",
+        "| weights | rounding | rewrites | mean cosine (min) | quantize s |",
+        "|---|---|---|---|---|",
+    ]
+    for bits, rounding, rewrites in MINILM_CONFIGS:
+        options: dict[str, Any] = {"weight_rounding": rounding, **REWRITES[rewrites]}
+        if bits != "8":
+            options.update(bits=bits, float_threshold=0, sensitivity_samples=8)
+        start = time.perf_counter()
+        model = pipeline.quantize(source, calibration, pipeline.QuantizeOptions(**options), progress=False).model
+        seconds = time.perf_counter() - start
+        values = embeddings(model)
+        cosine = (values * reference).sum(1) / np.linalg.norm(values, axis=1) / np.linalg.norm(reference, axis=1)
+        label = {"8": "int8", "4": "int4", "2": "2-bit"}[bits]
+        lines.append(
+            f"| {label} | {rounding} | {rewrites} | {cosine.mean():.4f} ({cosine.min():.4f}) | {seconds:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="folder for exported models (default: a temporary one)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated WIDTH+REWRITES entries")
-    parser.add_argument("--skip-exactness", action="store_true", help="only the perplexity table")
+    parser.add_argument("--skip-exactness", action="store_true", help="no exactness table")
+    parser.add_argument("--skip-minilm", action="store_true", help="no MiniLM cosine table")
     parser.add_argument(
         "--calibration-windows",
         type=int,
@@ -174,15 +226,17 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_outliers_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; work folder {work}")
-    _, tokenizer = zoo.load_smollm2(layers=1)
-    smollm2 = work / f"smollm2_{args.seq}.onnx"
-    if not smollm2.exists():
-        zoo.export_smollm2(smollm2, seq_len=args.seq)
     configs = [entry for entry in dict.fromkeys(args.configs.split(",")) if entry]
     for config in configs:
         width, _, rewrites = config.partition("+")
         if width not in WIDTHS or rewrites not in REWRITES:
             parser.error(f"unknown configuration {config!r}: WIDTH in {sorted(WIDTHS)}, REWRITES in {sorted(REWRITES)}")
+    smollm2 = work / f"smollm2_{args.seq}.onnx"
+    tokenizer = None
+    if configs or not args.skip_exactness:
+        _, tokenizer = zoo.load_smollm2(layers=1)
+        if not smollm2.exists():
+            zoo.export_smollm2(smollm2, seq_len=args.seq)
     report: list[str] = []
     if not args.skip_exactness:
         efficientnet = zoo.export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
@@ -196,7 +250,11 @@ def main() -> None:
             }
         )
         report.append("")
-    report += perplexities(smollm2, tokenizer, args.seq, configs, args.calibration_windows)
+    if configs:
+        report += perplexities(smollm2, tokenizer, args.seq, configs, args.calibration_windows)
+        report.append("")
+    if not args.skip_minilm:
+        report += minilm_cosines(work)
     print("\n".join(report))
 
 
