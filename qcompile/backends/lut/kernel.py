@@ -109,6 +109,13 @@ def _interleave_masks(lanes: int) -> list[int]:
     return [index for position in lane_order(lanes) for index in (position, lanes + position)]
 
 
+def padded_activation(x: Any, row: Any, column: Any, k: int) -> Any:
+    """``x[row, column]`` as int16 in TIR, zero past the last column (the kernels pad K to whole groups)."""
+    from tvm import tirx
+
+    return tirx.Cast("int16", tirx.if_then_else(column < k, x[row, tirx.min(column, k - 1)], tirx.const(0, "int8")))
+
+
 def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -> Any:
     """The TIR kernel for ``[rows, k] @ [k, n]`` (its arguments: :func:`arguments`); ``parallel=False`` runs
     the parts one after the other on the calling thread."""
@@ -132,14 +139,12 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -
     u16 = f"uint16x{lanes}"
     bias = OFFSET * pairs
 
-    def activation(x: Any, row: Any, column: Any) -> Any:
-        """``x[row, column]`` as int16, zero past the last column (K is padded to whole bytes of pairs)."""
-        return tirx.Cast("int16", tirx.if_then_else(column < k, x[row, tirx.min(column, k - 1)], tirx.const(0, "int8")))
-
     def entries(x: Any, digits: Any, row: Any, pair: Any) -> Any:
         """The 16 table entries of a pair, offset: ``(d0 - 1) * x0 + (d1 - 1) * x1 + 256`` (int16)."""
         weights = [digits[index, tirx.Ramp(0, 1, TABLE_BYTES)] for index in (0, 1)]
-        pair_activations = [tirx.Broadcast(activation(x, row, pair * 2 + index), TABLE_BYTES) for index in (0, 1)]
+        pair_activations = [
+            tirx.Broadcast(padded_activation(x, row, pair * 2 + index, k), TABLE_BYTES) for index in (0, 1)
+        ]
         return (
             weights[0] * pair_activations[0]
             + weights[1] * pair_activations[1]
@@ -232,14 +237,11 @@ def word_primfunc(rows: int, k: int, n: int, parallel: bool = True) -> Any:
     per_part = -(-blocks // parts)
     i16 = f"int16x{lanes}"
 
-    def activation(x: Any, row: Any, column: Any) -> Any:
-        """``x[row, column]`` as int16, zero past the last column (K is padded to whole words)."""
-        return tirx.Cast("int16", tirx.if_then_else(column < k, x[row, tirx.min(column, k - 1)], tirx.const(0, "int8")))
-
     def entries(x: Any, digits: Any, row: Any, group: Any) -> Any:
         """The 32 table entries of a triplet: ``sum_i (d_i - 1) * x_i`` (zero past entry 26)."""
         terms = [
-            digits[index, tirx.Ramp(0, 1, lanes)] * tirx.Broadcast(activation(x, row, group * TRIPLET + index), lanes)
+            digits[index, tirx.Ramp(0, 1, lanes)]
+            * tirx.Broadcast(padded_activation(x, row, group * TRIPLET + index, k), lanes)
             for index in range(TRIPLET)
         ]
         return terms[0] + terms[1] + terms[2]
