@@ -148,10 +148,14 @@ class HessianCollector:
         self.samples += 1
 
     def tap(self, feeds: Iterable[Feed]) -> Iterator[Feed]:
-        """Yield ``feeds`` unchanged, observing each one as it passes."""
-        for feed in feeds:
-            self.observe(feed)
-            yield feed
+        """Yield ``feeds`` unchanged, observing each one as it passes; the onnxruntime session (a full copy
+        of the model's weights) is released when the stream ends or is abandoned."""
+        try:
+            for feed in feeds:
+                self.observe(feed)
+                yield feed
+        finally:
+            self.session = None
 
 
 def gptq_round(

@@ -296,6 +296,8 @@ def quantize(
         options.max_calibration_samples,
         progress,
     )
+    if hessian_collector is not None:
+        hessian_collector.session = None  # calibration may stop before the stream ends: release it here too
     references = sensitivity.run_all(model, kept)
     names = [layer_name(node) for node in layers]
     records = {name: LayerRecord(name, node.op_type, 8, 8) for name, node in zip(names, layers, strict=True)}
