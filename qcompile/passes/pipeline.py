@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import calibration, hwmodels
+from qcompile.backends import ort as ort_backend
 from qcompile.calibration import Feed
 from qcompile.errors import BudgetError, CalibrationError
 from qcompile.hwmodels import Target
@@ -376,7 +377,11 @@ def quantize(
         records[name].weight_format = "fp32"
         records[name].float_reason = records[name].float_reason or "kept float by the caller"
     quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians, weight_formats)
-    refitted = refit_biases(model, quantized, held[:refit_count], progress) if refit_count else 0
+    refit_skipped = None
+    if refit_count and ort_backend.is_large(quantized):
+        refit_skipped = "the model is over 2 GB: each layer's onnxruntime session would write it to disk again"
+        logger.warning("sequential bias refit skipped (the expected-shift correction stays): %s", refit_skipped)
+    refitted = refit_biases(model, quantized, held[:refit_count], progress) if refit_count and not refit_skipped else 0
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
     passes: list[dict[str, Any]] = [
@@ -429,7 +434,14 @@ def quantize(
             "damping": 0.01,
         },
         *(
-            [{"name": "bias_correction", "method": options.bias_correction, "refitted_layers": refitted}]
+            [
+                {
+                    "name": "bias_correction",
+                    "method": options.bias_correction,
+                    "refitted_layers": refitted,
+                    **({"refit_skipped": refit_skipped} if refit_skipped else {}),
+                }
+            ]
             if options.bias_correction != "none"
             else []
         ),
@@ -462,7 +474,7 @@ def quantize(
         built = _quantize_copy(
             model, stats, floats, options, hessians, {n: f for n, f in formats.items() if f != "fp32"}
         )
-        if refit_count:
+        if refit_count and not refit_skipped:
             refit_biases(model, built, held[:refit_count])
         return built
 

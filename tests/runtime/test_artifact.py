@@ -109,6 +109,8 @@ def test_large_model_path_uses_external_data(
     manifest = api.compile(digits[0], tmp_path / "large", calibration_data=digits_calibration, progress=False)
     assert {"model.int8.onnx.data", "reference.fp32.onnx.data"} <= set(manifest["files"])
     assert "tvm" not in manifest["executors"] and "2 GiB" in manifest["skipped"]["tvm"]
+    correction = next(step for step in manifest["passes"] if step["name"] == "bias_correction")
+    assert correction["refitted_layers"] == 0 and "over 2 GB" in correction["refit_skipped"]
     assert (tmp_path / "large" / "model.int8.onnx").stat().st_size < 20000  # weights are in the .data file
     _, _, test_x, test_y = zoo.digits_split()
     session = runtime.load(tmp_path / "large")
