@@ -24,11 +24,13 @@ over 211 layers dominate).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +133,31 @@ def exactness(models: dict[str, tuple[Path, list[dict[str, np.ndarray]]]]) -> li
     return lines
 
 
-def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windows: int = 8) -> list[str]:
+def quantized_perplexity(path: Path, seq: int, config: str, windows: int) -> tuple[float, float]:
+    """Perplexity of ``path`` quantized as ``config``, and the quantization's seconds (run in a child process:
+    see :func:`perplexities`)."""
+    _, tokenizer = zoo.load_smollm2(layers=1)
     evaluation = zoo.token_windows(zoo.pydoc_tokens(tokenizer, 2048), seq)
     calibration = zoo.token_windows(zoo.pydoc_tokens(tokenizer, windows * seq, offset=4096), seq)
     source = frontend.load(path)
-    fp32 = zoo.perplexity(sensitivity.run_all(source, evaluation), evaluation)
+    width, _, rewrites = config.partition("+")
+    options = pipeline.QuantizeOptions(float_threshold=0, sensitivity_samples=4, **WIDTHS[width], **REWRITES[rewrites])
+    start = time.perf_counter()
+    result = pipeline.quantize(source, calibration, options, progress=False)
+    model = result.model
+    if width.endswith("-head8") and result.variant is not None:
+        head = [record.name for record in result.layers if record.weight_bits is not None][-1]
+        model = result.variant({record.name: "int8" if record.name == head else "int4" for record in result.layers})
+    seconds = time.perf_counter() - start
+    return zoo.perplexity(sensitivity.run_all(model, evaluation), evaluation), seconds
+
+
+def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windows: int = 8) -> list[str]:
+    """The perplexity table. Each configuration runs in a fresh child process: in one process the memory of
+    earlier configurations is not all returned, and the full SmolLM2 split with every rewrite (19 GB alone)
+    was OOM-killed at 24 GB after five others."""
+    evaluation = zoo.token_windows(zoo.pydoc_tokens(tokenizer, 2048), seq)
+    fp32 = zoo.perplexity(sensitivity.run_all(frontend.load(path), evaluation), evaluation)
     lines = [
         f"fp32 perplexity {fp32:.3f}",
         "",
@@ -143,19 +165,11 @@ def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windo
         "|---|---|---|---|---|",
     ]
     print(lines[0], flush=True)
+    context = multiprocessing.get_context("spawn")
     for config in configs:
         width, _, rewrites = config.partition("+")
-        options = pipeline.QuantizeOptions(
-            float_threshold=0, sensitivity_samples=4, **WIDTHS[width], **REWRITES[rewrites]
-        )
-        start = time.perf_counter()
-        result = pipeline.quantize(source, calibration, options, progress=False)
-        model = result.model
-        if width.endswith("-head8") and result.variant is not None:
-            head = [record.name for record in result.layers if record.weight_bits is not None][-1]
-            model = result.variant({record.name: "int8" if record.name == head else "int4" for record in result.layers})
-        seconds = time.perf_counter() - start
-        value = zoo.perplexity(sensitivity.run_all(model, evaluation), evaluation)
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            value, seconds = pool.submit(quantized_perplexity, path, seq, config, windows).result()
         change = 100 * (value / fp32 - 1)
         lines.append(f"| {width.upper()} | {rewrites} | {value:.3f} | {change:+.1f} % | {seconds:.0f} |")
         print(lines[-1], flush=True)
