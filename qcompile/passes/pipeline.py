@@ -381,7 +381,8 @@ def quantize(
     if refit_count and ort_backend.is_large(quantized):
         refit_skipped = "the model is over 2 GB: each layer's onnxruntime session would write it to disk again"
         logger.warning("sequential bias refit skipped (the expected-shift correction stays): %s", refit_skipped)
-    refitted = refit_biases(model, quantized, held[:refit_count], progress) if refit_count and not refit_skipped else 0
+    refit_feeds = [] if refit_skipped else held[:refit_count]  # empty: refit_biases changes nothing
+    refitted = refit_biases(model, quantized, refit_feeds, progress)
     error = output_metrics(sensitivity.run_all(quantized, kept), references)
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
     passes: list[dict[str, Any]] = [
@@ -474,8 +475,7 @@ def quantize(
         built = _quantize_copy(
             model, stats, floats, options, hessians, {n: f for n, f in formats.items() if f != "fp32"}
         )
-        if refit_count and not refit_skipped:
-            refit_biases(model, built, held[:refit_count])
+        refit_biases(model, built, refit_feeds)
         return built
 
     return QuantizeResult(
