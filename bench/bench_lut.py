@@ -123,7 +123,8 @@ def kernel_section(runs: int) -> None:
         x = rng.integers(-127, 128, (rows, k)).astype(np.int8)
         assert np.array_equal(matmul(x), reference.dense(x, weights)), "LUT kernel is not exact"
         tensor = tvm.runtime.tensor(x, device)
-        layout = "words" if matmul.chosen.endswith(kernel.WORDS) else "pairs"
+        words = matmul.chosen.partition(kernel.WORDS)[2]
+        layout = f"words, tiles of {kernel.word_plan(rows, k, n).tile_rows} x {words} blocks" if words else "pairs"
         variant = f"{layout}, {'serial' if kernel.SERIAL in matmul.chosen else 'parallel'}"
         return median_us(lambda: matmul.run_tensor(tensor), runs), variant
 

@@ -71,27 +71,25 @@ def test_host_kernel_is_bit_exact() -> None:
 
 
 def test_every_host_kernel_variant_is_bit_exact_at_the_extremes() -> None:
-    """Each variant (pairs / triplet words, parallel / serial), called directly, on the padded shapes and on
-    the largest sums: every activation -128 and every weight -1 over K = 1536, where the 16-bit partial
-    sums of a chunk come closest to overflowing (pairs: 126 x 512; words: 42 x 2 x 384)."""
+    """Each variant (pairs / triplet words of each tile width, parallel / serial), called directly, on the
+    padded shapes (rows that do not fill a tile included) and on the largest sums: every activation -128 and
+    every weight -1 over K = 1536, where the 16-bit partial sums of a chunk come closest to overflowing
+    (pairs: 126 x 512; words: 42 x 2 x 384)."""
     import tvm
 
     flavor = kernel.host_flavor()
-    shapes = [*SHAPES, (2, 1536, 40)]
+    shapes = [*SHAPES, (2, 1536, 40), (6, 1536, 200)]
     module = kernel.build({f"case{index}": shape for index, shape in enumerate(shapes)}, flavor)
-    layouts = {"": kernel.arguments}
-    if flavor.words:
-        layouts[kernel.WORDS] = lambda weights, rows, _flavor: kernel.word_arguments(weights, rows)
+    layouts = {"": kernel.arguments, kernel.WORDS: lambda weights, rows, _flavor: kernel.word_arguments(weights, rows)}
     for index, (rows, k, n) in enumerate(shapes):
         activations, weights = _case(rows, k, n, seed=index)
         if k == 1536:
             activations[:], weights[:] = -128, -1
-        for suffix, make in layouts.items():
-            for variant in (f"case{index}", f"case{index}{kernel.SERIAL}"):
-                arrays = [tvm.runtime.tensor(array) for array in [activations, *make(weights, rows, flavor)]]
-                module[variant + suffix](*arrays)
-                result = arrays[kernel.OUTPUT_ARGUMENT].numpy()
-                assert np.array_equal(result, reference.dense(activations, weights)), (variant + suffix, rows, k, n)
+        for variant, layout in kernel.variant_layouts(f"case{index}", flavor).items():
+            arrays = [tvm.runtime.tensor(array) for array in [activations, *layouts[layout](weights, rows, flavor)]]
+            module[variant](*arrays)
+            result = arrays[kernel.OUTPUT_ARGUMENT].numpy()
+            assert np.array_equal(result, reference.dense(activations, weights)), (variant, rows, k, n)
 
 
 def test_triplet_words_hold_two_indices_per_output_lane() -> None:

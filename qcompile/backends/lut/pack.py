@@ -102,12 +102,13 @@ def pack_pairs(weights: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def pack_triplet_words(weights: np.ndarray) -> np.ndarray:
-    """``[K, N]`` ternary -> ``[ceil(N / 32), ceil(K / 6), 32]`` uint16: two triplet indices a word."""
+def pack_triplet_words(weights: np.ndarray, blocks: int = 0) -> np.ndarray:
+    """``[K, N]`` ternary -> ``[blocks, ceil(K / 6), 32]`` uint16: two triplet indices a word; ``blocks`` at
+    least ``ceil(N / 32)`` (the default), any more hold zero weights."""
     trits = check_ternary(weights)
     k, n = trits.shape
     words_per_output = -(-k // (2 * TRIPLET))
-    blocks = -(-n // WORD_LANES)
+    blocks = max(blocks, -(-n // WORD_LANES))
     digits = np.ones((words_per_output * 2 * TRIPLET, blocks * WORD_LANES), np.int64)  # zero weights
     digits[:k, :n] = trits.astype(np.int64) + 1
     codes = 9 * digits[0::3] + 3 * digits[1::3] + digits[2::3]  # [groups, blocks * 32]
