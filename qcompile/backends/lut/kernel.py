@@ -19,15 +19,16 @@ triplet of activations the 27 sums ``sum_i (d_i - 1) * x_i`` as int16 in one 512
 and one ``vpermw`` looks up 32 outputs' triplet indices at once (:func:`~qcompile.backends.lut.pack.
 pack_triplet_words`; a word's high byte is shifted down for the second triplet). Per six weights and 32
 outputs that is one load, one shift, two permutes and two 16-bit adds, with no byte interleave and no
-offset: about half the time of the pair kernel at SmolLM2's shapes (8 x 576 x 1536: 25 against 52 us on
-one core). 16-bit sums cannot overflow within 42 words (42 x 2 x 384 < 32768). :class:`LutMatMul` times
-every variant built for a layer and keeps the fastest.
+offset. It works in register tiles of up to 4 rows x 2 or 3 blocks of 32 outputs (:class:`WordPlan`), so a
+vector of index words serves every row of the tile and a row's tables every block; each parallel part
+builds the tables of its own rows. 16-bit sums cannot overflow within 42 words (42 x 2 x 384 < 32768).
+:class:`LutMatMul` times every variant built for a layer and keeps the fastest.
 
 The vectors are explicit (``T.call_llvm_pure_intrin`` on the shuffle intrinsic, ``T.Shuffle`` for the
 interleave); LLVM allocates registers. Output blocks are split into parallel parts; each part walks the
 rows, then its blocks, so a row's tables stay in cache while its blocks read them. 512-bit vectors (AVX-512
-``vpshufb``) measured no faster than 256-bit ones on this Zen 4 machine (10.9 vs 9.9 us at 1 x 576 x 1536),
-so x86-64 uses AVX2. Scratch buffers (tables and
+``vpshufb``) measured no faster than 256-bit ones on this AMD EPYC (10.9 vs 9.9 us at 1 x 576 x 1536),
+so the pair kernel uses AVX2 on x86-64. Scratch buffers (tables and
 accumulators) are arguments, allocated once per layer by :class:`LutMatMul`, so a call allocates nothing.
 """
 
