@@ -266,7 +266,7 @@ def word_plan(rows: int, k: int, n: int) -> WordPlan:
 
 def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> Any:
     """The triplet-word kernel for ``plan`` with tiles ``tile_blocks`` blocks wide (its arguments:
-    :func:`word_arguments`).
+    :func:`word_arguments`); ``parallel=False`` walks the row tiles on the calling thread.
 
     Each part builds the triplet tables of its rows, then walks its tiles; a tile keeps ``tile_rows x
     tile_blocks`` 16-bit accumulators, so one load of index words serves ``tile_rows`` rows and one row's
@@ -279,7 +279,7 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
     rows, k, n, tile_rows, words = plan.rows, plan.k, plan.n, plan.tile_rows, plan.words
     groups = 2 * words
     tiles = -(-plan.blocks // tile_blocks)
-    block_parts = plan.block_parts
+    block_parts = plan.block_parts if parallel else 1  # one thread builds each row's tables once
     per_part = -(-tiles // block_parts)
     chunks = -(-words // WORD_CHUNK)
     part_loop = T.parallel if parallel else T.serial
@@ -319,7 +319,7 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
         digits: T.Buffer((TRIPLET, lanes), "int16"),
     ):
         T.func_attr({"global_symbol": FUNCTION, "tir.noalias": True})
-        for part in part_loop(plan.parts):
+        for part in part_loop(plan.row_tiles * block_parts):
             for rg in range(tile_rows * groups):
                 table[part, rg // groups, rg % groups, T.ramp(0, 1, lanes)] = entries(
                     X, digits, row_of(part, rg // groups), rg % groups
