@@ -28,8 +28,10 @@ The vectors are explicit (``T.call_llvm_pure_intrin`` on the shuffle intrinsic, 
 interleave); LLVM allocates registers. Output blocks are split into parallel parts; each part walks the
 rows, then its blocks, so a row's tables stay in cache while its blocks read them. 512-bit vectors (AVX-512
 ``vpshufb``) measured no faster than 256-bit ones on this AMD EPYC (10.9 vs 9.9 us at 1 x 576 x 1536),
-so the pair kernel uses AVX2 on x86-64. Scratch buffers (tables and
-accumulators) are arguments, allocated once per layer by :class:`LutMatMul`, so a call allocates nothing.
+so the pair kernel uses AVX2 on x86-64. Scratch buffers (tables, and the word kernel's int32 tile
+accumulators) are arguments, allocated once per layer by :class:`LutMatMul`; the 16-bit accumulators (and
+the pair kernel's int32 ones) are buffers small enough for the stack, which LLVM keeps in registers, so a
+call allocates nothing.
 """
 
 from __future__ import annotations
@@ -172,8 +174,6 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -
         Y: T.Buffer((rows, n), "int32"),
         low: T.Buffer((rows, pairs, TABLE_BYTES), "int8"),
         high: T.Buffer((rows, pairs, TABLE_BYTES), "int8"),
-        acc: T.Buffer((blocks, rows, lanes), "int32"),
-        acc16: T.Buffer((blocks, rows, lanes), "uint16"),
         digits: T.Buffer((2, TABLE_BYTES), "int16"),
     ):
         T.func_attr({"global_symbol": FUNCTION, "tir.noalias": True})
@@ -187,12 +187,15 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -
         for part in part_loop(parts):
             for m in range(rows):
                 for nb in T.serial(part * per_part, T.min(part * per_part + per_part, blocks)):
-                    acc[nb, m, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                    # "global"-scope buffers this small live on the stack, and LLVM keeps them in registers
+                    acc = T.alloc_buffer((lanes,), "int32", scope="global")
+                    acc16 = T.alloc_buffer((lanes,), "uint16", scope="global")
+                    acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
                     for c in range(chunks):
-                        acc16[nb, m, T.ramp(0, 1, lanes)] = T.Broadcast(T.uint16(0), lanes)
+                        acc16[T.ramp(0, 1, lanes)] = T.Broadcast(T.uint16(0), lanes)
                         for q in range(T.min(CHUNK_BYTES, index_bytes - c * CHUNK_BYTES)):
-                            acc16[nb, m, T.ramp(0, 1, lanes)] = (
-                                acc16[nb, m, T.ramp(0, 1, lanes)]
+                            acc16[T.ramp(0, 1, lanes)] = (
+                                acc16[T.ramp(0, 1, lanes)]
                                 + pair_sums(
                                     low,
                                     high,
@@ -208,12 +211,12 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -
                                     Wp[nb, c * CHUNK_BYTES + q, T.ramp(0, 1, lanes)] >> T.Broadcast(T.uint8(4), lanes),
                                 )
                             )
-                        acc[nb, m, T.ramp(0, 1, lanes)] = acc[nb, m, T.ramp(0, 1, lanes)] + T.Cast(
-                            f"int32x{lanes}", acc16[nb, m, T.ramp(0, 1, lanes)]
+                        acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + T.Cast(
+                            f"int32x{lanes}", acc16[T.ramp(0, 1, lanes)]
                         )
                     for lane in range(lanes):
                         if nb * lanes + lane < n:
-                            Y[m, nb * lanes + lane] = acc[nb, m, lane] - bias
+                            Y[m, nb * lanes + lane] = acc[lane] - bias
 
     return kernel
 
@@ -284,6 +287,7 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
     chunks = -(-words // WORD_CHUNK)
     part_loop = T.parallel if parallel else T.serial
     i16 = f"int16x{lanes}"
+    widest = max(WORD_TILE_BLOCKS)  # the int32 accumulators' shape, whatever this variant's width
 
     def row_of(part: Any, r: Any) -> Any:
         return tirx.min((part // block_parts) * tile_rows + r, rows - 1)
@@ -316,6 +320,7 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
         Wq: T.Buffer((plan.padded_blocks, words, lanes), "uint16"),
         Y: T.Buffer((rows, n), "int32"),
         table: T.Buffer((plan.parts, tile_rows, groups, lanes), "int16"),
+        acc: T.Buffer((plan.parts, tile_rows, widest, lanes), "int32"),
         digits: T.Buffer((TRIPLET, lanes), "int16"),
     ):
         T.func_attr({"global_symbol": FUNCTION, "tir.noalias": True})
@@ -327,11 +332,10 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
             for tile in T.serial(
                 (part % block_parts) * per_part, T.min((part % block_parts) * per_part + per_part, tiles)
             ):
-                acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int32", scope="local")
                 acc16 = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int16", scope="global")  # on the stack
                 for r in T.unroll(tile_rows):
                     for b in T.unroll(tile_blocks):
-                        acc[r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                        acc[part, r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
                 for c in range(chunks):
                     for r in T.unroll(tile_rows):
                         for b in T.unroll(tile_blocks):
@@ -348,14 +352,14 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
                                 )
                     for r in T.unroll(tile_rows):
                         for b in T.unroll(tile_blocks):
-                            acc[r, b, T.ramp(0, 1, lanes)] = acc[r, b, T.ramp(0, 1, lanes)] + T.Cast(
+                            acc[part, r, b, T.ramp(0, 1, lanes)] = acc[part, r, b, T.ramp(0, 1, lanes)] + T.Cast(
                                 f"int32x{lanes}", acc16[r, b, T.ramp(0, 1, lanes)]
                             )
                 for r in T.unroll(tile_rows):
                     for b in T.unroll(tile_blocks):
                         for lane in range(lanes):
                             if (tile * tile_blocks + b) * lanes + lane < n:
-                                Y[row_of(part, r), (tile * tile_blocks + b) * lanes + lane] = acc[r, b, lane]
+                                Y[row_of(part, r), (tile * tile_blocks + b) * lanes + lane] = acc[part, r, b, lane]
 
     return kernel
 
@@ -371,13 +375,14 @@ def word_digits() -> np.ndarray:
 
 def word_arguments(weights: np.ndarray, rows: int) -> list[np.ndarray]:
     """Every argument of the triplet-word kernels after the activations: packed weights, the int32 output,
-    the tables and the digit table."""
+    the tables, the int32 tile accumulators and the digit table."""
     k, n = weights.shape
     plan = word_plan(rows, k, n)
     return [
         pack_triplet_words(weights, plan.padded_blocks),
         np.zeros((rows, n), np.int32),
         np.zeros((plan.parts, plan.tile_rows, 2 * plan.words, WORD_LANES), np.int16),
+        np.zeros((plan.parts, plan.tile_rows, max(WORD_TILE_BLOCKS), WORD_LANES), np.int32),
         word_digits(),
     ]
 
@@ -433,18 +438,14 @@ def export(module: Any, path: Any, flavor: Flavor) -> None:
 
 def arguments(weights: np.ndarray, rows: int, flavor: Flavor) -> list[np.ndarray]:
     """Every argument of the kernel after the activations, for ``weights`` ``[K, N]``: packed weights, the
-    int32 output, the two tables, the two accumulators and the digit table."""
+    int32 output, the two tables and the digit table."""
     k, n = weights.shape
-    lanes = flavor.lanes
     pairs = 2 * -(-k // 4)
-    blocks = -(-n // lanes)
     return [
-        pack_pairs(weights, lanes),
+        pack_pairs(weights, flavor.lanes),
         np.zeros((rows, n), np.int32),
         np.zeros((rows, pairs, TABLE_BYTES), np.int8),
         np.zeros((rows, pairs, TABLE_BYTES), np.int8),
-        np.zeros((blocks, rows, lanes), np.int32),
-        np.zeros((blocks, rows, lanes), np.uint16),
         digit_table(),
     ]
 
