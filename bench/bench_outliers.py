@@ -101,6 +101,24 @@ def rewrite(model: Any, which: str, feeds: list[dict[str, np.ndarray]]) -> str:
     return f"{len(splitter.splits)} layers split"
 
 
+def _die_with_parent() -> None:
+    """A child's first act: ask Linux to end it when its parent ends (a killed bench left an 18 GB child)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def in_child(function: Any, *args: Any) -> Any:
+    """``function(*args)`` in a fresh process. Every heavy step runs this way, so the parent holds no model:
+    the memory of a finished step is not all returned to the system, and the all-combined SmolLM2
+    configuration alone peaks near 19 GB of the machine's 24 (it was OOM-killed beside a parent that had
+    kept the exactness table's models)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_die_with_parent) as pool:
+        return pool.submit(function, *args).result()
+
+
 def fp32_latency_ms(model: Any, feed: dict[str, np.ndarray]) -> float:
     """Median onnxruntime latency of a float model (what a rewrite's runtime ops cost before quantization)."""
     session = ort_backend.session(model)
@@ -133,6 +151,21 @@ def exactness(models: dict[str, tuple[Path, list[dict[str, np.ndarray]]]]) -> li
     return lines
 
 
+def exactness_table(work: Path, smollm2: Path, seq: int) -> list[str]:
+    """:func:`exactness` on the three models (their exports and inputs made here, in the child)."""
+    _, tokenizer = zoo.load_smollm2(layers=1)
+    efficientnet = zoo.export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
+    minilm = zoo.export_minilm(work / "minilm.onnx")
+    crops = zoo.photo_crops(8, seed=5)
+    return exactness(
+        {
+            "EfficientNet-Lite0": (efficientnet, [{"input": crop[None]} for crop in crops]),
+            "all-MiniLM-L6-v2": (minilm, list(zoo.minilm_feeds(zoo.pydoc_sentences(8)))),
+            "SmolLM2-135M": (smollm2, zoo.token_windows(zoo.pydoc_tokens(tokenizer, 2 * seq), seq)),
+        }
+    )
+
+
 def quantized_perplexity(path: Path, seq: int, config: str, windows: int) -> tuple[float, float]:
     """Perplexity of ``path`` quantized as ``config``, and the quantization's seconds (run in a child process:
     see :func:`perplexities`)."""
@@ -152,12 +185,15 @@ def quantized_perplexity(path: Path, seq: int, config: str, windows: int) -> tup
     return zoo.perplexity(sensitivity.run_all(model, evaluation), evaluation), seconds
 
 
-def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windows: int = 8) -> list[str]:
-    """The perplexity table. Each configuration runs in a fresh child process: in one process the memory of
-    earlier configurations is not all returned, and the full SmolLM2 split with every rewrite (19 GB alone)
-    was OOM-killed at 24 GB after five others."""
+def fp32_perplexity(path: Path, seq: int) -> float:
+    _, tokenizer = zoo.load_smollm2(layers=1)
     evaluation = zoo.token_windows(zoo.pydoc_tokens(tokenizer, 2048), seq)
-    fp32 = zoo.perplexity(sensitivity.run_all(frontend.load(path), evaluation), evaluation)
+    return zoo.perplexity(sensitivity.run_all(frontend.load(path), evaluation), evaluation)
+
+
+def perplexities(path: Path, seq: int, configs: list[str], windows: int = 8) -> list[str]:
+    """The perplexity table; fp32 and each configuration in a fresh child process (:func:`in_child`)."""
+    fp32 = in_child(fp32_perplexity, path, seq)
     lines = [
         f"fp32 perplexity {fp32:.3f}",
         "",
@@ -165,11 +201,9 @@ def perplexities(path: Path, tokenizer: Any, seq: int, configs: list[str], windo
         "|---|---|---|---|---|",
     ]
     print(lines[0], flush=True)
-    context = multiprocessing.get_context("spawn")
     for config in configs:
         width, _, rewrites = config.partition("+")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            value, seconds = pool.submit(quantized_perplexity, path, seq, config, windows).result()
+        value, seconds = in_child(quantized_perplexity, path, seq, config, windows)
         change = 100 * (value / fp32 - 1)
         lines.append(f"| {width.upper()} | {rewrites} | {value:.3f} | {change:+.1f} % | {seconds:.0f} |")
         print(lines[-1], flush=True)
@@ -246,29 +280,17 @@ def main() -> None:
         if width not in WIDTHS or rewrites not in REWRITES:
             parser.error(f"unknown configuration {config!r}: WIDTH in {sorted(WIDTHS)}, REWRITES in {sorted(REWRITES)}")
     smollm2 = work / f"smollm2_{args.seq}.onnx"
-    tokenizer = None
-    if configs or not args.skip_exactness:
-        _, tokenizer = zoo.load_smollm2(layers=1)
-        if not smollm2.exists():
-            zoo.export_smollm2(smollm2, seq_len=args.seq)
+    if (configs or not args.skip_exactness) and not smollm2.exists():
+        in_child(zoo.export_smollm2, smollm2, args.seq)
     report: list[str] = []
     if not args.skip_exactness:
-        efficientnet = zoo.export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
-        minilm = zoo.export_minilm(work / "minilm.onnx")
-        crops = zoo.photo_crops(8, seed=5)
-        report += exactness(
-            {
-                "EfficientNet-Lite0": (efficientnet, [{"input": crop[None]} for crop in crops]),
-                "all-MiniLM-L6-v2": (minilm, list(zoo.minilm_feeds(zoo.pydoc_sentences(8)))),
-                "SmolLM2-135M": (smollm2, zoo.token_windows(zoo.pydoc_tokens(tokenizer, 2 * args.seq), args.seq)),
-            }
-        )
+        report += in_child(exactness_table, work, smollm2, args.seq)
         report.append("")
     if configs:
-        report += perplexities(smollm2, tokenizer, args.seq, configs, args.calibration_windows)
+        report += perplexities(smollm2, args.seq, configs, args.calibration_windows)
         report.append("")
     if not args.skip_minilm:
-        report += minilm_cosines(work)
+        report += in_child(minilm_cosines, work)
     print("\n".join(report))
 
 
