@@ -9,6 +9,7 @@ engine. Float outputs of the ternary graph are compared with a numpy model of th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_every_host_kernel_variant_is_bit_exact_at_the_extremes() -> None:
     import tvm
 
     flavor = kernel.host_flavor()
-    shapes = [*SHAPES, (2, 1536, 40), (6, 1536, 200)]
+    shapes = [*SHAPES, (2, 1536, 40), (6, 1536, 200), (13, 100, 70)]
     module = kernel.build({f"case{index}": shape for index, shape in enumerate(shapes)}, flavor)
     layouts = {"": kernel.arguments, kernel.WORDS: lambda weights, rows, _flavor: kernel.word_arguments(weights, rows)}
     for index, (rows, k, n) in enumerate(shapes):
@@ -90,6 +91,16 @@ def test_every_host_kernel_variant_is_bit_exact_at_the_extremes() -> None:
             module[variant](*arrays)
             result = arrays[kernel.OUTPUT_ARGUMENT].numpy()
             assert np.array_equal(result, reference.dense(activations, weights)), (variant, rows, k, n)
+
+
+def test_word_kernel_tables_do_not_grow_with_rows() -> None:
+    """The parallel parts are at most one per thread, each walking a range of row tiles with one tile's
+    tables: a 2048-row prefill at K = 1536 needs a few hundred KB of tables, not 2048 rows of them."""
+    plan = kernel.word_plan(2048, 1536, 576)
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    assert plan.parts <= threads and plan.row_parts * -(-plan.row_tiles // plan.row_parts) >= plan.row_tiles
+    table = kernel.word_arguments(np.zeros((1536, 576), np.int8), 2048)[2]
+    assert table.shape == (plan.parts, kernel.WORD_TILE_ROWS, 512, 32)
 
 
 def test_triplet_words_hold_two_indices_per_output_lane() -> None:

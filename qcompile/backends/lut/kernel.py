@@ -237,13 +237,15 @@ WORD_BLOCK_MULTIPLE = 6  # packed blocks are padded to a multiple of every tile 
 class WordPlan:
     """How the triplet-word kernel splits ``[rows, k] @ [k, n]``: tiles of ``tile_rows`` rows (the last tile
     clamps its row index, so it recomputes the last rows rather than reading past them) and ``tile_blocks``
-    blocks of 32 outputs; ``row_tiles x block_parts`` parallel parts, each with its own tables."""
+    blocks of 32 outputs; ``row_parts x block_parts`` parallel parts, one per thread, each walking a range
+    of row tiles with its own tables (so the tables take ``parts x tile_rows`` rows, whatever ``rows`` is)."""
 
     rows: int
     k: int
     n: int
     tile_rows: int
     row_tiles: int
+    row_parts: int
     block_parts: int
     words: int
     blocks: int
@@ -251,27 +253,30 @@ class WordPlan:
 
     @property
     def parts(self) -> int:
-        return self.row_tiles * self.block_parts
+        return self.row_parts * self.block_parts
 
 
 def word_plan(rows: int, k: int, n: int) -> WordPlan:
-    """The split of a layer for this machine's thread count: whole row tiles per part where there are
-    enough of them, else each row tile's blocks split between the threads (each part then builds the same
-    tables, a few microseconds, rather than waiting for one part to build them)."""
+    """The split of a layer for this machine's thread count: the row tiles divided between the threads
+    where there are enough of them, else each row tile's blocks (each part then builds the same tables, a
+    few microseconds, rather than waiting for one part to build them)."""
     tile_rows = min(rows, WORD_TILE_ROWS)
     row_tiles = -(-rows // tile_rows)
     threads = int(os.environ["TVM_NUM_THREADS"])
     blocks = -(-n // WORD_LANES)
-    block_parts = max(1, min(-(-threads // row_tiles), -(-blocks // max(WORD_TILE_BLOCKS))))
+    row_parts = min(threads, row_tiles)
+    block_parts = max(1, min(-(-threads // row_parts), -(-blocks // max(WORD_TILE_BLOCKS))))
     padded_blocks = -(-blocks // WORD_BLOCK_MULTIPLE) * WORD_BLOCK_MULTIPLE
-    return WordPlan(rows, k, n, tile_rows, row_tiles, block_parts, -(-k // (2 * TRIPLET)), blocks, padded_blocks)
+    words = -(-k // (2 * TRIPLET))
+    return WordPlan(rows, k, n, tile_rows, row_tiles, row_parts, block_parts, words, blocks, padded_blocks)
 
 
 def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> Any:
     """The triplet-word kernel for ``plan`` with tiles ``tile_blocks`` blocks wide (its arguments:
     :func:`word_arguments`); ``parallel=False`` walks the row tiles on the calling thread.
 
-    Each part builds the triplet tables of its rows, then walks its tiles; a tile keeps ``tile_rows x
+    Each part walks its row tiles, building the triplet tables of a row tile's rows, then walking its
+    blocks in tiles; a tile keeps ``tile_rows x
     tile_blocks`` 16-bit accumulators, so one load of index words serves ``tile_rows`` rows and one row's
     tables serve ``tile_blocks`` blocks (at batch 8 the untiled kernel streamed tables and words from L2
     for every row and block: 26.5 against 18.4 us at 8 x 1536 x 576 on one core)."""
@@ -282,15 +287,17 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
     rows, k, n, tile_rows, words = plan.rows, plan.k, plan.n, plan.tile_rows, plan.words
     groups = 2 * words
     tiles = -(-plan.blocks // tile_blocks)
-    block_parts = plan.block_parts if parallel else 1  # one thread builds each row's tables once
+    # The serial variant is one part: one thread builds each row's tables once.
+    row_parts, block_parts = (plan.row_parts, plan.block_parts) if parallel else (1, 1)
     per_part = -(-tiles // block_parts)
+    row_tiles_per_part = -(-plan.row_tiles // row_parts)
     chunks = -(-words // WORD_CHUNK)
     part_loop = T.parallel if parallel else T.serial
     i16 = f"int16x{lanes}"
     widest = max(WORD_TILE_BLOCKS)  # the int32 accumulators' shape, whatever this variant's width
 
-    def row_of(part: Any, r: Any) -> Any:
-        return tirx.min((part // block_parts) * tile_rows + r, rows - 1)
+    def row_of(row_tile: Any, r: Any) -> Any:
+        return tirx.min(row_tile * tile_rows + r, rows - 1)
 
     def entries(x: Any, digits: Any, row: Any, group: Any) -> Any:
         """The 32 table entries of a triplet: ``sum_i (d_i - 1) * x_i`` (zero past entry 26)."""
@@ -324,42 +331,48 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
         digits: T.Buffer((TRIPLET, lanes), "int16"),
     ):
         T.func_attr({"global_symbol": FUNCTION, "tir.noalias": True})
-        for part in part_loop(plan.row_tiles * block_parts):
-            for rg in range(tile_rows * groups):
-                table[part, rg // groups, rg % groups, T.ramp(0, 1, lanes)] = entries(
-                    X, digits, row_of(part, rg // groups), rg % groups
-                )
-            for tile in T.serial(
-                (part % block_parts) * per_part, T.min((part % block_parts) * per_part + per_part, tiles)
+        for part in part_loop(row_parts * block_parts):
+            for row_tile in T.serial(
+                (part // block_parts) * row_tiles_per_part,
+                T.min((part // block_parts) * row_tiles_per_part + row_tiles_per_part, plan.row_tiles),
             ):
-                acc16 = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int16", scope="global")  # on the stack
-                for r in T.unroll(tile_rows):
-                    for b in T.unroll(tile_blocks):
-                        acc[part, r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
-                for c in range(chunks):
+                for rg in range(tile_rows * groups):
+                    table[part, rg // groups, rg % groups, T.ramp(0, 1, lanes)] = entries(
+                        X, digits, row_of(row_tile, rg // groups), rg % groups
+                    )
+                for tile in T.serial(
+                    (part % block_parts) * per_part, T.min((part % block_parts) * per_part + per_part, tiles)
+                ):
+                    acc16 = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int16", scope="global")  # on the stack
                     for r in T.unroll(tile_rows):
                         for b in T.unroll(tile_blocks):
-                            acc16[r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int16(0), lanes)
-                    for q in range(T.min(WORD_CHUNK, words - c * WORD_CHUNK)):
-                        for b in T.unroll(tile_blocks):
-                            for r in T.unroll(tile_rows):
-                                acc16[r, b, T.ramp(0, 1, lanes)] = acc16[r, b, T.ramp(0, 1, lanes)] + word_sums(
-                                    table,
-                                    part,
-                                    r,
-                                    c * WORD_CHUNK + q,
-                                    Wq[tile * tile_blocks + b, c * WORD_CHUNK + q, T.ramp(0, 1, lanes)],
+                            acc[part, r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                    for c in range(chunks):
+                        for r in T.unroll(tile_rows):
+                            for b in T.unroll(tile_blocks):
+                                acc16[r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int16(0), lanes)
+                        for q in range(T.min(WORD_CHUNK, words - c * WORD_CHUNK)):
+                            for b in T.unroll(tile_blocks):
+                                for r in T.unroll(tile_rows):
+                                    acc16[r, b, T.ramp(0, 1, lanes)] = acc16[r, b, T.ramp(0, 1, lanes)] + word_sums(
+                                        table,
+                                        part,
+                                        r,
+                                        c * WORD_CHUNK + q,
+                                        Wq[tile * tile_blocks + b, c * WORD_CHUNK + q, T.ramp(0, 1, lanes)],
+                                    )
+                        for r in T.unroll(tile_rows):
+                            for b in T.unroll(tile_blocks):
+                                acc[part, r, b, T.ramp(0, 1, lanes)] = acc[part, r, b, T.ramp(0, 1, lanes)] + T.Cast(
+                                    f"int32x{lanes}", acc16[r, b, T.ramp(0, 1, lanes)]
                                 )
                     for r in T.unroll(tile_rows):
                         for b in T.unroll(tile_blocks):
-                            acc[part, r, b, T.ramp(0, 1, lanes)] = acc[part, r, b, T.ramp(0, 1, lanes)] + T.Cast(
-                                f"int32x{lanes}", acc16[r, b, T.ramp(0, 1, lanes)]
-                            )
-                for r in T.unroll(tile_rows):
-                    for b in T.unroll(tile_blocks):
-                        for lane in range(lanes):
-                            if (tile * tile_blocks + b) * lanes + lane < n:
-                                Y[row_of(part, r), (tile * tile_blocks + b) * lanes + lane] = acc[part, r, b, lane]
+                            for lane in range(lanes):
+                                if (tile * tile_blocks + b) * lanes + lane < n:
+                                    Y[row_of(row_tile, r), (tile * tile_blocks + b) * lanes + lane] = acc[
+                                        part, r, b, lane
+                                    ]
 
     return kernel
 
