@@ -9,7 +9,6 @@ engine. Float outputs of the ternary graph are compared with a numpy model of th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from qcompile import api, hwmodels, runtime
 from qcompile.backends import lut
 from qcompile.backends.lut import fpga, hls, kernel, pack, reference
 from qcompile.backends.ort import session_from_bytes, to_proto
-from qcompile.backends.tvm import cross
+from qcompile.backends.tvm import cross, threads
 from qcompile.cli import main
 from qcompile.errors import BackendError, CalibrationError, TargetError, UnsupportedModelError
 from qcompile.passes.ternarize import TernarizePass, quantize_rows, ternarize_weights
@@ -97,8 +96,7 @@ def test_word_kernel_tables_do_not_grow_with_rows() -> None:
     """The parallel parts are at most one per thread, each walking a range of row tiles with one tile's
     tables: a 2048-row prefill at K = 1536 needs a few hundred KB of tables, not 2048 rows of them."""
     plan = kernel.word_plan(2048, 1536, 576)
-    threads = int(os.environ["TVM_NUM_THREADS"])
-    assert plan.parts <= threads and plan.row_parts * -(-plan.row_tiles // plan.row_parts) >= plan.row_tiles
+    assert plan.parts <= threads.count() and plan.row_parts * -(-plan.row_tiles // plan.row_parts) >= plan.row_tiles
     table = kernel.word_arguments(np.zeros((1536, 576), np.int8), 2048)[2]
     assert table.shape == (plan.parts, kernel.WORD_TILE_ROWS, 512, 32)
 

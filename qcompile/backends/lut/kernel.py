@@ -36,7 +36,6 @@ call allocates nothing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.backends.lut.pack import TRIPLET, TRIPLET_ENTRIES, WORD_LANES, lane_order, pack_pairs, pack_triplet_words
+from qcompile.backends.tvm import threads
 from qcompile.errors import BackendError
 
 OFFSET = 256  # added to every table entry: pair sums of int8 lie in [-256, 256]
@@ -51,15 +51,6 @@ CHUNK_BYTES = 63  # index bytes (two pairs each) summed in 16 bits before wideni
 FUNCTION = "lut_matmul"
 TABLE_BYTES = 16  # a byte shuffle's table; 256-bit shuffles see it repeated in both 128-bit halves
 PARTS = 4  # output blocks are split into this many parallel parts, each walking rows then its blocks
-
-# TVM sizes its thread pool once, from TVM_NUM_THREADS or else half the logical CPUs (it assumes SMT): on a
-# two-core machine without SMT that is one thread. Use every CPU this process may run on, unless the user
-# said otherwise. TVM also pins its workers to cores but not the calling thread, which the OS then often
-# runs on a worker's core: parallel kernels measured erratic here (7.5 to 17 us for 1 x 576 x 1536) until
-# TVM_BIND_THREADS=0 left placement to the OS (7.5 us, steady). Both must be set before TVM's first
-# parallel call in the process.
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 @dataclass(frozen=True)
@@ -262,10 +253,10 @@ def word_plan(rows: int, k: int, n: int) -> WordPlan:
     few microseconds, rather than waiting for one part to build them)."""
     tile_rows = min(rows, WORD_TILE_ROWS)
     row_tiles = -(-rows // tile_rows)
-    threads = int(os.environ["TVM_NUM_THREADS"])
+    workers = threads.count()
     blocks = -(-n // WORD_LANES)
-    row_parts = min(threads, row_tiles)
-    block_parts = max(1, min(-(-threads // row_parts), -(-blocks // max(WORD_TILE_BLOCKS))))
+    row_parts = min(workers, row_tiles)
+    block_parts = max(1, min(-(-workers // row_parts), -(-blocks // max(WORD_TILE_BLOCKS))))
     padded_blocks = -(-blocks // WORD_BLOCK_MULTIPLE) * WORD_BLOCK_MULTIPLE
     words = -(-k // (2 * TRIPLET))
     return WordPlan(rows, k, n, tile_rows, row_tiles, row_parts, block_parts, words, blocks, padded_blocks)

@@ -1,0 +1,98 @@
+"""The VNNI int8 matmul kernel (qcompile/backends/tvm/int8_kernels.py) against onnxruntime, one layer at a time.
+
+    python bench/bench_int8_matmul.py
+
+``[M, K] @ [K, N]`` at the linear-layer shapes of all-MiniLM-L6-v2 (128 tokens: attention projections and
+the MLP) and of ResNet-18's 1x1 / fc layers seen as matmuls: onnxruntime's fp32 ``MatMul`` and int8
+``MatMulInteger`` (uint8 activations with a zero point, int8 weights) against the TVM kernel, all called
+from Python in this process, timed in interleaved rounds (``qcompile.runtime.bench.compare``); each
+kernel's output checked equal to onnxruntime's MatMulInteger first. Kernels only: the compile path does not
+use this kernel yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.backends.ort import session_from_bytes
+from qcompile.backends.tvm import int8_kernels
+from qcompile.runtime import bench
+
+SHAPES = [
+    ("MiniLM attention projection", 128, 384, 384),
+    ("MiniLM MLP up", 128, 384, 1536),
+    ("MiniLM MLP down", 128, 1536, 384),
+    ("ResNet-18 layer4 1x1 downsample (7x7)", 49, 256, 512),
+    ("ResNet-18 fc", 1, 512, 1000),
+]
+ZERO_POINT = 128
+
+
+def session(op: str, x: np.ndarray, weights: np.ndarray) -> Any:
+    inputs = ["x", "w", "za"] if op == "MatMulInteger" else ["x", "w"]
+    initializers = [numpy_helper.from_array(weights, "w")]
+    if op == "MatMulInteger":
+        initializers.append(numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), "za"))
+    element = TensorProto.UINT8 if x.dtype == np.uint8 else TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", element, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32 if op == "MatMulInteger" else element, None)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return session_from_bytes(model.SerializeToString())
+
+
+def main() -> None:
+    machine = bench.machine()
+    print(f"machine: {machine}; onnxruntime default threads; TVM threads {int8_kernels.threads.count()}")
+    target = int8_kernels.require_vnni()
+    module = int8_kernels.build({f"s{i}": shape[1:] for i, shape in enumerate(SHAPES)}, target)
+    rng = np.random.default_rng(0)
+    print("\n| layer | M x K x N | TVM VNNI kernel us | ORT int8 us | ORT fp32 us | vs int8 | vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for index, (name, m, k, n) in enumerate(SHAPES):
+        a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+        print(row(name, module, f"s{index}", a, w), flush=True)
+
+
+def row(name: str, module: Any, function: str, a: np.ndarray, w: np.ndarray) -> str:
+    """One table row: the kernel checked against MatMulInteger, then all three timed in interleaved rounds."""
+    import tvm
+
+    (m, k), n = a.shape, w.shape[1]
+    integer = session("MatMulInteger", a, w)
+    floating = session("MatMul", a.astype(np.float32), w.astype(np.float32))
+    centred = a.astype(np.float32) - ZERO_POINT
+    kernels = {
+        variant: int8_kernels.Int8MatMul(module, variant, w, m, ZERO_POINT)
+        for variant in (function, f"{function}_serial")
+    }
+    expected = integer.run(None, {"x": a})[0]
+    for kernel in kernels.values():
+        assert np.array_equal(kernel(a), expected), f"{name}: the kernel differs from MatMulInteger"
+    tensor = tvm.runtime.tensor(a)
+    runs: dict[str, Callable[[], object]] = {
+        variant: partial(kernel.run_tensor, tensor) for variant, kernel in kernels.items()
+    }
+    runs["int8"] = partial(integer.run, None, {"x": a})
+    runs["fp32"] = partial(floating.run, None, {"x": centred})
+    timings = bench.compare(runs, rounds=10, round_seconds=0.2)
+    ours = min(timings[variant].median_ms for variant in kernels) * 1e3
+    int8_us, fp32_us = timings["int8"].median_ms * 1e3, timings["fp32"].median_ms * 1e3
+    return (
+        f"| {name} | {m} x {k} x {n} | {ours:.1f} | {int8_us:.1f} | {fp32_us:.1f} | "
+        f"{int8_us / ours:.2f}x | {fp32_us / ours:.2f}x |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The VNNI int8 matmul kernel: bit-exact with numpy and with onnxruntime's MatMulInteger."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from qcompile.backends.ort import session_from_bytes
+from qcompile.errors import BackendError
+
+int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
+
+# (M, K, N): MiniLM's attention projection, rows and columns that do not fill a tile, a single row.
+SHAPES = [(128, 384, 384), (7, 12, 50), (1, 4, 1)]
+
+
+def _target() -> dict:
+    try:
+        return int8_kernels.require_vnni()
+    except BackendError as error:
+        pytest.skip(str(error))
+
+
+def test_matmul_is_bit_exact_with_numpy_and_onnxruntime() -> None:
+    """Extremes included: activations 255 against weights -128 over K = 384 (the largest sums), and a zero
+    point, which the kernel folds into a per-column correction."""
+    target = _target()
+    module = int8_kernels.build({f"case{i}": shape for i, shape in enumerate(SHAPES)}, target)
+    rng = np.random.default_rng(0)
+    for index, (m, k, n) in enumerate(SHAPES):
+        a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+        if index == 0:
+            a[0], w[:, 0] = 255, -128
+        for zero_point in (0, 131):
+            expected = (a.astype(np.int64) - zero_point) @ w.astype(np.int64)
+            for name in (f"case{index}", f"case{index}_serial"):
+                result = int8_kernels.Int8MatMul(module, name, w, m, zero_point)(a)
+                assert result.dtype == np.int32 and np.array_equal(result, expected), (name, zero_point)
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["a", "w", "za"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+            [
+                helper.make_tensor("w", TensorProto.INT8, [k, n], w.tobytes(), raw=True),
+                helper.make_tensor("za", TensorProto.UINT8, [], [131]),
+            ],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        onnxruntime = session_from_bytes(model.SerializeToString()).run(None, {"a": a})[0]
+        assert np.array_equal(int8_kernels.Int8MatMul(module, f"case{index}", w, m, 131)(a), onnxruntime)
+
+
+def test_bad_shapes_and_inputs_are_clear_errors() -> None:
+    with pytest.raises(BackendError, match="K=6 is not a multiple of 4"):
+        int8_kernels.matmul_primfunc(2, 6, 8)
+    with pytest.raises(BackendError, match="non-empty"):
+        int8_kernels.pack_weights(np.zeros((0, 4), np.int8))
+    target = _target()
+    module = int8_kernels.build({"m": (2, 8, 4)}, target)
+    matmul = int8_kernels.Int8MatMul(module, "m", np.ones((8, 4), np.int8), 2)
+    with pytest.raises(BackendError, match=r"uint8 \[2, 8\] activations"):
+        matmul(np.zeros((2, 8), np.int8))
