@@ -44,6 +44,7 @@ import numpy as np
 
 from qcompile.backends.lut.pack import TRIPLET, TRIPLET_ENTRIES, WORD_LANES, lane_order, pack_pairs, pack_triplet_words
 from qcompile.backends.tvm import threads
+from qcompile.backends.tvm.bound import BoundKernel
 from qcompile.errors import BackendError
 
 OFFSET = 256  # added to every table entry: pair sums of int8 lie in [-256, 256]
@@ -467,12 +468,15 @@ def variant_layouts(name: str, flavor: Flavor) -> dict[str, str]:
     return variants
 
 
-class LutMatMul:
+class LutMatMul(BoundKernel):
     """A layer's kernel bound to its packed weights, with its scratch buffers allocated once.
 
     Given the module and the layer's function name, it times every variant :func:`build` made (parallel and
     serial; pair and triplet-word kernels) on zero activations (``trials`` calls each, best of three rounds)
     and keeps the fastest; ``chosen`` says which."""
+
+    LABEL = "LUT kernel"
+    output = OUTPUT_ARGUMENT - 1
 
     def __init__(
         self, module: Any, name: str, weights: np.ndarray, rows: int, flavor: Flavor, trials: int = 30
@@ -481,16 +485,15 @@ class LutMatMul:
 
         import tvm
 
+        super().__init__()
         self.rows, (self.k, self.n) = rows, weights.shape
-        self._tvm = tvm
-        self._device = tvm.cpu()
         layouts = {"": arguments(weights, rows, flavor)}
         if flavor.words:
             layouts[WORDS] = word_arguments(weights, rows)
         bound = {
-            suffix: [tvm.runtime.tensor(array, self._device) for array in arrays] for suffix, arrays in layouts.items()
+            suffix: [tvm.runtime.tensor(array, self.device) for array in arrays] for suffix, arrays in layouts.items()
         }
-        zeros = tvm.runtime.tensor(np.zeros((rows, self.k), np.int8), self._device)
+        zeros = tvm.runtime.tensor(np.zeros((rows, self.k), np.int8), self.device)
         variants = variant_layouts(name, flavor)
         timings = {}
         for variant, suffix in variants.items():
@@ -503,19 +506,5 @@ class LutMatMul:
                 best = min(best, time.perf_counter() - started)
             timings[variant] = best
         self.chosen = min(timings, key=timings.__getitem__)
-        self._function = module[self.chosen]
-        self._arguments = bound[variants[self.chosen]]
-
-    def run_tensor(self, activations: Any) -> Any:
-        """Run on a TVM tensor already on the device; returns the (reused) int32 output tensor."""
-        self._function(activations, *self._arguments)
-        return self._arguments[OUTPUT_ARGUMENT - 1]
-
-    def __call__(self, activations: np.ndarray) -> np.ndarray:
-        if activations.shape != (self.rows, self.k) or activations.dtype != np.int8:
-            raise BackendError(
-                f"LUT kernel built for int8 [{self.rows}, {self.k}] activations, got {activations.dtype} "
-                f"{list(activations.shape)}"
-            )
-        tensor = self._tvm.runtime.tensor(np.ascontiguousarray(activations), self._device)
-        return self.run_tensor(tensor).numpy()
+        self.function = module[self.chosen]
+        self.arguments = bound[variants[self.chosen]]

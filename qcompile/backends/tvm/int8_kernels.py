@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.backends.tvm import threads  # noqa: F401  (sets up TVM's thread pool)
+from qcompile.backends.tvm.bound import BoundKernel
 from qcompile.errors import BackendError
 
 LANES = 16  # int32 lanes of a 512-bit vector
@@ -150,37 +151,27 @@ def build(shapes: dict[str, tuple[int, int, int]], tvm_target: dict[str, Any]) -
         raise BackendError(f"TVM could not build the int8 matmul kernels: {first}") from error
 
 
-class Int8MatMul:
-    """One layer's kernel bound to its packed weights and zero-point correction; ``__call__`` takes uint8
-    ``[m, k]`` activations and returns ``(A - zero_point) @ W`` as int32."""
+class Int8MatMul(BoundKernel):
+    """One layer's kernel bound to its packed weights and zero-point correction; calling it with uint8
+    ``[m, k]`` activations returns ``(A - zero_point) @ W`` as int32."""
+
+    LABEL = "int8 matmul"
+    DTYPE = np.uint8
+    output = 2
 
     def __init__(self, module: Any, name: str, weights: np.ndarray, rows: int, zero_point: int = 0) -> None:
         import tvm
 
         if weights.dtype != np.int8 or weights.ndim != 2:
             raise BackendError(f"int8 matmul weights must be a 2-D int8 array, got {weights.dtype} {weights.shape}")
+        super().__init__()
         self.rows, (self.k, self.n) = rows, weights.shape
-        self._tvm, self._device = tvm, tvm.cpu()
-        self._function = module[name]
-        self._arguments = [
-            tvm.runtime.tensor(array, self._device)
+        self.function = module[name]
+        self.arguments = [
+            tvm.runtime.tensor(array, self.device)
             for array in (
                 pack_weights(weights),
                 zero_point_correction(weights, zero_point),
                 np.zeros((rows, self.n), np.int32),
             )
         ]
-
-    def run_tensor(self, activations: Any) -> Any:
-        """Run on a TVM tensor already on the device; returns the (reused) int32 output tensor."""
-        self._function(activations, *self._arguments)
-        return self._arguments[-1]
-
-    def __call__(self, activations: np.ndarray) -> np.ndarray:
-        if activations.shape != (self.rows, self.k) or activations.dtype != np.uint8:
-            raise BackendError(
-                f"int8 matmul built for uint8 [{self.rows}, {self.k}] activations, got {activations.dtype} "
-                f"{list(activations.shape)}"
-            )
-        tensor = self._tvm.runtime.tensor(np.ascontiguousarray(activations), self._device)
-        return self.run_tensor(tensor).numpy()
