@@ -109,11 +109,18 @@ def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True) -> Any:
                         )
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    for lane in range(lanes):
-                        if ((tile % block_tiles) * tile_blocks + b) * lanes + lane < n:
-                            Y[row_of(tile, r), ((tile % block_tiles) * tile_blocks + b) * lanes + lane] = (
-                                acc[r, b, lane] - correction[((tile % block_tiles) * tile_blocks + b) * lanes + lane]
-                            )
+                    if ((tile % block_tiles) * tile_blocks + b + 1) * lanes <= n:  # a whole block: one vector
+                        Y[row_of(tile, r), T.ramp(((tile % block_tiles) * tile_blocks + b) * lanes, 1, lanes)] = (
+                            acc[r, b, T.ramp(0, 1, lanes)]
+                            - correction[T.ramp(((tile % block_tiles) * tile_blocks + b) * lanes, 1, lanes)]
+                        )
+                    else:
+                        for lane in range(lanes):
+                            if ((tile % block_tiles) * tile_blocks + b) * lanes + lane < n:
+                                Y[row_of(tile, r), ((tile % block_tiles) * tile_blocks + b) * lanes + lane] = (
+                                    acc[r, b, lane]
+                                    - correction[((tile % block_tiles) * tile_blocks + b) * lanes + lane]
+                                )
 
     return kernel
 
