@@ -45,3 +45,9 @@ class BackendError(QCompileError):
 
 class BudgetError(QCompileError):
     """No choice of bit-widths meets the latency / size budget."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (tools raise multi-line ones), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

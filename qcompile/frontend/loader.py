@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from qcompile.errors import ModelLoadError, UnsafeModelError, UnsupportedModelError
+from qcompile.errors import ModelLoadError, UnsafeModelError, UnsupportedModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"{name}: fails onnx.checker: {first_line}") from error
+        raise ModelLoadError(f"{name}: fails onnx.checker: {first_line(error)}") from error
     try:
         model = ir.load(model_path)
     except Exception as error:  # onnx_ir raises several types for malformed tensors

@@ -36,6 +36,7 @@ call allocates nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ import numpy as np
 
 from qcompile.backends.lut.pack import TRIPLET, TRIPLET_ENTRIES, WORD_LANES, lane_order, pack_pairs, pack_triplet_words
 from qcompile.backends.tvm import threads
-from qcompile.backends.tvm.bound import BoundKernel
+from qcompile.backends.tvm.bound import BoundKernel, compile_kernels
 from qcompile.errors import BackendError
 
 OFFSET = 256  # added to every table entry: pair sums of int8 lie in [-256, 256]
@@ -222,7 +223,7 @@ WORD_TILE_ROWS = 4  # rows of a register tile
 # limit: larger or "local" buffers are lowered to TVMBackendAllocWorkspace calls, and every addition is then
 # stored to that heap memory (8 x 576 x 1536 on one core: 18.0 us with 4 x 4 tiles there, 14.8 us with 4 x 3).
 WORD_TILE_BLOCKS = (2, 3)
-WORD_BLOCK_MULTIPLE = 6  # packed blocks are padded to a multiple of every tile width
+WORD_BLOCK_MULTIPLE = math.lcm(*WORD_TILE_BLOCKS)  # packed blocks are padded to a multiple of every tile width
 
 
 @dataclass(frozen=True)
@@ -268,10 +269,10 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
     :func:`word_arguments`); ``parallel=False`` walks the row tiles on the calling thread.
 
     Each part walks its row tiles, building the triplet tables of a row tile's rows, then walking its
-    blocks in tiles; a tile keeps ``tile_rows x
-    tile_blocks`` 16-bit accumulators, so one load of index words serves ``tile_rows`` rows and one row's
-    tables serve ``tile_blocks`` blocks (at batch 8 the untiled kernel streamed tables and words from L2
-    for every row and block: 26.5 against 18.4 us at 8 x 1536 x 576 on one core)."""
+    blocks in tiles; a tile keeps ``tile_rows x tile_blocks`` 16-bit accumulators, so one load of index
+    words serves ``tile_rows`` rows and one row's tables serve ``tile_blocks`` blocks (at batch 8 the
+    untiled kernel streamed tables and words from L2 for every row and block: 26.5 against 18.4 us at
+    8 x 1536 x 576 on one core)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -407,23 +408,18 @@ def build(shapes: dict[str, tuple[int, int, int]], flavor: Flavor) -> Any:
     name to ``(rows, k, n)``; the function ``name`` runs output blocks in parallel, ``name + SERIAL`` on the
     calling thread (a thread pool wake-up costs microseconds, which small layers do not repay), and each has
     triplet-word twins ``+ WORDS + width``, one per tile width; :class:`LutMatMul` times them all."""
-    import tvm
-
     functions = {}
     for name, (rows, k, n) in shapes.items():
-        for variant, parallel in ((name, True), (name + SERIAL, False)):
-            functions[variant] = primfunc(rows, k, n, flavor, parallel).with_attr("global_symbol", variant)
-            if flavor.words:
-                for width in WORD_TILE_BLOCKS:
-                    word_variant = f"{variant}{WORDS}{width}"
-                    functions[word_variant] = word_primfunc(word_plan(rows, k, n), width, parallel).with_attr(
-                        "global_symbol", word_variant
-                    )
-    try:
-        return tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(flavor.tvm_target))
-    except Exception as error:  # TVM raises its own error types and plain Python errors alike
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BackendError(f"TVM could not build the LUT kernel for {flavor.arch}: {first}") from error
+        plan = word_plan(rows, k, n)
+        for variant, layout in variant_layouts(name, flavor).items():
+            parallel = SERIAL not in variant
+            if layout == WORDS:
+                width = int(variant.partition(WORDS)[2])
+                function = word_primfunc(plan, width, parallel)
+            else:
+                function = primfunc(rows, k, n, flavor, parallel)
+            functions[variant] = function.with_attr("global_symbol", variant)
+    return compile_kernels(functions, flavor.tvm_target, f"the LUT kernel for {flavor.arch}")
 
 
 def export(module: Any, path: Any, flavor: Flavor) -> None:

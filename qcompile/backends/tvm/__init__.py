@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from qcompile.backends.tvm import cross, cuda
-from qcompile.errors import BackendError
+from qcompile.errors import BackendError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def build(
     except BackendError:
         raise
     except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BackendError(f"TVM could not build the model for {tvm_target}: {first_line}") from error
+        raise BackendError(f"TVM could not build the model for {tvm_target}: {first_line(error)}") from error
     if toolchain:
         cross.check_elf(out_dir / file_name, toolchain)
     logger.info("TVM build for %s took %.1f s", tvm_target, time.perf_counter() - started)

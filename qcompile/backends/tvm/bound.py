@@ -1,4 +1,4 @@
-"""A hand-written TVM kernel bound to one layer's arguments (packed weights, scratch, output)."""
+"""Hand-written TVM kernels: compiling a module of them, and one kernel bound to a layer's arguments."""
 
 from __future__ import annotations
 
@@ -6,7 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from qcompile.errors import BackendError
+from qcompile.errors import BackendError, first_line
+
+
+def compile_kernels(functions: dict[str, Any], tvm_target: dict[str, Any], what: str) -> Any:
+    """``tvm.compile`` of the PrimFuncs ``functions`` (name -> function) for ``tvm_target``; a failure is a
+    BackendError naming ``what`` was being built."""
+    import tvm
+
+    try:
+        return tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(tvm_target))
+    except Exception as error:  # TVM raises its own error types and plain Python errors alike
+        raise BackendError(f"TVM could not build {what}: {first_line(error)}") from error
 
 
 class BoundKernel:

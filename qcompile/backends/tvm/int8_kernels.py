@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.backends.tvm import threads  # noqa: F401  (sets up TVM's thread pool)
-from qcompile.backends.tvm.bound import BoundKernel
+from qcompile.backends.tvm.bound import BoundKernel, compile_kernels
 from qcompile.errors import BackendError
 
 LANES = 16  # int32 lanes of a 512-bit vector
@@ -145,17 +145,11 @@ def zero_point_correction(weights: np.ndarray, zero_point: int) -> np.ndarray:
 def build(shapes: dict[str, tuple[int, int, int]], tvm_target: dict[str, Any]) -> Any:
     """One TVM module with a parallel kernel ``name`` and a serial one ``name + "_serial"`` per entry of
     ``shapes`` (``name -> (m, k, n)``)."""
-    import tvm
-
     functions = {}
     for name, (m, k, n) in shapes.items():
         for variant, parallel in ((name, True), (name + "_serial", False)):
             functions[variant] = matmul_primfunc(m, k, n, parallel).with_attr("global_symbol", variant)
-    try:
-        return tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(tvm_target))
-    except Exception as error:  # TVM raises its own error types and plain Python errors alike
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BackendError(f"TVM could not build the int8 matmul kernels: {first}") from error
+    return compile_kernels(functions, tvm_target, "the int8 matmul kernels")
 
 
 class Int8MatMul(BoundKernel):
