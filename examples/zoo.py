@@ -114,6 +114,58 @@ def export_efficientnet_lite0(path: Path) -> Path:
     return _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["logits"])
 
 
+def _resnet18(torch: Any) -> Any:
+    """ResNet-18 as torchvision defines it (stem, 4 stages of 2 BasicBlocks, global pool, fc to 1000), built
+    here because torchvision cannot be installed beside this torch."""
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):  # type: ignore[misc]
+        def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(outputs)
+            self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(outputs)
+            self.shortcut = nn.Identity()
+            if stride != 1 or inputs != outputs:
+                self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+        def forward(self, x: Any) -> Any:
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+    widths = [64, 128, 256, 512]
+    blocks: list[Any] = []
+    for stage, width in enumerate(widths):
+        previous = widths[max(stage - 1, 0)]
+        blocks += [BasicBlock(previous, width, 1 if stage == 0 else 2), BasicBlock(width, width, 1)]
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, 1000),
+    )
+
+
+def export_resnet18(path: Path) -> Path:
+    """Export a ResNet-18 (the architecture, for speed figures: no package ships its trained weights here).
+    Weights are torch's default initialisation (seed 0); BatchNorm statistics are those of 64 photo crops,
+    so activations have realistic ranges for calibration."""
+    import torch
+
+    torch.manual_seed(0)
+    model = _resnet18(torch)
+    model.train()
+    with torch.no_grad():
+        for start in range(0, 64, 16):
+            model(torch.from_numpy(photo_crops(16, seed=100 + start)))
+    return _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["logits"])
+
+
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 

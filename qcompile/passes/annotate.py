@@ -8,7 +8,8 @@ Quantization points are chosen so that onnxruntime (and TVM) can run whole regio
 
 - every float activation input of a quantized Conv / Gemm / MatMul;
 - the inputs and output of an Add, Concat or pooling op whose every non-constant input already flows in
-  int8 (the output of a quantized compute op, after its Relu / Clip, or of another such op). This keeps
+  int8 (the output of a quantized compute op, after its Relu / Clip, or of another such op); the output
+  after a sole Relu / Clip consumer, as for compute ops (a ResNet block's Add, Relu). This keeps
   residual streams of CNNs in int8 but leaves a transformer's bias adds, residual adds and LayerNorms in
   float, where 8 bits are known to lose too much.
 
@@ -193,9 +194,11 @@ def plan_quantization_points(
                 for value in activations:
                     if not (table_ops and _residual_into_norm(value)):
                         points.setdefault(id(value), value)
-                if not (table_ops and _residual_into_norm(node.outputs[0])):
-                    points.setdefault(id(node.outputs[0]), node.outputs[0])
-                int8_flow.add(id(node.outputs[0]))
+                # A residual Add's Relu (ResNet's blocks) stays in the region: quantized after it.
+                output = _activation_output(node)
+                if not (table_ops and _residual_into_norm(output)):
+                    points.setdefault(id(output), output)
+                int8_flow.add(id(output))
     return layers, list(points.values())
 
 

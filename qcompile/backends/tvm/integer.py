@@ -1,0 +1,963 @@
+# mypy: disable-error-code="valid-type"
+# (TVMScript annotates buffers as T.Buffer(shape, dtype), which is not a type to mypy.)
+"""The integer-only graph (:mod:`qcompile.passes.requantize`) as a Relax module of hand-written int8 kernels.
+
+TVM's ONNX importer widens ``ConvInteger`` / ``MatMulInteger`` to int32 and schedules nothing on the CPU,
+so this module lowers the integer graph itself, for x86-64 CPUs with AVX-512 VNNI:
+
+- Activations live as uint8 **NHWC** tensors, channels innermost, so that a convolution is a matmul over
+  ``(kh, kw, c)``: four consecutive channels are the four bytes one ``vpdpbusd`` sums (the channel count is
+  padded to a multiple of four: the stem's three). A tensor read by a padded convolution or pooling is
+  stored with that padding around it (filled with the reader's zero point), written by its producer; every
+  other reader indexes past the border.
+- Anchors: dense and pointwise ``ConvInteger`` and ``MatMulInteger`` run the VNNI register-tile kernel of
+  :mod:`qcompile.backends.tvm.int8_kernels` (implicit GEMM: the window is addressed in place, no im2col);
+  depthwise ``ConvInteger`` runs a kernel vectorised over 16 channels; ``MaxPool`` over 64 channels;
+  ``ReduceSum`` over H, W per channel.
+- The elementwise integer ops after an anchor (bias ``Add``, the requantization's ``Cast``, ``Mul``,
+  ``Add``, ``Div``, ``Sub``, ``Clip``, ``Cast``; ``Max`` / ``Min`` clamps; the output's float ``Mul``) are
+  fused into the anchor's epilogue, on 16-lane vectors, so each layer reads int8 and writes int8 once.
+  ``Div`` by a power of two is a shift with ONNX's truncation toward zero; the others are the ops
+  themselves, in the same dtypes, so the result is bit-exact with the numpy oracle
+  (:mod:`qcompile.passes.integer_reference`).
+- Elementwise ops over two tensors (a residual ``Add`` with its rescaling and requantization) and the input
+  ``QuantizeLinear`` are one fused elementwise kernel each.
+
+Anything else (other ops, batch > 1, a split reduction's ``Slice``, a divisor that is not a power of two)
+raises :class:`NotLowerable`; the caller then builds the graph with TVM's ONNX importer instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qcompile.backends.tvm import int8_kernels, threads  # noqa: F401  (threads sets up TVM's pool)
+from qcompile.passes.integer_reference import node_attributes
+
+LANES = 16
+ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min"})
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT8: "int8",
+}
+
+
+class NotLowerable(Exception):
+    """The integer graph has something these kernels do not cover (the message says what)."""
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+
+@dataclass
+class Stored:
+    """A materialized tensor: a Relax value. ``layout`` "nhwc" stores logical NCHW ``[1, C, H, W]`` as
+    ``[H + top + bottom, W + left + right, Cs]`` (Cs = C rounded up for the VNNI kernels); "nc" stores
+    ``[1, C]`` (or ``[1, C, 1, 1]``) as ``[1, C]``; "nchw" is a float graph input as given."""
+
+    var: Any
+    logical: tuple[int, ...]
+    dtype: str
+    layout: str
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    channels: int = 0  # stored channels (nhwc)
+    fill: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.layout == "nhwc":
+            _, _, h, w = self.logical
+            top, left, bottom, right = self.pads
+            return (h + top + bottom, w + left + right, self.channels)
+        if self.layout == "nc":
+            return (1, self.logical[1])
+        return self.logical
+
+
+@dataclass
+class Lazy:
+    """A value not yet computed: ``expression(env)`` gives it at one (pixel, channel-vector) from the
+    anchor's value (``env.source``), the leaves' loads (``env.leaf(i)``) and per-channel constants
+    (``env.constant(i)``, rows of ``constants``)."""
+
+    logical: tuple[int, ...]
+    dtype: str
+    expression: Callable[[Env], Any]
+    anchor: Anchor | None = None
+    leaves: list[Stored] = field(default_factory=list)
+    constants: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return self.logical[1]
+
+
+@dataclass
+class Env:
+    """What a Lazy's expression may use inside a kernel."""
+
+    source: Any
+    leaf: Callable[[int], Any]
+    constant: Callable[[int], Any]
+    lanes: int
+
+
+@dataclass
+class Anchor:
+    """A compute op whose per-element value an epilogue continues: ``kind`` conv / depthwise / matmul /
+    maxpool / reduce with its input, weights and geometry."""
+
+    kind: str
+    input: Stored
+    logical: tuple[int, ...]
+    source_dtype: str
+    weights: np.ndarray | None = None
+    zero_point: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+def _leaf_lazy(value: Stored) -> Lazy:
+    return Lazy(value.logical, value.dtype, lambda env: env.leaf(0), leaves=[value])
+
+
+# ------------------------------------------------------------------------------------------ the walk
+
+
+class _Lowering:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from tvm import relax
+
+        self.relax = relax
+        self.model = model
+        self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        self.values: dict[str, Stored | Lazy] = {}
+        self.uses: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                if name and name not in self.constants:
+                    self.uses.setdefault(name, []).append(node)
+        self.outputs = [output.name for output in model.graph.output]
+        self.functions: dict[str, Any] = {}
+        self.builder = relax.BlockBuilder()
+        self.count = 0
+
+    # -- padding each stored tensor gets: the largest its padded readers need
+    def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
+        pads, fill = (0, 0, 0, 0), None
+        for node in self.uses.get(name, []):
+            if node.op_type not in ("ConvInteger", "MaxPool"):
+                continue
+            attributes = node_attributes(node)
+            node_pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
+            top, left, bottom, right = node_pads[0], node_pads[1], node_pads[2], node_pads[3]
+            pads = (max(pads[0], top), max(pads[1], left), max(pads[2], bottom), max(pads[3], right))
+            if node.op_type == "ConvInteger":
+                zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+            else:
+                zero = 0  # max pooling over uint8: 0 never wins against a real code
+            if any((top, left, bottom, right)) or node.op_type == "ConvInteger":
+                if fill is not None and fill != zero and any(node_pads):
+                    raise NotLowerable(f"{name} is padded by readers with different zero points")
+                if any(node_pads) or fill is None:
+                    fill = zero
+        return pads, fill or 0
+
+    def _stored_channels(self, name: str, channels: int) -> int:
+        dense = any(n.op_type in ("ConvInteger", "MatMulInteger") for n in self.uses.get(name, []))
+        return -(-channels // 4) * 4 if dense else channels
+
+    def run(self) -> Any:
+        relax = self.relax
+        graph = self.model.graph
+        parameters = []
+        for tensor in graph.input:
+            if tensor.name in self.constants:
+                continue
+            shape = tuple(d.dim_value for d in tensor.type.tensor_type.shape.dim)
+            dtype = ONNX_DTYPES.get(tensor.type.tensor_type.elem_type)
+            if dtype != "float32" or len(shape) != 4 or shape[0] != 1 or not all(shape):
+                raise NotLowerable(f"input {tensor.name}: only one float32 NCHW image of batch 1 is covered")
+            var = relax.Var(tensor.name, relax.TensorType(shape, dtype))
+            parameters.append(var)
+            self.values[tensor.name] = Stored(var, shape, dtype, "nchw")
+        with self.builder.function("main", parameters):
+            with self.builder.dataflow():
+                for node in graph.node:
+                    self._node(node)
+                results = []
+                for name in self.outputs:
+                    value = self._materialize(name, output=True)
+                    results.append(value.var)
+                result = self.builder.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+            self.builder.emit_func_output(result)
+        return self.builder.get()
+
+    # -- one node
+    def _node(self, node: onnx.NodeProto) -> None:
+        op = node.op_type
+        output = node.output[0]
+        if op in ELEMENTWISE_OPS:
+            self.values[output] = self._elementwise(node)
+        elif op == "QuantizeLinear":
+            self.values[output] = self._quantize(node)
+        elif op == "ConvInteger":
+            self.values[output] = self._conv(node)
+        elif op == "MatMulInteger":
+            self.values[output] = self._matmul(node)
+        elif op == "MaxPool":
+            self.values[output] = self._max_pool(node)
+        elif op == "ReduceSum":
+            self.values[output] = self._reduce(node)
+        elif op in ("Reshape", "Flatten"):
+            self.values[output] = self._reshape(node)
+        else:
+            raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
+        value = self.values[output]
+        if isinstance(value, Lazy) and (len(self.uses.get(output, [])) > 1 or output in self.outputs):
+            if output not in self.outputs:
+                self.values[output] = self._materialize(output)
+
+    def _operand(self, name: str) -> Stored | Lazy | np.ndarray:
+        if name in self.constants:
+            return self.constants[name]
+        return self.values[name]
+
+    def _materialize(self, name: str, output: bool = False) -> Stored:
+        value = self.values[name]
+        if isinstance(value, Stored):
+            return value
+        stored = self._emit(value, name, output)
+        self.values[name] = stored
+        return stored
+
+    # -- per-channel constants
+    @staticmethod
+    def _per_channel(array: np.ndarray, logical: tuple[int, ...]) -> np.ndarray | None:
+        """``array`` as a [C] row if it broadcasts along the channel axis only; None if it is a scalar."""
+        if array.size == 1:
+            return None
+        channels = logical[1]
+        squeezed = array.reshape(-1)
+        expected = [1] * len(logical)
+        expected[1] = channels
+        if squeezed.size != channels or list(array.shape) not in (expected, [channels], expected[-len(array.shape):]):
+            raise NotLowerable(f"a constant of shape {list(array.shape)} does not broadcast per channel")
+        return squeezed
+
+    def _elementwise(self, node: onnx.NodeProto) -> Lazy:
+        from tvm import tirx
+
+        op = node.op_type
+        operands = [self._operand(name) for name in node.input if name]
+        if op == "Cast":
+            dtype = ONNX_DTYPES.get(int(node_attributes(node)["to"]))
+            if dtype is None:
+                raise NotLowerable(f"{node.name}: Cast to an unsupported type")
+            source = self._as_lazy(operands[0])
+
+            def cast(env: Env, inner: Lazy = source, dtype: str = dtype) -> Any:
+                value = inner.expression(env)
+                return tirx.Cast(dtype if env.lanes == 1 else f"{dtype}x{env.lanes}", value)
+
+            return Lazy(source.logical, dtype, cast, source.anchor, source.leaves, source.constants)
+        tensors = [item for item in operands if not isinstance(item, np.ndarray)]
+        if not tensors:
+            raise NotLowerable(f"{node.name}: an elementwise op on constants only")
+        # Two tensor operands: every anchored one is computed first (an anchor's kernel has one source).
+        lazies = []
+        for index, item in enumerate(operands):
+            if isinstance(item, np.ndarray):
+                lazies.append(item)
+                continue
+            if len(tensors) > 1 and isinstance(item, Lazy) and item.anchor is not None:
+                item = self._materialize(node.input[index])
+            lazies.append(self._as_lazy(item))
+        logical = next(item.logical for item in lazies if isinstance(item, Lazy))
+        dtype = next(item.dtype for item in lazies if isinstance(item, Lazy))
+        anchor = next((item.anchor for item in lazies if isinstance(item, Lazy) and item.anchor), None)
+        leaves: list[Stored] = []
+        constants: list[np.ndarray] = []
+        parts: list[Callable[[Env], Any]] = []
+        for item in lazies:
+            if isinstance(item, np.ndarray):
+                row = self._per_channel(item, logical)
+                if row is None:
+                    scalar = item.reshape(-1)[0]
+                    parts.append(lambda env, s=scalar: tirx.const(s.item(), dtype))
+                else:
+                    index = len(constants)
+                    constants.append(row)
+                    parts.append(lambda env, i=index: _constant_as(env, i, dtype))
+                continue
+            if item.logical != logical:
+                raise NotLowerable(f"{node.name}: operands of shapes {item.logical} and {logical}")
+            leaf_offset, constant_offset = len(leaves), len(constants)
+            leaves += item.leaves
+            constants += item.constants
+
+            def shifted(env: Env, inner: Lazy = item, lo: int = leaf_offset, co: int = constant_offset) -> Any:
+                return inner.expression(
+                    Env(env.source, lambda i: env.leaf(i + lo), lambda i: env.constant(i + co), env.lanes)
+                )
+
+            parts.append(shifted)
+        if op == "Div":
+            return self._division(node, lazies, logical, dtype, anchor, leaves, constants, parts)
+        if op == "Clip" and (len(node.input) < 3 or not all(node.input[1:3])):
+            raise NotLowerable(f"{node.name}: Clip without both bounds")
+        combine = _combiner(op, node, dtype)
+        return Lazy(logical, dtype, lambda env: combine([part(env) for part in parts]), anchor, leaves, constants)
+
+    @staticmethod
+    def _division(
+        node: onnx.NodeProto,
+        lazies: list[Any],
+        logical: tuple[int, ...],
+        dtype: str,
+        anchor: Anchor | None,
+        leaves: list[Stored],
+        constants: list[np.ndarray],
+        parts: list[Callable[[Env], Any]],
+    ) -> Lazy:
+        """Integer ``Div`` by a constant power of two, truncating toward zero as ONNX does: ``(x + ((x >> (b -
+        1)) & (d - 1))) >> log2 d`` (b the width), a shift where a vector division does not exist."""
+        from tvm import tirx
+
+        divisor = lazies[1]
+        if not isinstance(divisor, np.ndarray) or not isinstance(lazies[0], Lazy) or dtype not in ("int32", "int64"):
+            raise NotLowerable(f"{node.name}: Div is covered by an integer constant only")
+        flat = divisor.reshape(-1).astype(np.int64)
+        if np.any(flat <= 0) or np.any(flat & (flat - 1)):
+            raise NotLowerable(f"{node.name}: Div by a constant that is not a power of two")
+        shifts = np.log2(flat).round().astype(np.int64).reshape(divisor.shape)
+        row = _Lowering._per_channel(shifts, logical)
+        width = 64 if dtype == "int64" else 32
+        if row is None:
+            shift = int(shifts.reshape(-1)[0])
+
+            def by_scalar(env: Env) -> Any:
+                x = parts[0](env)
+                mask = tirx.const((1 << shift) - 1, dtype)
+                return (x + ((x >> tirx.const(width - 1, dtype)) & mask)) >> tirx.const(shift, dtype)
+
+            return Lazy(logical, dtype, by_scalar, anchor, leaves, constants)
+        index = len(constants)
+        constants = [*constants, row.astype(np.dtype(dtype))]
+
+        def by_channel(env: Env) -> Any:
+            x = parts[0](env)
+            n = _constant_as(env, index, dtype)
+            one = tirx.const(1, dtype)
+            return (x + ((x >> tirx.const(width - 1, dtype)) & ((one << n) - one))) >> n
+
+        return Lazy(logical, dtype, by_channel, anchor, leaves, constants)
+
+    def _as_lazy(self, item: Stored | Lazy | np.ndarray) -> Lazy:
+        if isinstance(item, Lazy):
+            return item
+        if isinstance(item, Stored):
+            return _leaf_lazy(item)
+        raise NotLowerable("a constant where a tensor was expected")
+
+    def _quantize(self, node: onnx.NodeProto) -> Lazy:
+        from tvm import tirx
+
+        source = self.values[node.input[0]]
+        if not isinstance(source, Stored) or source.layout != "nchw":
+            raise NotLowerable("QuantizeLinear is covered on the float graph input only")
+        scale = self.constants[node.input[1]]
+        zero = self.constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.uint8(0)
+        if scale.size != 1 or zero.size != 1 or zero.dtype != np.uint8:
+            raise NotLowerable("QuantizeLinear with a per-channel scale or a non-uint8 zero point")
+
+        def quantize(env: Env) -> Any:
+            scaled = tirx.nearbyint(env.leaf(0) / tirx.const(float(scale), "float32"))
+            shifted = scaled + tirx.const(float(zero), "float32")
+            return tirx.Cast("uint8", tirx.max(tirx.min(shifted, 255.0), 0.0))
+
+        return Lazy(source.logical, "uint8", quantize, leaves=[source])
+
+    def _conv(self, node: onnx.NodeProto) -> Lazy:
+        attributes = node_attributes(node)
+        source = self._materialize(node.input[0])
+        weights = self.constants.get(node.input[1])
+        if weights is None or weights.dtype != np.int8:
+            raise NotLowerable(f"{node.name}: ConvInteger needs constant int8 weights")
+        if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
+            raise NotLowerable(f"{node.name}: weight zero points are not covered (weights are symmetric)")
+        zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        if any(d != 1 for d in attributes.get("dilations", [1, 1])) or attributes.get("auto_pad", b"NOTSET") not in (
+            b"NOTSET",
+            "NOTSET",
+        ):
+            raise NotLowerable(f"{node.name}: dilation / auto_pad are not covered")
+        if source.layout != "nhwc":
+            raise NotLowerable(f"{node.name}: input is not an NHWC activation")
+        _, channels, height, width = source.logical
+        out_channels, per_group, kh, kw = weights.shape
+        group = int(attributes.get("group", 1))
+        pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
+        strides = tuple(int(s) for s in attributes.get("strides", [1, 1]))
+        oh = (height + pads[0] + pads[2] - kh) // strides[0] + 1
+        ow = (width + pads[1] + pads[3] - kw) // strides[1] + 1
+        if group == 1:
+            kind = "conv"
+        elif group == channels == out_channels and per_group == 1:
+            kind = "depthwise"
+        else:
+            raise NotLowerable(f"{node.name}: grouped convolution (group {group}) that is not depthwise")
+        logical = (1, out_channels, oh, ow)
+        anchor = Anchor(
+            kind, source, logical, "int32", weights, zero, (kh, kw), (strides[0], strides[1]),
+            (pads[0], pads[1], pads[2], pads[3]),
+        )  # fmt: skip
+        return Lazy(logical, "int32", lambda env: env.source, anchor)
+
+    def _matmul(self, node: onnx.NodeProto) -> Lazy:
+        source = self._materialize(node.input[0])
+        weights = self.constants.get(node.input[1])
+        if weights is None or weights.dtype != np.int8 or weights.ndim != 2:
+            raise NotLowerable(f"{node.name}: MatMulInteger needs constant 2-D int8 weights")
+        if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
+            raise NotLowerable(f"{node.name}: weight zero points are not covered")
+        if source.layout != "nc" or source.dtype != "uint8" or source.logical[1] != weights.shape[0]:
+            raise NotLowerable(f"{node.name}: MatMulInteger is covered on [1, K] uint8 rows only")
+        zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        logical = (1, weights.shape[1])
+        anchor = Anchor("matmul", source, logical, "int32", weights.T[:, :, None, None], zero)
+        return Lazy(logical, "int32", lambda env: env.source, anchor)
+
+    def _max_pool(self, node: onnx.NodeProto) -> Lazy:
+        attributes = node_attributes(node)
+        source = self._materialize(node.input[0])
+        if source.dtype != "uint8" or source.layout != "nhwc" or attributes.get("ceil_mode", 0):
+            raise NotLowerable(f"{node.name}: MaxPool is covered on uint8 NHWC activations without ceil_mode")
+        kh, kw = (int(k) for k in attributes["kernel_shape"])
+        pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
+        strides = tuple(int(s) for s in attributes.get("strides", [1, 1]))
+        _, channels, height, width = source.logical
+        oh = (height + pads[0] + pads[2] - kh) // strides[0] + 1
+        ow = (width + pads[1] + pads[3] - kw) // strides[1] + 1
+        logical = (1, channels, oh, ow)
+        anchor = Anchor(
+            "maxpool", source, logical, "uint8", None, 0, (kh, kw), (strides[0], strides[1]),
+            (pads[0], pads[1], pads[2], pads[3]),
+        )  # fmt: skip
+        return Lazy(logical, "uint8", lambda env: env.source, anchor)
+
+    def _reduce(self, node: onnx.NodeProto) -> Lazy:
+        source = self._materialize(node.input[0])
+        axes = sorted(int(a) for a in self.constants[node.input[1]]) if len(node.input) > 1 else []
+        if source.layout != "nhwc" or axes != [2, 3] or not node_attributes(node).get("keepdims", 1):
+            raise NotLowerable(f"{node.name}: ReduceSum is covered over H, W with keepdims only")
+        logical = (1, source.logical[1], 1, 1)
+        anchor = Anchor("reduce", source, logical, source.dtype)
+        return Lazy(logical, source.dtype, lambda env: env.source, anchor)
+
+    def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
+        value = self.values[node.input[0]]
+        logical = value.logical
+        if len(logical) == 4 and logical[2] == logical[3] == 1:
+            new = (1, logical[1])
+            if isinstance(value, Lazy):
+                return Lazy(new, value.dtype, value.expression, value.anchor, value.leaves, value.constants)
+            if value.layout == "nc":
+                return Stored(value.var, new, value.dtype, "nc")
+        raise NotLowerable(f"{node.name}: only [1, C, 1, 1] -> [1, C] reshapes are covered")
+
+    # -- kernels
+    def _emit(self, value: Lazy, name: str, output: bool) -> Stored:
+        relax = self.relax
+        logical = value.logical
+        if len(logical) == 2 or (len(logical) == 4 and logical[2] == logical[3] == 1 and not self._padded(name)):
+            target = Stored(None, logical, value.dtype, "nc")
+        elif output:
+            raise NotLowerable(f"output {name}: a 4-D graph output is not covered")
+        else:
+            pads, fill = self._padding(name)
+            target = Stored(None, logical, value.dtype, "nhwc", pads, self._stored_channels(name, logical[1]), fill)
+        if value.anchor is None:
+            function, arguments = _elementwise_kernel(value, target)
+        else:
+            function, arguments = _anchor_kernel(value, target)
+        self.count += 1
+        label = f"k{self.count:03d}_{value.anchor.kind if value.anchor else 'eltwise'}"
+        gvar = self.builder.add_func(function.with_attr("global_symbol", label), label)
+        operands = [item.var if isinstance(item, Stored) else relax.const(item, item.dtype.name) for item in arguments]
+        result_type = relax.TensorType(target.shape, target.dtype)
+        if target.layout == "nhwc" and (any(target.pads) or target.channels > logical[1]):
+            # The border first, then the kernel writes the inside of the same tensor.
+            border_label = f"{label}_border"
+            border = self.builder.add_func(_fill_kernel(target).with_attr("global_symbol", border_label), border_label)
+            filled = self.builder.emit(relax.call_tir(border, [], result_type))
+            call = relax.call_tir_inplace(gvar, [*operands, filled], len(operands), result_type)
+        else:
+            call = relax.call_tir(gvar, operands, result_type)
+        target.var = self.builder.emit(call)
+        return target
+
+    def _padded(self, name: str) -> bool:
+        return any(self._padding(name)[0])
+
+
+def _constant_as(env: Env, index: int, dtype: str) -> Any:
+    from tvm import tirx
+
+    value = env.constant(index)
+    return tirx.Cast(dtype if env.lanes == 1 else f"{dtype}x{env.lanes}", value)
+
+
+def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]], Any]:
+    from tvm import tirx
+
+    if op == "Add":
+        return lambda v: v[0] + v[1]
+    if op == "Sub":
+        return lambda v: v[0] - v[1]
+    if op == "Mul":
+        return lambda v: v[0] * v[1]
+    if op == "Max":
+        return lambda v: tirx.max(v[0], v[1])
+    if op == "Min":
+        return lambda v: tirx.min(v[0], v[1])
+    if op == "Clip":
+        return lambda v: tirx.min(tirx.max(v[0], v[1]), v[2]) if len(v) == 3 else tirx.max(v[0], v[1])
+    if op == "Div":
+        raise NotLowerable("Div reaches _combiner")  # handled by _division
+    raise NotLowerable(f"{node.name} ({op}) has no elementwise form")
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def _pack(constants: list[np.ndarray], channels: int) -> tuple[np.ndarray, np.ndarray, list[tuple[bool, int, str]]]:
+    """Per-channel constant rows as one int64 and one float32 matrix (each at least one row), and for each
+    row: (is float, its row, its dtype)."""
+    ints, floats, where = [], [], []
+    for row in constants:
+        if row.dtype.kind == "f":
+            where.append((True, len(floats), "float32"))
+            floats.append(row.astype(np.float32))
+        else:
+            where.append((False, len(ints), row.dtype.name))
+            ints.append(row.astype(np.int64))
+    int_matrix = np.stack(ints) if ints else np.zeros((1, channels), np.int64)
+    float_matrix = np.stack(floats) if floats else np.zeros((1, channels), np.float32)
+    return int_matrix, float_matrix, where
+
+
+def _env(source: Any, leaf: Callable[[int], Any], ints: Any, floats: Any, where: list[Any], c: Any, lanes: int) -> Env:
+    from tvm import tirx
+
+    def constant(index: int) -> Any:
+        is_float, row, dtype = where[index]
+        loaded = floats[row, c] if is_float else ints[row, c]
+        return tirx.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", loaded)
+
+    return Env(source, leaf, constant, lanes)
+
+
+def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
+    """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels)."""
+    if stored.layout == "nhwc":
+        return buffer[i + stored.pads[0], j + stored.pads[1], c]
+    if stored.layout == "nc":
+        return buffer[0, c]
+    return buffer[0, c, i, j]
+
+
+def _store_index(target: Stored, i: Any, j: Any, c: Any) -> tuple[Any, ...]:
+    if target.layout == "nhwc":
+        return (i + target.pads[0], j + target.pads[1], c)
+    return (0, c)
+
+
+def _fill_kernel(target: Stored) -> Any:
+    """Writes the border (and the padding channels) of a padded NHWC tensor with its fill value."""
+    from tvm.script import tirx as T
+
+    rows, cols, stored = target.shape
+    _, channels, height, width = target.logical
+    top, left = target.pads[0], target.pads[1]
+    dtype, fill = target.dtype, target.fill
+    extra = stored > channels
+
+    @T.prim_func
+    def fill_border(Y: T.Buffer((rows, cols, stored), dtype)):
+        T.func_attr({"tir.noalias": True})
+        for i in range(rows):
+            if i < top or i >= top + height:
+                for j in range(cols):
+                    for c in range(stored):
+                        Y[i, j, c] = T.Cast(dtype, fill)
+            else:
+                for j in range(left):
+                    for c in range(stored):
+                        Y[i, j, c] = T.Cast(dtype, fill)
+                for j in range(left + width, cols):
+                    for c in range(stored):
+                        Y[i, j, c] = T.Cast(dtype, fill)
+                if extra:
+                    for j in range(width):
+                        for c in range(channels, stored):
+                            Y[i, j + left, c] = T.Cast(dtype, fill)
+
+    return fill_border
+
+
+def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
+    """One fused elementwise kernel over ``value``'s one or two leaves."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    logical = value.logical
+    height, width = (logical[2], logical[3]) if len(logical) == 4 else (1, 1)
+    channels = logical[1]
+    leaves = value.leaves
+    if not 1 <= len(leaves) <= 2:
+        raise NotLowerable(f"an elementwise kernel over {len(leaves)} tensors")
+    first, second = leaves[0], leaves[-1]
+    vector = channels % LANES == 0 and all(leaf.layout != "nchw" for leaf in leaves)
+    blocks = channels // LANES
+    ints, floats, where = _pack(value.constants, channels)
+    y_nhwc = target.layout == "nhwc"
+    top, left = target.pads[0], target.pads[1]
+    dtype, vector_dtype = target.dtype, f"{target.dtype}x{LANES}"
+
+    def compute(X0: Any, X1: Any, I: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+        buffers = (X0, X1)
+
+        def leaf(index: int) -> Any:
+            return _load(buffers[index], leaves[index], i, j, c)
+
+        return value.expression(_env(None, leaf, I, F, where, c, lanes))
+
+    @T.prim_func
+    def eltwise(
+        X0: T.Buffer(first.shape, first.dtype),
+        X1: T.Buffer(second.shape, second.dtype),
+        I: T.Buffer(ints.shape, "int64"),
+        F: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for i in T.parallel(height):
+            for j in range(width):
+                if vector:
+                    for b in range(blocks):
+                        if y_nhwc:
+                            Y[i + top, j + left, T.ramp(b * LANES, 1, LANES)] = compute(
+                                X0, X1, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                            )
+                        else:
+                            Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
+                                X0, X1, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                            )
+                else:
+                    for c in range(channels):
+                        if y_nhwc:
+                            Y[i + top, j + left, c] = compute(X0, X1, I, F, i, j, c, 1)
+                        else:
+                            Y[0, c] = compute(X0, X1, I, F, i, j, c, 1)
+
+    del vector_dtype
+    return eltwise, [first, second, ints, floats]
+
+
+def _anchor_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
+    anchor = value.anchor
+    assert anchor is not None
+    if value.leaves:
+        raise NotLowerable("an anchor's epilogue that reads another tensor")
+    if anchor.kind in ("conv", "matmul"):
+        return _conv_kernel(value, anchor, target)
+    if anchor.kind in ("depthwise", "maxpool"):
+        return _window_kernel(value, anchor, target)
+    return _reduce_kernel(value, anchor, target)
+
+
+TILE_ROWS = {3: 4, 2: 6, 1: 8}  # rows per register tile for 3, 2 or 1 blocks of 16 columns: <= 12 accumulators
+
+
+def pack_conv_weights(weights: np.ndarray, channels: int, tile_blocks: int) -> np.ndarray:
+    """int8 ``[N, C, KH, KW]`` -> ``[blocks, KH * KW * Cs / 4, 64]``: the reduction ordered (kh, kw, c) as the
+    NHWC window is read (C padded with zero weights to the stored ``channels`` Cs), each 16 output columns'
+    groups of four as one ``vpdpbusd`` reads them; blocks padded with zeros to whole tiles."""
+    n, c, kh, kw = weights.shape
+    ordered = np.zeros((kh, kw, channels, n), np.int8)
+    ordered[:, :, :c, :] = weights.transpose(2, 3, 1, 0)
+    k = kh * kw * channels
+    blocks = -(-(-(-n // LANES)) // tile_blocks) * tile_blocks
+    padded = np.zeros((k, blocks * LANES), np.int8)
+    padded[:, :n] = ordered.reshape(k, n)
+    grouped = padded.reshape(k // 4, 4, blocks, LANES).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(grouped.reshape(blocks, k // 4, LANES * 4))
+
+
+def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """Dense convolution (any window, stride) or matmul on the VNNI register tiles, epilogue fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source, weights = anchor.input, anchor.weights
+    assert weights is not None
+    n, _, kh, kw = weights.shape
+    stored = source.channels if source.layout == "nhwc" else source.logical[1]
+    if stored % 4:
+        raise NotLowerable(f"a convolution over {stored} stored channels (not a multiple of 4)")
+    out_h, out_w = (anchor.logical[2], anchor.logical[3]) if len(anchor.logical) == 4 else (1, 1)
+    rows = out_h * out_w
+    blocks16 = -(-n // LANES)
+    tile_blocks = min(3, blocks16)
+    tile_rows = min(TILE_ROWS[tile_blocks], rows)
+    packed = pack_conv_weights(weights, stored, tile_blocks)
+    block_tiles = packed.shape[0] // tile_blocks
+    row_tiles = -(-rows // tile_rows)
+    quads = stored // 4
+    correction = (anchor.zero_point * weights.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+    ints, floats, where = _pack(value.constants, n)
+    x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
+    stride_h, stride_w = anchor.strides
+    off_h = (source.pads[0] - anchor.pads[0]) if x_nhwc else 0
+    off_w = (source.pads[1] - anchor.pads[1]) if x_nhwc else 0
+    if x_nhwc and (off_h < 0 or off_w < 0):
+        raise NotLowerable("a convolution input stored with less padding than the convolution needs")
+    top, left = target.pads[0], target.pads[1]
+    i32, i8 = f"int32x{LANES}", f"int8x{LANES * 4}"
+
+    def row(tile: Any, r: Any) -> Any:
+        return tirx.min((tile // block_tiles) * tile_rows + r, rows - 1)
+
+    def activations(X: Any, tile: Any, r: Any, y: Any, x: Any, q: Any) -> Any:
+        m = row(tile, r)
+        if x_nhwc:
+            loaded = X[(m // out_w) * stride_h + y + off_h, (m % out_w) * stride_w + x + off_w, tirx.Ramp(q * 4, 1, 4)]
+        else:
+            loaded = X[0, tirx.Ramp(q * 4, 1, 4)]
+        return tirx.reinterpret(i8, tirx.Broadcast(tirx.reinterpret("int32", loaded), LANES))
+
+    def epilogue(acc: Any, Cr: Any, I: Any, F: Any, c: Any, lanes: int) -> Any:
+        return value.expression(_env(acc - Cr[c], lambda i: None, I, F, where, c, lanes))
+
+    def oh(tile: Any, r: Any) -> Any:
+        return row(tile, r) // out_w + top
+
+    def ow(tile: Any, r: Any) -> Any:
+        return row(tile, r) % out_w + left
+
+    @T.prim_func
+    def conv(
+        X: T.Buffer(source.shape, "uint8"),
+        Wp: T.Buffer(packed.shape, "int8"),
+        Cr: T.Buffer((n,), "int32"),
+        I: T.Buffer(ints.shape, "int64"),
+        F: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for tile in T.parallel(row_tiles * block_tiles):
+            acc = T.alloc_buffer((tile_rows, tile_blocks, LANES), "int32", scope="global")  # on the stack
+            for r in T.unroll(tile_rows):
+                for b in T.unroll(tile_blocks):
+                    acc[r, b, T.ramp(0, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+            for y in range(kh):
+                for x in range(kw):
+                    for q in range(quads):
+                        for b in T.unroll(tile_blocks):
+                            for r in T.unroll(tile_rows):
+                                acc[r, b, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
+                                    i32,
+                                    int8_kernels.DOT,
+                                    acc[r, b, T.ramp(0, 1, LANES)],
+                                    activations(X, tile, r, y, x, q),
+                                    Wp[(tile % block_tiles) * tile_blocks + b, (y * kw + x) * quads + q, T.ramp(0, 1, 64)],
+                                )
+            for r in T.unroll(tile_rows):
+                for b in T.unroll(tile_blocks):
+                    if ((tile % block_tiles) * tile_blocks + b + 1) * LANES <= n:
+                        if y_nhwc:
+                            Y[oh(tile, r), ow(tile, r), T.ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES)] = epilogue(
+                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, F,
+                                tirx.Ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES), LANES,
+                            )  # fmt: skip
+                        else:
+                            Y[0, T.ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES)] = epilogue(
+                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, F,
+                                tirx.Ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES), LANES,
+                            )  # fmt: skip
+                    else:
+                        for lane in range(LANES):
+                            if ((tile % block_tiles) * tile_blocks + b) * LANES + lane < n:
+                                if y_nhwc:
+                                    Y[oh(tile, r), ow(tile, r), ((tile % block_tiles) * tile_blocks + b) * LANES + lane] = epilogue(
+                                        acc[r, b, lane], Cr, I, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
+                                    )  # fmt: skip
+                                else:
+                                    Y[0, ((tile % block_tiles) * tile_blocks + b) * LANES + lane] = epilogue(
+                                        acc[r, b, lane], Cr, I, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
+                                    )  # fmt: skip
+
+    return conv, [source, packed, correction, ints, floats]
+
+
+def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """Depthwise convolution (int32 products of the widened codes) or max pooling, over each output pixel's
+    window, vectorised over 16 channels; epilogue fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, channels, out_h, out_w = anchor.logical
+    kh, kw = anchor.kernel
+    stride_h, stride_w = anchor.strides
+    off_h, off_w = source.pads[0] - anchor.pads[0], source.pads[1] - anchor.pads[1]
+    if off_h < 0 or off_w < 0:
+        raise NotLowerable("a window op's input stored with less padding than it needs")
+    depthwise = anchor.kind == "depthwise"
+    if depthwise:
+        assert anchor.weights is not None
+        taps = anchor.weights.reshape(channels, kh * kw).T.astype(np.int32)  # [taps, C]
+        correction = (anchor.zero_point * taps.astype(np.int64).sum(axis=0)).astype(np.int32)
+    else:
+        taps = np.zeros((1, channels), np.int32)
+        correction = np.zeros(channels, np.int32)
+    ints, floats, where = _pack(value.constants, channels)
+    vector = channels % LANES == 0
+    blocks = channels // LANES
+    top, left = target.pads[0], target.pads[1]
+    y_nhwc = target.layout == "nhwc"
+
+    def window(X: Any, Wd: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+        result = None
+        for y in range(kh):
+            for x in range(kw):
+                loaded = X[i * stride_h + y + off_h, j * stride_w + x + off_w, c]
+                if depthwise:
+                    term = tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", loaded) * Wd[y * kw + x, c]
+                    result = term if result is None else result + term
+                else:
+                    result = loaded if result is None else tirx.max(result, loaded)
+        return result
+
+    def compute(X: Any, Wd: Any, Cr: Any, I: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+        source_value = window(X, Wd, i, j, c, lanes)
+        if depthwise:
+            source_value = source_value - Cr[c]
+        return value.expression(_env(source_value, lambda index: None, I, F, where, c, lanes))
+
+    @T.prim_func
+    def window_op(
+        X: T.Buffer(source.shape, "uint8"),
+        Wd: T.Buffer(taps.shape, "int32"),
+        Cr: T.Buffer((channels,), "int32"),
+        I: T.Buffer(ints.shape, "int64"),
+        F: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for i in T.parallel(out_h):
+            for j in range(out_w):
+                if vector:
+                    for b in range(blocks):
+                        if y_nhwc:
+                            Y[i + top, j + left, T.ramp(b * LANES, 1, LANES)] = compute(
+                                X, Wd, Cr, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                            )
+                        else:
+                            Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
+                                X, Wd, Cr, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                            )
+                else:
+                    for c in range(channels):
+                        if y_nhwc:
+                            Y[i + top, j + left, c] = compute(X, Wd, Cr, I, F, i, j, c, 1)
+                        else:
+                            Y[0, c] = compute(X, Wd, Cr, I, F, i, j, c, 1)
+
+    return window_op, [source, taps, correction, ints, floats]
+
+
+def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """Sum over H, W per channel (in the input's dtype, as the oracle's wrap-around), epilogue fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, channels, height, width = source.logical
+    dtype = source.dtype
+    lanes = LANES if channels % LANES == 0 else 1
+    blocks = channels // lanes
+    ints, floats, where = _pack(value.constants, channels)
+    top, left = source.pads[0], source.pads[1]
+    if target.layout != "nc":
+        raise NotLowerable("a ReduceSum whose result is padded")
+
+    whole = tirx.Ramp(0, 1, lanes) if lanes > 1 else 0
+    zero = tirx.Broadcast(tirx.const(0, dtype), lanes) if lanes > 1 else tirx.const(0, dtype)
+
+    def channel(b: Any) -> Any:
+        return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
+
+    def finish(total: Any, I: Any, F: Any, b: Any) -> Any:
+        return value.expression(_env(total, lambda index: None, I, F, where, channel(b), lanes))
+
+    @T.prim_func
+    def reduce(
+        X: T.Buffer(source.shape, dtype),
+        I: T.Buffer(ints.shape, "int64"),
+        F: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in T.parallel(blocks):
+            total = T.alloc_buffer((lanes,), dtype, scope="global")
+            total[whole] = zero
+            for i in range(height):
+                for j in range(width):
+                    total[whole] = total[whole] + X[i + top, j + left, channel(b)]
+            Y[0, channel(b)] = finish(total[whole], I, F, b)
+
+    return reduce, [source, ints, floats]
+
+
+def to_relax(model: onnx.ModelProto) -> Any:
+    """The Relax module of ``model`` (an integer-only graph) on these kernels, or :class:`NotLowerable`."""
+    return _Lowering(model).run()
+
+
+def pipeline() -> Any:
+    """Relax's default build pipeline less the passes that expect TVM's block-form PrimFuncs
+    (``RewriteDataflowReshape`` inspects every called PrimFunc; these kernels are loop nests) and the
+    operator passes that have nothing to do here (there are no Relax operators, only calls of kernels)."""
+    import tvm
+    from tvm.relax import transform
+
+    @tvm.transform.module_pass(opt_level=0)
+    def lower(module: Any, _context: Any) -> Any:
+        passes = [
+            transform.ToNonDataflow(),
+            transform.RemovePurityChecking(),
+            transform.CallTIRRewrite(),
+            transform.StaticPlanBlockMemory(),
+            transform.LowerAllocTensor(),
+            transform.KillAfterLastUse(),
+            transform.LowerRuntimeBuiltin(),
+            transform.ComputePrimValue(),
+            transform.VMShapeLower(),
+            transform.AttachGlobalSymbol(),
+        ]
+        return tvm.transform.Sequential(passes)(module)
+
+    return lower
