@@ -52,7 +52,8 @@ class Session:
         elif entry["kind"] == "tvm":
             from qcompile.backends.tvm import TVMExecutor
 
-            self._run = TVMExecutor(path, [info.name for info in self.inputs]).run
+            cpu = entry.get("target", {}).get("mcpu")  # a library built for one CPU model (the integer kernels)
+            self._run = TVMExecutor(path, [info.name for info in self.inputs], cpu).run
         elif entry["kind"] == "lut":
             from qcompile.backends.lut import LutExecutor
 

@@ -5,6 +5,9 @@ computes what the QDQ model means, with float requantization rounding (outputs c
 onnxruntime's integer kernels by about one quantization step). Without MetaSchedule tuning the default
 CPU build is unscheduled and slow; the artifact records its measured latency, and the runtime picks the
 faster executor. tvm is imported lazily: it takes seconds, and only this backend and its executor need it.
+
+An integer-only graph built for this machine's CPU goes through :func:`build_integer` first: qcompile's own
+int8 kernels (:mod:`qcompile.backends.tvm.integer`), bit-exact and fast, where they cover the graph.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qcompile.backends.tvm import cross, cuda
-from qcompile.errors import BackendError, first_line
+from qcompile.backends.tvm import cross, cuda, threads  # noqa: F401  (threads sets up TVM's pool)
+from qcompile.errors import ArtifactError, BackendError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,40 @@ def build(
         cross.check_elf(out_dir / file_name, toolchain)
     logger.info("TVM build for %s took %.1f s", tvm_target, time.perf_counter() - started)
     return files, note
+
+
+INTEGER_KERNELS = "qcompile int8 kernels (AVX-512 VNNI, NHWC, requantization fused into each layer)"
+
+
+def build_integer(
+    proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE
+) -> tuple[list[str], dict[str, Any], str] | None:
+    """Build the integer-only graph ``proto`` on qcompile's int8 kernels when ``tvm_target`` is this machine
+    (an LLVM target that is not cross-compiled) and its CPU has AVX-512 VNNI: returns the files written, the
+    TVM target the library was built for (this CPU's, so that LLVM may use VNNI) and a description. None,
+    with the reason logged, when the kernels do not cover the graph or this machine; then :func:`build`."""
+    from qcompile.backends.tvm import int8_kernels, integer
+
+    if tvm_target.get("kind") != "llvm" or cross.toolchain_for(tvm_target) is not None:
+        logger.info("integer kernels not used: %s is not this machine's CPU", tvm_target)
+        return None
+    try:
+        host = {**tvm_target, **int8_kernels.require_vnni()}
+        module = integer.to_relax(proto)
+    except (BackendError, integer.NotLowerable) as reason:
+        logger.info("integer kernels not used (%s); building with TVM's ONNX importer", reason)
+        return None
+    import tvm
+    from tvm import relax
+
+    started = time.perf_counter()
+    try:
+        executable = relax.build(module, target=tvm.target.Target(host), relax_pipeline=integer.pipeline())
+        executable.export_library(str(out_dir / file_name))
+    except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
+        raise BackendError(f"TVM could not build the integer kernels for {host}: {first_line(error)}") from error
+    logger.info("integer kernels built for %s in %.1f s", host, time.perf_counter() - started)
+    return [file_name], host, INTEGER_KERNELS
 
 
 def _conv_integer_converter() -> Any:
@@ -120,9 +157,17 @@ def _import_onnx(proto: onnx.ModelProto) -> Any:
 class TVMExecutor:
     """Runs a library built by :func:`build` with the Relax virtual machine on the host CPU."""
 
-    def __init__(self, library: Path, input_names: list[str]) -> None:
+    def __init__(self, library: Path, input_names: list[str], cpu: str | None = None) -> None:
         import tvm
         from tvm import relax
+        from tvm.target import codegen
+
+        here = codegen.llvm_get_system_cpu()
+        if cpu and cpu != here:
+            raise ArtifactError(
+                f"{library.name} is built for the {cpu} CPU and may use instructions this {here} CPU lacks; "
+                "run the artifact's 'integer' executor here, or compile it again on this machine"
+            )
 
         self._tvm = tvm
         self._device = tvm.cpu()

@@ -96,6 +96,9 @@ class Lazy:
     anchor: Anchor | None = None
     leaves: list[Stored] = field(default_factory=list)
     constants: list[np.ndarray] = field(default_factory=list)
+    # How this value came from another with one elementwise op on a constant: (that value, op, the constant
+    # or a Cast's dtype); read by the requantization fast path.
+    step: tuple[Lazy, str, Any] | None = None
 
     @property
     def channels(self) -> int:
@@ -110,6 +113,8 @@ class Env:
     leaf: Callable[[int], Any]
     constant: Callable[[int], Any]
     lanes: int
+    channel: Any = None  # the channel index (a Ramp of ``lanes`` channels)
+    raw: Callable[[int, Any], Any] | None = None  # constant row i at any index, in its stored dtype
 
 
 @dataclass
@@ -271,7 +276,7 @@ class _Lowering:
                 value = inner.expression(env)
                 return tirx.Cast(dtype if env.lanes == 1 else f"{dtype}x{env.lanes}", value)
 
-            return Lazy(source.logical, dtype, cast, source.anchor, source.leaves, source.constants)
+            return Lazy(source.logical, dtype, cast, source.anchor, source.leaves, source.constants, (source, "Cast", dtype))
         tensors = [item for item in operands if not isinstance(item, np.ndarray)]
         if not tensors:
             raise NotLowerable(f"{node.name}: an elementwise op on constants only")
@@ -308,17 +313,29 @@ class _Lowering:
             constants += item.constants
 
             def shifted(env: Env, inner: Lazy = item, lo: int = leaf_offset, co: int = constant_offset) -> Any:
+                raw = env.raw
                 return inner.expression(
-                    Env(env.source, lambda i: env.leaf(i + lo), lambda i: env.constant(i + co), env.lanes)
+                    Env(
+                        env.source,
+                        lambda i: env.leaf(i + lo),
+                        lambda i: env.constant(i + co),
+                        env.lanes,
+                        env.channel,
+                        None if raw is None else (lambda i, index: raw(i + co, index)),
+                    )
                 )
 
             parts.append(shifted)
         if op == "Div":
-            return self._division(node, lazies, logical, dtype, anchor, leaves, constants, parts)
-        if op == "Clip" and (len(node.input) < 3 or not all(node.input[1:3])):
-            raise NotLowerable(f"{node.name}: Clip without both bounds")
-        combine = _combiner(op, node, dtype)
-        return Lazy(logical, dtype, lambda env: combine([part(env) for part in parts]), anchor, leaves, constants)
+            result = self._division(node, lazies, logical, dtype, anchor, leaves, constants, parts)
+        else:
+            if op == "Clip" and (len(node.input) < 3 or not all(node.input[1:3])):
+                raise NotLowerable(f"{node.name}: Clip without both bounds")
+            combine = _combiner(op, node, dtype)
+            result = Lazy(logical, dtype, lambda env: combine([part(env) for part in parts]), anchor, leaves, constants)
+        if isinstance(lazies[0], Lazy) and all(isinstance(item, np.ndarray) for item in lazies[1:]):
+            result.step = (lazies[0], op, lazies[1:])
+        return result
 
     @staticmethod
     def _division(
@@ -480,6 +497,7 @@ class _Lowering:
     # -- kernels
     def _emit(self, value: Lazy, name: str, output: bool) -> Stored:
         relax = self.relax
+        value = fast_requantize(value) or value
         logical = value.logical
         if len(logical) == 2 or (len(logical) == 4 and logical[2] == logical[3] == 1 and not self._padded(name)):
             target = Stored(None, logical, value.dtype, "nc")
@@ -539,34 +557,134 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
     raise NotLowerable(f"{node.name} ({op}) has no elementwise form")
 
 
+# ------------------------------------------------------------------------------------------ requantization
+
+REQUANTIZE_CHAIN = ("Cast", "Mul", "Add", "Div", "Sub", "Clip", "Cast")
+
+
+def _chain(value: Lazy, length: int) -> list[tuple[Lazy, str, Any]] | None:
+    """The last ``length`` single-constant steps that made ``value``, oldest first (None if fewer)."""
+    steps = []
+    current = value
+    for _ in range(length):
+        if current.step is None:
+            return None
+        steps.append(current.step)
+        current = current.step[0]
+    return steps[::-1]
+
+
+def fast_requantize(value: Lazy) -> Lazy | None:
+    """``value`` computed the cheap way when it is the requantization of an int32 value ``a`` as the integer
+    lowering writes it — ``Cast(Clip(Div(Cast(a, int64) * M0 + R, 2**n) - U, lo, hi), uint8)`` — and the
+    constants allow it (checked here for every channel): n >= 33, ``R = C + 2**(n - 1)`` with ``C`` a
+    multiple of ``2**n`` large enough that the dividend is never negative (ONNX's truncating Div is then
+    floor), 0 <= lo <= hi <= 255. Then, exactly,
+
+        floor((a M0 + 2**(n-1)) / 2**n) = floor((hi32(a M0) + 2**(n-33)) / 2**(n-32))
+
+    (``2**(n-1)`` is a multiple of ``2**32``, and floors of successive divisions compose), where hi32 is the
+    high half of the 64-bit product: two ``vpmuldq`` for 16 lanes and the rest in int32 lanes, instead of
+    16-lane int64 arithmetic. The result is ``clamp(that + K, lo, hi)`` with ``K = C / 2**n - U``.
+    None when the pattern or a condition does not hold (the generic expression is then used)."""
+    steps = _chain(value, len(REQUANTIZE_CHAIN))
+    if steps is None or tuple(op for _, op, _ in steps) != REQUANTIZE_CHAIN:
+        return None
+    base = steps[0][0]
+    if base.dtype != "int32" or steps[0][2] != "int64" or steps[-1][2] != "uint8" or base.logical[1] % LANES:
+        return None
+    channels = base.logical[1]
+
+    def row(array: np.ndarray) -> np.ndarray:
+        per_channel = _Lowering._per_channel(array, base.logical)
+        return np.broadcast_to(array.reshape(-1)[0] if per_channel is None else per_channel, (channels,)).astype(
+            np.int64
+        )
+
+    try:
+        multiplier, offset, divisor, unbias = (row(steps[k][2][0]) for k in (1, 2, 3, 4))
+        low, high = row(steps[5][2][0]), row(steps[5][2][1])
+    except NotLowerable:
+        return None
+    if np.any(divisor <= 0) or np.any(divisor & (divisor - 1)):
+        return None
+    n = np.log2(divisor.astype(np.float64)).round().astype(np.int64)
+    if np.any(n < 33) or np.any(n > 62) or np.any(multiplier < 0) or np.any(multiplier >= 2**31):
+        return None
+    half = np.left_shift(np.int64(1), n - 1)
+    offset_c = offset - half
+    if np.any(offset_c % divisor):
+        return None
+    # The dividend a M0 + R over every int32 a: never negative, never past int64 (exact integers in Python).
+    for m0, r in zip(multiplier.tolist(), offset.tolist(), strict=True):
+        if -(2**31) * m0 + r < 0 or (2**31 - 1) * m0 + r >= 2**63:
+            return None
+    shift_k = offset_c // divisor - unbias
+    if np.any(np.abs(shift_k) >= 2**30) or np.any(low < 0) or np.any(high > 255) or np.any(low > high):
+        return None
+    paired = multiplier.reshape(-1, LANES // 2, 2).transpose(0, 2, 1).reshape(-1)  # per 16: even lanes, odd lanes
+    rows = [
+        paired.astype(np.int64),
+        np.left_shift(np.int64(1), n - 33).astype(np.int32),
+        (n - 32).astype(np.int32),
+        shift_k.astype(np.int32),
+        low.astype(np.int32),
+        high.astype(np.int32),
+    ]
+    first = len(value.constants)
+    generic = value.expression
+
+    def requantize(env: Env) -> Any:
+        from tvm import tirx
+
+        if env.lanes != LANES or env.raw is None:
+            return generic(env)
+        a = tirx.reinterpret("int64x8", base.expression(env))
+        start = env.channel.base
+        m_even = env.raw(first, tirx.Ramp(start, 1, LANES // 2))
+        m_odd = env.raw(first, tirx.Ramp(start + LANES // 2, 1, LANES // 2))
+        thirty_two = tirx.const(32, "int64")
+        even = ((a << thirty_two) >> thirty_two) * m_even  # lanes 0, 2, ...: vpmuldq of the low halves
+        odd = (a >> thirty_two) * m_odd  # lanes 1, 3, ...
+        high_even = tirx.reinterpret("uint64x8", even) >> tirx.const(32, "uint64")
+        high_odd = tirx.reinterpret("uint64x8", odd) & tirx.const(0xFFFFFFFF00000000, "uint64")
+        top = tirx.reinterpret(f"int32x{LANES}", high_even | high_odd)
+        rounded = (top + env.constant(first + 1)) >> env.constant(first + 2)
+        clamped = tirx.min(tirx.max(rounded + env.constant(first + 3), env.constant(first + 4)), env.constant(first + 5))
+        return tirx.Cast(f"uint8x{LANES}", clamped)
+
+    return Lazy(value.logical, "uint8", requantize, value.anchor, value.leaves, [*value.constants, *rows])
+
+
 # ------------------------------------------------------------------------------------------ kernels
 
 
-def _pack(constants: list[np.ndarray], channels: int) -> tuple[np.ndarray, np.ndarray, list[tuple[bool, int, str]]]:
-    """Per-channel constant rows as one int64 and one float32 matrix (each at least one row), and for each
-    row: (is float, its row, its dtype)."""
-    ints, floats, where = [], [], []
+def _pack(constants: list[np.ndarray], channels: int) -> tuple[list[np.ndarray], list[tuple[int, int, str]]]:
+    """Per-channel constant rows as three matrices (int64, int32, float32; each at least one row, so that
+    every kernel has the same signature), and for each row: (its matrix, its row, its dtype)."""
+    kinds = ("int64", "int32", "float32")
+    matrices: list[list[np.ndarray]] = [[], [], []]
+    where = []
     for row in constants:
-        if row.dtype.kind == "f":
-            where.append((True, len(floats), "float32"))
-            floats.append(row.astype(np.float32))
-        else:
-            where.append((False, len(ints), row.dtype.name))
-            ints.append(row.astype(np.int64))
-    int_matrix = np.stack(ints) if ints else np.zeros((1, channels), np.int64)
-    float_matrix = np.stack(floats) if floats else np.zeros((1, channels), np.float32)
-    return int_matrix, float_matrix, where
+        kind = 2 if row.dtype.kind == "f" else 1 if row.dtype == np.int32 else 0
+        where.append((kind, len(matrices[kind]), row.dtype.name))
+        matrices[kind].append(row.astype(kinds[kind]))
+    stacked = [np.stack(rows) if rows else np.zeros((1, channels), kinds[kind]) for kind, rows in enumerate(matrices)]
+    return stacked, where
 
 
-def _env(source: Any, leaf: Callable[[int], Any], ints: Any, floats: Any, where: list[Any], c: Any, lanes: int) -> Env:
+def _env(source: Any, leaf: Callable[[int], Any], matrices: Any, where: list[Any], c: Any, lanes: int) -> Env:
     from tvm import tirx
 
-    def constant(index: int) -> Any:
-        is_float, row, dtype = where[index]
-        loaded = floats[row, c] if is_float else ints[row, c]
-        return tirx.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", loaded)
+    def raw(index: int, at: Any) -> Any:
+        kind, row, _ = where[index]
+        return matrices[kind][row, at]
 
-    return Env(source, leaf, constant, lanes)
+    def constant(index: int) -> Any:
+        dtype = where[index][2]
+        return tirx.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", raw(index, c))
+
+    return Env(source, leaf, constant, lanes, c, raw)
 
 
 def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
@@ -631,24 +749,25 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     first, second = leaves[0], leaves[-1]
     vector = channels % LANES == 0 and all(leaf.layout != "nchw" for leaf in leaves)
     blocks = channels // LANES
-    ints, floats, where = _pack(value.constants, channels)
+    (ints, halves, floats), where = _pack(value.constants, channels)
     y_nhwc = target.layout == "nhwc"
     top, left = target.pads[0], target.pads[1]
     dtype, vector_dtype = target.dtype, f"{target.dtype}x{LANES}"
 
-    def compute(X0: Any, X1: Any, I: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+    def compute(X0: Any, X1: Any, I: Any, J: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
         buffers = (X0, X1)
 
         def leaf(index: int) -> Any:
             return _load(buffers[index], leaves[index], i, j, c)
 
-        return value.expression(_env(None, leaf, I, F, where, c, lanes))
+        return value.expression(_env(None, leaf, (I, J, F), where, c, lanes))
 
     @T.prim_func
     def eltwise(
         X0: T.Buffer(first.shape, first.dtype),
         X1: T.Buffer(second.shape, second.dtype),
         I: T.Buffer(ints.shape, "int64"),
+        J: T.Buffer(halves.shape, "int32"),
         F: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, dtype),
     ):
@@ -659,21 +778,21 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
                     for b in range(blocks):
                         if y_nhwc:
                             Y[i + top, j + left, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X0, X1, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X0, X1, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                         else:
                             Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X0, X1, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X0, X1, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                 else:
                     for c in range(channels):
                         if y_nhwc:
-                            Y[i + top, j + left, c] = compute(X0, X1, I, F, i, j, c, 1)
+                            Y[i + top, j + left, c] = compute(X0, X1, I, J, F, i, j, c, 1)
                         else:
-                            Y[0, c] = compute(X0, X1, I, F, i, j, c, 1)
+                            Y[0, c] = compute(X0, X1, I, J, F, i, j, c, 1)
 
     del vector_dtype
-    return eltwise, [first, second, ints, floats]
+    return eltwise, [first, second, ints, halves, floats]
 
 
 def _anchor_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
@@ -683,6 +802,8 @@ def _anchor_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
     if anchor.kind in ("conv", "matmul"):
         return _conv_kernel(value, anchor, target)
+    if anchor.kind == "depthwise" and anchor.logical[1] % LANES == 0:
+        return _depthwise_kernel(value, anchor, target)
     if anchor.kind in ("depthwise", "maxpool"):
         return _window_kernel(value, anchor, target)
     return _reduce_kernel(value, anchor, target)
@@ -727,7 +848,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     row_tiles = -(-rows // tile_rows)
     quads = stored // 4
     correction = (anchor.zero_point * weights.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
-    ints, floats, where = _pack(value.constants, n)
+    (ints, halves, floats), where = _pack(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
     off_h = (source.pads[0] - anchor.pads[0]) if x_nhwc else 0
@@ -748,8 +869,8 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
             loaded = X[0, tirx.Ramp(q * 4, 1, 4)]
         return tirx.reinterpret(i8, tirx.Broadcast(tirx.reinterpret("int32", loaded), LANES))
 
-    def epilogue(acc: Any, Cr: Any, I: Any, F: Any, c: Any, lanes: int) -> Any:
-        return value.expression(_env(acc - Cr[c], lambda i: None, I, F, where, c, lanes))
+    def epilogue(acc: Any, Cr: Any, I: Any, J: Any, F: Any, c: Any, lanes: int) -> Any:
+        return value.expression(_env(acc - Cr[c], lambda i: None, (I, J, F), where, c, lanes))
 
     def oh(tile: Any, r: Any) -> Any:
         return row(tile, r) // out_w + top
@@ -763,6 +884,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
         Wp: T.Buffer(packed.shape, "int8"),
         Cr: T.Buffer((n,), "int32"),
         I: T.Buffer(ints.shape, "int64"),
+        J: T.Buffer(halves.shape, "int32"),
         F: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
@@ -789,12 +911,12 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
                     if ((tile % block_tiles) * tile_blocks + b + 1) * LANES <= n:
                         if y_nhwc:
                             Y[oh(tile, r), ow(tile, r), T.ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES)] = epilogue(
-                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, F,
+                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, J, F,
                                 tirx.Ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES), LANES,
                             )  # fmt: skip
                         else:
                             Y[0, T.ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES)] = epilogue(
-                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, F,
+                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, J, F,
                                 tirx.Ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES), LANES,
                             )  # fmt: skip
                     else:
@@ -802,14 +924,93 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
                             if ((tile % block_tiles) * tile_blocks + b) * LANES + lane < n:
                                 if y_nhwc:
                                     Y[oh(tile, r), ow(tile, r), ((tile % block_tiles) * tile_blocks + b) * LANES + lane] = epilogue(
-                                        acc[r, b, lane], Cr, I, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
+                                        acc[r, b, lane], Cr, I, J, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
                                     )  # fmt: skip
                                 else:
                                     Y[0, ((tile % block_tiles) * tile_blocks + b) * LANES + lane] = epilogue(
-                                        acc[r, b, lane], Cr, I, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
+                                        acc[r, b, lane], Cr, I, J, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
                                     )  # fmt: skip
 
-    return conv, [source, packed, correction, ints, floats]
+    return conv, [source, packed, correction, ints, halves, floats]
+
+
+def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """Depthwise convolution on ``vpdpbusd``: each int32 lane holds one channel's code zero-extended (bytes
+    ``x, 0, 0, 0``) and the weight as bytes ``w, 0, 0, 0``, so one instruction adds ``x * w`` to 16 channels'
+    accumulators. Register tiles of up to 8 output pixels x 3 blocks of 16 channels keep 12 independent
+    accumulation chains in flight (one chain would wait on each instruction's latency)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source, weights = anchor.input, anchor.weights
+    assert weights is not None
+    _, channels, out_h, out_w = anchor.logical
+    kh, kw = anchor.kernel
+    stride_h, stride_w = anchor.strides
+    off_h, off_w = source.pads[0] - anchor.pads[0], source.pads[1] - anchor.pads[1]
+    if off_h < 0 or off_w < 0:
+        raise NotLowerable("a depthwise input stored with less padding than it needs")
+    taps = weights.reshape(channels, kh * kw).T
+    as_bytes = taps.astype(np.uint8).astype(np.int32)  # w in the lane's low byte, zeros above
+    correction = (anchor.zero_point * taps.astype(np.int64).sum(axis=0)).astype(np.int32)
+    (ints, halves, floats), where = _pack(value.constants, channels)
+    blocks = channels // LANES
+    tile_blocks = 3 if blocks % 3 == 0 else 2 if blocks % 2 == 0 else 1
+    tile_cols = min(12 // tile_blocks, 8, out_w)
+    block_tiles = blocks // tile_blocks
+    col_tiles = -(-out_w // tile_cols)
+    tiles = col_tiles * block_tiles
+    top, left = target.pads[0], target.pads[1]
+    i32, i8 = f"int32x{LANES}", f"int8x{LANES * 4}"
+
+    def col(t: Any, jj: Any) -> Any:
+        return tirx.min((t // block_tiles) * tile_cols + jj, out_w - 1)
+
+    def channel(t: Any, b: Any) -> Any:
+        return ((t % block_tiles) * tile_blocks + b) * LANES
+
+    def codes(X: Any, i: Any, t: Any, jj: Any, b: Any, y: Any, x: Any) -> Any:
+        loaded = X[i * stride_h + y + off_h, col(t, jj) * stride_w + x + off_w, tirx.Ramp(channel(t, b), 1, LANES)]
+        return tirx.reinterpret(i8, tirx.Cast(i32, loaded))
+
+    def epilogue(acc: Any, Cr: Any, I: Any, J: Any, F: Any, t: Any, b: Any) -> Any:
+        c = tirx.Ramp(channel(t, b), 1, LANES)
+        return value.expression(_env(acc - Cr[c], lambda index: None, (I, J, F), where, c, LANES))
+
+    @T.prim_func
+    def depthwise(
+        X: T.Buffer(source.shape, "uint8"),
+        Wb: T.Buffer(as_bytes.shape, "int32"),
+        Cr: T.Buffer((channels,), "int32"),
+        I: T.Buffer(ints.shape, "int64"),
+        J: T.Buffer(halves.shape, "int32"),
+        F: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for it in T.parallel(out_h * tiles):
+            acc = T.alloc_buffer((tile_cols, tile_blocks, LANES), "int32", scope="global")  # on the stack
+            for jj in T.unroll(tile_cols):
+                for b in T.unroll(tile_blocks):
+                    acc[jj, b, T.ramp(0, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+            for y in T.unroll(kh):
+                for x in T.unroll(kw):
+                    for b in T.unroll(tile_blocks):
+                        for jj in T.unroll(tile_cols):
+                            acc[jj, b, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
+                                i32,
+                                int8_kernels.DOT,
+                                acc[jj, b, T.ramp(0, 1, LANES)],
+                                codes(X, it // tiles, it % tiles, jj, b, y, x),
+                                T.reinterpret(i8, Wb[y * kw + x, T.ramp(channel(it % tiles, b), 1, LANES)]),
+                            )
+            for jj in T.unroll(tile_cols):
+                for b in T.unroll(tile_blocks):
+                    Y[it // tiles + top, col(it % tiles, jj) + left, T.ramp(channel(it % tiles, b), 1, LANES)] = epilogue(
+                        acc[jj, b, T.ramp(0, 1, LANES)], Cr, I, J, F, it % tiles, b
+                    )
+
+    return depthwise, [source, as_bytes, correction, ints, halves, floats]
 
 
 def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
@@ -833,7 +1034,7 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     else:
         taps = np.zeros((1, channels), np.int32)
         correction = np.zeros(channels, np.int32)
-    ints, floats, where = _pack(value.constants, channels)
+    (ints, halves, floats), where = _pack(value.constants, channels)
     vector = channels % LANES == 0
     blocks = channels // LANES
     top, left = target.pads[0], target.pads[1]
@@ -851,11 +1052,11 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
                     result = loaded if result is None else tirx.max(result, loaded)
         return result
 
-    def compute(X: Any, Wd: Any, Cr: Any, I: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+    def compute(X: Any, Wd: Any, Cr: Any, I: Any, J: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
         source_value = window(X, Wd, i, j, c, lanes)
         if depthwise:
             source_value = source_value - Cr[c]
-        return value.expression(_env(source_value, lambda index: None, I, F, where, c, lanes))
+        return value.expression(_env(source_value, lambda index: None, (I, J, F), where, c, lanes))
 
     @T.prim_func
     def window_op(
@@ -863,6 +1064,7 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
         Wd: T.Buffer(taps.shape, "int32"),
         Cr: T.Buffer((channels,), "int32"),
         I: T.Buffer(ints.shape, "int64"),
+        J: T.Buffer(halves.shape, "int32"),
         F: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
@@ -873,20 +1075,20 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
                     for b in range(blocks):
                         if y_nhwc:
                             Y[i + top, j + left, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X, Wd, Cr, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X, Wd, Cr, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                         else:
                             Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X, Wd, Cr, I, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X, Wd, Cr, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                 else:
                     for c in range(channels):
                         if y_nhwc:
-                            Y[i + top, j + left, c] = compute(X, Wd, Cr, I, F, i, j, c, 1)
+                            Y[i + top, j + left, c] = compute(X, Wd, Cr, I, J, F, i, j, c, 1)
                         else:
-                            Y[0, c] = compute(X, Wd, Cr, I, F, i, j, c, 1)
+                            Y[0, c] = compute(X, Wd, Cr, I, J, F, i, j, c, 1)
 
-    return window_op, [source, taps, correction, ints, floats]
+    return window_op, [source, taps, correction, ints, halves, floats]
 
 
 def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
@@ -899,7 +1101,7 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     dtype = source.dtype
     lanes = LANES if channels % LANES == 0 else 1
     blocks = channels // lanes
-    ints, floats, where = _pack(value.constants, channels)
+    (ints, halves, floats), where = _pack(value.constants, channels)
     top, left = source.pads[0], source.pads[1]
     if target.layout != "nc":
         raise NotLowerable("a ReduceSum whose result is padded")
@@ -910,13 +1112,14 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     def channel(b: Any) -> Any:
         return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
 
-    def finish(total: Any, I: Any, F: Any, b: Any) -> Any:
-        return value.expression(_env(total, lambda index: None, I, F, where, channel(b), lanes))
+    def finish(total: Any, I: Any, J: Any, F: Any, b: Any) -> Any:
+        return value.expression(_env(total, lambda index: None, (I, J, F), where, channel(b), lanes))
 
     @T.prim_func
     def reduce(
         X: T.Buffer(source.shape, dtype),
         I: T.Buffer(ints.shape, "int64"),
+        J: T.Buffer(halves.shape, "int32"),
         F: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
@@ -927,9 +1130,9 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
             for i in range(height):
                 for j in range(width):
                     total[whole] = total[whole] + X[i + top, j + left, channel(b)]
-            Y[0, channel(b)] = finish(total[whole], I, F, b)
+            Y[0, channel(b)] = finish(total[whole], I, J, F, b)
 
-    return reduce, [source, ints, floats]
+    return reduce, [source, ints, halves, floats]
 
 
 def to_relax(model: onnx.ModelProto) -> Any:
