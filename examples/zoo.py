@@ -128,7 +128,9 @@ def _resnet18(torch: Any) -> Any:
             self.bn2 = nn.BatchNorm2d(outputs)
             self.shortcut = nn.Identity()
             if stride != 1 or inputs != outputs:
-                self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+                )
 
         def forward(self, x: Any) -> Any:
             y = torch.relu(self.bn1(self.conv1(x)))

@@ -162,18 +162,18 @@ def compile(
             graph = lowered if lowered is not None else ort_backend.to_proto(result.model)
             kernels = tvm_backend.build_integer(graph, device.tvm_target, staging) if lowered is not None else None
             if kernels is not None:
-                built, built_for, lowering = kernels
+                built, built_for, built_with = kernels
                 gpu_note = None
             else:
                 built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
-                built_for, lowering = device.tvm_target, "TVM's ONNX importer (Relax default build)"
+                built_for, built_with = device.tvm_target, "TVM's ONNX importer (Relax default build)"
             library = built[0]
             written += built[1:]
             executors["tvm"] = {
                 "kind": "tvm",
                 "file": library,
                 "target": built_for,
-                "lowering": lowering,
+                "lowering": built_with,
                 "description": f"TVM library of the {'integer-only' if lowered is not None else 'quantized'} graph",
             }
             if gpu_note:

@@ -20,10 +20,13 @@ from conftest import save_model
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, runtime
+from qcompile.backends import tvm as tvm_backend
 from qcompile.backends.ort import ORT_IR_VERSION, session_from_bytes
 from qcompile.errors import CalibrationError, UnsupportedModelError
 from qcompile.passes import integer_reference, requantize
 from qcompile.passes.pipeline import QuantizeOptions
+
+HAS_VNNI = " avx512_vnni" in Path("/proc/cpuinfo").read_text()
 
 
 def test_dyadic_multipliers_are_close_and_in_range() -> None:
@@ -111,7 +114,12 @@ def digits_qdq(digits: tuple[Path, float], digits_calibration: Path, tmp_path_fa
 
 def test_digits_integer_graph_is_bit_exact_and_as_accurate_as_qdq(digits_qdq: Path) -> None:
     manifest = json.loads((digits_qdq / "manifest.json").read_text())
-    assert manifest["default_executor"] == "integer" and manifest["target"]["name"] == "int8-npu"
+    latency = manifest["measured"]["latency_ms"]
+    fastest = min(("integer", "tvm"), key=lambda name: latency[name]["median_ms"])
+    assert manifest["default_executor"] == fastest and manifest["target"]["name"] == "int8-npu"
+    if HAS_VNNI:  # built on qcompile's int8 kernels for this CPU, not through TVM's ONNX importer
+        assert manifest["executors"]["tvm"]["lowering"] == tvm_backend.INTEGER_KERNELS
+        assert manifest["executors"]["tvm"]["target"]["mcpu"]  # the runtime refuses the library on another CPU
     assert manifest["measured"]["accuracy"]["integer_vs_oracle"].startswith("bit-exact")
     assert manifest["measured"]["accuracy"]["tvm_vs_oracle"].startswith("bit-exact")  # TVM built the same graph
     assert "ConvInteger" in {node.op_type for node in onnx.load(str(digits_qdq / api.INTEGER_ONNX)).graph.node}
@@ -124,13 +132,15 @@ def test_digits_integer_graph_is_bit_exact_and_as_accurate_as_qdq(digits_qdq: Pa
     ]
     assert not float_ops
     integer, qdq = runtime.load(digits_qdq, "integer"), runtime.load(digits_qdq, "onnxruntime")
+    built = runtime.load(digits_qdq, "tvm")
     _, _, test_x, test_y = zoo.digits_split()
     hits = {"integer": 0, "qdq": 0}
     for index in range(len(test_x)):
         feed = {"image": test_x[index : index + 1]}
         produced = integer.run(feed)["logits"]
         if index < 40:
-            assert np.array_equal(produced, integer_reference.run(lowered, feed)[0]), index
+            expected = integer_reference.run(lowered, feed)[0]
+            assert np.array_equal(produced, expected) and np.array_equal(built.run(feed)["logits"], expected), index
         hits["integer"] += int(produced.argmax() == test_y[index])
         hits["qdq"] += int(qdq.run(feed)["logits"].argmax() == test_y[index])
     assert abs(hits["integer"] - hits["qdq"]) / len(test_x) <= 0.005
@@ -200,11 +210,15 @@ def test_efficientnet_lowers_completely_and_is_bit_exact(efficientnet: Path, tmp
     lowered = onnx.load(str(output / api.INTEGER_ONNX))
     kinds = [node.op_type for node in lowered.graph.node]
     assert kinds.count("ConvInteger") == 49 and kinds.count("MatMulInteger") == 1 and "Conv" not in kinds
-    session = runtime.load(output, "integer")
+    session, built = runtime.load(output, "integer"), runtime.load(output, "tvm")
+    if HAS_VNNI:
+        assert manifest["executors"]["tvm"]["lowering"] == tvm_backend.INTEGER_KERNELS
     for crop in crops[4:]:
         feed = {"input": crop[None]}
         (produced,) = session.run(feed).values()
-        assert np.array_equal(produced, integer_reference.run(lowered, feed)[0])
+        (from_kernels,) = built.run(feed).values()
+        expected = integer_reference.run(lowered, feed)[0]
+        assert np.array_equal(produced, expected) and np.array_equal(from_kernels, expected)
 
 
 def _train_and_compile(net: Any, epochs: int, folder: Path, calibration: int) -> tuple[Path, onnx.ModelProto]:

@@ -29,7 +29,7 @@ raises :class:`NotLowerable`; the caller then builds the graph with TVM's ONNX i
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ from qcompile.passes.integer_reference import node_attributes
 
 LANES = 16
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min"})
-ONNX_DTYPES = {
+ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
     onnx.TensorProto.INT32: "int32",
@@ -192,11 +192,13 @@ class _Lowering:
                 continue
             shape = tuple(d.dim_value for d in tensor.type.tensor_type.shape.dim)
             dtype = ONNX_DTYPES.get(tensor.type.tensor_type.elem_type)
-            if dtype != "float32" or len(shape) != 4 or shape[0] != 1 or not all(shape):
-                raise NotLowerable(f"input {tensor.name}: only one float32 NCHW image of batch 1 is covered")
+            if dtype is None or not shape or shape[0] != 1 or not all(shape) or len(shape) not in (2, 4):
+                raise NotLowerable(f"input {tensor.name}: only [1, C, H, W] and [1, C] inputs are covered")
+            if len(shape) == 4 and dtype != "float32":
+                raise NotLowerable(f"input {tensor.name}: a 4-D input must be a float32 image (NCHW)")
             var = relax.Var(tensor.name, relax.TensorType(shape, dtype))
             parameters.append(var)
-            self.values[tensor.name] = Stored(var, shape, dtype, "nchw")
+            self.values[tensor.name] = Stored(var, shape, dtype, "nchw" if len(shape) == 4 else "nc")
         with self.builder.function("main", parameters):
             with self.builder.dataflow():
                 for node in graph.node:
@@ -230,9 +232,8 @@ class _Lowering:
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
-        if isinstance(value, Lazy) and (len(self.uses.get(output, [])) > 1 or output in self.outputs):
-            if output not in self.outputs:
-                self.values[output] = self._materialize(output)
+        if isinstance(value, Lazy) and len(self.uses.get(output, [])) > 1 and output not in self.outputs:
+            self.values[output] = self._materialize(output)  # computed once (graph outputs: at the end)
 
     def _operand(self, name: str) -> Stored | Lazy | np.ndarray:
         if name in self.constants:
@@ -257,7 +258,7 @@ class _Lowering:
         squeezed = array.reshape(-1)
         expected = [1] * len(logical)
         expected[1] = channels
-        if squeezed.size != channels or list(array.shape) not in (expected, [channels], expected[-len(array.shape):]):
+        if squeezed.size != channels or list(array.shape) not in (expected, [channels], expected[-len(array.shape) :]):
             raise NotLowerable(f"a constant of shape {list(array.shape)} does not broadcast per channel")
         return squeezed
 
@@ -267,21 +268,22 @@ class _Lowering:
         op = node.op_type
         operands = [self._operand(name) for name in node.input if name]
         if op == "Cast":
-            dtype = ONNX_DTYPES.get(int(node_attributes(node)["to"]))
-            if dtype is None:
+            to = ONNX_DTYPES.get(int(node_attributes(node)["to"]))
+            if to is None:
                 raise NotLowerable(f"{node.name}: Cast to an unsupported type")
             source = self._as_lazy(operands[0])
 
-            def cast(env: Env, inner: Lazy = source, dtype: str = dtype) -> Any:
+            def cast(env: Env, inner: Lazy = source, to: str = to) -> Any:
                 value = inner.expression(env)
-                return tirx.Cast(dtype if env.lanes == 1 else f"{dtype}x{env.lanes}", value)
+                return tirx.Cast(to if env.lanes == 1 else f"{to}x{env.lanes}", value)
 
-            return Lazy(source.logical, dtype, cast, source.anchor, source.leaves, source.constants, (source, "Cast", dtype))
+            step = (source, "Cast", to)
+            return Lazy(source.logical, to, cast, source.anchor, source.leaves, source.constants, step)
         tensors = [item for item in operands if not isinstance(item, np.ndarray)]
         if not tensors:
             raise NotLowerable(f"{node.name}: an elementwise op on constants only")
         # Two tensor operands: every anchored one is computed first (an anchor's kernel has one source).
-        lazies = []
+        lazies: list[Lazy | np.ndarray] = []
         for index, item in enumerate(operands):
             if isinstance(item, np.ndarray):
                 lazies.append(item)
@@ -299,12 +301,11 @@ class _Lowering:
             if isinstance(item, np.ndarray):
                 row = self._per_channel(item, logical)
                 if row is None:
-                    scalar = item.reshape(-1)[0]
-                    parts.append(lambda env, s=scalar: tirx.const(s.item(), dtype))
+                    scalar = item.reshape(-1)[0].item()
+                    parts.append(functools.partial(_scalar, scalar, dtype))
                 else:
-                    index = len(constants)
                     constants.append(row)
-                    parts.append(lambda env, i=index: _constant_as(env, i, dtype))
+                    parts.append(functools.partial(_row, len(constants) - 1, dtype))
                 continue
             if item.logical != logical:
                 raise NotLowerable(f"{node.name}: operands of shapes {item.logical} and {logical}")
@@ -321,7 +322,7 @@ class _Lowering:
                         lambda i: env.constant(i + co),
                         env.lanes,
                         env.channel,
-                        None if raw is None else (lambda i, index: raw(i + co, index)),
+                        None if raw is None else (lambda i, at: raw(i + co, at)),
                     )
                 )
 
@@ -530,6 +531,16 @@ class _Lowering:
         return any(self._padding(name)[0])
 
 
+def _scalar(value: Any, dtype: str, _env: Env) -> Any:
+    from tvm import tirx
+
+    return tirx.const(value, dtype)
+
+
+def _row(index: int, dtype: str, env: Env) -> Any:
+    return _constant_as(env, index, dtype)
+
+
 def _constant_as(env: Env, index: int, dtype: str) -> Any:
     from tvm import tirx
 
@@ -650,7 +661,8 @@ def fast_requantize(value: Lazy) -> Lazy | None:
         high_odd = tirx.reinterpret("uint64x8", odd) & tirx.const(0xFFFFFFFF00000000, "uint64")
         top = tirx.reinterpret(f"int32x{LANES}", high_even | high_odd)
         rounded = (top + env.constant(first + 1)) >> env.constant(first + 2)
-        clamped = tirx.min(tirx.max(rounded + env.constant(first + 3), env.constant(first + 4)), env.constant(first + 5))
+        low, high = env.constant(first + 4), env.constant(first + 5)
+        clamped = tirx.min(tirx.max(rounded + env.constant(first + 3), low), high)
         return tirx.Cast(f"uint8x{LANES}", clamped)
 
     return Lazy(value.logical, "uint8", requantize, value.anchor, value.leaves, [*value.constants, *rows])
@@ -754,21 +766,21 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     top, left = target.pads[0], target.pads[1]
     dtype, vector_dtype = target.dtype, f"{target.dtype}x{LANES}"
 
-    def compute(X0: Any, X1: Any, I: Any, J: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+    def compute(X0: Any, X1: Any, K64: Any, K32: Any, KF: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
         buffers = (X0, X1)
 
         def leaf(index: int) -> Any:
             return _load(buffers[index], leaves[index], i, j, c)
 
-        return value.expression(_env(None, leaf, (I, J, F), where, c, lanes))
+        return value.expression(_env(None, leaf, (K64, K32, KF), where, c, lanes))
 
     @T.prim_func
     def eltwise(
         X0: T.Buffer(first.shape, first.dtype),
         X1: T.Buffer(second.shape, second.dtype),
-        I: T.Buffer(ints.shape, "int64"),
-        J: T.Buffer(halves.shape, "int32"),
-        F: T.Buffer(floats.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, dtype),
     ):
         T.func_attr({"tir.noalias": True})
@@ -778,18 +790,18 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
                     for b in range(blocks):
                         if y_nhwc:
                             Y[i + top, j + left, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X0, X1, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X0, X1, K64, K32, KF, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                         else:
                             Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X0, X1, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X0, X1, K64, K32, KF, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                 else:
                     for c in range(channels):
                         if y_nhwc:
-                            Y[i + top, j + left, c] = compute(X0, X1, I, J, F, i, j, c, 1)
+                            Y[i + top, j + left, c] = compute(X0, X1, K64, K32, KF, i, j, c, 1)
                         else:
-                            Y[0, c] = compute(X0, X1, I, J, F, i, j, c, 1)
+                            Y[0, c] = compute(X0, X1, K64, K32, KF, i, j, c, 1)
 
     del vector_dtype
     return eltwise, [first, second, ints, halves, floats]
@@ -809,6 +821,10 @@ def _anchor_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     return _reduce_kernel(value, anchor, target)
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 TILE_ROWS = {3: 4, 2: 6, 1: 8}  # rows per register tile for 3, 2 or 1 blocks of 16 columns: <= 12 accumulators
 
 
@@ -820,7 +836,7 @@ def pack_conv_weights(weights: np.ndarray, channels: int, tile_blocks: int) -> n
     ordered = np.zeros((kh, kw, channels, n), np.int8)
     ordered[:, :, :c, :] = weights.transpose(2, 3, 1, 0)
     k = kh * kw * channels
-    blocks = -(-(-(-n // LANES)) // tile_blocks) * tile_blocks
+    blocks = _ceil_div(_ceil_div(n, LANES), tile_blocks) * tile_blocks
     padded = np.zeros((k, blocks * LANES), np.int8)
     padded[:, :n] = ordered.reshape(k, n)
     grouped = padded.reshape(k // 4, 4, blocks, LANES).transpose(2, 0, 3, 1)
@@ -869,11 +885,18 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
             loaded = X[0, tirx.Ramp(q * 4, 1, 4)]
         return tirx.reinterpret(i8, tirx.Broadcast(tirx.reinterpret("int32", loaded), LANES))
 
-    def epilogue(acc: Any, Cr: Any, I: Any, J: Any, F: Any, c: Any, lanes: int) -> Any:
-        return value.expression(_env(acc - Cr[c], lambda i: None, (I, J, F), where, c, lanes))
+    def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
+        return value.expression(_env(acc - Cr[c], lambda i: None, (K64, K32, KF), where, c, lanes))
 
     def oh(tile: Any, r: Any) -> Any:
         return row(tile, r) // out_w + top
+
+    def block(tile: Any, b: Any) -> Any:
+        """The tile's b-th block of 16 output columns."""
+        return (tile % block_tiles) * tile_blocks + b
+
+    def columns(tile: Any, b: Any) -> Any:
+        return tirx.Ramp(block(tile, b) * LANES, 1, LANES)
 
     def ow(tile: Any, r: Any) -> Any:
         return row(tile, r) % out_w + left
@@ -883,9 +906,9 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
         X: T.Buffer(source.shape, "uint8"),
         Wp: T.Buffer(packed.shape, "int8"),
         Cr: T.Buffer((n,), "int32"),
-        I: T.Buffer(ints.shape, "int64"),
-        J: T.Buffer(halves.shape, "int32"),
-        F: T.Buffer(floats.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
@@ -904,32 +927,30 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
                                     int8_kernels.DOT,
                                     acc[r, b, T.ramp(0, 1, LANES)],
                                     activations(X, tile, r, y, x, q),
-                                    Wp[(tile % block_tiles) * tile_blocks + b, (y * kw + x) * quads + q, T.ramp(0, 1, 64)],
+                                    Wp[block(tile, b), (y * kw + x) * quads + q, T.ramp(0, 1, 64)],
                                 )
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    if ((tile % block_tiles) * tile_blocks + b + 1) * LANES <= n:
+                    if (block(tile, b) + 1) * LANES <= n:  # a whole block: one vector
                         if y_nhwc:
-                            Y[oh(tile, r), ow(tile, r), T.ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES)] = epilogue(
-                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, J, F,
-                                tirx.Ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES), LANES,
-                            )  # fmt: skip
+                            Y[oh(tile, r), ow(tile, r), columns(tile, b)] = epilogue(
+                                acc[r, b, T.ramp(0, 1, LANES)], Cr, K64, K32, KF, columns(tile, b), LANES
+                            )
                         else:
-                            Y[0, T.ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES)] = epilogue(
-                                acc[r, b, T.ramp(0, 1, LANES)], Cr, I, J, F,
-                                tirx.Ramp(((tile % block_tiles) * tile_blocks + b) * LANES, 1, LANES), LANES,
-                            )  # fmt: skip
+                            Y[0, columns(tile, b)] = epilogue(
+                                acc[r, b, T.ramp(0, 1, LANES)], Cr, K64, K32, KF, columns(tile, b), LANES
+                            )
                     else:
                         for lane in range(LANES):
-                            if ((tile % block_tiles) * tile_blocks + b) * LANES + lane < n:
+                            if block(tile, b) * LANES + lane < n:
                                 if y_nhwc:
-                                    Y[oh(tile, r), ow(tile, r), ((tile % block_tiles) * tile_blocks + b) * LANES + lane] = epilogue(
-                                        acc[r, b, lane], Cr, I, J, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
-                                    )  # fmt: skip
+                                    Y[oh(tile, r), ow(tile, r), block(tile, b) * LANES + lane] = epilogue(
+                                        acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * LANES + lane, 1
+                                    )
                                 else:
-                                    Y[0, ((tile % block_tiles) * tile_blocks + b) * LANES + lane] = epilogue(
-                                        acc[r, b, lane], Cr, I, J, F, ((tile % block_tiles) * tile_blocks + b) * LANES + lane, 1
-                                    )  # fmt: skip
+                                    Y[0, block(tile, b) * LANES + lane] = epilogue(
+                                        acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * LANES + lane, 1
+                                    )
 
     return conv, [source, packed, correction, ints, halves, floats]
 
@@ -973,18 +994,18 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
         loaded = X[i * stride_h + y + off_h, col(t, jj) * stride_w + x + off_w, tirx.Ramp(channel(t, b), 1, LANES)]
         return tirx.reinterpret(i8, tirx.Cast(i32, loaded))
 
-    def epilogue(acc: Any, Cr: Any, I: Any, J: Any, F: Any, t: Any, b: Any) -> Any:
+    def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, t: Any, b: Any) -> Any:
         c = tirx.Ramp(channel(t, b), 1, LANES)
-        return value.expression(_env(acc - Cr[c], lambda index: None, (I, J, F), where, c, LANES))
+        return value.expression(_env(acc - Cr[c], lambda index: None, (K64, K32, KF), where, c, LANES))
 
     @T.prim_func
     def depthwise(
         X: T.Buffer(source.shape, "uint8"),
         Wb: T.Buffer(as_bytes.shape, "int32"),
         Cr: T.Buffer((channels,), "int32"),
-        I: T.Buffer(ints.shape, "int64"),
-        J: T.Buffer(halves.shape, "int32"),
-        F: T.Buffer(floats.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
@@ -1006,8 +1027,8 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
                             )
             for jj in T.unroll(tile_cols):
                 for b in T.unroll(tile_blocks):
-                    Y[it // tiles + top, col(it % tiles, jj) + left, T.ramp(channel(it % tiles, b), 1, LANES)] = epilogue(
-                        acc[jj, b, T.ramp(0, 1, LANES)], Cr, I, J, F, it % tiles, b
+                    Y[it // tiles + top, col(it % tiles, jj) + left, T.ramp(channel(it % tiles, b), 1, LANES)] = (
+                        epilogue(acc[jj, b, T.ramp(0, 1, LANES)], Cr, K64, K32, KF, it % tiles, b)
                     )
 
     return depthwise, [source, as_bytes, correction, ints, halves, floats]
@@ -1052,20 +1073,20 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
                     result = loaded if result is None else tirx.max(result, loaded)
         return result
 
-    def compute(X: Any, Wd: Any, Cr: Any, I: Any, J: Any, F: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
+    def compute(X: Any, Wd: Any, Cr: Any, K64: Any, K32: Any, KF: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
         source_value = window(X, Wd, i, j, c, lanes)
         if depthwise:
             source_value = source_value - Cr[c]
-        return value.expression(_env(source_value, lambda index: None, (I, J, F), where, c, lanes))
+        return value.expression(_env(source_value, lambda index: None, (K64, K32, KF), where, c, lanes))
 
     @T.prim_func
     def window_op(
         X: T.Buffer(source.shape, "uint8"),
         Wd: T.Buffer(taps.shape, "int32"),
         Cr: T.Buffer((channels,), "int32"),
-        I: T.Buffer(ints.shape, "int64"),
-        J: T.Buffer(halves.shape, "int32"),
-        F: T.Buffer(floats.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
@@ -1075,18 +1096,18 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
                     for b in range(blocks):
                         if y_nhwc:
                             Y[i + top, j + left, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X, Wd, Cr, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X, Wd, Cr, K64, K32, KF, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                         else:
                             Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
-                                X, Wd, Cr, I, J, F, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
+                                X, Wd, Cr, K64, K32, KF, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
                 else:
                     for c in range(channels):
                         if y_nhwc:
-                            Y[i + top, j + left, c] = compute(X, Wd, Cr, I, J, F, i, j, c, 1)
+                            Y[i + top, j + left, c] = compute(X, Wd, Cr, K64, K32, KF, i, j, c, 1)
                         else:
-                            Y[0, c] = compute(X, Wd, Cr, I, J, F, i, j, c, 1)
+                            Y[0, c] = compute(X, Wd, Cr, K64, K32, KF, i, j, c, 1)
 
     return window_op, [source, taps, correction, ints, halves, floats]
 
@@ -1112,15 +1133,15 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     def channel(b: Any) -> Any:
         return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
 
-    def finish(total: Any, I: Any, J: Any, F: Any, b: Any) -> Any:
-        return value.expression(_env(total, lambda index: None, (I, J, F), where, channel(b), lanes))
+    def finish(total: Any, K64: Any, K32: Any, KF: Any, b: Any) -> Any:
+        return value.expression(_env(total, lambda index: None, (K64, K32, KF), where, channel(b), lanes))
 
     @T.prim_func
     def reduce(
         X: T.Buffer(source.shape, dtype),
-        I: T.Buffer(ints.shape, "int64"),
-        J: T.Buffer(halves.shape, "int32"),
-        F: T.Buffer(floats.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
@@ -1130,7 +1151,7 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
             for i in range(height):
                 for j in range(width):
                     total[whole] = total[whole] + X[i + top, j + left, channel(b)]
-            Y[0, channel(b)] = finish(total[whole], I, J, F, b)
+            Y[0, channel(b)] = finish(total[whole], K64, K32, KF, b)
 
     return reduce, [source, ints, halves, floats]
 

@@ -1,0 +1,147 @@
+"""The integer graph on qcompile's int8 kernels (qcompile.backends.tvm.integer): bit-exact with the numpy
+oracle (no tolerance: integer outputs compared for equality), including the requantization's fast path at
+the int32 extremes; ResNet-18 end to end; the fallback and its reasons; a library for another CPU refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import zoo
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile import api, runtime
+from qcompile.backends import tvm as tvm_backend
+from qcompile.errors import ArtifactError, BackendError
+from qcompile.passes import integer_reference
+
+integer = pytest.importorskip("qcompile.backends.tvm.integer")
+int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
+
+CHANNELS = 64
+
+
+@pytest.fixture(scope="module")
+def vnni() -> dict:
+    try:
+        return int8_kernels.require_vnni()
+    except BackendError as error:
+        pytest.skip(str(error))
+
+
+def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
+    """int32 [1, C] -> the requantization chain exactly as qcompile.passes.requantize writes it: per channel
+    ``M0`` in [2**29, 2**30), ``R = 2**61 + 2**(n-1)``, ``Div 2**n``, ``U = 2**61 / 2**n - z``, Clip to a
+    ReLU6-like [z, hi], Cast to uint8."""
+    rng = np.random.default_rng(seed)
+    n = shifts.astype(np.int64)
+    zero = rng.integers(0, 200, CHANNELS).astype(np.int64)
+    constants = {
+        "m0": rng.integers(2**29, 2**30, CHANNELS).astype(np.int64),
+        "round": (2**61 + np.left_shift(np.int64(1), n - 1)).astype(np.int64),
+        "divisor": np.left_shift(np.int64(1), n).astype(np.int64),
+        "unbias": (2**61 // np.left_shift(np.int64(1), n) - zero).astype(np.int64),
+        "lo": zero.copy(),
+        "hi": np.full(CHANNELS, 255, np.int64) - rng.integers(0, 20, CHANNELS),
+    }
+    initializers = [numpy_helper.from_array(value.reshape(1, CHANNELS), name) for name, value in constants.items()]
+    nodes = [
+        helper.make_node("Cast", ["acc"], ["wide"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["wide", "m0"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "round"], ["biased"]),
+        helper.make_node("Div", ["biased", "divisor"], ["divided"]),
+        helper.make_node("Sub", ["divided", "unbias"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "lo", "hi"], ["clamped"]),
+        helper.make_node("Cast", ["clamped"], ["q"], to=TensorProto.UINT8),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "requantize",
+        [helper.make_tensor_value_info("acc", TensorProto.INT32, [1, CHANNELS])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, CHANNELS])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _build(model: onnx.ModelProto, target: dict, folder: Path) -> tvm_backend.TVMExecutor:
+    folder.mkdir(parents=True, exist_ok=True)
+    built = tvm_backend.build_integer(model, {"kind": "llvm"}, folder)
+    assert built is not None, "the integer kernels should cover this graph"
+    files, host, lowering = built
+    assert host["mcpu"] == target["mcpu"] and lowering == tvm_backend.INTEGER_KERNELS
+    return tvm_backend.TVMExecutor(folder / files[0], [item.name for item in model.graph.input], host["mcpu"])
+
+
+def _accumulators(rng: np.random.Generator, rows: int) -> list[np.ndarray]:
+    """The int32 extremes and their neighbours in every lane, then uniformly random int32 rows."""
+    edges = [-(2**31), -(2**31) + 1, -1, 0, 1, 2**31 - 2, 2**31 - 1]
+    values = [np.full((1, CHANNELS), edge, np.int32) for edge in edges]
+    values += [rng.integers(-(2**31), 2**31, (1, CHANNELS), dtype=np.int64).astype(np.int32) for _ in range(rows)]
+    values += [rng.integers(-(2**12), 2**12, (1, CHANNELS)).astype(np.int32) for _ in range(rows)]  # near zero
+    return values
+
+
+def test_requantization_fast_path_is_exact_at_the_int32_extremes(
+    vnni: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shifts 33..61 take the vpmuldq fast path (checked by watching it), 29..32 the generic int64
+    expression; both equal the oracle on every lane for the extremes, 300 random rows and small values."""
+    taken = []
+    original = integer.fast_requantize
+
+    def watched(value: object) -> object:
+        result = original(value)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(integer, "fast_requantize", watched)
+    rng = np.random.default_rng(1)
+    for case, shifts in enumerate((rng.integers(33, 62, CHANNELS), rng.integers(29, 33, CHANNELS))):
+        model = _requantize_graph(shifts, seed=case)
+        executor = _build(model, vnni, tmp_path / f"case{case}")
+        assert taken[-1] == (case == 0)
+        for accumulators in _accumulators(rng, 300):
+            (produced,) = executor.run({"acc": accumulators})
+            expected = integer_reference.run(model, {"acc": accumulators})[0]
+            assert produced.dtype == np.uint8 and np.array_equal(produced, expected), accumulators
+
+
+def test_resnet18_runs_on_the_int8_kernels_bit_exactly(vnni: dict, tmp_path: Path) -> None:
+    """Stem 7 x 7 / 2 over three channels (stored as four), max pooling, 3 x 3 convolutions, strided 1 x 1
+    shortcuts, residual Add + ReLU, the H x W mean and the classifier, all on the kernels."""
+    model = zoo.export_resnet18(tmp_path / "resnet18.onnx")
+    crops = zoo.photo_crops(6, seed=2)
+    output = tmp_path / "resnet18.int8-npu"
+    manifest = api.compile(
+        model, output, target="int8-npu", calibration_data=[{"input": crop[None]} for crop in crops[:4]],
+        progress=False,
+    )  # fmt: skip
+    assert manifest["executors"]["tvm"]["lowering"] == tvm_backend.INTEGER_KERNELS
+    assert manifest["measured"]["accuracy"]["tvm_vs_oracle"].startswith("bit-exact")
+    lowered = onnx.load(str(output / api.INTEGER_ONNX))
+    assert {"MaxPool", "ConvInteger", "MatMulInteger", "ReduceSum"} <= {node.op_type for node in lowered.graph.node}
+    session = runtime.load(output, "tvm")
+    for crop in crops[4:]:
+        feed = {"input": crop[None]}
+        assert np.array_equal(session.run(feed)["logits"], integer_reference.run(lowered, feed)[0])
+
+
+def test_a_graph_the_kernels_do_not_cover_says_why_and_falls_back(vnni: dict, tmp_path: Path) -> None:
+    model = _requantize_graph(np.full(CHANNELS, 40))
+    model.graph.node.insert(0, helper.make_node("Neg", ["acc"], ["negated"], name="the_neg"))
+    model.graph.node[1].input[0] = "negated"
+    with pytest.raises(integer.NotLowerable, match=r"the_neg \(Neg\)"):
+        integer.to_relax(model)
+    assert tvm_backend.build_integer(model, {"kind": "llvm"}, tmp_path) is None  # the importer builds it instead
+    cross = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    assert tvm_backend.build_integer(_requantize_graph(np.full(CHANNELS, 40)), cross, tmp_path) is None
+
+
+def test_a_library_built_for_another_cpu_is_refused(vnni: dict, tmp_path: Path) -> None:
+    model = _requantize_graph(np.full(CHANNELS, 40))
+    _build(model, vnni, tmp_path)
+    with pytest.raises(ArtifactError, match="built for the imaginary-cpu CPU"):
+        tvm_backend.TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], "imaginary-cpu")
