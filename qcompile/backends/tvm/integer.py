@@ -29,6 +29,7 @@ raises :class:`NotLowerable`; the caller then builds the graph with TVM's ONNX i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,20 @@ class Anchor:
     kernel: tuple[int, int] = (1, 1)
     strides: tuple[int, int] = (1, 1)
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    offset: np.ndarray | None = None  # int32 per channel added to the accumulator (a bias, folded into the correction)
+
+    def correction(self, per_channel_weight_sums: np.ndarray) -> np.ndarray:
+        """What the kernel subtracts from its raw sums: ``zero_point * sum(w)`` less the folded offset (int32
+        arithmetic wraps alike in either order)."""
+        total = self.zero_point * per_channel_weight_sums.astype(np.int64)
+        if self.offset is not None:
+            total = total - self.offset.astype(np.int64)
+        return total.astype(np.int32)
+
+
+def _source(env: Env) -> Any:
+    """An anchor's own value (its accumulator, maximum or sum), before any epilogue op."""
+    return env.source
 
 
 def _leaf_lazy(value: Stored) -> Lazy:
@@ -441,7 +456,7 @@ class _Lowering:
             kind, source, logical, "int32", weights, zero, (kh, kw), (strides[0], strides[1]),
             (pads[0], pads[1], pads[2], pads[3]),
         )  # fmt: skip
-        return Lazy(logical, "int32", lambda env: env.source, anchor)
+        return Lazy(logical, "int32", _source, anchor)
 
     def _matmul(self, node: onnx.NodeProto) -> Lazy:
         source = self._materialize(node.input[0])
@@ -455,7 +470,7 @@ class _Lowering:
         zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
         logical = (1, weights.shape[1])
         anchor = Anchor("matmul", source, logical, "int32", weights.T[:, :, None, None], zero)
-        return Lazy(logical, "int32", lambda env: env.source, anchor)
+        return Lazy(logical, "int32", _source, anchor)
 
     def _max_pool(self, node: onnx.NodeProto) -> Lazy:
         attributes = node_attributes(node)
@@ -473,7 +488,7 @@ class _Lowering:
             "maxpool", source, logical, "uint8", None, 0, (kh, kw), (strides[0], strides[1]),
             (pads[0], pads[1], pads[2], pads[3]),
         )  # fmt: skip
-        return Lazy(logical, "uint8", lambda env: env.source, anchor)
+        return Lazy(logical, "uint8", _source, anchor)
 
     def _reduce(self, node: onnx.NodeProto) -> Lazy:
         source = self._materialize(node.input[0])
@@ -482,7 +497,7 @@ class _Lowering:
             raise NotLowerable(f"{node.name}: ReduceSum is covered over H, W with keepdims only")
         logical = (1, source.logical[1], 1, 1)
         anchor = Anchor("reduce", source, logical, source.dtype)
-        return Lazy(logical, source.dtype, lambda env: env.source, anchor)
+        return Lazy(logical, source.dtype, _source, anchor)
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
@@ -633,39 +648,71 @@ def fast_requantize(value: Lazy) -> Lazy | None:
     shift_k = offset_c // divisor - unbias
     if np.any(np.abs(shift_k) >= 2**30) or np.any(low < 0) or np.any(high > 255) or np.any(low > high):
         return None
-    paired = multiplier.reshape(-1, LANES // 2, 2).transpose(0, 2, 1).reshape(-1)  # per 16: even lanes, odd lanes
+    shift = n - 32
+    rounding = np.left_shift(np.int64(1), n - 33)
+    # K folds into the rounding term when K * 2**shift fits int32 beside hi32 (< 2**30): one addition less.
+    folded = rounding + shift_k * np.left_shift(np.int64(1), shift)
+    fold = bool(np.all(np.abs(folded) < 2**30))
+    odd_multiplier = np.zeros(channels, np.int64)
+    odd_multiplier[0::2] = multiplier[1::2]  # the odd lanes' M0 in the low halves, as vpmuldq reads them
     rows = [
-        paired.astype(np.int64),
-        np.left_shift(np.int64(1), n - 33).astype(np.int32),
-        (n - 32).astype(np.int32),
-        shift_k.astype(np.int32),
+        multiplier.astype(np.int32),
+        odd_multiplier.astype(np.int32),
+        (folded if fold else rounding).astype(np.int32),
+        shift.astype(np.int32),
+        (np.zeros_like(shift_k) if fold else shift_k).astype(np.int32),
         low.astype(np.int32),
         high.astype(np.int32),
     ]
     first = len(value.constants)
     generic = value.expression
+    anchor, source = value.anchor, base.expression
+    bias = _foldable_bias(base)
+    if bias is not None and anchor is not None:
+        anchor = dataclasses.replace(anchor, offset=bias)
+        source = _source
 
     def requantize(env: Env) -> Any:
         from tvm import tirx
 
         if env.lanes != LANES or env.raw is None:
             return generic(env)
-        a = tirx.reinterpret("int64x8", base.expression(env))
-        start = env.channel.base
-        m_even = env.raw(first, tirx.Ramp(start, 1, LANES // 2))
-        m_odd = env.raw(first, tirx.Ramp(start + LANES // 2, 1, LANES // 2))
+        # Each 64-bit half of the 16 lanes holds an even lane (low) and an odd lane (high): products of the
+        # sign-extended halves are what vpmuldq computes (LLVM selects it for these shifts).
+        a = tirx.reinterpret("int64x8", source(env))
+        m_even = tirx.reinterpret("int64x8", env.constant(first))
+        m_odd = tirx.reinterpret("int64x8", env.constant(first + 1))
         thirty_two = tirx.const(32, "int64")
-        even = ((a << thirty_two) >> thirty_two) * m_even  # lanes 0, 2, ...: vpmuldq of the low halves
-        odd = (a >> thirty_two) * m_odd  # lanes 1, 3, ...
+
+        def low_half(x: Any) -> Any:
+            return (x << thirty_two) >> thirty_two
+
+        even = low_half(a) * low_half(m_even)
+        odd = (a >> thirty_two) * low_half(m_odd)
         high_even = tirx.reinterpret("uint64x8", even) >> tirx.const(32, "uint64")
         high_odd = tirx.reinterpret("uint64x8", odd) & tirx.const(0xFFFFFFFF00000000, "uint64")
         top = tirx.reinterpret(f"int32x{LANES}", high_even | high_odd)
-        rounded = (top + env.constant(first + 1)) >> env.constant(first + 2)
-        low, high = env.constant(first + 4), env.constant(first + 5)
-        clamped = tirx.min(tirx.max(rounded + env.constant(first + 3), low), high)
+        rounded = (top + env.constant(first + 2)) >> env.constant(first + 3)
+        if not fold:
+            rounded = rounded + env.constant(first + 4)
+        clamped = tirx.min(tirx.max(rounded, env.constant(first + 5)), env.constant(first + 6))
         return tirx.Cast(f"uint8x{LANES}", clamped)
 
-    return Lazy(value.logical, "uint8", requantize, value.anchor, value.leaves, [*value.constants, *rows])
+    return Lazy(value.logical, "uint8", requantize, anchor, value.leaves, [*value.constants, *rows])
+
+
+def _foldable_bias(base: Lazy) -> np.ndarray | None:
+    """The int32 bias of ``base = accumulator + bias`` straight after a convolution or matmul (it then folds
+    into the kernel's zero-point correction), else None."""
+    if base.step is None or base.step[1] != "Add" or base.anchor is None:
+        return None
+    accumulator, _, (bias,) = base.step
+    if accumulator.expression is not _source or accumulator.anchor is not base.anchor:
+        return None
+    if base.anchor.kind not in ("conv", "matmul", "depthwise") or bias.dtype != np.int32:
+        return None
+    per_channel = _Lowering._per_channel(bias, base.logical)
+    return np.broadcast_to(bias.reshape(-1)[0] if per_channel is None else per_channel, (base.logical[1],)).copy()
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -863,7 +910,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     block_tiles = packed.shape[0] // tile_blocks
     row_tiles = -(-rows // tile_rows)
     quads = stored // 4
-    correction = (anchor.zero_point * weights.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+    correction = anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)))
     (ints, halves, floats), where = _pack(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
@@ -973,7 +1020,7 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
         raise NotLowerable("a depthwise input stored with less padding than it needs")
     taps = weights.reshape(channels, kh * kw).T
     as_bytes = taps.astype(np.uint8).astype(np.int32)  # w in the lane's low byte, zeros above
-    correction = (anchor.zero_point * taps.astype(np.int64).sum(axis=0)).astype(np.int32)
+    correction = anchor.correction(taps.astype(np.int64).sum(axis=0))
     (ints, halves, floats), where = _pack(value.constants, channels)
     blocks = channels // LANES
     tile_blocks = 3 if blocks % 3 == 0 else 2 if blocks % 2 == 0 else 1
@@ -1051,7 +1098,7 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     if depthwise:
         assert anchor.weights is not None
         taps = anchor.weights.reshape(channels, kh * kw).T.astype(np.int32)  # [taps, C]
-        correction = (anchor.zero_point * taps.astype(np.int64).sum(axis=0)).astype(np.int32)
+        correction = anchor.correction(taps.astype(np.int64).sum(axis=0))
     else:
         taps = np.zeros((1, channels), np.int32)
         correction = np.zeros(channels, np.int32)
