@@ -37,16 +37,28 @@ def measure(run: Callable[[], object], runs: int = 50, warmup: int = 5, max_seco
 
 
 def compare(
-    runs: Mapping[str, Callable[[], object]], rounds: int = 5, round_seconds: float = 0.05, min_runs: int = 10
+    runs: Mapping[str, Callable[[], object]],
+    rounds: int = 5,
+    round_seconds: float = 0.05,
+    min_runs: int = 10,
+    pause_seconds: float = 0.0,
 ) -> dict[str, Latency]:
     """Time several callables in interleaved rounds (a, b, a, b, ...), so that drift (warming caches, clock
     changes, other load) falls on each alike; a round times each for ``min_runs`` runs or ``round_seconds``,
-    whichever is longer, so microsecond-scale models get thousands of runs. Medians over every run."""
+    whichever is longer, so microsecond-scale models get thousands of runs. Medians over every run.
+
+    ``pause_seconds`` sleeps before each callable's round and then runs it untimed a few times: runtimes with
+    their own thread pools (onnxruntime, TVM) keep their workers spinning for a while after a run, and on a
+    machine with few cores those workers would otherwise take the next runtime's cores."""
     timings: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run()  # a first run (allocations, lazy initialization) is never timed
     for _ in range(rounds):
         for name, run in runs.items():
+            if pause_seconds:
+                time.sleep(pause_seconds)
+                for _ in range(3):
+                    run()
             deadline = time.perf_counter() + round_seconds
             count = 0
             while count < min_runs or time.perf_counter() < deadline:
