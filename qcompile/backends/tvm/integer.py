@@ -872,7 +872,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-TILE_ROWS = {3: 4, 2: 6, 1: 8}
+TILE_ROWS = {4: 3, 3: 4, 2: 6, 1: 8}  # rows per register tile of 4, 3, 2, 1 blocks of 16: <= 12 accumulators
+TILE_CHOICE = "least-padding"  # or "three" (always 3 blocks when there are 3): for experiments
+
+
+def _tile_blocks(blocks: int) -> int:
+    """Column blocks per register tile: the fewest zero blocks padded onto the last tile (64 columns in 4
+    blocks: 4, not 3 + 3 with two blocks of zeros), 3 on a tie."""
+    if TILE_CHOICE == "three" or blocks < 2:
+        return min(3, blocks)
+    return min((4, 3, 2), key=lambda tile: (_ceil_div(blocks, tile) * tile - blocks, tile != 3, -tile))
 L2_BYTES = 1 << 20  # per core, on the x86-64 cores with AVX-512 VNNI this targets (Zen 4/5, Ice Lake and later)
 TILE_ORDER = "auto"  # or "rows" / "blocks": which tiles of a convolution are neighbours (for experiments)  # rows per register tile for 3, 2 or 1 blocks of 16 columns: <= 12 accumulators
 
@@ -905,8 +914,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
         raise NotLowerable(f"a convolution over {stored} stored channels (not a multiple of 4)")
     out_h, out_w = (anchor.logical[2], anchor.logical[3]) if len(anchor.logical) == 4 else (1, 1)
     rows = out_h * out_w
-    blocks16 = -(-n // LANES)
-    tile_blocks = min(3, blocks16)
+    tile_blocks = _tile_blocks(_ceil_div(n, LANES))
     tile_rows = min(TILE_ROWS[tile_blocks], rows)
     packed = pack_conv_weights(weights, stored, tile_blocks)
     block_tiles = packed.shape[0] // tile_blocks
