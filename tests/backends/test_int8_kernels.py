@@ -1,12 +1,19 @@
-"""The VNNI int8 matmul kernel: bit-exact with numpy and with onnxruntime's MatMulInteger."""
+"""The int8 matmul kernels: VNNI bit-exact with numpy and with onnxruntime's MatMulInteger; the AVX2 flavor
+(built for a CPU without AVX-512, run here) and the NEON dot-product flavor (cross-compiled for aarch64, run
+under qemu as a Cortex-A76) bit-exact with numpy. Integer results: compared for equality."""
 
 from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
 from qcompile.backends.ort import session_from_bytes
+from qcompile.backends.tvm import cross
 from qcompile.errors import BackendError
 
 int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
@@ -63,3 +70,50 @@ def test_bad_shapes_and_inputs_are_clear_errors() -> None:
     matmul = int8_kernels.Int8MatMul(module, "m", np.ones((8, 4), np.int8), 2)
     with pytest.raises(BackendError, match=r"uint8 \[2, 8\] activations"):
         matmul(np.zeros((2, 8), np.int8))
+
+
+def _extreme_case(m: int, k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random codes and weights, with one row of 255 against a column of -128 (the largest sums)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    a[0], w[:, 0] = 255, -128
+    return a, w
+
+
+def test_avx2_flavor_is_bit_exact() -> None:
+    """Built for Haswell (AVX2, no AVX-512), so LLVM cannot use anything wider; run on this CPU."""
+    _target()
+    flavor = dataclasses.replace(int8_kernels.FLAVORS["avx2"], tvm_target={"kind": "llvm", "mcpu": "haswell"})
+    shapes = {"big": (128, 384, 384), "ragged": (7, 12, 50), "one": (1, 2, 1)}
+    module = int8_kernels.build(shapes, flavor.tvm_target, flavor)
+    for index, (name, (m, k, n)) in enumerate(shapes.items()):
+        a, w = _extreme_case(m, k, n, index)
+        for zero_point in (0, 131):
+            expected = (a.astype(np.int64) - zero_point) @ w.astype(np.int64)
+            for variant in (name, f"{name}_serial"):
+                result = int8_kernels.Int8MatMul(module, variant, w, m, zero_point, flavor)(a)
+                assert np.array_equal(result, expected), (variant, zero_point)
+
+
+def test_neon_dot_flavor_is_bit_exact_under_qemu(tmp_path: Path) -> None:
+    """sdot multiplies signed bytes: activations enter as x - 128, the correction uses za - 128."""
+    from tvm.support import cc
+
+    flavor = int8_kernels.FLAVORS["neon-dot"]
+    toolchain = cross.toolchain_for(flavor.tvm_target)
+    assert toolchain is not None
+    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+        pytest.skip("needs the aarch64 cross toolchain and qemu: qcompile toolchains --install")
+    runner = cross.build_runner(toolchain)
+    shape = (9, 136, 37)
+    module = int8_kernels.build({"mm": shape}, flavor.tvm_target, flavor)
+    module.export_library(str(tmp_path / "mm.so"), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))
+    assert cross.check_elf(tmp_path / "mm.so", toolchain).machine == cross.elf_info(tmp_path / "mm.so").machine
+    a, w = _extreme_case(*shape, seed=5)
+    for zero_point in (0, 131):
+        inputs = [a, *int8_kernels.arguments(w, shape[0], zero_point, flavor)]
+        outputs, _ = cross.emulate(
+            toolchain, tmp_path, "mm.so", inputs, "cortex-a76", flavor.tvm_target["mattr"], function="mm", runner=runner
+        )
+        assert np.array_equal(outputs[3], (a.astype(np.int64) - zero_point) @ w.astype(np.int64)), zero_point

@@ -1,9 +1,12 @@
 """The integer graph on qcompile's int8 kernels (qcompile.backends.tvm.integer): bit-exact with the numpy
 oracle (no tolerance: integer outputs compared for equality), including the requantization's fast path at
-the int32 extremes; ResNet-18 end to end; the fallback and its reasons; a library for another CPU refused."""
+the int32 extremes; ResNet-18 end to end on the VNNI flavor (the artifact), the AVX2 flavor (run here) and
+the aarch64 sdot flavor (under qemu); the fallback and its reasons; a library for another CPU refused."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, runtime
 from qcompile.backends import tvm as tvm_backend
+from qcompile.backends.tvm import cross
 from qcompile.errors import ArtifactError, BackendError
 from qcompile.passes import integer_reference
 
+tvm = pytest.importorskip("tvm")
 integer = pytest.importorskip("qcompile.backends.tvm.integer")
 int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
 
@@ -71,7 +76,7 @@ def _build(model: onnx.ModelProto, target: dict, folder: Path) -> tvm_backend.TV
     built = tvm_backend.build_integer(model, {"kind": "llvm"}, folder)
     assert built is not None, "the integer kernels should cover this graph"
     files, host, lowering = built
-    assert host["mcpu"] == target["mcpu"] and lowering == tvm_backend.INTEGER_KERNELS
+    assert host["mcpu"] == target["mcpu"] and lowering.startswith(tvm_backend.INTEGER_KERNELS)
     return tvm_backend.TVMExecutor(folder / files[0], [item.name for item in model.graph.input], host["mcpu"])
 
 
@@ -114,6 +119,8 @@ def test_requantization_fast_path_is_exact_at_the_int32_extremes(
 def test_resnet18_runs_on_the_int8_kernels_bit_exactly(vnni: dict, tmp_path: Path) -> None:
     """Stem 7 x 7 / 2 over three channels (stored as four), max pooling, 3 x 3 convolutions, strided 1 x 1
     shortcuts, residual Add + ReLU, the H x W mean and the classifier, all on the kernels."""
+    from tvm import relax
+
     model = zoo.export_resnet18(tmp_path / "resnet18.onnx")
     crops = zoo.photo_crops(6, seed=2)
     output = tmp_path / "resnet18.int8-npu"
@@ -121,14 +128,48 @@ def test_resnet18_runs_on_the_int8_kernels_bit_exactly(vnni: dict, tmp_path: Pat
         model, output, target="int8-npu", calibration_data=[{"input": crop[None]} for crop in crops[:4]],
         progress=False,
     )  # fmt: skip
-    assert manifest["executors"]["tvm"]["lowering"] == tvm_backend.INTEGER_KERNELS
+    assert manifest["executors"]["tvm"]["lowering"].startswith(tvm_backend.INTEGER_KERNELS)
     assert manifest["measured"]["accuracy"]["tvm_vs_oracle"].startswith("bit-exact")
     lowered = onnx.load(str(output / api.INTEGER_ONNX))
     assert {"MaxPool", "ConvInteger", "MatMulInteger", "ReduceSum"} <= {node.op_type for node in lowered.graph.node}
     session = runtime.load(output, "tvm")
+    # The same graph on the AVX2 flavor (built for Haswell: no AVX-512; depthwise-free, so every conv on
+    # vpmaddwd, the 1000-wide classifier ending in a partial block of 8 lanes).
+    avx2 = dataclasses.replace(int8_kernels.FLAVORS["avx2"], tvm_target={"kind": "llvm", "mcpu": "haswell"})
+    executable = relax.build(
+        integer.to_relax(lowered, avx2), target=tvm.target.Target(avx2.tvm_target), relax_pipeline=integer.pipeline()
+    )
+    machine = relax.VirtualMachine(executable, tvm.cpu())
     for crop in crops[4:]:
         feed = {"input": crop[None]}
-        assert np.array_equal(session.run(feed)["logits"], integer_reference.run(lowered, feed)[0])
+        expected = integer_reference.run(lowered, feed)[0]
+        assert np.array_equal(session.run(feed)["logits"], expected)
+        assert np.array_equal(machine["main"](tvm.runtime.tensor(feed["input"])).numpy(), expected)
+    _check_neon_dot_under_qemu(lowered, {"input": crops[5][None]}, tmp_path)
+
+
+def _check_neon_dot_under_qemu(lowered: onnx.ModelProto, feed: dict[str, np.ndarray], folder: Path) -> None:
+    """The whole graph on the aarch64 sdot flavor, cross-compiled and run by the artifact runner under qemu
+    as a Cortex-A76 (which has the dot-product extension), against the oracle."""
+    from tvm import relax
+    from tvm.support import cc
+
+    flavor = int8_kernels.FLAVORS["neon-dot"]
+    toolchain = cross.toolchain_for(flavor.tvm_target)
+    assert toolchain is not None
+    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+        return  # without the cross toolchain (qcompile toolchains --install) only the host flavors are checked
+    executable = relax.build(
+        integer.to_relax(lowered, flavor),
+        target=tvm.target.Target(flavor.tvm_target),
+        relax_pipeline=integer.pipeline(),
+    )
+    executable.export_library(str(folder / "neon.so"), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))
+    runner = cross.build_runner(toolchain)
+    outputs, _ = cross.emulate(
+        toolchain, folder, "neon.so", list(feed.values()), "cortex-a76", flavor.tvm_target["mattr"], runner=runner
+    )
+    assert np.array_equal(outputs[0], integer_reference.run(lowered, feed)[0])
 
 
 def test_a_graph_the_kernels_do_not_cover_says_why_and_falls_back(vnni: dict, tmp_path: Path) -> None:

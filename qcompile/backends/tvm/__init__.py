@@ -72,24 +72,26 @@ def build(
     return files, note
 
 
-INTEGER_KERNELS = "qcompile int8 kernels (AVX-512 VNNI, NHWC, requantization fused into each layer)"
+INTEGER_KERNELS = "qcompile int8 kernels (NHWC, requantization fused into each layer)"
 
 
 def build_integer(
     proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE
 ) -> tuple[list[str], dict[str, Any], str] | None:
     """Build the integer-only graph ``proto`` on qcompile's int8 kernels when ``tvm_target`` is this machine
-    (an LLVM target that is not cross-compiled) and its CPU has AVX-512 VNNI: returns the files written, the
-    TVM target the library was built for (this CPU's, so that LLVM may use VNNI) and a description. None,
-    with the reason logged, when the kernels do not cover the graph or this machine; then :func:`build`."""
+    (an LLVM target that is not cross-compiled) and its CPU has AVX-512 VNNI or AVX2: returns the files
+    written, the TVM target the library was built for (this CPU's, so that LLVM may use its instructions)
+    and a description naming the dot-product flavor. None, with the reason logged, when the kernels do not
+    cover the graph or this machine; then :func:`build`."""
     from qcompile.backends.tvm import int8_kernels, integer
 
     if tvm_target.get("kind") != "llvm" or cross.toolchain_for(tvm_target) is not None:
         logger.info("integer kernels not used: %s is not this machine's CPU", tvm_target)
         return None
     try:
-        host = {**tvm_target, **int8_kernels.require_vnni()}
-        module = integer.to_relax(proto)
+        flavor = int8_kernels.host_flavor()
+        host = {**tvm_target, **flavor.tvm_target}
+        module = integer.to_relax(proto, flavor)
     except (BackendError, integer.NotLowerable) as reason:
         logger.info("integer kernels not used (%s); building with TVM's ONNX importer", reason)
         return None
@@ -103,7 +105,7 @@ def build_integer(
     except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
         raise BackendError(f"TVM could not build the integer kernels for {host}: {first_line(error)}") from error
     logger.info("integer kernels built for %s in %.1f s", host, time.perf_counter() - started)
-    return [file_name], host, INTEGER_KERNELS
+    return [file_name], host, f"{INTEGER_KERNELS}, {flavor.name} dot products"
 
 
 def _conv_integer_converter() -> Any:

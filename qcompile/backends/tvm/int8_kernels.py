@@ -1,28 +1,36 @@
 # mypy: disable-error-code="valid-type"
 # (TVMScript annotates buffers as T.Buffer(shape, dtype), which is not a type to mypy.)
-"""Hand-written TVM TIR integer kernels for x86-64 with AVX-512 VNNI: the first of the fast integer kernels.
+"""Hand-written TVM TIR int8 matmul kernels, one per instruction set (a :class:`Flavor`).
 
 :func:`matmul_primfunc` computes ``Y[M, N] = (A - za) @ W`` for uint8 activations ``A [M, K]`` with one zero
 point ``za``, int8 weights ``W [K, N]`` and an int32 result, exactly what ONNX ``MatMulInteger`` computes
 with a scalar activation zero point and symmetric weights, as the integer lowering
 (:mod:`qcompile.passes.requantize`) emits for linear layers. Integer arithmetic, so bit-exact with numpy.
+The integer graph's convolutions (:mod:`qcompile.backends.tvm.integer`) use the same flavors.
 
-How: ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``) multiplies 64 unsigned bytes by 64 signed bytes and
-adds each four products into one of 16 int32 lanes. Weights are packed once (:func:`pack_weights`) as
-``[blocks, K / 4, 16 x 4]``: for 16 output columns, each group of four consecutive k, so one 64-byte load
-feeds one instruction; four activation bytes ``A[m, 4q:4q+4]`` are read as one int32 and broadcast. The
-kernel works in register tiles of ``tile_rows`` rows x ``tile_blocks`` blocks of 16 columns (4 x 3: per four
-k, 3 weight loads and 4 broadcasts for 12 instructions); tiles run in parallel. The accumulators are a
-``scope="global"`` buffer under TVM's 1024-byte stack limit, which LLVM keeps in registers (TVM lowers a
-``"local"`` buffer to a heap workspace, stored on every step: see :mod:`qcompile.backends.lut.kernel`). The
-zero point is folded into a per-column correction ``za * sum_k W[k, n]`` subtracted at the end.
+The flavors (TVM ships int8 intrinsics for AVX-512 VNNI only; these are written here):
 
-Not yet: K must be a multiple of 4, and nothing in the compile path calls this kernel yet (the TVM build of
-the integer graph still goes through TVM's ONNX importer, which widens MatMulInteger to int32).
+- ``vnni`` (x86-64, AVX-512 VNNI): ``vpdpbusd`` multiplies 64 unsigned bytes by 64 signed bytes and adds each
+  four products into one of 16 int32 lanes.
+- ``avx2`` (x86-64 without VNNI): ``vpmaddwd`` on 16-bit lanes: the activations zero-extended and the weights
+  sign-extended to int16 (so no product saturates, unlike ``vpmaddubsw``), each two products summed into
+  one of 8 int32 lanes, then added to the accumulator.
+- ``neon-dot`` (aarch64 with the dot-product extension, ``+dotprod``): ``sdot`` adds four int8 x int8 products
+  into each of 4 int32 lanes. It multiplies signed bytes, so the activations go in as ``x - 128`` (a flip
+  of the top bit) and the zero-point correction uses ``za - 128``: ``(x - za) w = (x - 128) w - (za - 128) w``.
+
+Weights are packed once (:func:`pack_weights`) as ``[blocks, K / g, lanes x g]``: for each ``lanes`` output
+columns, each group of ``g`` consecutive k, so one vector load feeds one instruction; the ``g`` activation
+bytes ``A[m, g q : g q + g]`` are read as one word and broadcast. The kernel works in register tiles of rows x
+blocks (tiles run in parallel); the accumulators are a ``scope="global"`` buffer under TVM's 1024-byte stack
+limit, which LLVM keeps in registers (TVM lowers a ``"local"`` buffer to a heap workspace, stored on every
+step: see :mod:`qcompile.backends.lut.kernel`). The zero point is folded into a per-column correction
+``(za - offset) * sum_k W[k, n]`` subtracted at the end. K must be a multiple of ``g``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,62 +40,135 @@ from qcompile.backends.tvm import threads  # noqa: F401  (sets up TVM's thread p
 from qcompile.backends.tvm.bound import BoundKernel, compile_kernels
 from qcompile.errors import BackendError
 
-LANES = 16  # int32 lanes of a 512-bit vector
-GROUP = 4  # bytes summed into one lane by vpdpbusd
-DOT = "llvm.x86.avx512.vpdpbusd.512"
-TILE_ROWS = 4
-TILE_BLOCKS = 3  # 4 x 3 x 16 int32 = 768 bytes of accumulators: under TVM's 1024-byte stack limit
 FUNCTION = "int8_matmul"
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """One instruction set's int8 dot product: ``lanes`` int32 accumulators per vector, each adding ``group``
+    products per instruction; weights packed as ``weight_dtype``; activations enter as ``x - offset``."""
+
+    name: str
+    lanes: int
+    group: int
+    intrinsic: str
+    weight_dtype: str
+    offset: int
+    tile_rows: int
+    tile_blocks: int
+    tvm_target: dict[str, Any]
+
+    def activations(self, codes: Any) -> Any:
+        """The ``group`` uint8 activation codes (a vector load) as the instruction's broadcast operand."""
+        from tvm import tirx
+
+        if self.name == "avx2":
+            word = tirx.reinterpret("int32", tirx.Cast(f"int16x{self.group}", codes))
+            return tirx.reinterpret(f"int16x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
+        if self.offset:
+            codes = codes ^ tirx.Broadcast(tirx.const(self.offset, "uint8"), self.group)
+        word = tirx.reinterpret("int32", codes)
+        return tirx.reinterpret(f"int8x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
+
+    def dot(self, accumulator: Any, activations: Any, weights: Any) -> Any:
+        """``accumulator`` plus, per lane, the sum of ``group`` products."""
+        from tvm import tirx
+
+        vector = f"int32x{self.lanes}"
+        if self.name == "avx2":
+            return accumulator + tirx.call_llvm_pure_intrin(vector, self.intrinsic, activations, weights)
+        return tirx.call_llvm_pure_intrin(vector, self.intrinsic, accumulator, activations, weights)
+
+
+FLAVORS = {
+    "vnni": Flavor("vnni", 16, 4, "llvm.x86.avx512.vpdpbusd.512", "int8", 0, 4, 3, {"kind": "llvm"}),
+    "avx2": Flavor(
+        "avx2", 8, 2, "llvm.x86.avx2.pmadd.wd", "int16", 0, 4, 2, {"kind": "llvm", "mattr": ["+avx2", "+fma"]}
+    ),
+    "neon-dot": Flavor(
+        "neon-dot",
+        4,
+        4,
+        "llvm.aarch64.neon.sdot",
+        "int8",
+        128,
+        4,
+        4,
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
+    ),
+}
+VNNI = FLAVORS["vnni"]
+LANES, GROUP, TILE_ROWS, TILE_BLOCKS = VNNI.lanes, VNNI.group, VNNI.tile_rows, VNNI.tile_blocks
+DOT = VNNI.intrinsic
+
+
+def _cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text() if cpuinfo.exists() else ""
 
 
 def require_vnni() -> dict[str, Any]:
     """The TVM target for this machine, or a clear error when it has no AVX-512 VNNI."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    if " avx512_vnni" not in flags:
+    if " avx512_vnni" not in _cpu_flags():
         raise BackendError("the int8 VNNI kernels need an x86-64 CPU with AVX-512 VNNI (vpdpbusd); this one lacks it")
     from tvm.target import codegen
 
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
 
 
-def _check_shape(m: int, k: int, n: int) -> None:
+def host_flavor() -> Flavor:
+    """The best flavor for this machine (VNNI, else AVX2), its target tuned for this CPU; or a clear error."""
+    flags = _cpu_flags()
+    if " avx512_vnni" in flags:
+        return replace(VNNI, tvm_target=require_vnni())
+    if " avx2" in flags:
+        from tvm.target import codegen
+
+        flavor = FLAVORS["avx2"]
+        return replace(flavor, tvm_target={**flavor.tvm_target, "mcpu": codegen.llvm_get_system_cpu()})
+    raise BackendError("the int8 kernels need an x86-64 CPU with AVX2 or AVX-512 VNNI; this one has neither")
+
+
+def _check_shape(m: int, k: int, n: int, flavor: Flavor = VNNI) -> None:
     if min(m, k, n) < 1:
         raise BackendError(f"int8 matmul needs a non-empty [M, K] @ [K, N], got M={m}, K={k}, N={n}")
-    if k % GROUP:
-        raise BackendError(f"the VNNI int8 matmul sums groups of {GROUP} inputs; K={k} is not a multiple of {GROUP}")
+    if k % flavor.group:
+        raise BackendError(
+            f"the {flavor.name} int8 matmul sums groups of {flavor.group} inputs; K={k} is not a multiple of "
+            f"{flavor.group}"
+        )
 
 
-def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True) -> Any:
+def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True, flavor: Flavor = VNNI) -> Any:
     """The kernel for ``[m, k] @ [k, n]``; arguments ``A`` (uint8 ``[m, k]``), the packed weights, the
     per-column correction (int32 ``[n]``) and ``Y`` (int32 ``[m, n]``)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
-    _check_shape(m, k, n)
-    lanes, tile_rows, tile_blocks = LANES, min(TILE_ROWS, m), TILE_BLOCKS
-    quads = k // GROUP
+    _check_shape(m, k, n, flavor)
+    lanes, group = flavor.lanes, flavor.group
+    tile_rows, tile_blocks = min(flavor.tile_rows, m), flavor.tile_blocks
+    quads = k // group
     blocks = -(-n // lanes)
     row_tiles = -(-m // tile_rows)
     block_tiles = -(-blocks // tile_blocks)
     part_loop = T.parallel if parallel else T.serial
-    i32 = f"int32x{lanes}"
-    i8 = f"int8x{lanes * GROUP}"
+    width = lanes * group
 
     def row_of(tile: Any, r: Any) -> Any:
         """The last row tile recomputes the last rows rather than reading past them."""
         return tirx.min((tile // block_tiles) * tile_rows + r, m - 1)
 
     def activations(a: Any, row: Any, quad: Any) -> Any:
-        """``A[row, 4 quad : 4 quad + 4]`` in every lane, as 64 bytes."""
-        return tirx.reinterpret(
-            i8, tirx.Broadcast(tirx.reinterpret("int32", a[row, tirx.Ramp(quad * GROUP, 1, GROUP)]), lanes)
-        )
+        return flavor.activations(a[row, tirx.Ramp(quad * group, 1, group)])
+
+    def block(tile: Any, b: Any) -> Any:
+        return (tile % block_tiles) * tile_blocks + b
 
     @T.prim_func
     def kernel(
         A: T.Buffer((m, k), "uint8"),
-        Wp: T.Buffer((block_tiles * tile_blocks, quads, lanes * GROUP), "int8"),
+        Wp: T.Buffer((block_tiles * tile_blocks, quads, width), flavor.weight_dtype),
         correction: T.Buffer((n,), "int32"),
         Y: T.Buffer((m, n), "int32"),
     ):
@@ -100,56 +181,65 @@ def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True) -> Any:
             for q in range(quads):
                 for b in T.unroll(tile_blocks):
                     for r in T.unroll(tile_rows):
-                        acc[r, b, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
-                            i32,
-                            DOT,
+                        acc[r, b, T.ramp(0, 1, lanes)] = flavor.dot(
                             acc[r, b, T.ramp(0, 1, lanes)],
                             activations(A, row_of(tile, r), q),
-                            Wp[(tile % block_tiles) * tile_blocks + b, q, T.ramp(0, 1, lanes * GROUP)],
+                            Wp[block(tile, b), q, T.ramp(0, 1, width)],
                         )
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    if ((tile % block_tiles) * tile_blocks + b + 1) * lanes <= n:  # a whole block: one vector
-                        Y[row_of(tile, r), T.ramp(((tile % block_tiles) * tile_blocks + b) * lanes, 1, lanes)] = (
-                            acc[r, b, T.ramp(0, 1, lanes)]
-                            - correction[T.ramp(((tile % block_tiles) * tile_blocks + b) * lanes, 1, lanes)]
+                    if (block(tile, b) + 1) * lanes <= n:  # a whole block: one vector
+                        Y[row_of(tile, r), T.ramp(block(tile, b) * lanes, 1, lanes)] = (
+                            acc[r, b, T.ramp(0, 1, lanes)] - correction[T.ramp(block(tile, b) * lanes, 1, lanes)]
                         )
                     else:
                         for lane in range(lanes):
-                            if ((tile % block_tiles) * tile_blocks + b) * lanes + lane < n:
-                                Y[row_of(tile, r), ((tile % block_tiles) * tile_blocks + b) * lanes + lane] = (
-                                    acc[r, b, lane]
-                                    - correction[((tile % block_tiles) * tile_blocks + b) * lanes + lane]
+                            if block(tile, b) * lanes + lane < n:
+                                Y[row_of(tile, r), block(tile, b) * lanes + lane] = (
+                                    acc[r, b, lane] - correction[block(tile, b) * lanes + lane]
                                 )
 
     return kernel
 
 
-def pack_weights(weights: np.ndarray) -> np.ndarray:
-    """int8 ``[K, N]`` -> ``[blocks, K / 4, 64]``: for each 16 output columns, each group of four k, the 16 x
-    4 bytes one ``vpdpbusd`` reads (column-major within the group); columns padded with zeros to whole tiles."""
+def pack_weights(weights: np.ndarray, flavor: Flavor = VNNI, tile_blocks: int | None = None) -> np.ndarray:
+    """int8 ``[K, N]`` -> ``[blocks, K / g, lanes x g]`` (as the flavor's weight dtype): for each ``lanes``
+    output columns, each group of ``g`` k, the bytes one instruction reads (column-major within the group);
+    columns padded with zeros to whole tiles of ``tile_blocks`` (default: the flavor's) blocks."""
     k, n = weights.shape
-    _check_shape(1, k, n)
-    blocks = -(-n // (LANES * TILE_BLOCKS)) * TILE_BLOCKS  # whole tiles of 16-column blocks
-    padded = np.zeros((k, blocks * LANES), np.int8)
+    _check_shape(1, k, n, flavor)
+    lanes, group = flavor.lanes, flavor.group
+    tile = tile_blocks or flavor.tile_blocks
+    blocks = -(-n // (lanes * tile)) * tile  # whole tiles of blocks
+    padded = np.zeros((k, blocks * lanes), np.int8)
     padded[:, :n] = weights
-    by_group = padded.reshape(k // GROUP, GROUP, blocks, LANES).transpose(2, 0, 3, 1)
-    return np.ascontiguousarray(by_group.reshape(blocks, k // GROUP, LANES * GROUP))
+    by_group = padded.reshape(k // group, group, blocks, lanes).transpose(2, 0, 3, 1)
+    packed = np.ascontiguousarray(by_group.reshape(blocks, k // group, lanes * group))
+    return packed.astype(flavor.weight_dtype)
 
 
-def zero_point_correction(weights: np.ndarray, zero_point: int) -> np.ndarray:
-    """``za * sum_k W[k, n]`` as int32: what ``(A - za) @ W`` subtracts from ``A @ W``."""
-    return (int(zero_point) * weights.astype(np.int64).sum(axis=0)).astype(np.int32)
+def zero_point_correction(weights: np.ndarray, zero_point: int, flavor: Flavor = VNNI) -> np.ndarray:
+    """``(za - offset) * sum_k W[k, n]`` as int32: what ``(A - za) @ W`` subtracts from ``(A - offset) @ W``."""
+    return ((int(zero_point) - flavor.offset) * weights.astype(np.int64).sum(axis=0)).astype(np.int32)
 
 
-def build(shapes: dict[str, tuple[int, int, int]], tvm_target: dict[str, Any]) -> Any:
+def build(shapes: dict[str, tuple[int, int, int]], tvm_target: dict[str, Any], flavor: Flavor = VNNI) -> Any:
     """One TVM module with a parallel kernel ``name`` and a serial one ``name + "_serial"`` per entry of
     ``shapes`` (``name -> (m, k, n)``)."""
     functions = {}
     for name, (m, k, n) in shapes.items():
         for variant, parallel in ((name, True), (name + "_serial", False)):
-            functions[variant] = matmul_primfunc(m, k, n, parallel).with_attr("global_symbol", variant)
-    return compile_kernels(functions, tvm_target, "the int8 matmul kernels")
+            functions[variant] = matmul_primfunc(m, k, n, parallel, flavor).with_attr("global_symbol", variant)
+    return compile_kernels(functions, tvm_target, f"the {flavor.name} int8 matmul kernels")
+
+
+def arguments(weights: np.ndarray, rows: int, zero_point: int = 0, flavor: Flavor = VNNI) -> list[np.ndarray]:
+    """The kernel's arguments after the activations: packed weights, correction, the output."""
+    return [
+        pack_weights(weights, flavor),
+        zero_point_correction(weights, zero_point, flavor),
+        np.zeros((rows, weights.shape[1]), np.int32),
+    ]
 
 
 class Int8MatMul(BoundKernel):
@@ -160,7 +250,9 @@ class Int8MatMul(BoundKernel):
     DTYPE = np.uint8
     output = 2
 
-    def __init__(self, module: Any, name: str, weights: np.ndarray, rows: int, zero_point: int = 0) -> None:
+    def __init__(
+        self, module: Any, name: str, weights: np.ndarray, rows: int, zero_point: int = 0, flavor: Flavor = VNNI
+    ) -> None:
         import tvm
 
         if weights.dtype != np.int8 or weights.ndim != 2:
@@ -169,10 +261,5 @@ class Int8MatMul(BoundKernel):
         self.rows, (self.k, self.n) = rows, weights.shape
         self.function = module[name]
         self.arguments = [
-            tvm.runtime.tensor(array, self.device)
-            for array in (
-                pack_weights(weights),
-                zero_point_correction(weights, zero_point),
-                np.zeros((rows, self.n), np.int32),
-            )
+            tvm.runtime.tensor(array, self.device) for array in arguments(weights, rows, zero_point, flavor)
         ]

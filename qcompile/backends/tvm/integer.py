@@ -134,10 +134,10 @@ class Anchor:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     offset: np.ndarray | None = None  # int32 per channel added to the accumulator (a bias, folded into the correction)
 
-    def correction(self, per_channel_weight_sums: np.ndarray) -> np.ndarray:
-        """What the kernel subtracts from its raw sums: ``zero_point * sum(w)`` less the folded offset (int32
-        arithmetic wraps alike in either order)."""
-        total = self.zero_point * per_channel_weight_sums.astype(np.int64)
+    def correction(self, per_channel_weight_sums: np.ndarray, activation_offset: int = 0) -> np.ndarray:
+        """What the kernel subtracts from its raw sums of ``(x - activation_offset) w``: ``(zero_point -
+        activation_offset) * sum(w)`` less the folded offset (int32 arithmetic wraps alike in either order)."""
+        total = (self.zero_point - activation_offset) * per_channel_weight_sums.astype(np.int64)
         if self.offset is not None:
             total = total - self.offset.astype(np.int64)
         return total.astype(np.int32)
@@ -156,11 +156,12 @@ def _leaf_lazy(value: Stored) -> Lazy:
 
 
 class _Lowering:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, flavor: int8_kernels.Flavor) -> None:
         from tvm import relax
 
         self.relax = relax
         self.model = model
+        self.flavor = flavor
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self.values: dict[str, Stored | Lazy] = {}
         self.uses: dict[str, list[onnx.NodeProto]] = {}
@@ -247,8 +248,13 @@ class _Lowering:
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
-        if isinstance(value, Lazy) and len(self.uses.get(output, [])) > 1 and output not in self.outputs:
-            self.values[output] = self._materialize(output)  # computed once (graph outputs: at the end)
+        if isinstance(value, Lazy) and output not in self.outputs:  # (graph outputs are computed at the end)
+            if len(self.uses.get(output, [])) > 1:
+                self.values[output] = self._materialize(output)  # computed once
+            elif op == "Cast" and value.dtype == "uint8" and value.anchor is not None:
+                # A layer's requantized output is stored as it is, in 8 bits: a residual Add reading it
+                # would otherwise store its rescaled int32 form.
+                self.values[output] = self._materialize(output)
 
     def _operand(self, name: str) -> Stored | Lazy | np.ndarray:
         if name in self.constants:
@@ -525,7 +531,7 @@ class _Lowering:
         if value.anchor is None:
             function, arguments = _elementwise_kernel(value, target)
         else:
-            function, arguments = _anchor_kernel(value, target)
+            function, arguments = _anchor_kernel(value, target, self.flavor)
         self.count += 1
         label = f"k{self.count:03d}_{value.anchor.kind if value.anchor else 'eltwise'}"
         gvar = self.builder.add_func(function.with_attr("global_symbol", label), label)
@@ -671,12 +677,15 @@ def fast_requantize(value: Lazy) -> Lazy | None:
     if bias is not None and anchor is not None:
         anchor = dataclasses.replace(anchor, offset=bias)
         source = _source
+        rows.append(bias.astype(np.int32))  # for lanes off the fast path: the generic chain adds it again
 
     def requantize(env: Env) -> Any:
         from tvm import tirx
 
-        if env.lanes != LANES or env.raw is None:
-            return generic(env)
+        if env.lanes != LANES or env.raw is None:  # a scalar tail, a narrower flavor: the ops as written
+            if bias is None:
+                return generic(env)
+            return generic(dataclasses.replace(env, source=env.source - env.constant(first + 7)))
         # Each 64-bit half of the 16 lanes holds an even lane (low) and an odd lane (high): products of the
         # sign-extended halves are what vpmuldq computes (LLVM selects it for these shifts).
         a = tirx.reinterpret("int64x8", source(env))
@@ -854,14 +863,14 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     return eltwise, [first, second, ints, halves, floats]
 
 
-def _anchor_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
+def _anchor_kernel(value: Lazy, target: Stored, flavor: int8_kernels.Flavor) -> tuple[Any, list[Any]]:
     anchor = value.anchor
     assert anchor is not None
     if value.leaves:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
     if anchor.kind in ("conv", "matmul"):
-        return _conv_kernel(value, anchor, target)
-    if anchor.kind == "depthwise" and anchor.logical[1] % LANES == 0:
+        return _conv_kernel(value, anchor, target, flavor)
+    if anchor.kind == "depthwise" and anchor.logical[1] % LANES == 0 and flavor.name == "vnni":
         return _depthwise_kernel(value, anchor, target)
     if anchor.kind in ("depthwise", "maxpool"):
         return _window_kernel(value, anchor, target)
@@ -882,11 +891,15 @@ def _tile_blocks(blocks: int) -> int:
     if TILE_CHOICE == "three" or blocks < 2:
         return min(3, blocks)
     return min((4, 3, 2), key=lambda tile: (_ceil_div(blocks, tile) * tile - blocks, tile != 3, -tile))
+
+
 L2_BYTES = 1 << 20  # per core, on the x86-64 cores with AVX-512 VNNI this targets (Zen 4/5, Ice Lake and later)
-TILE_ORDER = "auto"  # or "rows" / "blocks": which tiles of a convolution are neighbours (for experiments)  # rows per register tile for 3, 2 or 1 blocks of 16 columns: <= 12 accumulators
+TILE_ORDER = "auto"  # or "rows" / "blocks": which tiles of a convolution are neighbours (for experiments)
 
 
-def pack_conv_weights(weights: np.ndarray, channels: int, tile_blocks: int) -> np.ndarray:
+def pack_conv_weights(
+    weights: np.ndarray, channels: int, tile_blocks: int, flavor: int8_kernels.Flavor = int8_kernels.VNNI
+) -> np.ndarray:
     """int8 ``[N, C, KH, KW]`` -> ``[blocks, KH * KW * Cs / 4, 64]``: the reduction ordered (kh, kw, c) as the
     NHWC window is read (C padded with zero weights to the stored ``channels`` Cs), each 16 output columns'
     groups of four as one ``vpdpbusd`` reads them; blocks padded with zeros to whole tiles."""
@@ -894,14 +907,15 @@ def pack_conv_weights(weights: np.ndarray, channels: int, tile_blocks: int) -> n
     ordered = np.zeros((kh, kw, channels, n), np.int8)
     ordered[:, :, :c, :] = weights.transpose(2, 3, 1, 0)
     k = kh * kw * channels
-    blocks = _ceil_div(_ceil_div(n, LANES), tile_blocks) * tile_blocks
-    padded = np.zeros((k, blocks * LANES), np.int8)
+    lanes, group = flavor.lanes, flavor.group
+    blocks = _ceil_div(_ceil_div(n, lanes), tile_blocks) * tile_blocks
+    padded = np.zeros((k, blocks * lanes), np.int8)
     padded[:, :n] = ordered.reshape(k, n)
-    grouped = padded.reshape(k // 4, 4, blocks, LANES).transpose(2, 0, 3, 1)
-    return np.ascontiguousarray(grouped.reshape(blocks, k // 4, LANES * 4))
+    grouped = padded.reshape(k // group, group, blocks, lanes).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(grouped.reshape(blocks, k // group, lanes * group)).astype(flavor.weight_dtype)
 
 
-def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernels.Flavor) -> tuple[Any, list[Any]]:
     """Dense convolution (any window, stride) or matmul on the VNNI register tiles, epilogue fused."""
     from tvm import tirx
     from tvm.script import tirx as T
@@ -910,16 +924,20 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     assert weights is not None
     n, _, kh, kw = weights.shape
     stored = source.channels if source.layout == "nhwc" else source.logical[1]
-    if stored % 4:
-        raise NotLowerable(f"a convolution over {stored} stored channels (not a multiple of 4)")
+    if stored % flavor.group:
+        raise NotLowerable(f"a convolution over {stored} stored channels (not a multiple of {flavor.group})")
     out_h, out_w = (anchor.logical[2], anchor.logical[3]) if len(anchor.logical) == 4 else (1, 1)
     rows = out_h * out_w
-    tile_blocks = _tile_blocks(_ceil_div(n, LANES))
-    tile_rows = min(TILE_ROWS[tile_blocks], rows)
-    packed = pack_conv_weights(weights, stored, tile_blocks)
+    lanes, group = flavor.lanes, flavor.group
+    if flavor.name == "vnni":
+        tile_blocks = _tile_blocks(_ceil_div(n, lanes))
+        tile_rows = min(TILE_ROWS[tile_blocks], rows)
+    else:
+        tile_blocks, tile_rows = min(flavor.tile_blocks, _ceil_div(n, lanes)), min(flavor.tile_rows, rows)
+    packed = pack_conv_weights(weights, stored, tile_blocks, flavor)
     block_tiles = packed.shape[0] // tile_blocks
     row_tiles = -(-rows // tile_rows)
-    quads = stored // 4
+    quads = stored // group
     # Tiles walk all column blocks of a row tile (the weights re-read for every row tile), unless the weights
     # do not stay in the L2 cache and re-reading the activations for every column block moves fewer bytes
     # (ResNet's last stage: 2.4 MB of 3 x 3 weights, 49 output pixels).
@@ -927,7 +945,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     block_major = weight_bytes > L2_BYTES // 2 and block_tiles * rows * stored < row_tiles * weight_bytes
     if TILE_ORDER != "auto":
         block_major = TILE_ORDER == "blocks"
-    correction = anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)))
+    correction = anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset)
     (ints, halves, floats), where = _pack(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
@@ -936,7 +954,6 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     if x_nhwc and (off_h < 0 or off_w < 0):
         raise NotLowerable("a convolution input stored with less padding than the convolution needs")
     top, left = target.pads[0], target.pads[1]
-    i32, i8 = f"int32x{LANES}", f"int8x{LANES * 4}"
 
     def row(tile: Any, r: Any) -> Any:
         row_tile = tile % row_tiles if block_major else tile // block_tiles
@@ -945,10 +962,11 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     def activations(X: Any, tile: Any, r: Any, y: Any, x: Any, q: Any) -> Any:
         m = row(tile, r)
         if x_nhwc:
-            loaded = X[(m // out_w) * stride_h + y + off_h, (m % out_w) * stride_w + x + off_w, tirx.Ramp(q * 4, 1, 4)]
+            codes = tirx.Ramp(q * group, 1, group)
+            loaded = X[(m // out_w) * stride_h + y + off_h, (m % out_w) * stride_w + x + off_w, codes]
         else:
-            loaded = X[0, tirx.Ramp(q * 4, 1, 4)]
-        return tirx.reinterpret(i8, tirx.Broadcast(tirx.reinterpret("int32", loaded), LANES))
+            loaded = X[0, tirx.Ramp(q * group, 1, group)]
+        return flavor.activations(loaded)
 
     def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
         return value.expression(_env(acc - Cr[c], lambda i: None, (K64, K32, KF), where, c, lanes))
@@ -962,7 +980,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
         return block_tile * tile_blocks + b
 
     def columns(tile: Any, b: Any) -> Any:
-        return tirx.Ramp(block(tile, b) * LANES, 1, LANES)
+        return tirx.Ramp(block(tile, b) * lanes, 1, lanes)
 
     def ow(tile: Any, r: Any) -> Any:
         return row(tile, r) % out_w + left
@@ -970,7 +988,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     @T.prim_func
     def conv(
         X: T.Buffer(source.shape, "uint8"),
-        Wp: T.Buffer(packed.shape, "int8"),
+        Wp: T.Buffer(packed.shape, flavor.weight_dtype),
         Cr: T.Buffer((n,), "int32"),
         K64: T.Buffer(ints.shape, "int64"),
         K32: T.Buffer(halves.shape, "int32"),
@@ -979,43 +997,41 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list
     ):
         T.func_attr({"tir.noalias": True})
         for tile in T.parallel(row_tiles * block_tiles):
-            acc = T.alloc_buffer((tile_rows, tile_blocks, LANES), "int32", scope="global")  # on the stack
+            acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int32", scope="global")  # on the stack
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    acc[r, b, T.ramp(0, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                    acc[r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
             for y in range(kh):
                 for x in range(kw):
                     for q in range(quads):
                         for b in T.unroll(tile_blocks):
                             for r in T.unroll(tile_rows):
-                                acc[r, b, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
-                                    i32,
-                                    int8_kernels.DOT,
-                                    acc[r, b, T.ramp(0, 1, LANES)],
+                                acc[r, b, T.ramp(0, 1, lanes)] = flavor.dot(
+                                    acc[r, b, T.ramp(0, 1, lanes)],
                                     activations(X, tile, r, y, x, q),
-                                    Wp[block(tile, b), (y * kw + x) * quads + q, T.ramp(0, 1, 64)],
+                                    Wp[block(tile, b), (y * kw + x) * quads + q, T.ramp(0, 1, lanes * group)],
                                 )
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    if (block(tile, b) + 1) * LANES <= n:  # a whole block: one vector
+                    if (block(tile, b) + 1) * lanes <= n:  # a whole block: one vector
                         if y_nhwc:
                             Y[oh(tile, r), ow(tile, r), columns(tile, b)] = epilogue(
-                                acc[r, b, T.ramp(0, 1, LANES)], Cr, K64, K32, KF, columns(tile, b), LANES
+                                acc[r, b, T.ramp(0, 1, lanes)], Cr, K64, K32, KF, columns(tile, b), lanes
                             )
                         else:
                             Y[0, columns(tile, b)] = epilogue(
-                                acc[r, b, T.ramp(0, 1, LANES)], Cr, K64, K32, KF, columns(tile, b), LANES
+                                acc[r, b, T.ramp(0, 1, lanes)], Cr, K64, K32, KF, columns(tile, b), lanes
                             )
                     else:
-                        for lane in range(LANES):
-                            if block(tile, b) * LANES + lane < n:
+                        for lane in range(lanes):
+                            if block(tile, b) * lanes + lane < n:
                                 if y_nhwc:
-                                    Y[oh(tile, r), ow(tile, r), block(tile, b) * LANES + lane] = epilogue(
-                                        acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * LANES + lane, 1
+                                    Y[oh(tile, r), ow(tile, r), block(tile, b) * lanes + lane] = epilogue(
+                                        acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * lanes + lane, 1
                                     )
                                 else:
-                                    Y[0, block(tile, b) * LANES + lane] = epilogue(
-                                        acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * LANES + lane, 1
+                                    Y[0, block(tile, b) * lanes + lane] = epilogue(
+                                        acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * lanes + lane, 1
                                     )
 
     return conv, [source, packed, correction, ints, halves, floats]
@@ -1224,9 +1240,11 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     return reduce, [source, ints, halves, floats]
 
 
-def to_relax(model: onnx.ModelProto) -> Any:
-    """The Relax module of ``model`` (an integer-only graph) on these kernels, or :class:`NotLowerable`."""
-    return _Lowering(model).run()
+def to_relax(model: onnx.ModelProto, flavor: int8_kernels.Flavor = int8_kernels.VNNI) -> Any:
+    """The Relax module of ``model`` (an integer-only graph) on these kernels with ``flavor``'s dot product
+    (the depthwise kernel is VNNI's; other flavors run depthwise layers as int32 multiply-adds), or
+    :class:`NotLowerable`."""
+    return _Lowering(model, flavor).run()
 
 
 def pipeline() -> Any:
