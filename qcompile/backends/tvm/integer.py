@@ -946,6 +946,10 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     if TILE_ORDER != "auto":
         block_major = TILE_ORDER == "blocks"
     correction = anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset)
+    # The accumulators start at minus the zero-point correction (an addition less per output vector).
+    start = np.zeros(packed.shape[0] * lanes, np.int64)
+    start[:n] = -correction.astype(np.int64)
+    start = start.astype(np.int32)
     (ints, halves, floats), where = _pack(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
@@ -969,7 +973,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         return flavor.activations(loaded)
 
     def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
-        return value.expression(_env(acc - Cr[c], lambda i: None, (K64, K32, KF), where, c, lanes))
+        return value.expression(_env(acc, lambda i: None, (K64, K32, KF), where, c, lanes))
 
     def oh(tile: Any, r: Any) -> Any:
         return row(tile, r) // out_w + top
@@ -989,7 +993,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     def conv(
         X: T.Buffer(source.shape, "uint8"),
         Wp: T.Buffer(packed.shape, flavor.weight_dtype),
-        Cr: T.Buffer((n,), "int32"),
+        Cr: T.Buffer(start.shape, "int32"),
         K64: T.Buffer(ints.shape, "int64"),
         K32: T.Buffer(halves.shape, "int32"),
         KF: T.Buffer(floats.shape, "float32"),
@@ -1000,7 +1004,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
             acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int32", scope="global")  # on the stack
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    acc[r, b, T.ramp(0, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                    acc[r, b, T.ramp(0, 1, lanes)] = Cr[columns(tile, b)]  # minus the correction
             for y in range(kh):
                 for x in range(kw):
                     for q in range(quads):
@@ -1034,7 +1038,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
                                         acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * lanes + lane, 1
                                     )
 
-    return conv, [source, packed, correction, ints, halves, floats]
+    return conv, [source, packed, start, ints, halves, floats]
 
 
 def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
@@ -1080,7 +1084,7 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
 
     def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, t: Any, b: Any) -> Any:
         c = tirx.Ramp(channel(t, b), 1, LANES)
-        return value.expression(_env(acc - Cr[c], lambda index: None, (K64, K32, KF), where, c, LANES))
+        return value.expression(_env(acc, lambda index: None, (K64, K32, KF), where, c, LANES))
 
     @T.prim_func
     def depthwise(
@@ -1097,7 +1101,7 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
             acc = T.alloc_buffer((tile_cols, tile_blocks, LANES), "int32", scope="global")  # on the stack
             for jj in T.unroll(tile_cols):
                 for b in T.unroll(tile_blocks):
-                    acc[jj, b, T.ramp(0, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                    acc[jj, b, T.ramp(0, 1, LANES)] = Cr[T.ramp(channel(it % tiles, b), 1, LANES)]
             for y in T.unroll(kh):
                 for x in T.unroll(kw):
                     for b in T.unroll(tile_blocks):
@@ -1115,7 +1119,7 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
                         epilogue(acc[jj, b, T.ramp(0, 1, LANES)], Cr, K64, K32, KF, it % tiles, b)
                     )
 
-    return depthwise, [source, as_bytes, correction, ints, halves, floats]
+    return depthwise, [source, as_bytes, (-correction.astype(np.int64)).astype(np.int32), ints, halves, floats]
 
 
 def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
