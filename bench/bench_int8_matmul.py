@@ -1,17 +1,19 @@
-"""The VNNI int8 matmul kernel (qcompile/backends/tvm/int8_kernels.py) against onnxruntime, one layer at a time.
+"""The int8 matmul kernels (qcompile/backends/tvm/int8_kernels.py) against onnxruntime, one layer at a time.
 
     python bench/bench_int8_matmul.py
 
 ``[M, K] @ [K, N]`` at the linear-layer shapes of all-MiniLM-L6-v2 (128 tokens: attention projections and
 the MLP) and of ResNet-18's 1x1 / fc layers seen as matmuls: onnxruntime's fp32 ``MatMul`` and int8
-``MatMulInteger`` (uint8 activations with a zero point, int8 weights) against the TVM kernel, all called
-from Python in this process, timed in interleaved rounds (``qcompile.runtime.bench.compare``); each
-kernel's output checked equal to onnxruntime's MatMulInteger first. Kernels only: the compile path does not
-use this kernel yet.
+``MatMulInteger`` (uint8 activations with a zero point, int8 weights) against the TVM kernels: the VNNI
+flavor (``vpdpbusd``) and the AVX2 flavor (``vpmaddwd``, built for Haswell so that LLVM uses no AVX-512),
+all called from Python in this process, timed in interleaved rounds (``qcompile.runtime.bench.compare``);
+each kernel's output checked equal to onnxruntime's MatMulInteger first. The integer graph's convolutions
+(``qcompile.backends.tvm.integer``) run the same register tiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -53,44 +55,51 @@ def session(op: str, x: np.ndarray, weights: np.ndarray) -> Any:
 def main() -> None:
     machine = bench.machine()
     print(f"machine: {machine}; onnxruntime default threads; TVM threads {int8_kernels.threads.count()}")
-    target = int8_kernels.require_vnni()
-    module = int8_kernels.build({f"s{i}": shape[1:] for i, shape in enumerate(SHAPES)}, target)
+    shapes = {f"s{i}": shape[1:] for i, shape in enumerate(SHAPES)}
+    vnni = int8_kernels.VNNI
+    avx2 = dataclasses.replace(int8_kernels.FLAVORS["avx2"], tvm_target={"kind": "llvm", "mcpu": "haswell"})
+    modules = [
+        (vnni, int8_kernels.build(shapes, int8_kernels.require_vnni(), vnni)),
+        (avx2, int8_kernels.build(shapes, avx2.tvm_target, avx2)),
+    ]
     rng = np.random.default_rng(0)
-    print("\n| layer | M x K x N | TVM VNNI kernel us | ORT int8 us | ORT fp32 us | vs int8 | vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| layer | M x K x N | VNNI kernel us | AVX2 kernel us | ORT int8 us | ORT fp32 us | VNNI vs int8 | "
+          "VNNI vs fp32 | AVX2 vs int8 | AVX2 vs fp32 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for index, (name, m, k, n) in enumerate(SHAPES):
         a = rng.integers(0, 256, (m, k)).astype(np.uint8)
         w = rng.integers(-127, 128, (k, n)).astype(np.int8)
-        print(row(name, module, f"s{index}", a, w), flush=True)
+        print(row(name, modules, f"s{index}", a, w), flush=True)
 
 
-def row(name: str, module: Any, function: str, a: np.ndarray, w: np.ndarray) -> str:
-    """One table row: the kernel checked against MatMulInteger, then all three timed in interleaved rounds."""
+def row(name: str, modules: list[tuple[Any, Any]], function: str, a: np.ndarray, w: np.ndarray) -> str:
+    """One table row: every kernel checked against MatMulInteger, then all timed in interleaved rounds."""
     import tvm
 
     (m, k), n = a.shape, w.shape[1]
     integer = session("MatMulInteger", a, w)
     floating = session("MatMul", a.astype(np.float32), w.astype(np.float32))
     centred = a.astype(np.float32) - ZERO_POINT
-    kernels = {
-        variant: int8_kernels.Int8MatMul(module, variant, w, m, ZERO_POINT)
-        for variant in (function, f"{function}_serial")
-    }
     expected = integer.run(None, {"x": a})[0]
-    for kernel in kernels.values():
-        assert np.array_equal(kernel(a), expected), f"{name}: the kernel differs from MatMulInteger"
     tensor = tvm.runtime.tensor(a)
-    runs: dict[str, Callable[[], object]] = {
-        variant: partial(kernel.run_tensor, tensor) for variant, kernel in kernels.items()
-    }
+    runs: dict[str, Callable[[], object]] = {}
+    for flavor, module in modules:
+        for variant in (function, f"{function}_serial"):
+            kernel = int8_kernels.Int8MatMul(module, variant, w, m, ZERO_POINT, flavor)
+            assert np.array_equal(kernel(a), expected), f"{name}: the {flavor.name} kernel differs from MatMulInteger"
+            runs[f"{flavor.name} {variant}"] = partial(kernel.run_tensor, tensor)
     runs["int8"] = partial(integer.run, None, {"x": a})
     runs["fp32"] = partial(floating.run, None, {"x": centred})
     timings = bench.compare(runs, rounds=10, round_seconds=0.2)
-    ours = min(timings[variant].median_ms for variant in kernels) * 1e3
+    best = {
+        flavor.name: min(timings[key].median_ms for key in runs if key.startswith(flavor.name + " ")) * 1e3
+        for flavor, _ in modules
+    }
     int8_us, fp32_us = timings["int8"].median_ms * 1e3, timings["fp32"].median_ms * 1e3
+    ratios = " | ".join(f"{int8_us / best[f]:.2f}x | {fp32_us / best[f]:.2f}x" for f in ("vnni", "avx2"))
     return (
-        f"| {name} | {m} x {k} x {n} | {ours:.1f} | {int8_us:.1f} | {fp32_us:.1f} | "
-        f"{int8_us / ours:.2f}x | {fp32_us / ours:.2f}x |"
+        f"| {name} | {m} x {k} x {n} | {best['vnni']:.1f} | {best['avx2']:.1f} | {int8_us:.1f} | {fp32_us:.1f} | "
+        f"{ratios} |"
     )
 
 

@@ -3,23 +3,25 @@
 """The integer-only graph (:mod:`qcompile.passes.requantize`) as a Relax module of hand-written int8 kernels.
 
 TVM's ONNX importer widens ``ConvInteger`` / ``MatMulInteger`` to int32 and schedules nothing on the CPU,
-so this module lowers the integer graph itself, for x86-64 CPUs with AVX-512 VNNI:
+so this module lowers the integer graph itself, on the int8 dot products of
+:mod:`qcompile.backends.tvm.int8_kernels` (a flavor: AVX-512 VNNI, AVX2, or aarch64 ``sdot``):
 
 - Activations live as uint8 **NHWC** tensors, channels innermost, so that a convolution is a matmul over
   ``(kh, kw, c)``: four consecutive channels are the four bytes one ``vpdpbusd`` sums (the channel count is
   padded to a multiple of four: the stem's three). A tensor read by a padded convolution or pooling is
   stored with that padding around it (filled with the reader's zero point), written by its producer; every
   other reader indexes past the border.
-- Anchors: dense and pointwise ``ConvInteger`` and ``MatMulInteger`` run the VNNI register-tile kernel of
-  :mod:`qcompile.backends.tvm.int8_kernels` (implicit GEMM: the window is addressed in place, no im2col);
-  depthwise ``ConvInteger`` runs a kernel vectorised over 16 channels; ``MaxPool`` over 64 channels;
-  ``ReduceSum`` over H, W per channel.
+- Anchors: dense and pointwise ``ConvInteger`` and ``MatMulInteger`` run the flavor's register-tile kernel
+  (implicit GEMM: the window is addressed in place, no im2col); depthwise ``ConvInteger`` runs on
+  ``vpdpbusd`` over 16 channels (other flavors: int32 multiply-adds); ``MaxPool`` and ``ReduceSum`` over H,
+  W are vectorised over channels.
 - The elementwise integer ops after an anchor (bias ``Add``, the requantization's ``Cast``, ``Mul``,
   ``Add``, ``Div``, ``Sub``, ``Clip``, ``Cast``; ``Max`` / ``Min`` clamps; the output's float ``Mul``) are
   fused into the anchor's epilogue, on 16-lane vectors, so each layer reads int8 and writes int8 once.
   ``Div`` by a power of two is a shift with ONNX's truncation toward zero; the others are the ops
   themselves, in the same dtypes, so the result is bit-exact with the numpy oracle
-  (:mod:`qcompile.passes.integer_reference`).
+  (:mod:`qcompile.passes.integer_reference`). The requantization chain as the lowering writes it has a
+  cheaper exact form on 16 lanes (:func:`fast_requantize`).
 - Elementwise ops over two tensors (a residual ``Add`` with its rescaling and requantization) and the input
   ``QuantizeLinear`` are one fused elementwise kernel each.
 
