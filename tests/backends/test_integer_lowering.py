@@ -188,3 +188,14 @@ def test_a_library_built_for_another_cpu_is_refused(vnni: dict, tmp_path: Path) 
     _build(model, vnni, tmp_path)
     with pytest.raises(ArtifactError, match="built for the imaginary-cpu CPU"):
         tvm_backend.TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], "imaginary-cpu")
+
+
+def test_constants_broadcast_as_onnx_says() -> None:
+    """Shapes align on the right: [C] is per channel for a [1, C] value but runs along W of [1, C, H, W]."""
+    per_channel = integer._Lowering._per_channel
+    assert per_channel(np.arange(8), (1, 8)).tolist() == list(range(8))
+    assert per_channel(np.arange(8).reshape(8, 1, 1), (1, 8, 4, 8)).tolist() == list(range(8))
+    assert per_channel(np.array([[[[3]]]]), (1, 8, 4, 8)) is None  # a scalar
+    for shape in ((8,), (1, 1, 1, 8)):
+        with pytest.raises(integer.NotLowerable, match="does not broadcast per channel"):
+            per_channel(np.zeros(shape), (1, 8, 4, 8))

@@ -281,7 +281,10 @@ class _Lowering:
         squeezed = array.reshape(-1)
         expected = [1] * len(logical)
         expected[1] = channels
-        if squeezed.size != channels or list(array.shape) not in (expected, [channels], expected[-len(array.shape) :]):
+        # Broadcasting aligns shapes on the right: [C] is per channel for [1, C] only (for [1, C, H, W] it
+        # would run along W).
+        shapes = (expected, expected[-len(array.shape) :]) if len(array.shape) < len(expected) else (expected,)
+        if squeezed.size != channels or list(array.shape) not in shapes:
             raise NotLowerable(f"a constant of shape {list(array.shape)} does not broadcast per channel")
         return squeezed
 
@@ -453,7 +456,7 @@ class _Lowering:
         strides = tuple(int(s) for s in attributes.get("strides", [1, 1]))
         oh = (height + pads[0] + pads[2] - kh) // strides[0] + 1
         ow = (width + pads[1] + pads[3] - kw) // strides[1] + 1
-        if group == 1:
+        if group == 1 and per_group == channels:
             kind = "conv"
         elif group == channels == out_channels and per_group == 1:
             kind = "depthwise"
