@@ -161,9 +161,10 @@ def compile(
         elif build_tvm:
             graph = lowered if lowered is not None else ort_backend.to_proto(result.model)
             kernels = tvm_backend.build_integer(graph, device.tvm_target, staging) if lowered is not None else None
+            requires_cpu = None
             if kernels is not None:
                 built, built_for, built_with = kernels
-                gpu_note = None
+                gpu_note, requires_cpu = None, built_for["mcpu"]
             else:
                 built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
                 built_for, built_with = device.tvm_target, "TVM's ONNX importer (Relax default build)"
@@ -176,6 +177,8 @@ def compile(
                 "lowering": built_with,
                 "description": f"TVM library of the {'integer-only' if lowered is not None else 'quantized'} graph",
             }
+            if requires_cpu:  # built with every instruction of this CPU model: the runtime checks it
+                executors["tvm"]["requires_cpu"] = requires_cpu
             if gpu_note:
                 executors["tvm"]["kernels"] = built[1:]
                 executors["tvm"]["cannot_run"] = (

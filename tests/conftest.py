@@ -17,6 +17,20 @@ sys.path.insert(0, str(EXAMPLES))
 import zoo  # noqa: E402
 
 
+def emulation_toolchain(tvm_target: dict) -> object | None:
+    """The cross toolchain of ``tvm_target`` when its compiler and qemu are installed (`qcompile toolchains
+    --install`), else None: tests that run code under qemu skip, or check only the host, without them."""
+    import shutil
+
+    from qcompile.backends.tvm import cross
+
+    toolchain = cross.toolchain_for(tvm_target)
+    assert toolchain is not None, f"{tvm_target} is not a cross target"
+    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+        return None
+    return toolchain
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> Path:
     """Check and save a test model (IR 10, which every tool here reads)."""
     model.ir_version = 10

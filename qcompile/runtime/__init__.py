@@ -52,7 +52,7 @@ class Session:
         elif entry["kind"] == "tvm":
             from qcompile.backends.tvm import TVMExecutor
 
-            cpu = entry.get("target", {}).get("mcpu")  # a library built for one CPU model (the integer kernels)
+            cpu = entry.get("requires_cpu")  # a library tuned for one CPU model (the integer kernels)
             self._run = TVMExecutor(path, [info.name for info in self.inputs], cpu).run
         elif entry["kind"] == "lut":
             from qcompile.backends.lut import LutExecutor

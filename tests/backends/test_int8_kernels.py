@@ -5,11 +5,11 @@ under qemu as a Cortex-A76) bit-exact with numpy. Integer results: compared for 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import emulation_toolchain
 from onnx import TensorProto, helper
 
 from qcompile.backends.ort import session_from_bytes
@@ -101,9 +101,8 @@ def test_neon_dot_flavor_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     from tvm.support import cc
 
     flavor = int8_kernels.FLAVORS["neon-dot"]
-    toolchain = cross.toolchain_for(flavor.tvm_target)
-    assert toolchain is not None
-    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+    toolchain = emulation_toolchain(flavor.tvm_target)
+    if toolchain is None:
         pytest.skip("needs the aarch64 cross toolchain and qemu: qcompile toolchains --install")
     runner = cross.build_runner(toolchain)
     shape = (9, 136, 37)

@@ -6,13 +6,13 @@ the aarch64 sdot flavor (under qemu); the fallback and its reasons; a library fo
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import zoo
+from conftest import emulation_toolchain
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, runtime
@@ -155,9 +155,8 @@ def _check_neon_dot_under_qemu(lowered: onnx.ModelProto, feed: dict[str, np.ndar
     from tvm.support import cc
 
     flavor = int8_kernels.FLAVORS["neon-dot"]
-    toolchain = cross.toolchain_for(flavor.tvm_target)
-    assert toolchain is not None
-    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+    toolchain = emulation_toolchain(flavor.tvm_target)
+    if toolchain is None:
         return  # without the cross toolchain (qcompile toolchains --install) only the host flavors are checked
     executable = relax.build(
         integer.to_relax(lowered, flavor),

@@ -9,7 +9,6 @@ engine. Float outputs of the ternary graph are compared with a numpy model of th
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import zoo
-from conftest import save_model
+from conftest import emulation_toolchain, save_model
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, hwmodels, runtime
@@ -116,9 +115,8 @@ def test_triplet_words_hold_two_indices_per_output_lane() -> None:
 
 def test_aarch64_kernel_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     flavor = kernel.FLAVORS["aarch64"]
-    toolchain = cross.toolchain_for(flavor.tvm_target)
-    assert toolchain is not None
-    if shutil.which(toolchain.compiler) is None or toolchain.qemu is None or shutil.which(toolchain.qemu) is None:
+    toolchain = emulation_toolchain(flavor.tvm_target)
+    if toolchain is None:
         pytest.skip("needs the aarch64 cross toolchain and qemu: qcompile toolchains --install")
     runner = cross.build_runner(toolchain)
     shape = (2, 130, 77)
