@@ -17,7 +17,7 @@ from qcompile import calibration, frontend, hwmodels
 from qcompile.backends import ort as ort_backend
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed, Preprocess
-from qcompile.errors import ArtifactError, CalibrationError
+from qcompile.errors import ArtifactError, CalibrationError, UnsupportedModelError, first_line
 from qcompile.passes import pipeline
 from qcompile.runtime import Session, bench
 from qcompile.runtime import gate as gate_report
@@ -109,7 +109,7 @@ def compile(
     if integer_only:
         options = _integer_only_options(options, device)
     result = pipeline.quantize(model, calibration_feeds, options, progress, target=device)
-    lowered = None
+    lowered = host_integer = None
     if integer_only:
         from qcompile.passes import requantize
 
@@ -160,11 +160,23 @@ def compile(
             logger.warning("TVM library not built: %s", skipped)
         elif build_tvm:
             graph = lowered if lowered is not None else ort_backend.to_proto(result.model)
-            kernels = tvm_backend.build_integer(graph, device.tvm_target, staging) if lowered is not None else None
+            kernel_graph = lowered if lowered is not None else _host_integer_graph(graph, device, toolchain)
+            kernels = None
+            if kernel_graph is not None:
+                kernels = tvm_backend.build_integer(kernel_graph, device.tvm_target, staging)
             requires_cpu = None
             if kernels is not None:
                 built, built_for, built_with = kernels
                 gpu_note, requires_cpu = None, built_for["mcpu"]
+                if lowered is None and kernel_graph is not None:  # a host build: the library runs the QDQ
+                    host_integer = kernel_graph  # graph's integer-only lowering
+                    host_integer.ir_version = ort_backend.ORT_IR_VERSION
+                    (staging / INTEGER_ONNX).write_bytes(host_integer.SerializeToString())
+                    written.append(INTEGER_ONNX)
+                    built_with += (
+                        f"; the integer-only lowering of the quantized graph ({INTEGER_ONNX}: dyadic "
+                        "requantization, within a quantization step of the QDQ graph)"
+                    )
             else:
                 built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
                 built_for, built_with = device.tvm_target, "TVM's ONNX importer (Relax default build)"
@@ -222,6 +234,8 @@ def compile(
             _predict_default(manifest, model, result, device)
         if lowered is not None:
             _check_integer(manifest, staging, lowered, result.sample)
+        if host_integer is not None:
+            _check_kernels(manifest, staging, host_integer, result.sample)
         manifest["default_executor"] = manifest["measured"]["default_executor"]
         (staging / MANIFEST).write_text(dumps(manifest))
     logger.info("wrote %s (default executor %s)", output, manifest["default_executor"])
@@ -257,6 +271,33 @@ def _integer_only_options(options: pipeline.QuantizeOptions, device: hwmodels.Ta
     if options.float_threshold:
         logger.info("target %s has no float unit: every layer is quantized (float threshold 0)", device.name)
     return dataclasses.replace(options, float_threshold=0.0, integer_only=True)
+
+
+def _host_integer_graph(graph: onnx.ModelProto, device: hwmodels.Target, toolchain: Any) -> onnx.ModelProto | None:
+    """For a build on this machine's CPU: the QDQ graph's integer-only lowering, which qcompile's int8 kernels
+    run (:func:`qcompile.backends.tvm.build_integer`); None when a layer stays float or an op has no integer
+    form (the library is then TVM's build of the QDQ graph)."""
+    if toolchain is not None or not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
+        return None
+    from qcompile.passes import requantize
+
+    try:
+        lowered, _ = requantize.lower(graph)
+    except UnsupportedModelError as reason:
+        logger.info("the int8 kernels are not used: %s", first_line(reason))
+        return None
+    return lowered
+
+
+def _check_kernels(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelProto, sample: Feed) -> None:
+    """A host build's kernel library against the numpy oracle of its integer graph, bit for bit."""
+    from qcompile.passes import integer_reference
+
+    built = load_artifact(folder, "tvm").run(sample)
+    expected = integer_reference.run(lowered, sample)
+    if not all(np.array_equal(a, b) for a, b in zip(built.values(), expected, strict=True)):
+        raise ArtifactError("the TVM int8 kernels differ from the numpy oracle of the integer-only graph")
+    manifest["measured"]["accuracy"]["tvm_vs_oracle"] = "bit-exact on the calibration sample"
 
 
 def _check_integer(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelProto, sample: Feed) -> None:
@@ -466,6 +507,11 @@ def _measure(
         if "integer" in sessions:
             accuracy["evaluation_integer"] = _evaluate(
                 _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["integer"]), feeds
+            )
+        elif "tvm" in sessions and "requires_cpu" in sessions["tvm"].manifest["executors"]["tvm"]:
+            # the host library runs the integer-only lowering: its own numerics, evaluated as well
+            accuracy["evaluation_tvm"] = _evaluate(
+                _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["tvm"]), feeds
             )
         accuracy["evaluation"] = _evaluate(
             _RunAdapter(sessions["onnxruntime-fp32"]), _RunAdapter(sessions["onnxruntime"]), feeds

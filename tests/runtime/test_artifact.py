@@ -11,6 +11,7 @@ import pytest
 import zoo
 
 from qcompile import api, runtime
+from qcompile.backends import tvm as tvm_backend
 from qcompile.cli import main
 from qcompile.errors import ArtifactError
 from qcompile.runtime.artifact import MANIFEST
@@ -25,8 +26,15 @@ def test_manifest_records_everything(artifact: Path, digits: tuple[Path, float])
     assert len(manifest["layers"]) == 4  # three Conv and the Gemm
     for layer in manifest["layers"]:
         assert (layer["weight_bits"] == 8) != bool(layer["float_reason"])
-    assert set(manifest["files"]) == {"model.int8.onnx", "reference.fp32.onnx", "model.tvm.so"}
     measured = manifest["measured"]
+    files = {"model.int8.onnx", "reference.fp32.onnx", "model.tvm.so"}
+    if " avx512_vnni" in Path("/proc/cpuinfo").read_text():
+        # Every layer quantized: the host library runs the integer-only lowering on qcompile's int8 kernels,
+        # checked bit for bit against the oracle of model.integer.onnx at compile time.
+        assert manifest["executors"]["tvm"]["lowering"].startswith(tvm_backend.INTEGER_KERNELS)
+        assert measured["accuracy"]["tvm_vs_oracle"].startswith("bit-exact")
+        files.add(api.INTEGER_ONNX)
+    assert set(manifest["files"]) == files
     assert set(measured["latency_ms"]) == {"onnxruntime", "onnxruntime-fp32", "tvm"}
     assert manifest["default_executor"] == measured["default_executor"]
     default_latency = measured["latency_ms"][manifest["default_executor"]]["median_ms"]
