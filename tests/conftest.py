@@ -31,6 +31,16 @@ def emulation_toolchain(tvm_target: dict) -> object | None:
     return toolchain
 
 
+def require_emulation(tvm_target: dict) -> tuple[object, Path]:
+    """The cross toolchain of ``tvm_target`` and the runner built with it, or skip the test."""
+    from qcompile.backends.tvm import cross
+
+    toolchain = emulation_toolchain(tvm_target)
+    if toolchain is None:
+        pytest.skip("needs the cross toolchain and qemu: qcompile toolchains --install")
+    return toolchain, cross.build_runner(toolchain)  # type: ignore[arg-type]
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> Path:
     """Check and save a test model (IR 10, which every tool here reads)."""
     model.ir_version = 10

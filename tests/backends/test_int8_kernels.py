@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import emulation_toolchain
+from conftest import require_emulation
 from onnx import TensorProto, helper
 
 from qcompile.backends.ort import session_from_bytes
@@ -101,10 +101,7 @@ def test_neon_dot_flavor_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     from tvm.support import cc
 
     flavor = int8_kernels.FLAVORS["neon-dot"]
-    toolchain = emulation_toolchain(flavor.tvm_target)
-    if toolchain is None:
-        pytest.skip("needs the aarch64 cross toolchain and qemu: qcompile toolchains --install")
-    runner = cross.build_runner(toolchain)
+    toolchain, runner = require_emulation(flavor.tvm_target)
     shape = (9, 136, 37)
     module = int8_kernels.build({"mm": shape}, flavor.tvm_target, flavor)
     module.export_library(str(tmp_path / "mm.so"), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))

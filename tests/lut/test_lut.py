@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import zoo
-from conftest import emulation_toolchain, save_model
+from conftest import require_emulation, save_model
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, hwmodels, runtime
@@ -115,10 +115,7 @@ def test_triplet_words_hold_two_indices_per_output_lane() -> None:
 
 def test_aarch64_kernel_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     flavor = kernel.FLAVORS["aarch64"]
-    toolchain = emulation_toolchain(flavor.tvm_target)
-    if toolchain is None:
-        pytest.skip("needs the aarch64 cross toolchain and qemu: qcompile toolchains --install")
-    runner = cross.build_runner(toolchain)
+    toolchain, runner = require_emulation(flavor.tvm_target)
     shape = (2, 130, 77)
     kernel.export(kernel.build({"lut": shape}, flavor), tmp_path / "lut.so", flavor)
     assert cross.elf_info(tmp_path / "lut.so").machine == cross.check_elf(tmp_path / "lut.so", toolchain).machine
