@@ -289,14 +289,18 @@ def _host_integer_graph(graph: onnx.ModelProto, device: hwmodels.Target, toolcha
     return lowered
 
 
+def _require_exact(produced: dict[str, np.ndarray], expected: list[np.ndarray], what: str) -> None:
+    """``what``'s outputs equal the numpy oracle's bit for bit, or an ArtifactError (nothing is written)."""
+    if not all(np.array_equal(a, b) for a, b in zip(produced.values(), expected, strict=True)):
+        raise ArtifactError(f"{what} differs from the numpy oracle of the integer-only graph")
+
+
 def _check_kernels(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelProto, sample: Feed) -> None:
     """A host build's kernel library against the numpy oracle of its integer graph, bit for bit."""
     from qcompile.passes import integer_reference
 
-    built = load_artifact(folder, "tvm").run(sample)
     expected = integer_reference.run(lowered, sample)
-    if not all(np.array_equal(a, b) for a, b in zip(built.values(), expected, strict=True)):
-        raise ArtifactError("the TVM int8 kernels differ from the numpy oracle of the integer-only graph")
+    _require_exact(load_artifact(folder, "tvm").run(sample), expected, "the TVM int8 kernels' library")
     manifest["measured"]["accuracy"]["tvm_vs_oracle"] = "bit-exact on the calibration sample"
 
 
@@ -308,15 +312,11 @@ def _check_integer(manifest: dict[str, Any], folder: Path, lowered: onnx.ModelPr
     session = load_artifact(folder, "integer")
     produced = session.run(sample)
     expected = integer_reference.run(lowered, sample)
-    exact = all(np.array_equal(a, b) for a, b in zip(produced.values(), expected, strict=True))
-    if not exact:
-        raise ArtifactError("the integer-only graph under onnxruntime differs from the numpy integer oracle")
+    _require_exact(produced, expected, "the integer-only graph under onnxruntime")
     measured = manifest["measured"]
     measured["accuracy"]["integer_vs_oracle"] = "bit-exact on the calibration sample"
     if "tvm" in manifest["executors"]:
-        built = session.with_executor("tvm").run(sample)
-        if not all(np.array_equal(a, b) for a, b in zip(built.values(), expected, strict=True)):
-            raise ArtifactError("the TVM build of the integer-only graph differs from the numpy integer oracle")
+        _require_exact(session.with_executor("tvm").run(sample), expected, "the TVM build of the integer graph")
         measured["accuracy"]["tvm_vs_oracle"] = "bit-exact on the calibration sample"
     measured["accuracy"]["integer_vs_qdq_max_abs_diff"] = max(
         float(np.abs(a - b).max())

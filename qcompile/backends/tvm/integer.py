@@ -103,10 +103,6 @@ class Lazy:
     # or a Cast's dtype); read by the requantization fast path.
     step: tuple[Lazy, str, Any] | None = None
 
-    @property
-    def channels(self) -> int:
-        return self.logical[1]
-
 
 @dataclass
 class Env:
@@ -528,12 +524,12 @@ class _Lowering:
         relax = self.relax
         value = fast_requantize(value) or value
         logical = value.logical
-        if len(logical) == 2 or (len(logical) == 4 and logical[2] == logical[3] == 1 and not self._padded(name)):
+        pads, fill = self._padding(name)
+        if len(logical) == 2 or (len(logical) == 4 and logical[2] == logical[3] == 1 and not any(pads)):
             target = Stored(None, logical, value.dtype, "nc")
         elif output:
             raise NotLowerable(f"output {name}: a 4-D graph output is not covered")
         else:
-            pads, fill = self._padding(name)
             target = Stored(None, logical, value.dtype, "nhwc", pads, self._stored_channels(name, logical[1]), fill)
         if value.anchor is None and _image_input(value, target):
             function, arguments = _image_input_kernel(value, target)
@@ -556,9 +552,6 @@ class _Lowering:
             call = relax.call_tir(gvar, operands, result_type)
         target.var = self.builder.emit(call)
         return target
-
-    def _padded(self, name: str) -> bool:
-        return any(self._padding(name)[0])
 
 
 def _scalar(value: Any, dtype: str, _env: Env) -> Any:
@@ -593,8 +586,6 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         return lambda v: tirx.min(v[0], v[1])
     if op == "Clip":
         return lambda v: tirx.min(tirx.max(v[0], v[1]), v[2]) if len(v) == 3 else tirx.max(v[0], v[1])
-    if op == "Div":
-        raise NotLowerable("Div reaches _combiner")  # handled by _division
     raise NotLowerable(f"{node.name} ({op}) has no elementwise form")
 
 
@@ -829,7 +820,7 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     (ints, halves, floats), where = _pack(value.constants, channels)
     y_nhwc = target.layout == "nhwc"
     top, left = target.pads[0], target.pads[1]
-    dtype, vector_dtype = target.dtype, f"{target.dtype}x{LANES}"
+    dtype = target.dtype
 
     def compute(X0: Any, X1: Any, K64: Any, K32: Any, KF: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
         buffers = (X0, X1)
@@ -868,7 +859,6 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
                         else:
                             Y[0, c] = compute(X0, X1, K64, K32, KF, i, j, c, 1)
 
-    del vector_dtype
     return eltwise, [first, second, ints, halves, floats]
 
 
@@ -938,20 +928,17 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 TILE_ROWS = {4: 3, 3: 4, 2: 6, 1: 8}  # rows per register tile of 4, 3, 2, 1 blocks of 16: <= 12 accumulators
-TILE_CHOICE = "least-padding"  # or "three" (always 3 blocks when there are 3): for experiments
 
 
 def _tile_blocks(blocks: int) -> int:
     """Column blocks per register tile: the fewest zero blocks padded onto the last tile (64 columns in 4
     blocks: 4, not 3 + 3 with two blocks of zeros), 3 on a tie."""
-    if TILE_CHOICE == "three" or blocks < 2:
-        return min(3, blocks)
+    if blocks < 2:
+        return blocks
     return min((4, 3, 2), key=lambda tile: (_ceil_div(blocks, tile) * tile - blocks, tile != 3, -tile))
 
 
 L2_BYTES = 1 << 20  # per core, on the x86-64 cores with AVX-512 VNNI this targets (Zen 4/5, Ice Lake and later)
-TILE_ORDER = "auto"  # or "rows" / "blocks": which tiles of a convolution are neighbours (for experiments)
-DEPTHWISE_TILES = "columns"  # or "blocks": which a depthwise tile widens first (for experiments)
 
 
 def pack_conv_weights(
@@ -963,13 +950,7 @@ def pack_conv_weights(
     n, c, kh, kw = weights.shape
     ordered = np.zeros((kh, kw, channels, n), np.int8)
     ordered[:, :, :c, :] = weights.transpose(2, 3, 1, 0)
-    k = kh * kw * channels
-    lanes, group = flavor.lanes, flavor.group
-    blocks = _ceil_div(_ceil_div(n, lanes), tile_blocks) * tile_blocks
-    padded = np.zeros((k, blocks * lanes), np.int8)
-    padded[:, :n] = ordered.reshape(k, n)
-    grouped = padded.reshape(k // group, group, blocks, lanes).transpose(2, 0, 3, 1)
-    return np.ascontiguousarray(grouped.reshape(blocks, k // group, lanes * group)).astype(flavor.weight_dtype)
+    return int8_kernels.pack_weights(ordered.reshape(kh * kw * channels, n), flavor, tile_blocks)
 
 
 def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernels.Flavor) -> tuple[Any, list[Any]]:
@@ -1000,8 +981,6 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     # (ResNet's last stage: 2.4 MB of 3 x 3 weights, 49 output pixels).
     weight_bytes = packed.size
     block_major = weight_bytes > L2_BYTES // 2 and block_tiles * rows * stored < row_tiles * weight_bytes
-    if TILE_ORDER != "auto":
-        block_major = TILE_ORDER == "blocks"
     correction = anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset)
     # The accumulators start at minus the zero-point correction (an addition less per output vector).
     start = np.zeros(packed.shape[0] * lanes, np.int64)
@@ -1123,14 +1102,10 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
     # read the same input pixels and loads (and widens) each once. Widest first: a row of c outputs reads
     # (c - 1) * stride + kw input pixels per kernel row, so wide tiles load less per product (EfficientNet-
     # Lite0 0.90 ms against 1.03 ms with 3 channel blocks first, same process).
-    if DEPTHWISE_TILES == "blocks":
-        tile_blocks = 3 if blocks % 3 == 0 else 2 if blocks % 2 == 0 else 1
-        tile_cols = max(d for d in range(1, min(12 // tile_blocks, 8, out_w) + 1) if out_w % d == 0)
-    else:
-        tile_cols = max(d for d in range(1, min(8, out_w) + 1) if out_w % d == 0)
-        tile_blocks = max(d for d in range(1, min(3, 12 // tile_cols) + 1) if blocks % d == 0)
+    tile_cols = max(d for d in range(1, min(8, out_w) + 1) if out_w % d == 0)
+    tile_blocks = max(d for d in range(1, min(3, 12 // tile_cols) + 1) if blocks % d == 0)
     block_tiles = blocks // tile_blocks
-    col_tiles = -(-out_w // tile_cols)
+    col_tiles = out_w // tile_cols
     tiles = col_tiles * block_tiles
     top, left = target.pads[0], target.pads[1]
     i32, i8 = f"int32x{LANES}", f"int8x{LANES * 4}"
