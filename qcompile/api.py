@@ -556,13 +556,6 @@ class _RunAdapter:
         return list(self.session.run(feed).values())
 
 
-def _accuracy_drop(metrics: dict[str, float]) -> float:
-    """Percentage points: 100 x (1 - top-1 agreement) for classifiers, 100 x (1 - mean cosine) otherwise."""
-    if "top1_agreement" in metrics:
-        return 100.0 * (1.0 - metrics["top1_agreement"])
-    return 100.0 * (1.0 - metrics["mean_cosine"])
-
-
 def _predict(float_model: Any, float_layers: frozenset[str], target: hwmodels.Target) -> tuple[float, float, str]:
     """The cost model's end-to-end latency on ``target`` of the quantized graph and of the float one, in ms,
     and how calibrated the model is."""
@@ -680,7 +673,9 @@ def gate(
             source = "the executor runs the float model"
         kind = "top-1 disagreement" if "top1_agreement" in metrics else "1 - mean cosine"
         checks.append(
-            gate_report.Check("accuracy drop", max_accuracy_drop, _accuracy_drop(metrics), "pt", f"{kind}, {source}")
+            gate_report.Check(
+                "accuracy drop", max_accuracy_drop, pipeline.accuracy_drop(metrics), "pt", f"{kind}, {source}"
+            )
         )
     if max_size_mb is not None:
         file_name = manifest["executors"][session.executor]["file"]

@@ -219,6 +219,15 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         help="with --bits auto: budget for the bytes of weights and constants, in MB (1e6 bytes)",
     )
     parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="Y",
+        help="with --bits auto: accuracy budget in percentage points against the float model (top-1 "
+        "disagreement for classifiers, 100 x (1 - mean cosine) otherwise), measured on the calibration samples "
+        "held in memory (max of --sensitivity-samples and --bias-samples): the fastest Pareto point within the "
+        "other budgets that meets it is chosen",
+    )
+    parser.add_argument(
         "--sensitivity",
         choices=("measured", "hessian"),
         default="measured",
@@ -438,6 +447,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         weight_block=args.weight_block,
         latency_budget_ms=args.latency_budget_ms,
         size_budget_mb=args.size_budget_mb,
+        max_accuracy_drop=args.max_accuracy_drop,
         sensitivity=args.sensitivity,
         ternary_scales=args.ternary_scales,
     )

@@ -31,8 +31,8 @@ from qcompile.passes.quant_spec import ACTIVATION_FORMATS, WEIGHT_FORMATS
 from qcompile.passes.smoothquant import Decision, SmoothQuantPass, producer_statistics
 from qcompile.passes.split_layers import Split, SplitLayersPass
 from qcompile.search import sensitivity
-from qcompile.search.allocate import CANDIDATES
-from qcompile.search.bits import SearchResult
+from qcompile.search.allocate import CANDIDATES, Allocation
+from qcompile.search.bits import SearchResult, within_accuracy
 from qcompile.search.bits import search as search_bits
 
 BIAS_CORRECTIONS = ("sequential", "expected", "none")
@@ -72,6 +72,9 @@ class QuantizeOptions:
             Not combinable with ``bits='auto'`` (the size model prices per-channel scales).
         latency_budget_ms: the search's end-to-end latency budget on the target (cost-model prediction).
         size_budget_mb: the search's budget for the bytes of weights and constants.
+        max_accuracy_drop: with ``bits='auto'``, the search's accuracy budget in percentage points against the
+            float model (:func:`accuracy_drop`), measured on the samples held in memory: of the Pareto points
+            within the latency and size budgets, the fastest whose measured drop is within it is chosen.
         smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
             linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
             producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
@@ -106,6 +109,7 @@ class QuantizeOptions:
     weight_block: int | None = None
     latency_budget_ms: float | None = None
     size_budget_mb: float | None = None
+    max_accuracy_drop: float | None = None
     sensitivity: str = "measured"
     smoothquant: float | str | None = None
     split_layers: bool = False
@@ -122,12 +126,17 @@ class QuantizeOptions:
             raise CalibrationError("weight blocks must hold >= 2 inputs, and cannot be combined with --bits auto")
         if self.bits == "auto" and self.activation_bits != 8:
             raise CalibrationError("the bit-width search chooses weight formats for int8 activations only")
-        if self.bits == "auto" and self.latency_budget_ms is None and self.size_budget_mb is None:
-            raise BudgetError("--bits auto needs a budget: --latency-budget-ms and/or --size-budget-mb")
-        if self.bits != "auto" and (self.latency_budget_ms is not None or self.size_budget_mb is not None):
-            raise BudgetError("latency and size budgets are met by the bit-width search: add --bits auto")
+        budgets = (self.latency_budget_ms, self.size_budget_mb, self.max_accuracy_drop)
+        if self.bits == "auto" and all(budget is None for budget in budgets):
+            raise BudgetError(
+                "--bits auto needs a budget: --latency-budget-ms, --size-budget-mb and/or --max-accuracy-drop"
+            )
+        if self.bits != "auto" and any(budget is not None for budget in budgets):
+            raise BudgetError("latency, size and accuracy budgets are met by the bit-width search: add --bits auto")
         if any(budget is not None and budget <= 0 for budget in (self.latency_budget_ms, self.size_budget_mb)):
-            raise BudgetError("budgets must be positive")
+            raise BudgetError("latency and size budgets must be positive")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 100:
+            raise BudgetError(f"the accuracy budget is in percentage points, 0 to 100: got {self.max_accuracy_drop}")
         if self.calibration not in ("minmax", "percentile", "mse"):
             raise CalibrationError(f"calibration method '{self.calibration}' is not minmax, percentile or mse")
         if self.bias_correction not in BIAS_CORRECTIONS:
@@ -240,6 +249,13 @@ def output_metrics(outputs: list[np.ndarray], references: list[np.ndarray]) -> d
     return metrics
 
 
+def accuracy_drop(metrics: dict[str, float]) -> float:
+    """Percentage points: 100 x (1 - top-1 agreement) for classifiers, 100 x (1 - mean cosine) otherwise."""
+    if "top1_agreement" in metrics:
+        return 100.0 * (1.0 - metrics["top1_agreement"])
+    return 100.0 * (1.0 - metrics["mean_cosine"])
+
+
 def quantize(
     model: ir.Model,
     feeds: Iterable[Feed],
@@ -335,6 +351,20 @@ def quantize(
             progress,
             ratios,
         )
+        if options.max_accuracy_drop is not None:
+            held_references = sensitivity.run_all(model, held)
+
+            def drop_of(point: Allocation) -> float:
+                # Round-to-nearest and no bias refit, as the search's variants: conservative for the final
+                # model, which GPTQ and the refit then improve.
+                floats = frozenset(name for name, chosen in point.formats.items() if chosen == "fp32")
+                formats = {name: chosen for name, chosen in point.formats.items() if chosen != "fp32"}
+                built = _quantize_copy(model, stats, floats, options, None, formats)
+                return accuracy_drop(output_metrics(sensitivity.run_all(built, held), held_references))
+
+            searched.chosen = within_accuracy(
+                searched, options.latency_budget_ms, options.max_accuracy_drop, drop_of, len(held)
+            )
         for cost in searched.problem.layers:
             chosen = searched.chosen.formats[cost.name]
             record = records[cost.name]
@@ -458,6 +488,11 @@ def quantize(
                 "hessian_proxied_layers": len(ratios or {}),
                 "latency_budget_ms": options.latency_budget_ms,
                 "size_budget_mb": options.size_budget_mb,
+                "max_accuracy_drop": options.max_accuracy_drop,
+                "accuracy_checks": [
+                    {"latency_ms": latency, "error": error, "accuracy_drop": drop, "samples": len(held)}
+                    for latency, error, drop in searched.accuracy_checks
+                ],
                 "predicted": searched.chosen.summary(),
                 "fixed": {"latency_ms": searched.problem.fixed_ms, "size_mb": searched.problem.fixed_mb},
                 "transitions": len(searched.problem.transitions),

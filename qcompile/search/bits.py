@@ -7,12 +7,13 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibration import Feed
+from qcompile.errors import BudgetError
 from qcompile.hwmodels import Target
 from qcompile.hwmodels.cost import FLOAT, Choice, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
@@ -39,6 +40,58 @@ class SearchResult:
     problem: Problem
     cost_model: str
     seconds: float
+    # With an accuracy budget: each Pareto point measured, as (latency ms, error, accuracy drop in points).
+    accuracy_checks: list[tuple[float, float, float]] = field(default_factory=list)
+
+
+def within_accuracy(
+    result: SearchResult,
+    latency_budget_ms: float | None,
+    max_drop: float,
+    drop_of: Callable[[Allocation], float],
+    samples: int,
+) -> Allocation:
+    """The fastest Pareto point within the latency budget whose measured accuracy drop (``drop_of``, in
+    percentage points) is at most ``max_drop``; :class:`BudgetError` when not even the most accurate one is.
+
+    The points are ordered by predicted latency and bisected on the assumption that a slower point of the
+    front (less total sensitivity) does not drop more: about log2 of the front's size models are built and
+    measured, and the point returned is always one that was measured within the budget."""
+    points = [point for point in result.front if latency_budget_ms is None or point.latency_ms <= latency_budget_ms]
+    if not any(point.formats == result.chosen.formats for point in points):
+        points.append(result.chosen)  # the least error within the budgets: the most accurate candidate
+    points.sort(key=lambda point: (point.latency_ms, point.error))
+    drops: dict[int, float] = {}
+
+    def passes(index: int) -> bool:
+        if index not in drops:
+            drops[index] = drop_of(points[index])
+            point = points[index]
+            result.accuracy_checks.append((point.latency_ms, point.error, drops[index]))
+            logger.info(
+                "accuracy budget: %.3g ms predicted, %s -> drop %.2f pt",
+                point.latency_ms,
+                point.summary()["layers"],
+                drops[index],
+            )
+        return drops[index] <= max_drop
+
+    low, high = 0, len(points) - 1
+    if not passes(high):
+        best = points[high]
+        within = f" within {latency_budget_ms:g} ms" if latency_budget_ms is not None else ""
+        raise BudgetError(
+            f"no bit-width allocation{within} keeps the accuracy drop within {max_drop:g} points on the "
+            f"{samples} calibration samples held: the most accurate one ({best.latency_ms:.3g} ms predicted, "
+            f"{best.size_mb:.3g} MB) drops {drops[high]:.2f} points"
+        )
+    while low < high:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return points[high]
 
 
 def _build_as(build: Callable[[str, str], ir.Model], candidate: str, layer: str) -> ir.Model:

@@ -15,6 +15,7 @@ from qcompile.cli import main
 from qcompile.errors import BudgetError
 from qcompile.passes.pipeline import QuantizeOptions
 from qcompile.search.allocate import CANDIDATES, LayerCosts, Problem, allocate, evaluate, pareto_front
+from qcompile.search.bits import SearchResult, within_accuracy
 
 
 def random_problem(seed: int) -> Problem:
@@ -83,6 +84,27 @@ def test_options_are_validated() -> None:
         QuantizeOptions(latency_budget_ms=3.0)
     with pytest.raises(BudgetError, match="positive"):
         QuantizeOptions(bits="auto", size_budget_mb=-1.0)
+    with pytest.raises(BudgetError, match="add --bits auto"):
+        QuantizeOptions(max_accuracy_drop=1.0)
+    with pytest.raises(BudgetError, match="percentage points"):
+        QuantizeOptions(bits="auto", max_accuracy_drop=-1.0)
+    QuantizeOptions(bits="auto", max_accuracy_drop=1.0)  # an accuracy budget alone is a budget
+
+
+def test_accuracy_budget_picks_the_fastest_point_that_meets_it() -> None:
+    problem = random_problem(2)
+    front = pareto_front(problem)
+    result = SearchResult(allocate(problem), front, problem, "test", 0.0)
+    drop = {id(point): 1e3 * point.error for point in front}  # a drop that falls as the error does
+    for budget in sorted(drop.values()):
+        result.accuracy_checks.clear()
+        chosen = within_accuracy(result, None, budget, lambda point: drop.get(id(point), 0.0), 8)
+        meeting = [point for point in front if drop[id(point)] <= budget]
+        assert chosen.latency_ms == min(point.latency_ms for point in meeting)
+        assert len(result.accuracy_checks) <= 1 + int(np.ceil(np.log2(len(front) + 1)))  # bisected, not scanned
+    slowest = front[-1].latency_ms
+    with pytest.raises(BudgetError, match=r"keeps the accuracy drop within 0 points on the 8 .* drops"):
+        within_accuracy(result, slowest * 0.999, 0.0, lambda point: drop.get(id(point), 1.0), 8)
 
 
 def test_compile_with_search_records_and_reports(
@@ -106,6 +128,41 @@ def test_compile_with_search_records_and_reports(
     report = (output / "report.html").read_text()
     assert "<svg" in report and "Pareto front" in report and "report.html" in manifest["files"]
     assert json.loads((output / "manifest.json").read_text())["layers"] == manifest["layers"]
+
+
+def test_accuracy_budget_compiles_the_fastest_point_within_it(
+    digits: tuple[Path, float], digits_calibration: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "drop"
+    code = main(
+        [
+            str(digits[0]),
+            "-c",
+            str(digits_calibration),
+            "-o",
+            str(output),
+            "--bits",
+            "auto",
+            "--max-accuracy-drop",
+            "3",
+            "--no-tvm",
+            "-q",
+        ]
+    )
+    assert code == 0
+    manifest = json.loads((output / "manifest.json").read_text())
+    search = next(entry for entry in manifest["passes"] if entry["name"] == "bit_search")
+    assert search["max_accuracy_drop"] == 3.0
+    checks = search["accuracy_checks"]
+    picked = next(check for check in checks if check["latency_ms"] == search["predicted"]["latency_ms"])
+    assert picked["accuracy_drop"] <= 3.0 and picked["samples"] == 32
+    # The front's fastest point was measured; it is chosen when it meets the budget, else a faster point
+    # than every one that failed it.
+    fastest = min(point["latency_ms"] for point in search["pareto_front"])
+    assert any(check["latency_ms"] == fastest for check in checks)
+    assert all(check["accuracy_drop"] > 3.0 for check in checks if check["latency_ms"] < picked["latency_ms"])
+    formats = {layer["name"]: layer["weight_format"] for layer in manifest["layers"]}
+    assert list(formats.values()).count("fp32") == search["predicted"]["layers"]["fp32"]
 
 
 def test_cli_impossible_budget_exits_2_without_artifact(
