@@ -87,13 +87,61 @@ def _large_session(model: ir.Model, extra_outputs: list[str], threads: int) -> o
     return session
 
 
+# Initializers at least this large are handed to onnxruntime as arrays in memory, not inside the protobuf.
+SHARED_TENSOR_BYTES = 1024
+_SHAREABLE = {np.dtype(name) for name in ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64")}
+
+
+def _proto_sharing_weights(model: ir.Model) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
+    """``model``'s protobuf with its large initializers as external-data references, and those tensors as
+    OrtValues over the same memory (``SessionOptions.add_external_initializers``).
+
+    Serializing a model copies every weight into the protobuf and onnxruntime parses it back out: for a
+    model with float weights (90 MB for all-MiniLM-L6-v2) that was most of the time of each of the bit-width
+    search's hundreds of sessions. Here the weights are not copied at all."""
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < SHARED_TENSOR_BYTES or tensor.dtype.numpy() not in _SHAREABLE:
+                continue
+            if not value.uses() and not value.is_graph_output():
+                continue  # onnxruntime drops unused initializers first, then finds nothing to attach these to
+            array = np.ascontiguousarray(tensor.numpy())
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            names.append(str(value.name))
+            reference = ir.ExternalTensor(
+                "qcompile-in-memory",
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(array.shape),
+                name=str(value.name),
+                base_dir="",
+            )
+            swapped.append((value, tensor))
+            value.const_value = reference
+        proto = to_proto(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    return proto, names, values
+
+
 def session(
     model: ir.Model | onnx.ModelProto, extra_outputs: list[str] | None = None, threads: int = 0
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model``; ``extra_outputs`` exposes intermediate values."""
     if isinstance(model, ir.Model) and is_large(model):
         return _large_session(model, extra_outputs or [], threads)
-    proto = to_proto(model) if isinstance(model, ir.Model) else model
+    names: list[str] = []
+    arrays: list[ort.OrtValue] = []
+    if isinstance(model, ir.Model):
+        proto, names, arrays = _proto_sharing_weights(model)
+    else:
+        proto = model
     if extra_outputs:
         proto = onnx.ModelProto.FromString(proto.SerializeToString())
         present = {output.name for output in proto.graph.output}
@@ -101,7 +149,12 @@ def session(
             if name not in present:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
     proto.ir_version = ORT_IR_VERSION
-    return session_from_bytes(proto.SerializeToString(), threads)
+    options = session_options(threads)
+    if names:
+        options.add_external_initializers(names, arrays)
+    created = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    created._qcompile_arrays = arrays  # type: ignore[attr-defined]  # onnxruntime reads their memory
+    return created
 
 
 def kernel_times(
