@@ -3,7 +3,7 @@
     python bench/bench_search.py [--work DIR] [--target host] [--eval 64]
 
 Calibrates the host cost model here (``qcompile profile``'s sweep), then for EfficientNet-Lite0 and
-all-MiniLM-L6-v2 runs the search (sensitivity of every layer in fp32 / int8 / int4 / ternary, MILP over
+all-MiniLM-L6-v2 runs the search (sensitivity of every layer in fp32 / int8 / int4 / int2 / ternary, MILP over
 a sweep of latency budgets) and, for every Pareto point and for uniform int8 and uniform int4 weights,
 builds the model and measures its output error against fp32 on held-out data, and its latency under
 onnxruntime. Prints a table per model, whether the front dominates each uniform configuration, and the
@@ -70,7 +70,7 @@ def study(
         measured[label] = (point.latency_ms, error, latency)
         counts = point.summary()["layers"]
         rows.append(
-            f"| {name} | {label} | {counts['fp32']}/{counts['int8']}/{counts['int4']}/{counts['ternary']} | "
+            f"| {name} | {label} | {'/'.join(str(counts[fmt]) for fmt in allocate.CANDIDATES)} | "
             f"{point.latency_ms:.2f} | {point.size_mb:.2f} | {error:.2e} | {latency:.2f} |"
         )
     front = [value for label, value in measured.items() if label.startswith("front")]
@@ -84,7 +84,8 @@ def study(
         )
     rows.append(f"| {name} | fp32 | | {allocate.uniform(problem, 'fp32').latency_ms:.2f} | | 0 | {fp32_ms:.2f} |")
     rows.append(
-        f"| {name} | search time | | | | | | {result.search.seconds:.1f} s ({len(problem.layers)} layers x 3 formats) |"
+        f"| {name} | search time | | | | | | {result.search.seconds:.1f} s ({len(problem.layers)} layers x "
+        f"{len(allocate.CANDIDATES) - 1} formats) |"
     )
     return rows
 
@@ -119,7 +120,7 @@ def main() -> int:
     machine = bench.machine()
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores; predicted for {args.target}, measured here")
     print(
-        "\n| model | configuration | layers fp32/int8/int4/ternary | predicted ms | size MB | measured "
+        f"\n| model | configuration | layers {'/'.join(allocate.CANDIDATES)} | predicted ms | size MB | measured "
         "error vs fp32 | measured ms |"
     )
     print("|---|---|---|---|---|---|---|")

@@ -159,14 +159,15 @@ class HessianCollector:
 
 
 def gptq_round(
-    weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int, act_order: bool = False
+    weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, bounds: tuple[int, int], act_order: bool = False
 ) -> np.ndarray:
     """GPTQ rounding of ``weight`` ``[groups, out, cols]`` with ``hessian`` ``[groups, cols, cols]``.
 
     ``scales`` is ``[groups, out]``, or ``[groups, out, cols]`` for block scales (one per input column).
     ``act_order`` rounds the columns with the largest ``H_ii`` (the most active inputs) first, so that their
     error is compensated by every other column rather than by few (GPTQ's "act-order"; the scales stay
-    fixed, so the grid is unchanged). Returns the rounded weights (on the grid ``scales * integer``).
+    fixed, so the grid is unchanged). ``bounds`` are the least and greatest integer codes. Returns the rounded
+    weights (on the grid ``scales * integer``).
     """
     if act_order:
         order = np.argsort(-np.einsum("gii->gi", hessian), axis=1, kind="stable")  # [groups, cols]
@@ -174,7 +175,7 @@ def gptq_round(
             np.take_along_axis(weight, order[:, None, :], axis=2),
             np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1), order[:, None, :], axis=2),
             np.take_along_axis(scales, order[:, None, :], axis=2) if scales.ndim == 3 else scales,
-            qmax,
+            bounds,
         )
         result = np.empty_like(permuted)
         np.put_along_axis(result, np.broadcast_to(order[:, None, :], permuted.shape), permuted, axis=2)
@@ -202,7 +203,7 @@ def gptq_round(
             column = start + offset
             current = block[:, :, offset]
             step = scale[:, :, column if scale.shape[2] > 1 else 0]
-            rounded = np.clip(np.rint(current / step), -qmax, qmax) * step
+            rounded = np.clip(np.rint(current / step), *bounds) * step
             error = (current - rounded) / upper[:, column, column][:, None]
             block[:, :, offset] = rounded
             block[:, :, offset + 1 :] -= error[:, :, None] * upper[:, None, column, column + 1 : stop]
@@ -220,7 +221,7 @@ def _row_costs(weight: np.ndarray, rounded: np.ndarray, hessian: np.ndarray) -> 
 
 
 def validated_round(
-    weight: np.ndarray, hessian: Hessian, scales: np.ndarray, qmax: int, act_order: bool = False
+    weight: np.ndarray, hessian: Hessian, scales: np.ndarray, bounds: tuple[int, int], act_order: bool = False
 ) -> tuple[np.ndarray, float]:
     """GPTQ where it generalizes, round-to-nearest elsewhere; returns the weights and the GPTQ share.
 
@@ -230,12 +231,12 @@ def validated_round(
     a few late, mostly-zero feature maps) otherwise overfit: GPTQ's in-sample gain turns into a loss.
     """
     full = scales if scales.ndim == 3 else scales[:, :, None]
-    nearest = np.clip(np.rint(weight / full), -qmax, qmax) * full
-    trial = gptq_round(weight, hessian.even, scales, qmax, act_order)
+    nearest = np.clip(np.rint(weight / full), *bounds) * full
+    trial = gptq_round(weight, hessian.even, scales, bounds, act_order)
     wins = _row_costs(weight, trial, hessian.odd) < _row_costs(weight, nearest, hessian.odd)
     if not wins.any():
         return nearest, 0.0
-    final = gptq_round(weight, hessian.matrix, scales, qmax, act_order)
+    final = gptq_round(weight, hessian.matrix, scales, bounds, act_order)
     return np.where(wins[:, :, None], final, nearest), float(wins.mean())
 
 
@@ -273,7 +274,7 @@ class GPTQPass(ir.passes.InPlacePass):
                 per_column = scales.reshape(groups, -1)
             # Act-order for 4-bit and narrower weights, where it pays; int8 keeps the natural order.
             result, share = validated_round(
-                matrix.astype(np.float64), entry, per_column.astype(np.float64), spec.qmax, spec.bits <= 4
+                matrix.astype(np.float64), entry, per_column.astype(np.float64), (spec.qmin, spec.qmax), spec.bits <= 4
             )
             self.shares[layer_name(node)] = share
             if node.op_type == "Conv":

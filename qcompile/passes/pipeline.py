@@ -61,8 +61,8 @@ class QuantizeOptions:
         sensitivity_samples: calibration samples kept in memory to measure layer sensitivity and error.
         bias_samples: calibration samples kept in memory for the sequential bias refit (measured on
             EfficientNet-Lite0: 16 samples gave 94.5 % top-1 agreement over six evaluation sets, 32 gave 95.1 %).
-        bits: '8' (int8 weights), '4' (int4 weights), '2' (2-bit weights {-1, 0, 1} x an MSE-fitted scale per
-            channel: for accuracy studies such as SplitQuant's INT2) or 'auto': per-layer formats (fp32, int8, int4 or
+        bits: '8' (int8 weights), '4' (int4 weights), '2' (2-bit weights: codes -2, -1, 0, 1 x an MSE-fitted
+            scale per channel, e.g. SplitQuant's INT2) or 'auto': per-layer formats (fp32, int8, int4, int2 or
             ternary weights, int8 activations) chosen by the search under the budgets below.
         activation_bits: 8 (uint8 activations) or 4 (uint4 codes, clamped in uint8 storage: for accuracy
             studies such as W4A4; the bit-width search always uses 8).

@@ -1,6 +1,6 @@
 """Bit-width allocation: one format per layer, least total sensitivity under latency and size budgets.
 
-Each layer ``l`` has candidates ``c`` (fp32, or int8 activations with int8 / int4 / ternary weights),
+Each layer ``l`` has candidates ``c`` (fp32, or int8 activations with int8 / int4 / int2 / ternary weights),
 each with a measured sensitivity ``e[l, c]`` (the output error when only that layer is quantized so), a
 predicted latency ``t[l, c]`` and a size ``s[l, c]`` from the target's cost model. Where a float layer
 feeds an int8 one or the reverse, the tensor between them changes representation at a cost ``t_uv``
@@ -29,7 +29,7 @@ import scipy.sparse
 
 from qcompile.errors import BudgetError
 
-CANDIDATES = ("fp32", "int8", "int4", "ternary")
+CANDIDATES = ("fp32", "int8", "int4", "int2", "ternary")
 
 
 @dataclass(frozen=True)

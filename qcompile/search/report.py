@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-COLOURS = {"fp32": "#7f7f7f", "int8": "#1f77b4", "int4": "#ff7f0e", "ternary": "#d62728"}
+COLOURS = {"fp32": "#7f7f7f", "int8": "#1f77b4", "int4": "#ff7f0e", "int2": "#9467bd", "ternary": "#d62728"}
 WIDTH, HEIGHT, MARGIN = 640, 320, 56
 
 

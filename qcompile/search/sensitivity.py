@@ -8,6 +8,7 @@ float, and the reason (with the figure) goes into the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -86,8 +87,9 @@ def hessian_weight_error(rows: np.ndarray, hessian: np.ndarray, spec: QuantSpec)
     """``sum_g tr(dW_g H_g dW_g^T)``: the layer-output squared error that round-to-nearest weights in
     ``spec`` (one scale per output channel) add, to second order, on the samples behind ``hessian``."""
     flat = rows.reshape(-1, rows.shape[2])
-    scales = QuantSpec(bits=spec.bits, scale_rule=spec.scale_rule, axis=0).weight_scales(flat).astype(np.float64)
-    rounded = np.clip(np.rint(flat / scales[:, None]), -spec.qmax, spec.qmax) * scales[:, None]
+    per_row = dataclasses.replace(spec, axis=0, group_size=None, block_size=None)
+    scales = per_row.weight_scales(flat).astype(np.float64)
+    rounded = np.clip(np.rint(flat / scales[:, None]), spec.qmin, spec.qmax) * scales[:, None]
     delta = (rounded - flat).reshape(rows.shape)
     return float((np.matmul(delta, hessian) * delta).sum())
 

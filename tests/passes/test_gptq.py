@@ -36,7 +36,7 @@ def test_gptq_beats_nearest_and_stays_on_grid() -> None:
     scales = np.abs(weight).max(axis=2) / 127
     x = correlated_inputs(2000, 32, 1)
     hessian = (x.T @ x)[None]
-    rounded = gptq_round(weight, hessian, scales, 127)
+    rounded = gptq_round(weight, hessian, scales, (-127, 127))
     nearest = np.clip(np.rint(weight / scales[:, :, None]), -127, 127) * scales[:, :, None]
     codes = rounded / scales[:, :, None]
     np.testing.assert_allclose(codes, np.rint(codes), atol=1e-9)
@@ -53,7 +53,7 @@ def test_validated_round_falls_back_on_degenerate_rows() -> None:
     even = correlated_inputs(8, 8, 3)
     odd = correlated_inputs(8, 8, 4)
     hessian = Hessian((even.T @ even + odd.T @ odd)[None], (even.T @ even)[None], (odd.T @ odd)[None], 16)
-    rounded, share = validated_round(weight, hessian, scales, 127)
+    rounded, share = validated_round(weight, hessian, scales, (-127, 127))
     nearest = np.clip(np.rint(weight / scales[:, :, None]), -127, 127) * scales[:, :, None]
     kept = np.all(np.isclose(rounded, nearest), axis=2)[0]
     assert share == 1.0 - kept.mean()
@@ -98,8 +98,8 @@ def test_act_order_keeps_the_grid_and_lowers_the_error() -> None:
     costs = {}
     for label, rounded in {
         "nearest": np.clip(np.rint(weight / scales[:, :, None]), -7, 7) * scales[:, :, None],
-        "natural": gptq_round(weight, hessian, scales, 7),
-        "act_order": gptq_round(weight, hessian, scales, 7, act_order=True),
+        "natural": gptq_round(weight, hessian, scales, (-7, 7)),
+        "act_order": gptq_round(weight, hessian, scales, (-7, 7), act_order=True),
     }.items():
         codes = rounded / scales[:, :, None]
         np.testing.assert_allclose(codes, np.rint(codes), atol=1e-9)

@@ -146,9 +146,10 @@ def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: b
         )
 
 
-def test_two_bit_weights_are_codes_minus_one_zero_one(tmp_path: Path) -> None:
-    """``--bits 2``: every weight is stored as int8 codes in {-1, 0, 1} with a per-channel scale, and the
-    quantized model still follows the float one's sign pattern (a coarse format: only a sanity bound)."""
+def test_two_bit_weights_are_the_four_twos_complement_codes(tmp_path: Path) -> None:
+    """``--bits 2``: every weight is stored as int8 codes in {-2, -1, 0, 1} (all four used) with a per-channel
+    scale, and the quantized model still follows the float one's sign pattern (a coarse format: only a
+    sanity bound)."""
     from qcompile.passes import pipeline
 
     model = residual_model(tmp_path)
@@ -162,7 +163,8 @@ def test_two_bit_weights_are_codes_minus_one_zero_one(tmp_path: Path) -> None:
         for value in result.model.graph.initializers.values()
         if str(value.name).endswith(("w1_quantized", "w2_quantized"))
     ]
-    assert len(codes) == 2 and all(set(np.unique(c)) <= {-1, 0, 1} for c in codes)
+    assert len(codes) == 2 and all(set(np.unique(c)) <= {-2, -1, 0, 1} for c in codes)
+    assert {-2, 1} <= set(np.unique(np.concatenate([c.ravel() for c in codes])))
     assert result.error["mean_cosine"] > 0.5
     with pytest.raises(Exception, match="not 8, 4, 2 or auto"):
         pipeline.QuantizeOptions(bits="3")

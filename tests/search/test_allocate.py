@@ -30,10 +30,17 @@ def random_problem(seed: int) -> Problem:
                     "fp32": 0.0,
                     "int8": rng.uniform(1e-4, 1e-3),
                     "int4": rng.uniform(1e-3, 1e-2),
+                    "int2": rng.uniform(5e-3, 5e-2),
                     "ternary": rng.uniform(0.01, 0.1),
                 },
-                {"fp32": base, "int8": base * rng.uniform(0.3, 0.6), "int4": base * 0.35, "ternary": base * 0.3},
-                {"fp32": 4e5, "int8": 1e5, "int4": 5e4, "ternary": 2e4},
+                {
+                    "fp32": base,
+                    "int8": base * rng.uniform(0.3, 0.6),
+                    "int4": base * 0.35,
+                    "int2": base * 0.32,
+                    "ternary": base * 0.3,
+                },
+                {"fp32": 4e5, "int8": 1e5, "int4": 5e4, "int2": 2.5e4, "ternary": 2e4},
             )
         )
     transitions = [(f"l{i}", f"l{i + 1}", rng.uniform(5, 40)) for i in range(4)]

@@ -17,7 +17,7 @@ from qcompile.passes.quant_spec import WEIGHT_FORMATS
 from qcompile.search import sensitivity
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "ternary"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "ternary"])
 def test_hessian_weight_error_is_the_layer_output_error(fmt: str) -> None:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((16, 24))  # Gemm B with transB=0: [in, out]
@@ -36,7 +36,7 @@ def test_hessian_weight_error_is_the_layer_output_error(fmt: str) -> None:
     spec = WEIGHT_FORMATS[fmt]
     exact = weight.astype(np.float32).astype(np.float64)
     scale = dataclasses.replace(spec, axis=1).weight_scales(exact).astype(np.float64)  # per output column
-    rounded = np.clip(np.rint(exact / scale), -spec.qmax, spec.qmax) * scale
+    rounded = np.clip(np.rint(exact / scale), spec.qmin, spec.qmax) * scale
     actual = float(np.sum((samples @ rounded - samples @ exact) ** 2))
     assert claimed == pytest.approx(actual, rel=1e-9)  # the same quantity, summed in another order
 
@@ -61,6 +61,7 @@ def test_search_with_the_proxy_measures_int8_only(
     assert result.search is not None
     layers = len(result.search.problem.layers)
     proxied = next(entry for entry in result.passes if entry["name"] == "bit_search")["hessian_proxied_layers"]
-    assert proxied == layers and calls == [layers, 0, 0]  # int8 measured; int4 and ternary from the ratios
+    assert proxied == layers and calls == [layers, 0, 0, 0]  # int8 measured; the narrower formats from ratios
     for cost in result.search.problem.layers:
         assert cost.error["int8"] > 0 and cost.error["ternary"] > cost.error["int4"] > cost.error["int8"]
+        assert cost.error["int2"] > cost.error["int4"]
