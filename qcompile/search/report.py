@@ -96,8 +96,26 @@ def render(model: str, target: str, search: dict[str, Any], layers: list[Any]) -
     )
     budgets = ", ".join(
         f"{name} {value:g}"
-        for name, value in (("latency <= ms", search["latency_budget_ms"]), ("size <= MB", search["size_budget_mb"]))
+        for name, value in (
+            ("latency <= ms", search["latency_budget_ms"]),
+            ("size <= MB", search["size_budget_mb"]),
+            ("accuracy drop <= points", search.get("max_accuracy_drop")),
+        )
         if value is not None
+    )
+    checks = search.get("accuracy_checks") or []
+    accuracy = (
+        "<h2>Accuracy budget</h2><p>Pareto points measured (round-to-nearest weights, on the calibration samples "
+        "held in memory), fastest first; the chosen one is the fastest within the budget.</p>"
+        "<table><tr><th>latency ms</th><th>sum of errors</th><th>accuracy drop (points)</th><th>samples</th></tr>"
+        + "".join(
+            f"<tr><td>{c['latency_ms']:.3f}</td><td>{c['error']:.3g}</td><td>{c['accuracy_drop']:.2f}</td>"
+            f"<td>{c['samples']}</td></tr>"
+            for c in sorted(checks, key=lambda c: c["latency_ms"])
+        )
+        + "</table>"
+        if checks
+        else ""
     )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>qcompile bit-width search: {html.escape(model)}</title>
@@ -109,7 +127,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{t
 layers {html.escape(str(chosen["layers"]))}. Search took {search["seconds"]:.1f} s.</p>
 <h2>Pareto front</h2>{pareto_svg(search["pareto_front"], chosen)}
 <table><tr><th>latency ms</th><th>size MB</th><th>sum of errors</th><th>layers</th></tr>{front_rows}</table>
-<h2>Per layer</h2>{layers_svg(layers)}
+{accuracy}<h2>Per layer</h2>{layers_svg(layers)}
 <table><tr><th>layer</th><th>op</th><th>weights</th><th>predicted us</th><th>error alone</th></tr>{rows}</table>
 </body></html>
 """
