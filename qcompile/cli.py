@@ -201,10 +201,12 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     parser.add_argument(
         "--activation-bits",
         type=int,
-        choices=(8, 4),
+        choices=(8, 4, 16),
         default=8,
-        help="activation width: 8 (uint8, default) or 4 (uint4 codes stored in uint8 and clamped by a Clip; "
-        "for accuracy studies such as W4A4: onnxruntime has no 4-bit kernels, so it is not faster)",
+        help="activation width: 8 (uint8, default), 4 (uint4 codes stored in uint8 and clamped by a Clip; "
+        "for accuracy studies such as W4A4: onnxruntime has no 4-bit kernels, so it is not faster) or 16 "
+        "(uint16, opset 21 QuantizeLinear: W8A16; onnxruntime and TVM compute such layers in float, so it is "
+        "slower than fp32 here, for accuracy studies and 16x8 integer hardware)",
     )
     parser.add_argument(
         "--latency-budget-ms",

@@ -65,6 +65,7 @@ class Choice:
 
 FLOAT = Choice("fp32", "fp32")
 INT8 = Choice("int8", "int8")
+W8A16 = Choice("int8", "int16")
 
 
 def compute_dtype(choice: Choice, target: Target) -> str | None:

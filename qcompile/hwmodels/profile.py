@@ -35,7 +35,7 @@ from qcompile.backends import ort as ort_backend
 from qcompile.calibration import Feed
 from qcompile.errors import TargetError
 from qcompile.hwmodels import Target
-from qcompile.hwmodels.cost import FLOAT, INT8, Calibration, Choice, CostModel, compute_dtype, fit_factors
+from qcompile.hwmodels.cost import FLOAT, INT8, W8A16, Calibration, Choice, CostModel, compute_dtype, fit_factors
 from qcompile.hwmodels.layers import FUSED_AFTER_COMPUTE, LayerSpec, describe, layer_edges
 from qcompile.passes.annotate import layer_name, plan_quantization_points
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
@@ -293,19 +293,49 @@ def measure_transitions(
     return rows
 
 
+def with_conversions(graph: ir.Model, times: dict[str, float]) -> dict[str, float]:
+    """``times`` with each compute layer of a QDQ ``graph`` charged for the DequantizeLinear nodes that feed it
+    and the QuantizeLinear (and code Clip) behind them, shared among their readers: where onnxruntime does not
+    fuse them into an integer kernel (16-bit activations), they run as kernels of their own, per layer."""
+    charged = dict(times)
+    for node in graph.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        for value in node.inputs[:2]:
+            chain = []
+            producer = value.producer() if value is not None else None
+            while producer is not None and producer.op_type in ("DequantizeLinear", "Clip", "QuantizeLinear"):
+                chain.append(producer)
+                producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+            readers = max(len(value.uses()), 1) if value is not None else 1
+            extra = sum(times.get(layer_name(step), 0.0) for step in chain) / readers
+            if extra:
+                charged[layer_name(node)] = charged.get(layer_name(node), 0.0) + extra
+    return charged
+
+
 def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) -> tuple[list[Measurement], float]:
-    """Every node's time in ``model`` as fp32 and as qcompile's W8A8 model; and the time between kernels per
-    node."""
+    """Every node's time in ``model`` as fp32, as qcompile's W8A8 model and as W8A16 (int8 weights, 16-bit
+    activations, whose conversions are charged to the layers: :func:`with_conversions`); and the time between
+    kernels per node."""
+    import dataclasses
+
     from qcompile.passes import pipeline
 
     quantized = pipeline.quantize(model, feeds, sweep_options(), progress=False).model
+    wide_options = dataclasses.replace(sweep_options(), activation_bits=16)
+    wide = pipeline.quantize(model, feeds, wide_options, progress=False).model
     rewritten = as_pipeline_sees_it(model)
     specs = describe(rewritten)
     measurements: list[Measurement] = []
     overheads = []
-    for graph, choices in ((rewritten, {}), (quantized, quantized_choices(rewritten))):
+    int8_choices = quantized_choices(rewritten)
+    wide_choices = {name: W8A16 if choice == INT8 else choice for name, choice in int8_choices.items()}
+    for graph, choices in ((rewritten, {}), (quantized, int8_choices), (wide, wide_choices)):
         kernels = ort_backend.kernel_times(graph, feeds[0], runs)
         times, _ = layer_times(graph, kernels)
+        if graph is wide:
+            times = with_conversions(graph, times)
         wall = wall_us(graph, feeds[0], runs)
         running = sum(1 for spec in specs if not spec.free)
         overheads.append(max(wall - sum(kernels.values()), 0.0) / running)

@@ -242,13 +242,17 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def __init__(
         self,
-        value_range: Callable[[str], tuple[float, float]],
+        value_range: Callable[..., tuple[float, float]],
         float_layers: frozenset[str] = frozenset(),
         weight_formats: Mapping[str, str] | None = None,
         activation_spec: QuantSpec = ACTIVATION_UINT8,
         weight_block: int | None = None,
         table_ops: bool = False,
+        activation_formats: Mapping[str, QuantSpec] | None = None,
     ) -> None:
+        """``value_range(name)`` is a value's calibrated range for ``activation_spec``; a layer named in
+        ``activation_formats`` reads its activations in that spec instead (a wider one, say 16 bits: a value
+        read by several layers takes the widest), and their ranges come from ``value_range(name, levels)``."""
         super().__init__()
         self.table_ops = table_ops
         self.value_range = value_range
@@ -256,6 +260,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         self.weight_formats = weight_formats or {}
         self.activation_spec = activation_spec
         self.weight_block = weight_block
+        self.activation_formats = activation_formats or {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers, points = plan_quantization_points(model, self.float_layers, self.table_ops)
@@ -268,8 +273,20 @@ class AnnotatePass(ir.passes.InPlacePass):
                     if not spec.blocked(value.const_value.numpy().shape):  # type: ignore[union-attr]
                         spec = dataclasses.replace(spec, block_size=None)  # not 2-D, or blocks cannot tile it
                     value.meta[SPEC_KEY] = spec
+        wide: dict[int, QuantSpec] = {}
+        for node in layers:
+            reads = self.activation_formats.get(layer_name(node))
+            for value in node.inputs[:2] if reads is not None else ():
+                if reads is not None and value is not None and not is_constant(value):
+                    current = wide.get(id(value))
+                    if current is None or reads.bits > current.bits:
+                        wide[id(value)] = reads
         for value in points:
-            low, high = self.value_range(str(value.name))
+            spec = wide.get(id(value), self.activation_spec)
+            if spec == self.activation_spec:
+                low, high = self.value_range(str(value.name))
+            else:
+                low, high = self.value_range(str(value.name), spec.levels)
             known = _known_activation_range(value)
             if known is not None and np.isfinite(known).all() and known[0] <= 0.0 <= known[1]:
                 # ReLU6-style clips saturate often: the full clip range keeps the saturated values exact
@@ -279,7 +296,7 @@ class AnnotatePass(ir.passes.InPlacePass):
                 low, high = max(low, known[0]), min(high, known[1])
             if not np.isfinite([low, high]).all() or high < low:
                 raise ValueError(f"value '{value.name}' has no usable calibration range ({low}, {high})")
-            value.meta[SPEC_KEY] = self.activation_spec
+            value.meta[SPEC_KEY] = spec
             value.meta[RANGE_KEY] = (float(low), float(high))
         logger.info("annotated %d layers and %d activation values", len(layers), len(points))
         return ir.passes.PassResult(model, modified=bool(layers))

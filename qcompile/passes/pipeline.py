@@ -31,7 +31,7 @@ from qcompile.passes.quant_spec import ACTIVATION_FORMATS, WEIGHT_FORMATS
 from qcompile.passes.smoothquant import Decision, SmoothQuantPass, producer_statistics
 from qcompile.passes.split_layers import Split, SplitLayersPass
 from qcompile.search import sensitivity
-from qcompile.search.allocate import CANDIDATES, Allocation
+from qcompile.search.allocate import CANDIDATES, Allocation, candidate_formats
 from qcompile.search.bits import SearchResult, within_accuracy
 from qcompile.search.bits import search as search_bits
 
@@ -212,14 +212,20 @@ def _quantize_copy(
     options: QuantizeOptions,
     hessians: dict[str, Hessian] | None = None,
     weight_formats: dict[str, str] | None = None,
+    activation_formats: dict[str, int] | None = None,
 ) -> ir.Model:
+    """``model`` quantized with ``float_layers`` left float; ``weight_formats`` and ``activation_formats``
+    (activation bits) per layer where they differ from the options'."""
     copy = _clone(model)
     spec = ACTIVATION_FORMATS[options.activation_bits]
 
-    def value_range(name: str) -> tuple[float, float]:
-        return stats.range(name, spec.levels)
+    def value_range(name: str, levels: int = spec.levels) -> tuple[float, float]:
+        return stats.range(name, levels)
 
-    annotate = AnnotatePass(value_range, float_layers, weight_formats, spec, options.weight_block, options.integer_only)
+    wide = {name: ACTIVATION_FORMATS[bits] for name, bits in (activation_formats or {}).items() if bits != spec.bits}
+    annotate = AnnotatePass(
+        value_range, float_layers, weight_formats, spec, options.weight_block, options.integer_only, wide
+    )
     if not annotate(copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
@@ -228,6 +234,13 @@ def _quantize_copy(
         BiasCorrectionPass(stats.channel_mean)(copy)
     QDQPass()(copy)
     return copy
+
+
+def _split_formats(formats: dict[str, str]) -> tuple[frozenset[str], dict[str, str], dict[str, int]]:
+    """The float layers, weight formats and activation bits of a search allocation (layer -> candidate)."""
+    floats = frozenset(name for name, chosen in formats.items() if chosen == "fp32")
+    pairs = {name: candidate_formats(chosen) for name, chosen in formats.items() if chosen != "fp32"}
+    return floats, {name: pair[0] for name, pair in pairs.items()}, {name: pair[1] for name, pair in pairs.items()}
 
 
 def output_metrics(outputs: list[np.ndarray], references: list[np.ndarray]) -> dict[str, float]:
@@ -322,12 +335,13 @@ def quantize(
     ratios = None
     if options.bits == "auto" and options.sensitivity == "hessian" and hessians:
         by_name = dict(zip([layer_name(node) for node in layers], layers, strict=True))
-        narrow = [fmt for fmt in CANDIDATES if fmt not in ("fp32", "int8")]
+        narrow = [fmt for fmt in CANDIDATES if fmt in WEIGHT_FORMATS and fmt != "int8"]  # weight formats
         ratios = sensitivity.hessian_ratios(by_name, hessians, narrow)
     if options.weight_rounding != "gptq":
         hessians = None  # collected for the sensitivity proxy only
     uniform = {"4": "int4", "2": "int2"}.get(options.bits, "int8")
     weight_formats = {name: uniform for name in names}
+    activation_formats: dict[str, int] = {}
     for record in records.values():  # what every layer gets unless the search or the fallback decides
         record.weight_format, record.weight_bits = uniform, WEIGHT_FORMATS[uniform].bits
         record.activation_bits = options.activation_bits
@@ -341,7 +355,7 @@ def quantize(
             # Round-to-nearest here: GPTQ for every layer in every format would double the search's time;
             # the chosen model is then GPTQ-rounded, so these errors are upper bounds.
             lambda layer, chosen: _quantize_copy(
-                model, stats, frozenset(names) - {layer}, options, None, {layer: chosen}
+                model, stats, frozenset(names) - {layer}, options, None, *_split_formats({layer: chosen})[1:]
             ),
             kept,
             references,
@@ -357,9 +371,8 @@ def quantize(
             def drop_of(point: Allocation) -> float:
                 # Round-to-nearest and no bias refit, as the search's variants: conservative for the final
                 # model, which GPTQ and the refit then improve.
-                floats = frozenset(name for name, chosen in point.formats.items() if chosen == "fp32")
-                formats = {name: chosen for name, chosen in point.formats.items() if chosen != "fp32"}
-                built = _quantize_copy(model, stats, floats, options, None, formats)
+                floats, weights, activations = _split_formats(point.formats)
+                built = _quantize_copy(model, stats, floats, options, None, weights, activations)
                 return accuracy_drop(output_metrics(sensitivity.run_all(built, held), held_references))
 
             searched.chosen = within_accuracy(
@@ -370,16 +383,18 @@ def quantize(
             record = records[cost.name]
             record.sensitivity = cost.error[chosen]
             record.predicted_latency_us = cost.latency_us[chosen]
-            record.weight_format = chosen
-            record.weight_bits = WEIGHT_FORMATS[chosen].bits if chosen in WEIGHT_FORMATS else None
+            if chosen != "fp32":
+                record.weight_format, record.activation_bits = candidate_formats(chosen)
+                record.weight_bits = WEIGHT_FORMATS[record.weight_format].bits
             if chosen == "fp32":
+                record.weight_format, record.weight_bits = "fp32", None
                 float_layers.add(cost.name)
                 record.activation_bits = None
                 record.float_reason = (
                     "the bit-width search kept it float: within the budgets, the least total error "
                     f"(int8 alone would add relative error {cost.error['int8']:.2e})"
                 )
-        weight_formats = {name: fmt for name, fmt in searched.chosen.formats.items() if fmt != "fp32"}
+        _, weight_formats, activation_formats = _split_formats(searched.chosen.formats)
     elif options.float_threshold > 0 and layers:
         measured = sensitivity.measure(
             names,
@@ -406,7 +421,9 @@ def quantize(
         records[name].weight_bits = records[name].activation_bits = None
         records[name].weight_format = "fp32"
         records[name].float_reason = records[name].float_reason or "kept float by the caller"
-    quantized = _quantize_copy(model, stats, frozenset(float_layers), options, hessians, weight_formats)
+    quantized = _quantize_copy(
+        model, stats, frozenset(float_layers), options, hessians, weight_formats, activation_formats
+    )
     refit_skipped = None
     if refit_count and ort_backend.is_large(quantized):
         refit_skipped = "the model is over 2 GB: each layer's onnxruntime session would write it to disk again"
@@ -506,10 +523,8 @@ def quantize(
 
     def variant(formats: dict[str, str]) -> ir.Model:
         """The model quantized with other per-layer formats, as the pipeline would finish it."""
-        floats = frozenset(name for name, chosen in formats.items() if chosen == "fp32")
-        built = _quantize_copy(
-            model, stats, floats, options, hessians, {n: f for n, f in formats.items() if f != "fp32"}
-        )
+        floats, weights, activations = _split_formats(formats)
+        built = _quantize_copy(model, stats, floats, options, hessians, weights, activations)
         refit_biases(model, built, refit_feeds)
         return built
 

@@ -67,6 +67,9 @@ def _quantizable_bias(node: ir.Node) -> tuple[np.ndarray, np.float32] | None:
     return bias.const_value.numpy(), activation_params(activation)[0]
 
 
+SIXTEEN_BIT_OPSET = 21
+
+
 class QDQPass(ir.passes.InPlacePass):
     """After this pass, every annotated value is quantized in the graph and no annotation is pending."""
 
@@ -98,6 +101,9 @@ class QDQPass(ir.passes.InPlacePass):
             if SPEC_KEY in value.meta
         ]
         for value in annotated:
+            if value.meta[SPEC_KEY].storage_dtype.itemsize > 1:
+                # 16-bit QuantizeLinear / DequantizeLinear came with opset 21 (same semantics otherwise).
+                model.opset_imports[""] = max(model.opset_imports.get("", 1), SIXTEEN_BIT_OPSET)
             self._insert_qdq(graph, value)
             modified = True
         TopologicalSortPass()(model)

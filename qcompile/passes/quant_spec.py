@@ -205,5 +205,10 @@ WEIGHT_FORMATS = {
     "int2": QuantSpec(bits=2, scale_rule="mse", full_range=True),
 }
 ACTIVATION_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False)
-# Activation formats: asymmetric per-tensor unsigned codes (uint4 codes are stored in uint8 and clamped).
-ACTIVATION_FORMATS = {8: ACTIVATION_UINT8, 4: QuantSpec(bits=4, signed=False, symmetric=False)}
+# Activation formats: asymmetric per-tensor unsigned codes (uint4 codes are stored in uint8 and clamped;
+# uint16 codes need opset 21's QuantizeLinear).
+ACTIVATION_FORMATS = {
+    8: ACTIVATION_UINT8,
+    4: QuantSpec(bits=4, signed=False, symmetric=False),
+    16: QuantSpec(bits=16, signed=False, symmetric=False),
+}

@@ -1,6 +1,7 @@
 """Bit-width allocation: one format per layer, least total sensitivity under latency and size budgets.
 
-Each layer ``l`` has candidates ``c`` (fp32, or int8 activations with int8 / int4 / int2 / ternary weights),
+Each layer ``l`` has candidates ``c`` (fp32; int8 activations with int8 / int4 / int2 / ternary weights; int8
+weights with int16 activations),
 each with a measured sensitivity ``e[l, c]`` (the output error when only that layer is quantized so), a
 predicted latency ``t[l, c]`` and a size ``s[l, c]`` from the target's cost model. Where a float layer
 feeds an int8 one or the reverse, the tensor between them changes representation at a cost ``t_uv``
@@ -29,7 +30,15 @@ import scipy.sparse
 
 from qcompile.errors import BudgetError
 
-CANDIDATES = ("fp32", "int8", "int4", "int2", "ternary")
+CANDIDATES = ("fp32", "int8", "w8a16", "int4", "int2", "ternary")
+# Every candidate but these is a weight format read with int8 activations; these pair int8 weights with wider
+# activations: (weight format, activation bits).
+WIDE_ACTIVATIONS = {"w8a16": ("int8", 16)}
+
+
+def candidate_formats(candidate: str) -> tuple[str, int]:
+    """``(weight format, activation bits)`` of a non-float candidate."""
+    return WIDE_ACTIVATIONS.get(candidate, (candidate, 8))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from qcompile.search.allocate import (
     LayerCosts,
     Problem,
     allocate,
+    candidate_formats,
     pareto_front,
     uniform,
 )
@@ -99,7 +100,10 @@ def _build_as(build: Callable[[str, str], ir.Model], candidate: str, layer: str)
 
 
 def candidate_choice(candidate: str) -> Choice:
-    return FLOAT if candidate == "fp32" else Choice(candidate, "int8")
+    if candidate == "fp32":
+        return FLOAT
+    weights, activation_bits = candidate_formats(candidate)
+    return Choice(weights, f"int{activation_bits}")
 
 
 def fixed_costs(model: ir.Model, names: Sequence[str], cost: CostModel) -> tuple[float, float]:
@@ -131,20 +135,20 @@ def search(
 ) -> SearchResult:
     """``build(layer, format)`` returns ``model`` with only ``layer`` quantized in ``format``.
 
-    Every layer's sensitivity is measured at int8. With ``ratios`` (layer -> format -> second-order weight
-    error relative to int8's, :func:`qcompile.search.sensitivity.hessian_ratios`), a layer that has them
-    gets its other formats' sensitivities by scaling its int8 one instead of measuring them.
+    Every layer's sensitivity is measured at int8. With ``ratios`` (layer -> weight format -> second-order
+    weight error relative to int8's, :func:`qcompile.search.sensitivity.hessian_ratios`), a layer that has
+    them gets those formats' sensitivities by scaling its int8 one instead of measuring them (int16
+    activations are always measured: the ratio describes weights only).
     """
     started = time.perf_counter()
     ratios = ratios or {}
     errors: dict[str, dict[str, float]] = {name: {"fp32": 0.0} for name in names}
     for candidate in CANDIDATES[1:]:
         pending = [(name, op) for name, op in zip(names, op_types, strict=True) if candidate not in errors[name]]
-        if candidate != "int8":
-            for name, _ in pending:
-                if name in ratios:
-                    errors[name][candidate] = errors[name]["int8"] * ratios[name][candidate]
-            pending = [(name, op) for name, op in pending if name not in ratios]
+        for name, _ in pending:
+            if candidate in ratios.get(name, {}):
+                errors[name][candidate] = errors[name]["int8"] * ratios[name][candidate]
+        pending = [(name, op) for name, op in pending if candidate not in ratios.get(name, {})]
         measured = sensitivity.measure(
             [name for name, _ in pending],
             [op for _, op in pending],

@@ -8,7 +8,23 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-COLOURS = {"fp32": "#7f7f7f", "int8": "#1f77b4", "int4": "#ff7f0e", "int2": "#9467bd", "ternary": "#d62728"}
+COLOURS = {
+    "fp32": "#7f7f7f",
+    "int8": "#1f77b4",
+    "w8a16": "#2ca02c",
+    "int4": "#ff7f0e",
+    "int2": "#9467bd",
+    "ternary": "#d62728",
+}
+
+
+def _label(layer: Any) -> str:
+    """The search candidate a layer record stands for (int8 weights read at 16 bits: 'w8a16')."""
+    if layer.weight_format == "int8" and layer.activation_bits == 16:
+        return "w8a16"
+    return str(layer.weight_format or "fp32")
+
+
 WIDTH, HEIGHT, MARGIN = 640, 320, 56
 
 
@@ -66,8 +82,8 @@ def layers_svg(layers: list[Any]) -> str:
     bars = "".join(
         f'<rect x="{MARGIN + i * width:.1f}" y="{HEIGHT - MARGIN - v / top * (HEIGHT - MARGIN - 16):.1f}" '
         f'width="{width * 0.9:.1f}" height="{v / top * (HEIGHT - MARGIN - 16):.1f}" '
-        f'fill="{COLOURS.get(layer.weight_format or "fp32", "#000")}"><title>{html.escape(layer.name)}: '
-        f"{layer.weight_format}, {v:.1f} us</title></rect>"
+        f'fill="{COLOURS.get(_label(layer), "#000")}"><title>{html.escape(layer.name)}: '
+        f"{_label(layer)}, {v:.1f} us</title></rect>"
         for i, (layer, v) in enumerate(zip(layers, values, strict=True))
     )
     legend = "".join(
@@ -85,7 +101,7 @@ def layers_svg(layers: list[Any]) -> str:
 def render(model: str, target: str, search: dict[str, Any], layers: list[Any]) -> str:
     chosen = search["predicted"]
     rows = "".join(
-        f"<tr><td>{html.escape(layer.name)}</td><td>{layer.op_type}</td><td>{layer.weight_format}</td>"
+        f"<tr><td>{html.escape(layer.name)}</td><td>{layer.op_type}</td><td>{_label(layer)}</td>"
         f"<td>{(layer.predicted_latency_us or 0):.1f}</td><td>{(layer.sensitivity or 0):.2e}</td></tr>"
         for layer in layers
     )
@@ -128,6 +144,6 @@ layers {html.escape(str(chosen["layers"]))}. Search took {search["seconds"]:.1f}
 <h2>Pareto front</h2>{pareto_svg(search["pareto_front"], chosen)}
 <table><tr><th>latency ms</th><th>size MB</th><th>sum of errors</th><th>layers</th></tr>{front_rows}</table>
 {accuracy}<h2>Per layer</h2>{layers_svg(layers)}
-<table><tr><th>layer</th><th>op</th><th>weights</th><th>predicted us</th><th>error alone</th></tr>{rows}</table>
+<table><tr><th>layer</th><th>op</th><th>format</th><th>predicted us</th><th>error alone</th></tr>{rows}</table>
 </body></html>
 """

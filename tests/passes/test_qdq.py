@@ -40,7 +40,7 @@ def residual_model(tmp_path: Path) -> ir.Model:
 def ranges_from(model: ir.Model, x: np.ndarray):  # type: ignore[no-untyped-def]
     names = [str(value.name) for node in model.graph for value in node.outputs] + ["x"]
     results = dict(zip(names, ort_backend.session(model, extra_outputs=names).run(names, {"x": x}), strict=True))
-    return lambda name: (float(results[name].min()), float(results[name].max()))
+    return lambda name, levels=256: (float(results[name].min()), float(results[name].max()))
 
 
 def test_points_follow_int8_flow(tmp_path: Path) -> None:
@@ -81,6 +81,39 @@ def test_ordering_is_checked(tmp_path: Path) -> None:
     model = residual_model(tmp_path)
     with pytest.raises(ir.passes.PreconditionError, match="run AnnotatePass first"):
         BiasCorrectionPass(lambda name: None)(model)
+
+
+def test_a_layer_read_at_sixteen_bits_gets_uint16_codes_under_opset_21(tmp_path: Path) -> None:
+    """``activation_formats``: the second Conv reads ``r1`` at 16 bits (W8A16), so ``r1``'s QuantizeLinear
+    writes uint16 codes and the model moves to opset 21 (the first with 16-bit QuantizeLinear); the other
+    points stay uint8. The model checks and runs in onnxruntime, and r1's step is 257x finer (65535 steps
+    over the same calibrated range instead of 255)."""
+    from qcompile.passes.quant_spec import ACTIVATION_FORMATS
+
+    x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    steps = {}
+    for wide in (False, True):
+        model = residual_model(tmp_path)
+        expected = ort_backend.session(model).run(None, {"x": x})[0]
+        second = layer_name(plan_quantization_points(model)[0][1])
+        formats = {second: ACTIVATION_FORMATS[16]} if wide else {}
+        AnnotatePass(ranges_from(model, x), activation_formats=formats)(model)
+        QDQPass()(model)
+        proto = ort_backend.to_proto(model)
+        onnx.checker.check_model(proto, full_check=True)
+        zero_points = {init.name: init.data_type for init in proto.graph.initializer}
+        codes = {
+            node.input[0]: zero_points[node.input[2]] for node in proto.graph.node if node.op_type == "QuantizeLinear"
+        }
+        uint16 = {name for name, dtype in codes.items() if dtype == onnx.TensorProto.UINT16}
+        assert uint16 == ({"r1"} if wide else set()) and set(codes) == {"x", "r1", "c2", "y"}
+        assert {opset.domain: opset.version for opset in proto.opset_import}[""] == (21 if wide else 18)
+        got = ort_backend.session(model).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, expected, atol=0.1 * float(np.abs(expected).max()))  # int8 elsewhere
+        steps[wide] = float(
+            onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "r1_scale"))
+        )
+    assert steps[False] / steps[True] == pytest.approx(65535 / 255, rel=1e-5)
 
 
 def test_uint4_activations_are_clamped_to_sixteen_levels(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ def random_problem(seed: int) -> Problem:
                 {
                     "fp32": 0.0,
                     "int8": rng.uniform(1e-4, 1e-3),
+                    "w8a16": rng.uniform(1e-5, 1e-4),
                     "int4": rng.uniform(1e-3, 1e-2),
                     "int2": rng.uniform(5e-3, 5e-2),
                     "ternary": rng.uniform(0.01, 0.1),
@@ -36,11 +37,12 @@ def random_problem(seed: int) -> Problem:
                 {
                     "fp32": base,
                     "int8": base * rng.uniform(0.3, 0.6),
+                    "w8a16": base * rng.uniform(0.6, 0.9),
                     "int4": base * 0.35,
                     "int2": base * 0.32,
                     "ternary": base * 0.3,
                 },
-                {"fp32": 4e5, "int8": 1e5, "int4": 5e4, "int2": 2.5e4, "ternary": 2e4},
+                {"fp32": 4e5, "int8": 1e5, "w8a16": 1e5, "int4": 5e4, "int2": 2.5e4, "ternary": 2e4},
             )
         )
     transitions = [(f"l{i}", f"l{i + 1}", rng.uniform(5, 40)) for i in range(4)]
@@ -128,6 +130,12 @@ def test_compile_with_search_records_and_reports(
     )
     search = next(entry for entry in manifest["passes"] if entry["name"] == "bit_search")
     assert search["predicted"]["size_mb"] <= 0.02 and search["pareto_front"]
+    candidates = search["candidates"]
+    assert all(set(layer["error"]) == set(CANDIDATES) for layer in candidates.values())
+    # Reading a layer's input at 16 bits instead of 8 removes most of its activation rounding.
+    assert sum(layer["error"]["w8a16"] for layer in candidates.values()) < sum(
+        layer["error"]["int8"] for layer in candidates.values()
+    )
     formats = {layer["name"]: layer["weight_format"] for layer in manifest["layers"]}
     # The float model holds 0.06 MB of weights: 0.02 MB forces most layers into integers.
     assert set(formats.values()) <= set(CANDIDATES) and list(formats.values()).count("fp32") < len(formats)
