@@ -503,6 +503,7 @@ def quantize(
                 "cost_model": searched.cost_model,
                 "sensitivity": options.sensitivity,
                 "hessian_proxied_layers": len(ratios or {}),
+                "dominated_by_fp32": searched.dominated,
                 "latency_budget_ms": options.latency_budget_ms,
                 "size_budget_mb": options.size_budget_mb,
                 "max_accuracy_drop": options.max_accuracy_drop,

@@ -19,6 +19,7 @@ from qcompile.hwmodels.cost import FLOAT, Choice, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
 from qcompile.hwmodels.profile import quantized_choices
 from qcompile.passes.annotate import layer_name
+from qcompile.passes.quant_spec import WEIGHT_FORMATS
 from qcompile.search import sensitivity
 from qcompile.search.allocate import (
     CANDIDATES,
@@ -43,6 +44,8 @@ class SearchResult:
     seconds: float
     # With an accuracy budget: each Pareto point measured, as (latency ms, error, accuracy drop in points).
     accuracy_checks: list[tuple[float, float, float]] = field(default_factory=list)
+    # Candidates not measured because fp32 beats them on latency and no size budget is set.
+    dominated: int = 0
 
 
 def within_accuracy(
@@ -142,13 +145,44 @@ def search(
     """
     started = time.perf_counter()
     ratios = ratios or {}
+    cost = CostModel.for_target(target)
+    specs = {spec.name: spec for spec in describe(model)}
+    latency = {name: {c: cost.latency_us(specs[name], candidate_choice(c)) for c in CANDIDATES} for name in names}
+    transitions = [
+        (producer, consumer, cost.transition_us(elements)) for producer, consumer, elements in layer_edges(model, names)
+    ]
+    crossings = dict.fromkeys(names, 0.0)
+    for producer, consumer, us in transitions:
+        crossings[producer] += us
+        crossings[consumer] += us
+    # Not measured: a layer without constant weights is the same model in every weight format (its int8 error
+    # stands for them); and with no size budget, a candidate that fp32 (error 0) matches or beats on latency,
+    # even after every float/int8 crossing the layer can add, is never in an optimal allocation (the uniform
+    # anchors int8 and int4 are always kept).
+    weightless = {name for name in names if specs[name].weight_elements == 0}
+    dominated = {
+        name: {
+            c
+            for c in CANDIDATES
+            if c not in ("fp32", "int8", "int4")
+            and size_budget_mb is None
+            and latency[name][c] >= latency[name]["fp32"] + crossings[name]
+        }
+        for name in names
+    }
     errors: dict[str, dict[str, float]] = {name: {"fp32": 0.0} for name in names}
     for candidate in CANDIDATES[1:]:
-        pending = [(name, op) for name, op in zip(names, op_types, strict=True) if candidate not in errors[name]]
+        pending = [
+            (name, op)
+            for name, op in zip(names, op_types, strict=True)
+            if candidate not in errors[name] and candidate not in dominated[name]
+        ]
         for name, _ in pending:
             if candidate in ratios.get(name, {}):
                 errors[name][candidate] = errors[name]["int8"] * ratios[name][candidate]
-        pending = [(name, op) for name, op in pending if candidate not in ratios.get(name, {})]
+            elif name in weightless and candidate in WEIGHT_FORMATS and candidate != "int8":
+                errors[name][candidate] = errors[name]["int8"]
+        pending = [(name, op) for name, op in pending if candidate not in errors[name]]
         measured = sensitivity.measure(
             [name for name, _ in pending],
             [op for _, op in pending],
@@ -159,21 +193,19 @@ def search(
         )
         for item in measured:
             errors[item.layer][candidate] = item.error
-    cost = CostModel.for_target(target)
-    specs = {spec.name: spec for spec in describe(model)}
+    skipped = sum(len(found) for found in dominated.values())
+    if skipped:
+        logger.info("bit-width search: %d candidates not measured: slower than fp32 with no size budget", skipped)
     costs = [
         LayerCosts(
             name,
             errors[name],
-            {candidate: cost.latency_us(specs[name], candidate_choice(candidate)) for candidate in CANDIDATES},
-            {candidate: cost.size_bytes(specs[name], candidate_choice(candidate)) for candidate in CANDIDATES},
+            {candidate: latency[name][candidate] for candidate in errors[name]},
+            {candidate: cost.size_bytes(specs[name], candidate_choice(candidate)) for candidate in errors[name]},
         )
         for name in names
     ]
     fixed_ms, fixed_mb = fixed_costs(model, names, cost)
-    transitions = [
-        (producer, consumer, cost.transition_us(elements)) for producer, consumer, elements in layer_edges(model, names)
-    ]
     problem = Problem(costs, transitions, fixed_ms, fixed_mb)
     chosen = allocate(problem, latency_budget_ms, size_budget_mb)
     anchors = [uniform(problem, "int8"), uniform(problem, "int4")]
@@ -181,4 +213,4 @@ def search(
     state = "calibrated" if cost.calibrated else "uncalibrated"
     seconds = time.perf_counter() - started
     logger.info("bit-width search: %s in %.1f s", chosen.summary(), seconds)
-    return SearchResult(chosen, front, problem, f"{target.name} ({state})", seconds)
+    return SearchResult(chosen, front, problem, f"{target.name} ({state})", seconds, dominated=skipped)

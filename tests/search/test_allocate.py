@@ -176,3 +176,29 @@ def test_cli_impossible_budget_exits_2_without_artifact(
     code = compile_digits_auto(digits, digits_calibration, output, "--latency-budget-ms", "1e-6")
     assert code == 2 and not output.exists()
     assert "no bit-width allocation meets latency <= 1e-06 ms" in capsys.readouterr().err
+
+
+def test_candidates_fp32_beats_on_latency_are_not_measured_without_a_size_budget(
+    digits: tuple[Path, float], digits_calibration: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no size budget, a candidate slower than fp32 plus every crossing its layer can add is never
+    optimal (fp32's error is 0): it is not measured. Priced here so that W8A16 is that slow, as onnxruntime
+    runs it on the host; with a size budget (where its int8-sized weights could matter) it is measured."""
+    from qcompile import frontend
+    from qcompile.hwmodels.cost import CostModel
+    from qcompile.passes.pipeline import quantize
+
+    prices = {"fp32": 10.0, "int16": 60.0}
+    monkeypatch.setattr(CostModel, "latency_us", lambda self, layer, choice: prices.get(choice.activations, 5.0))
+    model = frontend.load(digits[0])
+    feeds = [{"image": np.load(path)} for path in sorted(digits_calibration.glob("*.npy"))]
+    for budget, expect_measured in (
+        (QuantizeOptions(bits="auto", latency_budget_ms=1.0), False),
+        (QuantizeOptions(bits="auto", size_budget_mb=1.0), True),
+    ):
+        result = quantize(model, feeds, budget, progress=False)
+        assert result.search is not None
+        layers = result.search.problem.layers
+        assert all(("w8a16" in layer.error) == expect_measured for layer in layers)
+        assert result.search.dominated == (0 if expect_measured else len(layers))
+        assert all({"fp32", "int8", "int4", "int2", "ternary"} <= set(layer.error) for layer in layers)
