@@ -95,7 +95,11 @@ def evaluate(problem: Problem, formats: dict[str, str]) -> Allocation:
 
 
 def uniform(problem: Problem, candidate: str) -> Allocation:
-    return evaluate(problem, {layer.name: candidate for layer in problem.layers})
+    """Every layer in ``candidate``; a layer that does not have it (a weight format for a layer without
+    weights) in int8."""
+    return evaluate(
+        problem, {layer.name: candidate if candidate in layer.error else "int8" for layer in problem.layers}
+    )
 
 
 def _solve(

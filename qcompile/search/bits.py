@@ -155,10 +155,10 @@ def search(
     for producer, consumer, us in transitions:
         crossings[producer] += us
         crossings[consumer] += us
-    # Not measured: a layer without constant weights is the same model in every weight format (its int8 error
-    # stands for them); and with no size budget, a candidate that fp32 (error 0) matches or beats on latency,
-    # even after every float/int8 crossing the layer can add, is never in an optimal allocation (the uniform
-    # anchors int8 and int4 are always kept).
+    # Not candidates: weight formats other than int8 for a layer without constant weights (the same model as
+    # int8; uniform allocations read such a layer as int8). Not measured: with no size budget, a candidate
+    # that fp32 (error 0) matches or beats on latency, even after every float/int8 crossing the layer can
+    # add, is never in an optimal allocation (the uniform anchors int8 and int4 are always kept).
     weightless = {name for name in names if specs[name].weight_elements == 0}
     dominated = {
         name: {
@@ -180,9 +180,12 @@ def search(
         for name, _ in pending:
             if candidate in ratios.get(name, {}):
                 errors[name][candidate] = errors[name]["int8"] * ratios[name][candidate]
-            elif name in weightless and candidate in WEIGHT_FORMATS and candidate != "int8":
-                errors[name][candidate] = errors[name]["int8"]
-        pending = [(name, op) for name, op in pending if candidate not in errors[name]]
+        weightless_formats = candidate in WEIGHT_FORMATS and candidate != "int8"
+        pending = [
+            (name, op)
+            for name, op in pending
+            if candidate not in errors[name] and not (weightless_formats and name in weightless)
+        ]
         measured = sensitivity.measure(
             [name for name, _ in pending],
             [op for _, op in pending],
