@@ -234,8 +234,8 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         choices=("measured", "hessian"),
         default="measured",
         help="with --bits auto: how each layer's error per format is obtained: 'measured' (every format of "
-        "every layer run on the calibration samples; default) or 'hessian' (int8 measured, int4 / ternary "
-        "scaled from it by the Hessian-weighted weight-error ratio: about a third of the runs)",
+        "every layer run on the calibration samples; default) or 'hessian' (int8 and w8a16 measured, int4 / "
+        "int2 / ternary scaled from int8 by the Hessian-weighted weight-error ratio: about 40 %% of the runs)",
     )
     parser.add_argument("--no-tvm", action="store_true", help="skip the TVM library (onnxruntime executor only)")
     parser.add_argument("--force", action="store_true", help="replace an existing artifact folder at --output")
