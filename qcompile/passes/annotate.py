@@ -276,8 +276,10 @@ class AnnotatePass(ir.passes.InPlacePass):
         wide: dict[int, QuantSpec] = {}
         for node in layers:
             reads = self.activation_formats.get(layer_name(node))
-            for value in node.inputs[:2] if reads is not None else ():
-                if reads is not None and value is not None and not is_constant(value):
+            if reads is None:
+                continue
+            for value in node.inputs[:2]:
+                if value is not None and not is_constant(value):
                     current = wide.get(id(value))
                     if current is None or reads.bits > current.bits:
                         wide[id(value)] = reads

@@ -386,7 +386,7 @@ def quantize(
             if chosen != "fp32":
                 record.weight_format, record.activation_bits = candidate_formats(chosen)
                 record.weight_bits = WEIGHT_FORMATS[record.weight_format].bits
-            if chosen == "fp32":
+            else:
                 record.weight_format, record.weight_bits = "fp32", None
                 float_layers.add(cost.name)
                 record.activation_bits = None

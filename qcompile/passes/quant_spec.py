@@ -112,11 +112,11 @@ class QuantSpec:
             return flat.reshape(weight.shape[self.axis], -1)  # type: ignore[index]
         channels = 1 if self.axis is None else weight.shape[self.axis]
         moved = weight.reshape(1, -1) if self.axis is None else np.moveaxis(weight, self.axis, 0)
-        moved = moved.reshape(channels, -1).astype(np.float32)
+        moved = moved.reshape(channels, -1)
         if self.scale_rule == "absmean":
             scales = np.abs(moved).mean(axis=1)
         elif self.scale_rule == "mse":
-            scales = _mse_scales(moved, self.qmin, self.qmax)
+            scales = _mse_scales(moved.astype(np.float32), self.qmin, self.qmax)
         else:
             scales = _covering_scales(moved, self.qmin, self.qmax)
         scales = scales.astype(np.float32).clip(MIN_SCALE)

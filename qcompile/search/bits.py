@@ -159,33 +159,27 @@ def search(
     # int8; uniform allocations read such a layer as int8). Not measured: with no size budget, a candidate
     # that fp32 (error 0) matches or beats on latency, even after every float/int8 crossing the layer can
     # add, is never in an optimal allocation (the uniform anchors int8 and int4 are always kept).
-    weightless = {name for name in names if specs[name].weight_elements == 0}
     dominated = {
         name: {
             c
             for c in CANDIDATES
-            if c not in ("fp32", "int8", "int4")
-            and size_budget_mb is None
-            and latency[name][c] >= latency[name]["fp32"] + crossings[name]
+            if c not in ("fp32", "int8", "int4") and latency[name][c] >= latency[name]["fp32"] + crossings[name]
         }
+        if size_budget_mb is None
+        else set()
         for name in names
+    }
+    narrow_weights = {c for c in CANDIDATES if c in WEIGHT_FORMATS and c != "int8"}
+    skipped = {
+        name: dominated[name] | (narrow_weights if specs[name].weight_elements == 0 else set()) for name in names
     }
     errors: dict[str, dict[str, float]] = {name: {"fp32": 0.0} for name in names}
     for candidate in CANDIDATES[1:]:
-        pending = [
-            (name, op)
-            for name, op in zip(names, op_types, strict=True)
-            if candidate not in errors[name] and candidate not in dominated[name]
-        ]
+        pending = [(name, op) for name, op in zip(names, op_types, strict=True) if candidate not in skipped[name]]
         for name, _ in pending:
             if candidate in ratios.get(name, {}):
                 errors[name][candidate] = errors[name]["int8"] * ratios[name][candidate]
-        weightless_formats = candidate in WEIGHT_FORMATS and candidate != "int8"
-        pending = [
-            (name, op)
-            for name, op in pending
-            if candidate not in errors[name] and not (weightless_formats and name in weightless)
-        ]
+        pending = [(name, op) for name, op in pending if candidate not in errors[name]]
         measured = sensitivity.measure(
             [name for name, _ in pending],
             [op for _, op in pending],
@@ -196,9 +190,9 @@ def search(
         )
         for item in measured:
             errors[item.layer][candidate] = item.error
-    skipped = sum(len(found) for found in dominated.values())
-    if skipped:
-        logger.info("bit-width search: %d candidates not measured: slower than fp32 with no size budget", skipped)
+    slower = sum(len(found) for found in dominated.values())
+    if slower:
+        logger.info("bit-width search: %d candidates not measured: slower than fp32 with no size budget", slower)
     costs = [
         LayerCosts(
             name,
@@ -216,4 +210,4 @@ def search(
     state = "calibrated" if cost.calibrated else "uncalibrated"
     seconds = time.perf_counter() - started
     logger.info("bit-width search: %s in %.1f s", chosen.summary(), seconds)
-    return SearchResult(chosen, front, problem, f"{target.name} ({state})", seconds, dominated=skipped)
+    return SearchResult(chosen, front, problem, f"{target.name} ({state})", seconds, dominated=slower)
