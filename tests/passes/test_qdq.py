@@ -73,6 +73,34 @@ def test_qdq_structure_and_numerics(tmp_path: Path) -> None:
     assert np.abs(actual - expected).max() <= 4 * output_step
 
 
+POOLED = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[1, 4, 6, 6] x) => (float[1, 4, 1, 1] y)
+  <float[4, 4, 1, 1] w1 = {w1}, float[4] b1 = {b1}, int64[2] axes = {{2, 3}}> {{
+    c1 = Conv (x, w1, b1)
+    r1 = Relu (c1)
+    y = ReduceMean (r1, axes)
+}}
+"""
+
+
+def test_a_conv_read_only_by_float_ops_still_runs_as_an_integer_kernel(tmp_path: Path) -> None:
+    # onnxruntime fuses DequantizeLinear -> Conv into QLinearConv only when the output is quantized too; else it
+    # runs a float Conv on dequantized inputs, slower than the float model.
+    rng = np.random.default_rng(0)
+    text = POOLED.format(
+        w1="{" + ", ".join(f"{v:.4f}" for v in rng.standard_normal(16)) + "}",
+        b1="{" + ", ".join(f"{v:.4f}" for v in rng.standard_normal(4)) + "}",
+    )
+    model = frontend.load(save_model(parse_model(text), tmp_path / "pooled.onnx"))
+    assert sorted(str(value.name) for value in plan_quantization_points(model)[1]) == ["r1", "x"]
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    AnnotatePass(ranges_from(model, x))(model)
+    QDQPass()(model)
+    kernels = set(ort_backend.kernel_times(model, {"x": x}, runs=1, warmup=0, sessions=1).op_types.values())
+    assert "QLinearConv" in kernels and not kernels & {"Conv", "FusedConv"}, kernels
+
+
 def test_ordering_is_checked(tmp_path: Path) -> None:
     import pytest
 
