@@ -326,9 +326,10 @@ def _profile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "profile",
         parents=[_common()],
         help="measure layers on this machine and calibrate the target's cost model",
-        description="Run the sweep networks (a MobileNetV2-style CNN and a small transformer, fp32 and "
-        "int8) under onnxruntime's profiler, fit the cost model's efficiencies per layer kind and dtype, and "
-        "store them where the cost model finds them ($QCOMPILE_HOME/profiles or ~/.cache/qcompile/profiles).",
+        description="Run the sweep networks (a MobileNetV2-style CNN, a pre-norm and a post-norm transformer; "
+        "fp32, W8A8 and W8A16) under onnxruntime's profiler, fit the cost model's efficiencies per layer kind "
+        "and dtype, and store them where the cost model finds them ($QCOMPILE_HOME/profiles or "
+        "~/.cache/qcompile/profiles).",
     )
     parser.add_argument(
         "-t", "--target", default="host", help="target to calibrate (the host here, any other with --rpc)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,10 +158,21 @@ def session(
     return created
 
 
+@dataclass(frozen=True)
+class KernelTimes:
+    """What onnxruntime's profiler saw: the median microseconds of each kernel, keyed by the name of its node
+    in the optimized graph onnxruntime runs, and each such node's op type and the values it writes (a fused
+    node, such as a SkipLayerNormalization, writes the value of the source node it ends in)."""
+
+    times: dict[str, float]
+    outputs: dict[str, tuple[str, ...]]
+    op_types: dict[str, str]
+
+
 def kernel_times(
     model: ir.Model, feed: dict[str, np.ndarray], runs: int = 20, warmup: int = 3, sessions: int = 3
-) -> dict[str, float]:
-    """Median time in microseconds of each onnxruntime kernel, keyed by ORT's node name.
+) -> KernelTimes:
+    """Median time of each onnxruntime kernel over ``runs`` runs, with the values each kernel writes.
 
     Names are those of the optimized graph onnxruntime runs (fused nodes keep the name of a source node or
     value with a suffix such as ``_nchwc`` or ``_token_12``); a kernel run several times per run is summed
@@ -172,12 +184,20 @@ def kernel_times(
     proto.ir_version = ORT_IR_VERSION
     data = proto.SerializeToString()
     per_session: dict[str, list[float]] = {}
+    outputs: dict[str, tuple[str, ...]] = {}
+    op_types: dict[str, str] = {}
     for _ in range(sessions):
         with tempfile.TemporaryDirectory(prefix="qcompile-profile-") as folder:
             options = session_options()
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(folder) / "ort")
+            if not outputs:
+                options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            if not outputs:
+                optimized = onnx.load(str(Path(folder) / "optimized.onnx"), load_external_data=False)
+                outputs = {node.name: tuple(node.output) for node in optimized.graph.node}
+                op_types = {node.name: node.op_type for node in optimized.graph.node}
             for _ in range(warmup + runs):
                 session.run(None, feed)
             events = json.loads(Path(session.end_profiling()).read_text())
@@ -189,4 +209,4 @@ def kernel_times(
             per_call = len(durations) // (warmup + runs) or 1  # a node can run several times per run
             timed = np.array(durations[warmup * per_call :]).reshape(-1, per_call).sum(axis=1)
             per_session.setdefault(name, []).append(float(np.median(timed)))
-    return {name: float(min(values)) for name, values in per_session.items()}
+    return KernelTimes({name: float(min(values)) for name, values in per_session.items()}, outputs, op_types)

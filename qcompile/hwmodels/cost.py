@@ -5,9 +5,11 @@ For a layer and a choice of weight / activation format, the roofline time is
     max(MACs / peak MAC rate of the compute dtype,  bytes moved / bandwidth)
 
 where the compute dtype is fp32 when either side stays float, int16 for 16-bit activations, ternary for
-ternary weights on a device with a ternary engine, and int8 otherwise (int4, int2 and ternary weights
-are unpacked to int8 on CPUs, so they save bytes, not MACs), and the bandwidth is that of the innermost
-memory level (inner cache, on-chip memory, off-chip memory) that holds the layer's bytes.
+ternary weights on a device with a ternary engine, and int8 otherwise, and the bandwidth is that of the
+innermost memory level (inner cache, on-chip memory, off-chip memory) that holds the layer's bytes. Weights
+are read at the width the backend keeps them in: int4, int2 and ternary codes are stored and read as int8
+by the QDQ and TVM backends (they save neither MACs nor bytes moved there), and read packed only where the
+target's ``dtypes`` lists the format (the LUT engine's ternary weights).
 
 The predicted latency is ``a * roofline + b + c * activation elements``, with an efficiency ``1 / a``, a
 per-node overhead ``b`` and a per-element cost ``c`` (layout changes, requantization, cache misses on
@@ -16,7 +18,8 @@ peak, large GEMMs most of it. Uncalibrated, ``a`` comes from :data:`DEFAULT_EFFI
 target file's ``op_overhead_us`` and ``c`` is 0; ``qcompile profile`` fits all three to measurements
 (:mod:`qcompile.hwmodels.profile`) and stores them as a :class:`Calibration`.
 
-Sizes count weight codes at their bit-width (ternary packs 5 trits per byte: 1.6 bits), a float32 scale
+Sizes count weight codes at their bit-width, as a deployment packing them would store them (ternary packs 5
+trits per byte: 1.6 bits; qcompile's host and TVM artifacts keep int8 codes), a float32 scale
 per output channel and an int32 bias per output channel for quantized layers, float32 otherwise.
 """
 
@@ -39,7 +42,17 @@ from qcompile.hwmodels.layers import LayerSpec
 WEIGHT_BITS = {"fp32": 32.0, "int8": 8.0, "int4": 4.0, "int2": 2.0, "ternary": 1.6}
 ACTIVATION_BITS = {"fp32": 32.0, "int16": 16.0, "int8": 8.0}
 # Fraction of the peak MAC rate reached before calibration, by layer kind (typical of CPU libraries).
-DEFAULT_EFFICIENCY = {"conv": 0.5, "pointwise": 0.5, "depthwise": 0.1, "gemm": 0.5, "matmul": 0.3, "other": 0.5}
+DEFAULT_EFFICIENCY = {
+    "conv": 0.5,
+    "pointwise": 0.5,
+    "depthwise": 0.1,
+    "gemm": 0.5,
+    "matmul": 0.3,
+    "softmax": 0.2,
+    "norm": 0.2,
+    "addnorm": 0.2,
+    "other": 0.5,
+}
 
 
 @dataclass(frozen=True)
@@ -133,8 +146,11 @@ class CostModel:
         return self.calibration is not None
 
     def bytes_moved(self, layer: LayerSpec, choice: Choice) -> float:
+        """Weight bytes as the kernels read them, and activation bytes in and out."""
         activation_bytes = ACTIVATION_BITS[choice.activations] / 8
-        return self.weight_bytes(layer, choice) + (layer.input_elements + layer.output_elements) * activation_bytes
+        packed = choice.weights == "fp32" or choice.weights in self.target.device.dtypes
+        read = self.weight_bytes(layer, choice) if packed else layer.weight_elements
+        return read + (layer.input_elements + layer.output_elements) * activation_bytes
 
     def weight_bytes(self, layer: LayerSpec, choice: Choice) -> float:
         return layer.weight_elements * WEIGHT_BITS[choice.weights] / 8
@@ -157,9 +173,14 @@ class CostModel:
 
     def factors(self, layer: LayerSpec, choice: Choice) -> tuple[float, float, float]:
         """``(a, b, c)``: scale of the roofline, fixed overhead (us) and cost per activation element (us)."""
-        key = f"{layer.kind}/{compute_dtype(choice, self.target)}"
-        if self.calibration is not None and key in self.calibration.factors:
-            return self.calibration.factors[key]
+        dtype = compute_dtype(choice, self.target)
+        if self.calibration is not None:
+            # A row-wise reduction the calibration did not measure at this dtype is priced as measured in
+            # float, or else as an elementwise node.
+            fallbacks = () if layer.quantizable else (f"{layer.kind}/fp32", f"other/{dtype}")
+            for key in (f"{layer.kind}/{dtype}", *fallbacks):
+                if key in self.calibration.factors:
+                    return self.calibration.factors[key]
         return 1.0 / DEFAULT_EFFICIENCY[layer.kind], self.target.device.op_overhead_us, 0.0
 
     def latency_us(self, layer: LayerSpec, choice: Choice) -> float:

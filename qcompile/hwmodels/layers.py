@@ -15,6 +15,11 @@ from qcompile.passes.annotate import is_constant, layer_name
 FUSED_AFTER_COMPUTE = frozenset({"Relu", "Clip"})
 # Nodes that only relabel memory.
 FREE = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Identity", "Constant"})
+# Row-wise reductions whose time per element is far from an elementwise op's: each is fitted on its own.
+# ``addnorm`` is a LayerNormalization whose input is an Add used by nothing else (a post-norm residual):
+# onnxruntime runs the two as one SkipLayerNormalization kernel, measured here 3-4x slower per element than
+# a LayerNormalization alone, so it is a kind of its own and the Add costs nothing of its own.
+ROW_KINDS = {"Softmax": "softmax", "LayerNormalization": "norm"}
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,8 @@ class LayerSpec:
     """One node as the cost model sees it.
 
     ``kind`` is one of conv (k x k, dense), pointwise (1 x 1), depthwise, gemm (constant weight), matmul (two
-    activations) or other (everything else: elementwise, pooling, normalization, reshapes).
+    activations), softmax, norm (LayerNormalization), addnorm (a LayerNormalization with the residual Add
+    before it fused in: :data:`ROW_KINDS`) or other (everything else: elementwise, pooling, reshapes).
     """
 
     name: str
@@ -130,13 +136,26 @@ def describe(model: ir.Model) -> list[LayerSpec]:
             and producer is not None
             and producer.op_type in ("Conv", "Gemm", "MatMul")
             and len(inputs[0].uses()) == 1  # type: ignore[union-attr]
-        )
+        ) or _add_into_norm(node)
+        kind = ROW_KINDS.get(node.op_type, "other")
+        if kind == "norm" and producer is not None and _add_into_norm(producer):
+            kind = "addnorm"
+            common["input_elements"] += _elements(producer.inputs) - _elements(inputs[:1])
         specs.append(
             LayerSpec(
-                kind="other", macs=0, weight_elements=0, output_channels=0, free=fused or node.op_type in FREE, **common
+                kind=kind, macs=0, weight_elements=0, output_channels=0, free=fused or node.op_type in FREE, **common
             )
         )
     return specs
+
+
+def _add_into_norm(node: ir.Node) -> bool:
+    """Whether ``node`` is an Add of two activations whose only reader is a LayerNormalization (onnxruntime's
+    SkipLayerNormalization fusion)."""
+    if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None or is_constant(v) for v in node.inputs):
+        return False
+    uses = list(node.outputs[0].uses())
+    return len(uses) == 1 and uses[0][0].op_type == "LayerNormalization" and uses[0][1] == 0
 
 
 # Ops a tensor passes through between two compute layers without leaving its region (int8 or float).

@@ -3,12 +3,14 @@
 Per-layer times come from onnxruntime's own profiler (the executor qcompile's host artifacts default to),
 run on the whole model so that each layer is timed in its real context: caches, layouts and fusions as
 in deployment. onnxruntime renames the nodes it fuses; :func:`layer_times` maps its kernels back to the
-source model's nodes (node names and value names, with ORT's suffixes stripped). Kernels that map to no
-node (layout reorders, the graph's input quantization) are reported as unattributed.
+source model's nodes (node names and value names, with ORT's suffixes stripped; a fused node named with a
+counter, such as a SkipLayerNormalization, by the value it writes in the optimized graph). Kernels that map
+to no node (the graph's input quantization, reshapes onnxruntime inserts) are reported as unattributed.
 
-Calibration measures two fixed sweep networks built here with random weights, a MobileNetV2-style CNN
-(with dense 3x3 convolutions added) and a small pre-norm transformer, each as fp32 and as qcompile's W8A8
-QDQ model, and fits the cost model's factors per layer kind and compute dtype to every node. Their shapes
+Calibration measures three fixed sweep networks built here with random weights, a MobileNetV2-style CNN
+(with dense 3x3 convolutions added), a pre-norm transformer with a causal mask and a post-norm one with a
+key-padding mask, each as fp32, as qcompile's W8A8 QDQ model and as W8A16, and fits the cost model's
+factors per layer kind and compute dtype to every node. Their shapes
 are not those of the bundled example models, so predicting those tests the model rather than looking up a
 measurement. Layers are timed inside whole networks because timing them alone misleads: measured here,
 a depthwise convolution ran 1.65x slower inside EfficientNet-Lite0 than alone with the same shape.
@@ -49,6 +51,9 @@ _ORT_SUFFIXES = re.compile(
 )
 
 
+_LAYOUT_KERNELS = frozenset({"ReorderInput", "ReorderOutput", "Transpose", None})
+
+
 def _aliases(model: ir.Model) -> dict[str, str]:
     """Every name onnxruntime may derive a kernel name from -> the source node it belongs to."""
     aliases: dict[str, str] = {}
@@ -62,16 +67,23 @@ def _aliases(model: ir.Model) -> dict[str, str]:
     return aliases
 
 
-def layer_times(model: ir.Model, kernels: dict[str, float]) -> tuple[dict[str, float], float]:
-    """Kernel times mapped to ``model``'s nodes (summed per node), and the time that maps to none."""
+def layer_times(model: ir.Model, kernels: ort_backend.KernelTimes) -> tuple[dict[str, float], float]:
+    """Kernel times mapped to ``model``'s nodes (summed per node), and the time that maps to none.
+
+    A kernel belongs to the node its name derives from or, failing that (onnxruntime names the nodes it
+    fuses, such as SkipLayerNormalization, with a counter), to the node that writes the value it writes;
+    layout changes onnxruntime inserts (reorders, transposes) stay unattributed: they are the cost of
+    crossing between float and int8 regions, which the cost model prices per crossing."""
     aliases = _aliases(model)
     times: dict[str, float] = {}
     unattributed = 0.0
-    for kernel, duration in kernels.items():
+    for kernel, duration in kernels.times.items():
         name = kernel
         while name not in aliases:
             stripped = _ORT_SUFFIXES.sub("", name)
             if stripped == name:
+                if kernels.op_types.get(kernel) not in _LAYOUT_KERNELS:
+                    name = next((value for value in kernels.outputs.get(kernel, ()) if value in aliases), kernel)
                 break
             name = stripped
         if name in aliases:
@@ -90,7 +102,7 @@ def quantized_choices(model: ir.Model, float_layers: frozenset[str] = frozenset(
     choices = {}
     for node, spec in zip(model.graph, describe(model), strict=True):
         if spec.name in quantized or (
-            spec.kind == "other" and any(value is not None and str(value.name) in names for value in node.inputs)
+            not spec.quantizable and any(value is not None and str(value.name) in names for value in node.inputs)
         ):
             choices[spec.name] = INT8
     return choices
@@ -197,47 +209,74 @@ def mobile_cnn() -> tuple[ir.Model, list[Feed]]:
 
 
 def small_transformer(
-    width: int = 256, heads: int = 4, hidden: int = 1024, length: int = 128
+    width: int = 256, heads: int = 4, hidden: int = 1024, length: int = 128, post_norm: bool = False, seed: int = 3
 ) -> tuple[ir.Model, list[Feed]]:
-    """Two pre-norm encoder layers (erf GELU, softmax attention) of a width unlike MiniLM's."""
-    net = _Net(3)
+    """Two encoder layers of a width unlike MiniLM's: pre-norm with a causal mask (GPT-style) or post-norm
+    with a key-padding mask input, half the keys padded (BERT-style, as a padded batch runs). Masks matter to
+    the timing: onnxruntime's Softmax runs several times slower on rows holding masked (hugely negative)
+    scores than on random ones. GELU is written out with Erf as torch.onnx exports it."""
+    net = _Net(seed)
     tokens = _input("x", (1, length, width))
+    inputs = [tokens]
     x: ir.Value = tokens
     head = width // heads
+    huge = np.finfo(np.float32).min
+    if post_norm:
+        mask = _input("mask", (1, 1, 1, length))
+        inputs.append(mask)
+    else:
+        mask = net.constant(np.triu(np.full((length, length), huge, np.float32), k=1)[None, None])
     split = net.constant(np.array([1, length, heads, head], np.int64))
     merge = net.constant(np.array([1, length, width], np.int64))
-    for _ in range(2):
+
+    def norm(value: ir.Value) -> ir.Value:
         gamma, beta = net.constant(np.ones(width, np.float32)), net.constant(np.zeros(width, np.float32))
-        normed = net.op("LayerNormalization", [x, gamma, beta], axis=-1)
-        q, k, v = (net.op("Reshape", [net.linear(normed, width, width), split]) for _ in range(3))
+        return net.op("LayerNormalization", [value, gamma, beta], axis=-1)
+
+    def attention(value: ir.Value) -> ir.Value:
+        q, k, v = (net.op("Reshape", [net.linear(value, width, width), split]) for _ in range(3))
         q = net.op("Transpose", [q], perm=[0, 2, 1, 3])
         k = net.op("Transpose", [k], perm=[0, 2, 3, 1])
         v = net.op("Transpose", [v], perm=[0, 2, 1, 3])
         scores = net.op("Mul", [net.op("MatMul", [q, k]), net.constant(np.array(head**-0.5, np.float32))])
-        context = net.op("MatMul", [net.op("Softmax", [scores], axis=-1), v])
+        context = net.op("MatMul", [net.op("Softmax", [net.op("Add", [scores, mask])], axis=-1), v])
         context = net.op("Reshape", [net.op("Transpose", [context], perm=[0, 2, 1, 3]), merge])
-        x = net.op("Add", [x, net.linear(context, width, width)])
-        gamma, beta = net.constant(np.ones(width, np.float32)), net.constant(np.zeros(width, np.float32))
-        normed = net.op("LayerNormalization", [x, gamma, beta], axis=-1)
-        up = net.linear(normed, width, hidden)
+        return net.linear(context, width, width)
+
+    def feed_forward(value: ir.Value) -> ir.Value:
+        up = net.linear(value, width, hidden)
         erf = net.op("Erf", [net.op("Div", [up, net.constant(np.array(np.sqrt(2.0), np.float32))])])
-        gelu = net.op(
+        half = net.op(
             "Mul",
-            [
-                net.op("Mul", [up, net.op("Add", [erf, net.constant(np.array(1.0, np.float32))])]),
-                net.constant(np.array(0.5, np.float32)),
-            ],
+            [net.constant(np.array(0.5, np.float32)), net.op("Add", [erf, net.constant(np.array(1.0, np.float32))])],
         )
-        x = net.op("Add", [x, net.linear(gelu, hidden, width)])
-    rng = np.random.default_rng(4)
-    feeds = [{"x": rng.standard_normal((1, length, width)).astype(np.float32)} for _ in range(4)]
-    return net.model([tokens], x), feeds
+        return net.linear(net.op("Mul", [up, half]), hidden, width)
+
+    for _ in range(2):
+        if post_norm:
+            x = norm(net.op("Add", [attention(x), x]))
+            x = norm(net.op("Add", [feed_forward(x), x]))
+        else:
+            x = net.op("Add", [x, attention(norm(x))])
+            x = net.op("Add", [x, feed_forward(norm(x))])
+    rng = np.random.default_rng(seed + 1)
+    padding = np.where(np.arange(length) < length // 2, 0.0, huge).astype(np.float32).reshape(1, 1, 1, length)
+    feeds = [
+        {"x": rng.standard_normal((1, length, width)).astype(np.float32), **({"mask": padding} if post_norm else {})}
+        for _ in range(4)
+    ]
+    return net.model(inputs, x), feeds
+
+
+def bert_like() -> tuple[ir.Model, list[Feed]]:
+    """The post-norm transformer of the sweep: wider and shorter than MiniLM (512 x 32 against 384 x 64)."""
+    return small_transformer(width=512, heads=8, hidden=2048, length=32, post_norm=True, seed=5)
 
 
 def default_sweep() -> list[tuple[str, Callable[[], tuple[ir.Model, list[Feed]]]]]:
     """The networks ``qcompile profile`` measures: shapes of mobile CNNs and small transformers that are not
     those of the bundled example models, so that predicting those is a test of the model, not a lookup."""
-    return [("mobile CNN", mobile_cnn), ("small transformer", small_transformer)]
+    return [("mobile CNN", mobile_cnn), ("small transformer", small_transformer), ("post-norm transformer", bert_like)]
 
 
 def wall_us(model: ir.Model, feed: Feed, runs: int, sessions: int = 3) -> float:
@@ -338,7 +377,7 @@ def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) ->
             times = with_conversions(graph, times)
         wall = wall_us(graph, feeds[0], runs)
         running = sum(1 for spec in specs if not spec.free)
-        overheads.append(max(wall - sum(kernels.values()), 0.0) / running)
+        overheads.append(max(wall - sum(kernels.times.values()), 0.0) / running)
         for spec in specs:
             if not spec.free and spec.name in times:
                 measurements.append(Measurement(name, spec, choices.get(spec.name, FLOAT), times[spec.name]))

@@ -94,6 +94,10 @@ def test_roofline_and_size_by_hand() -> None:
     # int4 weights halve the weight bytes of int8; ternary packs 5 per byte.
     assert model.weight_bytes(wide, Choice("int4", "int8")) == 0.5 * model.weight_bytes(wide, INT8) == 5e5
     assert model.weight_bytes(wide, Choice("ternary", "int8")) == pytest.approx(2e5)
+    # A CPU reads int4 codes as the int8 it keeps them in; the LUT engine reads its ternary weights packed.
+    assert model.roofline_us(wide, Choice("int4", "int8")) == model.roofline_us(wide, INT8)
+    lut = CostModel(hwmodels.load_target("fpga-lut"))
+    assert lut.bytes_moved(wide, Choice("ternary", "int8")) == pytest.approx(2e5 + 2000)
     assert model.size_bytes(wide, INT8) == 1e6 + 1000 * 8  # codes + float32 scale and int32 bias per channel
     assert model.size_bytes(wide, FLOAT) == 4e6 + 1000 * 4
     # An integer-only NPU cannot run float layers at all.
