@@ -7,7 +7,8 @@ all-MiniLM-L6-v2 runs the search (sensitivity of every layer in fp32 / int8 / in
 a sweep of latency budgets) and, for every Pareto point and for uniform int8 and uniform int4 weights,
 builds the model and measures its output error against fp32 on held-out data, and its latency under
 onnxruntime. Prints a table per model, whether the front dominates each uniform configuration, and the
-search time. Predicted latencies are for ``--target``; measured ones are on this machine.
+search time; writes a plot per model (``pareto_<model>.svg`` in the working folder). Predicted latencies
+are for ``--target``; measured ones are on this machine.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qcompile.hwmodels import profile
 from qcompile.hwmodels.cost import calibration_path
 from qcompile.passes import pipeline
 from qcompile.runtime import bench
-from qcompile.search import allocate, sensitivity
+from qcompile.search import allocate, report, sensitivity
 
 
 def measured_error(model: Any, feeds: list[dict[str, np.ndarray]], references: list[np.ndarray]) -> float:
@@ -43,6 +44,7 @@ def study(
     calibration: list[dict[str, np.ndarray]],
     held_out: list[dict[str, np.ndarray]],
     target: hwmodels.Target,
+    plots: Path,
 ) -> list[str]:
     source = frontend.load(path)
     references = sensitivity.run_all(source, held_out)
@@ -74,6 +76,10 @@ def study(
             f"{point.latency_ms:.2f} | {point.size_mb:.2f} | {error:.2e} | {latency:.2f} |"
         )
     front = [value for label, value in measured.items() if label.startswith("front")]
+    plot = [{"latency_ms": p, "error": e, "layers": label} for label, (p, e, _) in measured.items() if "front" in label]
+    others = {label: {"latency_ms": p, "error": e} for label, (p, e, _) in measured.items() if "uniform" in label}
+    svg = report.pareto_svg(plot, plot[0], others, error_label="measured output error vs fp32 (log)")
+    (plots / f"pareto_{name}.svg").write_text(svg)
     for uniform in ("uniform int8", "uniform int4"):
         predicted, error, _ = measured[uniform]
         lower_error = any(p <= predicted * (1 + 1e-9) and e < error for p, e, _ in front)
@@ -109,6 +115,7 @@ def main() -> int:
         [{"input": image[None]} for image in zoo.photo_crops(32, seed=2)],
         [{"input": image[None]} for image in zoo.photo_crops(args.eval, seed=1)],
         target,
+        work,
     )
     rows += study(
         "all-MiniLM-L6-v2",
@@ -116,6 +123,7 @@ def main() -> int:
         list(zoo.minilm_feeds(zoo.pydoc_sentences(32, offset=1000))),
         list(zoo.minilm_feeds(zoo.pydoc_sentences(args.eval))),
         target,
+        work,
     )
     machine = bench.machine()
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores; predicted for {args.target}, measured here")
@@ -125,6 +133,7 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print(f"\nplots (front measured, uniform int8 / int4 as squares): {work}/pareto_*.svg")
     return 0
 
 

@@ -40,33 +40,58 @@ def _scale(values: Sequence[float], low_pixel: float, high_pixel: float, log: bo
     return place
 
 
-def pareto_svg(front: list[dict[str, Any]], chosen: dict[str, Any]) -> str:
-    points = [*front, chosen]
-    errors = [max(point["error"], 1e-9) for point in points]
-    x = _scale([point["latency_ms"] for point in points], MARGIN, WIDTH - 16)
-    y = _scale(errors, HEIGHT - MARGIN, 16, log=True)
+def pareto_svg(
+    front: list[dict[str, Any]],
+    chosen: dict[str, Any],
+    others: dict[str, dict[str, Any]] | None = None,
+    error_label: str = "sum of layer errors (log)",
+) -> str:
+    """The front as a line of dots (latency against error, log scale, a decade tick each; an error of 0,
+    fp32's, drawn on the floor a decade below the least other), ``chosen`` ringed, and ``others`` (labelled
+    reference points such as uniform allocations) as labelled squares."""
+    others = others or {}
+    points = [*front, chosen, *others.values()]
+    positive = [point["error"] for point in points if point["error"] > 0]
+    floor = min(positive) / 10 if positive else 1e-9
+
+    def err(point: dict[str, Any]) -> float:
+        return max(point["error"], floor)
+
+    top = 28
+    x = _scale([point["latency_ms"] for point in points], MARGIN + 8, WIDTH - 80)
+    y = _scale([err(point) for point in points], HEIGHT - MARGIN, top, log=True)
     dots = "".join(
-        f'<circle cx="{x(p["latency_ms"]):.1f}" cy="{y(max(p["error"], 1e-9)):.1f}" r="4" fill="#1f77b4">'
+        f'<circle cx="{x(p["latency_ms"]):.1f}" cy="{y(err(p)):.1f}" r="4" fill="#1f77b4">'
         f"<title>{p['latency_ms']:.3f} ms, error {p['error']:.3g}, {html.escape(str(p['layers']))}</title></circle>"
         for p in front
     )
-    path = " ".join(
-        f"{'M' if i == 0 else 'L'}{x(p['latency_ms']):.1f},{y(max(p['error'], 1e-9)):.1f}" for i, p in enumerate(front)
-    )
+    path = " ".join(f"{'M' if i == 0 else 'L'}{x(p['latency_ms']):.1f},{y(err(p)):.1f}" for i, p in enumerate(front))
     mark = (
-        f'<circle cx="{x(chosen["latency_ms"]):.1f}" cy="{y(max(chosen["error"], 1e-9)):.1f}" r="7" fill="none" '
+        f'<circle cx="{x(chosen["latency_ms"]):.1f}" cy="{y(err(chosen)):.1f}" r="7" fill="none" '
         'stroke="#d62728" stroke-width="2"><title>chosen</title></circle>'
     )
+    for label, point in others.items():
+        px, py = x(point["latency_ms"]), y(err(point))
+        mark += (
+            f'<rect x="{px - 5:.1f}" y="{py - 5:.1f}" width="10" height="10" fill="#ff7f0e"><title>'
+            f"{html.escape(label)}: {point['latency_ms']:.3f} ms, error {point['error']:.3g}</title></rect>"
+            f'<text x="{px + 8:.1f}" y="{py + 4:.1f}" font-size="11">{html.escape(label)}</text>'
+        )
     axes = (
         f'<line x1="{MARGIN}" y1="{HEIGHT - MARGIN}" x2="{WIDTH - 16}" y2="{HEIGHT - MARGIN}" stroke="black"/>'
         f'<line x1="{MARGIN}" y1="16" x2="{MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>'
         f'<text x="{WIDTH / 2}" y="{HEIGHT - 16}" text-anchor="middle">predicted latency (ms)</text>'
-        f'<text x="14" y="{HEIGHT / 2}" transform="rotate(-90 14 {HEIGHT / 2})" text-anchor="middle">'
-        "sum of layer errors (log)</text>"
+        f'<text x="12" y="{HEIGHT / 2}" transform="rotate(-90 12 {HEIGHT / 2})" text-anchor="middle">'
+        f"{html.escape(error_label)}</text>"
     )
     ticks = "".join(
         f'<text x="{x(v):.1f}" y="{HEIGHT - MARGIN + 16}" text-anchor="middle" font-size="11">{v:.2f}</text>'
         for v in sorted({round(p["latency_ms"], 2) for p in points})[:: max(1, len(points) // 6)]
+    )
+    low, high = math.ceil(math.log10(min(map(err, points)))), math.floor(math.log10(max(map(err, points))))
+    ticks += "".join(
+        f'<text x="{MARGIN - 4}" y="{y(10.0**d) + 4:.1f}" text-anchor="end" font-size="11">1e{d}</text>'
+        for d in range(low, high + 1)
     )
     return (
         f'<svg width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">'
