@@ -164,7 +164,10 @@ def plan_quantization_points(
                 # MatMul or Gemm has integer kernels with float outputs); without, it dequantizes and runs
                 # the Conv in float, slower than the float model: EfficientNet-Lite0's last 1x1 Conv, whose
                 # reader is the float ReduceMean, took 262 us so against ~55 us as an integer kernel.
-                points.setdefault(id(_activation_output(node)), _activation_output(node))
+                # (Not a graph output: the float value must be written there, so no integer kernel could.)
+                output = _activation_output(node)
+                if not output.is_graph_output():
+                    points.setdefault(id(output), output)
         elif node.op_type == "Add" and SPLIT_SUM_KEY in node.metadata_props:
             # The parts of one split layer are summed as accumulators, before any re-quantization.
             if all(value is not None and id(value) in int8_flow for value in node.inputs):

@@ -229,3 +229,35 @@ def test_two_bit_weights_are_the_four_twos_complement_codes(tmp_path: Path) -> N
     assert result.error["mean_cosine"] > 0.5
     with pytest.raises(Exception, match="not 8, 4, 2 or auto"):
         pipeline.QuantizeOptions(bits="3")
+
+
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[1, 4, 6, 6] x) => (float[1, 4, 6, 6] y)
+  <float[4, 4, 1, 1] w1 = {w1}, float[4, 4, 1, 1] w2 = {w2}, float[4, 4, 1, 1] w3 = {w3}> {{
+    c1 = Conv (x, w1)
+    r1 = Relu (c1)
+    c2 = Conv (r1, w2)
+    r2 = Relu (c2)
+    y = Conv (r2, w3)
+}}
+"""
+
+
+def test_a_layer_kept_float_between_int8_layers_runs_in_float(tmp_path: Path) -> None:
+    # onnxruntime's WeightBiasQuantization would quantize the float weights of a Conv read from a DequantizeLinear
+    # and written to a QuantizeLinear (coarser than qcompile's int8); qcompile's sessions switch it off.
+    from qcompile.passes import pipeline
+
+    rng = np.random.default_rng(0)
+    weights = {name: "{" + ", ".join(f"{v:.4f}" for v in rng.standard_normal(16)) + "}" for name in ("w1", "w2", "w3")}
+    model = frontend.load(save_model(parse_model(CHAIN.format(**weights)), tmp_path / "chain.onnx"))
+    middle = layer_name([node for node in model.graph if node.op_type == "Conv"][1])
+    feeds = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    mixed = pipeline.quantize(model, feeds, progress=False, keep_float=frozenset({middle})).model
+    profiled = ort_backend.kernel_times(mixed, feeds[0], runs=1, warmup=0, sessions=1)
+    # onnxruntime names a node by its output where the source node has no name: the float layer's is 'c2...'.
+    kernels = profiled.op_types.items()
+    assert any(op in ("Conv", "FusedConv") and name.startswith("c2") for name, op in kernels), profiled.op_types
+    assert not any(op == "QLinearConv" and name.startswith("c2") for name, op in kernels)
+    assert "QLinearConv" in profiled.op_types.values()  # the first layer is still an integer kernel
