@@ -615,7 +615,7 @@ def _command_profile(args: argparse.Namespace) -> int:
         f"{calibration.fit['seconds']:.1f} s; wrote {path}"
     )
     print(f"{'kind/dtype':<18} {'nodes':>5} {'efficiency':>10} {'overhead us':>11} {'rms error':>9}")
-    for key, (scale, overhead, _per_element) in sorted(calibration.factors.items()):
+    for key, (scale, overhead, *_per_element_and_weight) in sorted(calibration.factors.items()):
         fit = calibration.fit[key]
         print(
             f"{key:<18} {fit['layers']:>5} {f'{1 / scale:.3f}' if scale else '-':>10} {overhead:>11.1f} "

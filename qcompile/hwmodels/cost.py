@@ -11,12 +11,14 @@ are read at the width the backend keeps them in: int4, int2 and ternary codes ar
 by the QDQ and TVM backends (they save neither MACs nor bytes moved there), and read packed only where the
 target's ``dtypes`` lists the format (the LUT engine's ternary weights).
 
-The predicted latency is ``a * roofline + b + c * activation elements``, with an efficiency ``1 / a``, a
-per-node overhead ``b`` and a per-element cost ``c`` (layout changes, requantization, cache misses on
-large feature maps) per (layer kind, compute dtype): depthwise convolutions reach a small fraction of the
-peak, large GEMMs most of it. Uncalibrated, ``a`` comes from :data:`DEFAULT_EFFICIENCY`, ``b`` from the
-target file's ``op_overhead_us`` and ``c`` is 0; ``qcompile profile`` fits all three to measurements
-(:mod:`qcompile.hwmodels.profile`) and stores them as a :class:`Calibration`.
+The predicted latency is ``a * roofline + b + c * activation elements + d * weight elements``, with an
+efficiency ``1 / a``, a per-node overhead ``b``, a per-element cost ``c`` (layout changes, requantization,
+cache misses on large feature maps) and a per-weight cost ``d`` (measured here: onnxruntime's int8 1x1
+Convs follow their weight count more than their MACs) per (layer kind, compute dtype): depthwise
+convolutions reach a small fraction of the peak, large GEMMs most of it. Uncalibrated, ``a`` comes from
+:data:`DEFAULT_EFFICIENCY`, ``b`` from the target file's ``op_overhead_us`` and ``c`` and ``d`` are 0;
+``qcompile profile`` fits all four to measurements (:mod:`qcompile.hwmodels.profile`) and stores them as a
+:class:`Calibration`.
 
 Sizes count weight codes at their bit-width, as a deployment packing them would store them (ternary packs 5
 trits per byte: 1.6 bits; qcompile's host and TVM artifacts keep int8 codes), a float32 scale
@@ -95,10 +97,11 @@ def compute_dtype(choice: Choice, target: Target) -> str | None:
 
 @dataclass
 class Calibration:
-    """Fitted ``(scale a, overhead b in us)`` per ``kind/dtype``, and where they were measured."""
+    """Fitted ``(scale a, overhead b in us, us per activation element c, us per weight d)`` per ``kind/dtype``,
+    and where they were measured."""
 
     target: str
-    factors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    factors: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     node_overhead_us: float = 0.0  # time between kernels, per executed node: in wall time, in no kernel
     transition: tuple[float, float] = (0.0, 0.0)  # (us per element, us) where a float and an int8 layer meet
     machine: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +115,10 @@ class Calibration:
     def load(cls, path: Path) -> Calibration:
         try:
             data = json.loads(path.read_text())
-            data["factors"] = {key: (float(a), float(b), float(c)) for key, (a, b, c) in data["factors"].items()}
+            # Calibrations stored before the per-weight term have three factors: theirs is 0.
+            data["factors"] = {
+                key: tuple(float(value) for value in (*values, 0.0)[:4]) for key, values in data["factors"].items()
+            }
             data["transition"] = tuple(float(value) for value in data.get("transition", (0.0, 0.0)))
             return cls(**data)
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -171,8 +177,9 @@ class CostModel:
         compute = layer.macs / device.peak_macs_per_second(dtype) if layer.macs else 0.0
         return max(compute, moved / bandwidth) * 1e6
 
-    def factors(self, layer: LayerSpec, choice: Choice) -> tuple[float, float, float]:
-        """``(a, b, c)``: scale of the roofline, fixed overhead (us) and cost per activation element (us)."""
+    def factors(self, layer: LayerSpec, choice: Choice) -> tuple[float, float, float, float]:
+        """``(a, b, c, d)``: scale of the roofline, fixed overhead (us), cost per activation element and per
+        weight (us)."""
         dtype = compute_dtype(choice, self.target)
         if self.calibration is not None:
             # A row-wise reduction the calibration did not measure at this dtype is priced as measured in
@@ -181,15 +188,16 @@ class CostModel:
             for key in (f"{layer.kind}/{dtype}", *fallbacks):
                 if key in self.calibration.factors:
                     return self.calibration.factors[key]
-        return 1.0 / DEFAULT_EFFICIENCY[layer.kind], self.target.device.op_overhead_us, 0.0
+        return 1.0 / DEFAULT_EFFICIENCY[layer.kind], self.target.device.op_overhead_us, 0.0, 0.0
 
     def latency_us(self, layer: LayerSpec, choice: Choice) -> float:
         """Predicted time of one layer; 0 for nodes fused into their producer or that only relabel memory."""
         if layer.free:
             return 0.0
-        scale, overhead, per_element = self.factors(layer, choice)
+        scale, overhead, per_element, per_weight = self.factors(layer, choice)
         elements = layer.input_elements + layer.output_elements
-        return scale * self.roofline_us(layer, choice) + overhead + per_element * elements
+        roofline = scale * self.roofline_us(layer, choice)
+        return roofline + overhead + per_element * elements + per_weight * layer.weight_elements
 
     def transition_us(self, elements: int) -> float:
         """Time to change a tensor of ``elements`` between float and int8 where a float layer meets an int8
@@ -221,12 +229,13 @@ class CostModel:
 
 
 def fit_factors(
-    roofline_us: np.ndarray, elements: np.ndarray, measured_us: np.ndarray
-) -> tuple[tuple[float, float, float], float]:
-    """``a, b, c >= 0`` minimising the relative error of ``a * roofline + b + c * elements``; and its RMS."""
-    weights = 1.0 / measured_us
-    matrix = np.stack([roofline_us * weights, weights, elements * weights], axis=1)
+    roofline_us: np.ndarray, elements: np.ndarray, weight_elements: np.ndarray, measured_us: np.ndarray
+) -> tuple[tuple[float, float, float, float], float]:
+    """``a, b, c, d >= 0`` minimising the relative error of ``a * roofline + b + c * elements + d * weights``;
+    and its RMS."""
+    scale = 1.0 / measured_us
+    matrix = np.stack([roofline_us * scale, scale, elements * scale, weight_elements * scale], axis=1)
     solution, _ = scipy.optimize.nnls(matrix, np.ones_like(measured_us))
-    predicted = matrix @ solution / weights
+    predicted = matrix @ solution / scale
     error = float(np.sqrt(np.mean(((predicted - measured_us) / measured_us) ** 2)))
-    return (float(solution[0]), float(solution[1]), float(solution[2])), error
+    return (float(solution[0]), float(solution[1]), float(solution[2]), float(solution[3])), error

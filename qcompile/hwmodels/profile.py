@@ -396,7 +396,8 @@ def _fit(target: Target, measurements: list[Measurement], machine: dict[str, Any
         roofline = np.array([cost.roofline_us(item.layer, item.choice) for item in items])
         measured = np.array([item.measured_us for item in items])
         elements = np.array([item.layer.input_elements + item.layer.output_elements for item in items], float)
-        calibration.factors[key], error = fit_factors(roofline, elements, measured)
+        weights = np.array([item.layer.weight_elements for item in items], float)
+        calibration.factors[key], error = fit_factors(roofline, elements, weights, measured)
         calibration.fit[key] = {"layers": len(items), "rms_relative_error": error}
     return calibration
 

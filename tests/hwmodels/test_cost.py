@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -111,13 +112,19 @@ def test_fit_recovers_known_factors_and_calibration_round_trips(tmp_path: Path) 
     rng = np.random.default_rng(0)
     roofline = rng.uniform(1, 100, 40)
     elements = rng.uniform(0, 1e5, 40)
-    measured = 1.7 * roofline + 12.0 + 2e-4 * elements
-    (a, b, c), error = fit_factors(roofline, elements, measured)
-    assert (a, b, c) == pytest.approx((1.7, 12.0, 2e-4), rel=1e-6) and error < 1e-9
-    calibration = Calibration("host", {"gemm/int8": (a, b, c)}, node_overhead_us=3.0, machine={"cpu": "x"})
+    weights = rng.uniform(0, 1e6, 40)
+    measured = 1.7 * roofline + 12.0 + 2e-4 * elements + 3e-5 * weights
+    factors, error = fit_factors(roofline, elements, weights, measured)
+    assert factors == pytest.approx((1.7, 12.0, 2e-4, 3e-5), rel=1e-6) and error < 1e-9
+    calibration = Calibration("host", {"gemm/int8": factors}, node_overhead_us=3.0, machine={"cpu": "x"})
     calibration.save(tmp_path / "host.json")
     loaded = Calibration.load(tmp_path / "host.json")
     assert loaded.factors == calibration.factors and loaded.node_overhead_us == 3.0
+    # A calibration stored with three factors (before the per-weight one) still loads, with no weight cost.
+    old = json.loads((tmp_path / "host.json").read_text())
+    old["factors"] = {"gemm/int8": [1.7, 12.0, 2e-4]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Calibration.load(tmp_path / "old.json").factors == {"gemm/int8": (1.7, 12.0, 2e-4, 0.0)}
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(TargetError, match=r"unreadable.*qcompile profile"):
         Calibration.load(tmp_path / "bad.json")
