@@ -51,6 +51,8 @@ _ORT_SUFFIXES = re.compile(
 )
 
 
+# Kernels never attributed by the value they write: layout changes (float/int8 crossing costs) and kernels
+# missing from the optimized graph (op type unknown, None).
 _LAYOUT_KERNELS = frozenset({"ReorderInput", "ReorderOutput", "Transpose", None})
 
 

@@ -158,16 +158,15 @@ def plan_quantization_points(
             for value in node.inputs[:2]:
                 if value is not None and not is_constant(value):
                     points.setdefault(id(value), value)
-            int8_flow.add(id(_activation_output(node)))
-            if node.op_type == "Conv":
+            output = _activation_output(node)
+            int8_flow.add(id(output))
+            if node.op_type == "Conv" and not output.is_graph_output():
                 # onnxruntime runs a QDQ Conv as an integer kernel only when its output is quantized too (a
                 # MatMul or Gemm has integer kernels with float outputs); without, it dequantizes and runs
                 # the Conv in float, slower than the float model: EfficientNet-Lite0's last 1x1 Conv, whose
-                # reader is the float ReduceMean, took 262 us so against ~55 us as an integer kernel.
-                # (Not a graph output: the float value must be written there, so no integer kernel could.)
-                output = _activation_output(node)
-                if not output.is_graph_output():
-                    points.setdefault(id(output), output)
+                # reader is the float ReduceMean, took 262 us so against ~55 us as an integer kernel. (A
+                # graph output stays float: no integer kernel could write it.)
+                points.setdefault(id(output), output)
         elif node.op_type == "Add" and SPLIT_SUM_KEY in node.metadata_props:
             # The parts of one split layer are summed as accumulators, before any re-quantization.
             if all(value is not None and id(value) in int8_flow for value in node.inputs):
