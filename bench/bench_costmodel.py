@@ -21,28 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import zoo
 
-from qcompile import frontend, hwmodels
-from qcompile.backends import ort as ort_backend
-from qcompile.hwmodels import profile
+from qcompile import execution, frontend, hwmodels
+from qcompile.flow import profile
+from qcompile.flow.quantize import quantize
 from qcompile.hwmodels.cost import FLOAT, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
-from qcompile.passes import pipeline
 from qcompile.runtime import bench
+from qcompile.search.choices import as_pipeline_sees_it, quantized_choices
 
 
 def evaluate(name: str, path: Path, feeds: list[dict[str, np.ndarray]], model: CostModel, runs: int) -> list[str]:
     source = frontend.load(path)
-    quantized = pipeline.quantize(source, feeds, progress=False)
+    quantized = quantize(source, feeds, progress=False)
     float_layers = frozenset(record.name for record in quantized.layers if record.float_reason)
-    rewritten = profile.as_pipeline_sees_it(source)
+    rewritten = as_pipeline_sees_it(source)
     specs = describe(rewritten)
     compute = [spec for spec in specs if spec.quantizable]
     rows = []
     for label, graph, choices in (
         ("fp32", rewritten, {}),
-        ("W8A8", quantized.model, profile.quantized_choices(rewritten, float_layers)),
+        ("W8A8", quantized.model, quantized_choices(rewritten, float_layers)),
     ):
-        times, unattributed = profile.layer_times(graph, ort_backend.kernel_times(graph, feeds[0], runs))
+        times, unattributed = profile.layer_times(graph, execution.kernel_times(graph, feeds[0], runs))
         measured = [times.get(spec.name, 0.0) for spec in compute]
         predicted = [model.latency_us(spec, choices.get(spec.name, FLOAT)) for spec in compute]
         rho = profile.spearman(predicted, measured)

@@ -28,6 +28,7 @@ import zoo
 from qcompile import api, hwmodels
 from qcompile.backends import tvm as tvm_backend
 from qcompile.backends.tvm import cross
+from qcompile.flow import verify
 from qcompile.runtime import bench
 
 TARGETS = ("host", "rpi4", "cortex-a76", "armv7", "riscv64")
@@ -52,7 +53,7 @@ def main() -> int:
     api.compile(model, quantized, calibration_data=calibration, build_tvm=False, force=True, progress=False)
     proto = onnx.load(str(quantized / api.QUANTIZED_ONNX))
     crop = zoo.photo_crops(1, seed=99)[0][None].astype(np.float32)
-    host_outputs = api._host_run(quantized / api.QUANTIZED_ONNX, {"input": crop}, ["input"])
+    host_outputs = verify.host_run(quantized / api.QUANTIZED_ONNX, {"input": crop}, ["input"])
     onnx_mb = _size_mb(quantized) - (quantized / "manifest.json").stat().st_size / 1e6
 
     machine = bench.machine()

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.backends.ort import session_from_bytes
 from qcompile.backends.tvm import int8_kernels
 from qcompile.runtime import bench
+from qcompile.runtime.executors import session_from_bytes
 
 SHAPES = [
     ("MiniLM attention projection", 128, 384, 384),

@@ -36,7 +36,7 @@ import zoo
 from bench_spine import quantize_static
 
 from qcompile import api, runtime
-from qcompile.passes import integer_reference
+from qcompile.backends.integer import reference as integer_reference
 from qcompile.runtime import bench
 
 
@@ -72,8 +72,8 @@ def compare(
     stats.update({f"cosine_{name}": float(np.mean(cosines[name])) for name in cosines})
     if labels is not None:
         stats.update({f"accuracy_{name}": correct[name] / count for name in correct})
-    stats["default_executor"] = sessions["tvm"].manifest["default_executor"]
-    stats["lowering"] = sessions["tvm"].manifest["executors"]["tvm"]["lowering"]
+    stats["default_executor"] = sessions["tvm"].manifest.default_executor
+    stats["lowering"] = sessions["tvm"].manifest.executors["tvm"].lowering
     return stats
 
 
@@ -122,7 +122,7 @@ def profile(artifact: Path, top: int = 8) -> None:
     manifest = runtime.load(artifact, "tvm").manifest
     module = integer.to_relax(onnx.load(str(artifact / api.INTEGER_ONNX)))
     functions = {gv.name_hint: f for gv, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    library = tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(manifest["executors"]["tvm"]["target"]))
+    library = tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(manifest.executors["tvm"].target))
     rng = np.random.default_rng(0)
     rows = []
     for block in module["main"].body.blocks:

@@ -39,9 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import zoo
 
 from qcompile import api, hwmodels, runtime
-from qcompile.backends.lut import fpga, hls, kernel, pack, reference
-from qcompile.backends.ort import ORT_IR_VERSION
+from qcompile.backends.lut import fpga, hls, kernel, reference
 from qcompile.runtime import bench
+from qcompile.runtime.executors import ORT_IR_VERSION
+from qcompile.runtime.lut import layout as lut_layout
+from qcompile.runtime.lut import pack
 
 SHAPES = [(576, 1536), (1536, 576)]
 ROWS = [1, 8]
@@ -102,7 +104,7 @@ def kernel_section(runs: int) -> None:
     rng = np.random.default_rng(0)
     cases = [(rows, k, n, rng.integers(-1, 2, (k, n)).astype(np.int8)) for k, n in SHAPES for rows in ROWS]
     default = 0  # onnxruntime's default: one thread per core
-    flavor = kernel.host_flavor()
+    flavor = lut_layout.host_flavor()
     started = time.perf_counter()
     shapes = {f"m{r}k{k}n{n}": (r, k, n) for r, k, n, _ in cases} | {"floor": (1, 4, 1)}
     module = kernel.build(shapes, flavor)
@@ -119,18 +121,18 @@ def kernel_section(runs: int) -> None:
         time.sleep(0.5)
 
     def lut_us(rows: int, k: int, n: int, weights: np.ndarray) -> tuple[float, str]:
-        matmul = kernel.LutMatMul(module, f"m{rows}k{k}n{n}", weights, rows, flavor)
+        matmul = lut_layout.LutMatMul(module, f"m{rows}k{k}n{n}", weights, rows, flavor)
         x = rng.integers(-127, 128, (rows, k)).astype(np.int8)
         assert np.array_equal(matmul(x), reference.dense(x, weights)), "LUT kernel is not exact"
         tensor = tvm.runtime.tensor(x, device)
-        words = matmul.chosen.partition(kernel.WORDS)[2]
-        layout = f"words, tiles of {kernel.word_plan(rows, k, n).tile_rows} x {words} blocks" if words else "pairs"
-        variant = f"{layout}, {'serial' if kernel.SERIAL in matmul.chosen else 'parallel'}"
+        words = matmul.chosen.partition(lut_layout.WORDS)[2]
+        layout = f"words, tiles of {lut_layout.word_plan(rows, k, n).tile_rows} x {words} blocks" if words else "pairs"
+        variant = f"{layout}, {'serial' if lut_layout.SERIAL in matmul.chosen else 'parallel'}"
         return median_us(lambda: matmul.run_tensor(tensor), runs), variant
 
     floors = {t: ort_floor(t, runs) for t in (default, 1)}
     settle()
-    floor_kernel = kernel.LutMatMul(module, "floor", np.ones((4, 1), np.int8), 1, flavor)
+    floor_kernel = lut_layout.LutMatMul(module, "floor", np.ones((4, 1), np.int8), 1, flavor)
     floor_tensor = tvm.runtime.tensor(np.ones((1, 4), np.int8), device)
     tvm_floor = median_us(lambda: floor_kernel.run_tensor(floor_tensor), runs)
     print(f"\nper-call floor: onnxruntime Identity {floors[default]:.1f} us (default threads), {floors[1]:.1f} us "
@@ -196,7 +198,7 @@ def exact_layers(artifact: Path, images: np.ndarray) -> None:
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     rows = [session.run(codes_names, {"image": images[i : i + 1]}) for i in range(len(images))]
     plan = json.loads((artifact / lut.PLAN).read_text())
-    flavor = kernel.host_flavor()
+    flavor = lut_layout.host_flavor()
     with tempfile.TemporaryDirectory(prefix="bench-lut-sim-") as scratch:
         simulation = hls.compile_simulation(artifact / lut.FOLDER, Path(scratch) / "sim")
         import tvm
@@ -207,7 +209,7 @@ def exact_layers(artifact: Path, images: np.ndarray) -> None:
             packed = np.fromfile(artifact / plan["files"][layer.name], np.uint8).reshape(layer.n, -1)
             expected = reference.dense(x, layer.weights)
             table = reference.lut_matmul(x, packed)
-            matmul = kernel.LutMatMul(module, layer.function, pack.unpack_trits5(packed, layer.k), 1, flavor)
+            matmul = lut_layout.LutMatMul(module, layer.function, pack.unpack_trits5(packed, layer.k), 1, flavor)
             tvm_out = np.concatenate([matmul(x[i : i + 1]) for i in range(len(x))])
             cpp = hls.simulate(simulation, index, x, packed)
             same = (

@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import zoo
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
-from qcompile.passes import pipeline
+from qcompile import execution, frontend
+from qcompile.flow.quantize import QuantizeOptions, quantize
 from qcompile.passes.hadamard import HadamardRotationPass
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.smoothquant import SmoothQuantPass, producer_statistics
@@ -121,7 +120,7 @@ def in_child(function: Any, *args: Any) -> Any:
 
 def fp32_latency_ms(model: Any, feed: dict[str, np.ndarray]) -> float:
     """Median onnxruntime latency of a float model (what a rewrite's runtime ops cost before quantization)."""
-    session = ort_backend.session(model)
+    session = execution.session(model)
     return bench.measure(lambda: session.run(None, feed), runs=50, warmup=3, max_seconds=15).median_ms
 
 
@@ -174,9 +173,9 @@ def quantized_perplexity(path: Path, seq: int, config: str, windows: int) -> tup
     calibration = zoo.token_windows(zoo.pydoc_tokens(tokenizer, windows * seq, offset=4096), seq)
     source = frontend.load(path)
     width, _, rewrites = config.partition("+")
-    options = pipeline.QuantizeOptions(float_threshold=0, sensitivity_samples=4, **WIDTHS[width], **REWRITES[rewrites])
+    options = QuantizeOptions(float_threshold=0, sensitivity_samples=4, **WIDTHS[width], **REWRITES[rewrites])
     start = time.perf_counter()
-    result = pipeline.quantize(source, calibration, options, progress=False)
+    result = quantize(source, calibration, options, progress=False)
     model = result.model
     if width.endswith("-head8") and result.variant is not None:
         head = [record.name for record in result.layers if record.weight_bits is not None][-1]
@@ -245,7 +244,7 @@ def minilm_cosines(work: Path, sentences: int = 200) -> list[str]:
         if bits != "8":
             options.update(bits=bits, float_threshold=0, sensitivity_samples=8)
         start = time.perf_counter()
-        model = pipeline.quantize(source, calibration, pipeline.QuantizeOptions(**options), progress=False).model
+        model = quantize(source, calibration, QuantizeOptions(**options), progress=False).model
         seconds = time.perf_counter() - start
         values = embeddings(model)
         cosine = (values * reference).sum(1) / np.linalg.norm(values, axis=1) / np.linalg.norm(reference, axis=1)

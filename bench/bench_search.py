@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import zoo
 
 from qcompile import frontend, hwmodels
-from qcompile.hwmodels import profile
+from qcompile.flow import profile
+from qcompile.flow.quantize import QuantizeOptions, quantize
 from qcompile.hwmodels.cost import calibration_path
-from qcompile.passes import pipeline
 from qcompile.runtime import bench
 from qcompile.search import allocate, report, sensitivity
 
@@ -50,10 +50,10 @@ def study(
     references = sensitivity.run_all(source, held_out)
     fp32_ms = profile.wall_us(source, held_out[0], 50) / 1e3
     # The budget only picks the chosen point; the front spans every budget.
-    result = pipeline.quantize(
+    result = quantize(
         source,
         calibration,
-        pipeline.QuantizeOptions(bits="auto", latency_budget_ms=1e6),
+        QuantizeOptions(bits="auto", latency_budget_ms=1e6),
         progress=False,
         target=target,
     )

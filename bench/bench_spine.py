@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import zoo
 
-from qcompile import api, runtime
-from qcompile.backends import ort as ort_backend
+from qcompile import api, execution, runtime
 from qcompile.runtime import bench
 
 
@@ -43,11 +42,11 @@ def quantize_static(model: Path, feeds: list[dict[str, np.ndarray]], output: Pat
             return next(self.feeds, None)
 
     proto = onnx.load(str(model))
-    proto.ir_version = ort_backend.ORT_IR_VERSION
+    proto.ir_version = execution.ORT_IR_VERSION
     source = output.with_suffix(".fp32.onnx")
     onnx.save(proto, str(source))
     quantize_static(str(source), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    return ort_backend.session(onnx.load(str(output)))
+    return execution.session(onnx.load(str(output)))
 
 
 class OrtRunner:
@@ -61,7 +60,7 @@ class OrtRunner:
 
 def default_executor(session: runtime.Session) -> str:
     """The executor the artifact's manifest chose at compile time (the row itself always runs int8)."""
-    return str(session.manifest["default_executor"])
+    return str(session.manifest.default_executor)
 
 
 def default_row(model: str, session: runtime.Session, feed: dict[str, np.ndarray]) -> list[dict[str, Any]]:

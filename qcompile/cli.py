@@ -424,22 +424,23 @@ def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarr
 
 
 def _command_compile(args: argparse.Namespace) -> int:
-    from qcompile import api, hwmodels
+    from qcompile import api
     from qcompile.calibration import Preprocess
+    from qcompile.flow.quantize import FROM_TARGET, QuantizeOptions
     from qcompile.frontend import parse_input_shapes
-    from qcompile.passes.pipeline import QuantizeOptions
+    from qcompile.runtime.manifest import Manifest
 
-    recipe = hwmodels.load_target(args.target).recipe  # what the target uses unless a flag says otherwise
-    smoothquant = recipe["smoothquant"] if args.smoothquant is None else args.smoothquant
-    rotate = recipe["rotate"] if args.rotate is None else args.rotate
+    # Outlier rewrites a flag does not name are the target's recipe (resolved in the compile flow).
+    smoothquant = {None: FROM_TARGET, "off": None}.get(args.smoothquant, args.smoothquant)  # type: ignore[call-overload]
+    rotate = {None: FROM_TARGET, "none": None}.get(args.rotate, args.rotate)
     options = QuantizeOptions(
         calibration=args.calibration_method,
         bias_correction=args.bias_correction,
         bias_samples=args.bias_samples,
         weight_rounding=args.weight_rounding,
-        smoothquant=None if smoothquant == "off" else smoothquant,
-        split_layers=bool(recipe["split_layers"] if args.split_layers is None else args.split_layers),
-        rotate=None if rotate == "none" else rotate,
+        smoothquant=smoothquant,
+        split_layers=FROM_TARGET if args.split_layers is None else bool(args.split_layers),
+        rotate=rotate,
         equalize=args.equalize is not None,
         equalize_alpha=0.5 if args.equalize is None else args.equalize,
         float_threshold=args.float_threshold,
@@ -455,7 +456,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         ternary_scales=args.ternary_scales,
     )
     output = args.output or f"{Path(args.model).stem}.{args.target}"
-    manifest = api.compile(
+    written = api.compile(
         args.model,
         output,
         target=args.target,
@@ -468,34 +469,36 @@ def _command_compile(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
     )
-    measured = manifest["measured"]
-    layers = manifest["layers"]
+    manifest = Manifest.from_json(written)
+    measured = manifest.measured
+    assert measured is not None  # a compile always measures
+    layers = manifest.layers
     floats = [layer for layer in layers if layer["float_reason"]]
     print(f"wrote {output}: {len(layers) - len(floats)}/{len(layers)} layers quantized, target {args.target}")
     for layer in floats:
         print(f"  float: {layer['name']} ({layer['op_type']}): {layer['float_reason']}")
-    for scope, metrics in measured["accuracy"].items():
+    for scope, metrics in measured.accuracy.items():
         if isinstance(metrics, dict):
             print(f"  accuracy vs fp32 ({scope}): " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
-    reference = measured["latency_ms"]["onnxruntime-fp32"]["median_ms"]
-    for name, latency in measured["latency_ms"].items():
+    reference = measured.latency_ms["onnxruntime-fp32"]["median_ms"]
+    for name, latency in measured.latency_ms.items():
         print(
             f"  latency {name}: {latency['median_ms']:.2f} ms median ({reference / latency['median_ms']:.2f}x "
             "vs onnxruntime fp32)"
         )
-    agreement = measured["accuracy"].get("lut_vs_onnxruntime_max_abs_diff")
+    agreement = measured.accuracy.get("lut_vs_onnxruntime_max_abs_diff")
     if agreement is not None:
         print(f"  lut vs onnxruntime: max |diff| {agreement:g} (the same integer products)")
-    if "lut" in manifest:
-        plan = manifest["lut"]
+    if manifest.lut is not None:
+        plan = manifest.lut
         resources = plan["resources"]
         print(
             f"  {args.target} estimate (not synthesized): {plan['step_latency_us']:.2f} us per step, "
             f"{plan['bound']}; {resources['luts']}/{resources['luts_available']} LUTs, "
             f"{resources['on_chip_kib']}/{resources['on_chip_kib_available']} KiB on chip; plan: {output}/lut/plan.json"
         )
-    print(f"  default executor: {manifest['default_executor']} ({measured['default_reason']})")
-    search = next((entry for entry in manifest["passes"] if entry["name"] == "bit_search"), None)
+    print(f"  default executor: {manifest.default_executor} ({measured.default_reason})")
+    search = manifest.pass_entry("bit_search")
     if search is not None:
         predicted = search["predicted"]
         print(
@@ -553,21 +556,21 @@ def _bench_remote(args: argparse.Namespace) -> int:
 
     local = runtime.load(args.artifact, "onnxruntime")
     executor = args.executor or "tvm"
-    entry = local.manifest["executors"].get(executor)
-    if entry is None or entry["kind"] != "tvm":
+    entry = local.manifest.executors.get(executor)
+    if entry is None or entry.kind != "tvm":
         raise QCompileError(f"--rpc times a TVM library; the artifact has no TVM executor '{executor}'")
     feeds = local.check_feeds(
         _read_inputs(args.input, [info.name for info in local.inputs]) if args.input else local.random_feeds()
     )
     remote = rpc.run_remote(
-        local.folder / entry["file"], [feeds[info.name] for info in local.inputs], args.rpc, runs=args.runs
+        local.folder / entry.file, [feeds[info.name] for info in local.inputs], args.rpc, runs=args.runs
     )
     here = local.run(feeds)
     difference = max(
         float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(remote.outputs, here.values(), strict=True)
     )
     latency = remote.latency
-    print(f"device: {remote.device} ({entry.get('arch', 'host')} library, target {entry['target']})")
+    print(f"device: {remote.device} ({entry.arch or 'host'} library, target {entry.target})")
     print(f"{'executor':<40} {'median ms':>10} {'p90 ms':>10} {'runs':>6}")
     print(f"{executor + ' (remote)':<40} {latency.median_ms:>10.3f} {latency.p90_ms:>10.3f} {latency.runs:>6}")
     print(f"outputs vs the quantized model run here (onnxruntime): max |diff| {difference:.3g}")
@@ -600,7 +603,7 @@ def _command_gate(args: argparse.Namespace) -> int:
 
 def _command_profile(args: argparse.Namespace) -> int:
     from qcompile import hwmodels
-    from qcompile.hwmodels import profile
+    from qcompile.flow import profile
     from qcompile.hwmodels.cost import calibration_path
 
     target = hwmodels.load_target(args.target)

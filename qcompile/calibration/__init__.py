@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from qcompile.backends import ort as ort_backend
+from qcompile import execution
 from qcompile.calibration.data import Feed, InputSpec, Preprocess, checked, from_folder
 from qcompile.calibration.observers import MinMaxObserver, make_observer, observed_range
 from qcompile.errors import CalibrationError
@@ -64,7 +64,7 @@ def collect(
     """Run the float model over ``feeds`` and observe ``value_names``, one sample in memory at a time."""
     if method not in ("minmax", "percentile", "mse"):
         raise CalibrationError(f"calibration method '{method}' is not one of minmax, percentile, mse")
-    session = ort_backend.session(model, extra_outputs=value_names)
+    session = execution.session(model, extra_outputs=value_names)
     observers = {name: make_observer(method) for name in value_names}
     output_names = [output.name for output in session.get_outputs()]
     samples = 0

@@ -1,5 +1,5 @@
-"""Target descriptions (data files in ``targets/``), the table mapping a target to its pipeline, and the
-latency / size cost model built on them (:mod:`qcompile.hwmodels.cost`)."""
+"""Target descriptions (data files in ``targets/``) and the latency / size cost model built on them
+(:mod:`qcompile.hwmodels.cost`). What each pipeline runs is :data:`qcompile.flow.compile.PIPELINES`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ from typing import Any
 
 from qcompile.errors import TargetError
 
-# One table: what each pipeline named in a target file runs.
-PIPELINES: dict[str, tuple[str, ...]] = {
-    "w8a8": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "onnxruntime", "tvm"),
-    "w8a8-cross": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "tvm-cross"),
-    "w8a8-cuda": ("frontend", "calibrate", "sensitivity", "annotate", "bias_correction", "qdq", "tvm-cuda"),
-    "integer-only": ("frontend", "calibrate", "annotate", "qdq", "requantize", "onnxruntime"),
-    "lut": ("frontend", "calibrate", "ternarize", "lut"),
-}
+# The pipelines a target file may name (the stages of each: qcompile.flow.compile.PIPELINES).
+PIPELINES = ("w8a8", "w8a8-cross", "w8a8-cuda", "integer-only", "lut")
 
 DTYPES = ("fp32", "fp16", "int16", "int8", "ternary")
 _DEVICE_FIGURES = (

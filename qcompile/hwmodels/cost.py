@@ -17,7 +17,7 @@ cache misses on large feature maps) and a per-weight cost ``d`` (measured here: 
 Convs follow their weight count more than their MACs) per (layer kind, compute dtype): depthwise
 convolutions reach a small fraction of the peak, large GEMMs most of it. Uncalibrated, ``a`` comes from
 :data:`DEFAULT_EFFICIENCY`, ``b`` from the target file's ``op_overhead_us`` and ``c`` and ``d`` are 0;
-``qcompile profile`` fits all four to measurements (:mod:`qcompile.hwmodels.profile`) and stores them as a
+``qcompile profile`` fits all four to measurements (:mod:`qcompile.flow.profile`) and stores them as a
 :class:`Calibration`.
 
 Sizes count weight codes at their bit-width, as a deployment packing them would store them (ternary packs 5

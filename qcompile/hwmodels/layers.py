@@ -9,7 +9,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompile.passes.annotate import is_constant, layer_name
+from qcompile.graph import is_constant, layer_name
 
 # Nodes that onnxruntime and TVM fuse into the compute node before them: they cost nothing of their own.
 FUSED_AFTER_COMPUTE = frozenset({"Relu", "Clip"})

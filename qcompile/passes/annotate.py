@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph import is_constant, is_float, layer_name
 from qcompile.passes.quant_spec import ACTIVATION_UINT8, RANGE_KEY, SPEC_KEY, SPLIT_SUM_KEY, WEIGHT_FORMATS, QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -41,16 +42,10 @@ INTEGER_ROW_OPS = frozenset({"Softmax", "LayerNormalization"})
 SHAPE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
 
 
-def is_constant(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None
 
 
-def is_float(value: ir.Value | None) -> bool:
-    return value is not None and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
-def layer_name(node: ir.Node) -> str:
-    return node.name or str(node.outputs[0].name)
 
 
 def weight_axis(node: ir.Node, index: int) -> int | None:
@@ -238,11 +233,27 @@ def _known_activation_range(value: ir.Value) -> tuple[float, float] | None:
     return (bounds[0] if bounds[0] is not None else -float("inf"), bounds[1] if bounds[1] is not None else float("inf"))
 
 
+def first_annotated(model: ir.Model) -> ir.Value | None:
+    """A value of ``model`` that carries a QuantSpec, or None."""
+    values = (value for node in model.graph for value in (*node.inputs, *node.outputs) if value is not None)
+    return next((value for value in (*model.graph.inputs, *values) if SPEC_KEY in value.meta), None)
+
+
 def require_annotated(model: ir.Model, pass_name: str) -> None:
     """Precondition of the passes that read QuantSpecs: AnnotatePass has run on ``model``."""
-    values = (value for node in model.graph for value in (*node.inputs, *node.outputs) if value is not None)
-    if not any(SPEC_KEY in value.meta for value in (*model.graph.inputs, *values)):
+    if first_annotated(model) is None:
         raise ir.passes.PreconditionError(f"{pass_name} reads QuantSpecs: run AnnotatePass first")
+
+
+def require_unannotated(model: ir.Model, pass_name: str) -> None:
+    """Precondition of the float rewrites: they change weights and activations, so they must run before
+    annotation has fixed their QuantSpecs and ranges."""
+    annotated = first_annotated(model)
+    if annotated is not None:
+        raise ir.passes.PreconditionError(
+            f"{pass_name} rewrites the float model, but value '{annotated.name}' already carries a QuantSpec: "
+            "run it before AnnotatePass"
+        )
 
 
 class AnnotatePass(ir.passes.InPlacePass):
@@ -269,6 +280,9 @@ class AnnotatePass(ir.passes.InPlacePass):
         self.activation_spec = activation_spec
         self.weight_block = weight_block
         self.activation_formats = activation_formats or {}
+
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "AnnotatePass")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers, points = plan_quantization_points(model, self.float_layers, self.table_ops)

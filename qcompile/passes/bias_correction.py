@@ -31,11 +31,11 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from qcompile.backends import ort as ort_backend
+from qcompile import execution
 from qcompile.calibration import Feed
-from qcompile.passes.annotate import layer_name, require_annotated
-from qcompile.passes.gptq import ORIGINAL_KEY, SCALES_KEY
-from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
+from qcompile.graph import layer_name
+from qcompile.passes.annotate import require_annotated
+from qcompile.passes.quant_spec import ORIGINAL_KEY, SCALES_KEY, SPEC_KEY, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,12 @@ def refit_biases(reference: ir.Model, quantized: ir.Model, feeds: Sequence[Feed]
     if not layers or not feeds:
         return 0
     names = [str(node.outputs[0].name) for node, _ in layers]
-    targets = _channel_means(ort_backend.session(reference, extra_outputs=names), names, feeds)
+    targets = _channel_means(execution.session(reference, extra_outputs=names), names, feeds)
     show = progress and sys.stderr.isatty()
     refitted = 0
     for node, (bias, write) in tqdm(layers, desc="refitting biases", unit="layer", disable=not show, file=sys.stderr):
         name = str(node.outputs[0].name)
-        measured = _channel_means(ort_backend.session(quantized, extra_outputs=[name]), [name], feeds)[name]
+        measured = _channel_means(execution.session(quantized, extra_outputs=[name]), [name], feeds)[name]
         if measured.shape == bias.shape:
             write(bias - (measured - targets[name]))
             refitted += 1

@@ -24,7 +24,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.annotate import is_constant, is_float
+from qcompile.graph import is_constant, is_float
+from qcompile.passes.annotate import require_unannotated
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ def _set(value: ir.Value, array: np.ndarray) -> None:
 
 class ResidualEqualizationPass(ir.passes.InPlacePass):
     """After this pass, each eligible residual stream is divided per channel by its SmoothQuant scale."""
+
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "ResidualEqualizationPass")
 
     def __init__(self, channel_absmax: Callable[[str], np.ndarray | None], alpha: float = 0.5) -> None:
         super().__init__()

@@ -27,15 +27,14 @@ import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.backends import ort as ort_backend
+from qcompile import execution
 from qcompile.calibration import Feed
-from qcompile.passes.annotate import layer_name, require_annotated
-from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
+from qcompile.graph import layer_name
+from qcompile.passes.annotate import require_annotated
+from qcompile.passes.quant_spec import ORIGINAL_KEY, SCALES_KEY, SPEC_KEY, QuantSpec
 
 logger = logging.getLogger(__name__)
 
-SCALES_KEY = "qcompile.weight_scales"
-ORIGINAL_KEY = "qcompile.original_weight"
 DAMPING = 0.01
 LAZY_BLOCK = 128
 
@@ -118,7 +117,7 @@ class HessianCollector:
         self.keys = {name: _input_key(node) for name, node in self.targets.items()}
         self.readers = {key: self.targets[name] for name, key in self.keys.items()}  # one layer per key
         self.names = sorted({str(node.inputs[0].name) for node in self.targets.values()})  # type: ignore[union-attr]
-        self.session = ort_backend.session(model, extra_outputs=self.names) if self.targets else None
+        self.session = execution.session(model, extra_outputs=self.names) if self.targets else None
         self.shared: dict[tuple[str, ...], Hessian] = {}
         self.samples = 0
 

@@ -50,16 +50,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.annotate import is_constant
-from qcompile.passes.qdq import add_initializer
-from qcompile.passes.smoothquant import (
-    _attribute,
-    _consumer_rows,
-    _readers,
-    _scale_consumer,
-    _single_use_constant,
+from qcompile.graph import (
+    add_initializer,
+    channel_readers,
+    consumer_rows,
+    int_attribute,
+    is_constant,
     private_weight,
+    scale_consumer_rows,
+    single_use_constant,
 )
+from qcompile.passes.annotate import require_unannotated
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Rotation:
 def _rotate_consumer(node: ir.Node, q: np.ndarray) -> None:
     value = private_weight(node)
     weight = value.const_value.numpy()  # type: ignore[union-attr]
-    if node.op_type == "Gemm" and _attribute(node, "transB", 0):
+    if node.op_type == "Gemm" and int_attribute(node, "transB", 0):
         new = weight.astype(np.float64) @ q  # W^T stored: (Q^T W)^T = W^T Q
     else:
         new = q.T @ weight.astype(np.float64)
@@ -155,22 +156,22 @@ def _rotate_consumer(node: ir.Node, q: np.ndarray) -> None:
 
 
 def _linear_producer(node: ir.Node | None, size: int) -> bool:
-    if node is None or node.op_type not in ("MatMul", "Gemm") or not _single_use_constant(node.inputs[1]):
+    if node is None or node.op_type not in ("MatMul", "Gemm") or not single_use_constant(node.inputs[1]):
         return False
-    if node.op_type == "Gemm" and _attribute(node, "transA", 0):
+    if node.op_type == "Gemm" and int_attribute(node, "transA", 0):
         return False
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None and not _single_use_constant(bias):
+    if bias is not None and not single_use_constant(bias):
         return False
     weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-    columns = weight.shape[0] if node.op_type == "Gemm" and _attribute(node, "transB", 0) else weight.shape[-1]
+    columns = weight.shape[0] if node.op_type == "Gemm" and int_attribute(node, "transB", 0) else weight.shape[-1]
     return weight.ndim == 2 and columns == size
 
 
 def _fold_into_producer(node: ir.Node, q: np.ndarray) -> None:
     value = node.inputs[1]
     weight = value.const_value.numpy()  # type: ignore[union-attr]
-    if node.op_type == "Gemm" and _attribute(node, "transB", 0):
+    if node.op_type == "Gemm" and int_attribute(node, "transB", 0):
         new = q.T @ weight.astype(np.float64)
     else:
         new = weight.astype(np.float64) @ q
@@ -197,7 +198,7 @@ def _is_mean_square(value: ir.Value, stream: ir.Value) -> bool:
     """``value`` is ``ReduceMean(Pow(stream, 2))`` over the last axis (keepdims): unchanged by a rotation of
     ``stream``'s last axis, since an orthogonal ``Q`` keeps every row's sum of squares."""
     node = value.producer()
-    if node is None or node.op_type != "ReduceMean" or not _attribute(node, "keepdims", 1):
+    if node is None or node.op_type != "ReduceMean" or not int_attribute(node, "keepdims", 1):
         return False
     square = node.inputs[0].producer() if node.inputs[0] is not None else None
     if square is None or square.op_type != "Pow" or square.inputs[0] is not stream:
@@ -295,9 +296,9 @@ def _trace_stream(embedding: ir.Node, size: int) -> tuple[_Stream | None, str]:
             ):
                 continue
             elif node.op_type == "LayerNormalization" and index == 0 and _plain_layer_norm(node, value):
-                readers = _readers(node.outputs[0], channels_last=True)
+                readers = channel_readers(node.outputs[0], channels_last=True)
                 if not readers or any(
-                    _consumer_rows(reader, slot) is None or reader.op_type == "Conv" for reader, slot in readers
+                    consumer_rows(reader, slot) is None or reader.op_type == "Conv" for reader, slot in readers
                 ):
                     return None, f"the normalized value '{node.outputs[0].name}' of {name} is read by a non-linear node"
                 stream.norms.append(_Norm(node, None, readers, layer_norm=True))
@@ -308,9 +309,9 @@ def _trace_stream(embedding: ir.Node, size: int) -> tuple[_Stream | None, str]:
                 if len(users) == 1 and _gamma_of(users[0][0], size) is not None and not out.is_graph_output():
                     gamma = users[0][0]
                     out = gamma.outputs[0]
-                readers = _readers(out, channels_last=True)
+                readers = channel_readers(out, channels_last=True)
                 if not readers or any(
-                    _consumer_rows(reader, slot) is None or reader.op_type == "Conv" for reader, slot in readers
+                    consumer_rows(reader, slot) is None or reader.op_type == "Conv" for reader, slot in readers
                 ):
                     return None, f"the normalized value '{out.name}' of {name} is read by a non-linear node"
                 stream.norms.append(_Norm(node, gamma, readers))
@@ -328,7 +329,7 @@ def _plain_layer_norm(node: ir.Node, stream: ir.Value) -> bool:
     rank = stream.shape.rank() if stream.shape is not None else 0
     constants = all(is_constant(value) for value in node.inputs[1:] if value is not None)
     extra_outputs = any(output.uses() or output.is_graph_output() for output in node.outputs[1:])
-    return _attribute(node, "axis", -1) in (-1, rank - 1) and constants and not extra_outputs
+    return int_attribute(node, "axis", -1) in (-1, rank - 1) and constants and not extra_outputs
 
 
 def _center_producer(node: ir.Node) -> None:
@@ -336,7 +337,7 @@ def _center_producer(node: ir.Node) -> None:
     mean): its outputs then have zero mean over the channels."""
     value = private_weight(node)
     weight = value.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-    axis = 0 if node.op_type == "Gemm" and _attribute(node, "transB", 0) else -1
+    axis = 0 if node.op_type == "Gemm" and int_attribute(node, "transB", 0) else -1
     centred = weight - weight.mean(axis=axis, keepdims=True)
     value.const_value = ir.tensor(centred.astype(np.float32), name=value.name)  # type: ignore[union-attr]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -411,6 +412,9 @@ def _rotate_table(node: ir.Node, q: np.ndarray) -> None:
 class HadamardRotationPass(ir.passes.InPlacePass):
     """After this pass, every eligible MatMul / Gemm reads ``x Q`` (folded or online) with weights ``Q^T W``."""
 
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "HadamardRotationPass")
+
     def __init__(self, seed: int = 0, residual: bool = False) -> None:
         super().__init__()
         self.seed = seed
@@ -456,11 +460,11 @@ class HadamardRotationPass(ir.passes.InPlacePass):
                 beta = bias.const_value.numpy().reshape(-1) if bias is not None else None  # type: ignore[union-attr]
             for reader, slot in norm.readers:
                 if beta is not None:
-                    rows = _consumer_rows(reader, slot)
+                    rows = consumer_rows(reader, slot)
                     assert rows is not None
                     _add_reader_bias(reader, beta.astype(np.float64) @ rows.astype(np.float64))
                 if gamma is not None:
-                    _scale_consumer(reader, gamma.astype(np.float64))
+                    scale_consumer_rows(reader, gamma.astype(np.float64))
                 _rotate_consumer(reader, q)
                 rotated.add(id(reader))
             if norm.layer_norm:
@@ -497,9 +501,9 @@ class HadamardRotationPass(ir.passes.InPlacePass):
             size = output.shape[-1]
             if not isinstance(size, int) or not _linear_producer(node, size):
                 continue
-            readers = _readers(output, channels_last=True)
+            readers = channel_readers(output, channels_last=True)
             if not readers or any(
-                _consumer_rows(reader, index) is None or reader.op_type == "Conv" or id(reader) in done
+                consumer_rows(reader, index) is None or reader.op_type == "Conv" or id(reader) in done
                 for reader, index in readers
             ):
                 continue
@@ -514,8 +518,8 @@ class HadamardRotationPass(ir.passes.InPlacePass):
         # Then every other eligible consumer: one online transform per input value.
         online: dict[int, tuple[ir.Value, Rotation]] = {}
         for node in list(graph):
-            if id(node) in done or node.op_type not in ("MatMul", "Gemm") or _consumer_rows(node, 0) is None:
-                if node.op_type == "Conv" and _consumer_rows(node, 0) is not None:
+            if id(node) in done or node.op_type not in ("MatMul", "Gemm") or consumer_rows(node, 0) is None:
+                if node.op_type == "Conv" and consumer_rows(node, 0) is not None:
                     source = node.inputs[0]
                     self.rotations.append(
                         Rotation(

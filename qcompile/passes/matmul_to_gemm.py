@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.annotate import is_constant
+from qcompile.graph import is_constant
+from qcompile.passes.annotate import require_unannotated
 
 
 def _static(shape: ir.Shape | None) -> list[int] | None:
@@ -43,6 +44,9 @@ def _bias_of(node: ir.Node, columns: int) -> tuple[ir.Node, ir.Value] | None:
 
 class MatMulAddToGemmPass(ir.passes.InPlacePass):
     """After this pass, every MatMul(x, W) + b with constant W [K, N] and b [N] is a Gemm between Reshapes."""
+
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "MatMulAddToGemmPass")
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:

@@ -18,9 +18,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from qcompile.passes.annotate import layer_name
-from qcompile.passes.gptq import SCALES_KEY
-from qcompile.passes.quant_spec import RANGE_KEY, SPEC_KEY, QuantSpec
+from qcompile.graph import add_initializer, drop_if_unused, layer_name
+from qcompile.passes.annotate import require_annotated
+from qcompile.passes.quant_spec import RANGE_KEY, SCALES_KEY, SPEC_KEY, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -28,22 +28,8 @@ logger = logging.getLogger(__name__)
 INT32_BIAS_LIMIT = 2**30
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer of ``graph`` called ``name``; returns its value."""
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
-def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove a float initializer its integer replacement made dead: the artifact must not carry both."""
-    if value is not None and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
-        del graph.initializers[value.name]  # type: ignore[arg-type]
 
 
 def activation_params(value: ir.Value) -> tuple[np.float32, np.integer]:
@@ -72,6 +58,9 @@ SIXTEEN_BIT_OPSET = 21
 
 class QDQPass(ir.passes.InPlacePass):
     """After this pass, every annotated value is quantized in the graph and no annotation is pending."""
+
+    def requires(self, model: ir.Model) -> None:
+        require_annotated(model, "QDQPass")
 
     def ensures(self, model: ir.Model) -> None:
         initializers = model.graph.initializers

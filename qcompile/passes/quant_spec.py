@@ -17,6 +17,12 @@ RANGE_KEY = "qcompile.range"
 # On the Adds that sum one split layer's parts (split_layers): their inputs are accumulators of one layer,
 # summed before any re-quantization, so annotation does not quantize them.
 SPLIT_SUM_KEY = "qcompile.split_sum"
+# On a weight GPTQ rounded: its per-channel scales (the codes it chose assume them), and the float weight
+# before rounding (bias correction measures the rounding shift against it).
+SCALES_KEY = "qcompile.weight_scales"
+ORIGINAL_KEY = "qcompile.original_weight"
+# On the MatMulInteger of a ternarized layer: the layer's name, for the LUT backend.
+TERNARY_KEY = "qcompile.ternary"
 # The smallest scale we emit; a constant-zero tensor would otherwise get scale 0 (a division by zero).
 MIN_SCALE = 1e-8
 

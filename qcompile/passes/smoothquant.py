@@ -39,8 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.annotate import is_constant
-from qcompile.passes.qdq import add_initializer
+from qcompile.graph import (
+    channel_readers,
+    consumer_rows,
+    int_attribute,
+    is_constant,
+    scale_consumer_rows,
+    single_use_constant,
+)
+from qcompile.passes.annotate import require_unannotated
 
 logger = logging.getLogger(__name__)
 
@@ -62,86 +69,43 @@ class Decision:
     errors: dict[str, float] = field(default_factory=dict)
 
 
-def _attribute(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return attribute.as_int() if attribute is not None else default
 
 
-def _single_use_constant(value: ir.Value | None) -> bool:
-    return value is not None and is_constant(value) and len(value.uses()) == 1 and not value.is_graph_input()
 
 
-def _constant_weight(value: ir.Value | None) -> bool:
-    return value is not None and is_constant(value) and not value.is_graph_input()
 
 
-def private_weight(node: ir.Node, index: int = 1) -> ir.Value:
-    """The constant input ``index`` of ``node``, copied first when other nodes read it too (an LM head tied to
-    the embedding table): a rewrite of this consumer's weight must not change theirs. The quantized model
-    stores the consumer's weight as integer codes anyway, so the copy costs nothing in the artifact."""
-    value = node.inputs[index]
-    assert value is not None and value.const_value is not None
-    if len(value.uses()) == 1:
-        return value
-    graph = node.graph
-    assert graph is not None
-    copy = add_initializer(graph, f"{value.name}_{node.name}", value.const_value.numpy().copy())
-    node.replace_input_with(index, copy)
-    return copy
 
 
-def _consumer_rows(node: ir.Node, index: int) -> np.ndarray | None:
-    """The weight of a consumer with its input channels as rows ``[channels, outputs]``; None when ``node``
-    cannot take an input-channel scale on input ``index``. A weight that other nodes read too (tied) is
-    copied for this consumer when it is rewritten (:func:`private_weight`)."""
-    if index != 0 or len(node.inputs) < 2 or not _constant_weight(node.inputs[1]):
-        return None
-    weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-    if node.op_type == "MatMul" and weight.ndim == 2:
-        return weight
-    if node.op_type == "Gemm" and not _attribute(node, "transA", 0):
-        return weight.T if _attribute(node, "transB", 0) else weight
-    if node.op_type == "Conv" and weight.ndim == 4 and _attribute(node, "group", 1) == 1:
-        return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
-    return None
 
 
-def _scale_consumer(node: ir.Node, scale: np.ndarray) -> None:
-    value = private_weight(node)
-    weight = value.const_value.numpy()  # type: ignore[union-attr]
-    if node.op_type == "Conv":
-        new = weight * scale[None, :, None, None]
-    elif node.op_type == "Gemm" and _attribute(node, "transB", 0):
-        new = weight * scale[None, :]
-    else:
-        new = weight * scale[:, None]
-    value.const_value = ir.tensor(new.astype(weight.dtype), name=value.name)  # type: ignore[union-attr]
 
 
 def _producer_channels(node: ir.Node) -> int | None:
     """Output channels a producer can divide (constant parameters used by it alone), else None."""
-    bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or _single_use_constant(node.inputs[2])
+    bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or single_use_constant(node.inputs[2])
     if node.op_type == "LayerNormalization":
         rank = node.inputs[0].shape.rank() if node.inputs[0] is not None and node.inputs[0].shape else 0
-        if not (_single_use_constant(node.inputs[1]) and bias_ok) or _attribute(node, "axis", -1) not in (-1, rank - 1):
+        last_axis = int_attribute(node, "axis", -1) in (-1, rank - 1)
+        if not (single_use_constant(node.inputs[1]) and bias_ok and last_axis):
             return None
         return int(node.inputs[1].const_value.numpy().shape[-1])  # type: ignore[union-attr]
     if node.op_type == "Mul" and len(node.inputs) == 2:
         # The weight of a decomposed RMSNorm (Llama / SmolLM2 at opset 18): x * gamma, gamma per last-axis channel.
         constants = [value for value in node.inputs if value is not None and is_constant(value)]
-        if len(constants) != 1 or not _single_use_constant(constants[0]):
+        if len(constants) != 1 or not single_use_constant(constants[0]):
             return None
         array = constants[0].const_value.numpy()  # type: ignore[union-attr]
         return int(array.shape[-1]) if array.ndim >= 1 and array.size == array.shape[-1] > 1 else None
-    if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.inputs) > 1 and _single_use_constant(node.inputs[1]):
+    if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.inputs) > 1 and single_use_constant(node.inputs[1]):
         weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
         if node.op_type == "MatMul" and weight.ndim != 2:
             return None
-        if node.op_type == "Gemm" and _attribute(node, "transA", 0):
+        if node.op_type == "Gemm" and int_attribute(node, "transA", 0):
             return None
         if not bias_ok:
             return None
-        if node.op_type == "Conv" or (node.op_type == "Gemm" and _attribute(node, "transB", 0)):
+        if node.op_type == "Conv" or (node.op_type == "Gemm" and int_attribute(node, "transB", 0)):
             return int(weight.shape[0])
         return int(weight.shape[-1])
     return None
@@ -178,14 +142,14 @@ def _divide_producer(node: ir.Node, scale: np.ndarray) -> None:
 
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if node.op_type == "Mul":
-        gamma = next(value for value in node.inputs if value is not None and _single_use_constant(value))
+        gamma = next(value for value in node.inputs if value is not None and single_use_constant(value))
         divide(gamma, lambda a: a / scale.reshape(a.shape))
         return
     if node.op_type == "LayerNormalization":
         divide(node.inputs[1], lambda a: a / scale)  # type: ignore[arg-type]
     elif node.op_type == "Conv":
         divide(node.inputs[1], lambda a: a / scale.reshape(-1, *([1] * (a.ndim - 1))))  # type: ignore[arg-type]
-    elif node.op_type == "Gemm" and _attribute(node, "transB", 0):
+    elif node.op_type == "Gemm" and int_attribute(node, "transB", 0):
         divide(node.inputs[1], lambda a: a / scale[:, None])  # type: ignore[arg-type]
     else:
         divide(node.inputs[1], lambda a: a / scale[None, :])  # type: ignore[arg-type]
@@ -193,34 +157,6 @@ def _divide_producer(node: ir.Node, scale: np.ndarray) -> None:
         divide(bias, lambda a: a / scale)
 
 
-def _readers(value: ir.Value, channels_last: bool) -> list[tuple[ir.Node, int]] | None:
-    """Every ``(node, input index)`` reading ``value``, through Reshapes that keep the last axis; None when
-    the value (or a Reshape on the way) is a graph output."""
-    if value.is_graph_output():
-        return None
-    found: list[tuple[ir.Node, int]] = []
-    for node, index in value.uses():
-        output = node.outputs[0] if node.outputs else None
-        keeps_channels = (
-            channels_last
-            and node.op_type == "Reshape"
-            and index == 0
-            and output is not None
-            and value.shape is not None
-            and output.shape is not None
-            and value.shape.rank() > 0
-            and output.shape.rank() > 0
-            and value.shape[-1] == output.shape[-1]
-            and isinstance(value.shape[-1], int)
-        )
-        if keeps_channels:
-            deeper = _readers(output, channels_last)  # type: ignore[arg-type]
-            if deeper is None:
-                return None
-            found += deeper
-        else:
-            found.append((node, index))
-    return found
 
 
 def fake_quant_error(x: np.ndarray, weights: list[np.ndarray], scale: np.ndarray) -> float:
@@ -246,6 +182,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     ``channel_absmax(name)`` gives ``max |x_c|`` per channel of an activation (from calibration);
     ``rows(name)`` gives calibration rows ``[samples, channels]`` of it, needed only for ``alpha="auto"``.
     """
+
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "SmoothQuantPass")
 
     def __init__(
         self,
@@ -273,16 +212,16 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 continue
             output = node.outputs[0]
             channels_last = absorber.op_type != "Conv"
-            readers = _readers(output, channels_last)
+            readers = channel_readers(output, channels_last)
             if not readers:
                 continue
-            eligible = [(reader, index) for reader, index in readers if _consumer_rows(reader, index) is not None]
+            eligible = [(reader, index) for reader, index in readers if consumer_rows(reader, index) is not None]
             if not eligible:
                 continue
             for reader, _ in eligible:
                 covered.add(id(reader))
             names = [str(reader.name) for reader, _ in eligible]
-            blocking = [reader for reader, index in readers if _consumer_rows(reader, index) is None]
+            blocking = [reader for reader, index in readers if consumer_rows(reader, index) is None]
             conv_readers = {reader.op_type == "Conv" for reader, _ in eligible}
             if blocking:
                 other = blocking[0]
@@ -297,7 +236,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             else:
                 self._fold(absorber, output, eligible, channels)
         for node in model.graph:
-            if id(node) in covered or _consumer_rows(node, 0) is None:
+            if id(node) in covered or consumer_rows(node, 0) is None:
                 continue
             source = node.inputs[0]
             producer = source.producer() if source is not None else None
@@ -316,7 +255,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     def _fold(self, producer: ir.Node, output: ir.Value, consumers: list[tuple[ir.Node, int]], channels: int) -> None:
         names = [str(node.name) for node, _ in consumers]
         absmax = self.channel_absmax(str(output.name))
-        weights = [_consumer_rows(node, index) for node, index in consumers]
+        weights = [consumer_rows(node, index) for node, index in consumers]
         if absmax is None or absmax.shape != (channels,) or any(w is None or w.shape[0] != channels for w in weights):
             reason = f"no per-channel range of '{output.name}' matching its {channels} channels"
             self.decisions.append(Decision(str(output.name), names, str(producer.name), reason=reason))
@@ -343,7 +282,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         scale = scale_for(alpha)
         _divide_producer(producer, scale.astype(np.float32))
         for node, _ in consumers:
-            _scale_consumer(node, scale.astype(np.float32))
+            scale_consumer_rows(node, scale.astype(np.float32))
         self.decisions.append(
             Decision(
                 str(output.name),
@@ -362,7 +301,7 @@ def producer_statistics(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel ``max |x|`` of every possible producer's output over ``feeds``, and up to ``max_rows``
     rows ``[rows, channels]`` of each (a fixed random subset), for :class:`SmoothQuantPass`."""
-    from qcompile.backends import ort as ort_backend
+    from qcompile import execution
 
     axes = {
         str(node.outputs[0].name): (1 if node.op_type == "Conv" else -1)
@@ -372,7 +311,7 @@ def producer_statistics(
     if not axes or not feeds:
         return {}, {}
     names = sorted(axes)
-    session = ort_backend.session(model, extra_outputs=names)
+    session = execution.session(model, extra_outputs=names)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed), strict=True):

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.annotate import is_constant
-from qcompile.passes.qdq import add_initializer
+from qcompile.graph import add_initializer, is_constant
+from qcompile.passes.annotate import require_unannotated
 from qcompile.passes.quant_spec import SPLIT_SUM_KEY
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def _eligible(node: ir.Node) -> bool:
 
 class SplitLayersPass(ir.passes.InPlacePass):
     """After this pass, every Conv / Gemm / MatMul with a constant weight is three layers summed by two Adds."""
+
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "SplitLayersPass")
 
     def __init__(self) -> None:
         super().__init__()

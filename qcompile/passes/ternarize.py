@@ -25,10 +25,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import UnsupportedModelError
-from qcompile.passes.annotate import is_constant, layer_name
-from qcompile.passes.qdq import add_initializer, drop_if_unused
+from qcompile.graph import add_initializer, drop_if_unused, is_constant, layer_name
+from qcompile.passes.annotate import require_unannotated
+from qcompile.passes.quant_spec import TERNARY_KEY
 
-TERNARY_KEY = "qcompile.ternary"  # MatMulInteger meta: the layer name, for the LUT backend
 ACTIVATION_LIMIT = 127
 GRANULARITIES = ("channel", "tensor")
 
@@ -89,6 +89,9 @@ def _weight_and_bias(node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | None
 class TernarizePass(ir.passes.InPlacePass):
     """After this pass no linear layer with a constant weight computes in float: each is int8 rows times
     ternary weights in a ``MatMulInteger``, rescaled to float after."""
+
+    def requires(self, model: ir.Model) -> None:
+        require_unannotated(model, "TernarizePass")
 
     def __init__(self, granularity: str = "channel") -> None:
         super().__init__()

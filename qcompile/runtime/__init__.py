@@ -8,62 +8,52 @@ asked for).
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from qcompile.errors import ArtifactError
 from qcompile.runtime.artifact import verify
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
+from qcompile.runtime.manifest import Manifest, TensorInfo
 
 
 class Session:
     """A loaded artifact: ``run(feeds)`` returns ``{output name: array}``."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], executor: str) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, executor: str) -> None:
         self.folder = folder
         self.manifest = manifest
         self.executor = executor
-        self.inputs = [TensorInfo(item["name"], tuple(item["shape"]), item["dtype"]) for item in manifest["inputs"]]
-        self.outputs = [TensorInfo(item["name"], tuple(item["shape"]), item["dtype"]) for item in manifest["outputs"]]
-        entry = manifest["executors"].get(executor)
+        self.inputs = list(manifest.inputs)
+        self.outputs = list(manifest.outputs)
+        entry = manifest.executors.get(executor)
         if entry is None:
-            raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest['executors'])}")
-        path = folder / entry["file"]
+            raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest.executors)}")
+        path = folder / entry.file
         if not self.runnable_here(executor):
             raise ArtifactError(
-                f"{folder}: executor '{executor}' is built for {entry['arch']}, not for this {platform.machine()} "
-                f"machine; run it on the device (its runner is {entry.get('runner', 'not bundled')}), or here "
+                f"{folder}: executor '{executor}' is built for {entry.arch}, not for this {platform.machine()} "
+                f"machine; run it on the device (its runner is {entry.runner or 'not bundled'}), or here "
                 "with `qcompile verify --emulate`"
             )
-        if entry["kind"] == "onnxruntime":
-            from qcompile.backends import ort as ort_backend
+        if entry.kind == "onnxruntime":
+            from qcompile.runtime.executors import session_from_path
 
-            session = ort_backend.session_from_path(path)
+            session = session_from_path(path)
             self._run = lambda feeds: session.run(None, feeds)
-        elif entry["kind"] == "tvm":
-            from qcompile.backends.tvm import TVMExecutor
+        elif entry.kind == "tvm":
+            from qcompile.runtime.executors import TVMExecutor
 
-            cpu = entry.get("requires_cpu")  # a library tuned for one CPU model (the integer kernels)
-            self._run = TVMExecutor(path, [info.name for info in self.inputs], cpu).run
-        elif entry["kind"] == "lut":
-            from qcompile.backends.lut import LutExecutor
+            # requires_cpu: a library tuned for one CPU model (the integer kernels) runs only on that model
+            self._run = TVMExecutor(path, [info.name for info in self.inputs], entry.requires_cpu).run
+        else:  # "lut": Manifest.from_json admits no other kind
+            from qcompile.runtime.lut import LutExecutor
 
             self._run = LutExecutor(folder, entry).run
-        else:
-            raise ArtifactError(f"{folder}: executor '{executor}' has unknown kind '{entry['kind']}'")
 
     def runnable_here(self, executor: str) -> bool:
         """Whether ``executor`` can run on this machine (a cross-compiled library cannot)."""
-        arch = self.manifest["executors"][executor].get("arch")
+        arch = self.manifest.executors[executor].arch
         return arch is None or arch == platform.machine()
 
     def with_executor(self, executor: str) -> Session:
@@ -102,7 +92,10 @@ def load(path: str | Path, executor: str | None = None) -> Session:
     """Verify the artifact at ``path`` and load it on ``executor`` (default: the manifest's choice)."""
     folder = Path(path)
     manifest = verify(folder)
-    return Session(folder, manifest, executor or manifest["default_executor"])
+    chosen = executor or manifest.default_executor
+    if chosen is None:
+        raise ArtifactError(f"{folder}: the manifest names no default executor; name one, or recompile")
+    return Session(folder, manifest, chosen)
 
 
-__all__ = ["Session", "TensorInfo", "load"]
+__all__ = ["Manifest", "Session", "TensorInfo", "load"]

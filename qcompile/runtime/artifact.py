@@ -16,12 +16,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from qcompile.errors import ArtifactError
+from qcompile.runtime.manifest import Manifest
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
 
 
 def sha256_file(path: Path) -> str:
@@ -32,8 +31,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dumps(manifest: dict[str, Any]) -> str:
-    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+def dumps(manifest: Manifest) -> str:
+    return json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
 
 
 @contextlib.contextmanager
@@ -58,27 +57,22 @@ def atomic_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder}: not an artifact (no {MANIFEST}); pass the folder qcompile wrote")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ArtifactError(f"{path}: unreadable manifest ({error})") from error
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path}: schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}"
-            f" is not {SCHEMA_VERSION}; recompile with this qcompile"
-        )
-    return manifest
+    return Manifest.from_json(data, str(path))
 
 
-def verify(folder: Path) -> dict[str, Any]:
+def verify(folder: Path) -> Manifest:
     """Check every file's sha256 against the manifest; return the manifest. Loads nothing."""
     manifest = read_manifest(folder)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
+    files = manifest.files
+    if not files:
         raise ArtifactError(f"{folder}: the manifest lists no files")
     for name, expected in sorted(files.items()):
         path = (folder / name).resolve()

@@ -14,11 +14,10 @@ import onnx_ir as ir
 
 from qcompile.calibration import Feed
 from qcompile.errors import BudgetError
+from qcompile.graph import layer_name
 from qcompile.hwmodels import Target
 from qcompile.hwmodels.cost import FLOAT, Choice, CostModel
 from qcompile.hwmodels.layers import describe, layer_edges
-from qcompile.hwmodels.profile import quantized_choices
-from qcompile.passes.annotate import layer_name
 from qcompile.passes.quant_spec import WEIGHT_FORMATS
 from qcompile.search import sensitivity
 from qcompile.search.allocate import (
@@ -31,6 +30,7 @@ from qcompile.search.allocate import (
     pareto_front,
     uniform,
 )
+from qcompile.search.choices import quantized_choices
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from qcompile.backends import ort as ort_backend
+from qcompile import execution
 from qcompile.calibration import Feed
 from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec
 
@@ -37,7 +37,7 @@ def relative_error(outputs: Sequence[np.ndarray], references: Sequence[np.ndarra
 
 def run_all(model: ir.Model, feeds: Sequence[Feed]) -> list[np.ndarray]:
     """Every output of ``model`` for every feed, flattened into one list (sample-major)."""
-    session = ort_backend.session(model)
+    session = execution.session(model)
     outputs: list[np.ndarray] = []
     for feed in feeds:
         outputs.extend(np.asarray(value) for value in session.run(None, feed))

@@ -12,9 +12,9 @@ import pytest
 from conftest import require_emulation
 from onnx import TensorProto, helper
 
-from qcompile.backends.ort import session_from_bytes
 from qcompile.backends.tvm import cross
 from qcompile.errors import BackendError
+from qcompile.runtime.executors import session_from_bytes
 
 int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
 

@@ -17,9 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, runtime
 from qcompile.backends import tvm as tvm_backend
+from qcompile.backends.integer import reference as integer_reference
 from qcompile.backends.tvm import cross
 from qcompile.errors import ArtifactError, BackendError
-from qcompile.passes import integer_reference
+from qcompile.runtime.executors import TVMExecutor
 
 tvm = pytest.importorskip("tvm")
 integer = pytest.importorskip("qcompile.backends.tvm.integer")
@@ -37,7 +38,7 @@ def vnni() -> dict:
 
 
 def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
-    """int32 [1, C] -> the requantization chain exactly as qcompile.passes.requantize writes it: per channel
+    """int32 [1, C] -> the requantization chain exactly as qcompile.backends.integer writes it: per channel
     ``M0`` in [2**29, 2**30), ``R = 2**61 + 2**(n-1)``, ``Div 2**n``, ``U = 2**61 / 2**n - z``, Clip to a
     ReLU6-like [z, hi], Cast to uint8."""
     rng = np.random.default_rng(seed)
@@ -71,13 +72,13 @@ def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _build(model: onnx.ModelProto, target: dict, folder: Path) -> tvm_backend.TVMExecutor:
+def _build(model: onnx.ModelProto, target: dict, folder: Path) -> TVMExecutor:
     folder.mkdir(parents=True, exist_ok=True)
     built = tvm_backend.build_integer(model, {"kind": "llvm"}, folder)
     assert built is not None, "the integer kernels should cover this graph"
     files, host, lowering = built
     assert host["mcpu"] == target["mcpu"] and lowering.startswith(tvm_backend.INTEGER_KERNELS)
-    return tvm_backend.TVMExecutor(folder / files[0], [item.name for item in model.graph.input], host["mcpu"])
+    return TVMExecutor(folder / files[0], [item.name for item in model.graph.input], host["mcpu"])
 
 
 def _accumulators(rng: np.random.Generator, rows: int) -> list[np.ndarray]:
@@ -186,7 +187,7 @@ def test_a_library_built_for_another_cpu_is_refused(vnni: dict, tmp_path: Path) 
     model = _requantize_graph(np.full(CHANNELS, 40))
     _build(model, vnni, tmp_path)
     with pytest.raises(ArtifactError, match="built for the imaginary-cpu CPU"):
-        tvm_backend.TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], "imaginary-cpu")
+        TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], "imaginary-cpu")
 
 
 def test_constants_broadcast_as_onnx_says() -> None:

@@ -20,7 +20,7 @@ from qcompile import api, runtime
 from qcompile.backends.tvm import cross
 from qcompile.cli import main
 from qcompile.errors import ArtifactError, BackendError
-from qcompile.passes.pipeline import QuantizeOptions
+from qcompile.flow.quantize import QuantizeOptions
 
 TARGETS = Path(__file__).resolve().parents[2] / "qcompile" / "hwmodels" / "targets"
 # Sensitivity measurement does not change what is being checked here (the build), and halves the time.
@@ -139,7 +139,8 @@ def rpc_server() -> Iterator[str]:
 
 
 def test_rpc_bench_on_loopback(artifact: Path, rpc_server: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from qcompile.backends.tvm import TVMExecutor, rpc
+    from qcompile.backends.tvm import rpc
+    from qcompile.runtime.executors import TVMExecutor
 
     session = runtime.load(artifact, "onnxruntime")
     feeds = session.random_feeds()
@@ -156,7 +157,7 @@ def test_rpc_bench_on_loopback(artifact: Path, rpc_server: str, capsys: pytest.C
 
 def test_profile_through_rpc_calibrates_the_cost_model(rpc_server: str) -> None:
     from qcompile import hwmodels
-    from qcompile.hwmodels import profile
+    from qcompile.flow import profile
     from qcompile.hwmodels.cost import CostModel
 
     target = hwmodels.load_target("host")

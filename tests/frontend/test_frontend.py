@@ -10,8 +10,7 @@ import onnx.reference
 import pytest
 from conftest import parse_model, save_model
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend
 from qcompile.errors import UnsafeModelError, UnsupportedModelError
 
 CONV_BN = """
@@ -43,11 +42,11 @@ def test_opsets_normalize_to_canonical_and_fold_batchnorm(tmp_path: Path, opset:
     assert model.opset_imports[""] == frontend.CANONICAL_OPSET
     assert ops == ["Conv", "Relu"], ops  # BatchNorm folded, Identity gone
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    expected = ort_backend.session(proto).run(None, {"x": x})[0]
-    actual = ort_backend.session(model).run(None, {"x": x})[0]
+    expected = execution.session(proto).run(None, {"x": x})[0]
+    actual = execution.session(model).run(None, {"x": x})[0]
     # BN folding reassociates a few float32 products: round-off level, well under 1e-5 relative.
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
-    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    onnx.checker.check_model(execution.to_proto(model), full_check=True)
 
 
 @pytest.mark.parametrize("opset", [13, 17])
@@ -63,7 +62,7 @@ def test_reduction_axes_move_to_an_input_at_the_canonical_opset(tmp_path: Path, 
     model = frontend.load(path)
     assert all("axes" not in node.attributes and len(node.inputs) == 2 for node in model.graph)
     x = np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(np.float32)
-    y, z = ort_backend.session(model).run(None, {"x": x})  # onnxruntime rejected the attribute at opset 18
+    y, z = execution.session(model).run(None, {"x": x})  # onnxruntime rejected the attribute at opset 18
     np.testing.assert_allclose(y, x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-7)  # summation order differs
     np.testing.assert_array_equal(z, x.max(axis=1, keepdims=True))
 
@@ -170,5 +169,5 @@ def test_tied_lm_head_gets_its_own_transposed_weight(tmp_path: Path) -> None:
     head = next(node for node in model.graph if node.op_type == "MatMul").inputs[1]
     assert head is not None and head.const_value is not None and head.shape == (width, vocab)
     ids = {"ids": np.array([[0, 5, 77, 1099]], np.int64)}
-    expected = ort_backend.session(proto).run(None, ids)[0]
-    np.testing.assert_array_equal(ort_backend.session(model).run(None, ids)[0], expected)
+    expected = execution.session(proto).run(None, ids)[0]
+    np.testing.assert_array_equal(execution.session(model).run(None, ids)[0], expected)

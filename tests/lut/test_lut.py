@@ -21,12 +21,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, hwmodels, runtime
 from qcompile.backends import lut
-from qcompile.backends.lut import fpga, hls, kernel, pack, reference
-from qcompile.backends.ort import session_from_bytes, to_proto
+from qcompile.backends.lut import fpga, hls, kernel, reference
 from qcompile.backends.tvm import cross, threads
 from qcompile.cli import main
 from qcompile.errors import BackendError, CalibrationError, TargetError, UnsupportedModelError
+from qcompile.execution import to_proto
 from qcompile.passes.ternarize import TernarizePass, quantize_rows, ternarize_weights
+from qcompile.runtime.executors import session_from_bytes
+from qcompile.runtime.lut import layout as lut_layout
+from qcompile.runtime.lut import pack
 
 # (rows, K, N): SmolLM2's MLP shape, and shapes the packing must pad (K not a multiple of 4 or 5, N not of
 # the vector width, a single weight).
@@ -59,11 +62,11 @@ def test_packing_refuses_weights_that_are_not_ternary() -> None:
 
 
 def test_host_kernel_is_bit_exact() -> None:
-    flavor = kernel.host_flavor()
+    flavor = lut_layout.host_flavor()
     module = kernel.build({f"case{index}": shape for index, shape in enumerate(SHAPES)}, flavor)
     for index, shape in enumerate(SHAPES):
         activations, weights = _case(*shape, seed=index)
-        matmul = kernel.LutMatMul(module, f"case{index}", weights, shape[0], flavor)
+        matmul = lut_layout.LutMatMul(module, f"case{index}", weights, shape[0], flavor)
         assert np.array_equal(matmul(activations), reference.dense(activations, weights)), shape
     with pytest.raises(BackendError, match=r"int8 \[1, 1\] activations"):
         matmul(np.zeros((1, 2), np.int8))
@@ -76,28 +79,31 @@ def test_every_host_kernel_variant_is_bit_exact_at_the_extremes() -> None:
     (pairs: 126 x 512; words: 42 x 2 x 384)."""
     import tvm
 
-    flavor = kernel.host_flavor()
+    flavor = lut_layout.host_flavor()
     shapes = [*SHAPES, (2, 1536, 40), (6, 1536, 200), (13, 100, 70)]
     module = kernel.build({f"case{index}": shape for index, shape in enumerate(shapes)}, flavor)
-    layouts = {"": kernel.arguments, kernel.WORDS: lambda weights, rows, _flavor: kernel.word_arguments(weights, rows)}
+    layouts = {
+        "": lut_layout.arguments,
+        lut_layout.WORDS: lambda weights, rows, _flavor: lut_layout.word_arguments(weights, rows),
+    }
     for index, (rows, k, n) in enumerate(shapes):
         activations, weights = _case(rows, k, n, seed=index)
         if k == 1536:
             activations[:], weights[:] = -128, -1
-        for variant, layout in kernel.variant_layouts(f"case{index}", flavor).items():
+        for variant, layout in lut_layout.variant_layouts(f"case{index}", flavor).items():
             arrays = [tvm.runtime.tensor(array) for array in [activations, *layouts[layout](weights, rows, flavor)]]
             module[variant](*arrays)
-            result = arrays[kernel.OUTPUT_ARGUMENT].numpy()
+            result = arrays[lut_layout.OUTPUT_ARGUMENT].numpy()
             assert np.array_equal(result, reference.dense(activations, weights)), (variant, rows, k, n)
 
 
 def test_word_kernel_tables_do_not_grow_with_rows() -> None:
     """The parallel parts are at most one per thread, each walking a range of row tiles with one tile's
     tables: a 2048-row prefill at K = 1536 needs a few hundred KB of tables, not 2048 rows of them."""
-    plan = kernel.word_plan(2048, 1536, 576)
+    plan = lut_layout.word_plan(2048, 1536, 576)
     assert plan.parts <= threads.count() and plan.row_parts * -(-plan.row_tiles // plan.row_parts) >= plan.row_tiles
-    table = kernel.word_arguments(np.zeros((1536, 576), np.int8), 2048)[2]
-    assert table.shape == (plan.parts, kernel.WORD_TILE_ROWS, 512, 32)
+    table = lut_layout.word_arguments(np.zeros((1536, 576), np.int8), 2048)[2]
+    assert table.shape == (plan.parts, lut_layout.WORD_TILE_ROWS, 512, 32)
 
 
 def test_triplet_words_hold_two_indices_per_output_lane() -> None:
@@ -114,17 +120,17 @@ def test_triplet_words_hold_two_indices_per_output_lane() -> None:
 
 
 def test_aarch64_kernel_is_bit_exact_under_qemu(tmp_path: Path) -> None:
-    flavor = kernel.FLAVORS["aarch64"]
+    flavor = lut_layout.FLAVORS["aarch64"]
     toolchain, runner = require_emulation(flavor.tvm_target)
     shape = (2, 130, 77)
     kernel.export(kernel.build({"lut": shape}, flavor), tmp_path / "lut.so", flavor)
     assert cross.elf_info(tmp_path / "lut.so").machine == cross.check_elf(tmp_path / "lut.so", toolchain).machine
     activations, weights = _case(*shape)
     outputs, _ = cross.emulate(
-        toolchain, tmp_path, "lut.so", [activations, *kernel.arguments(weights, shape[0], flavor)], "cortex-a72",
+        toolchain, tmp_path, "lut.so", [activations, *lut_layout.arguments(weights, shape[0], flavor)], "cortex-a72",
         ["+neon"], function="lut", runner=runner,
     )  # fmt: skip
-    assert np.array_equal(outputs[kernel.OUTPUT_ARGUMENT], reference.dense(activations, weights))
+    assert np.array_equal(outputs[lut_layout.OUTPUT_ARGUMENT], reference.dense(activations, weights))
 
 
 def test_cpp_simulation_of_the_engine_is_bit_exact(tmp_path: Path) -> None:
@@ -327,6 +333,6 @@ def test_impossible_engine_and_bad_options_are_clear_errors(tmp_path: Path) -> N
     with pytest.raises(TargetError, match="needs 47616 LUTs; tiny-fpga has 1000"):
         fpga.plan([("layer", 64, 64, 1)], hwmodels.load_target(str(board)))
     with pytest.raises(CalibrationError, match="ternary scales"):
-        from qcompile.passes.pipeline import QuantizeOptions
+        from qcompile.flow.quantize import QuantizeOptions
 
         QuantizeOptions(ternary_scales="row")

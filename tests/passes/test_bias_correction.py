@@ -9,9 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import zoo
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
-from qcompile.passes import pipeline
+from qcompile import execution, frontend
+from qcompile.flow.quantize import QuantizeOptions, quantize
 from qcompile.passes.bias_correction import BiasCorrectionPass, expected_shift
 from qcompile.passes.quant_spec import SPEC_KEY, QuantSpec
 
@@ -61,7 +60,7 @@ def test_pass_cancels_mean_shift() -> None:
 
 
 def _layer_means(model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    session = ort_backend.session(model, extra_outputs=names)
+    session = execution.session(model, extra_outputs=names)
     outputs = [session.run(names, feed) for feed in feeds]
     return {name: np.mean([out[i].mean(axis=(0, 2, 3)) for out in outputs], axis=0) for i, name in enumerate(names)}
 
@@ -73,9 +72,9 @@ def test_sequential_refit_matches_float_output_means(digits: tuple[Path, float])
     train_x, _, _, _ = zoo.digits_split()
     feeds = [{"image": train_x[i : i + 1]} for i in range(32)]
     source = frontend.load(digits[0])
-    refitted = pipeline.quantize(source, feeds, pipeline.QuantizeOptions(float_threshold=0), progress=False)
-    expected = pipeline.quantize(
-        source, feeds, pipeline.QuantizeOptions(float_threshold=0, bias_correction="expected"), progress=False
+    refitted = quantize(source, feeds, QuantizeOptions(float_threshold=0), progress=False)
+    expected = quantize(
+        source, feeds, QuantizeOptions(float_threshold=0, bias_correction="expected"), progress=False
     )
     step = next(p for p in refitted.passes if p["name"] == "bias_correction")
     assert step["method"] == "sequential" and step["refitted_layers"] >= 2

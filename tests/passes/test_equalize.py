@@ -8,19 +8,18 @@ import numpy as np
 import onnx_ir as ir
 from conftest import parse_model, save_model
 
-from qcompile import calibration, frontend
-from qcompile.backends import ort as ort_backend
+from qcompile import calibration, execution, frontend
+from qcompile.flow.quantize import activation_values
 from qcompile.passes.equalize import ResidualEqualizationPass
-from qcompile.passes.pipeline import activation_values
 
 
 def equalize_and_compare(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> tuple[ResidualEqualizationPass, float]:
     names = [str(value.name) for node in model.graph for value in node.outputs]
     stats = calibration.collect(model, feeds, names + activation_values(model), "minmax", progress=False)
-    expected = [ort_backend.session(model).run(None, feed)[0] for feed in feeds]
+    expected = [execution.session(model).run(None, feed)[0] for feed in feeds]
     equalizer = ResidualEqualizationPass(stats.channel_absmax)
     equalizer(model)
-    actual = [ort_backend.session(model).run(None, feed)[0] for feed in feeds]
+    actual = [execution.session(model).run(None, feed)[0] for feed in feeds]
     worst = max(float(np.abs(a - e).max() / np.abs(e).max()) for a, e in zip(actual, expected, strict=True))
     return equalizer, worst
 

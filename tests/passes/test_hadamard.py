@@ -16,12 +16,11 @@ import pytest
 import zoo
 from graph_helpers import constant
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend
 from qcompile.errors import CalibrationError
+from qcompile.flow.quantize import QuantizeOptions
 from qcompile.passes.hadamard import HadamardRotationPass, factors, rotation
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
-from qcompile.passes.pipeline import QuantizeOptions
 from qcompile.search import sensitivity
 
 TOLERANCE = 1e-5
@@ -53,7 +52,7 @@ def _rotate(
     references = sensitivity.run_all(model, feeds)
     rotator = HadamardRotationPass(residual=residual)
     rotator(model)
-    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    onnx.checker.check_model(execution.to_proto(model), full_check=True)
     outputs = sensitivity.run_all(model, feeds)
     worst = max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(outputs, references, strict=True))
     return rotator, worst

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 from conftest import parse_model, save_model
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 
 
@@ -23,10 +22,10 @@ def test_rewrite_is_exact(tmp_path: Path) -> None:
     }}"""
     model = frontend.load(save_model(parse_model(text), tmp_path / "linear.onnx"))
     x = rng.standard_normal((2, 5, 4)).astype(np.float32)
-    expected = ort_backend.session(model).run(None, {"x": x})[0]
+    expected = execution.session(model).run(None, {"x": x})[0]
     assert MatMulAddToGemmPass()(model).modified
     assert [node.op_type for node in model.graph] == ["Reshape", "Gemm", "Reshape"]
     assert model.graph.outputs[0].name == "y"
-    actual = ort_backend.session(model).run(None, {"x": x})[0]
+    actual = execution.session(model).run(None, {"x": x})[0]
     # The same products summed in the same order per element; allow float32 round-off of the backends.
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)

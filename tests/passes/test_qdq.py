@@ -10,9 +10,9 @@ import onnx_ir as ir
 import pytest
 from conftest import parse_model, save_model
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
-from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points
+from qcompile import execution, frontend
+from qcompile.graph import layer_name
+from qcompile.passes.annotate import AnnotatePass, plan_quantization_points
 from qcompile.passes.qdq import QDQPass
 
 RESIDUAL = """
@@ -39,7 +39,7 @@ def residual_model(tmp_path: Path) -> ir.Model:
 
 def ranges_from(model: ir.Model, x: np.ndarray):  # type: ignore[no-untyped-def]
     names = [str(value.name) for node in model.graph for value in node.outputs] + ["x"]
-    results = dict(zip(names, ort_backend.session(model, extra_outputs=names).run(names, {"x": x}), strict=True))
+    results = dict(zip(names, execution.session(model, extra_outputs=names).run(names, {"x": x}), strict=True))
     return lambda name, levels=256: (float(results[name].min()), float(results[name].max()))
 
 
@@ -55,10 +55,10 @@ def test_points_follow_int8_flow(tmp_path: Path) -> None:
 def test_qdq_structure_and_numerics(tmp_path: Path) -> None:
     model = residual_model(tmp_path)
     x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
-    expected = ort_backend.session(model).run(None, {"x": x})[0]
+    expected = execution.session(model).run(None, {"x": x})[0]
     AnnotatePass(ranges_from(model, x))(model)
     QDQPass()(model)
-    proto = ort_backend.to_proto(model)
+    proto = execution.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     ops = [node.op_type for node in model.graph]
     assert ops.count("QuantizeLinear") == 4  # x, r1, c2, y
@@ -67,7 +67,7 @@ def test_qdq_structure_and_numerics(tmp_path: Path) -> None:
     assert len(biases) == 2 and all(value.const_value.dtype == ir.DataType.INT32 for value in biases)
     weights = [value for value in model.graph.initializers.values() if str(value.name).endswith("w1_quantized")]
     assert weights[0].const_value.dtype == ir.DataType.INT8
-    actual = ort_backend.session(model).run(None, {"x": x})[0]
+    actual = execution.session(model).run(None, {"x": x})[0]
     # Four 8-bit roundings in a row over a range of a few units: a few output steps at most.
     output_step = (expected.max() - expected.min()) / 255
     assert np.abs(actual - expected).max() <= 4 * output_step
@@ -97,7 +97,7 @@ def test_a_conv_read_only_by_float_ops_still_runs_as_an_integer_kernel(tmp_path:
     x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
     AnnotatePass(ranges_from(model, x))(model)
     QDQPass()(model)
-    kernels = set(ort_backend.kernel_times(model, {"x": x}, runs=1, warmup=0, sessions=1).op_types.values())
+    kernels = set(execution.kernel_times(model, {"x": x}, runs=1, warmup=0, sessions=1).op_types.values())
     assert "QLinearConv" in kernels and not kernels & {"Conv", "FusedConv"}, kernels
 
 
@@ -122,12 +122,12 @@ def test_a_layer_read_at_sixteen_bits_gets_uint16_codes_under_opset_21(tmp_path:
     steps = {}
     for wide in (False, True):
         model = residual_model(tmp_path)
-        expected = ort_backend.session(model).run(None, {"x": x})[0]
+        expected = execution.session(model).run(None, {"x": x})[0]
         second = layer_name(plan_quantization_points(model)[0][1])
         formats = {second: ACTIVATION_FORMATS[16]} if wide else {}
         AnnotatePass(ranges_from(model, x), activation_formats=formats)(model)
         QDQPass()(model)
-        proto = ort_backend.to_proto(model)
+        proto = execution.to_proto(model)
         onnx.checker.check_model(proto, full_check=True)
         zero_points = {init.name: init.data_type for init in proto.graph.initializer}
         codes = {
@@ -136,7 +136,7 @@ def test_a_layer_read_at_sixteen_bits_gets_uint16_codes_under_opset_21(tmp_path:
         uint16 = {name for name, dtype in codes.items() if dtype == onnx.TensorProto.UINT16}
         assert uint16 == ({"r1"} if wide else set()) and set(codes) == {"x", "r1", "c2", "y"}
         assert {opset.domain: opset.version for opset in proto.opset_import}[""] == (21 if wide else 18)
-        got = ort_backend.session(model).run(None, {"x": x})[0]
+        got = execution.session(model).run(None, {"x": x})[0]
         np.testing.assert_allclose(got, expected, atol=0.1 * float(np.abs(expected).max()))  # int8 elsewhere
         steps[wide] = float(
             onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "r1_scale"))
@@ -155,12 +155,12 @@ def test_uint4_activations_are_clamped_to_sixteen_levels(tmp_path: Path) -> None
     calibration_x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
     AnnotatePass(ranges_from(model, calibration_x), activation_spec=ACTIVATION_FORMATS[4])(model)
     QDQPass()(model)
-    proto = ort_backend.to_proto(model)
+    proto = execution.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     clips = [node for node in proto.graph.node if node.op_type == "Clip" and node.input[0].endswith("_quantized")]
     assert len(clips) == 4  # one per activation point: x, r1, c2, y
     wide = (calibration_x * 3.0).astype(np.float32)  # far outside the calibrated range
-    session = ort_backend.session(model, extra_outputs=["x_dequantized"])
+    session = execution.session(model, extra_outputs=["x_dequantized"])
     (seen,) = session.run(["x_dequantized"], {"x": wide})
     low, high = float(calibration_x.min()), float(calibration_x.max())
     scale = (high - min(low, 0.0)) / 15
@@ -192,9 +192,9 @@ def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: b
     assert spec.block_size == 32 and spec.bits == 4 and spec.scale_rule == WEIGHT_FORMATS["int4"].scale_rule
     original = node.inputs[1].const_value.numpy().copy()
     QDQPass()(model)
-    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    onnx.checker.check_model(execution.to_proto(model), full_check=True)
     dequantized = str(node.inputs[1].name)
-    (seen,) = ort_backend.session(model, extra_outputs=[dequantized]).run([dequantized], {"x": x})
+    (seen,) = execution.session(model, extra_outputs=[dequantized]).run([dequantized], {"x": x})
     scales = spec.weight_scales(original)  # [16 outputs, 2 blocks]
     assert scales.shape == (16, 2)
     expected = spec.dequantize(spec.quantize(original, scales), scales)
@@ -211,13 +211,13 @@ def test_two_bit_weights_are_the_four_twos_complement_codes(tmp_path: Path) -> N
     """``--bits 2``: every weight is stored as int8 codes in {-2, -1, 0, 1} (all four used) with a per-channel
     scale, and the quantized model still follows the float one's sign pattern (a coarse format: only a
     sanity bound)."""
-    from qcompile.passes import pipeline
+    from qcompile.flow.quantize import QuantizeOptions, quantize
 
     model = residual_model(tmp_path)
     rng = np.random.default_rng(3)
     feeds = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
-    options = pipeline.QuantizeOptions(bits="2", float_threshold=0, weight_rounding="nearest", sensitivity_samples=4)
-    result = pipeline.quantize(model, feeds, options, progress=False)
+    options = QuantizeOptions(bits="2", float_threshold=0, weight_rounding="nearest", sensitivity_samples=4)
+    result = quantize(model, feeds, options, progress=False)
     assert [record.weight_bits for record in result.layers] == [2, 2]
     codes = [
         value.const_value.numpy()
@@ -228,7 +228,7 @@ def test_two_bit_weights_are_the_four_twos_complement_codes(tmp_path: Path) -> N
     assert {-2, 1} <= set(np.unique(np.concatenate([c.ravel() for c in codes])))
     assert result.error["mean_cosine"] > 0.5
     with pytest.raises(Exception, match="not 8, 4, 2 or auto"):
-        pipeline.QuantizeOptions(bits="3")
+        QuantizeOptions(bits="3")
 
 
 CHAIN = """
@@ -247,15 +247,15 @@ g (float[1, 4, 6, 6] x) => (float[1, 4, 6, 6] y)
 def test_a_layer_kept_float_between_int8_layers_runs_in_float(tmp_path: Path) -> None:
     # onnxruntime's WeightBiasQuantization would quantize the float weights of a Conv read from a DequantizeLinear
     # and written to a QuantizeLinear (coarser than qcompile's int8); qcompile's sessions switch it off.
-    from qcompile.passes import pipeline
+    from qcompile.flow.quantize import quantize
 
     rng = np.random.default_rng(0)
     weights = {name: "{" + ", ".join(f"{v:.4f}" for v in rng.standard_normal(16)) + "}" for name in ("w1", "w2", "w3")}
     model = frontend.load(save_model(parse_model(CHAIN.format(**weights)), tmp_path / "chain.onnx"))
     middle = layer_name([node for node in model.graph if node.op_type == "Conv"][1])
     feeds = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
-    mixed = pipeline.quantize(model, feeds, progress=False, keep_float=frozenset({middle})).model
-    profiled = ort_backend.kernel_times(mixed, feeds[0], runs=1, warmup=0, sessions=1)
+    mixed = quantize(model, feeds, progress=False, keep_float=frozenset({middle})).model
+    profiled = execution.kernel_times(mixed, feeds[0], runs=1, warmup=0, sessions=1)
     # onnxruntime names a node by its output where the source node has no name: the float layer's is 'c2...'.
     kernels = profiled.op_types.items()
     assert any(op in ("Conv", "FusedConv") and name.startswith("c2") for name, op in kernels), profiled.op_types

@@ -38,7 +38,7 @@ def test_activation_params_keep_zero_exact() -> None:
 
 def test_quantize_options_are_validated() -> None:
     from qcompile.errors import CalibrationError
-    from qcompile.passes.pipeline import QuantizeOptions
+    from qcompile.flow.quantize import QuantizeOptions
 
     with pytest.raises(CalibrationError, match="weight blocks must hold >= 2 inputs"):
         QuantizeOptions(weight_block=1)

@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
-from qcompile.passes import pipeline
+from qcompile import execution, frontend
+from qcompile.flow.quantize import QuantizeOptions, quantize
 from qcompile.passes.hadamard import HadamardRotationPass
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.smoothquant import SmoothQuantPass, producer_statistics
@@ -69,7 +68,7 @@ def test_smollm2_rewrites_are_exact(which: str, smollm2: tuple[Path, list[dict[s
         assert len(splitter.splits) >= 2 * 7
     outputs = sensitivity.run_all(model, feeds)
     assert _worst(references, outputs) < TOLERANCE
-    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    onnx.checker.check_model(execution.to_proto(model), full_check=True)
 
 
 def test_smollm2_w4a4_quantizes_with_clamped_codes(smollm2: tuple[Path, list[dict[str, np.ndarray]]]) -> None:
@@ -78,11 +77,11 @@ def test_smollm2_w4a4_quantizes_with_clamped_codes(smollm2: tuple[Path, list[dic
     cost much accuracy, as the bench figures show; this only guards against a broken graph)."""
     path, feeds = smollm2
     model = frontend.load(path)
-    options = pipeline.QuantizeOptions(
+    options = QuantizeOptions(
         bits="4", activation_bits=4, rotate="hadamard", float_threshold=0, sensitivity_samples=2
     )
-    result = pipeline.quantize(model, feeds, options, progress=False)
-    proto = ort_backend.to_proto(result.model)
+    result = quantize(model, feeds, options, progress=False)
+    proto = execution.to_proto(result.model)
     clips = sum(1 for node in proto.graph.node if node.name.endswith("_ClipCodes"))
     quantizers = sum(1 for node in proto.graph.node if node.op_type == "QuantizeLinear")
     assert clips == quantizers > 0

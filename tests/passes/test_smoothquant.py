@@ -16,11 +16,11 @@ import pytest
 import zoo
 from graph_helpers import constant
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend
 from qcompile.errors import CalibrationError
-from qcompile.hwmodels.profile import small_transformer
-from qcompile.passes import pipeline
+from qcompile.flow.profile import small_transformer
+from qcompile.flow.quantize import QuantizeOptions
+from qcompile.graph import clone
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.smoothquant import SmoothQuantPass, producer_statistics
 from qcompile.search import sensitivity
@@ -30,14 +30,14 @@ TOLERANCE = 1e-5
 
 def _smooth(model, feeds, alpha):  # type: ignore[no-untyped-def]
     MatMulAddToGemmPass()(model)
-    before = pipeline._clone(model)
+    before = clone(model)
     references = sensitivity.run_all(model, feeds)
     absmax, rows = producer_statistics(model, feeds)
     smoother = SmoothQuantPass(absmax.get, alpha, rows.get)
     smoother(model)
     outputs = sensitivity.run_all(model, feeds)
     worst = max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(outputs, references, strict=True))
-    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    onnx.checker.check_model(execution.to_proto(model), full_check=True)
     return before, smoother.decisions, worst
 
 
@@ -96,7 +96,7 @@ def test_options_and_flags_are_validated() -> None:
     from qcompile.cli import main
 
     with pytest.raises(CalibrationError, match="SmoothQuant alpha"):
-        pipeline.QuantizeOptions(smoothquant=1.5)
+        QuantizeOptions(smoothquant=1.5)
     with pytest.raises(ValueError, match="alpha"):
         SmoothQuantPass(lambda name: None, alpha="sometimes")
     with pytest.raises(SystemExit) as exit_info:

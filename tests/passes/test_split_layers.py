@@ -14,8 +14,7 @@ import onnx
 import pytest
 import zoo
 
-from qcompile import frontend
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.split_layers import SplitLayersPass, kmeans_1d
 from qcompile.search import sensitivity
@@ -50,7 +49,7 @@ def test_split_is_exact_in_float(which: str, request: pytest.FixtureRequest) -> 
     after = sum(1 for node in model.graph if node.op_type in ("Conv", "Gemm", "MatMul"))
     assert after == layers + 2 * len(splitter.splits)
     assert [str(value.name) for value in model.graph.outputs] == output_names
-    onnx.checker.check_model(ort_backend.to_proto(model), full_check=True)
+    onnx.checker.check_model(execution.to_proto(model), full_check=True)
     outputs = sensitivity.run_all(model, feeds)
     for out, ref in zip(outputs, references, strict=True):
         assert float(np.abs(out - ref).max()) <= TOLERANCE * float(np.abs(ref).max())
@@ -62,7 +61,7 @@ def test_split_parts_sum_as_accumulators_and_help_int4(minilm: Path) -> None:
     correction only: the sequential refit would take a session per part) splitting brings the
     pooled embeddings closer to fp32's on real sentences, as SplitQuant reports for low-bit BERTs (measured
     mean cosine 0.904 -> 0.954 on 200 sentences; here on 24, 0.895 -> 0.955, asserted to improve by 0.01)."""
-    from qcompile.passes import pipeline
+    from qcompile.flow.quantize import QuantizeOptions, quantize
 
     model = frontend.load(minilm)
     calibration = list(zoo.minilm_feeds(zoo.pydoc_sentences(16, offset=1000)))
@@ -75,7 +74,7 @@ def test_split_parts_sum_as_accumulators_and_help_int4(minilm: Path) -> None:
     reference = pooled(model)
     cosines = {}
     for split in (False, True):
-        options = pipeline.QuantizeOptions(
+        options = QuantizeOptions(
             bits="4",
             split_layers=split,
             float_threshold=0,
@@ -83,8 +82,8 @@ def test_split_parts_sum_as_accumulators_and_help_int4(minilm: Path) -> None:
             sensitivity_samples=4,
             bias_correction="expected",
         )
-        result = pipeline.quantize(model, calibration, options, progress=False)
-        proto = ort_backend.to_proto(result.model)
+        result = quantize(model, calibration, options, progress=False)
+        proto = execution.to_proto(result.model)
         parts = {
             o for node in proto.graph.node for o in node.output if o.endswith(("_low_out", "_mid_out", "_high_out"))
         }

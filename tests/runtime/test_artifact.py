@@ -111,9 +111,9 @@ def test_large_model_path_uses_external_data(
 ) -> None:
     """Models whose weights pass 2 GiB take the external-data path; the limit is lowered so a real model
     exercises it here (writing 2 GiB in a test would dominate the suite)."""
-    from qcompile.backends import ort as ort_backend
+    from qcompile import execution
 
-    monkeypatch.setattr(ort_backend, "LARGE_MODEL_BYTES", 1024)
+    monkeypatch.setattr(execution, "LARGE_MODEL_BYTES", 1024)
     manifest = api.compile(digits[0], tmp_path / "large", calibration_data=digits_calibration, progress=False)
     assert {"model.int8.onnx.data", "reference.fp32.onnx.data"} <= set(manifest["files"])
     assert "tvm" not in manifest["executors"] and "2 GiB" in manifest["skipped"]["tvm"]

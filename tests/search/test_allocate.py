@@ -13,7 +13,7 @@ import pytest
 from qcompile import api
 from qcompile.cli import main
 from qcompile.errors import BudgetError
-from qcompile.passes.pipeline import QuantizeOptions
+from qcompile.flow.quantize import QuantizeOptions
 from qcompile.search.allocate import CANDIDATES, LayerCosts, Problem, allocate, evaluate, pareto_front
 from qcompile.search.bits import SearchResult, within_accuracy
 
@@ -185,8 +185,8 @@ def test_candidates_fp32_beats_on_latency_are_not_measured_without_a_size_budget
     optimal (fp32's error is 0): it is not measured. Priced here so that W8A16 is that slow, as onnxruntime
     runs it on the host; with a size budget (where its int8-sized weights could matter) it is measured."""
     from qcompile import frontend
+    from qcompile.flow.quantize import quantize
     from qcompile.hwmodels.cost import CostModel
-    from qcompile.passes.pipeline import quantize
 
     prices = {"fp32": 10.0, "int16": 60.0}
     monkeypatch.setattr(CostModel, "latency_us", lambda self, layer, choice: prices.get(choice.activations, 5.0))

@@ -12,7 +12,7 @@ import pytest
 
 from qcompile import frontend
 from qcompile.errors import CalibrationError
-from qcompile.passes.pipeline import QuantizeOptions, quantize
+from qcompile.flow.quantize import QuantizeOptions, quantize
 from qcompile.passes.quant_spec import WEIGHT_FORMATS
 from qcompile.search import sensitivity
 

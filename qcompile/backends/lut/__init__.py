@@ -13,15 +13,14 @@ From a graph rewritten by :class:`qcompile.passes.ternarize.TernarizePass` (int8
 - ``plan.json``: per-layer tiling, table size, weight placement, cycles, and the device's resources and
   latency (:mod:`.fpga`), an estimate.
 
-:class:`LutExecutor` runs ``model.lut.onnx`` on the host: onnx's reference evaluator for the float glue,
-the TVM kernel for every ``LutMatMul``. Its integer products are bit-exact with onnxruntime's
+:class:`qcompile.runtime.lut.LutExecutor` runs ``model.lut.onnx`` on the host: onnx's reference evaluator for
+the float glue, the TVM kernel for every ``LutMatMul``. Its integer products are bit-exact with onnxruntime's
 ``MatMulInteger`` on the ternary graph.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +30,12 @@ import onnx
 import onnx.shape_inference
 
 from qcompile.backends.lut import fpga, hls, kernel
-from qcompile.backends.lut.pack import pack_trits5, unpack_trits5
 from qcompile.backends.tvm import cross
-from qcompile.errors import BackendError, UnsupportedModelError
+from qcompile.errors import UnsupportedModelError
 from qcompile.hwmodels import Target
-
-FOLDER = "lut"
-GRAPH = f"{FOLDER}/model.lut.onnx"
-KERNELS = f"{FOLDER}/kernels.so"
-DEVICE_KERNELS = f"{FOLDER}/kernels.aarch64.so"  # for the board's Arm cores (the KV260's Cortex-A53)
-PLAN = f"{FOLDER}/plan.json"
-DOMAIN = "ai.qcompile.lut"
-OP = "LutMatMul"
+from qcompile.runtime.lut import DEVICE_KERNELS, DOMAIN, FOLDER, GRAPH, KERNELS, OP, PLAN
+from qcompile.runtime.lut import layout as lut_layout
+from qcompile.runtime.lut.pack import pack_trits5
 
 
 @dataclass(frozen=True)
@@ -131,12 +124,12 @@ def build(proto: onnx.ModelProto, target: Target, staging: Path) -> tuple[list[s
         files.append(layer.file)
     (staging / GRAPH).write_bytes(_lut_graph(proto, layers).SerializeToString())
     files.append(GRAPH)
-    flavor = kernel.host_flavor()
+    flavor = lut_layout.host_flavor()
     module = kernel.build({layer.function: (layer.rows, layer.k, layer.n) for layer in layers}, flavor)
     kernel.export(module, staging / KERNELS, flavor)
     files.append(KERNELS)
     shapes = {layer.function: (layer.rows, layer.k, layer.n) for layer in layers}
-    arm = kernel.FLAVORS["aarch64"]
+    arm = lut_layout.FLAVORS["aarch64"]
     toolchain = cross.toolchain_for(arm.tvm_target)
     device_kernels = "not built: no aarch64 cross compiler (qcompile toolchains --install)"
     if toolchain is not None and cross.status(toolchain)["compiler"]:
@@ -157,40 +150,3 @@ def build(proto: onnx.ModelProto, target: Target, staging: Path) -> tuple[list[s
     files.append(PLAN)
     return files, plan
 
-
-class LutExecutor:
-    """Runs an artifact's ``model.lut.onnx`` with the TVM table-lookup kernels on this machine."""
-
-    def __init__(self, folder: Path, entry: dict[str, Any]) -> None:
-        from onnx.reference import ReferenceEvaluator
-        from onnx.reference.op_run import OpRun
-
-        if entry.get("arch", platform.machine()) != platform.machine():
-            raise BackendError(f"the LUT kernels of {folder} are built for {entry['arch']}")
-        graph = onnx.load(str(folder / entry["file"]))
-        plan = json.loads((folder / PLAN).read_text())
-        flavor = kernel.host_flavor()
-        import tvm
-
-        module = tvm.runtime.load_module(str(folder / entry["kernels"]))
-        kernels = {}
-        for node in graph.graph.node:
-            if node.domain != DOMAIN:
-                continue
-            attributes = {attribute.name: attribute.i for attribute in node.attribute}
-            index, k, n = attributes["layer"], attributes["k"], attributes["n"]
-            packed = np.fromfile(folder / plan["files"][node.name], np.uint8).reshape(n, -1)
-            rows = next(layer["rows"] for layer in plan["layers"] if layer["name"] == node.name)
-            kernels[index] = kernel.LutMatMul(module, f"layer_{index}", unpack_trits5(packed, k), rows, flavor)
-
-        class LutMatMul(OpRun):  # type: ignore[misc]
-            op_domain = DOMAIN
-
-            def _run(self, codes: np.ndarray, layer: int = 0, k: int = 0, n: int = 0) -> tuple[np.ndarray]:
-                result = kernels[layer](np.ascontiguousarray(codes.reshape(-1, k)))
-                return (result.reshape(*codes.shape[:-1], n),)
-
-        self._evaluator = ReferenceEvaluator(graph, new_ops=[LutMatMul])
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self._evaluator.run(None, feeds))

@@ -30,9 +30,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qcompile.backends.lut.pack import TRITS5_GROUP, TRITS5_TABLE
 from qcompile.errors import TargetError
 from qcompile.hwmodels import Target
+from qcompile.runtime.lut.pack import TRITS5_GROUP, TRITS5_TABLE
 
 ENGINE_FIGURES = (
     "lanes",

@@ -7,7 +7,7 @@ Vitis-HLS pragmas for the fabric: double-buffered table memories for ``group_par
 same source is the C++ simulation; :func:`simulate` builds and runs it and must agree bit for bit with
 :func:`qcompile.backends.lut.reference.lut_matmul`.
 
-Weights are in the 1.6-bit ``trits5`` format of :mod:`qcompile.backends.lut.pack`; activations int8,
+Weights are in the 1.6-bit ``trits5`` format of :mod:`qcompile.runtime.lut.pack`; activations int8,
 outputs int32.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.backends.lut.pack import TRITS5_GROUP, TRITS5_TABLE
 from qcompile.errors import BackendError
+from qcompile.runtime.lut.pack import TRITS5_GROUP, TRITS5_TABLE
 
 ENGINE = "engine.hpp"
 BENCH = "sim_main.cpp"

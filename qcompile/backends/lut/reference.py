@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompile.backends.lut.pack import TRITS5_GROUP, TRITS5_TABLE
+from qcompile.runtime.lut.pack import TRITS5_GROUP, TRITS5_TABLE
 
 
 def dense(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def tables(activations: np.ndarray) -> np.ndarray:
 
 
 def lut_matmul(activations: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """``[M, K]`` int8 times weights packed by :func:`~qcompile.backends.lut.pack.pack_trits5` -> int32."""
+    """``[M, K]`` int8 times weights packed by :func:`~qcompile.runtime.lut.pack.pack_trits5` -> int32."""
     table = tables(activations).astype(np.int32)  # [M, groups, 122]
     codes = packed.astype(np.int64)  # [N, groups]
     folded = np.where(codes < TRITS5_TABLE, codes, 242 - codes)

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from qcompile.backends.tvm import cross, cuda, threads  # noqa: F401  (threads sets up TVM's pool)
-from qcompile.errors import ArtifactError, BackendError, first_line
+from qcompile.backends.tvm import cross, cuda
+from qcompile.errors import BackendError, first_line
+from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
 logger = logging.getLogger(__name__)
 
@@ -155,32 +155,3 @@ def _import_onnx(proto: onnx.ModelProto) -> Any:
     finally:
         onnx_frontend._get_convert_map = original
 
-
-class TVMExecutor:
-    """Runs a library built by :func:`build` with the Relax virtual machine on the host CPU."""
-
-    def __init__(self, library: Path, input_names: list[str], cpu: str | None = None) -> None:
-        import tvm
-        from tvm import relax
-        from tvm.target import codegen
-
-        here = codegen.llvm_get_system_cpu()
-        if cpu and cpu != here:
-            raise ArtifactError(
-                f"{library.name} is built for the {cpu} CPU and may use instructions this {here} CPU lacks; "
-                "run the artifact's 'integer' executor here, or compile it again on this machine"
-            )
-
-        self._tvm = tvm
-        self._device = tvm.cpu()
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
-        self._input_names = input_names
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        arguments = [
-            self._tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self._device) for name in self._input_names
-        ]
-        result = self._vm["main"](*arguments)
-        if hasattr(result, "numpy"):
-            return [result.numpy()]
-        return [item.numpy() for item in result]

@@ -5,7 +5,7 @@
 :func:`matmul_primfunc` computes ``Y[M, N] = (A - za) @ W`` for uint8 activations ``A [M, K]`` with one zero
 point ``za``, int8 weights ``W [K, N]`` and an int32 result, exactly what ONNX ``MatMulInteger`` computes
 with a scalar activation zero point and symmetric weights, as the integer lowering
-(:mod:`qcompile.passes.requantize`) emits for linear layers. Integer arithmetic, so bit-exact with numpy.
+(:mod:`qcompile.backends.integer`) emits for linear layers. Integer arithmetic, so bit-exact with numpy.
 The integer graph's convolutions (:mod:`qcompile.backends.tvm.integer`) use the same flavors.
 
 The flavors (TVM ships int8 intrinsics for AVX-512 VNNI only; these are written here):
@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from qcompile.backends.tvm import threads  # noqa: F401  (sets up TVM's thread pool)
-from qcompile.backends.tvm.bound import BoundKernel, compile_kernels
+from qcompile.backends.tvm.bound import compile_kernels
 from qcompile.errors import BackendError
+from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
+from qcompile.runtime.bound import BoundKernel
 
 FUNCTION = "int8_matmul"
 

@@ -1,6 +1,6 @@
 # mypy: disable-error-code="valid-type"
 # (TVMScript annotates buffers as T.Buffer(shape, dtype), which is not a type to mypy.)
-"""The integer-only graph (:mod:`qcompile.passes.requantize`) as a Relax module of hand-written int8 kernels.
+"""The integer-only graph (:mod:`qcompile.backends.integer`) as a Relax module of hand-written int8 kernels.
 
 TVM's ONNX importer widens ``ConvInteger`` / ``MatMulInteger`` to int32 and schedules nothing on the CPU,
 so this module lowers the integer graph itself, on the int8 dot products of
@@ -20,7 +20,7 @@ so this module lowers the integer graph itself, on the int8 dot products of
   fused into the anchor's epilogue, on 16-lane vectors, so each layer reads int8 and writes int8 once.
   ``Div`` by a power of two is a shift with ONNX's truncation toward zero; the others are the ops
   themselves, in the same dtypes, so the result is bit-exact with the numpy oracle
-  (:mod:`qcompile.passes.integer_reference`). The requantization chain as the lowering writes it has a
+  (:mod:`qcompile.backends.integer.reference`). The requantization chain as the lowering writes it has a
   cheaper exact form on 16 lanes (:func:`fast_requantize`).
 - Elementwise ops over two tensors (a residual ``Add`` with its rescaling and requantization) and the input
   ``QuantizeLinear`` are one fused elementwise kernel each.
@@ -41,8 +41,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qcompile.backends.tvm import int8_kernels, threads  # noqa: F401  (threads sets up TVM's pool)
-from qcompile.passes.integer_reference import node_attributes
+from qcompile.backends.integer.reference import node_attributes
+from qcompile.backends.tvm import int8_kernels
+from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
 LANES = 16
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min"})

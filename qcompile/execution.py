@@ -1,9 +1,10 @@
-"""onnxruntime sessions from the IR: the one place that hands models to onnxruntime.
+"""Running models while compiling: onnxruntime sessions on the IR, sharing its weights, and kernel profiles.
 
-onnx 1.23 writes IR version 14, which onnxruntime 1.31 rejects, so every model handed over is stamped
-with :data:`ORT_IR_VERSION`. A model whose weights pass :data:`LARGE_MODEL_BYTES` cannot be serialized as
-one protobuf (2 GiB limit): it is written with its weights in an external data file beside it, and
-onnxruntime loads it from that path.
+Calibration, the passes that measure (GPTQ, bias correction, SmoothQuant), the search and the flow all run
+models through here; sessions are created by :mod:`qcompile.runtime.executors`, so compile-time sessions
+and an artifact's run the same graph optimizations. A model whose weights pass :data:`LARGE_MODEL_BYTES`
+cannot be serialized as one protobuf (2 GiB limit): it is written with its weights in an external data file
+beside it, and onnxruntime loads it from that path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-ORT_IR_VERSION = 10
+from qcompile.runtime.executors import (
+    ORT_IR_VERSION,
+    create_session,
+    session_from_path,
+    session_options,
+)
+
 # Leaves room under protobuf's 2 GiB for the graph itself.
 LARGE_MODEL_BYTES = 2**31 - 2**26
 
@@ -55,36 +62,6 @@ def save(model: ir.Model, path: Path) -> list[str]:
         model.ir_version = original
     return [path.name, data]
 
-
-# onnxruntime's WeightBiasQuantization (a basic-level graph optimization) quantizes the float weights and bias
-# of a Conv / Gemm / MatMul whose activation input comes from a DequantizeLinear, so that the node fuses into
-# an integer kernel. A layer qcompile keeps float between int8 layers is float on purpose (sensitive, or
-# chosen by the search); onnxruntime's quantization of it is coarser than qcompile's int8: keeping one
-# EfficientNet-Lite0 depthwise Conv float raised the output error 1.19e-2 -> 3.60e-2 with it, lowered it to
-# 1.09e-2 without.
-DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
-
-
-def _create(source: bytes | str, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(
-        source, options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS
-    )
-
-
-def session_options(threads: int = 0) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-def session_from_bytes(data: bytes, threads: int = 0) -> ort.InferenceSession:
-    return _create(data, session_options(threads))
-
-
-def session_from_path(path: Path, threads: int = 0) -> ort.InferenceSession:
-    return _create(str(path), session_options(threads))
 
 
 def _large_session(model: ir.Model, extra_outputs: list[str], threads: int) -> ort.InferenceSession:
@@ -168,7 +145,7 @@ def session(
     options = session_options(threads)
     if names:
         options.add_external_initializers(names, arrays)
-    created = _create(proto.SerializeToString(), options)
+    created = create_session(proto.SerializeToString(), options)
     created._qcompile_arrays = arrays  # type: ignore[attr-defined]  # onnxruntime reads their memory
     return created
 
@@ -209,7 +186,7 @@ def kernel_times(
             first = not per_session  # the optimized graph is the same in every session: read it once
             if first:
                 options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-            session = _create(data, options)
+            session = create_session(data, options)
             if first:
                 optimized = onnx.load(str(Path(folder) / "optimized.onnx"), load_external_data=False)
                 outputs = {node.name: tuple(node.output) for node in optimized.graph.node}

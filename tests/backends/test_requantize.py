@@ -21,21 +21,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, runtime
 from qcompile.backends import tvm as tvm_backend
-from qcompile.backends.ort import ORT_IR_VERSION, session_from_bytes
+from qcompile.backends.integer import dyadic, lower
+from qcompile.backends.integer import reference as integer_reference
 from qcompile.errors import CalibrationError, UnsupportedModelError
-from qcompile.passes import integer_reference, requantize
-from qcompile.passes.pipeline import QuantizeOptions
+from qcompile.flow.quantize import QuantizeOptions
+from qcompile.runtime.executors import ORT_IR_VERSION, session_from_bytes
 
 HAS_VNNI = " avx512_vnni" in Path("/proc/cpuinfo").read_text()
 
 
 def test_dyadic_multipliers_are_close_and_in_range() -> None:
     multipliers = np.exp(np.random.default_rng(0).uniform(np.log(1e-6), np.log(3.0), 1000))
-    m0, shift = requantize.dyadic(multipliers)
+    m0, shift = dyadic(multipliers)
     assert ((m0 >= 2**29) & (m0 < 2**30)).all() and (shift >= 1).all()
     assert np.abs(m0 * 2.0**-shift / multipliers - 1).max() < 2.0**-29
     with pytest.raises(UnsupportedModelError, match="positive"):
-        requantize.dyadic(np.array([0.0]))
+        dyadic(np.array([0.0]))
 
 
 def _qdq_gemm(weights: np.ndarray, bias: np.ndarray, scales: tuple[float, float, float], zero: int) -> onnx.ModelProto:
@@ -80,14 +81,14 @@ def test_requantization_rounds_half_up_and_saturates() -> None:
     weights = rng.integers(-127, 128, (16, 24))
     bias = rng.integers(-5000, 5000, 16)
     scales, zero = (0.02, 0.003, 0.05), 128
-    lowered, report = requantize.lower(_qdq_gemm(weights, bias, scales, zero))
+    lowered, report = lower(_qdq_gemm(weights, bias, scales, zero))
     onnx.checker.check_model(lowered, full_check=True)
     assert (
         report.requantizations == 1
         and report.layers[0]["accumulator_bound"] == (255 * np.abs(weights).sum(1) + np.abs(bias)).max()
     )
     session = session_from_bytes(lowered.SerializeToString())
-    (m0,), (shift,) = requantize.dyadic(np.array([scales[0] * scales[1] / scales[2]]))
+    (m0,), (shift,) = dyadic(np.array([scales[0] * scales[1] / scales[2]]))
     for trial in range(20):
         x = (rng.standard_normal((1, 24)) * 2).astype(np.float32)
         codes = np.clip(np.round(x / np.float32(scales[0])) + zero, 0, 255).astype(np.int64)
@@ -187,7 +188,7 @@ def test_a_reduction_past_int32_is_split_and_stays_exact() -> None:
     weights = np.where(rng.random((3, 70000)) < 0.9, 127, -127)  # up to 255 x 127 x 70000 = 2.27e9 > 2**31
     weights[0] = 127
     qdq = _qdq_gemm(weights, np.zeros(3), (0.01, 0.01, 30.0), 0)
-    lowered, report = requantize.lower(qdq)
+    lowered, report = lower(qdq)
     assert report.layers[0]["parts"] == 2 and report.layers[0]["accumulator_bound"] > 2**31
     assert [node.op_type for node in lowered.graph.node].count("MatMulInteger") == 2
     x = np.full((1, 70000), 2.5, np.float32)  # every code 250: channel 0's accumulator is 2.22e9, past int32
@@ -343,7 +344,7 @@ def test_integer_layer_norm_root_is_the_floor_square_root() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = ORT_IR_VERSION
-    lowered, _ = requantize.lower(model)
+    lowered, _ = lower(model)
     root = next(node.output[0] for node in lowered.graph.node if node.op_type == "Min")
     radicand = next(node.output[0] for node in lowered.graph.node if node.output[0].endswith("_r"))
     lowered.graph.output.extend(

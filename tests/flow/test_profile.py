@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from qcompile import frontend, hwmodels
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend, hwmodels
 from qcompile.errors import TargetError
-from qcompile.hwmodels import profile
+from qcompile.flow import profile
+from qcompile.flow.quantize import quantize
 from qcompile.hwmodels.cost import CostModel, calibration_path
 from qcompile.hwmodels.layers import describe
-from qcompile.passes import pipeline
+from qcompile.search.choices import as_pipeline_sees_it
 
 
 def test_kernels_map_to_every_compute_layer(digits: tuple[Path, float]) -> None:
@@ -21,10 +21,10 @@ def test_kernels_map_to_every_compute_layer(digits: tuple[Path, float]) -> None:
     train_x = zoo.digits_split()[0]
     feeds = [{"image": train_x[i : i + 1]} for i in range(8)]
     model = frontend.load(digits[0])
-    quantized = pipeline.quantize(model, feeds, progress=False).model
+    quantized = quantize(model, feeds, progress=False).model
     compute = [spec.name for spec in describe(model) if spec.quantizable]
     for graph in (model, quantized):  # fp32 (ORT fuses Conv + Relu) and QDQ (ORT fuses into QLinearConv)
-        times, unattributed = profile.layer_times(graph, ort_backend.kernel_times(graph, feeds[0], runs=3, sessions=1))
+        times, unattributed = profile.layer_times(graph, execution.kernel_times(graph, feeds[0], runs=3, sessions=1))
         assert all(times.get(name, 0.0) > 0 for name in compute), (times, compute)
         assert unattributed >= 0
 
@@ -57,9 +57,9 @@ def test_fused_skip_layer_norm_is_charged_to_its_norm() -> None:
     # onnxruntime runs a post-norm residual Add and its LayerNormalization as one SkipLayerNormalization kernel
     # named with a counter: it is found by the value it writes, and the cost model prices the Add inside it.
     model, feeds = profile.bert_like()
-    model = profile.as_pipeline_sees_it(model)  # as profiled: MatMul + bias Add as Gemm
+    model = as_pipeline_sees_it(model)  # as profiled: MatMul + bias Add as Gemm
     specs = describe(model)
-    times, unattributed = profile.layer_times(model, ort_backend.kernel_times(model, feeds[0], runs=3, sessions=1))
+    times, unattributed = profile.layer_times(model, execution.kernel_times(model, feeds[0], runs=3, sessions=1))
     norms = [spec for spec in specs if spec.op_type == "LayerNormalization"]
     assert norms and all(spec.kind == "addnorm" and times.get(spec.name, 0.0) > 0 for spec in norms)
     fused_adds = [spec for spec in specs if spec.op_type == "Add" and spec.free]

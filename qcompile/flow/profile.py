@@ -33,15 +33,16 @@ import onnx_ir as ir
 import scipy.optimize
 from tqdm import tqdm
 
-from qcompile.backends import ort as ort_backend
+from qcompile import execution, frontend
 from qcompile.calibration import Feed
 from qcompile.errors import TargetError
+from qcompile.flow.quantize import QuantizeOptions, quantize
+from qcompile.graph import layer_name
 from qcompile.hwmodels import Target
 from qcompile.hwmodels.cost import FLOAT, INT8, W8A16, Calibration, Choice, CostModel, compute_dtype, fit_factors
 from qcompile.hwmodels.layers import FUSED_AFTER_COMPUTE, LayerSpec, describe, layer_edges
-from qcompile.passes.annotate import layer_name, plan_quantization_points
-from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.runtime import bench
+from qcompile.search.choices import as_pipeline_sees_it, quantized_choices
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _aliases(model: ir.Model) -> dict[str, str]:
     return aliases
 
 
-def layer_times(model: ir.Model, kernels: ort_backend.KernelTimes) -> tuple[dict[str, float], float]:
+def layer_times(model: ir.Model, kernels: execution.KernelTimes) -> tuple[dict[str, float], float]:
     """Kernel times mapped to ``model``'s nodes (summed per node), and the time that maps to none.
 
     A kernel belongs to the node its name derives from or, failing that (onnxruntime names the nodes it
@@ -95,29 +96,8 @@ def layer_times(model: ir.Model, kernels: ort_backend.KernelTimes) -> tuple[dict
     return times, unattributed
 
 
-def quantized_choices(model: ir.Model, float_layers: frozenset[str] = frozenset()) -> dict[str, Choice]:
-    """The choice of every node once ``model`` is quantized W8A8 as the pipeline does it: int8 compute
-    layers, int8 Add / Concat / pooling where the int8 flow reaches them, float elsewhere."""
-    layers, points = plan_quantization_points(model, float_layers)
-    quantized = {layer_name(node) for node in layers}
-    names = {str(value.name) for value in points}
-    choices = {}
-    for node, spec in zip(model.graph, describe(model), strict=True):
-        if spec.name in quantized or (
-            not spec.quantizable and any(value is not None and str(value.name) in names for value in node.inputs)
-        ):
-            choices[spec.name] = INT8
-    return choices
 
 
-def as_pipeline_sees_it(model: ir.Model) -> ir.Model:
-    """A copy of the float ``model`` in the form the pipeline quantizes (MatMul + bias Add as Gemm), so that
-    its node names match the quantized model's layers."""
-    from qcompile.passes import pipeline
-
-    rewritten = pipeline._clone(model)
-    MatMulAddToGemmPass()(rewritten)
-    return rewritten
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -175,8 +155,6 @@ class _Net:
             inputs, [output], nodes=self.nodes, initializers=self.constants, opset_imports={"": 18}, name="sweep"
         )
         model = ir.Model(graph, ir_version=10, producer_name="qcompile-profile")
-        from qcompile import frontend
-
         return frontend.normalize(model, name="sweep network")
 
 
@@ -283,10 +261,10 @@ def default_sweep() -> list[tuple[str, Callable[[], tuple[ir.Model, list[Feed]]]
 
 def wall_us(model: ir.Model, feed: Feed, runs: int, sessions: int = 3) -> float:
     """End-to-end time of ``model`` under onnxruntime: the best of ``sessions`` fresh sessions' medians
-    (see :func:`qcompile.backends.ort.kernel_times` for why sessions differ)."""
+    (see :func:`qcompile.execution.kernel_times` for why sessions differ)."""
     medians = []
     for _ in range(sessions):
-        session = ort_backend.session(model)
+        session = execution.session(model)
         medians.append(bench.measure(lambda: session.run(None, feed), runs=runs, warmup=3).median_ms * 1e3)  # noqa: B023
     return float(min(medians))
 
@@ -299,11 +277,9 @@ class Measurement:
     measured_us: float
 
 
-def sweep_options() -> Any:
+def sweep_options() -> QuantizeOptions:
     """Quick quantization for timing only: the graph is what matters, not the rounding."""
-    from qcompile.passes import pipeline
-
-    return pipeline.QuantizeOptions(
+    return QuantizeOptions(
         calibration="minmax",
         bias_correction="none",
         weight_rounding="nearest",
@@ -317,8 +293,6 @@ def measure_transitions(
 ) -> list[tuple[float, float, float]]:
     """``(unexplained us, elements, count)`` of float/int8 transitions in mixed versions of ``model`` (every
     second, then every third compute layer float): wall time the per-node model does not explain."""
-    from qcompile.passes import pipeline
-
     rewritten = as_pipeline_sees_it(model)
     specs = describe(rewritten)
     names = [spec.name for spec in specs if spec.quantizable]
@@ -326,7 +300,7 @@ def measure_transitions(
     rows = []
     for step in (2, 3):
         floats = frozenset(names[::step])
-        mixed = pipeline.quantize(model, feeds, sweep_options(), progress=False, keep_float=floats).model
+        mixed = quantize(model, feeds, sweep_options(), progress=False, keep_float=floats).model
         choices = quantized_choices(rewritten, floats)
         explained = cost.model_latency_ms(specs, choices) * 1e3
         crossing = [elements for producer, consumer, elements in edges if (producer in floats) != (consumer in floats)]
@@ -361,11 +335,9 @@ def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) ->
     kernels per node."""
     import dataclasses
 
-    from qcompile.passes import pipeline
-
-    quantized = pipeline.quantize(model, feeds, sweep_options(), progress=False).model
+    quantized = quantize(model, feeds, sweep_options(), progress=False).model
     wide_options = dataclasses.replace(sweep_options(), activation_bits=16)
-    wide = pipeline.quantize(model, feeds, wide_options, progress=False).model
+    wide = quantize(model, feeds, wide_options, progress=False).model
     rewritten = as_pipeline_sees_it(model)
     specs = describe(rewritten)
     measurements: list[Measurement] = []
@@ -373,7 +345,7 @@ def measure_network(name: str, model: ir.Model, feeds: list[Feed], runs: int) ->
     int8_choices = quantized_choices(rewritten)
     wide_choices = {name: W8A16 if choice == INT8 else choice for name, choice in int8_choices.items()}
     for graph, choices in ((rewritten, {}), (quantized, int8_choices), (wide, wide_choices)):
-        kernels = ort_backend.kernel_times(graph, feeds[0], runs)
+        kernels = execution.kernel_times(graph, feeds[0], runs)
         times, _ = layer_times(graph, kernels)
         if graph is wide:
             times = with_conversions(graph, times)
@@ -479,8 +451,6 @@ def calibrate_remote(
 
     from qcompile.backends import tvm as tvm_backend
     from qcompile.backends.tvm import rpc
-    from qcompile.passes import pipeline
-
     started = time.perf_counter()
     rpc.time_libraries([], address)  # fail now, not after minutes of building, when nothing answers there
     show = progress and sys.stderr.isatty()
@@ -498,7 +468,7 @@ def calibrate_remote(
         for node, spec in chosen[:max_layers]:
             alone, feeds = single_layer(rewritten, node)
             cases.append((name, spec, FLOAT, alone, feeds))
-            quantized = pipeline.quantize(alone, feeds, sweep_options(), progress=False).model
+            quantized = quantize(alone, feeds, sweep_options(), progress=False).model
             cases.append((name, spec, INT8, quantized, feeds))
     overhead_net = _Net(0)
     x = _input("x", (1,))
@@ -509,11 +479,11 @@ def calibrate_remote(
             tqdm(cases, desc="building layers", unit="layer", disable=not show, file=sys.stderr)
         ):
             (library, *_), _ = tvm_backend.build(
-                ort_backend.to_proto(model), target.tvm_target, Path(scratch), f"layer_{index}.so"
+                execution.to_proto(model), target.tvm_target, Path(scratch), f"layer_{index}.so"
             )
             libraries.append((Path(scratch) / library, [feeds[0][str(value.name)] for value in model.graph.inputs]))
         (library, *_), _ = tvm_backend.build(
-            ort_backend.to_proto(overhead_model), target.tvm_target, Path(scratch), "overhead.so"
+            execution.to_proto(overhead_model), target.tvm_target, Path(scratch), "overhead.so"
         )
         libraries.append((Path(scratch) / library, [np.ones(1, np.float32)]))
         times = rpc.time_libraries(libraries, address, runs)

@@ -1,6 +1,6 @@
 """A plain numpy interpreter of integer-only graphs: the oracle the lowered graph is checked against.
 
-It knows exactly the ops :mod:`qcompile.passes.requantize` emits and evaluates each with the integer
+It knows exactly the ops :mod:`qcompile.backends.integer.lowering` emits and evaluates each with the integer
 semantics of the ONNX specification, in int64 where the spec's result type allows no overflow:
 ``QuantizeLinear`` (round half to even, saturate), ``ConvInteger`` / ``MatMulInteger`` (subtract the zero
 points, multiply, accumulate in int32), ``Div`` on integers (truncation toward zero), ``Clip``, ``Max``,

@@ -6,6 +6,7 @@ correction (which reads the weight specs) and QDQ insertion (which consumes them
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -15,16 +16,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import calibration, hwmodels
-from qcompile.backends import ort as ort_backend
+from qcompile import calibration, execution, hwmodels
 from qcompile.calibration import Feed
 from qcompile.errors import BudgetError, CalibrationError
+from qcompile.graph import clone, layer_name
 from qcompile.hwmodels import Target
-from qcompile.passes.annotate import AnnotatePass, layer_name, plan_quantization_points, quantizable_layers
+from qcompile.passes.annotate import AnnotatePass, plan_quantization_points, quantizable_layers
 from qcompile.passes.bias_correction import BiasCorrectionPass, refit_biases
 from qcompile.passes.equalize import ResidualEqualizationPass
 from qcompile.passes.gptq import GPTQPass, Hessian, HessianCollector
 from qcompile.passes.hadamard import HadamardRotationPass, Rotation
+from qcompile.passes.manager import PassLog
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.passes.qdq import QDQPass
 from qcompile.passes.quant_spec import ACTIVATION_FORMATS, WEIGHT_FORMATS
@@ -36,6 +38,8 @@ from qcompile.search.bits import SearchResult, within_accuracy
 from qcompile.search.bits import search as search_bits
 
 BIAS_CORRECTIONS = ("sequential", "expected", "none")
+# The value of an outlier-rewrite option that the target's recipe decides (its target file's [recipe]).
+FROM_TARGET = "target"
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ class QuantizeOptions:
         max_accuracy_drop: with ``bits='auto'``, the search's accuracy budget in percentage points against the
             float model (:func:`accuracy_drop`), measured on the samples held in memory: of the Pareto points
             within the latency and size budgets, the fastest whose measured drop is within it is chosen.
-        smoothquant: fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
+        smoothquant: (this and the next two: :data:`FROM_TARGET`, the default, takes the target's recipe)
+            fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
             linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
             producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
         rotate: None, 'hadamard' or 'hadamard-residual': rotate MatMul / Gemm inputs by randomized Hadamard
@@ -111,9 +116,9 @@ class QuantizeOptions:
     size_budget_mb: float | None = None
     max_accuracy_drop: float | None = None
     sensitivity: str = "measured"
-    smoothquant: float | str | None = None
-    split_layers: bool = False
-    rotate: str | None = None
+    smoothquant: float | str | None = FROM_TARGET
+    split_layers: bool | str = FROM_TARGET
+    rotate: str | None = FROM_TARGET
     ternary_scales: str = "channel"
     integer_only: bool = False
 
@@ -148,12 +153,11 @@ class QuantizeOptions:
         if self.float_threshold < 0:
             raise CalibrationError("float threshold must be >= 0")
         if (
-            self.smoothquant is not None
-            and self.smoothquant != "auto"
+            self.smoothquant not in (None, "auto", FROM_TARGET)
             and not (isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0)
         ):
             raise CalibrationError(f"SmoothQuant alpha {self.smoothquant!r} is not a number in [0, 1] or 'auto'")
-        if self.rotate not in (None, "hadamard", "hadamard-residual"):
+        if self.rotate not in (None, "hadamard", "hadamard-residual", FROM_TARGET):
             raise CalibrationError(f"rotation '{self.rotate}' is not hadamard or hadamard-residual")
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
@@ -163,6 +167,21 @@ class QuantizeOptions:
             raise CalibrationError("sensitivity samples must be >= 1")
         if self.ternary_scales not in ("channel", "tensor"):
             raise CalibrationError(f"ternary scales '{self.ternary_scales}' is not channel or tensor")
+        if not isinstance(self.split_layers, bool) and self.split_layers != FROM_TARGET:
+            raise CalibrationError(f"split layers {self.split_layers!r} is not true, false or '{FROM_TARGET}'")
+
+    def for_target(self, target: Target) -> QuantizeOptions:
+        """These options with every outlier rewrite left to the target (:data:`FROM_TARGET`) set as the
+        target's recipe says; the API and the CLI both compile through this, so they agree."""
+        recipe = target.recipe or hwmodels.RECIPE_DEFAULTS
+        smoothquant, rotate, split = self.smoothquant, self.rotate, self.split_layers
+        if smoothquant == FROM_TARGET:
+            smoothquant = None if recipe["smoothquant"] == "off" else recipe["smoothquant"]
+        if rotate == FROM_TARGET:
+            rotate = None if recipe["rotate"] == "none" else recipe["rotate"]
+        if split == FROM_TARGET:
+            split = bool(recipe["split_layers"])
+        return dataclasses.replace(self, smoothquant=smoothquant, rotate=rotate, split_layers=split)
 
 
 @dataclass
@@ -193,10 +212,6 @@ class QuantizeResult:
     variant: Callable[[dict[str, str]], ir.Model] | None = None
 
 
-def _clone(model: ir.Model) -> ir.Model:
-    """A copy of the graph and of every value's metadata; weight tensors are shared, which is safe because
-    passes replace a tensor (``value.const_value = ...``) and never write into one."""
-    return model.clone(deep_copy=True)
 
 
 def activation_values(model: ir.Model, table_ops: bool = False) -> list[str]:
@@ -207,6 +222,7 @@ def activation_values(model: ir.Model, table_ops: bool = False) -> list[str]:
 
 def _quantize_copy(
     model: ir.Model,
+    rewrites: PassLog,
     stats: calibration.Statistics,
     float_layers: frozenset[str],
     options: QuantizeOptions,
@@ -215,8 +231,9 @@ def _quantize_copy(
     activation_formats: dict[str, int] | None = None,
 ) -> ir.Model:
     """``model`` quantized with ``float_layers`` left float; ``weight_formats`` and ``activation_formats``
-    (activation bits) per layer where they differ from the options'."""
-    copy = _clone(model)
+    (activation bits) per layer where they differ from the options'. ``rewrites`` are the passes that made
+    ``model``: the copy's own passes must be allowed to follow them."""
+    copy, passes = clone(model), rewrites.fork()
     spec = ACTIVATION_FORMATS[options.activation_bits]
 
     def value_range(name: str, levels: int = spec.levels) -> tuple[float, float]:
@@ -226,13 +243,13 @@ def _quantize_copy(
     annotate = AnnotatePass(
         value_range, float_layers, weight_formats, spec, options.weight_block, options.integer_only, wide
     )
-    if not annotate(copy).modified:
+    if not passes.run(annotate, copy).modified:
         return copy  # every layer stays float: nothing to round, correct or insert
     if hessians:
-        GPTQPass(hessians)(copy)
+        passes.run(GPTQPass(hessians), copy)
     if options.bias_correction != "none":
-        BiasCorrectionPass(stats.channel_mean)(copy)
-    QDQPass()(copy)
+        passes.run(BiasCorrectionPass(stats.channel_mean), copy)
+    passes.run(QDQPass(), copy)
     return copy
 
 
@@ -280,9 +297,11 @@ def quantize(
     """Quantize ``model`` to QDQ (int8 activations; weights as ``options.bits`` says); ``model`` itself is
     left unchanged. ``target`` (default host) prices the bit-width search's candidates; the layers named
     in ``keep_float`` stay float whatever else is decided."""
-    options = options or QuantizeOptions()
-    model = _clone(model)
-    gemm_rewrite = MatMulAddToGemmPass()(model)
+    target = target or hwmodels.load_target("host")
+    options = (options or QuantizeOptions()).for_target(target)
+    model = clone(model)
+    rewrites = PassLog()  # the float rewrites of `model`, in the order passes.manager.ORDER checks
+    gemm_rewrite = rewrites.run(MatMulAddToGemmPass(), model)
     checked = calibration.checked(feeds, calibration.input_specs(model))
     # The first samples stay in memory (a bounded number): they choose equalization scales, measure
     # sensitivity and feed GPTQ; the stream then goes on through calibration once, without being held.
@@ -293,17 +312,17 @@ def quantize(
     if options.smoothquant is not None:
         absmax, rows = producer_statistics(model, kept)
         smoother = SmoothQuantPass(absmax.get, options.smoothquant, rows.get)
-        smoother(model)
+        rewrites.run(smoother, model)
         smoothed = smoother.decisions
     rotations: list[Rotation] = []
     if options.rotate is not None:
         rotator = HadamardRotationPass(residual=options.rotate == "hadamard-residual")
-        rotator(model)
+        rewrites.run(rotator, model)
         rotations = rotator.rotations
     splits: list[Split] = []
     if options.split_layers:
         splitter = SplitLayersPass()
-        splitter(model)
+        rewrites.run(splitter, model)
         splits = splitter.splits
     equalized: list[list[str]] = []
     if options.equalize:
@@ -311,7 +330,7 @@ def quantize(
             model, kept, activation_values(model, options.integer_only), "minmax", progress=False
         )
         equalizer = ResidualEqualizationPass(channels.channel_absmax, options.equalize_alpha)
-        equalizer(model)
+        rewrites.run(equalizer, model)
         equalized = equalizer.streams
     layers = quantizable_layers(model)
     # GPTQ's Hessians accumulate over the whole calibration stream, in the same single pass over it.
@@ -355,11 +374,11 @@ def quantize(
             # Round-to-nearest here: GPTQ for every layer in every format would double the search's time;
             # the chosen model is then GPTQ-rounded, so these errors are upper bounds.
             lambda layer, chosen: _quantize_copy(
-                model, stats, frozenset(names) - {layer}, options, None, *_split_formats({layer: chosen})[1:]
+                model, rewrites, stats, frozenset(names) - {layer}, options, None, *_split_formats({layer: chosen})[1:]
             ),
             kept,
             references,
-            target or hwmodels.load_target("host"),
+            target,
             options.latency_budget_ms,
             options.size_budget_mb,
             progress,
@@ -372,7 +391,7 @@ def quantize(
                 # Round-to-nearest and no bias refit, as the search's variants: conservative for the final
                 # model, which GPTQ and the refit then improve.
                 floats, weights, activations = _split_formats(point.formats)
-                built = _quantize_copy(model, stats, floats, options, None, weights, activations)
+                built = _quantize_copy(model, rewrites, stats, floats, options, None, weights, activations)
                 return accuracy_drop(output_metrics(sensitivity.run_all(built, held), held_references))
 
             searched.chosen = within_accuracy(
@@ -399,7 +418,9 @@ def quantize(
         measured = sensitivity.measure(
             names,
             [node.op_type for node in layers],
-            lambda layer: _quantize_copy(model, stats, frozenset(names) - {layer}, options, None, weight_formats),
+            lambda layer: _quantize_copy(
+                model, rewrites, stats, frozenset(names) - {layer}, options, None, weight_formats
+            ),
             kept,
             references,
             progress,
@@ -422,10 +443,10 @@ def quantize(
         records[name].weight_format = "fp32"
         records[name].float_reason = records[name].float_reason or "kept float by the caller"
     quantized = _quantize_copy(
-        model, stats, frozenset(float_layers), options, hessians, weight_formats, activation_formats
+        model, rewrites, stats, frozenset(float_layers), options, hessians, weight_formats, activation_formats
     )
     refit_skipped = None
-    if refit_count and ort_backend.is_large(quantized):
+    if refit_count and execution.is_large(quantized):
         refit_skipped = "the model is over 2 GB: each layer's onnxruntime session would write it to disk again"
         logger.warning("sequential bias refit skipped (the expected-shift correction stays): %s", refit_skipped)
     refit_feeds = [] if refit_skipped else held[:refit_count]  # empty: refit_biases changes nothing
@@ -525,17 +546,13 @@ def quantize(
     def variant(formats: dict[str, str]) -> ir.Model:
         """The model quantized with other per-layer formats, as the pipeline would finish it."""
         floats, weights, activations = _split_formats(formats)
-        built = _quantize_copy(model, stats, floats, options, hessians, weights, activations)
+        built = _quantize_copy(model, rewrites, stats, floats, options, hessians, weights, activations)
         refit_biases(model, built, refit_feeds)
         return built
 
     return QuantizeResult(
         quantized, [records[name] for name in names], passes, stats.samples, kept[0], error, searched, variant
     )
-
-
-def options_dict(options: QuantizeOptions) -> dict[str, Any]:
-    return asdict(options)
 
 
 __all__ = ["LayerRecord", "QuantizeOptions", "QuantizeResult", "activation_values", "quantize"]

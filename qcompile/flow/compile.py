@@ -1,0 +1,432 @@
+"""The compile flow: a target's ``pipeline`` names a sequence of stages in :data:`PIPELINES`.
+
+Every stage is a function of one :class:`Build`, the state of one compile: it reads what earlier stages
+left there and adds its own part (a quantized graph, files in the staging folder, executors, manifest
+sections). Adding a kind of target is a row of the table, not another branch. The manifest is assembled
+from the build and written once, at the end, into a staging folder that only then becomes the artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompile import calibration, execution, frontend, hwmodels
+from qcompile.backends import integer as integer_lowering
+from qcompile.backends import lut
+from qcompile.backends import tvm as tvm_backend
+from qcompile.calibration import Feed, Preprocess
+from qcompile.errors import CalibrationError, UnsupportedModelError, first_line
+from qcompile.flow import measure
+from qcompile.flow.feeds import feeds_from
+from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
+from qcompile.graph import clone
+from qcompile.passes.manager import PassLog
+from qcompile.passes.ternarize import TernarizePass
+from qcompile.runtime.artifact import MANIFEST, atomic_folder, dumps, sha256_file
+from qcompile.runtime.manifest import Executor, Manifest, Measured, Source, TargetInfo, TensorInfo
+from qcompile.search import report
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_ONNX = "model.int8.onnx"
+REFERENCE_ONNX = measure.REFERENCE_ONNX
+TERNARY_ONNX = "model.ternary.onnx"
+INTEGER_ONNX = "model.integer.onnx"
+REPORT_HTML = "report.html"
+
+
+def version() -> str:
+    try:
+        return metadata.version("qcompile")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Build:
+    """One compile in progress: its inputs, and what the stages have made so far."""
+
+    source: Path
+    model: ir.Model  # the normalized float model
+    target: hwmodels.Target
+    options: QuantizeOptions
+    staging: Path
+    calibration_feeds: Iterable[Feed]
+    inputs: list[calibration.InputSpec]
+    eval_data: Any
+    preprocess: Preprocess | None
+    build_tvm: bool
+    progress: bool
+    result: QuantizeResult | None = None
+    graph: ir.Model | None = None  # what the artifact's 'onnxruntime' executor runs
+    lowered: onnx.ModelProto | None = None  # the integer-only graph, when the target runs one
+    host_integer: onnx.ModelProto | None = None  # the lowering a host kernel library runs
+    sample: Feed | None = None
+    written: list[str] = field(default_factory=list)
+    executors: dict[str, Executor] = field(default_factory=dict)
+    manifest_options: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    lut_plan: dict[str, Any] | None = None
+    measured: Measured | None = None
+
+    @property
+    def toolchain(self) -> Any:
+        """The cross toolchain of a TVM build for another CPU, or None."""
+        integer_only = self.target.pipeline == "integer-only"
+        if not self.target.backend.startswith("tvm") or integer_only:
+            return None
+        return tvm_backend.cross.toolchain_for(self.target.tvm_target)
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            qcompile_version=version(),
+            source=Source(self.source.name, sha256_file(self.source)),
+            target=TargetInfo(self.target.name, self.target.description, self.target.backend, self.target.tvm_target),
+            inputs=_tensor_infos((self.graph or self.model).graph.inputs),
+            outputs=_tensor_infos((self.graph or self.model).graph.outputs),
+            options=self.manifest_options,
+            passes=self.passes,
+            layers=self.layers,
+            executors=self.executors,
+            files={
+                name: sha256_file(self.staging / name)
+                for name in sorted({*self.written, *(entry.file for entry in self.executors.values())})
+            },
+            skipped=self.skipped,
+            lut=self.lut_plan,
+            measured=self.measured,
+            default_executor=self.measured.default_executor if self.measured else None,
+        )
+
+
+Stage = Callable[[Build], None]
+
+
+def _tensor_infos(values: Any) -> list[TensorInfo]:
+    return [
+        TensorInfo(
+            str(value.name),
+            tuple(int(dim) if isinstance(dim, int) else -1 for dim in value.shape),
+            str(np.dtype(value.dtype.numpy())),
+        )
+        for value in values
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def integer_only_options(build: Build) -> None:
+    """An integer-only device has no float unit: every layer is quantized, weights int8, activations uint8."""
+    options, device = build.options, build.target
+    if options.bits != "8" or options.activation_bits != 8 or options.weight_block is not None:
+        raise CalibrationError(
+            f"target {device.name} runs int8 weights (per channel) and 8-bit activations only: "
+            "drop --bits, --activation-bits and --weight-block"
+        )
+    if options.float_threshold:
+        logger.info("target %s has no float unit: every layer is quantized (float threshold 0)", device.name)
+    build.options = dataclasses.replace(options, float_threshold=0.0, integer_only=True)
+
+
+def quantize_qdq(build: Build) -> None:
+    """Calibrate, search or measure sensitivity, and quantize to a QDQ graph."""
+    result = quantize(build.model, build.calibration_feeds, build.options, build.progress, target=build.target)
+    build.result, build.graph, build.sample = result, result.model, result.sample
+    build.manifest_options = dataclasses.asdict(build.options)
+    build.passes = result.passes
+    build.layers = [vars(record) for record in result.layers]
+
+
+def lower_to_integers(build: Build) -> None:
+    """The QDQ graph as an integer-only graph (ConvInteger / MatMulInteger, int32 bias, dyadic requant)."""
+    assert build.graph is not None
+    build.lowered, lowering = integer_lowering.lower(execution.to_proto(build.graph))
+    build.passes.append(
+        {
+            "name": "requantize",
+            "requantizations": lowering.requantizations,
+            "rounding": "round half up: floor((acc * M0 + 2**(n-1)) / 2**n), M0 in [2**29, 2**30)",
+            "accumulator_bounds": lowering.layers,
+        }
+    )
+
+
+def write_onnx(build: Build) -> None:
+    """The quantized and the reference ONNX files (the integer graph too, when there is one), checked."""
+    assert build.graph is not None
+    staging = build.staging
+    build.written += execution.save(build.graph, staging / QUANTIZED_ONNX)
+    build.written += execution.save(build.model, staging / REFERENCE_ONNX)
+    onnx.checker.check_model(str(staging / QUANTIZED_ONNX), full_check=True)
+    build.executors["onnxruntime"] = Executor("onnxruntime", QUANTIZED_ONNX, "quantized QDQ model")
+    build.executors["onnxruntime-fp32"] = Executor(
+        "onnxruntime", REFERENCE_ONNX, "the normalized float model (reference, fallback)"
+    )
+    if build.lowered is not None:
+        _write_integer(build, build.lowered)
+        build.executors["integer"] = Executor(
+            "onnxruntime",
+            INTEGER_ONNX,
+            "integer-only graph: ConvInteger / MatMulInteger, int32 bias, dyadic requantization",
+        )
+    search = next((entry for entry in build.passes if entry["name"] == "bit_search"), None)
+    if search is not None:
+        assert build.result is not None
+        html = report.render(build.source.name, build.target.name, search, build.result.layers)
+        (staging / REPORT_HTML).write_text(html)
+        build.written.append(REPORT_HTML)
+
+
+def _write_integer(build: Build, graph: onnx.ModelProto) -> None:
+    graph.ir_version = execution.ORT_IR_VERSION
+    (build.staging / INTEGER_ONNX).write_bytes(graph.SerializeToString())
+    onnx.checker.check_model(str(build.staging / INTEGER_ONNX), full_check=True)
+    build.written.append(INTEGER_ONNX)
+
+
+def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto | None:
+    """For a build on this machine's CPU: the QDQ graph's integer-only lowering, which qcompile's int8 kernels
+    run (:func:`qcompile.backends.tvm.build_integer`); None when a layer stays float or an op has no integer
+    form (the library is then TVM's build of the QDQ graph)."""
+    device = build.target
+    if build.toolchain is not None or not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
+        return None
+    try:
+        lowered, _ = integer_lowering.lower(graph)
+    except UnsupportedModelError as reason:
+        logger.info("the int8 kernels are not used: %s", first_line(reason))
+        return None
+    return lowered
+
+
+def build_library(build: Build) -> None:
+    """The TVM library of the graph: qcompile's int8 kernels where the graph lowers to integers, else TVM's
+    importer build; cross-compiled (with the device runner) for another CPU, CUDA source for a GPU."""
+    if not build.build_tvm:
+        return
+    assert build.graph is not None
+    if execution.is_large(build.graph):
+        build.skipped["tvm"] = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
+        logger.warning("TVM library not built: %s", build.skipped["tvm"])
+        return
+    staging, device, toolchain, lowered = build.staging, build.target, build.toolchain, build.lowered
+    graph = lowered if lowered is not None else execution.to_proto(build.graph)
+    kernel_graph = lowered if lowered is not None else _host_integer_graph(build, graph)
+    kernels = None
+    if kernel_graph is not None:
+        kernels = tvm_backend.build_integer(kernel_graph, device.tvm_target, staging)
+    requires_cpu = None
+    if kernels is not None:
+        built, built_for, built_with = kernels
+        gpu_note, requires_cpu = None, built_for["mcpu"]
+        if lowered is None and kernel_graph is not None:  # a host build: the library runs the QDQ
+            build.host_integer = kernel_graph  # graph's integer-only lowering
+            build.host_integer.ir_version = execution.ORT_IR_VERSION
+            (staging / INTEGER_ONNX).write_bytes(build.host_integer.SerializeToString())
+            build.written.append(INTEGER_ONNX)
+            built_with += (
+                f"; the integer-only lowering of the quantized graph ({INTEGER_ONNX}: dyadic "
+                "requantization, within a quantization step of the QDQ graph)"
+            )
+    else:
+        built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
+        built_for, built_with = device.tvm_target, "TVM's ONNX importer (Relax default build)"
+    build.written += built[1:]
+    executor = Executor(
+        "tvm",
+        built[0],
+        f"TVM library of the {'integer-only' if lowered is not None else 'quantized'} graph",
+        target=built_for,
+        lowering=built_with,
+        requires_cpu=requires_cpu,  # built with every instruction of this CPU model: the runtime checks it
+    )
+    if gpu_note:
+        executor.kernels = built[1:]
+        executor.cannot_run = (
+            f"{gpu_note}. The library's CUDA module holds source only (the TVM wheel's code generator "
+            "has no CUDA compiler): a device runtime cannot load it as is"
+        )
+    if toolchain:
+        executor.arch = toolchain.arch
+        executor.description += f", cross-compiled for {toolchain.arch}"
+        if toolchain.runnable and not gpu_note:
+            build.written += tvm_backend.cross.bundle(toolchain, staging)
+            executor.runner = f"{tvm_backend.cross.DEVICE_FOLDER}/{tvm_backend.cross.RUNNER}"
+        elif not gpu_note:
+            executor.cannot_run = (
+                f"no TVM runtime is published for {toolchain.arch}: the library is cross-compiled, linked "
+                "and its ELF header checked, but it cannot be run here"
+            )
+    build.executors["tvm"] = executor
+
+
+def measure_here(build: Build) -> None:
+    """Every executor this machine can run, timed; accuracy against float; the default executor."""
+    assert build.result is not None
+    build.measured = measure.measure(
+        build.staging,
+        build.manifest(),
+        build.result,
+        build.eval_data,
+        build.inputs,
+        build.preprocess,
+        target_is_here=build.toolchain is None and build.lowered is None,
+    )
+
+
+def predict_on_board(build: Build) -> None:
+    """A cross target: the default executor by the cost model's prediction for the board."""
+    assert build.result is not None
+    if build.toolchain:
+        manifest = build.manifest()
+        measure.predict_default(manifest, build.model, build.result, build.target)
+        build.measured = manifest.measured
+
+
+def check_integer_graph(build: Build) -> None:
+    """The integer graph's executors bit-exact with the numpy oracle; the faster is the default."""
+    assert build.lowered is not None and build.sample is not None
+    manifest = build.manifest()
+    measure.check_integer(build.staging, manifest, build.lowered, build.sample)
+    build.measured = manifest.measured
+
+
+def check_host_kernels(build: Build) -> None:
+    """A host library on qcompile's int8 kernels bit-exact with the numpy oracle of its integer graph."""
+    if build.host_integer is not None:
+        assert build.sample is not None
+        manifest = build.manifest()
+        measure.check_kernels(build.staging, manifest, build.host_integer, build.sample)
+        build.measured = manifest.measured
+
+
+def ternarize(build: Build) -> None:
+    """Ternary weights and per-row int8 activations (no calibration statistics: the activation scales are
+    computed at run time); the calibration data gives the sample latencies and agreement are measured on."""
+    sample = next(iter(calibration.checked(build.calibration_feeds, build.inputs, "calibration data")), None)
+    if sample is None:
+        raise CalibrationError("the calibration data is empty")
+    build.sample = sample
+    ternary = clone(build.model)
+    ternarizer = TernarizePass(build.options.ternary_scales)
+    PassLog().run(ternarizer, ternary)
+    logger.info("ternarized %d layers", len(ternarizer.layers))
+    build.graph = ternary
+    build.manifest_options = {"ternary_scales": build.options.ternary_scales}
+    build.passes = [{"name": "ternarize", "scales": build.options.ternary_scales, "layers": len(ternarizer.layers)}]
+    build.layers = [
+        {
+            "name": layer.name,
+            "op_type": "MatMul",
+            "weight_format": "ternary",
+            "weight_bits": 1.6,
+            "activation_bits": 8,
+            "float_reason": None,
+            "k": layer.k,
+            "n": layer.n,
+            "zero_fraction": round(layer.zero_fraction, 4),
+        }
+        for layer in ternarizer.layers
+    ]
+
+
+def write_lut_package(build: Build) -> None:
+    """The ternary graph, the reference, and the ``lut/`` package (packed weights, kernels, engine, plan)."""
+    assert build.graph is not None
+    staging = build.staging
+    proto = execution.to_proto(build.graph)
+    build.written += execution.save(build.graph, staging / TERNARY_ONNX)
+    build.written += execution.save(build.model, staging / REFERENCE_ONNX)
+    onnx.checker.check_model(str(staging / TERNARY_ONNX), full_check=True)
+    lut_files, plan = lut.build(proto, build.target, staging)
+    build.written += lut_files
+    build.executors = {
+        "onnxruntime": Executor(
+            "onnxruntime", TERNARY_ONNX, "ternary graph: int8 rows x ternary weights in MatMulInteger"
+        ),
+        "onnxruntime-fp32": Executor("onnxruntime", REFERENCE_ONNX, "the float model"),
+        "lut": Executor(
+            "lut",
+            lut.GRAPH,
+            "table-lookup TVM kernels on this machine (the FPGA engine's host simulation)",
+            kernels=lut.KERNELS,
+        ),
+    }
+    keys = ("weights_on_chip", "weight_bytes", "resources", "step_latency_us", "bound", "estimate")
+    build.lut_plan = {key: plan[key] for key in keys}
+
+
+def measure_lut(build: Build) -> None:
+    """The ternary executors timed here; the LUT executor's agreement with onnxruntime's integer kernels."""
+    assert build.sample is not None
+    build.measured = measure.measure_lut(build.staging, build.manifest(), build.sample, build.eval_data, build.inputs)
+
+
+# A target's `pipeline` (its target file) -> the stages that compile for it, in order.
+QDQ_STAGES: tuple[Stage, ...] = (quantize_qdq, write_onnx, build_library, measure_here)
+PIPELINES: dict[str, tuple[Stage, ...]] = {
+    # predict_on_board: a target file of the user's own may name an edge CPU with the host's pipeline
+    "w8a8": (*QDQ_STAGES, check_host_kernels, predict_on_board),
+    "w8a8-cross": (*QDQ_STAGES, predict_on_board),
+    "w8a8-cuda": (*QDQ_STAGES, predict_on_board),
+    "integer-only": (integer_only_options, quantize_qdq, lower_to_integers, *QDQ_STAGES[1:], check_integer_graph),
+    "lut": (ternarize, write_lut_package, measure_lut),
+}
+
+
+def compile_model(
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    target: str = "host",
+    calibration_data: str | os.PathLike[str] | Iterable[Feed] | None = None,
+    eval_data: str | os.PathLike[str] | Iterable[Feed] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    options: QuantizeOptions | None = None,
+    preprocess: Preprocess | None = None,
+    build_tvm: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Compile the ONNX model at ``model_path`` for ``target`` into the artifact folder ``output`` (see
+    :func:`qcompile.api.compile`). Returns the manifest written. On any error nothing is left at ``output``."""
+    device = hwmodels.load_target(target)  # its pipeline is one of PIPELINES' (checked there)
+    stages = PIPELINES[device.pipeline]
+    options = (options or QuantizeOptions()).for_target(device)
+    source = Path(model_path)
+    model = frontend.load(source, input_shapes)
+    inputs = calibration.input_specs(model)
+    calibration_feeds = feeds_from(calibration_data, inputs, preprocess, "calibration")
+    with atomic_folder(Path(output), overwrite=force) as staging:
+        build = Build(
+            source,
+            model,
+            device,
+            options,
+            staging,
+            calibration_feeds,
+            inputs,
+            eval_data,
+            preprocess,
+            build_tvm,
+            progress,
+        )
+        for stage in stages:
+            stage(build)
+        manifest = build.manifest()
+        (staging / MANIFEST).write_text(dumps(manifest))
+    logger.info("wrote %s (default executor %s)", output, manifest.default_executor)
+    return manifest

@@ -1,0 +1,244 @@
+"""Measuring an artifact while it is written: latency of every executor here, accuracy against the float
+model, the integer graphs against their numpy oracle, and the choice of the default executor (measured
+for this machine's targets, predicted by the cost model for a board nothing here can run)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompile import calibration, frontend, hwmodels
+from qcompile.backends.integer import reference as integer_reference
+from qcompile.calibration import Feed, Preprocess
+from qcompile.errors import ArtifactError
+from qcompile.flow.feeds import feeds_from
+from qcompile.flow.quantize import QuantizeResult, output_metrics
+from qcompile.hwmodels.cost import INT8, CostModel
+from qcompile.hwmodels.layers import describe
+from qcompile.runtime import Session, bench
+from qcompile.runtime.manifest import Manifest, Measured
+from qcompile.search.choices import as_pipeline_sees_it, quantized_choices
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_ONNX = "reference.fp32.onnx"
+
+
+class _RunAdapter:
+    """Gives a runtime Session the ``run(None, feeds) -> list`` shape of an onnxruntime session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def run(self, _names: None, feed: Feed) -> list[np.ndarray]:
+        return list(self.session.run(feed).values())
+
+
+def evaluate(reference: Session, quantized: Session, feeds: Iterable[Feed]) -> dict[str, float]:
+    """Stream ``feeds`` through both; metrics of the quantized outputs against the reference's."""
+    float_session, quantized_session = _RunAdapter(reference), _RunAdapter(quantized)
+    outputs: list[np.ndarray] = []
+    references: list[np.ndarray] = []
+    for feed in feeds:
+        references.extend(np.asarray(value) for value in float_session.run(None, feed))
+        outputs.extend(np.asarray(value) for value in quantized_session.run(None, feed))
+    metrics = output_metrics(outputs, references)
+    metrics["samples"] = float(len(references))
+    return metrics
+
+
+def _evaluation_feeds(
+    eval_data: Any, inputs: list[calibration.InputSpec], preprocess: Preprocess | None
+) -> list[Feed]:
+    # A list: with an integer graph the feeds are evaluated twice (the QDQ graph, and what the device runs).
+    return list(calibration.checked(feeds_from(eval_data, inputs, preprocess, "evaluation"), inputs, "evaluation data"))
+
+
+def measure(
+    folder: Path,
+    manifest: Manifest,
+    result: QuantizeResult,
+    eval_data: Any,
+    inputs: list[calibration.InputSpec],
+    preprocess: Preprocess | None,
+    target_is_here: bool = True,
+) -> Measured:
+    """Accuracy against float and the latency of every executor, measured now, on this machine (for a cross
+    target :func:`predict_default` then chooses the default executor by prediction). The files are the ones
+    just written into ``folder``: they are not verified again."""
+    sample = result.sample
+    reference = Session(folder, manifest, "onnxruntime-fp32")
+    sessions = {"onnxruntime-fp32": reference}
+    native = [
+        name
+        for name in ("onnxruntime", "tvm", "integer")
+        if name in manifest.executors and reference.runnable_here(name)
+    ]
+    sessions.update({name: reference.with_executor(name) for name in native})
+    # onnxruntime executors are timed in interleaved rounds (tiny models differ by microseconds, and whichever
+    # ran first would pay for the warm-up); an unscheduled TVM build can take a second per run: a few runs
+    # tell that it is not the default.
+    fast = {
+        name: functools.partial(session.run, sample)
+        for name, session in sessions.items()
+        if name.startswith("onnxruntime")
+    }
+    # A pause before each round: one onnxruntime session's spinning workers otherwise slow the next (the
+    # quantized ResNet-18 measured 6.6 ms beside its fp32 session without it, 2.7 ms with).
+    latencies = {name: timed.as_dict() for name, timed in bench.compare(fast, pause_seconds=0.1).items()}
+    for name, session in sessions.items():
+        if name not in fast:
+            # An unscheduled TVM build takes up to seconds a run: it stops after three runs past two seconds.
+            timed = bench.measure(functools.partial(session.run, sample), runs=50, warmup=1, max_seconds=2.0)
+            latencies[name] = timed.as_dict()
+    quantized = [name for name in ("onnxruntime", "tvm") if name in latencies]
+    fastest = min(quantized, key=lambda name: latencies[name]["median_ms"])
+    default: str = fastest
+    reason = f"fastest quantized executor ({latencies[fastest]['median_ms']:.2f} ms median)"
+    if latencies[fastest]["median_ms"] > latencies["onnxruntime-fp32"]["median_ms"]:
+        default = "onnxruntime-fp32"
+        reason = (
+            f"every quantized executor was slower than float onnxruntime "
+            f"({latencies[fastest]['median_ms']:.3f} vs {latencies['onnxruntime-fp32']['median_ms']:.3f} ms)"
+        )
+        if target_is_here:
+            logger.warning("%s; the default executor is the float model", reason)
+    accuracy: dict[str, Any] = {"calibration": result.error}
+    if "tvm" in sessions:
+        difference = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(
+                sessions["tvm"].run(sample).values(), sessions["onnxruntime"].run(sample).values(), strict=True
+            )
+        )
+        accuracy["tvm_vs_onnxruntime_max_abs_diff"] = difference
+    if eval_data is not None:
+        feeds = _evaluation_feeds(eval_data, inputs, preprocess)
+        if "integer" in sessions:
+            accuracy["evaluation_integer"] = evaluate(sessions["onnxruntime-fp32"], sessions["integer"], feeds)
+        elif "tvm" in sessions and manifest.executors["tvm"].requires_cpu:
+            # the host library runs the integer-only lowering: its own numerics, evaluated as well
+            accuracy["evaluation_tvm"] = evaluate(sessions["onnxruntime-fp32"], sessions["tvm"], feeds)
+        accuracy["evaluation"] = evaluate(sessions["onnxruntime-fp32"], sessions["onnxruntime"], feeds)
+    return Measured(latencies, default, reason, accuracy, bench.machine())
+
+
+def measure_lut(
+    folder: Path, manifest: Manifest, sample: Feed, eval_data: Any, inputs: list[calibration.InputSpec]
+) -> Measured:
+    """Latencies of the ternary executors on this machine, the LUT executor's agreement with onnxruntime's
+    integer kernels, and accuracy against float."""
+    sessions = {"onnxruntime-fp32": Session(folder, manifest, "onnxruntime-fp32")}
+    sessions.update({name: sessions["onnxruntime-fp32"].with_executor(name) for name in ("onnxruntime", "lut")})
+    latencies = {
+        name: bench.measure(functools.partial(session.run, sample), runs=30, warmup=3).as_dict()
+        for name, session in sessions.items()
+    }
+    default = min(("onnxruntime", "lut"), key=lambda name: latencies[name]["median_ms"])
+    agreement = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(sessions["lut"].run(sample).values(), sessions["onnxruntime"].run(sample).values(), strict=True)
+    )
+    accuracy: dict[str, Any] = {"lut_vs_onnxruntime_max_abs_diff": agreement}
+    if eval_data is not None:
+        feeds = calibration.checked(feeds_from(eval_data, inputs, None, "evaluation"), inputs, "evaluation data")
+        accuracy["evaluation"] = evaluate(sessions["onnxruntime-fp32"], sessions["onnxruntime"], feeds)
+    reason = (
+        f"faster ternary executor on this build machine ({latencies[default]['median_ms']:.3f} ms median); "
+        "the FPGA's own latency is the plan's estimate (lut/plan.json)"
+    )
+    return Measured(latencies, default, reason, accuracy, bench.machine())
+
+
+def _require_exact(produced: dict[str, np.ndarray], expected: list[np.ndarray], what: str) -> None:
+    """``what``'s outputs equal the numpy oracle's bit for bit, or an ArtifactError (nothing is written)."""
+    if not all(np.array_equal(a, b) for a, b in zip(produced.values(), expected, strict=True)):
+        raise ArtifactError(f"{what} differs from the numpy oracle of the integer-only graph")
+
+
+def check_kernels(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sample: Feed) -> None:
+    """A host build's kernel library against the numpy oracle of its integer graph, bit for bit."""
+    assert manifest.measured is not None
+    expected = integer_reference.run(lowered, sample)
+    _require_exact(Session(folder, manifest, "tvm").run(sample), expected, "the TVM int8 kernels' library")
+    manifest.measured.accuracy["tvm_vs_oracle"] = "bit-exact on the calibration sample"
+
+
+def check_integer(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sample: Feed) -> None:
+    """The integer graph under onnxruntime and under TVM against the numpy oracle on the calibration sample
+    (bit for bit), and the faster of the two (both run the integer graph) as the default executor."""
+    measured = manifest.measured
+    assert measured is not None
+    session = Session(folder, manifest, "integer")
+    produced = session.run(sample)
+    expected = integer_reference.run(lowered, sample)
+    _require_exact(produced, expected, "the integer-only graph under onnxruntime")
+    measured.accuracy["integer_vs_oracle"] = "bit-exact on the calibration sample"
+    if "tvm" in manifest.executors:
+        _require_exact(session.with_executor("tvm").run(sample), expected, "the TVM build of the integer graph")
+        measured.accuracy["tvm_vs_oracle"] = "bit-exact on the calibration sample"
+    measured.accuracy["integer_vs_qdq_max_abs_diff"] = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(produced.values(), session.with_executor("onnxruntime").run(sample).values(), strict=True)
+    )
+    # Both run the integer graph bit for bit; the faster on this machine is the default.
+    latency = measured.latency_ms
+    default = min((name for name in ("integer", "tvm") if name in latency), key=lambda n: latency[n]["median_ms"])
+    measured.default_executor = default
+    measured.default_reason = (
+        "integer-only target: the integer graph is what the device runs; "
+        + ", ".join(
+            f"{name} {latency[name]['median_ms']:.3f} ms median" for name in ("integer", "tvm") if name in latency
+        )
+        + f" here (both bit-exact with the numpy oracle): {default} is faster"
+    )
+
+
+def predict_default(manifest: Manifest, model: ir.Model, result: QuantizeResult, target: hwmodels.Target) -> None:
+    """For a cross target nothing here measures the board: the default executor is chosen by the cost
+    model's prediction, and the manifest says so."""
+    measured = manifest.measured
+    assert measured is not None
+    float_layers = frozenset(record.name for record in result.layers if record.float_reason)
+    quantized, floating, state = predict(model, float_layers, target)
+    measured.latency_scope = "measured on this build machine, not on the target"
+    measured.predicted_latency_ms = {"onnxruntime": quantized, "onnxruntime-fp32": floating, "cost_model": state}
+    measured.default_executor = "onnxruntime" if quantized <= floating else "onnxruntime-fp32"
+    measured.default_reason = (
+        f"cross target {target.name}, not measured here: the cost model ({state}) predicts "
+        f"{quantized:.2f} ms quantized vs {floating:.2f} ms float; measure on the board with "
+        "`qcompile bench --rpc`"
+    )
+
+
+def predict(float_model: ir.Model, float_layers: frozenset[str], target: hwmodels.Target) -> tuple[float, float, str]:
+    """The cost model's end-to-end latency on ``target`` of the quantized graph and of the float one, in ms,
+    and how calibrated the model is."""
+    cost = CostModel.for_target(target)
+    model = as_pipeline_sees_it(float_model)
+    specs = describe(model)
+    choices = quantized_choices(model, float_layers)
+    if target.pipeline == "integer-only":
+        choices = {spec.name: INT8 for spec in specs}  # the lowering leaves no float op (or fails)
+    quantized = cost.model_latency_ms(specs, choices)
+    state = (
+        f"calibrated on {cost.calibration.machine.get('cpu', '?')}"
+        if cost.calibration
+        else "uncalibrated: target-file figures, default efficiencies"
+    )
+    return quantized, cost.model_latency_ms(specs, {}), state
+
+
+def predicted_latency_ms(folder: Path, manifest: Manifest, target_name: str) -> tuple[float, str]:
+    """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``."""
+    float_layers = frozenset(layer["name"] for layer in manifest.layers if layer["float_reason"])
+    target = hwmodels.load_target(target_name)
+    latency, _, state = predict(frontend.load(folder / REFERENCE_ONNX), float_layers, target)
+    return latency, f"predicted for {target_name} by the cost model ({state})"

@@ -1,0 +1,80 @@
+"""What runs an artifact's models: onnxruntime sessions and TVM libraries, with nothing of the compiler.
+
+Every onnxruntime session qcompile opens, at compile time (:mod:`qcompile.execution`) or from an artifact,
+is made here, so that all of them run the same graph optimizations. onnx 1.23 writes IR version 14, which
+onnxruntime 1.31 rejects: every model handed over is stamped with :data:`ORT_IR_VERSION`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qcompile.errors import ArtifactError
+from qcompile.runtime import threads as _tvm_threads  # noqa: F401  (sets up TVM's thread pool before its first use)
+
+ORT_IR_VERSION = 10
+
+# onnxruntime's WeightBiasQuantization (a basic-level graph optimization) quantizes the float weights and bias
+# of a Conv / Gemm / MatMul whose activation input comes from a DequantizeLinear, so that the node fuses into
+# an integer kernel. A layer qcompile keeps float between int8 layers is float on purpose (sensitive, or
+# chosen by the search); onnxruntime's quantization of it is coarser than qcompile's int8: keeping one
+# EfficientNet-Lite0 depthwise Conv float raised the output error 1.19e-2 -> 3.60e-2 with it, lowered it to
+# 1.09e-2 without.
+DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
+
+
+def create_session(source: bytes | str, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a serialized model or a model file."""
+    return ort.InferenceSession(
+        source, options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS
+    )
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def session_from_bytes(data: bytes, threads: int = 0) -> ort.InferenceSession:
+    return create_session(data, session_options(threads))
+
+
+def session_from_path(path: Path, threads: int = 0) -> ort.InferenceSession:
+    return create_session(str(path), session_options(threads))
+
+
+class TVMExecutor:
+    """Runs a library built by :func:`qcompile.backends.tvm.build` with the Relax virtual machine on the host CPU."""
+
+    def __init__(self, library: Path, input_names: list[str], cpu: str | None = None) -> None:
+        import tvm
+        from tvm import relax
+        from tvm.target import codegen
+
+        here = codegen.llvm_get_system_cpu()
+        if cpu and cpu != here:
+            raise ArtifactError(
+                f"{library.name} is built for the {cpu} CPU and may use instructions this {here} CPU lacks; "
+                "run the artifact's 'integer' executor here, or compile it again on this machine"
+            )
+
+        self._tvm = tvm
+        self._device = tvm.cpu()
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
+        self._input_names = input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arguments = [
+            self._tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self._device) for name in self._input_names
+        ]
+        result = self._vm["main"](*arguments)
+        if hasattr(result, "numpy"):
+            return [result.numpy()]
+        return [item.numpy() for item in result]
+

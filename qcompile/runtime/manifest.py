@@ -1,0 +1,247 @@
+"""The typed manifest of an artifact: what ``manifest.json`` holds, validated when it is read.
+
+The compile flow builds one :class:`Manifest` and writes it once it is complete; the runtime, ``gate``,
+``verify`` and the CLI read the same object. ``to_json`` / ``from_json`` are the only translation to and
+from the file. The sections whose contents differ from pass to pass (``options``, ``passes``, ``layers``,
+``accuracy``, ``lut``) stay JSON objects: each pass documents its own entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcompile.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+EXECUTOR_KINDS = ("onnxruntime", "tvm", "lut")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An input or output of the compiled graph; -1 marks a dim that is not fixed."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> TensorInfo:
+        entry = _object(data, where)
+        shape = _required(entry, "shape", list, where)
+        if not all(isinstance(dim, int) for dim in shape):
+            raise ArtifactError(f"{where}: shape {shape} holds a dim that is not an integer")
+        return cls(_required(entry, "name", str, where), tuple(shape), _required(entry, "dtype", str, where))
+
+
+@dataclass(frozen=True)
+class Source:
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    description: str
+    backend: str
+    tvm_target: dict[str, Any]
+
+
+@dataclass
+class Executor:
+    """One way to run the artifact.
+
+    Attributes:
+        kind: 'onnxruntime' (an ONNX file), 'tvm' (a TVM library) or 'lut' (the table-lookup package).
+        file: the file it runs, relative to the artifact folder.
+        description: what it is, for people.
+        target: the TVM target the library was built for.
+        lowering: how the TVM library was produced (importer build, or qcompile's integer kernels).
+        requires_cpu: the LLVM CPU name a library was built with every instruction of: it runs only there.
+        kernels: the CUDA kernel files of a GPU build, or the LUT kernel library.
+        cannot_run: why nothing can run it here (a GPU build, a target without a published runtime).
+        arch: the CPU architecture of a cross-compiled library.
+        runner: the Python-free runner bundled for that architecture.
+    """
+
+    kind: str
+    file: str
+    description: str
+    target: dict[str, Any] | None = None
+    lowering: str | None = None
+    requires_cpu: str | None = None
+    kernels: str | list[str] | None = None
+    cannot_run: str | None = None
+    arch: str | None = None
+    runner: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Executor:
+        entry = _object(data, where)
+        unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(cls)})
+        if unknown:
+            raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+        executor = cls(**entry)
+        if executor.kind not in EXECUTOR_KINDS:
+            raise ArtifactError(f"{where}: kind '{executor.kind}' is not one of {', '.join(EXECUTOR_KINDS)}")
+        if not isinstance(executor.file, str) or not executor.file:
+            raise ArtifactError(f"{where}: no file")
+        return executor
+
+
+@dataclass
+class Measured:
+    """What was measured on the build machine when the artifact was written (not byte-reproducible).
+
+    Attributes:
+        latency_ms: per executor, the figures of :class:`qcompile.runtime.bench.Latency`.
+        default_executor: the executor chosen as the default, and ``default_reason`` why.
+        accuracy: metrics against the float model ('calibration', 'evaluation', oracle checks).
+        machine: the build machine (:func:`qcompile.runtime.bench.machine`).
+        latency_scope: set when the latencies are not the target's (a cross target).
+        predicted_latency_ms: the cost model's prediction for a target nothing here can measure.
+    """
+
+    latency_ms: dict[str, dict[str, float]]
+    default_executor: str
+    default_reason: str
+    accuracy: dict[str, Any]
+    machine: dict[str, Any]
+    latency_scope: str | None = None
+    predicted_latency_ms: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass
+class Manifest:
+    """Everything an artifact says about itself; every file it lists carries its sha256."""
+
+    qcompile_version: str
+    source: Source
+    target: TargetInfo
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    options: dict[str, Any]
+    passes: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    executors: dict[str, Executor]
+    files: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    lut: dict[str, Any] | None = None
+    measured: Measured | None = None
+    default_executor: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def pass_entry(self, name: str) -> dict[str, Any] | None:
+        """The manifest entry of the pass called ``name``, if it ran."""
+        return next((entry for entry in self.passes if entry.get("name") == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "qcompile_version": self.qcompile_version,
+            "source": dataclasses.asdict(self.source),
+            "target": dataclasses.asdict(self.target),
+            "inputs": [info.to_json() for info in self.inputs],
+            "outputs": [info.to_json() for info in self.outputs],
+            "options": self.options,
+            "passes": self.passes,
+            "layers": self.layers,
+            "executors": {name: executor.to_json() for name, executor in self.executors.items()},
+            "skipped": self.skipped,
+            "files": self.files,
+        }
+        if self.lut is not None:
+            data["lut"] = self.lut
+        if self.measured is not None:
+            data["measured"] = self.measured.to_json()
+        if self.default_executor is not None:
+            data["default_executor"] = self.default_executor
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "manifest") -> Manifest:
+        """Read and validate; any problem is an ArtifactError that names the field."""
+        manifest = _object(data, where)
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{where}: schema version {version} is not {SCHEMA_VERSION}; recompile with this qcompile"
+            )
+        source = _object(manifest.get("source"), f"{where}: source")
+        target = _object(manifest.get("target"), f"{where}: target")
+        executors = _required(manifest, "executors", dict, where)
+        files = _required(manifest, "files", dict, where)
+        for name, digest in files.items():
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise ArtifactError(f"{where}: the sha256 of file '{name}' is not 64 hex digits")
+        measured = manifest.get("measured")
+        parsed = cls(
+            schema_version=version,
+            qcompile_version=_required(manifest, "qcompile_version", str, where),
+            source=Source(_required(source, "file", str, where), _required(source, "sha256", str, where)),
+            target=TargetInfo(
+                _required(target, "name", str, where),
+                _required(target, "description", str, where),
+                _required(target, "backend", str, where),
+                _required(target, "tvm_target", dict, where),
+            ),
+            inputs=[
+                TensorInfo.from_json(item, f"{where}: inputs") for item in _required(manifest, "inputs", list, where)
+            ],
+            outputs=[
+                TensorInfo.from_json(item, f"{where}: outputs") for item in _required(manifest, "outputs", list, where)
+            ],
+            options=_required(manifest, "options", dict, where),
+            passes=_required(manifest, "passes", list, where),
+            layers=_required(manifest, "layers", list, where),
+            executors={
+                name: Executor.from_json(entry, f"{where}: executor '{name}'") for name, entry in executors.items()
+            },
+            files=files,
+            skipped=manifest.get("skipped", {}),
+            lut=manifest.get("lut"),
+            measured=_measured(measured, f"{where}: measured") if measured is not None else None,
+            default_executor=manifest.get("default_executor"),
+        )
+        if parsed.default_executor is not None and parsed.default_executor not in parsed.executors:
+            raise ArtifactError(
+                f"{where}: the default executor '{parsed.default_executor}' is not one of {sorted(parsed.executors)}"
+            )
+        return parsed
+
+
+def _measured(data: Any, where: str) -> Measured:
+    entry = _object(data, where)
+    unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(Measured)})
+    if unknown:
+        raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+    try:
+        return Measured(**entry)
+    except TypeError as error:
+        raise ArtifactError(f"{where}: {error}") from error
+
+
+def _object(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _required(entry: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = entry.get(key)
+    if not isinstance(value, kind):
+        raise ArtifactError(f"{where}: '{key}' is missing or not a {kind.__name__}; recompile with this qcompile")
+    return value
