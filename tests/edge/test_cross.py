@@ -50,13 +50,13 @@ def test_efficientnet_runs_bit_exact_under_qemu(
 ) -> None:
     folder = _compile(efficientnet, efficientnet_calibration, target, tmp_path)
     manifest = runtime.load(folder, "onnxruntime").manifest
-    entry = manifest["executors"]["tvm"]
-    assert entry["arch"] == "aarch64" and entry["runner"] == "device/qcompile-runner"
+    entry = manifest.executors["tvm"]
+    assert entry.arch == "aarch64" and entry.runner == "device/qcompile-runner"
     for name in ("device/qcompile-runner", "device/libtvm_runtime.so", "device/libtvm_ffi.so"):
-        assert name in manifest["files"]
+        assert name in manifest.files
         assert cross.elf_info(folder / name).machine == 183
-    assert "predicted_latency_ms" in manifest["measured"]
-    assert "cross target" in manifest["measured"]["default_reason"]
+    assert manifest.measured is not None and manifest.measured.predicted_latency_ms is not None
+    assert "cross target" in manifest.measured.default_reason
 
     records = api.verify(folder, emulate=True)
     run = next(record for record in records if record["check"] == "tvm: emulated run")
@@ -186,11 +186,11 @@ def test_jetson_kernels_are_generated_and_compiled_by_nvcc(
 ) -> None:
     folder = _compile(digits[0], digits_calibration, "jetson-orin-nano", tmp_path)
     manifest = runtime.load(folder, "onnxruntime").manifest
-    entry = manifest["executors"]["tvm"]
-    assert entry["arch"] == "aarch64" and "runner" not in entry  # host code for the Orin's Cortex-A78AE
+    entry = manifest.executors["tvm"]
+    assert entry.arch == "aarch64" and entry.runner is None  # host code for the Orin's Cortex-A78AE
     assert "__global__" in (folder / "kernels.cu").read_text()
     if shutil.which("nvcc"):
-        assert entry["kernels"] == ["kernels.cu", "kernels.fatbin"]
+        assert entry.kernels == ["kernels.cu", "kernels.fatbin"]
         assert (folder / "kernels.fatbin").read_bytes()[:4] == bytes.fromhex("50ed55ba")  # fatbin magic
     records = api.verify(folder, emulate=True)
     assert records[-1]["passed"] is None and "no GPU" in records[-1]["detail"]
