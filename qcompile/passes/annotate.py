@@ -284,6 +284,12 @@ class AnnotatePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         require_unannotated(model, "AnnotatePass")
 
+    def ensures(self, model: ir.Model) -> None:
+        values = (value for node in model.graph for value in node.inputs if value is not None)
+        for value in (*model.graph.inputs, *values):
+            if SPEC_KEY in value.meta and not is_constant(value) and RANGE_KEY not in value.meta:
+                raise ir.passes.PostconditionError(f"activation '{value.name}' has a QuantSpec but no calibrated range")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers, points = plan_quantization_points(model, self.float_layers, self.table_ops)
         for node in layers:

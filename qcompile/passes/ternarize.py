@@ -93,6 +93,12 @@ class TernarizePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         require_unannotated(model, "TernarizePass")
 
+    def ensures(self, model: ir.Model) -> None:
+        tagged = {str(node.meta[TERNARY_KEY]) for node in model.graph if TERNARY_KEY in node.meta}
+        missing = [layer.name for layer in self.layers if layer.name not in tagged]
+        if missing:
+            raise ir.passes.PostconditionError(f"ternarized layers without their tagged MatMulInteger: {missing[:5]}")
+
     def __init__(self, granularity: str = "channel") -> None:
         super().__init__()
         if granularity not in GRANULARITIES:
