@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     # The runtime needs no compiler: a board installs only what runs an artifact.
     "runtime": {"errors"},
     "execution": {"errors", "runtime"},
-    "frontend": {"errors", "graph"},
+    "frontend": LEAVES,
     "calibration": LEAVES,
     "hwmodels": {"errors", "graph"},
     "passes": LEAVES | {"calibration"},

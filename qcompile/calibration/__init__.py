@@ -12,7 +12,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from qcompile import execution
-from qcompile.calibration.data import Feed, InputSpec, Preprocess, checked, from_folder
+from qcompile.calibration.data import Feed, InputSpec, Preprocess, checked, from_folder, split_batch
 from qcompile.calibration.observers import MinMaxObserver, make_observer, observed_range
 from qcompile.errors import CalibrationError
 
@@ -83,4 +83,14 @@ def collect(
     return Statistics(observers, samples, method)
 
 
-__all__ = ["Feed", "InputSpec", "Preprocess", "Statistics", "checked", "collect", "from_folder", "input_specs"]
+__all__ = [
+    "Feed",
+    "InputSpec",
+    "Preprocess",
+    "Statistics",
+    "checked",
+    "collect",
+    "from_folder",
+    "input_specs",
+    "split_batch",
+]

@@ -111,7 +111,7 @@ def from_folder(folder: str | Path, inputs: list[InputSpec], preprocess: Preproc
                 yield {key: loaded[key] for key in loaded.files}
 
 
-def _split_batch(feed: Feed, inputs: list[InputSpec]) -> Iterator[Feed]:
+def split_batch(feed: Feed, inputs: list[InputSpec]) -> Iterator[Feed]:
     """A feed whose leading dim is a multiple of the model's batch dim becomes several feeds."""
     first = inputs[0]
     array = feed.get(first.name)
@@ -139,7 +139,7 @@ def checked(feeds: Iterable[Feed], inputs: list[InputSpec], source: str = "calib
     for raw in feeds:
         if not isinstance(raw, dict):
             raise CalibrationError(f"{source}: sample {count} is a {type(raw).__name__}, not a dict of arrays")
-        for feed in _split_batch({key: np.asarray(value) for key, value in raw.items()}, inputs):
+        for feed in split_batch({key: np.asarray(value) for key, value in raw.items()}, inputs):
             for spec in inputs:
                 if spec.name not in feed:
                     raise CalibrationError(
@@ -149,7 +149,8 @@ def checked(feeds: Iterable[Feed], inputs: list[InputSpec], source: str = "calib
                 if tuple(array.shape) != spec.shape:
                     raise CalibrationError(
                         f"{source}: sample {count} gives input '{spec.name}' shape "
-                        f"{tuple(array.shape)}, the model expects {spec.shape}"
+                        f"{tuple(array.shape)}, the model expects {spec.shape} (dims the model leaves dynamic "
+                        "are fixed from the first calibration sample: the samples must agree)"
                     )
                 if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                     raise CalibrationError(f"{source}: sample {count} input '{spec.name}' holds NaN/Inf")

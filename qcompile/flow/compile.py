@@ -9,6 +9,7 @@ from the build and written once, at the end, into a staging folder that only the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -81,6 +82,7 @@ class Build:
     skipped: dict[str, str] = field(default_factory=dict)
     lut_plan: dict[str, Any] | None = None
     measured: Measured | None = None
+    input_shapes: dict[str, Any] | None = None  # the manifest's record of how the inputs got static shapes
 
     @property
     def toolchain(self) -> Any:
@@ -98,7 +100,7 @@ class Build:
             inputs=_tensor_infos((self.graph or self.model).graph.inputs),
             outputs=_tensor_infos((self.graph or self.model).graph.outputs),
             options=self.manifest_options,
-            passes=self.passes,
+            passes=[self.input_shapes, *self.passes] if self.input_shapes else self.passes,
             layers=self.layers,
             executors=self.executors,
             files={
@@ -124,6 +126,17 @@ def _tensor_infos(values: Any) -> list[TensorInfo]:
         )
         for value in values
     ]
+
+
+def _peek(feeds: Iterable[Feed]) -> tuple[Feed, Iterable[Feed]]:
+    """The first sample, and the samples with it still in front."""
+    iterator = iter(feeds)
+    first = next(iterator, None)
+    if first is None:
+        raise CalibrationError("the calibration data holds no samples; give at least one calibration sample")
+    if not isinstance(first, dict):
+        raise CalibrationError(f"calibration data: sample 0 is a {type(first).__name__}, not a dict of arrays")
+    return first, itertools.chain([first], iterator)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -407,9 +420,15 @@ def compile_model(
     stages = PIPELINES[device.pipeline]
     options = (options or QuantizeOptions()).for_target(device)
     source = Path(model_path)
-    model = frontend.load(source, input_shapes)
+    raw = frontend.load_model(source)
+    # The first sample fixes the dims the model leaves dynamic (unless --input-shape does) and shows the
+    # shapes shape inference cannot tell; every later sample must agree with it.
+    declared = calibration.input_specs(raw)
+    first, calibration_feeds = _peek(feeds_from(calibration_data, declared, preprocess, "calibration"))
+    first = next(iter(calibration.split_batch(first, declared)))  # a stacked batch of a static-batch model
+    shapes, from_sample = frontend.shapes_from_sample(raw, first, input_shapes, source.name)
+    model = frontend.normalize(raw, shapes, name=source.name, sample=first)
     inputs = calibration.input_specs(model)
-    calibration_feeds = feeds_from(calibration_data, inputs, preprocess, "calibration")
     with atomic_folder(Path(output), overwrite=force) as staging:
         build = Build(
             source,
@@ -423,6 +442,11 @@ def compile_model(
             preprocess,
             build_tvm,
             progress,
+            input_shapes={
+                "name": "input_shapes",
+                "given": {key: list(value) for key, value in (input_shapes or {}).items()},
+                "from_first_sample": {key: list(value) for key, value in from_sample.items()},
+            },
         )
         for stage in stages:
             stage(build)

@@ -11,6 +11,7 @@ value has an inferred type and shape; and no floating-point weight is NaN or Inf
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -26,7 +27,8 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
-from qcompile.errors import InvalidWeightsError, ModelLoadError, UnsupportedModelError
+from qcompile import execution
+from qcompile.errors import CalibrationError, InvalidWeightsError, ModelLoadError, UnsupportedModelError, first_line
 from qcompile.frontend import rewrite_rules
 
 logger = logging.getLogger(__name__)
@@ -79,29 +81,243 @@ def _apply_input_shapes(model: ir.Model, shapes: dict[str, tuple[int, ...]], nam
             )
 
 
+def shapes_from_sample(
+    model: ir.Model, sample: dict[str, np.ndarray], given: dict[str, tuple[int, ...]] | None, name: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Static shapes for the inputs: ``given`` (``--input-shape``) where it names one, else the shape of the
+    first calibration sample for every input with dynamic dims. Returns all shapes, and those taken from the
+    sample. A sample that disagrees with a fixed dim, or lacks an input, is an error naming both."""
+    given = dict(given or {})
+    from_sample: dict[str, tuple[int, ...]] = {}
+    for value in model.graph.inputs:
+        input_name = str(value.name)
+        if input_name in given or (value.shape is not None and all(isinstance(dim, int) for dim in value.shape)):
+            continue
+        if input_name not in sample:
+            raise CalibrationError(
+                f"{name}: the first calibration sample has no array for input '{input_name}' (it has "
+                f"{sorted(sample)}); its dynamic dims are fixed from the samples"
+            )
+        shape = tuple(int(dim) for dim in np.shape(sample[input_name]))
+        declared = value.shape
+        if declared is not None and (
+            len(declared) != len(shape)
+            or any(isinstance(dim, int) and dim != seen for dim, seen in zip(declared, shape, strict=False))
+        ):
+            raise CalibrationError(
+                f"{name}: input '{input_name}' is declared [{', '.join(str(dim) for dim in declared)}], but the "
+                f"first calibration sample has shape {list(shape)}"
+            )
+        from_sample[input_name] = shape
+    if from_sample:
+        logger.info("%s: dynamic dims fixed from the first calibration sample: %s", name, from_sample)
+    return {**given, **from_sample}, from_sample
+
+
+def _observe_shapes(model: ir.Model, sample: dict[str, np.ndarray], name: str) -> int:
+    """Give every value whose shape inference left unknown the shape and type it has when the float model
+    runs on ``sample`` (data-dependent shapes, ops onnx's inference cannot follow). Returns how many."""
+    unknown = [
+        value
+        for node in model.graph
+        for value in node.outputs
+        if value.shape is None or value.type is None or not all(isinstance(dim, int) for dim in value.shape)
+    ]
+    if not unknown:
+        return 0
+    feed = {
+        str(value.name): np.asarray(sample[str(value.name)]).astype(value.dtype.numpy(), copy=False)
+        for value in model.graph.inputs
+        if value.dtype is not None and str(value.name) in sample
+    }
+    names = [str(value.name) for value in unknown]
+    try:
+        arrays = execution.session(model, extra_outputs=names).run(names, feed)
+    except Exception as error:  # onnxruntime's own error types
+        raise UnsupportedModelError(
+            f"{name}: onnxruntime cannot run the normalized model on the first calibration sample "
+            f"({first_line(error)}); check that the samples match the model's inputs"
+        ) from error
+    for value, array in zip(unknown, arrays, strict=True):
+        value.shape = ir.Shape(np.shape(array))
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.from_numpy(np.asarray(array).dtype))
+    logger.info("%s: %d value shapes taken from a run on the first calibration sample", name, len(unknown))
+    return len(unknown)
+
+
+# Inputs of these ops that hold weights (quantized, folded or scaled by the passes): a non-finite value there
+# is a broken model. Other constants may hold +-inf on purpose: attention-mask fills (Where / Add of -inf or
+# float-min), clamps (Max / Min / Clip bounds).
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (0, 1, 2),
+    "MatMul": (0, 1),
+    "Gather": (0,),
+    "LayerNormalization": (1, 2),
+    "BatchNormalization": (1, 2, 3, 4),
+    "InstanceNormalization": (1, 2),
+}
+# Ops a weight may pass through on its way to its reader (a transposed or reshaped weight).
+_WEIGHT_PASSING = frozenset({"Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _read_as_weight(value: ir.Value) -> ir.Node | None:
+    """The node that reads ``value`` (directly or through layout ops) in one of its weight inputs, or None."""
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        for node, index in current.uses():
+            if index in WEIGHT_INPUTS.get(node.op_type, ()):
+                return node
+            if node.op_type in _WEIGHT_PASSING and index == 0:
+                stack.extend(node.outputs)
+    return None
+
+
 def check_weights(model: ir.Model, name: str) -> None:
-    """Raise :class:`InvalidWeightsError` naming the first floating-point weight with NaN or Inf."""
+    """Raise :class:`InvalidWeightsError` naming the first floating-point constant that holds NaN, or +-Inf
+    in a weight (:data:`WEIGHT_INPUTS`); +-Inf in any other constant (a mask fill, a clamp) is accepted."""
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is None or not np.issubdtype(tensor.dtype.numpy(), np.floating):
             continue
         array = tensor.numpy()
-        if not np.isfinite(array).all():
-            bad = int((~np.isfinite(array)).sum())
+        if np.isfinite(array).all():
+            continue
+        nans = int(np.isnan(array).sum())
+        reader = _read_as_weight(value)
+        if nans:
             raise InvalidWeightsError(
-                f"{name}: weight '{value.name}' holds {bad} NaN/Inf values; fix the "
-                "model (a diverged training run?) before compiling it"
+                f"{name}: constant '{value.name}' holds {nans} NaN values; fix the model (a diverged training "
+                "run?) before compiling it"
             )
+        if reader is not None:
+            raise InvalidWeightsError(
+                f"{name}: weight '{value.name}' (read by {reader.op_type} '{reader.name}') holds "
+                f"{int(np.isinf(array).sum())} Inf values; fix the model (a diverged training run?) before compiling it"
+            )
+        logger.info("%s: constant '%s' holds +-inf (a mask fill or clamp): accepted", name, value.name)
+
+
+def _scalar(model: ir.Model, name: str, value: float, dtype: ir.DataType) -> ir.Value:
+    array = np.array(value, dtype=dtype.numpy())
+    constant = ir.Value(
+        name=name, shape=ir.Shape(()), type=ir.TensorType(dtype), const_value=ir.tensor(array, name=name)
+    )
+    model.graph.register_initializer(constant)
+    return constant
+
+
+Step = tuple[str, list[ir.Value | None], dict[str, int]]
+
+
+def _replace_with(model: ir.Model, node: ir.Node, build: list[Step]) -> None:
+    """Replace ``node`` by a chain of ``(op, inputs, attributes)``: an input ``None`` in the list stands for
+    the previous node's output; the last node's output takes over ``node``'s."""
+    base = node.name or str(node.outputs[0].name)
+    created: list[ir.Node] = []
+    previous: ir.Value | None = None
+    for index, (op, inputs, attributes) in enumerate(build):
+        wired = [previous if value is None else value for value in inputs]
+        created.append(ir.node(op, wired, attributes=attributes, name=f"{base}_{op.lower()}_{index}"))
+        previous = created[-1].outputs[0]
+    model.graph.insert_after(node, created)
+    assert previous is not None
+    previous.name, previous.shape, previous.type = node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
+    node.outputs[0].replace_all_uses_with(previous, replace_graph_outputs=True)
+    model.graph.remove(node, safe=True)
+
+
+def _decompose_gelu(model: ir.Model, node: ir.Node) -> None:
+    """Gelu (opset 20) as the erf (or tanh) formula torch's TorchScript exporter writes, which onnxruntime
+    fuses back into its Gelu kernel and the integer lowering recognizes."""
+    x = node.inputs[0]
+    assert x is not None and x.dtype is not None
+    base, dtype = node.name or str(node.outputs[0].name), x.dtype
+    approximate = node.attributes.get("approximate")
+    half, one = _scalar(model, f"{base}_half", 0.5, dtype), _scalar(model, f"{base}_one", 1.0, dtype)
+    if approximate is not None and approximate.as_string() == "tanh":
+        cube, coefficient = _scalar(model, f"{base}_three", 3.0, dtype), _scalar(model, f"{base}_c", 0.044715, dtype)
+        root = _scalar(model, f"{base}_sqrt_2_over_pi", float(np.sqrt(2.0 / np.pi)), dtype)
+        chain: list[Step] = [
+            ("Pow", [x, cube], {}),
+            ("Mul", [None, coefficient], {}),
+            ("Add", [x, None], {}),
+            ("Mul", [None, root], {}),
+            ("Tanh", [None], {}),
+        ]
+    else:
+        chain = [("Div", [x, _scalar(model, f"{base}_sqrt2", float(np.sqrt(2.0)), dtype)], {}), ("Erf", [None], {})]
+    _replace_with(model, node, [*chain, ("Add", [None, one], {}), ("Mul", [x, None], {}), ("Mul", [None, half], {})])
+
+
+def _decompose_rms_norm(model: ir.Model, node: ir.Node) -> None:
+    """RMSNormalization (opset 23): ``x / sqrt(mean(x^2 over the normalized axes) + epsilon) * scale``."""
+    x, scale = node.inputs[0], node.inputs[1]
+    assert x is not None and x.dtype is not None
+    rank = x.shape.rank() if x.shape is not None else None
+    axis = node.attributes.get("axis")
+    first = axis.as_int() if axis is not None else -1
+    if first < 0 and rank is None and first != -1:
+        raise UnsupportedModelError(
+            f"RMSNormalization '{node.name}' normalizes axes {first}.. of a value of unknown rank"
+        )
+    axes = list(range(first % rank, rank)) if rank is not None else [-1]
+    base, dtype = node.name or str(node.outputs[0].name), x.dtype
+    epsilon = node.attributes.get("epsilon")
+    axes_value = ir.Value(
+        name=f"{base}_axes",
+        shape=ir.Shape((len(axes),)),
+        type=ir.TensorType(ir.DataType.INT64),
+        const_value=ir.tensor(np.array(axes, np.int64), name=f"{base}_axes"),
+    )
+    model.graph.register_initializer(axes_value)
+    _replace_with(
+        model,
+        node,
+        [
+            ("Mul", [x, x], {}),
+            ("ReduceMean", [None, axes_value], {"keepdims": 1}),
+            ("Add", [None, _scalar(model, f"{base}_epsilon", epsilon.as_float() if epsilon else 1e-5, dtype)], {}),
+            ("Sqrt", [None], {}),
+            ("Div", [x, None], {}),
+            ("Mul", [None, scale], {}),
+        ],
+    )
+
+
+# Ops newer than the canonical opset with no older form for onnx's converter to map to: written out in
+# opset-18 ops first (exactly: the same formulas the ops are defined by).
+DECOMPOSED: dict[str, Callable[[ir.Model, ir.Node], None]] = {
+    "Gelu": _decompose_gelu,
+    "RMSNormalization": _decompose_rms_norm,
+}
 
 
 def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
-    """Opset 19..23 down to the canonical opset with onnx's converter (onnxscript's only goes up)."""
+    """Opset 19..23 down to the canonical opset: ops that have no older form are decomposed
+    (:data:`DECOMPOSED`), then onnx's converter maps the rest (onnxscript's only goes up)."""
+    decomposed: dict[str, int] = {}
+    if any(node.op_type in DECOMPOSED for node in model.graph):
+        try:  # the decompositions need the dtype (and rank) of the values they read
+            ShapeInferencePass(strict_mode=False)(model)
+        except Exception as error:
+            raise ModelLoadError(f"{name}: shape inference failed at opset {opset}: {first_line(error)}") from error
+    for node in list(model.graph):
+        rewrite = DECOMPOSED.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rewrite is not None:
+            rewrite(model, node)
+            decomposed[node.op_type] = decomposed.get(node.op_type, 0) + 1
+    if decomposed:
+        logger.info("%s: decomposed %s for opset %d", name, decomposed, CANONICAL_OPSET)
     try:
         converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), CANONICAL_OPSET)
     except Exception as error:  # the converter raises RuntimeError / ValueError / its own types
         raise UnsupportedModelError(
-            f"{name}: cannot convert opset {opset} down to {CANONICAL_OPSET}: {error}; "
-            f"export the model at opset {CANONICAL_OPSET}"
+            f"{name}: cannot convert opset {opset} down to {CANONICAL_OPSET}: {first_line(error)}; "
+            f"export the model at opset {CANONICAL_OPSET}, or report the operator to qcompile"
         ) from error
     logger.info("%s: converted opset %d down to %d", name, opset, CANONICAL_OPSET)
     return ir.serde.deserialize_model(converted)
@@ -169,8 +385,14 @@ def _fold_weight_transposes(model: ir.Model) -> int:
     return folded
 
 
-def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None, name: str = "model") -> ir.Model:
-    """Bring ``model`` into canonical form in place (see the module docstring) and return it."""
+def normalize(
+    model: ir.Model,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    name: str = "model",
+    sample: dict[str, np.ndarray] | None = None,
+) -> ir.Model:
+    """Bring ``model`` into canonical form in place (see the module docstring) and return it. With a
+    calibration ``sample``, shapes that onnx's inference leaves unknown are taken from a run on it."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     check_weights(model, name)
     _apply_input_shapes(model, input_shapes or {}, name)
@@ -200,6 +422,8 @@ def normalize(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None =
     except Exception as error:
         raise ModelLoadError(f"{name}: normalization failed: {error}") from error
     _check_remaining_ops(model, name)
+    if sample is not None:
+        _observe_shapes(model, sample, name)
     _check_shapes(model, name)
     return model
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import parse_model, save_model
 
 from qcompile import execution, frontend
-from qcompile.errors import UnsafeModelError, UnsupportedModelError
+from qcompile.errors import CalibrationError, UnsafeModelError, UnsupportedModelError
 
 CONV_BN = """
 <ir_version: 8, opset_import: ["" : {opset}]>
@@ -95,6 +95,81 @@ def test_dynamic_dims_need_input_shape(tmp_path: Path) -> None:
     model = frontend.load(path, frontend.parse_input_shapes(["x=3x4"]))
     assert list(model.graph.inputs[0].shape) == [3, 4]
     assert list(model.graph.outputs[0].shape) == [3, 2]
+
+
+def test_dynamic_dims_come_from_the_first_sample(tmp_path: Path) -> None:
+    """No --input-shape: the first calibration sample fixes the dims, --input-shape still overrides, and the
+    manifest records which came from where."""
+    from qcompile import api
+
+    path = save_model(parse_model(DYNAMIC), tmp_path / "dynamic.onnx")
+    model = frontend.load(path, sample={"x": np.ones((3, 4), np.float32)})
+    assert list(model.graph.inputs[0].shape) == [3, 4] and list(model.graph.outputs[0].shape) == [3, 2]
+    with pytest.raises(CalibrationError, match=r"declared \[N, 4\], but the first calibration sample has shape"):
+        frontend.load(path, sample={"x": np.ones((3, 5), np.float32)})
+    samples = [{"x": np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32)} for seed in range(4)]
+    manifest = api.compile(path, tmp_path / "out", calibration_data=samples, build_tvm=False, progress=False)
+    entry = manifest["passes"][0]
+    assert entry == {"name": "input_shapes", "given": {}, "from_first_sample": {"x": [2, 4]}}
+    assert manifest["inputs"][0]["shape"] == [2, 4]
+
+
+def test_shapes_inference_cannot_tell_are_observed(tmp_path: Path) -> None:
+    """A Reshape to a shape computed from data (here, the max of an input) leaves onnx's inference without a
+    shape for the MatMul after it; a run on the sample gives it."""
+    proto = parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 8] x, int64[2] s) => (float[4, 2] y) <float[2, 2] w = {1.0, 2.0, 3.0, 4.0}> {
+        r = Reshape (x, s)
+        y = MatMul (r, w)
+    }""")
+    path = save_model(proto, tmp_path / "reshape.onnx")
+    with pytest.raises(UnsupportedModelError, match="unknown shape"):
+        frontend.load(path)
+    sample = {"x": np.arange(8, dtype=np.float32)[None], "s": np.array([4, 2], np.int64)}
+    model = frontend.load(path, sample=sample)
+    matmul = next(node for node in model.graph if node.op_type == "MatMul")
+    assert list(matmul.inputs[0].shape) == [4, 2] and list(matmul.outputs[0].shape) == [4, 2]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opset_23_gelu_and_rms_norm_are_decomposed_exactly(tmp_path: Path, approximate: str) -> None:
+    """Gelu (opset 20) and RMSNormalization (23) have no older form: written out in opset-18 ops, the model
+    computes what onnx's reference computes at opset 23 (to float32 round-off: 2e-6)."""
+    from onnx.reference import ReferenceEvaluator
+
+    scale = onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "s")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Gelu", ["x"], ["g"], approximate=approximate),
+            onnx.helper.make_node("RMSNormalization", ["g", "s"], ["y"], epsilon=1e-6),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        [scale],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)])
+    path = save_model(proto, tmp_path / "opset23.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32) * 2
+    expected = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+    model = frontend.load(path)
+    assert model.opset_imports[""] == 18 and not {"Gelu", "RMSNormalization"} & {n.op_type for n in model.graph}
+    np.testing.assert_allclose(execution.session(model).run(None, {"x": x})[0], expected, atol=2e-6, rtol=0)
+
+
+def test_minus_inf_mask_fill_is_accepted(tmp_path: Path) -> None:
+    """An attention-style mask fill of -inf (read by Where) is not a weight: the model loads and runs."""
+    proto = parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 4] x, bool[1, 4] m) => (float[1, 4] y) <float[1] fill = {-inf}> {
+        masked = Where (m, x, fill)
+        y = Softmax <axis = -1> (masked)
+    }""")
+    model = frontend.load(save_model(proto, tmp_path / "mask.onnx"))
+    mask = np.array([[True, True, False, True]])
+    y = execution.session(model).run(None, {"x": np.zeros((1, 4), np.float32), "m": mask})[0]
+    np.testing.assert_allclose(y, [[1 / 3, 1 / 3, 0.0, 1 / 3]], atol=1e-7)
 
 
 def test_input_shape_errors(tmp_path: Path) -> None:
