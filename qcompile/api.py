@@ -18,6 +18,7 @@ from qcompile.flow.compile import (
     REPORT_HTML,
     TERNARY_ONNX,
     compile_model,
+    targets,
     version,
 )
 from qcompile.flow.quantize import QuantizeOptions
@@ -81,6 +82,7 @@ __all__ = [
     "compile",
     "gate",
     "load",
+    "targets",
     "verify",
     "version",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 
 from qcompile.errors import QCompileError
 
-COMMANDS = ("compile", "run", "bench", "gate", "profile", "verify", "toolchains")
+COMMANDS = ("compile", "run", "bench", "gate", "profile", "verify", "toolchains", "targets")
 EXIT_BUDGET_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERNAL = 3
@@ -361,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_parser(subparsers)
     _verify_parser(subparsers)
     _toolchains_parser(subparsers)
+    subparsers.add_parser(
+        "targets",
+        parents=[_common()],
+        help="list the targets: what each builds and where it runs",
+        description="List every bundled target, one line each: its name (for --target), the device, and what "
+        "its pipeline writes. A target file of your own (--target path.toml) follows the format of "
+        "qcompile/hwmodels/targets/.",
+    )
     return parser
 
 
@@ -663,6 +671,16 @@ def _command_toolchains(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_targets(_args: argparse.Namespace) -> int:
+    from qcompile import api
+
+    rows = api.targets()
+    width = max(len(name) for name, _, _ in rows)
+    for name, description, builds in rows:
+        print(f"{name:<{width}}  {description}\n{'':<{width}}  builds: {builds}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     leading = []
@@ -687,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": _command_profile,
         "verify": _command_verify,
         "toolchains": _command_toolchains,
+        "targets": _command_targets,
     }
     try:
         return handlers[args.command](args)

@@ -401,6 +401,28 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
 }
 
 
+# What each pipeline writes, and where its figures come from: `qcompile targets` prints it.
+PIPELINE_SUMMARIES: dict[str, str] = {
+    "w8a8": "QDQ model (onnxruntime) + TVM library for this CPU; measured here",
+    "w8a8-cross": "QDQ model + TVM library cross-compiled for the board (with a Python-free runner on aarch64); "
+    "predicted here, measured with bench --rpc",
+    "w8a8-cuda": "QDQ model + CUDA kernels (source, and a fatbin where nvcc exists); compile-only here",
+    "integer-only": "integer-only graph (ConvInteger / MatMulInteger, dyadic requantization) and its TVM build; "
+    "simulated here, bit-exact with the numpy oracle",
+    "lut": "ternary graph + lut/ package (packed weights, table-lookup kernels, FPGA engine C++, plan); "
+    "the device latency is the plan's estimate",
+}
+
+
+def targets() -> list[tuple[str, str, str]]:
+    """``(name, description, what its pipeline writes)`` for every bundled target."""
+    rows = []
+    for name in hwmodels.available_targets():
+        target = hwmodels.load_target(name)
+        rows.append((name, target.description, PIPELINE_SUMMARIES[target.pipeline]))
+    return rows
+
+
 def compile_model(
     model_path: str | os.PathLike[str],
     output: str | os.PathLike[str],
