@@ -487,7 +487,10 @@ def _command_compile(args: argparse.Namespace) -> int:
         print(f"  float: {layer['name']} ({layer['op_type']}): {layer['float_reason']}")
     for scope, metrics in measured.accuracy.items():
         if isinstance(metrics, dict):
-            print(f"  accuracy vs fp32 ({scope}): " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+            figures = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if isinstance(value, float))
+            print(f"  accuracy vs fp32 ({scope}): {figures}")
+            for output, per_output in metrics.get("per_output", {}).items():
+                print(f"    output {output}: " + ", ".join(f"{key} {value:.4g}" for key, value in per_output.items()))
     reference = measured.latency_ms["onnxruntime-fp32"]["median_ms"]
     for name, latency in measured.latency_ms.items():
         print(

@@ -31,26 +31,22 @@ logger = logging.getLogger(__name__)
 REFERENCE_ONNX = "reference.fp32.onnx"
 
 
-class _RunAdapter:
-    """Gives a runtime Session the ``run(None, feeds) -> list`` shape of an onnxruntime session."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def run(self, _names: None, feed: Feed) -> list[np.ndarray]:
-        return list(self.session.run(feed).values())
-
-
-def evaluate(reference: Session, quantized: Session, feeds: Iterable[Feed]) -> dict[str, float]:
-    """Stream ``feeds`` through both; metrics of the quantized outputs against the reference's."""
-    float_session, quantized_session = _RunAdapter(reference), _RunAdapter(quantized)
-    outputs: list[np.ndarray] = []
-    references: list[np.ndarray] = []
+def evaluate(reference: Session, quantized: Session, feeds: Iterable[Feed]) -> dict[str, Any]:
+    """Stream ``feeds`` through both; metrics of the quantized outputs against the reference's, over all
+    outputs, and for a model with several outputs each output's own under ``per_output``."""
+    per_name: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for feed in feeds:
-        references.extend(np.asarray(value) for value in float_session.run(None, feed))
-        outputs.extend(np.asarray(value) for value in quantized_session.run(None, feed))
-    metrics = output_metrics(outputs, references)
-    metrics["samples"] = float(len(references))
+        expected, produced = reference.run(feed), quantized.run(feed)
+        for name, value in expected.items():
+            outputs, references = per_name.setdefault(name, ([], []))
+            references.append(np.asarray(value))
+            outputs.append(np.asarray(produced[name]))
+    every_output = [array for outputs, _ in per_name.values() for array in outputs]
+    every_reference = [array for _, references in per_name.values() for array in references]
+    metrics: dict[str, Any] = output_metrics(every_output, every_reference)
+    metrics["samples"] = float(len(next(iter(per_name.values()))[1])) if per_name else 0.0
+    if len(per_name) > 1:
+        metrics["per_output"] = {name: output_metrics(*pair) for name, pair in per_name.items()}
     return metrics
 
 
