@@ -394,6 +394,7 @@ def normalize(
     """Bring ``model`` into canonical form in place (see the module docstring) and return it. With a
     calibration ``sample``, shapes that onnx's inference leaves unknown are taken from a run on it."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    _check_float32(model, name)
     check_weights(model, name)
     _apply_input_shapes(model, input_shapes or {}, name)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
@@ -426,6 +427,21 @@ def normalize(
         _observe_shapes(model, sample, name)
     _check_shapes(model, name)
     return model
+
+
+_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def _check_float32(model: ir.Model, name: str) -> None:
+    """qcompile quantizes from float32: a half-precision model is refused with what to do (its scales,
+    calibration and QDQ graph would otherwise mix float16 into ops that onnxruntime runs only in float32)."""
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    half = next((value for value in values if value.dtype in _HALF), None)
+    if half is not None:
+        raise UnsupportedModelError(
+            f"{name}: '{half.name}' is {half.dtype.name.lower()}: qcompile quantizes float32 models; export the "
+            "model in float32 (torch: model.float() before export; onnxconverter-common can convert an ONNX file)"
+        )
 
 
 def _check_remaining_ops(model: ir.Model, name: str) -> None:

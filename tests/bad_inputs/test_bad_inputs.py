@@ -119,6 +119,16 @@ def short_external(folder: Path) -> Path:
     return external_model(folder, "w.bin")
 
 
+def _float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its inputs, outputs and weights in float16."""
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    for index, tensor in enumerate(model.graph.initializer):
+        half = onnx.numpy_helper.to_array(tensor).astype(np.float16)
+        model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(half, tensor.name))
+    return model
+
+
 def inf_in_constant(folder: Path) -> Path:
     """A MatMul weight written as a Constant node, one of its values Inf."""
     proto = parse_model("""
@@ -174,6 +184,12 @@ MODEL_CASES: list[tuple[str, Callable[[Path], Path], type[errors.QCompileError],
         lambda folder: save_model(parse_model(conv_text(fill=float("nan"))), folder / "nan.onnx"),
         errors.InvalidWeightsError,
         "constant 'w' holds 1 NaN values",
+    ),
+    (
+        "float16 model",
+        lambda folder: save_model(_float16(parse_model(conv_text())), folder / "half.onnx"),
+        errors.UnsupportedModelError,
+        "is float16: qcompile quantizes float32 models",
     ),
     ("Inf in a Constant node", inf_in_constant, errors.InvalidWeightsError, r"\(read by MatMul '.*'\) holds 1 Inf"),
 ]
