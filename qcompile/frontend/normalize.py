@@ -439,7 +439,7 @@ def _check_float32(model: ir.Model, name: str) -> None:
     half = next((value for value in values if value.dtype in _HALF), None)
     if half is not None:
         raise UnsupportedModelError(
-            f"{name}: '{half.name}' is {half.dtype.name.lower()}: qcompile quantizes float32 models; export the "
+            f"{name}: '{half.name}' is {str(half.dtype).lower()}: qcompile quantizes float32 models; export the "
             "model in float32 (torch: model.float() before export; onnxconverter-common can convert an ONNX file)"
         )
 
