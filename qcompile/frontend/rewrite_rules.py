@@ -2,7 +2,9 @@
 
 Rules used by the frontend: BatchNormalization folded into a preceding Conv / ConvTranspose / Gemm
 (exact: ``y = gamma * (W x + b - mean) / sqrt(var + eps) + beta`` is a Conv with weights scaled per
-output channel by ``gamma / sqrt(var + eps)`` and a shifted bias), and inference-mode Dropout removed.
+output channel by ``gamma / sqrt(var + eps)`` and a shifted bias); a constant zero Pad folded into the Conv that
+reads it (exporters of TF-style "same" padding write one before each strided Conv; left alone, it sits between
+the Conv and its input's quantization); and inference-mode Dropout removed.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_conv_rule,
     fuse_batchnorm_into_conv_transpose_rule,
     fuse_batchnorm_into_gemm_rule,
+    fuse_pad_into_conv_rule,
 )
 
 NORMALIZATION_RULES = [
     fuse_batchnorm_into_conv_rule,
     fuse_batchnorm_into_conv_transpose_rule,
     fuse_batchnorm_into_gemm_rule,
+    fuse_pad_into_conv_rule,
     dropout_inference_rule,
     dropout_zero_rule,
 ]
