@@ -15,6 +15,7 @@ import numpy as np
 
 HISTOGRAM_BINS = 2048
 HISTOGRAM_LIMIT = 1e30
+MIN_SPAN = 1e-8
 
 
 @dataclass
@@ -83,8 +84,10 @@ class HistogramObserver(MinMaxObserver):
             return
         if self.high <= self.low:
             self.low, self.high = min(batch_low, 0.0), max(batch_high, 0.0)
-            if self.high <= self.low:
-                self.high = self.low + 1e-8
+            # A first batch of zeros, or of subnormal values (an untrained BatchNorm's 1e-42 activations),
+            # spans too little for 2048 distinct float32 bin edges; any span below this quantizes alike
+            # (scales bottom out at quant_spec.MIN_SCALE).
+            self.high = max(self.high, self.low + MIN_SPAN)
         while batch_low < self.low or batch_high > self.high:
             self._double_span(batch_low < self.low, batch_high > self.high)
         hist, _ = np.histogram(batch, bins=self.bins, range=(self.low, self.high))

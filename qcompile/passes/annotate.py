@@ -205,6 +205,39 @@ def plan_quantization_points(
     return layers, list(points.values())
 
 
+# An average pool requantizes its input sum by input_scale / (output_scale * window): onnxruntime's QLinear
+# average pools refuse a factor of 256 or more ("parameter out of computation range"), and the integer kernels'
+# fixed-point multipliers are built for factors below 1. The output's range lies inside the input's, so this
+# only binds when the calibrated output range collapsed (a layer dead on every sample: output scale at its floor
+# under a ReLU6's full [0, 6] input scale, seen on MobileNets with untrained BatchNorm statistics).
+AVERAGING_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
+MAX_AVERAGE_FACTOR = 128.0
+
+
+def _averaging_window(node: ir.Node) -> int | None:
+    if node.op_type == "AveragePool":
+        kernel = node.attributes.get("kernel_shape")
+        return int(np.prod(kernel.as_ints())) if kernel is not None else None
+    shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if shape is None or len(shape) < 3 or not all(isinstance(dim, int) for dim in shape[2:]):
+        return None
+    return int(np.prod([int(dim) for dim in shape[2:]]))
+
+
+def _widen_average_range(node: ir.Node) -> None:
+    """Widen a quantized average pool's output range so its requantization factor stays below
+    MAX_AVERAGE_FACTOR (see there)."""
+    source, target = node.inputs[0], node.outputs[0]
+    window = _averaging_window(node)
+    if source is None or window is None or RANGE_KEY not in source.meta or RANGE_KEY not in target.meta:
+        return
+    source_span = source.meta[RANGE_KEY][1] - source.meta[RANGE_KEY][0]
+    low, high = target.meta[RANGE_KEY]
+    least = source_span / (MAX_AVERAGE_FACTOR * window)
+    if high - low < least:
+        target.meta[RANGE_KEY] = (float(low), float(low + least))
+
+
 def _residual_into_norm(value: ir.Value) -> bool:
     """A residual Add's sum read only by a LayerNorm: an integer-only target keeps it in int32 (I-BERT does)
     rather than re-quantizing the residual stream to 8 bits before the normalization."""
@@ -328,5 +361,8 @@ class AnnotatePass(ir.passes.InPlacePass):
                 raise ValueError(f"value '{value.name}' has no usable calibration range ({low}, {high})")
             value.meta[SPEC_KEY] = spec
             value.meta[RANGE_KEY] = (float(low), float(high))
+        for node in model.graph:
+            if node.op_type in AVERAGING_OPS:
+                _widen_average_range(node)
         logger.info("annotated %d layers and %d activation values", len(layers), len(points))
         return ir.passes.PassResult(model, modified=bool(layers))

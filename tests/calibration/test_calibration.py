@@ -57,6 +57,16 @@ def test_histogram_grows_toward_either_side(first: np.ndarray) -> None:
     assert observer.counts.sum() == first.size + later.size
 
 
+@pytest.mark.parametrize("first", [np.zeros(8, np.float32), np.full(8, 1e-42, np.float32)])
+def test_histogram_starts_from_zeros_or_subnormal_values(first: np.ndarray) -> None:
+    # An untrained BatchNorm stack drives activations to subnormal magnitudes: numpy cannot cut [0, 1e-42] into
+    # 2048 distinct float32 bins ("Too many bins for data range"); the span starts at least 1e-8 wide.
+    observer = HistogramObserver()
+    observer.update(first)
+    observer.update(np.linspace(-1.0, 2.0, 50, dtype=np.float32))
+    assert observer.counts.sum() == 58 and observer.low <= -1.0 and observer.high >= 2.0
+
+
 def test_mse_range_matches_laplace_optimum() -> None:
     observer = HistogramObserver()
     values = np.random.default_rng(2).laplace(0.0, 1.0, 400000).astype(np.float32)

@@ -14,6 +14,7 @@ from qcompile import execution, frontend
 from qcompile.graph import layer_name
 from qcompile.passes.annotate import AnnotatePass, plan_quantization_points
 from qcompile.passes.qdq import QDQPass
+from qcompile.passes.quant_spec import RANGE_KEY
 
 RESIDUAL = """
 <ir_version: 8, opset_import: ["" : 18]>
@@ -99,6 +100,34 @@ def test_a_conv_read_only_by_float_ops_still_runs_as_an_integer_kernel(tmp_path:
     QDQPass()(model)
     kernels = set(execution.kernel_times(model, {"x": x}, runs=1, warmup=0, sessions=1).op_types.values())
     assert "QLinearConv" in kernels and not kernels & {"Conv", "FusedConv"}, kernels
+
+
+DEAD_POOL = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[1, 4, 6, 6] x) => (float[1, 4] y)
+  <float[4, 4, 1, 1] w1 = {w1}, float[4] b1 = {{-9, -9, -9, -9}}, float zero = {{0}}, float six = {{6}}> {{
+    c1 = Conv (x, w1, b1)
+    r1 = Clip (c1, zero, six)
+    p1 = GlobalAveragePool (r1)
+    y = Flatten (p1)
+}}
+"""
+
+
+def test_a_pool_dead_on_every_sample_keeps_a_scale_onnxruntime_accepts(tmp_path: Path) -> None:
+    # Biases of -9 keep the ReLU6 at zero on these samples: the pool's calibrated output range collapses to
+    # [0, 0] (scale at its floor, 1e-8) under the clip's full [0, 6] input scale, a requantization factor of
+    # 2e7 / 36 that onnxruntime's QLinearGlobalAveragePool refused ("out of computation range").
+    rng = np.random.default_rng(0)
+    text = DEAD_POOL.format(w1="{" + ", ".join(f"{v:.4f}" for v in 0.1 * rng.standard_normal(16)) + "}")
+    model = frontend.load(save_model(parse_model(text), tmp_path / "dead.onnx"))
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    AnnotatePass(ranges_from(model, x))(model)
+    pooled = next(node for node in model.graph if node.op_type == "GlobalAveragePool")
+    low, high = pooled.outputs[0].meta[RANGE_KEY]
+    assert (low, high) != (0.0, 0.0) and (6.0 - 0.0) / (high - low) / 36 < 128.0 + 1e-9
+    QDQPass()(model)
+    np.testing.assert_array_equal(execution.session(model).run(None, {"x": x})[0], np.zeros((1, 4), np.float32))
 
 
 def test_ordering_is_checked(tmp_path: Path) -> None:
