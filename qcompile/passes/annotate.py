@@ -62,12 +62,21 @@ def weight_axis(node: ir.Node, index: int) -> int | None:
 
 
 def quantizable_layers(model: ir.Model) -> list[ir.Node]:
-    """Compute nodes qcompile can quantize: Conv / Gemm with a constant weight, MatMul with float inputs."""
+    """Compute nodes qcompile can quantize: Conv / Gemm with a constant weight, MatMul with float inputs of
+    which only the second may be constant, and then as a 2-D weight. A constant first operand or a batched
+    constant second one (a rotary table: inverse frequencies times positions, [batch, dim/2, 1]) is no layer's
+    weight: onnxruntime's integer MatMul takes per-column zero points only for a 2-D B ("b zero point is not
+    valid"), and such products are a few hundred multiply-adds on positions that 8 bits would blur."""
     layers = []
     for node in model.graph:
         if node.op_type not in COMPUTE_OPS or not all(is_float(value) for value in node.inputs[:2]):
             continue
         if node.op_type in ("Conv", "Gemm") and not is_constant(node.inputs[1]):
+            continue
+        if node.op_type == "MatMul" and (
+            is_constant(node.inputs[0])
+            or (is_constant(node.inputs[1]) and node.inputs[1].const_value.shape.rank() != 2)  # type: ignore[union-attr]
+        ):
             continue
         layers.append(node)
     return layers

@@ -130,6 +130,27 @@ def test_a_pool_dead_on_every_sample_keeps_a_scale_onnxruntime_accepts(tmp_path:
     np.testing.assert_array_equal(execution.session(model).run(None, {"x": x})[0], np.zeros((1, 4), np.float32))
 
 
+ROTARY = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[1, 6, 8] x, float[1, 1, 6] positions) => (float[1, 6, 4] y, float[1, 4, 6] angles)
+  <float[8, 4] w = {w}, float[1, 4, 1] frequencies = {{1, 0.1, 0.01, 0.001}}> {{
+    y = MatMul (x, w)
+    angles = MatMul (frequencies, positions)
+  }}
+"""
+
+
+def test_only_two_dimensional_constants_are_matmul_weights(tmp_path: Path) -> None:
+    # A rotary table (frequencies [1, 4, 1] times positions) has a constant first operand; onnxruntime failed on
+    # its integer MatMul with "b zero point is not valid" when such a constant was quantized per channel.
+    rng = np.random.default_rng(0)
+    text = ROTARY.format(w="{" + ", ".join(f"{v:.4f}" for v in rng.standard_normal(32)) + "}")
+    model = frontend.load(save_model(parse_model(text), tmp_path / "rotary.onnx"))
+    layers, points = plan_quantization_points(model)
+    assert [str(node.outputs[0].name) for node in layers] == ["y"]
+    assert [str(value.name) for value in points] == ["x"]
+
+
 def test_ordering_is_checked(tmp_path: Path) -> None:
     import pytest
 
