@@ -205,7 +205,7 @@ class QuantizeResult:
     passes: list[dict[str, Any]]
     calibration_samples: int
     sample: Feed
-    error: dict[str, float] = field(default_factory=dict)
+    error: dict[str, Any] = field(default_factory=dict)
     search: SearchResult | None = None
     # Another per-layer choice of formats ('fp32', 'int8', 'int4', 'ternary') on the same calibration,
     # Hessians and options: for comparing the search's Pareto points without calibrating again.
@@ -451,7 +451,14 @@ def quantize(
         logger.warning("sequential bias refit skipped (the expected-shift correction stays): %s", refit_skipped)
     refit_feeds = [] if refit_skipped else held[:refit_count]  # empty: refit_biases changes nothing
     refitted = refit_biases(model, quantized, refit_feeds, progress)
-    error = output_metrics(sensitivity.run_all(quantized, kept), references)
+    error: dict[str, Any] = output_metrics(quantized_outputs := sensitivity.run_all(quantized, kept), references)
+    output_names = [str(value.name) for value in model.graph.outputs]
+    if len(output_names) > 1:  # run_all lists every output of a sample, sample after sample
+        count = len(output_names)
+        error["per_output"] = {
+            name: output_metrics(quantized_outputs[index::count], references[index::count])
+            for index, name in enumerate(output_names)
+        }
     logger.info("quantized %d of %d layers; %s", len(layers) - len(float_layers), len(layers), error)
     passes: list[dict[str, Any]] = [
         {"name": "matmul_add_to_gemm", "modified": gemm_rewrite.modified},

@@ -312,14 +312,29 @@ def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
             decomposed[node.op_type] = decomposed.get(node.op_type, 0) + 1
     if decomposed:
         logger.info("%s: decomposed %s for opset %d", name, decomposed, CANONICAL_OPSET)
+    return _onnx_convert(model, opset, name, "down")
+
+
+# At opset 13 Squeeze's and Unsqueeze's ``axes``, Split's ``split`` and ReduceSum's ``axes`` moved from attributes
+# to inputs. onnxscript's converter bumps such nodes' opset without moving them (onnxruntime then refuses the
+# model: "Unrecognized attribute: axes for operator Squeeze"); onnx's own converter has adapters for every step.
+AXES_BECAME_INPUTS = 13
+
+
+def _upgrade_old(model: ir.Model, opset: int, name: str) -> ir.Model:
+    """Opset 7..12 (paddle2onnx, older converters) up to the canonical opset with onnx's converter."""
+    return _onnx_convert(model, opset, name, "up")
+
+
+def _onnx_convert(model: ir.Model, opset: int, name: str, direction: str) -> ir.Model:
     try:
         converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), CANONICAL_OPSET)
     except Exception as error:  # the converter raises RuntimeError / ValueError / its own types
         raise UnsupportedModelError(
-            f"{name}: cannot convert opset {opset} down to {CANONICAL_OPSET}: {first_line(error)}; "
+            f"{name}: cannot convert opset {opset} {direction} to {CANONICAL_OPSET}: {first_line(error)}; "
             f"export the model at opset {CANONICAL_OPSET}, or report the operator to qcompile"
         ) from error
-    logger.info("%s: converted opset %d down to %d", name, opset, CANONICAL_OPSET)
+    logger.info("%s: converted opset %d %s to %d", name, opset, direction, CANONICAL_OPSET)
     return ir.serde.deserialize_model(converted)
 
 
@@ -417,6 +432,8 @@ def normalize(
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is not None and opset > CANONICAL_OPSET:
         model = _downgrade(model, opset, name)
+    elif opset is not None and opset < AXES_BECAME_INPUTS:
+        model = _upgrade_old(model, opset, name)
     elif opset != CANONICAL_OPSET:
         try:
             onnxscript.version_converter.convert_version(model, CANONICAL_OPSET)

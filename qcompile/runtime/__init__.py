@@ -70,7 +70,7 @@ class Session:
                 raise ArtifactError(
                     f"input '{info.name}' has shape {tuple(array.shape)}; the artifact expects {info.shape}"
                 )
-            checked[info.name] = np.ascontiguousarray(array.astype(info.dtype, copy=False))
+            checked[info.name] = np.require(array.astype(info.dtype, copy=False), requirements="C")
         return checked
 
     def random_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:

@@ -71,10 +71,10 @@ class TVMExecutor:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         arguments = [
-            self._tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self._device) for name in self._input_names
+            self._tvm.runtime.tensor(np.require(feeds[name], requirements="C"), self._device)
+            for name in self._input_names
         ]
         result = self._vm["main"](*arguments)
         if hasattr(result, "numpy"):
             return [result.numpy()]
         return [item.numpy() for item in result]
-

@@ -339,7 +339,7 @@ def emulate(
         paths = []
         for index, array in enumerate(inputs):
             paths.append(str(Path(scratch) / f"input_{index}.npy"))
-            np.save(paths[-1], np.ascontiguousarray(array))
+            np.save(paths[-1], np.require(array, requirements="C"))
         command = [
             toolchain.qemu, "-cpu", cpu, "-L", str(toolchain.sysroot),
             str(runner or folder / DEVICE_FOLDER / RUNNER), str(folder / library), scratch, *paths,

@@ -61,7 +61,7 @@ def time_libraries(
         try:
             session.upload(str(library))
             vm = relax.VirtualMachine(session.load_module(library.name), device)
-            arguments = [tvm.runtime.tensor(np.ascontiguousarray(array), device) for array in inputs]
+            arguments = [tvm.runtime.tensor(np.require(array, requirements="C"), device) for array in inputs]
             timer = vm.time_evaluator("main", device, number=1, repeat=runs, min_repeat_ms=0)
             times.append(float(np.median(timer(*arguments).results)) * 1e6)
         except Exception as error:
@@ -87,7 +87,7 @@ def run_remote(library: Path, inputs: list[np.ndarray], address: str, runs: int 
         module = session.load_module(library.name)
         device = session.cpu()
         vm = relax.VirtualMachine(module, device)
-        arguments = [tvm.runtime.tensor(np.ascontiguousarray(array), device) for array in inputs]
+        arguments = [tvm.runtime.tensor(np.require(array, requirements="C"), device) for array in inputs]
         result = vm["main"](*arguments)
         outputs = [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
         timer = vm.time_evaluator("main", device, number=1, repeat=runs)
