@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -228,9 +229,10 @@ def _averaging_window(node: ir.Node) -> int | None:
         kernel = node.attributes.get("kernel_shape")
         return int(np.prod(kernel.as_ints())) if kernel is not None else None
     shape = node.inputs[0].shape if node.inputs[0] is not None else None
-    if shape is None or len(shape) < 3 or not all(isinstance(dim, int) for dim in shape[2:]):
+    spatial = [dim for dim in shape[2:] if isinstance(dim, int)] if shape is not None else []
+    if shape is None or len(shape) < 3 or len(spatial) != len(shape) - 2:
         return None
-    return int(np.prod([int(dim) for dim in shape[2:]]))
+    return math.prod(spatial)
 
 
 def _widen_average_range(node: ir.Node) -> None:
