@@ -9,6 +9,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+# On a model (``metadata_props``) whose input dims the frontend fixed from a calibration sample while keeping the
+# computations of shapes from them: passes that add reshapes compute their shapes from values, not constants,
+# so that the onnxruntime executors still run other batch sizes and lengths. Its value lists the dims (JSON).
+DYNAMIC_DIMS_KEY = "qcompile.dynamic_dims"
+
+
+def keeps_dynamic_dims(model: ir.Model) -> bool:
+    return DYNAMIC_DIMS_KEY in model.metadata_props
+
 
 def is_constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None

@@ -28,7 +28,7 @@ from qcompile.backends import lut
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed, Preprocess
 from qcompile.errors import CalibrationError, UnsupportedModelError, first_line
-from qcompile.flow import measure
+from qcompile.flow import dynamic, measure
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
 from qcompile.graph import clone
@@ -184,11 +184,22 @@ def write_onnx(build: Build) -> None:
     staging = build.staging
     build.written += execution.save(build.graph, staging / QUANTIZED_ONNX)
     build.written += execution.save(build.model, staging / REFERENCE_ONNX)
-    onnx.checker.check_model(str(staging / QUANTIZED_ONNX), full_check=True)
     build.executors["onnxruntime"] = Executor("onnxruntime", QUANTIZED_ONNX, "quantized QDQ model")
     build.executors["onnxruntime-fp32"] = Executor(
         "onnxruntime", REFERENCE_ONNX, "the normalized float model (reference, fallback)"
     )
+    if build.sample is not None and dynamic.dynamic_dims(build.model):
+        files = {"onnxruntime": QUANTIZED_ONNX, "onnxruntime-fp32": REFERENCE_ONNX}
+        kept, static = dynamic.keep_dynamic_dims(
+            staging, files, "onnxruntime-fp32", build.model, build.source, build.sample
+        )
+        served = {name: {str(axis): dim for axis, dim in axes.items()} for name, axes in kept.items()}
+        for executor in files:
+            build.executors[executor].dynamic_dims = served or None
+        if build.input_shapes is not None:
+            build.input_shapes["dynamic_in_onnxruntime"] = served
+            build.input_shapes["kept_static"] = static
+    onnx.checker.check_model(str(staging / QUANTIZED_ONNX), full_check=True)
     if build.lowered is not None:
         _write_integer(build, build.lowered)
         build.executors["integer"] = Executor(
@@ -237,7 +248,8 @@ def build_library(build: Build) -> None:
         logger.warning("TVM library not built: %s", build.skipped["tvm"])
         return
     staging, device, toolchain, lowered = build.staging, build.target, build.toolchain, build.lowered
-    graph = lowered if lowered is not None else execution.to_proto(build.graph)
+    # A library is built for the calibration shapes: what the graph computes from dynamic dims is folded.
+    graph = lowered if lowered is not None else execution.to_proto(frontend.specialize(build.graph))
     kernel_graph = lowered if lowered is not None else _host_integer_graph(build, graph)
     kernels = None
     if kernel_graph is not None:
@@ -401,6 +413,10 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
 }
 
 
+# The pipelines whose onnxruntime executors keep the model's dynamic dims.
+DYNAMIC_PIPELINES = frozenset({"w8a8", "w8a8-cross", "w8a8-cuda"})
+
+
 # What each pipeline writes, and where its figures come from: `qcompile targets` prints it.
 PIPELINE_SUMMARIES: dict[str, str] = {
     "w8a8": "QDQ model (onnxruntime) + TVM library for this CPU; measured here",
@@ -449,7 +465,10 @@ def compile_model(
     first, calibration_feeds = _peek(feeds_from(calibration_data, declared, preprocess, "calibration"))
     first = next(iter(calibration.split_batch(first, declared)))  # a stacked batch of a static-batch model
     shapes, from_sample = frontend.shapes_from_sample(raw, first, input_shapes, source.name)
-    model = frontend.normalize(raw, shapes, name=source.name, sample=first)
+    # The onnxruntime files keep the dims fixed from the sample dynamic (an integer-only or ternary graph
+    # is static throughout: its lowering and kernels are built for one shape).
+    dynamic_inputs = frozenset(from_sample) if device.pipeline in DYNAMIC_PIPELINES else frozenset()
+    model = frontend.normalize(raw, shapes, name=source.name, sample=first, dynamic_inputs=dynamic_inputs)
     inputs = calibration.input_specs(model)
     with atomic_folder(Path(output), overwrite=force) as staging:
         build = Build(

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.frontend.loader import load_model
-from qcompile.frontend.normalize import CANONICAL_OPSET, normalize, parse_input_shapes, shapes_from_sample
+from qcompile.frontend.normalize import CANONICAL_OPSET, normalize, parse_input_shapes, shapes_from_sample, specialize
 
 
 def load(
@@ -26,4 +26,12 @@ def load(
     return normalize(model, input_shapes, name=name, sample=sample)
 
 
-__all__ = ["CANONICAL_OPSET", "load", "load_model", "normalize", "parse_input_shapes", "shapes_from_sample"]
+__all__ = [
+    "CANONICAL_OPSET",
+    "load",
+    "load_model",
+    "normalize",
+    "parse_input_shapes",
+    "shapes_from_sample",
+    "specialize",
+]

@@ -10,6 +10,7 @@ value has an inferred type and shape; and no floating-point weight is NaN or Inf
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ from onnx_ir.passes.common import (
 from qcompile import execution
 from qcompile.errors import CalibrationError, InvalidWeightsError, ModelLoadError, UnsupportedModelError, first_line
 from qcompile.frontend import rewrite_rules
+from qcompile.graph import DYNAMIC_DIMS_KEY, clone, keeps_dynamic_dims
 
 logger = logging.getLogger(__name__)
 
@@ -422,13 +424,21 @@ def normalize(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     name: str = "model",
     sample: dict[str, np.ndarray] | None = None,
+    dynamic_inputs: frozenset[str] = frozenset(),
 ) -> ir.Model:
     """Bring ``model`` into canonical form in place (see the module docstring) and return it. With a
-    calibration ``sample``, shapes that onnx's inference leaves unknown are taken from a run on it."""
+    calibration ``sample``, shapes that onnx's inference leaves unknown are taken from a run on it.
+
+    The inputs named in ``dynamic_inputs`` get their static shapes (from ``input_shapes``) only after constant
+    folding: what the graph computes from their dynamic dims (reshape targets, masks, position ranges) stays a
+    computation, so that the artifact's onnxruntime executors can run other sizes; the model's
+    ``metadata_props[DYNAMIC_DIMS_KEY]`` then names those dims (``{input: {axis: name}}``)."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     _check_float32(model, name)
     check_weights(model, name)
-    _apply_input_shapes(model, input_shapes or {}, name)
+    dynamic = _dynamic_dims(model, dynamic_inputs)
+    if not dynamic:
+        _apply_input_shapes(model, input_shapes or {}, name)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is not None and opset > CANONICAL_OPSET:
         model = _downgrade(model, opset, name)
@@ -449,6 +459,12 @@ def normalize(
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_fills)
         _fold_weight_transposes(model)
         rewrite_rules.apply_normalization_rules(model)
+    except Exception as error:
+        raise ModelLoadError(f"{name}: normalization failed: {error}") from error
+    if dynamic:
+        _apply_input_shapes(model, input_shapes or {}, name)
+        model.metadata_props[DYNAMIC_DIMS_KEY] = json.dumps(dynamic, sort_keys=True)
+    try:
         IdentityEliminationPass()(model)
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         RemoveUnusedNodesPass()(model)
@@ -464,6 +480,44 @@ def normalize(
 
 
 _HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def _dynamic_dims(model: ir.Model, inputs: frozenset[str]) -> dict[str, dict[int, str]]:
+    """``{input: {axis: name}}``: the dims of ``inputs`` the model leaves dynamic (unnamed ones get a name)."""
+    dims: dict[str, dict[int, str]] = {}
+    for value in model.graph.inputs:
+        if str(value.name) not in inputs or value.shape is None:
+            continue
+        named = {
+            axis: str(dim.value) if isinstance(dim, ir.SymbolicDim) and dim.value else f"{value.name}_{axis}"
+            for axis, dim in enumerate(value.shape)
+            if not isinstance(dim, int)
+        }
+        if named:
+            dims[str(value.name)] = named
+    return dims
+
+
+# Ops whose folding turns a dynamic graph static: what specialize() folds (int64 shape arithmetic, and the
+# masks and ranges built from it); never QuantizeLinear / DequantizeLinear of a weight.
+_NEVER_SPECIALIZED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def specialize(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` (whose inputs have static shapes) with the computations of shapes folded into
+    constants: what TVM and the integer lowering take from a model that keeps dynamic dims for onnxruntime."""
+    if not keeps_dynamic_dims(model):
+        return model
+    copy = clone(model)
+    del copy.metadata_props[DYNAMIC_DIMS_KEY]
+
+    def fold(node: ir.Node) -> bool | None:
+        return False if node.op_type in _NEVER_SPECIALIZED else _fold_small_fills(node)
+
+    onnxscript.optimizer.fold_constants(copy, onnx_shape_inference=True, should_fold=fold)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(copy)
+    RemoveUnusedNodesPass()(copy)
+    return copy
 
 
 def _check_float32(model: ir.Model, name: str) -> None:

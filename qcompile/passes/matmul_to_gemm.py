@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph import is_constant
+from qcompile.graph import add_initializer, is_constant, keeps_dynamic_dims
 from qcompile.passes.annotate import require_unannotated
+
+_INT64 = ir.TensorType(ir.DataType.INT64)
 
 
 def _static(shape: ir.Shape | None) -> list[int] | None:
@@ -86,12 +88,22 @@ class MatMulAddToGemmPass(ir.passes.InPlacePass):
                 shape=ir.Shape([2]),
                 type=ir.TensorType(ir.DataType.INT64),
             )
-            out_shape = ir.Value(
-                name=f"{base}_out_shape",
-                const_value=ir.tensor(np.array(output_shape, np.int64), name=f"{base}_out_shape"),
-                shape=ir.Shape([len(output_shape)]),
-                type=ir.TensorType(ir.DataType.INT64),
-            )
+            shape_nodes: list[ir.Node] = []
+            if keeps_dynamic_dims(model):
+                # [..., N] from the activation's own leading dims, so another batch or length still runs.
+                leading = ir.node("Shape", [activation], attributes={"end": -1}, name=f"{base}_leading_dims")
+                leading.outputs[0].shape, leading.outputs[0].type = ir.Shape([len(output_shape) - 1]), _INT64
+                width = add_initializer(graph, f"{base}_columns", np.array([columns], np.int64))
+                joined = ir.node("Concat", [leading.outputs[0], width], attributes={"axis": 0}, name=f"{base}_out_dims")
+                joined.outputs[0].shape, joined.outputs[0].type = ir.Shape([len(output_shape)]), _INT64
+                shape_nodes, out_shape = [leading, joined], joined.outputs[0]
+            else:
+                out_shape = ir.Value(
+                    name=f"{base}_out_shape",
+                    const_value=ir.tensor(np.array(output_shape, np.int64), name=f"{base}_out_shape"),
+                    shape=ir.Shape([len(output_shape)]),
+                    type=_INT64,
+                )
             bias_vector = ir.Value(
                 name=f"{base}_bias",
                 const_value=ir.tensor(bias.const_value.numpy().reshape(-1), name=f"{base}_bias"),  # type: ignore[union-attr]
@@ -99,7 +111,8 @@ class MatMulAddToGemmPass(ir.passes.InPlacePass):
                 type=bias.type,
             )
             for value in (flat_shape, out_shape, bias_vector):
-                graph.register_initializer(value)
+                if value.const_value is not None:
+                    graph.register_initializer(value)
             flat = ir.Value(
                 name=f"{base}_flat_input",
                 shape=ir.Shape([int(np.prod(input_shape)) // rows, rows]),
@@ -114,7 +127,7 @@ class MatMulAddToGemmPass(ir.passes.InPlacePass):
             gemm = ir.node("Gemm", [flat, weight, bias_vector], outputs=[product], name=base)
             result = add.outputs[0]
             reshape_out = ir.node("Reshape", [product, out_shape], name=f"{base}_reshape_output")
-            graph.insert_after(add, [reshape_in, gemm, reshape_out])
+            graph.insert_after(add, [*shape_nodes, reshape_in, gemm, reshape_out])
             result.replace_all_uses_with(reshape_out.outputs[0], replace_graph_outputs=True)
             graph.remove([add, node], safe=True)
             reshape_out.outputs[0].name = result.name

@@ -2,7 +2,9 @@
 
 ``load(path)`` verifies every file of the artifact against the sha256 in its manifest before it loads
 any model or library, then returns a :class:`Session` on the manifest's default executor (or the one
-asked for).
+asked for). The onnxruntime executors of a model exported with dynamic dims run other sizes of them
+(``dynamic_dims`` in the manifest); a session on the default executor routes a call its executor cannot
+run to one that can.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from qcompile.runtime.manifest import Manifest, TensorInfo
 class Session:
     """A loaded artifact: ``run(feeds)`` returns ``{output name: array}``."""
 
-    def __init__(self, folder: Path, manifest: Manifest, executor: str) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, executor: str, route: bool = False) -> None:
         self.folder = folder
         self.manifest = manifest
         self.executor = executor
         self.inputs = list(manifest.inputs)
         self.outputs = list(manifest.outputs)
+        # route: a call whose shapes this executor does not run goes to another executor that runs them.
+        self.route = route
+        self._routes: dict[str, Session] = {}
         entry = manifest.executors.get(executor)
         if entry is None:
             raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest.executors)}")
+        self.entry = entry
         path = folder / entry.file
         if not self.runnable_here(executor):
             raise ArtifactError(
@@ -61,17 +67,48 @@ class Session:
         return Session(self.folder, self.manifest, executor)
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds as this executor takes them (dtype, contiguous); an error if one is missing or of a shape
+        it does not run."""
+        checked = self._converted(feeds)
+        problem = self.entry.serves(self.inputs, {name: array.shape for name, array in checked.items()})
+        if problem is not None:
+            raise ArtifactError(f"executor '{self.executor}': {problem}{self._others_hint(checked)}")
+        return checked
+
+    def _converted(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = {}
         for info in self.inputs:
             if info.name not in feeds:
                 raise ArtifactError(f"input '{info.name}' is missing from the feeds (given: {sorted(feeds)})")
             array = np.asarray(feeds[info.name])
-            if tuple(array.shape) != info.shape:
-                raise ArtifactError(
-                    f"input '{info.name}' has shape {tuple(array.shape)}; the artifact expects {info.shape}"
-                )
             checked[info.name] = np.require(array.astype(info.dtype, copy=False), requirements="C")
         return checked
+
+    def serving(self, feeds: dict[str, np.ndarray]) -> list[str]:
+        """The executors runnable here that run ``feeds``' shapes, quickest measured first (the float model
+        last, unless it is the default)."""
+        shapes = {name: np.shape(array) for name, array in feeds.items()}
+        latency = self.manifest.measured.latency_ms if self.manifest.measured else {}
+        default = self.manifest.default_executor
+
+        def order(name: str) -> tuple[bool, float]:
+            float_fallback = name == "onnxruntime-fp32" and default != name
+            return float_fallback, latency.get(name, {}).get("median_ms", float("inf"))
+
+        return sorted(
+            (
+                name
+                for name, entry in self.manifest.executors.items()
+                if entry.cannot_run is None and self.runnable_here(name) and entry.serves(self.inputs, shapes) is None
+            ),
+            key=order,
+        )
+
+    def _others_hint(self, feeds: dict[str, np.ndarray]) -> str:
+        others = [name for name in self.serving(feeds) if name != self.executor]
+        if others:
+            return f"; executor(s) {', '.join(others)} of this artifact run these shapes (load it with one of them)"
+        return "; no executor of this artifact runs these shapes (compile with samples of this shape)"
 
     def random_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Inputs of the right shapes and dtypes (normal floats, ones for integers), for timing."""
@@ -84,8 +121,24 @@ class Session:
         }
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self._run(self.check_feeds(feeds))
+        if not self.route:
+            results = self._run(self.check_feeds(feeds))
+        else:
+            checked = self._converted(feeds)
+            if self.entry.serves(self.inputs, {name: array.shape for name, array in checked.items()}) is None:
+                results = self._run(checked)
+            else:
+                return self._routed(checked).run(checked)
         return {info.name: np.asarray(value) for info, value in zip(self.outputs, results, strict=True)}
+
+    def _routed(self, feeds: dict[str, np.ndarray]) -> Session:
+        serving = self.serving(feeds)
+        if not serving:
+            self.check_feeds(feeds)  # raises, naming the input and what the executor runs
+        name = serving[0]
+        if name not in self._routes:
+            self._routes[name] = Session(self.folder, self.manifest, name)
+        return self._routes[name]
 
 
 def load(path: str | Path, executor: str | None = None) -> Session:
@@ -95,7 +148,9 @@ def load(path: str | Path, executor: str | None = None) -> Session:
     chosen = executor or manifest.default_executor
     if chosen is None:
         raise ArtifactError(f"{folder}: the manifest names no default executor; name one, or recompile")
-    return Session(folder, manifest, chosen)
+    # On the default executor, a call of shapes it does not run (another batch or length than a TVM library
+    # was built for) goes to the quickest executor that runs them; a named executor runs its shapes or fails.
+    return Session(folder, manifest, chosen, route=executor is None)
 
 
 __all__ = ["Manifest", "Session", "TensorInfo", "load"]

@@ -40,6 +40,13 @@ class TensorInfo:
         return cls(_required(entry, "name", str, where), tuple(shape), _required(entry, "dtype", str, where))
 
 
+def _served(info: TensorInfo, free: set[int]) -> str:
+    if not free:
+        return f"this executor runs {info.shape} only"
+    pattern = ", ".join("*" if axis in free else str(size) for axis, size in enumerate(info.shape))
+    return f"this executor runs [{pattern}] (* any size)"
+
+
 @dataclass(frozen=True)
 class Source:
     file: str
@@ -69,6 +76,8 @@ class Executor:
         cannot_run: why nothing can run it here (a GPU build, a target without a published runtime).
         arch: the CPU architecture of a cross-compiled library.
         runner: the Python-free runner bundled for that architecture.
+        dynamic_dims: ``{input: {axis: name}}``, the input dims it runs at any size (the manifest's input
+            shapes give the size of every other dim); None: it runs the manifest's input shapes only.
     """
 
     kind: str
@@ -81,6 +90,19 @@ class Executor:
     cannot_run: str | None = None
     arch: str | None = None
     runner: str | None = None
+    dynamic_dims: dict[str, dict[str, str]] | None = None
+
+    def serves(self, inputs: list[TensorInfo], shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """None if it runs inputs of ``shapes``; else which input and dim it cannot take."""
+        for info in inputs:
+            shape = shapes[info.name]
+            free = {int(axis) for axis in (self.dynamic_dims or {}).get(info.name, {})}
+            if len(shape) != len(info.shape):
+                return f"input '{info.name}' has shape {shape}, of rank {len(info.shape)} in the artifact"
+            pairs = enumerate(zip(shape, info.shape, strict=True))
+            if any(size != expected and axis not in free for axis, (size, expected) in pairs):
+                return f"input '{info.name}' has shape {shape}; {_served(info, free)}"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -96,6 +118,12 @@ class Executor:
             raise ArtifactError(f"{where}: kind '{executor.kind}' is not one of {', '.join(EXECUTOR_KINDS)}")
         if not isinstance(executor.file, str) or not executor.file:
             raise ArtifactError(f"{where}: no file")
+        dims = executor.dynamic_dims
+        if dims is not None and not (
+            isinstance(dims, dict)
+            and all(isinstance(axes, dict) and all(str(axis).isdigit() for axis in axes) for axes in dims.values())
+        ):
+            raise ArtifactError(f"{where}: dynamic_dims {dims!r} is not {{input: {{axis: name}}}}")
         return executor
 
 

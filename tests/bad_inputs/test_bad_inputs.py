@@ -281,13 +281,22 @@ def test_samples_that_disagree_on_a_dynamic_dim(tmp_path: Path, capsys: pytest.C
 
 
 def test_a_run_with_a_shape_the_artifact_does_not_serve(tmp_path: Path) -> None:
+    """The batch the model leaves dynamic stays dynamic in the onnxruntime files; the TVM library is built for
+    the calibration batch. A session on the default executor routes another batch to an executor that runs
+    it; a session on the library refuses it naming who runs it; a size nobody runs is refused."""
     from qcompile import api, runtime
 
     model = save_model(parse_model(conv_text(batch="N")), tmp_path / "dyn.onnx")
-    api.compile(model, tmp_path / "out", calibration_data=calibration_folder(tmp_path), build_tvm=False, progress=False)
-    session = runtime.load(tmp_path / "out")
-    with pytest.raises(errors.ArtifactError, match=r"input 'x' has shape \(4, 2, 5, 5\); the artifact expects"):
-        session.run({"x": np.zeros((4, 2, 5, 5), np.float32)})
+    manifest = api.compile(model, tmp_path / "out", calibration_data=calibration_folder(tmp_path), progress=False)
+    assert manifest["executors"]["onnxruntime"]["dynamic_dims"] == {"x": {"0": "N"}}
+    assert "dynamic_dims" not in manifest["executors"]["tvm"]
+    four = {"x": np.zeros((4, 2, 5, 5), np.float32)}
+    assert runtime.load(tmp_path / "out").run(four)["y"].shape == (4, 3, 5, 5)
+    with pytest.raises(errors.ArtifactError, match=r"executor 'tvm': input 'x' has shape \(4, 2, 5, 5\); this "
+                       r"executor runs \(1, 2, 5, 5\) only; executor\(s\) onnxruntime.* run these shapes"):
+        runtime.load(tmp_path / "out", "tvm").run(four)
+    with pytest.raises(errors.ArtifactError, match=r"runs \[\*, 2, 5, 5\] \(\* any size\); no executor of this"):
+        runtime.load(tmp_path / "out", "onnxruntime").run({"x": np.zeros((1, 2, 6, 6), np.float32)})
 
 
 def _empty_folder(folder: Path) -> Path:

@@ -110,7 +110,13 @@ def test_dynamic_dims_come_from_the_first_sample(tmp_path: Path) -> None:
     samples = [{"x": np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32)} for seed in range(4)]
     manifest = api.compile(path, tmp_path / "out", calibration_data=samples, build_tvm=False, progress=False)
     entry = manifest["passes"][0]
-    assert entry == {"name": "input_shapes", "given": {}, "from_first_sample": {"x": [2, 4]}}
+    assert entry == {
+        "name": "input_shapes",
+        "given": {},
+        "from_first_sample": {"x": [2, 4]},
+        "dynamic_in_onnxruntime": {"x": {"0": "N"}},
+        "kept_static": {},
+    }
     assert manifest["inputs"][0]["shape"] == [2, 4]
 
 
