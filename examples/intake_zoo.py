@@ -146,6 +146,7 @@ ENCODER = {
 TOKENS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 DECODER = {**ENCODER, **TOKENS, "num_key_value_heads": 2, "use_cache": False}
 VIT = {**ENCODER, "image_size": 32, "patch_size": 8}
+SWIN = {"image_size": 32, "patch_size": 2, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2], "window_size": 4}
 WAV2VEC2 = {
     **ENCODER,
     "vocab_size": 32,
@@ -266,24 +267,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dinov2": _vision("Dinov2Model", outputs=POOLED, task="feature-extraction", **VIT),
     "clip_vision": _vision("CLIPVisionModel", outputs=POOLED, task=None, **VIT),
     "siglip_vision": _vision("SiglipVisionModel", outputs=POOLED, task=None, **VIT),
-    "swin": _vision(
-        "SwinForImageClassification",
-        image_size=32,
-        patch_size=2,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=4,
-    ),
-    "swinv2": _vision(
-        "Swinv2ForImageClassification",
-        image_size=32,
-        patch_size=2,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=4,
-    ),
+    "swin": _vision("SwinForImageClassification", **SWIN),
+    "swinv2": _vision("Swinv2ForImageClassification", **SWIN),
     "mobilevit": _vision(
         "MobileViTForImageClassification",
         size=64,

@@ -4,8 +4,9 @@ The compiler works on static shapes (calibration, cost models and kernels need t
 calibration sample; the frontend keeps what the graph computes from those dims as computations
 (:func:`qcompile.frontend.normalize`). The QDQ and float ONNX files are then written with the source's
 symbolic dims back on their inputs, and checked: for each dynamic dim (the inputs that share a dim name vary
-together), a probe feed of another size (one less, or two when the sample has one) must run on both files, the
-float file must equal the source model on it, and so must all the dims varied at once. A dim that fails stays
+together), a probe feed of another size (one less, else twice the sample's: the first the source model runs)
+must run on both files, the float file must equal the source model on it, and so must all the dims varied at
+once. A dim that fails stays
 static; the manifest's executor entries name the dims they serve (``dynamic_dims``), and a TVM library, built
 for the calibration shapes, names none.
 """
@@ -63,24 +64,38 @@ def with_dims(proto: onnx.ModelProto, dims: Dims, source_outputs: dict[str, onnx
     return copy
 
 
-def probe(sample: Feed, members: list[tuple[str, int]]) -> Feed:
-    """``sample`` with each (input, axis) of ``members`` one shorter (cut), or doubled (tiled) where it is 1."""
+def probe(sample: Feed, members: list[tuple[str, int]], double: bool = False) -> Feed:
+    """``sample`` with each (input, axis) of ``members`` one shorter (cut), or doubled (tiled) where it is 1 or
+    with ``double``."""
     feed = dict(sample)
     for name, axis in members:
         array = np.asarray(feed[name])
         size = array.shape[axis]
-        feed[name] = np.take(array, range(size - 1), axis=axis) if size > 1 else np.concatenate([array, array], axis)
+        cut = size > 1 and not double
+        feed[name] = np.take(array, range(size - 1), axis=axis) if cut else np.concatenate([array, array], axis)
     return feed
 
 
+def probes(sample: Feed, members: list[tuple[str, int]]) -> list[Feed]:
+    """One shorter first; doubled too, for a model that takes only some sizes (strided convolutions with
+    "same" padding refuse odd image sizes)."""
+    return [probe(sample, members), probe(sample, members, double=True)]
+
+
 def _runs_like_source(
-    files: dict[str, onnx.ModelProto], source: Any, reference: str, feed: Feed
+    files: dict[str, onnx.ModelProto], source: Any, reference: str, feeds: list[Feed]
 ) -> str | None:
-    """None if every file runs ``feed`` and the reference file equals ``source`` on it; else why not."""
-    try:
-        expected = source.run(None, feed)
-    except Exception as error:  # onnxruntime's own error types
-        return f"the source model itself does not run it ({first_line(error)})"
+    """None if every file runs the first of ``feeds`` the source model runs, and the reference file equals
+    ``source`` on it; else why not."""
+    failures = []
+    for feed in feeds:
+        try:
+            expected = source.run(None, feed)
+            break
+        except Exception as error:  # onnxruntime's own error types
+            failures.append(first_line(error))
+    else:
+        return f"the source model itself runs no other size ({'; '.join(failures)})"
     for name, proto in files.items():
         try:
             produced = execution.session(proto).run(None, feed)
@@ -121,7 +136,7 @@ def keep_dynamic_dims(
     for dim, members in groups.items():
         trial = {name: {axis: dim} for name, axis in members}
         generalized = {executor: with_dims(proto, trial, {}) for executor, proto in protos.items()}
-        why = _runs_like_source(generalized, source, reference, probe(sample, members))
+        why = _runs_like_source(generalized, source, reference, probes(sample, members))
         if why is None:
             for name, axis in members:
                 kept.setdefault(name, {})[axis] = dim
@@ -132,7 +147,7 @@ def keep_dynamic_dims(
         generalized = {
             executor: with_dims(proto, kept, source_outputs) for executor, proto in protos.items()
         }
-        why = _runs_like_source(generalized, source, reference, probe(sample, everything))
+        why = _runs_like_source(generalized, source, reference, probes(sample, everything))
         if why is not None:
             static.update(dict.fromkeys({dim for axes in kept.values() for dim in axes.values()}, f"together: {why}"))
             return {}, static

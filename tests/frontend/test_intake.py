@@ -17,6 +17,7 @@ import onnxruntime
 import pytest
 
 from qcompile import api, runtime
+from qcompile.flow.dynamic import probe
 
 SAMPLES = 8
 # Mean cosine of each output, int8 against the artifact's own float model, over 8 held-out samples.
@@ -66,3 +67,17 @@ def test_exported_model_compiles_from_calibration_data_alone(tmp_path: Path, nam
             cosines[output].append(cosine(ours[output], theirs[output]))
     means = {output: float(np.mean(values)) for output, values in cosines.items()}
     assert min(means.values()) >= MIN_COSINE, means
+
+    # The onnxruntime files keep the export's dynamic dims: the int8 model runs two samples as one batch (and,
+    # for text, a shorter sequence) and matches the export there.
+    declared = {
+        value.name: {str(axis) for axis, dim in enumerate(value.type.tensor_type.shape.dim) if dim.dim_param}
+        for value in exported.graph.input
+    }
+    served = manifest["executors"]["onnxruntime"]["dynamic_dims"]
+    assert {name: set(axes) for name, axes in served.items()} == declared
+    members = [(name, int(axis)) for name, axes in served.items() for axis in axes]
+    other = probe(evaluation[0], members, double=True)
+    ours = quantized.run(other)
+    for output, expected in zip(source_outputs, source.run(None, other), strict=True):
+        assert ours[output].shape == expected.shape and cosine(ours[output], expected) >= MIN_COSINE
