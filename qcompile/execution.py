@@ -45,6 +45,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
+def quiet_run() -> ort.RunOptions:
+    """Run options under which a failing run raises without onnxruntime also logging it at ERROR level (for
+    runs whose failure is an answer: probing which input sizes a model takes)."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def save(model: ir.Model, path: Path) -> list[str]:
     """Write ``model`` to ``path`` for onnxruntime; returns the names of the files written.
 

@@ -120,6 +120,35 @@ def test_dynamic_dims_come_from_the_first_sample(tmp_path: Path) -> None:
     assert manifest["inputs"][0]["shape"] == [2, 4]
 
 
+SUMMED = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, 2, H, W] x) => (float[N, 3, 1, 1] y)
+  <float[4, 2, 1, 1] w1 = {0.5, -0.25, 0.75, 0.5, -0.5, 1.0, 0.25, 0.5}, float[3, 4, 1, 1] w2 = {0.2, -0.4, 0.6, 0.1,
+   0.3, 0.5, -0.2, 0.4, -0.6, 0.1, 0.3, 0.2}, int64[2] axes = {2, 3}> {
+    c1 = Conv (x, w1)
+    s = ReduceSum <keepdims: int = 1> (c1, axes)
+    y = Conv (s, w2)
+}
+"""
+
+
+def test_a_dim_whose_other_sizes_leave_the_calibrated_ranges_stays_static(tmp_path: Path) -> None:
+    """A sum over H x W grows with the image: int8 ranges calibrated on 5x5 images clip it at 10x10, so H and W
+    stay fixed, with the reason; the batch, which changes no sample's activations, is kept."""
+    from qcompile import api, runtime
+
+    path = save_model(parse_model(SUMMED), tmp_path / "summed.onnx")
+    rng = np.random.default_rng(0)
+    samples = [{"x": np.abs(rng.standard_normal((1, 2, 5, 5))).astype(np.float32)} for _ in range(8)]
+    manifest = api.compile(path, tmp_path / "out", calibration_data=samples, build_tvm=False, progress=False)
+    entry = manifest["passes"][0]
+    assert entry["dynamic_in_onnxruntime"] == {"x": {"0": "N"}}
+    assert set(entry["kept_static"]) == {"H", "W"}
+    assert all("far less accurate" in why and "calibrate on samples" in why for why in entry["kept_static"].values())
+    session = runtime.load(tmp_path / "out", "onnxruntime")
+    assert session.run({"x": np.concatenate([samples[0]["x"]] * 3)})["y"].shape == (3, 3, 1, 1)
+
+
 def test_shapes_inference_cannot_tell_are_observed(tmp_path: Path) -> None:
     """A Reshape to a shape computed from data (here, the max of an input) leaves onnx's inference without a
     shape for the MatMul after it; a run on the sample gives it."""
