@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -212,18 +213,30 @@ def _scalar(model: ir.Model, name: str, value: float, dtype: ir.DataType) -> ir.
     return constant
 
 
-Step = tuple[str, list[ir.Value | None], dict[str, int]]
+Step = tuple[str, list[ir.Value | int | None], dict[str, Any]]
+
+
+# The nodes a decomposition writes are opset-18 ops already. They sit in this domain while onnx's converter takes
+# the rest of the model down, which it would otherwise try to "adapt" from the model's opset, and has no adapter
+# for some ops whose later versions only added types (ConstantOfShape 20 -> 19).
+_WRITTEN_OUT = "qcompile.opset18"
 
 
 def _replace_with(model: ir.Model, node: ir.Node, build: list[Step]) -> None:
     """Replace ``node`` by a chain of ``(op, inputs, attributes)``: an input ``None`` in the list stands for
-    the previous node's output; the last node's output takes over ``node``'s."""
+    the previous node's output, an integer ``k`` for the output of step ``k``; the last node's output takes
+    over ``node``'s."""
     base = node.name or str(node.outputs[0].name)
     created: list[ir.Node] = []
     previous: ir.Value | None = None
     for index, (op, inputs, attributes) in enumerate(build):
-        wired = [previous if value is None else value for value in inputs]
-        created.append(ir.node(op, wired, attributes=attributes, name=f"{base}_{op.lower()}_{index}"))
+        wired = [
+            previous if value is None else created[value].outputs[0] if isinstance(value, int) else value
+            for value in inputs
+        ]
+        created.append(
+            ir.node(op, wired, attributes=attributes, domain=_WRITTEN_OUT, name=f"{base}_{op.lower()}_{index}")
+        )
         previous = created[-1].outputs[0]
     model.graph.insert_after(node, created)
     assert previous is not None
@@ -290,11 +303,71 @@ def _decompose_rms_norm(model: ir.Model, node: ir.Node) -> None:
     )
 
 
+def _decompose_attention(model: ir.Model, node: ir.Node) -> None:
+    """Attention (opset 23) on 4-D ``[batch, heads, length, head size]`` Q, K, V without a cache, as the formula
+    it is defined by: ``Softmax(Q K^T * scale + mask [+ causal mask]) V``; a boolean mask keeps where True.
+    Grouped K/V heads, a KV cache, softcap and the optional outputs are refused with what to do (a fully masked
+    row gives NaN here where the op gives 0)."""
+    q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    where = f"Attention '{node.name}'"
+    extra = [value for value in node.inputs[4:] if value is not None]
+    used = [output for output in node.outputs[1:] if output.uses() or output.is_graph_output()]
+    if any(value is None or value.shape is None or value.shape.rank() != 4 for value in (q, k, v)):
+        raise UnsupportedModelError(f"{where}: only 4-D [batch, heads, length, head size] Q, K, V are decomposed")
+    if extra or used:
+        raise UnsupportedModelError(f"{where}: a KV cache or its extra outputs are not decomposed yet")
+    assert q is not None and k is not None and v is not None and q.dtype is not None
+    assert q.shape is not None and k.shape is not None
+    if q.shape[1] != k.shape[1]:
+        raise UnsupportedModelError(f"{where}: grouped K/V heads ({k.shape[1]} for {q.shape[1]}) are not decomposed")
+    for unsupported in ("softcap", "qk_matmul_output_mode"):
+        attribute = node.attributes.get(unsupported)
+        if attribute is not None and attribute.value:
+            raise UnsupportedModelError(f"{where}: {unsupported} is not decomposed yet")
+    head_size = q.shape[3]
+    scale_attribute = node.attributes.get("scale")
+    if scale_attribute is not None:
+        scale = scale_attribute.as_float()
+    elif isinstance(head_size, int):
+        scale = 1.0 / float(np.sqrt(head_size))
+    else:
+        raise UnsupportedModelError(f"{where}: the head size is unknown and no scale is given")
+    base, dtype = node.name or str(node.outputs[0].name), q.dtype
+    zero, blocked = _scalar(model, f"{base}_zero", 0.0, dtype), _scalar(model, f"{base}_blocked", -np.inf, dtype)
+    steps: list[Step] = [
+        ("Transpose", [k], {"perm": [0, 1, 3, 2]}),
+        ("MatMul", [q, None], {}),
+        ("Mul", [None, _scalar(model, f"{base}_scale", scale, dtype)], {}),
+    ]
+    if mask is not None and mask.dtype == ir.DataType.BOOL:
+        steps += [("Where", [mask, zero, blocked], {}), ("Add", [len(steps) - 1, None], {})]
+    elif mask is not None:
+        steps += [("Add", [None, mask], {})]
+    causal = node.attributes.get("is_causal")
+    if causal is not None and causal.as_int():
+        scores = len(steps) - 1
+        one = ir.tensor(np.ones(1, dtype.numpy()))
+        steps += [
+            ("Shape", [q], {"start": 2, "end": 3}),
+            ("Shape", [k], {"start": 2, "end": 3}),
+            ("Concat", [len(steps), len(steps) + 1], {"axis": 0}),
+            ("ConstantOfShape", [None], {"value": one}),
+            ("Trilu", [None], {"upper": 0}),  # 1 where key j <= query i: what a query may see
+            ("Equal", [None, zero], {}),
+            ("Where", [None, blocked, zero], {}),
+            ("Add", [scores, None], {}),
+        ]
+    steps += [("Softmax", [None], {"axis": -1}), ("MatMul", [None, v], {})]
+    _replace_with(model, node, steps)
+
+
 # Ops newer than the canonical opset with no older form for onnx's converter to map to: written out in
 # opset-18 ops first (exactly: the same formulas the ops are defined by).
 DECOMPOSED: dict[str, Callable[[ir.Model, ir.Node], None]] = {
     "Gelu": _decompose_gelu,
     "RMSNormalization": _decompose_rms_norm,
+    "Attention": _decompose_attention,
 }
 
 
@@ -314,7 +387,13 @@ def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
             decomposed[node.op_type] = decomposed.get(node.op_type, 0) + 1
     if decomposed:
         logger.info("%s: decomposed %s for opset %d", name, decomposed, CANONICAL_OPSET)
-    return _onnx_convert(model, opset, name, "down")
+        model.opset_imports[_WRITTEN_OUT] = 1
+    converted = _onnx_convert(model, opset, name, "down")
+    for node in converted.graph:
+        if node.domain == _WRITTEN_OUT:
+            node.domain = ""
+    converted.opset_imports.pop(_WRITTEN_OUT, None)
+    return converted
 
 
 # At opset 13 Squeeze's and Unsqueeze's ``axes``, Split's ``split`` and ReduceSum's ``axes`` moved from attributes

@@ -193,6 +193,40 @@ def test_opset_23_gelu_and_rms_norm_are_decomposed_exactly(tmp_path: Path, appro
     np.testing.assert_allclose(execution.session(model).run(None, {"x": x})[0], expected, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_opset_23_attention_is_decomposed(tmp_path: Path, mask: str, causal: int) -> None:
+    """Attention (opset 23, as torch's exporter writes scaled_dot_product_attention there) written out in opset-18
+    ops computes what onnx's reference computes, with a boolean or additive mask, causal or not (to float32
+    round-off of a 6-term softmax and dot product: 1e-5). The lengths stay dynamic."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(0)
+    shape = ["B", 2, "S", 4]
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name in "qkv"]
+    feed = {name: rng.standard_normal((1, 2, 6, 4)).astype(np.float32) for name in "qkv"}
+    names = ["q", "k", "v"]
+    if mask != "none":
+        kind = onnx.TensorProto.BOOL if mask == "bool" else onnx.TensorProto.FLOAT
+        inputs.append(onnx.helper.make_tensor_value_info("m", kind, ["B", 1, "S", "S"]))
+        keep = rng.random((1, 1, 6, 6)) > 0.3
+        keep[..., 0] = True  # no row fully masked (the op gives 0 there, the decomposition NaN)
+        feed["m"] = keep if mask == "bool" else np.where(keep, 0.0, -1e4).astype(np.float32)
+        names.append("m")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Attention", names, ["y"], is_causal=causal)],
+        "g",
+        inputs,
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)])
+    path = save_model(proto, tmp_path / "attention.onnx")
+    expected = ReferenceEvaluator(proto).run(None, feed)[0]
+    model = frontend.load(path, sample=feed)
+    assert model.opset_imports[""] == 18 and "Attention" not in {node.op_type for node in model.graph}
+    np.testing.assert_allclose(execution.session(model).run(None, feed)[0], expected, atol=1e-5, rtol=0)
+
+
 def test_minus_inf_mask_fill_is_accepted(tmp_path: Path) -> None:
     """An attention-style mask fill of -inf (read by Where) is not a weight: the model loads and runs."""
     proto = parse_model("""
