@@ -402,11 +402,6 @@ def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
 AXES_BECAME_INPUTS = 13
 
 
-def _upgrade_old(model: ir.Model, opset: int, name: str) -> ir.Model:
-    """Opset 7..12 (paddle2onnx, older converters) up to the canonical opset with onnx's converter."""
-    return _onnx_convert(model, opset, name, "up")
-
-
 def _onnx_convert(model: ir.Model, opset: int, name: str, direction: str) -> ir.Model:
     try:
         converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), CANONICAL_OPSET)
@@ -522,7 +517,7 @@ def normalize(
     if opset is not None and opset > CANONICAL_OPSET:
         model = _downgrade(model, opset, name)
     elif opset is not None and opset < AXES_BECAME_INPUTS:
-        model = _upgrade_old(model, opset, name)
+        model = _onnx_convert(model, opset, name, "up")  # opset 7..12: paddle2onnx, older converters
     elif opset != CANONICAL_OPSET:
         try:
             onnxscript.version_converter.convert_version(model, CANONICAL_OPSET)
