@@ -27,7 +27,7 @@ from qcompile.backends import integer as integer_lowering
 from qcompile.backends import lut
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed, Preprocess
-from qcompile.errors import CalibrationError, UnsupportedModelError, first_line
+from qcompile.errors import BackendError, CalibrationError, UnsupportedModelError, first_line
 from qcompile.flow import dynamic, measure
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
@@ -222,19 +222,29 @@ def _write_integer(build: Build, graph: onnx.ModelProto) -> None:
     build.written.append(INTEGER_ONNX)
 
 
-def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto | None:
+def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto:
     """For a build on this machine's CPU: the QDQ graph's integer-only lowering, which qcompile's int8 kernels
-    run (:func:`qcompile.backends.tvm.build_integer`); None when a layer stays float or an op has no integer
-    form (the library is then TVM's build of the QDQ graph)."""
+    run (:func:`qcompile.backends.tvm.build_integer`). Raises :class:`~qcompile.backends.tvm.KernelsNotUsed`
+    when a layer stays float or an op has no integer form."""
     device = build.target
     if build.toolchain is not None or not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
-        return None
+        raise tvm_backend.KernelsNotUsed("the target is not this machine's CPU")
     try:
         lowered, _ = integer_lowering.lower(graph)
     except UnsupportedModelError as reason:
-        logger.info("the int8 kernels are not used: %s", first_line(reason))
-        return None
+        raise tvm_backend.KernelsNotUsed(
+            f"the quantized graph does not lower to integers: {first_line(reason)}"
+        ) from reason
     return lowered
+
+
+# Why a host build is skipped when qcompile's int8 kernels do not cover the graph: TVM's importer build is
+# unscheduled on the CPU (no fusion, no tiling), measured 20-100x slower than onnxruntime's fp32 run of the same
+# model; shipping it would only add megabytes and compile time spent timing it.
+UNSCHEDULED_HOST_BUILD = (
+    "qcompile's int8 kernels do not cover this graph, and TVM's default build of it is unscheduled: it would run "
+    "far slower than onnxruntime fp32, so no library is shipped"
+)
 
 
 def build_library(build: Build) -> None:
@@ -250,16 +260,19 @@ def build_library(build: Build) -> None:
     staging, device, toolchain, lowered = build.staging, build.target, build.toolchain, build.lowered
     # A library is built for the calibration shapes: what the graph computes from dynamic dims is folded.
     graph = lowered if lowered is not None else execution.to_proto(frontend.specialize(build.graph))
-    kernel_graph = lowered if lowered is not None else _host_integer_graph(build, graph)
-    kernels = None
-    if kernel_graph is not None:
+    kernels, not_used = None, None
+    try:
+        kernel_graph = lowered if lowered is not None else _host_integer_graph(build, graph)
         kernels = tvm_backend.build_integer(kernel_graph, device.tvm_target, staging)
+    except tvm_backend.KernelsNotUsed as reason:
+        not_used = str(reason)
+        logger.info("qcompile's int8 kernels not used: %s", not_used)
     requires_cpu = None
     if kernels is not None:
         built, built_for, built_with = kernels
         gpu_note, requires_cpu = None, built_for["mcpu"]
-        if lowered is None and kernel_graph is not None:  # a host build: the library runs the QDQ
-            build.host_integer = kernel_graph  # graph's integer-only lowering
+        if lowered is None:  # a host build: the library runs the QDQ graph's integer-only lowering
+            build.host_integer = kernel_graph
             build.host_integer.ir_version = execution.ORT_IR_VERSION
             (staging / INTEGER_ONNX).write_bytes(build.host_integer.SerializeToString())
             build.written.append(INTEGER_ONNX)
@@ -267,8 +280,19 @@ def build_library(build: Build) -> None:
                 f"; the integer-only lowering of the quantized graph ({INTEGER_ONNX}: dyadic "
                 "requantization, within a quantization step of the QDQ graph)"
             )
+    elif toolchain is None and lowered is None and device.tvm_target.get("kind") == "llvm":
+        build.skipped["tvm"] = f"{UNSCHEDULED_HOST_BUILD} ({not_used})"
+        logger.info("TVM library not built: %s", build.skipped["tvm"])
+        return
     else:
-        built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
+        try:
+            built, gpu_note = tvm_backend.build(graph, device.tvm_target, staging)
+        except BackendError as error:
+            if lowered is not None:  # the integer graph's library is what this target is for
+                raise
+            build.skipped["tvm"] = f"{first_line(error)}; the onnxruntime files carry the model"
+            logger.warning("TVM library not built: %s", build.skipped["tvm"])
+            return
         built_for, built_with = device.tvm_target, "TVM's ONNX importer (Relax default build)"
     build.written += built[1:]
     executor = Executor(

@@ -222,10 +222,12 @@ Step = tuple[str, list[ir.Value | int | None], dict[str, Any]]
 _WRITTEN_OUT = "qcompile.opset18"
 
 
-def _replace_with(model: ir.Model, node: ir.Node, build: list[Step]) -> None:
+def _replace_with(
+    model: ir.Model, node: ir.Node, build: list[Step], also: dict[int, int | ir.Value] | None = None
+) -> None:
     """Replace ``node`` by a chain of ``(op, inputs, attributes)``: an input ``None`` in the list stands for
     the previous node's output, an integer ``k`` for the output of step ``k``; the last node's output takes
-    over ``node``'s."""
+    over ``node``'s first output, and ``also`` maps its other outputs to a step (or to a value)."""
     base = node.name or str(node.outputs[0].name)
     created: list[ir.Node] = []
     previous: ir.Value | None = None
@@ -240,8 +242,17 @@ def _replace_with(model: ir.Model, node: ir.Node, build: list[Step]) -> None:
         previous = created[-1].outputs[0]
     model.graph.insert_after(node, created)
     assert previous is not None
-    previous.name, previous.shape, previous.type = node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
-    node.outputs[0].replace_all_uses_with(previous, replace_graph_outputs=True)
+    takeovers: list[tuple[ir.Value, ir.Value]] = [(node.outputs[0], previous)]
+    for index, source in (also or {}).items():
+        takeovers.append((node.outputs[index], created[source].outputs[0] if isinstance(source, int) else source))
+    for old, new in takeovers:
+        if new.producer() in created:
+            new.name, new.shape, new.type = old.name, old.shape, old.type
+        elif old.is_graph_output():  # a graph output that is an input as it is
+            new = ir.node("Identity", [new], domain=_WRITTEN_OUT, name=f"{old.name}_identity").outputs[0]
+            model.graph.insert_after(created[-1], new.producer())  # type: ignore[arg-type]
+            new.name, new.shape, new.type = old.name, old.shape, old.type
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
     model.graph.remove(node, safe=True)
 
 
@@ -303,63 +314,123 @@ def _decompose_rms_norm(model: ir.Model, node: ir.Node) -> None:
     )
 
 
+def _int64s(model: ir.Model, name: str, values: list[int]) -> ir.Value:
+    array = np.array(values, np.int64)
+    constant = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array)
+    )
+    model.graph.register_initializer(constant)
+    return constant
+
+
 def _decompose_attention(model: ir.Model, node: ir.Node) -> None:
-    """Attention (opset 23) on 4-D ``[batch, heads, length, head size]`` Q, K, V without a cache, as the formula
-    it is defined by: ``Softmax(Q K^T * scale + mask [+ causal mask]) V``; a boolean mask keeps where True.
-    Grouped K/V heads, a KV cache, softcap and the optional outputs are refused with what to do (a fully masked
-    row gives NaN here where the op gives 0)."""
+    """Attention (opset 23) as the formula it is defined by: ``Softmax(Q K^T * scale [softcapped] + mask
+    [+ causal mask]) V``, on 4-D ``[batch, heads, length, head size]`` or 3-D ``[batch, length, heads x head
+    size]`` Q, K, V; a boolean mask keeps where True; a KV cache (``past_key`` / ``past_value``) is
+    concatenated in front of K / V and returned as ``present_key`` / ``present_value``, and a causal mask then
+    lets query ``i`` see the past and keys up to ``i``; grouped K/V heads are repeated (each K/V head serves
+    ``q_heads / kv_heads`` consecutive query heads); a row that every key is masked from gives 0, as the op
+    defines. The fourth output (the raw scores) and ``nonpad_kv_seqlen`` (opset 24) are refused."""
     q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
-    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    optional = [*node.inputs[3:], None, None, None, None]
+    mask, past_key, past_value, nonpad = optional[0], optional[1], optional[2], optional[3]
     where = f"Attention '{node.name}'"
-    extra = [value for value in node.inputs[4:] if value is not None]
-    used = [output for output in node.outputs[1:] if output.uses() or output.is_graph_output()]
-    if any(value is None or value.shape is None or value.shape.rank() != 4 for value in (q, k, v)):
-        raise UnsupportedModelError(f"{where}: only 4-D [batch, heads, length, head size] Q, K, V are decomposed")
-    if extra or used:
-        raise UnsupportedModelError(f"{where}: a KV cache or its extra outputs are not decomposed yet")
+    if nonpad is not None or (len(node.outputs) > 3 and (node.outputs[3].uses() or node.outputs[3].is_graph_output())):
+        raise UnsupportedModelError(f"{where}: nonpad_kv_seqlen and the qk_matmul output are not decomposed yet")
+    if (past_key is None) != (past_value is None):
+        raise UnsupportedModelError(f"{where}: past_key and past_value must be given together")
+    ranks = {value.shape.rank() if value is not None and value.shape is not None else None for value in (q, k, v)}
+    if ranks not in ({3}, {4}):
+        raise UnsupportedModelError(
+            f"{where}: Q, K, V must all be 3-D or all 4-D (their ranks: {sorted(map(str, ranks))})"
+        )
     assert q is not None and k is not None and v is not None and q.dtype is not None
-    assert q.shape is not None and k.shape is not None
-    if q.shape[1] != k.shape[1]:
-        raise UnsupportedModelError(f"{where}: grouped K/V heads ({k.shape[1]} for {q.shape[1]}) are not decomposed")
-    for unsupported in ("softcap", "qk_matmul_output_mode"):
-        attribute = node.attributes.get(unsupported)
-        if attribute is not None and attribute.value:
-            raise UnsupportedModelError(f"{where}: {unsupported} is not decomposed yet")
-    head_size = q.shape[3]
-    scale_attribute = node.attributes.get("scale")
+    assert q.shape is not None and k.shape is not None and v.shape is not None
+    rank = ranks.pop()
+
+    def attribute(name: str, default: int) -> int:
+        value = node.attributes.get(name)
+        return value.as_int() if value is not None else default
+
+    if rank == 3:
+        q_heads, kv_heads = attribute("q_num_heads", 0), attribute("kv_num_heads", 0)
+        if not q_heads or not kv_heads:
+            raise UnsupportedModelError(f"{where}: 3-D Q, K, V need the q_num_heads and kv_num_heads attributes")
+        sizes = [q.shape[2], v.shape[2]]
+        head_size = sizes[0] // q_heads if isinstance(sizes[0], int) else None
+        value_size = sizes[1] // kv_heads if isinstance(sizes[1], int) else None
+    else:
+        q_heads, kv_heads = q.shape[1], k.shape[1]  # type: ignore[assignment]
+        head_size = q.shape[3] if isinstance(q.shape[3], int) else None
+        value_size = v.shape[3] if isinstance(v.shape[3], int) else None
+    base, dtype = node.name or str(node.outputs[0].name), q.dtype
+    scale_attribute, softcap_attribute = node.attributes.get("scale"), node.attributes.get("softcap")
     if scale_attribute is not None:
         scale = scale_attribute.as_float()
-    elif isinstance(head_size, int):
+    elif head_size is not None:
         scale = 1.0 / float(np.sqrt(head_size))
     else:
         raise UnsupportedModelError(f"{where}: the head size is unknown and no scale is given")
-    base, dtype = node.name or str(node.outputs[0].name), q.dtype
     zero, blocked = _scalar(model, f"{base}_zero", 0.0, dtype), _scalar(model, f"{base}_blocked", -np.inf, dtype)
-    steps: list[Step] = [
-        ("Transpose", [k], {"perm": [0, 1, 3, 2]}),
-        ("MatMul", [q, None], {}),
-        ("Mul", [None, _scalar(model, f"{base}_scale", scale, dtype)], {}),
-    ]
+    steps: list[Step] = []
+
+    def add(op: str, inputs: list[ir.Value | int | None], **attributes: Any) -> int:
+        steps.append((op, inputs, attributes))
+        return len(steps) - 1
+
+    def split_heads(value: ir.Value, heads: int, label: str) -> int:
+        shape = _int64s(model, f"{base}_{label}_heads", [0, 0, heads, -1])
+        return add("Transpose", [add("Reshape", [value, shape])], perm=[0, 2, 1, 3])
+
+    queries: ir.Value | int = split_heads(q, q_heads, "q") if rank == 3 else q
+    keys: ir.Value | int = split_heads(k, kv_heads, "k") if rank == 3 else k
+    values: ir.Value | int = split_heads(v, kv_heads, "v") if rank == 3 else v
+    if past_key is not None:
+        keys, values = add("Concat", [past_key, keys], axis=2), add("Concat", [past_value, values], axis=2)
+    present = {1: keys, 2: values}
+    if q_heads != kv_heads:
+        if not (isinstance(q_heads, int) and isinstance(kv_heads, int) and q_heads % kv_heads == 0):
+            raise UnsupportedModelError(f"{where}: {q_heads} query heads cannot share {kv_heads} K/V heads")
+        if head_size is None or value_size is None:
+            raise UnsupportedModelError(f"{where}: grouped K/V heads of unknown head size are not decomposed")
+        group = _int64s(model, f"{base}_group", [1, 1, q_heads // kv_heads, 1, 1])
+        middle = _int64s(model, f"{base}_middle", [2])
+
+        def repeat(value: ir.Value | int, size: int, label: str) -> int:
+            widened = add("Expand", [add("Unsqueeze", [value, middle]), group])
+            return add("Reshape", [widened, _int64s(model, f"{base}_{label}_repeated", [0, q_heads, -1, size])])
+
+        keys, values = repeat(keys, head_size, "k"), repeat(values, value_size, "v")
+    scores = add("MatMul", [queries, add("Transpose", [keys], perm=[0, 1, 3, 2])])
+    scores = add("Mul", [scores, _scalar(model, f"{base}_scale", scale, dtype)])
+    softcap = softcap_attribute.as_float() if softcap_attribute is not None else 0.0
+    if softcap > 0:
+        cap = _scalar(model, f"{base}_softcap", softcap, dtype)
+        scores = add("Mul", [add("Tanh", [add("Div", [scores, cap])]), cap])
     if mask is not None and mask.dtype == ir.DataType.BOOL:
-        steps += [("Where", [mask, zero, blocked], {}), ("Add", [len(steps) - 1, None], {})]
+        scores = add("Add", [scores, add("Where", [mask, zero, blocked])])
     elif mask is not None:
-        steps += [("Add", [None, mask], {})]
-    causal = node.attributes.get("is_causal")
-    if causal is not None and causal.as_int():
-        scores = len(steps) - 1
+        scores = add("Add", [scores, mask])
+    if attribute("is_causal", 0):
         one = ir.tensor(np.ones(1, dtype.numpy()))
-        steps += [
-            ("Shape", [q], {"start": 2, "end": 3}),
-            ("Shape", [k], {"start": 2, "end": 3}),
-            ("Concat", [len(steps), len(steps) + 1], {"axis": 0}),
-            ("ConstantOfShape", [None], {"value": one}),
-            ("Trilu", [None], {"upper": 0}),  # 1 where key j <= query i: what a query may see
-            ("Equal", [None, zero], {}),
-            ("Where", [None, blocked, zero], {}),
-            ("Add", [scores, None], {}),
-        ]
-    steps += [("Softmax", [None], {"axis": -1}), ("MatMul", [None, v], {})]
-    _replace_with(model, node, steps)
+        lengths = add("Concat", [add("Shape", [queries], start=2, end=3), add("Shape", [keys], start=2, end=3)], axis=0)
+        allowed: list[ir.Value | int | None] = [add("ConstantOfShape", [lengths], value=one)]
+        if past_key is not None:  # query i comes after the cache: it sees keys j <= past + i
+            allowed.append(add("Squeeze", [add("Shape", [past_key], start=2, end=3)]))
+        visible = add("Trilu", allowed, upper=0)
+        scores = add("Add", [scores, add("Where", [add("Equal", [visible, zero]), blocked, zero])])
+    output = add("MatMul", [add("Softmax", [scores], axis=-1), values])
+    if mask is not None:  # every key masked: softmax of -inf only is NaN, the op defines 0
+        output = add("Where", [add("IsNaN", [output]), zero, output])
+    if rank == 3:
+        merged = add("Transpose", [output], perm=[0, 2, 1, 3])
+        add("Reshape", [merged, _int64s(model, f"{base}_merged", [0, 0, -1])])
+    used = {
+        index: source
+        for index, source in present.items()
+        if len(node.outputs) > index and (node.outputs[index].uses() or node.outputs[index].is_graph_output())
+    }
+    _replace_with(model, node, steps, also=used)
 
 
 # Ops newer than the canonical opset with no older form for onnx's converter to map to: written out in
@@ -373,26 +444,47 @@ DECOMPOSED: dict[str, Callable[[ir.Model, ir.Node], None]] = {
 
 def _downgrade(model: ir.Model, opset: int, name: str) -> ir.Model:
     """Opset 19..23 down to the canonical opset: ops that have no older form are decomposed
-    (:data:`DECOMPOSED`), then onnx's converter maps the rest (onnxscript's only goes up)."""
+    (:data:`DECOMPOSED`), then onnx's converter maps the rest (onnxscript's only goes up). A model that cannot be
+    taken down (an op with no older form that qcompile does not decompose, or a form of one it does not) stays at
+    its own opset: the passes read opset-18 ops, which later opsets keep, and onnxruntime runs the rest."""
     decomposed: dict[str, int] = {}
     if any(node.op_type in DECOMPOSED for node in model.graph):
         try:  # the decompositions need the dtype (and rank) of the values they read
             ShapeInferencePass(strict_mode=False)(model)
         except Exception as error:
             raise ModelLoadError(f"{name}: shape inference failed at opset {opset}: {first_line(error)}") from error
+    kept: list[str] = []
     for node in list(model.graph):
         rewrite = DECOMPOSED.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rewrite is not None:
+        if rewrite is None:
+            continue
+        try:
             rewrite(model, node)
-            decomposed[node.op_type] = decomposed.get(node.op_type, 0) + 1
+        except UnsupportedModelError as error:
+            kept.append(str(error))
+            continue
+        decomposed[node.op_type] = decomposed.get(node.op_type, 0) + 1
     if decomposed:
         logger.info("%s: decomposed %s for opset %d", name, decomposed, CANONICAL_OPSET)
         model.opset_imports[_WRITTEN_OUT] = 1
-    converted = _onnx_convert(model, opset, name, "down")
+    converted = model
+    if not kept:
+        try:
+            converted = _onnx_convert(model, opset, name, "down")
+        except UnsupportedModelError as error:
+            reason = first_line(error.__cause__ or error)
+            kept.append(reason.split("failed: ", 1)[-1])  # the converter's assertion, without its source line
     for node in converted.graph:
         if node.domain == _WRITTEN_OUT:
             node.domain = ""
     converted.opset_imports.pop(_WRITTEN_OUT, None)
+    if kept:
+        logger.warning(
+            "%s stays at opset %d (%s): its onnxruntime files run at that opset; ops qcompile does not know stay float",
+            name,
+            opset,
+            kept[0],
+        )
     return converted
 
 

@@ -193,38 +193,71 @@ def test_opset_23_gelu_and_rms_norm_are_decomposed_exactly(tmp_path: Path, appro
     np.testing.assert_allclose(execution.session(model).run(None, {"x": x})[0], expected, atol=2e-6, rtol=0)
 
 
+ATTENTION_CASES = {
+    # name: (rank, query heads, K/V heads, past length, attributes)
+    "4d": (4, 2, 2, 0, {}),
+    "4d-causal": (4, 2, 2, 0, {"is_causal": 1}),
+    "4d-cache-causal": (4, 2, 2, 3, {"is_causal": 1}),
+    "4d-grouped-cache": (4, 4, 2, 3, {"is_causal": 1}),
+    "3d-grouped": (3, 4, 2, 0, {"q_num_heads": 4, "kv_num_heads": 2}),
+    "3d-cache-softcap": (3, 2, 2, 2, {"q_num_heads": 2, "kv_num_heads": 2, "softcap": 2.0, "scale": 0.3}),
+}
+
+
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
-@pytest.mark.parametrize("causal", [0, 1])
-def test_opset_23_attention_is_decomposed(tmp_path: Path, mask: str, causal: int) -> None:
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_opset_23_attention_is_decomposed(tmp_path: Path, mask: str, case: str) -> None:
     """Attention (opset 23, as torch's exporter writes scaled_dot_product_attention there) written out in opset-18
-    ops computes what onnx's reference computes, with a boolean or additive mask, causal or not (to float32
-    round-off of a 6-term softmax and dot product: 1e-5). The lengths stay dynamic."""
+    ops computes what onnx's reference computes, present K / V included: 3-D and 4-D, with a boolean or additive
+    mask, causal or not, with a KV cache, grouped K/V heads and softcap, and 0 for a query row whose keys are all
+    masked (to float32 round-off of a 9-term softmax and dot product: 1e-5). The lengths stay dynamic."""
     from onnx.reference import ReferenceEvaluator
 
+    rank, q_heads, kv_heads, past, attributes = ATTENTION_CASES[case]
     rng = np.random.default_rng(0)
-    shape = ["B", 2, "S", 4]
-    inputs = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name in "qkv"]
-    feed = {name: rng.standard_normal((1, 2, 6, 4)).astype(np.float32) for name in "qkv"}
-    names = ["q", "k", "v"]
+    length, size = 6, 4
+
+    def shape(heads: int, sequence: str | int) -> list[int | str]:
+        return ["B", sequence, heads * size] if rank == 3 else ["B", heads, sequence, size]
+
+    def info(name: str, dims: list[int | str], kind: int = onnx.TensorProto.FLOAT) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(name, kind, dims)
+
+    inputs = [info("q", shape(q_heads, "S")), info("k", shape(kv_heads, "S")), info("v", shape(kv_heads, "S"))]
+    concrete = {"B": 1, "S": length, "P": past, "T": past + length}
+    feed = {
+        value.name: rng.standard_normal(
+            [concrete.get(d.dim_param, d.dim_value) for d in value.type.tensor_type.shape.dim]
+        ).astype(np.float32)
+        for value in inputs
+    }
+    names, outputs = ["q", "k", "v", ""], [info("y", shape(q_heads, "S"))]
     if mask != "none":
         kind = onnx.TensorProto.BOOL if mask == "bool" else onnx.TensorProto.FLOAT
-        inputs.append(onnx.helper.make_tensor_value_info("m", kind, ["B", 1, "S", "S"]))
-        keep = rng.random((1, 1, 6, 6)) > 0.3
-        keep[..., 0] = True  # no row fully masked (the op gives 0 there, the decomposition NaN)
-        feed["m"] = keep if mask == "bool" else np.where(keep, 0.0, -1e4).astype(np.float32)
-        names.append("m")
+        inputs.append(info("m", ["B", 1, "S", "T" if past else "S"], kind))
+        keep = rng.random((1, 1, length, past + length)) > 0.3
+        keep[..., 0] = True
+        keep[..., 2, :] = False  # every key masked from query 2: the op gives 0 there
+        feed["m"] = keep if mask == "bool" else np.where(keep, 0.0, -np.inf).astype(np.float32)
+        names[3] = "m"
+    if past:
+        for name in ("past_k", "past_v"):
+            inputs.append(info(name, ["B", kv_heads, "P", size]))
+            feed[name] = rng.standard_normal((1, kv_heads, past, size)).astype(np.float32)
+        names += ["past_k", "past_v"]
+        outputs += [info("present_k", ["B", kv_heads, "T", size]), info("present_v", ["B", kv_heads, "T", size])]
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Attention", names, ["y"], is_causal=causal)],
-        "g",
-        inputs,
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+        [onnx.helper.make_node("Attention", names, [o.name for o in outputs], **attributes)], "g", inputs, outputs
     )
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)])
     path = save_model(proto, tmp_path / "attention.onnx")
-    expected = ReferenceEvaluator(proto).run(None, feed)[0]
+    expected = ReferenceEvaluator(proto).run(None, feed)
     model = frontend.load(path, sample=feed)
     assert model.opset_imports[""] == 18 and "Attention" not in {node.op_type for node in model.graph}
-    np.testing.assert_allclose(execution.session(model).run(None, feed)[0], expected, atol=1e-5, rtol=0)
+    got = execution.session(model).run(None, feed)
+    assert len(got) == len(expected)
+    for value, reference in zip(got, expected, strict=True):
+        np.testing.assert_allclose(value, reference, atol=1e-5, rtol=0)
 
 
 def test_minus_inf_mask_fill_is_accepted(tmp_path: Path) -> None:

@@ -75,26 +75,28 @@ def build(
 INTEGER_KERNELS = "qcompile int8 kernels (NHWC, requantization fused into each layer)"
 
 
+class KernelsNotUsed(Exception):
+    """qcompile's int8 kernels do not cover a graph or a target; the message says why."""
+
+
 def build_integer(
     proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE
-) -> tuple[list[str], dict[str, Any], str] | None:
+) -> tuple[list[str], dict[str, Any], str]:
     """Build the integer-only graph ``proto`` on qcompile's int8 kernels when ``tvm_target`` is this machine
     (an LLVM target that is not cross-compiled) and its CPU has AVX-512 VNNI or AVX2: returns the files
     written, the TVM target the library was built for (this CPU's, so that LLVM may use its instructions)
-    and a description naming the dot-product flavor. None, with the reason logged, when the kernels do not
-    cover the graph or this machine; then :func:`build`."""
+    and a description naming the dot-product flavor. Raises :class:`KernelsNotUsed` with the reason when the
+    kernels do not cover the graph or this machine."""
     from qcompile.backends.tvm import int8_kernels, integer
 
     if tvm_target.get("kind") != "llvm" or cross.toolchain_for(tvm_target) is not None:
-        logger.info("integer kernels not used: %s is not this machine's CPU", tvm_target)
-        return None
+        raise KernelsNotUsed(f"{tvm_target} is not this machine's CPU")
     try:
         flavor = int8_kernels.host_flavor()
         host = {**tvm_target, **flavor.tvm_target}
         module = integer.to_relax(proto, flavor)
     except (BackendError, integer.NotLowerable) as reason:
-        logger.info("integer kernels not used (%s); building with TVM's ONNX importer", reason)
-        return None
+        raise KernelsNotUsed(str(reason)) from reason
     import tvm
     from tvm import relax
 
@@ -154,4 +156,3 @@ def _import_onnx(proto: onnx.ModelProto) -> Any:
         return tvm.relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
     finally:
         onnx_frontend._get_convert_map = original
-

@@ -23,7 +23,7 @@ so this module lowers the integer graph itself, on the int8 dot products of
   (:mod:`qcompile.backends.integer.reference`). The requantization chain as the lowering writes it has a
   cheaper exact form on 16 lanes (:func:`fast_requantize`).
 - Elementwise ops over two tensors (a residual ``Add`` with its rescaling and requantization) and the input
-  ``QuantizeLinear`` are one fused elementwise kernel each.
+  ``QuantizeLinear`` are one fused elementwise kernel each; a 4-D graph output is copied out NCHW.
 
 Anything else (other ops, batch > 1, a split reduction's ``Slice``, a divisor that is not a power of two)
 raises :class:`NotLowerable`; the caller then builds the graph with TVM's ONNX importer instead.
@@ -221,6 +221,8 @@ class _Lowering:
                 results = []
                 for name in self.outputs:
                     value = self._materialize(name, output=True)
+                    if value.layout == "nhwc":  # the graph's layout out
+                        value = self._to_nchw(value, name)
                     results.append(value.var)
                 result = self.builder.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
             self.builder.emit_func_output(result)
@@ -521,6 +523,17 @@ class _Lowering:
         raise NotLowerable(f"{node.name}: only [1, C, 1, 1] -> [1, C] reshapes are covered")
 
     # -- kernels
+    def _to_nchw(self, value: Stored, name: str) -> Stored:
+        """A 4-D graph output stored NHWC (padded or not) written out as the NCHW tensor the graph declares."""
+        relax = self.relax
+        self.count += 1
+        label = f"k{self.count:03d}_to_nchw"
+        gvar = self.builder.add_func(_nchw_kernel(value).with_attr("global_symbol", label), label)
+        result_type = relax.TensorType(value.logical, value.dtype)
+        return Stored(
+            self.builder.emit(relax.call_tir(gvar, [value.var], result_type)), value.logical, value.dtype, "nchw"
+        )
+
     def _emit(self, value: Lazy, name: str, output: bool) -> Stored:
         relax = self.relax
         value = fast_requantize(value) or value
@@ -528,8 +541,6 @@ class _Lowering:
         pads, fill = self._padding(name)
         if len(logical) == 2 or (len(logical) == 4 and logical[2] == logical[3] == 1 and not any(pads)):
             target = Stored(None, logical, value.dtype, "nc")
-        elif output:
-            raise NotLowerable(f"output {name}: a 4-D graph output is not covered")
         else:
             target = Stored(None, logical, value.dtype, "nhwc", pads, self._stored_channels(name, logical[1]), fill)
         if value.anchor is None and _image_input(value, target):
@@ -802,6 +813,25 @@ def _fill_kernel(target: Stored) -> Any:
                             Y[i, j + left, c] = T.Cast(dtype, fill)
 
     return fill_border
+
+
+def _nchw_kernel(source: Stored) -> Any:
+    """Copies an NHWC tensor (inside its border, its real channels) out as logical NCHW."""
+    from tvm.script import tirx as T
+
+    _, channels, height, width = source.logical
+    top, left = source.pads[0], source.pads[1]
+    dtype = source.dtype
+
+    @T.prim_func
+    def to_nchw(X: T.Buffer(source.shape, dtype), Y: T.Buffer(source.logical, dtype)):
+        T.func_attr({"tir.noalias": True})
+        for c in T.parallel(channels):
+            for i in range(height):
+                for j in range(width):
+                    Y[0, c, i, j] = X[i + top, j + left, c]
+
+    return to_nchw
 
 
 def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
