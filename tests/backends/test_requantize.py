@@ -392,3 +392,29 @@ def test_minilm_lowers_completely_and_is_bit_exact(minilm: Path, tmp_path: Path)
     # All-int8 MiniLM (LayerNorm inputs, scores and embeddings per-tensor uint8) is itself far from fp32
     # (~0.87 pooled cosine); the integer graph must be as good as the QDQ graph it comes from.
     assert abs(np.mean(cosines["integer"]) - np.mean(cosines["onnxruntime"])) < 0.02
+
+
+def test_a_1d_convolution_lowers_bit_exactly(tmp_path: Path) -> None:
+    """Audio front ends (wav2vec2, HuBERT, Whisper) convolve over time: a Conv1d network lowers to the integer
+    graph (the accumulator bound sums |w| over a 1-D window; the integer lowering once indexed a 4-D one and
+    crashed), and the compile's own check holds it bit-exact with the numpy oracle on onnxruntime."""
+    rng = np.random.default_rng(0)
+    first = numpy_helper.from_array(rng.standard_normal((8, 2, 5)).astype(np.float32) * 0.3, "w1")
+    second = numpy_helper.from_array(rng.standard_normal((4, 8, 3)).astype(np.float32) * 0.3, "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], strides=[2], pads=[2, 2]),
+            helper.make_node("Relu", ["a"], ["b"]),
+            helper.make_node("Conv", ["b", "w2"], ["y"], pads=[1, 1]),
+        ],
+        "conv1d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])],
+        [first, second],
+    )
+    path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "c.onnx")
+    calibration = [{"x": rng.standard_normal((1, 2, 32)).astype(np.float32)} for _ in range(16)]
+    manifest = api.compile(path, tmp_path / "out", target="int8-npu", calibration_data=calibration, progress=False)
+    assert manifest["measured"]["accuracy"]["integer_vs_oracle"].startswith("bit-exact")
+    integer_graph = onnx.load(str(tmp_path / "out" / api.INTEGER_ONNX))
+    assert [node.op_type for node in integer_graph.graph.node].count("ConvInteger") == 2

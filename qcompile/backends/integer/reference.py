@@ -43,6 +43,13 @@ def _windows(
 
 
 def _conv_integer(x: np.ndarray, w: np.ndarray, x_zero: Any, w_zero: Any, attributes: dict[str, Any]) -> np.ndarray:
+    if w.ndim == 3:  # over time: the same convolution on a height of 1
+        lifted = {**attributes, "kernel_shape": [1, *attributes.get("kernel_shape", w.shape[2:])]}
+        for key, unit in (("strides", 1), ("dilations", 1)):
+            lifted[key] = [unit, *attributes.get(key, [unit])]
+        pads = list(attributes.get("pads", [0, 0]))
+        lifted["pads"] = [0, pads[0], 0, pads[1]]
+        return _conv_integer(x[:, :, None], w[:, :, None], x_zero, w_zero, lifted)[:, :, 0]
     kernel = list(attributes.get("kernel_shape", w.shape[2:]))
     strides = list(attributes.get("strides", [1, 1]))
     dilations = list(attributes.get("dilations", [1, 1]))

@@ -301,9 +301,10 @@ def lower_weighted_layer(lowering: Lowering, node: onnx.NodeProto) -> bool:
     if op == "Conv":
         channels = weights.shape[0]
         geometry = {key: value for key, value in attributes.items() if key in CONV_ATTRIBUTES}
-        # |w| summed over the kernel window: [Cin per group, Cout], the reduction axis first.
-        contributions = np.abs(weights.astype(np.int64)).sum(axis=(2, 3)).T
-        axis, rank, input_axis = 1, 4, 1
+        geometry["kernel_shape"] = [int(size) for size in weights.shape[2:]]
+        # |w| summed over the kernel window (1-D, 2-D or 3-D): [Cin per group, Cout], the reduction axis first.
+        contributions = np.abs(weights.astype(np.int64)).sum(axis=tuple(range(2, weights.ndim))).T
+        axis, rank, input_axis = 1, weights.ndim, 1
     else:
         if matrix.ndim != 2:
             lowering.refuse(node, f"{name} ({op}): only 2-D weights are lowered")

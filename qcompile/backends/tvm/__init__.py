@@ -112,8 +112,8 @@ def build_integer(
 
 def _conv_integer_converter() -> Any:
     """A Relax converter for ONNX ``ConvInteger``, which TVM 0.27's ONNX importer lacks: both operands
-    widened to int32 less their zero points, then an int32 ``conv2d`` (exact: int8 x int8 products summed
-    in int32, as the ONNX spec and onnxruntime define it)."""
+    widened to int32 less their zero points, then an int32 ``conv1d`` / ``conv2d`` (exact: int8 x int8 products
+    summed in int32, as the ONNX spec and onnxruntime define it)."""
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
@@ -128,12 +128,17 @@ def _conv_integer_converter() -> Any:
                 data = relax.op.subtract(data, relax.op.astype(inputs[2], "int32"))
             if len(inputs) > 3 and inputs[3] is not None:
                 weight = relax.op.subtract(weight, relax.op.astype(inputs[3], "int32"))
-            return relax.op.nn.conv2d(
+            kernel = attr.get("kernel_shape")
+            spatial = len(kernel) if kernel is not None else bb.normalize(inputs[0]).struct_info.ndim - 2
+            if spatial not in (1, 2):
+                raise ValueError(f"ConvInteger over {spatial} spatial dims is not supported (1 or 2 are)")
+            convolution = relax.op.nn.conv1d if spatial == 1 else relax.op.nn.conv2d
+            return convolution(
                 data,
                 weight,
-                strides=attr.get("strides", [1, 1]),
-                padding=attr.get("pads", [0, 0, 0, 0]),
-                dilation=attr.get("dilations", [1, 1]),
+                strides=attr.get("strides", [1] * spatial),
+                padding=attr.get("pads", [0] * 2 * spatial),
+                dilation=attr.get("dilations", [1] * spatial),
                 groups=attr.get("group", 1),
                 out_dtype="int32",
             )
