@@ -71,7 +71,6 @@ def save(model: ir.Model, path: Path) -> list[str]:
     return [path.name, data]
 
 
-
 def _large_session(model: ir.Model, extra_outputs: list[str], threads: int) -> ort.InferenceSession:
     values = {str(value.name): value for node in model.graph for value in node.outputs}
     values.update({str(value.name): value for value in model.graph.inputs})
@@ -132,9 +131,14 @@ def _proto_sharing_weights(model: ir.Model) -> tuple[onnx.ModelProto, list[str],
 
 
 def session(
-    model: ir.Model | onnx.ModelProto, extra_outputs: list[str] | None = None, threads: int = 0
+    model: ir.Model | onnx.ModelProto,
+    extra_outputs: list[str] | None = None,
+    threads: int = 0,
+    only_extra: bool = False,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session for ``model``; ``extra_outputs`` exposes intermediate values."""
+    """An onnxruntime CPU session for ``model``; ``extra_outputs`` exposes intermediate values. With
+    ``only_extra`` they are the only outputs, and the session holds only the nodes they need (onnxruntime runs
+    every node of a graph, whatever outputs a run asks for)."""
     if isinstance(model, ir.Model) and is_large(model):
         return _large_session(model, extra_outputs or [], threads)
     names: list[str] = []
@@ -145,6 +149,14 @@ def session(
         proto = model
     if extra_outputs:
         proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        if only_extra:
+            del proto.graph.output[:]
+            needed = _keep_needed(proto.graph, set(extra_outputs))
+            kept = [tensor for tensor in proto.graph.initializer if tensor.name in needed]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(kept)
+            shared = [(name, array) for name, array in zip(names, arrays, strict=True) if name in needed]
+            names, arrays = [name for name, _ in shared], [array for _, array in shared]
         present = {output.name for output in proto.graph.output}
         for name in extra_outputs:
             if name not in present:
@@ -156,6 +168,22 @@ def session(
     created = create_session(proto.SerializeToString(), options)
     created._qcompile_arrays = arrays  # type: ignore[attr-defined]  # onnxruntime reads their memory
     return created
+
+
+def _keep_needed(graph: onnx.GraphProto, wanted: set[str]) -> set[str]:
+    """Drop the nodes of ``graph`` (in topological order) that nothing in ``wanted`` depends on; returns the
+    names of every value the kept nodes read or write."""
+    needed, kept = set(wanted), []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for attribute in node.attribute:  # values a subgraph reads from the outer scope
+                for subgraph in [attribute.g, *attribute.graphs]:
+                    needed.update(name for inner in subgraph.node for name in inner.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    return needed
 
 
 @dataclass(frozen=True)

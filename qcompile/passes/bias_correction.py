@@ -185,7 +185,9 @@ def refit_biases(reference: ir.Model, quantized: ir.Model, feeds: Sequence[Feed]
     refitted = 0
     for node, (bias, write) in tqdm(layers, desc="refitting biases", unit="layer", disable=not show, file=sys.stderr):
         name = str(node.outputs[0].name)
-        measured = _channel_means(execution.session(quantized, extra_outputs=[name]), [name], feeds)[name]
+        # Only the layer and what feeds it run: its output does not depend on what comes after it.
+        layer = execution.session(quantized, extra_outputs=[name], only_extra=True)
+        measured = _channel_means(layer, [name], feeds)[name]
         if measured.shape == bias.shape:
             write(bias - (measured - targets[name]))
             refitted += 1
