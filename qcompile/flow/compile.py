@@ -235,6 +235,11 @@ def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto
         raise tvm_backend.KernelsNotUsed(
             f"the quantized graph does not lower to integers: {first_line(reason)}"
         ) from reason
+    except Exception as error:  # a bug in an optional speed-up: the onnxruntime files still carry the model
+        logger.warning("the integer lowering failed (please report it): %s", error, exc_info=True)
+        raise tvm_backend.KernelsNotUsed(
+            f"internal error in the integer lowering ({type(error).__name__}: {first_line(error)}); please report it"
+        ) from error
     return lowered
 
 

@@ -376,3 +376,22 @@ def test_model_without_quantizable_layers_compiles_as_float(tmp_path: Path) -> N
     assert manifest["layers"] == []
     x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(runtime.load(tmp_path / "out").run({"x": x})["y"], np.maximum(x, 0))
+
+
+def test_a_bug_in_the_integer_lowering_does_not_fail_a_host_compile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host's int8-kernel library is a speed-up over files that already run: an unexpected exception in the
+    integer lowering (an AxisError on 1-D convolutions once) leaves the artifact without it, with the reason in
+    the manifest, instead of ending the compile with a traceback."""
+    from qcompile import api
+    from qcompile.backends import integer as integer_lowering
+
+    def broken(_model: onnx.ModelProto) -> None:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(integer_lowering, "lower", broken)
+    model = good_model(tmp_path)
+    manifest = api.compile(model, tmp_path / "out", calibration_data=calibration_folder(tmp_path), progress=False)
+    assert "tvm" not in manifest["executors"]
+    assert "internal error in the integer lowering (IndexError" in manifest["skipped"]["tvm"]
