@@ -204,13 +204,24 @@ def check_weights(model: ir.Model, name: str) -> None:
         logger.info("%s: constant '%s' holds +-inf (a mask fill or clamp): accepted", name, value.name)
 
 
-def _scalar(model: ir.Model, name: str, value: float, dtype: ir.DataType) -> ir.Value:
-    array = np.array(value, dtype=dtype.numpy())
+def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer ``name`` holding ``array``."""
     constant = ir.Value(
-        name=name, shape=ir.Shape(()), type=ir.TensorType(dtype), const_value=ir.tensor(array, name=name)
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
     )
     model.graph.register_initializer(constant)
     return constant
+
+
+def _scalar(model: ir.Model, name: str, value: float, dtype: ir.DataType) -> ir.Value:
+    return _constant(model, name, np.array(value, dtype=dtype.numpy()))
+
+
+def _int64s(model: ir.Model, name: str, values: list[int]) -> ir.Value:
+    return _constant(model, name, np.array(values, np.int64))
 
 
 Step = tuple[str, list[ir.Value | int | None], dict[str, Any]]
@@ -293,13 +304,7 @@ def _decompose_rms_norm(model: ir.Model, node: ir.Node) -> None:
     axes = list(range(first % rank, rank)) if rank is not None else [-1]
     base, dtype = node.name or str(node.outputs[0].name), x.dtype
     epsilon = node.attributes.get("epsilon")
-    axes_value = ir.Value(
-        name=f"{base}_axes",
-        shape=ir.Shape((len(axes),)),
-        type=ir.TensorType(ir.DataType.INT64),
-        const_value=ir.tensor(np.array(axes, np.int64), name=f"{base}_axes"),
-    )
-    model.graph.register_initializer(axes_value)
+    axes_value = _int64s(model, f"{base}_axes", axes)
     _replace_with(
         model,
         node,
@@ -312,15 +317,6 @@ def _decompose_rms_norm(model: ir.Model, node: ir.Node) -> None:
             ("Mul", [None, scale], {}),
         ],
     )
-
-
-def _int64s(model: ir.Model, name: str, values: list[int]) -> ir.Value:
-    array = np.array(values, np.int64)
-    constant = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array)
-    )
-    model.graph.register_initializer(constant)
-    return constant
 
 
 def _decompose_attention(model: ir.Model, node: ir.Node) -> None:
@@ -521,14 +517,7 @@ def _reduce_axes_to_inputs(model: ir.Model) -> None:
         axes = node.attributes.get("axes")
         if node.op_type not in _AXES_AS_INPUT or axes is None or node.domain not in ("", "ai.onnx"):
             continue
-        values = np.array(axes.as_ints(), np.int64)
-        constant = ir.Value(
-            name=f"{node.name or node.outputs[0].name}_axes",
-            shape=ir.Shape(values.shape),
-            type=ir.TensorType(ir.DataType.INT64),
-            const_value=ir.tensor(values, name=f"{node.name or node.outputs[0].name}_axes"),
-        )
-        model.graph.register_initializer(constant)
+        constant = _int64s(model, f"{node.name or node.outputs[0].name}_axes", list(axes.as_ints()))
         del node.attributes["axes"]
         if len(node.inputs) < 2:
             node.resize_inputs(2)
