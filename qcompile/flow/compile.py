@@ -224,13 +224,14 @@ def _write_integer(build: Build, graph: onnx.ModelProto) -> None:
 
 def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto:
     """For a build on this machine's CPU: the QDQ graph's integer-only lowering, which qcompile's int8 kernels
-    run (:func:`qcompile.backends.tvm.build_integer`). Raises :class:`~qcompile.backends.tvm.KernelsNotUsed`
-    when a layer stays float or an op has no integer form."""
+    run (:func:`qcompile.backends.tvm.build_integer`); the layers that stay float, and ops with no integer form,
+    are kept as float islands the kernels run in float. Raises :class:`~qcompile.backends.tvm.KernelsNotUsed`
+    when the lowering refuses the graph (a float op on a value that has no float form there)."""
     device = build.target
     if build.toolchain is not None or not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
         raise tvm_backend.KernelsNotUsed("the target is not this machine's CPU")
     try:
-        lowered, _ = integer_lowering.lower(graph)
+        lowered, _ = integer_lowering.lower(graph, float_islands=True)
     except UnsupportedModelError as reason:
         raise tvm_backend.KernelsNotUsed(
             f"the quantized graph does not lower to integers: {first_line(reason)}"
@@ -368,6 +369,37 @@ def check_host_kernels(build: Build) -> None:
         build.measured = manifest.measured
 
 
+def drop_slow_library(build: Build) -> None:
+    """A host library (qcompile's kernels) that measured no faster than onnxruntime fp32 is not shipped: its
+    files are removed and the manifest says what it measured (float islands can leave a graph mostly float)."""
+    measured, executor = build.measured, build.executors.get("tvm")
+    if measured is None or executor is None or not executor.requires_cpu or build.lowered is not None:
+        return
+    latency = measured.latency_ms
+    if "tvm" not in latency or latency["tvm"]["median_ms"] < latency["onnxruntime-fp32"]["median_ms"]:
+        return
+    # The figures go with the other measurements (measured.default_reason); skipped stays byte-reproducible.
+    figures = (
+        f"qcompile's kernels ran this graph in {latency['tvm']['median_ms']:.3f} ms against onnxruntime fp32's "
+        f"{latency['onnxruntime-fp32']['median_ms']:.3f} ms here (median): TVM library not shipped"
+    )
+    build.skipped["tvm"] = (
+        "qcompile's kernels measured no faster than onnxruntime fp32 on the build machine, so the library is not "
+        "shipped (the figures: measured.default_reason)"
+    )
+    measured.default_reason = f"{measured.default_reason}; {figures}"
+    logger.info("%s", figures)
+    for name in (executor.file, INTEGER_ONNX):
+        (build.staging / name).unlink(missing_ok=True)
+        if name in build.written:
+            build.written.remove(name)
+    del build.executors["tvm"]
+    del latency["tvm"]
+    for key in [key for key in measured.accuracy if "tvm" in key]:
+        del measured.accuracy[key]
+    build.host_integer = None
+
+
 def ternarize(build: Build) -> None:
     """Ternary weights and per-row int8 activations (no calibration statistics: the activation scales are
     computed at run time); the calibration data gives the sample latencies and agreement are measured on."""
@@ -434,7 +466,7 @@ def measure_lut(build: Build) -> None:
 QDQ_STAGES: tuple[Stage, ...] = (quantize_qdq, write_onnx, build_library, measure_here)
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     # predict_on_board: a target file of the user's own may name an edge CPU with the host's pipeline
-    "w8a8": (*QDQ_STAGES, check_host_kernels, predict_on_board),
+    "w8a8": (*QDQ_STAGES, check_host_kernels, drop_slow_library, predict_on_board),
     "w8a8-cross": (*QDQ_STAGES, predict_on_board),
     "w8a8-cuda": (*QDQ_STAGES, predict_on_board),
     "integer-only": (integer_only_options, quantize_qdq, lower_to_integers, *QDQ_STAGES[1:], check_integer_graph),

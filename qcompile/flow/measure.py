@@ -175,12 +175,54 @@ def _require_exact(produced: dict[str, np.ndarray], expected: list[np.ndarray], 
         raise ArtifactError(f"{what} differs from the numpy oracle of the integer-only graph")
 
 
+# Float islands: the library's float layers sum in another order than onnx.reference (with fused multiply-adds),
+# and the quantization after an island can then move codes by one step, which the integer layers after it carry
+# to the outputs. How far that alone goes is measured: the oracle once more with its islands in float64 (on
+# EfficientNet-Lite0 with its stem float: 1.7 % of the logits' range, cosine 0.99985). The library may differ
+# from the oracle by a few times that spread (another summation order), never by much more: a wrong kernel does.
+ISLAND_SPREAD_FACTOR = 4.0
+ISLAND_FLOOR = 1e-3  # of the output's range: the tolerance where float64 happens to give the same codes
+
+
+def _deviation(produced: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float]:
+    """The largest |difference| over every output, relative to that output's range, and the lowest cosine."""
+    error, cosine = 0.0, 1.0
+    for ours, theirs in zip(produced, expected, strict=True):
+        a, b = np.asarray(ours, np.float64).ravel(), np.asarray(theirs, np.float64).ravel()
+        if not a.size:
+            continue
+        error = max(error, float(np.abs(a - b).max()) / (float(np.abs(b).max()) or 1.0))
+        norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+        cosine = min(cosine, float(a @ b) / norms if norms else 1.0)
+    return error, cosine
+
+
 def check_kernels(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sample: Feed) -> None:
-    """A host build's kernel library against the numpy oracle of its integer graph, bit for bit."""
+    """A host build's kernel library against the numpy oracle of its integer graph: bit for bit, or, where the
+    graph keeps float layers (float islands), within a few times what float32 rounding in them alone moves the
+    outputs (:data:`ISLAND_SPREAD_FACTOR`)."""
     assert manifest.measured is not None
     expected = integer_reference.run(lowered, sample)
-    _require_exact(Session(folder, manifest, "tvm").run(sample), expected, "the TVM int8 kernels' library")
-    manifest.measured.accuracy["tvm_vs_oracle"] = "bit-exact on the calibration sample"
+    produced = Session(folder, manifest, "tvm").run(sample)
+    islands = integer_reference.float_islands(lowered)
+    if not islands:
+        _require_exact(produced, expected, "the TVM int8 kernels' library")
+        manifest.measured.accuracy["tvm_vs_oracle"] = "bit-exact on the calibration sample"
+        return
+    spread, spread_cosine = _deviation(integer_reference.run(lowered, sample, np.float64), expected)
+    error, cosine = _deviation(list(produced.values()), expected)
+    tolerance = max(ISLAND_SPREAD_FACTOR * spread, ISLAND_FLOOR)
+    cosine_floor = 1.0 - ISLAND_SPREAD_FACTOR * max(1.0 - spread_cosine, ISLAND_FLOOR**2)
+    if error > tolerance or cosine < cosine_floor:
+        raise ArtifactError(
+            f"the TVM kernels' library differs from the numpy oracle by {error:.3g} of an output's range (cosine "
+            f"{cosine:.6f}); float rounding in its {len(islands)} float node(s) alone moves them {spread:.3g} "
+            f"(cosine {spread_cosine:.6f})"
+        )
+    manifest.measured.accuracy["tvm_vs_oracle"] = (
+        f"within {error:.2g} of the output range on the calibration sample (cosine {cosine:.6f}): {len(islands)} "
+        f"node(s) kept float, whose float32 rounding alone moves the oracle {spread:.2g}; bit-exact elsewhere"
+    )
 
 
 def check_integer(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sample: Feed) -> None:

@@ -119,6 +119,7 @@ class LoweringReport:
 
     layers: list[dict[str, Any]] = field(default_factory=list)
     requantizations: int = 0
+    float_nodes: list[str] = field(default_factory=list)  # nodes kept in float (``float_islands``), by name
 
 
 class _Builder:
@@ -163,7 +164,7 @@ class Lowering:
     constants, what each of its values is now (``values``), the integer graph being built (``build``), the
     refusals so far, and the arithmetic the rules emit."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, float_islands: bool = False) -> None:
         inferred = onnx.shape_inference.infer_shapes(model)
         infos = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
         self.shapes = {info.name: [dim.dim_value for dim in info.type.tensor_type.shape.dim] for info in infos}
@@ -182,10 +183,101 @@ class Lowering:
         self.graph_inputs = {value.name for value in model.graph.input}
         self.gelus = _gelu_chains(model, self.constants)
         self.inside_gelu: set[str] = set()  # the other nodes (by output) of the GELU chains lowered as tables
+        self.float_islands = float_islands
+        self.floats: set[str] = set()  # values computed in float by kept float nodes (float_islands)
+        self.as_float: dict[str, str] = {}  # a lowered value's name -> its dequantized float copy
 
     def refuse(self, node: onnx.NodeProto, message: str) -> None:
+        """``node`` has no integer form: refused, or with ``float_islands`` kept as the float op it is
+        (when every input has a float form), its inputs dequantized where they are integers."""
+        if self.float_islands and self.keep_float(node):
+            return
         self.refused.append(message)
         self.failed.update(node.output)
+
+    def keep_float(self, node: onnx.NodeProto) -> bool:
+        """Emit ``node`` unchanged on float forms of its inputs: codes through ``DequantizeLinear``, an
+        accumulator cast and scaled (its ReLU / Clip bounds applied), a quantized constant as float, a
+        deferred table function or Concat as the float op on its dequantized sources. False (nothing emitted)
+        when an input has no float form here (a refused value, a deferred Softmax / LayerNorm / mask)."""
+        inputs: list[str] = []
+        for name in node.input:
+            converted = self.float_form(name) if name else ""
+            if converted is None:
+                return False
+            inputs.append(converted)
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        del kept.input[:]
+        kept.input.extend(inputs)
+        self.build.nodes.append(kept)
+        self.floats.update(node.output)
+        for output in node.output:
+            self.values.pop(output, None)
+        self.report.float_nodes.append(label(node))
+        return True
+
+    def float_form(self, name: str) -> str | None:
+        """The name of ``name``'s value in float (itself when it is float, a constant or an integer input of
+        the graph), or None when it has none."""
+        if name in self.failed:
+            return None
+        value = self.values.get(name)
+        if value is None:
+            return name
+        if name in self.as_float:
+            return self.as_float[name]
+        build = self.build
+        base = f"{name}_float"
+        if isinstance(value, Codes):
+            step = build.const(np.array(value.scale, np.float32), f"{base}_scale")
+            offset = build.const(np.array(value.zero_point, np.uint8), f"{base}_zero")
+            converted = build.node("DequantizeLinear", [value.name, step, offset], base)
+        elif isinstance(value, Accumulator):
+            converted = self.dequantize_accumulator(value, base)
+        elif isinstance(value, tuple):  # a quantized constant: its float values
+            data, scales, axis = value
+            shape = channel_shape(scales.size, axis, data.ndim) if scales.size > 1 else []
+            real = data.astype(np.float32) * scales.astype(np.float32).reshape(shape)
+            converted = build.const(real.astype(np.float32), base)
+        elif isinstance(value, Deferred) and (value.op in TABLE_FUNCTIONS or value.op == "Concat") and value.sources:
+            sources = [self.float_form(source.name) for source in value.sources]
+            if any(source is None for source in sources):
+                return None
+            converted = self.float_function(value, [str(source) for source in sources], base)
+        else:
+            return None
+        self.as_float[name] = converted
+        return converted
+
+    def float_function(self, value: Deferred, sources: list[str], base: str) -> str:
+        """A deferred table function or Concat as its float op on float ``sources`` (GELU written out with erf,
+        as exporters write it: the Gelu op is newer than the graph's opset)."""
+        build = self.build
+        if value.op == "Gelu":
+            (x,) = sources
+            scaled = build.node("Div", [x, build.const(np.array(math.sqrt(2.0), np.float32), f"{base}_sqrt2")], base)
+            erf = build.node("Erf", [scaled], f"{base}_erf")
+            shifted = build.node("Add", [erf, build.const(np.array(1.0, np.float32), f"{base}_one")], f"{base}_1p")
+            halved = build.node("Mul", [x, build.const(np.array(0.5, np.float32), f"{base}_half")], f"{base}_x2")
+            return build.node("Mul", [halved, shifted], f"{base}_gelu")
+        attributes = {"axis": int(value.attributes.get("axis", 0))} if value.op == "Concat" else value.attributes
+        return build.node(value.op, sources, base, **attributes)
+
+    def dequantize_accumulator(self, value: Accumulator, base: str) -> str:
+        """An accumulator as float: ``Cast``, ``Mul`` by its scales, then its ReLU / Clip bounds if any."""
+        build = self.build
+        floating = build.node("Cast", [value.name], f"{base}_cast", to=TensorProto.FLOAT)
+        shape = channel_shape(value.scales.size, value.axis, value.rank) if value.scales.size > 1 else []
+        factors = build.const(value.scales.astype(np.float32).reshape(shape), f"{base}_scales")
+        scaled = build.node("Mul", [floating, factors], base)
+        low, high = value.clip
+        if math.isinf(low) and math.isinf(high):
+            return scaled
+        bounds = [
+            build.const(np.array(bound, np.float32), f"{base}_{tag}") for bound, tag in ((low, "lo"), (high, "hi"))
+        ]
+        return build.node("Clip", [scaled, *bounds], f"{base}_clip")
 
     def constant(self, name: str) -> np.ndarray | None:
         return self.constants.get(name)

@@ -26,7 +26,11 @@ MatMul weight) into parts whose partial sums each fit int32, summed in int64 (``
 layer's bound and number of parts.
 
 Anything else (ops with no integer form, float ops between quantized values) cannot be lowered:
-:func:`lower` raises one error listing every such node, with its op and the reason.
+:func:`lower` raises one error listing every such node, with its op and the reason. For a host build,
+``float_islands`` keeps such nodes as the float ops they are instead (the layers the quantization kept float,
+ops with no integer form): their integer inputs are dequantized (codes by ``DequantizeLinear``, accumulators
+cast and scaled), the ``QuantizeLinear`` after them quantizes their float output, and the graph is integer
+everywhere else. The numpy oracle evaluates those nodes with ``onnx.reference``.
 """
 
 from __future__ import annotations
@@ -46,12 +50,19 @@ from qcompile.backends.integer.arithmetic import (
 from qcompile.backends.integer.rules import RULES, refuse_unlowered
 from qcompile.errors import UnsupportedModelError
 
+# The metadata key of an integer graph with float islands: the kept float nodes' names, one per line.
+FLOAT_ISLANDS = "qcompile.float_islands"
 
-def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
+
+def lower(model: onnx.ModelProto, float_islands: bool = False) -> tuple[onnx.ModelProto, LoweringReport]:
     """The integer-only form of the QDQ ``model``.
 
     Args:
         model: a QDQ graph as :mod:`qcompile.passes.qdq` writes it.
+        float_islands: keep the nodes with no integer form as the float ops they are (a host build, whose
+            kernels run float layers too), their integer inputs dequantized and their quantized readers
+            quantizing them, instead of refusing them; the report lists them (``float_nodes``) and the graph's
+            ``metadata_props`` name them (:data:`FLOAT_ISLANDS`) for the oracle.
 
     Returns:
         The integer graph (same inputs and outputs) and the report of its accumulators and requantizations.
@@ -59,7 +70,7 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     Raises:
         UnsupportedModelError: one error listing every node that cannot be lowered.
     """
-    lowering = Lowering(model)
+    lowering = Lowering(model, float_islands)
     for node in model.graph.node:
         if not any((ops is None or node.op_type in ops) and handler(lowering, node) for ops, handler in RULES):
             refuse_unlowered(lowering, node)
@@ -76,6 +87,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LoweringReport]:
     )
     lowered = helper.make_model(graph, opset_imports=list(model.opset_import))
     lowered.ir_version = model.ir_version
+    if lowering.report.float_nodes:
+        onnx.helper.set_model_props(lowered, {FLOAT_ISLANDS: "\n".join(lowering.report.float_nodes)})
     return lowered, lowering.report
 
 
@@ -96,7 +109,7 @@ def _dequantize_output(lowering: Lowering, output: onnx.ValueInfoProto) -> onnx.
         step = build.const(np.array(result.scale, np.float32), f"{output.name}_scale")
         offset = build.const(np.array(result.zero_point, np.uint8), f"{output.name}_zero")
         build.nodes.append(helper.make_node("DequantizeLinear", [result.name, step, offset], [output.name]))
-    elif output.name not in lowering.failed:
+    elif output.name not in lowering.failed and output.name not in lowering.floats:
         lowering.refused.append(f"graph output '{output.name}' is not computed in integers")
     return output
 

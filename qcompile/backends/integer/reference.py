@@ -7,7 +7,9 @@ points, multiply, accumulate in int32), ``Div`` on integers (truncation toward z
 ``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``, ``Gather`` (tables), ``Concat``, ``Where``, the
 integer and boolean ops of masks (``And``, ``Or``, ``Not``, ``Equal``, ``GatherElements``, ``GatherND``,
 ``Expand``), the layout ops,
-and at the output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses.
+and at the output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses,
+except on the nodes a host build kept in float (named in the graph's ``qcompile.float_islands`` metadata):
+those are evaluated by ``onnx.reference``, the float semantics of the ONNX specification.
 """
 
 from __future__ import annotations
@@ -82,14 +84,37 @@ def _max_pool(x: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
     return windows.max(axis=(4, 5)).astype(x.dtype)
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Evaluate the integer graph ``model`` on ``feeds``; returns the graph outputs in order."""
+def float_islands(model: onnx.ModelProto) -> frozenset[str]:
+    """The names of the nodes a host build's lowering kept in float (see ``lower(float_islands=True)``)."""
+    listed = next((prop.value for prop in model.metadata_props if prop.key == "qcompile.float_islands"), "")
+    return frozenset(filter(None, listed.split("\n")))
+
+
+def _as_float32(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.float32) if value.dtype == np.float64 else value
+
+
+def run(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_precision: type[np.floating[Any]] = np.float32
+) -> list[np.ndarray]:
+    """Evaluate the integer graph ``model`` on ``feeds``; returns the graph outputs in order. Float islands are
+    evaluated in ``island_precision`` (float64: how much float32 rounding alone moves the outputs)."""
     env: dict[str, np.ndarray] = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
     env.update(feeds)
+    islands = float_islands(model)
     for node in model.graph.node:
         args: list[Any] = [env[name] if name else None for name in node.input]
         attributes = node_attributes(node)
         op = node.op_type
+        if (node.name or node.output[0]) in islands:
+            from onnx.reference import ReferenceEvaluator
+
+            given = {name: env[name] for name in node.input if name}
+            if island_precision != np.float32:
+                given = {name: v.astype(island_precision) if v.dtype == np.float32 else v for name, v in given.items()}
+            evaluated = ReferenceEvaluator(node).run(None, given)
+            env.update(zip(node.output, (_as_float32(np.asarray(value)) for value in evaluated), strict=True))
+            continue
         if op == "QuantizeLinear":
             zero = args[2] if len(args) > 2 and args[2] is not None else np.uint8(0)
             info = np.iinfo(zero.dtype)

@@ -130,7 +130,7 @@ def lower_quantize(lowering: Lowering, node: onnx.NodeProto) -> bool:
         return True
     zero_point = int(zero)
     source = lowering.values.get(inputs[0])
-    if inputs[0] in lowering.graph_inputs:  # input quantization stays as it is
+    if inputs[0] in lowering.graph_inputs or inputs[0] in lowering.floats:  # quantization of a float value stays
         lowering.build.nodes.append(node)
         lowering.values[node.output[0]] = Codes(node.output[0], scale, zero_point)
     elif isinstance(source, Accumulator):

@@ -59,10 +59,21 @@ class Flavor:
     tile_blocks: int
     tvm_target: dict[str, Any]
 
+    @property
+    def accumulator_dtype(self) -> str:
+        return "float32" if self.name == "fp32" else "int32"
+
+    @property
+    def activation_dtype(self) -> str:
+        return "float32" if self.name == "fp32" else "uint8"
+
     def activations(self, codes: Any) -> Any:
-        """The ``group`` uint8 activation codes (a vector load) as the instruction's broadcast operand."""
+        """The ``group`` uint8 activation codes (a vector load) as the instruction's broadcast operand (fp32:
+        one float, broadcast)."""
         from tvm import tirx
 
+        if self.name == "fp32":
+            return tirx.Broadcast(codes, self.lanes)
         if self.name == "avx2":
             word = tirx.reinterpret("int32", tirx.Cast(f"int16x{self.group}", codes))
             return tirx.reinterpret(f"int16x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
@@ -75,6 +86,10 @@ class Flavor:
         """``accumulator`` plus, per lane, the sum of ``group`` products."""
         from tvm import tirx
 
+        if self.name == "fp32":  # one fused multiply-add per lane
+            return tirx.call_llvm_pure_intrin(
+                f"float32x{self.lanes}", self.intrinsic, activations, weights, accumulator
+            )
         vector = f"int32x{self.lanes}"
         if self.name == "avx2":
             return accumulator + tirx.call_llvm_pure_intrin(vector, self.intrinsic, activations, weights)
@@ -98,6 +113,9 @@ FLAVORS = {
         {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
     ),
 }
+# The float layers a host build keeps (float islands): fp32 fused multiply-adds on the same register tiles,
+# one input channel per step (16 lanes with AVX-512, 8 with AVX2 + FMA).
+FLOAT = Flavor("fp32", 16, 1, "llvm.fma.v16f32", "float32", 0, 4, 3, {"kind": "llvm"})
 VNNI = FLAVORS["vnni"]
 LANES, GROUP, TILE_ROWS, TILE_BLOCKS = VNNI.lanes, VNNI.group, VNNI.tile_rows, VNNI.tile_blocks
 DOT = VNNI.intrinsic
@@ -128,6 +146,13 @@ def host_flavor() -> Flavor:
         flavor = FLAVORS["avx2"]
         return replace(flavor, tvm_target={**flavor.tvm_target, "mcpu": codegen.llvm_get_system_cpu()})
     raise BackendError("the int8 kernels need an x86-64 CPU with AVX2 or AVX-512 VNNI; this one has neither")
+
+
+def float_flavor() -> Flavor:
+    """The fp32 flavor for this machine: 16 lanes with AVX-512, else 8 (AVX2 + FMA)."""
+    if " avx512f" in _cpu_flags():
+        return FLOAT
+    return replace(FLOAT, lanes=8, intrinsic="llvm.fma.v8f32")
 
 
 def _check_shape(m: int, k: int, n: int, flavor: Flavor = VNNI) -> None:
@@ -204,15 +229,16 @@ def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True, flavor: Flavo
 
 
 def pack_weights(weights: np.ndarray, flavor: Flavor = VNNI, tile_blocks: int | None = None) -> np.ndarray:
-    """int8 ``[K, N]`` -> ``[blocks, K / g, lanes x g]`` (as the flavor's weight dtype): for each ``lanes``
-    output columns, each group of ``g`` k, the bytes one instruction reads (column-major within the group);
-    columns padded with zeros to whole tiles of ``tile_blocks`` (default: the flavor's) blocks."""
+    """int8 (fp32 for the float flavor) ``[K, N]`` -> ``[blocks, K / g, lanes x g]`` (as the flavor's weight
+    dtype): for each ``lanes`` output columns, each group of ``g`` k, the bytes one instruction reads
+    (column-major within the group); columns padded with zeros to whole tiles of ``tile_blocks`` (default: the
+    flavor's) blocks."""
     k, n = weights.shape
     _check_shape(1, k, n, flavor)
     lanes, group = flavor.lanes, flavor.group
     tile = tile_blocks or flavor.tile_blocks
     blocks = -(-n // (lanes * tile)) * tile  # whole tiles of blocks
-    padded = np.zeros((k, blocks * lanes), np.int8)
+    padded = np.zeros((k, blocks * lanes), weights.dtype)
     padded[:, :n] = weights
     by_group = padded.reshape(k // group, group, blocks, lanes).transpose(2, 0, 3, 1)
     packed = np.ascontiguousarray(by_group.reshape(blocks, k // group, lanes * group))

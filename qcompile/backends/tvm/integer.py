@@ -47,6 +47,8 @@ from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
 LANES = 16
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min"})
+# Float functions of one float tensor (float islands), as expressions fused where they are used.
+FLOAT_FUNCTIONS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"})
 ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -131,7 +133,8 @@ class Anchor:
     kernel: tuple[int, int] = (1, 1)
     strides: tuple[int, int] = (1, 1)
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    offset: np.ndarray | None = None  # int32 per channel added to the accumulator (a bias, folded into the correction)
+    # Per channel, added to the accumulator: an int32 bias folded into the correction, or a float layer's bias.
+    offset: np.ndarray | None = None
 
     def correction(self, per_channel_weight_sums: np.ndarray, activation_offset: int = 0) -> np.ndarray:
         """What the kernel subtracts from its raw sums of ``(x - activation_offset) w``: ``(zero_point -
@@ -170,6 +173,7 @@ class _Lowering:
                     self.uses.setdefault(name, []).append(node)
         self.outputs = [output.name for output in model.graph.output]
         self.functions: dict[str, Any] = {}
+        self.nhwc: dict[str, Stored] = {}  # NCHW float graph inputs copied NHWC for float layers
         self.builder = relax.BlockBuilder()
         self.count = 0
 
@@ -177,7 +181,7 @@ class _Lowering:
     def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
         pads, fill = (0, 0, 0, 0), None
         for node in self.uses.get(name, []):
-            if node.op_type not in ("ConvInteger", "MaxPool"):
+            if node.op_type not in ("ConvInteger", "Conv", "MaxPool"):
                 continue
             attributes = node_attributes(node)
             node_pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
@@ -236,13 +240,17 @@ class _Lowering:
             self.values[output] = self._elementwise(node)
         elif op == "QuantizeLinear":
             self.values[output] = self._quantize(node)
-        elif op == "ConvInteger":
+        elif op == "DequantizeLinear":
+            self.values[output] = self._dequantize(node)
+        elif op in ("ConvInteger", "Conv"):
             self.values[output] = self._conv(node)
-        elif op == "MatMulInteger":
+        elif op in ("MatMulInteger", "MatMul", "Gemm"):
             self.values[output] = self._matmul(node)
+        elif op in FLOAT_FUNCTIONS:
+            self.values[output] = self._float_function(node)
         elif op == "MaxPool":
             self.values[output] = self._max_pool(node)
-        elif op == "ReduceSum":
+        elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean"):
             self.values[output] = self._reduce(node)
         elif op in ("Reshape", "Flatten"):
             self.values[output] = self._reshape(node)
@@ -252,7 +260,7 @@ class _Lowering:
         if isinstance(value, Lazy) and output not in self.outputs:  # (graph outputs are computed at the end)
             if len(self.uses.get(output, [])) > 1:
                 self.values[output] = self._materialize(output)  # computed once
-            elif op == "Cast" and value.dtype == "uint8" and value.anchor is not None:
+            elif op in ("Cast", "QuantizeLinear") and value.dtype == "uint8" and value.anchor is not None:
                 # A layer's requantized output is stored as it is, in 8 bits: a residual Add reading it
                 # would otherwise store its rescaled int32 form.
                 self.values[output] = self._materialize(output)
@@ -352,7 +360,7 @@ class _Lowering:
                 )
 
             parts.append(shifted)
-        if op == "Div":
+        if op == "Div" and dtype != "float32":
             result = self._division(node, lazies, logical, dtype, anchor, leaves, constants, parts)
         else:
             if op == "Clip" and (len(node.input) < 3 or not all(node.input[1:3])):
@@ -415,40 +423,115 @@ class _Lowering:
         raise NotLowerable("a constant where a tensor was expected")
 
     def _quantize(self, node: onnx.NodeProto) -> Lazy:
+        """QuantizeLinear of a float value: the graph's input image, or a float layer's output (its epilogue)."""
         from tvm import tirx
 
         source = self.values[node.input[0]]
-        if not isinstance(source, Stored) or source.layout != "nchw":
-            raise NotLowerable("QuantizeLinear is covered on the float graph input only")
         scale = self.constants[node.input[1]]
         zero = self.constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.uint8(0)
         if scale.size != 1 or zero.size != 1 or zero.dtype != np.uint8:
             raise NotLowerable("QuantizeLinear with a per-channel scale or a non-uint8 zero point")
+        if source.dtype != "float32":
+            raise NotLowerable(f"{node.name}: QuantizeLinear of a {source.dtype} value")
+        inner = self._as_lazy(source)
 
         def quantize(env: Env) -> Any:
-            scaled = tirx.nearbyint(env.leaf(0) / tirx.const(float(scale), "float32"))
+            scaled = tirx.nearbyint(inner.expression(env) / tirx.const(float(scale), "float32"))  # half to even
             shifted = scaled + tirx.const(float(zero), "float32")
             return tirx.Cast(
                 "uint8" if env.lanes == 1 else f"uint8x{env.lanes}", tirx.max(tirx.min(shifted, 255.0), 0.0)
             )
 
-        return Lazy(source.logical, "uint8", quantize, leaves=[source])
+        return Lazy(inner.logical, "uint8", quantize, inner.anchor, inner.leaves, inner.constants)
+
+    def _dequantize(self, node: onnx.NodeProto) -> Lazy:
+        """DequantizeLinear of uint8 codes into a float layer: ``(float(q) - z) * s``, as the oracle computes it."""
+        from tvm import tirx
+
+        inner = self._as_lazy(self.values[node.input[0]])
+        scale = self.constants[node.input[1]]
+        zero = self.constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.uint8(0)
+        if inner.dtype != "uint8" or scale.size != 1 or zero.size != 1:
+            raise NotLowerable(f"{node.name}: DequantizeLinear is covered on per-tensor uint8 codes")
+
+        def dequantize(env: Env) -> Any:
+            real = tirx.Cast("float32" if env.lanes == 1 else f"float32x{env.lanes}", inner.expression(env))
+            return (real - tirx.const(float(zero), "float32")) * tirx.const(float(scale), "float32")
+
+        return Lazy(inner.logical, "float32", dequantize, inner.anchor, inner.leaves, inner.constants)
+
+    def _float_function(self, node: onnx.NodeProto) -> Lazy:
+        """ReLU, sigmoid, hard sigmoid / swish or tanh of a float value, fused into its producer's epilogue."""
+        from tvm import tirx
+
+        inner = self._as_lazy(self.values[node.input[0]])
+        if inner.dtype != "float32":
+            raise NotLowerable(f"{node.name} ({node.op_type}) of a {inner.dtype} value")
+        op, attributes = node.op_type, node_attributes(node)
+        alpha = float(attributes.get("alpha", 1.0 / 6.0 if op == "HardSwish" else 0.2))
+        beta = float(attributes.get("beta", 0.5))
+
+        def function(env: Env) -> Any:
+            x = inner.expression(env)
+            one, zero = tirx.const(1.0, "float32"), tirx.const(0.0, "float32")
+            if op == "Relu":
+                return tirx.max(x, zero)
+            if op == "Sigmoid":
+                return one / (one + tirx.exp(zero - x))
+            if op == "Tanh":
+                return tirx.tanh(x)
+            gate = tirx.min(tirx.max(x * tirx.const(alpha, "float32") + tirx.const(beta, "float32"), zero), one)
+            return gate if op == "HardSigmoid" else x * gate
+
+        return Lazy(inner.logical, "float32", function, inner.anchor, inner.leaves, inner.constants)
+
+    def _float_input(self, name: str) -> Stored:
+        """A float value as a float layer reads it: stored NHWC (the graph's NCHW input copied once, with the
+        border its readers need), or [1, C] rows."""
+        value = self.values[name]
+        if value.dtype != "float32":
+            raise NotLowerable(f"{name}: a float layer reads a {value.dtype} value")
+        if isinstance(value, Stored) and value.layout == "nchw":
+            if name not in self.nhwc:
+                self.nhwc[name] = self._emit(_leaf_lazy(value), name, output=False)
+            return self.nhwc[name]
+        return self._materialize(name)
+
+    def _float_weights(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
+        """A float layer's constant float32 weights and bias (None: no bias)."""
+        weights = self.constants.get(node.input[1])
+        bias_name = node.input[2] if len(node.input) > 2 else ""
+        bias = self.constants.get(bias_name) if bias_name else None
+        if weights is None or weights.dtype != np.float32 or (bias_name and (bias is None or bias.dtype != np.float32)):
+            raise NotLowerable(f"{node.name}: a float {node.op_type} needs constant float32 weights and bias")
+        return weights, bias
 
     def _conv(self, node: onnx.NodeProto) -> Lazy:
+        """ConvInteger (int8 weights, uint8 codes) or a Conv kept in float (float islands): dense or depthwise."""
         attributes = node_attributes(node)
-        source = self._materialize(node.input[0])
-        weights = self.constants.get(node.input[1])
-        if weights is None or weights.dtype != np.int8:
-            raise NotLowerable(f"{node.name}: ConvInteger needs constant int8 weights")
-        if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
-            raise NotLowerable(f"{node.name}: weight zero points are not covered (weights are symmetric)")
-        zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        bias: np.ndarray | None = None
+        if node.op_type == "Conv":
+            weights, bias = self._float_weights(node)
+            source, zero, accumulator = self._float_input(node.input[0]), 0, "float32"
+        else:
+            source, accumulator = self._materialize(node.input[0]), "int32"
+            weights = self.constants.get(node.input[1])  # type: ignore[assignment]
+            if weights is None or weights.dtype != np.int8:
+                raise NotLowerable(f"{node.name}: ConvInteger needs constant int8 weights")
+            if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
+                raise NotLowerable(f"{node.name}: weight zero points are not covered (weights are symmetric)")
+            zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        if weights.ndim != 4:
+            raise NotLowerable(f"{node.name}: a {weights.ndim - 2}-D convolution (2-D ones are covered)")
         if any(d != 1 for d in attributes.get("dilations", [1, 1])) or attributes.get("auto_pad", b"NOTSET") not in (
             b"NOTSET",
             "NOTSET",
         ):
             raise NotLowerable(f"{node.name}: dilation / auto_pad are not covered")
-        if source.layout != "nhwc":
+        pointwise = (
+            weights.shape[2:] == (1, 1) and not any(attributes.get("pads", [0])) and source.logical[2:] == (1, 1)
+        )
+        if source.layout != "nhwc" and not (source.layout == "nc" and pointwise):  # (a 1 x 1 map is a row)
             raise NotLowerable(f"{node.name}: input is not an NHWC activation")
         _, channels, height, width = source.logical
         out_channels, per_group, kh, kw = weights.shape
@@ -465,24 +548,38 @@ class _Lowering:
             raise NotLowerable(f"{node.name}: grouped convolution (group {group}) that is not depthwise")
         logical = (1, out_channels, oh, ow)
         anchor = Anchor(
-            kind, source, logical, "int32", weights, zero, (kh, kw), (strides[0], strides[1]),
-            (pads[0], pads[1], pads[2], pads[3]),
+            kind, source, logical, accumulator, weights, zero, (kh, kw), (strides[0], strides[1]),
+            (pads[0], pads[1], pads[2], pads[3]), bias,
         )  # fmt: skip
-        return Lazy(logical, "int32", _source, anchor)
+        return Lazy(logical, accumulator, _source, anchor)
 
     def _matmul(self, node: onnx.NodeProto) -> Lazy:
-        source = self._materialize(node.input[0])
-        weights = self.constants.get(node.input[1])
-        if weights is None or weights.dtype != np.int8 or weights.ndim != 2:
-            raise NotLowerable(f"{node.name}: MatMulInteger needs constant 2-D int8 weights")
-        if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
-            raise NotLowerable(f"{node.name}: weight zero points are not covered")
-        if source.layout != "nc" or source.dtype != "uint8" or source.logical[1] != weights.shape[0]:
-            raise NotLowerable(f"{node.name}: MatMulInteger is covered on [1, K] uint8 rows only")
-        zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        """MatMulInteger of [1, K] codes by int8 weights, or a MatMul / Gemm kept in float on [1, K] rows."""
+        bias: np.ndarray | None = None
+        if node.op_type == "MatMulInteger":
+            source, accumulator, dtype = self._materialize(node.input[0]), "int32", "uint8"
+            weights = self.constants.get(node.input[1])
+            if weights is None or weights.dtype != np.int8 or weights.ndim != 2:
+                raise NotLowerable(f"{node.name}: MatMulInteger needs constant 2-D int8 weights")
+            if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
+                raise NotLowerable(f"{node.name}: weight zero points are not covered")
+            zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        else:
+            source, accumulator, dtype, zero = self._float_input(node.input[0]), "float32", "float32", 0
+            weights, bias = self._float_weights(node)
+            attributes = node_attributes(node)
+            if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+                raise NotLowerable(f"{node.name}: a float Gemm with transA / alpha / beta")
+            if weights.ndim != 2:
+                raise NotLowerable(f"{node.name}: a float {node.op_type} with {weights.ndim}-D weights")
+            weights = weights.T if attributes.get("transB", 0) else weights
+            if bias is not None:
+                bias = np.broadcast_to(bias.reshape(-1), (weights.shape[1],)).astype(np.float32)
+        if source.layout != "nc" or source.dtype != dtype or source.logical[1] != weights.shape[0]:
+            raise NotLowerable(f"{node.name}: {node.op_type} is covered on [1, K] {dtype} rows only")
         logical = (1, weights.shape[1])
-        anchor = Anchor("matmul", source, logical, "int32", weights.T[:, :, None, None], zero)
-        return Lazy(logical, "int32", _source, anchor)
+        anchor = Anchor("matmul", source, logical, accumulator, weights.T[:, :, None, None], zero, offset=bias)
+        return Lazy(logical, accumulator, _source, anchor)
 
     def _max_pool(self, node: onnx.NodeProto) -> Lazy:
         attributes = node_attributes(node)
@@ -503,13 +600,29 @@ class _Lowering:
         return Lazy(logical, "uint8", _source, anchor)
 
     def _reduce(self, node: onnx.NodeProto) -> Lazy:
-        source = self._materialize(node.input[0])
-        axes = sorted(int(a) for a in self.constants[node.input[1]]) if len(node.input) > 1 else []
-        if source.layout != "nhwc" or axes != [2, 3] or not node_attributes(node).get("keepdims", 1):
-            raise NotLowerable(f"{node.name}: ReduceSum is covered over H, W with keepdims only")
-        logical = (1, source.logical[1], 1, 1)
-        anchor = Anchor("reduce", source, logical, source.dtype)
-        return Lazy(logical, source.dtype, _source, anchor)
+        """ReduceSum over H, W (of codes or an accumulator, in its dtype), or a float layer's mean over H, W
+        (GlobalAveragePool, ReduceMean of floats): the sum, scaled by 1 / (H W)."""
+        from tvm import tirx
+
+        mean = node.op_type != "ReduceSum"
+        source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
+        attributes = node_attributes(node)
+        axes = list(attributes.get("axes", [2, 3] if node.op_type == "GlobalAveragePool" else []))
+        if len(node.input) > 1 and node.input[1]:
+            axes = [int(a) for a in self.constants[node.input[1]]]
+        if sorted(int(a) % 4 for a in axes) != [2, 3] or not attributes.get("keepdims", 1):
+            raise NotLowerable(f"{node.name}: {node.op_type} is covered over H, W with keepdims only")
+        _, channels, height, width = source.logical
+        logical, dtype = (1, channels, 1, 1), source.dtype
+        if source.layout == "nc":  # a 1 x 1 map: its sum and its mean are itself
+            return Lazy(logical, dtype, lambda env: env.leaf(0), leaves=[source])
+        if source.layout != "nhwc":
+            raise NotLowerable(f"{node.name}: {node.op_type} of an input that is not NHWC")
+        anchor = Anchor("reduce", source, logical, dtype)
+        if not mean:
+            return Lazy(logical, dtype, _source, anchor)
+        factor = tirx.const(1.0 / (height * width), "float32")
+        return Lazy(logical, dtype, lambda env: env.source * factor, anchor)
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
@@ -592,6 +705,8 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         return lambda v: v[0] - v[1]
     if op == "Mul":
         return lambda v: v[0] * v[1]
+    if op == "Div":  # of floats (integer division is a shift: _Lowering._division)
+        return lambda v: v[0] / v[1]
     if op == "Max":
         return lambda v: tirx.max(v[0], v[1])
     if op == "Min":
@@ -945,9 +1060,11 @@ def _anchor_kernel(value: Lazy, target: Stored, flavor: int8_kernels.Flavor) -> 
     assert anchor is not None
     if value.leaves:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
+    floating = anchor.source_dtype == "float32"
     if anchor.kind in ("conv", "matmul"):
-        return _conv_kernel(value, anchor, target, flavor)
-    if anchor.kind == "depthwise" and anchor.logical[1] % LANES == 0 and flavor.name == "vnni":
+        return _conv_kernel(value, anchor, target, int8_kernels.float_flavor() if floating else flavor)
+    vnni_depthwise = anchor.kind == "depthwise" and flavor.name == "vnni" and not floating
+    if vnni_depthwise and anchor.logical[1] % LANES == 0 and target.layout == "nhwc":
         return _depthwise_kernel(value, anchor, target)
     if anchor.kind in ("depthwise", "maxpool"):
         return _window_kernel(value, anchor, target)
@@ -979,7 +1096,7 @@ def pack_conv_weights(
     NHWC window is read (C padded with zero weights to the stored ``channels`` Cs), each 16 output columns'
     groups of four as one ``vpdpbusd`` reads them; blocks padded with zeros to whole tiles."""
     n, c, kh, kw = weights.shape
-    ordered = np.zeros((kh, kw, channels, n), np.int8)
+    ordered = np.zeros((kh, kw, channels, n), weights.dtype)
     ordered[:, :, :c, :] = weights.transpose(2, 3, 1, 0)
     return int8_kernels.pack_weights(ordered.reshape(kh * kw * channels, n), flavor, tile_blocks)
 
@@ -998,7 +1115,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     out_h, out_w = (anchor.logical[2], anchor.logical[3]) if len(anchor.logical) == 4 else (1, 1)
     rows = out_h * out_w
     lanes, group = flavor.lanes, flavor.group
-    if flavor.name == "vnni":
+    if flavor.name in ("vnni", "fp32"):
         tile_blocks = _tile_blocks(_ceil_div(n, lanes))
         tile_rows = min(TILE_ROWS[tile_blocks], rows)
     else:
@@ -1012,11 +1129,12 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     # (ResNet's last stage: 2.4 MB of 3 x 3 weights, 49 output pixels).
     weight_bytes = packed.size
     block_major = weight_bytes > L2_BYTES // 2 and block_tiles * rows * stored < row_tiles * weight_bytes
-    correction = anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset)
-    # The accumulators start at minus the zero-point correction (an addition less per output vector).
-    start = np.zeros(packed.shape[0] * lanes, np.int64)
-    start[:n] = -correction.astype(np.int64)
-    start = start.astype(np.int32)
+    accumulator = flavor.accumulator_dtype
+    start = np.zeros(packed.shape[0] * lanes, accumulator)
+    if accumulator == "float32":  # a float layer: the accumulators start at its bias
+        start[:n] = 0.0 if anchor.offset is None else anchor.offset
+    else:  # the accumulators start at minus the zero-point correction (an addition less per output vector)
+        start[:n] = -anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset).astype(np.int64)
     (ints, halves, floats), where = _pack(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
@@ -1033,10 +1151,10 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     def activations(X: Any, tile: Any, r: Any, y: Any, x: Any, q: Any) -> Any:
         m = row(tile, r)
         if x_nhwc:
-            codes = tirx.Ramp(q * group, 1, group)
+            codes = tirx.Ramp(q * group, 1, group) if group > 1 else q
             loaded = X[(m // out_w) * stride_h + y + off_h, (m % out_w) * stride_w + x + off_w, codes]
         else:
-            loaded = X[0, tirx.Ramp(q * group, 1, group)]
+            loaded = X[0, tirx.Ramp(q * group, 1, group) if group > 1 else q]
         return flavor.activations(loaded)
 
     def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
@@ -1058,9 +1176,9 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
 
     @T.prim_func
     def conv(
-        X: T.Buffer(source.shape, "uint8"),
+        X: T.Buffer(source.shape, flavor.activation_dtype),
         Wp: T.Buffer(packed.shape, flavor.weight_dtype),
-        Cr: T.Buffer(start.shape, "int32"),
+        Cr: T.Buffer(start.shape, accumulator),
         K64: T.Buffer(ints.shape, "int64"),
         K32: T.Buffer(halves.shape, "int32"),
         KF: T.Buffer(floats.shape, "float32"),
@@ -1068,10 +1186,10 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     ):
         T.func_attr({"tir.noalias": True})
         for tile in T.parallel(row_tiles * block_tiles):
-            acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), "int32", scope="global")  # on the stack
+            acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), accumulator, scope="global")  # on the stack
             for r in T.unroll(tile_rows):
                 for b in T.unroll(tile_blocks):
-                    acc[r, b, T.ramp(0, 1, lanes)] = Cr[columns(tile, b)]  # minus the correction
+                    acc[r, b, T.ramp(0, 1, lanes)] = Cr[columns(tile, b)]  # minus the correction (or the bias)
             for y in range(kh):
                 for x in range(kw):
                     for q in range(quads):
@@ -1205,7 +1323,13 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     if off_h < 0 or off_w < 0:
         raise NotLowerable("a window op's input stored with less padding than it needs")
     depthwise = anchor.kind == "depthwise"
-    if depthwise:
+    floating = anchor.source_dtype == "float32"
+    accumulator = "float32" if floating else "int32"
+    if depthwise and floating:  # a float layer: products in float, the bias subtracted as a negative correction
+        assert anchor.weights is not None
+        taps = anchor.weights.reshape(channels, kh * kw).T.astype(np.float32)
+        correction = -(np.zeros(channels, np.float32) if anchor.offset is None else anchor.offset.astype(np.float32))
+    elif depthwise:
         assert anchor.weights is not None
         taps = anchor.weights.reshape(channels, kh * kw).T.astype(np.int32)  # [taps, C]
         correction = anchor.correction(taps.astype(np.int64).sum(axis=0))
@@ -1224,7 +1348,8 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
             for x in range(kw):
                 loaded = X[i * stride_h + y + off_h, j * stride_w + x + off_w, c]
                 if depthwise:
-                    term = tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", loaded) * Wd[y * kw + x, c]
+                    widened = loaded if floating else tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", loaded)
+                    term = widened * Wd[y * kw + x, c]
                     result = term if result is None else result + term
                 else:
                     result = loaded if result is None else tirx.max(result, loaded)
@@ -1238,9 +1363,9 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
 
     @T.prim_func
     def window_op(
-        X: T.Buffer(source.shape, "uint8"),
-        Wd: T.Buffer(taps.shape, "int32"),
-        Cr: T.Buffer((channels,), "int32"),
+        X: T.Buffer(source.shape, source.dtype),
+        Wd: T.Buffer(taps.shape, taps.dtype.name),
+        Cr: T.Buffer((channels,), accumulator),
         K64: T.Buffer(ints.shape, "int64"),
         K32: T.Buffer(halves.shape, "int32"),
         KF: T.Buffer(floats.shape, "float32"),

@@ -1,0 +1,196 @@
+"""Float islands: layers a host build keeps in float run on qcompile's kernels beside the integer ones.
+
+The integer lowering keeps the nodes it has no integer form for (``float_islands=True``), the numpy oracle
+evaluates them with ``onnx.reference``, and the kernels run them in fp32 (register-tiled FMA convolutions and
+matmuls, depthwise windows, fused activations). Tolerances: a float-only graph against onnxruntime within
+1e-5 of each output's range (fp32 sums of at most 216 products in another order: ~1e-6); a mixed graph
+against the oracle within ``measure.ISLAND_SPREAD_FACTOR`` times the spread float32 rounding alone gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile import execution
+from qcompile.backends import integer as integer_lowering
+from qcompile.backends.integer import reference as integer_reference
+from qcompile.errors import BackendError, UnsupportedModelError
+from qcompile.flow import compile as compile_flow
+from qcompile.runtime.manifest import Executor, Measured
+
+tvm = pytest.importorskip("tvm")
+integer = pytest.importorskip("qcompile.backends.tvm.integer")
+int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
+
+
+@pytest.fixture(scope="module")
+def flavor() -> object:
+    try:
+        return int8_kernels.host_flavor()
+    except BackendError as error:
+        pytest.skip(str(error))
+
+
+def _float_cnn(seed: int = 0) -> onnx.ModelProto:
+    """A small float CNN with every kind of float layer the kernels run: a strided 3 x 3 stem over three
+    channels, ReLU, a depthwise 3 x 3 with ReLU6, a pointwise conv with HardSwish (also a 4-D output), the
+    H x W mean, Flatten, a Gemm classifier (transB) and a sigmoid."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    initializers = [
+        weight("w_stem", 24, 3, 3, 3), weight("b_stem", 24), weight("w_dw", 24, 1, 3, 3), weight("b_dw", 24),
+        weight("w_pw", 40, 24, 1, 1), weight("b_pw", 40), weight("w_fc", 10, 40), weight("b_fc", 10),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem", "b_stem"], ["stem"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["stem"], ["stem_relu"]),
+        helper.make_node("Conv", ["stem_relu", "w_dw", "b_dw"], ["dw"], pads=[1, 1, 1, 1], group=24),
+        helper.make_node("Clip", ["dw", "zero", "six"], ["dw6"]),
+        helper.make_node("Conv", ["dw6", "w_pw", "b_pw"], ["pw"]),
+        helper.make_node("HardSwish", ["pw"], ["features"]),
+        helper.make_node("GlobalAveragePool", ["features"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w_fc", "b_fc"], ["fc"], transB=1),
+        helper.make_node("Sigmoid", ["fc"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "float_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 40, 16, 16]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = execution.ORT_IR_VERSION
+    return model
+
+
+def _run(module_graph: onnx.ModelProto, flavor: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from tvm import relax
+
+    executable = relax.build(
+        integer.to_relax(module_graph, flavor),
+        target=tvm.target.Target(flavor.tvm_target),  # type: ignore[attr-defined]
+        relax_pipeline=integer.pipeline(),
+    )
+    result = relax.VirtualMachine(executable, tvm.cpu())["main"](*(tvm.runtime.tensor(v) for v in feed.values()))
+    return [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
+
+
+def test_float_layers_run_on_the_kernels_as_onnxruntime_computes_them(flavor: object) -> None:
+    model = _float_cnn()
+    with pytest.raises(UnsupportedModelError, match="no integer form"):
+        integer_lowering.lower(model)
+    kept, report = integer_lowering.lower(model, float_islands=True)
+    assert len(report.float_nodes) == len(model.graph.node)
+    assert integer_reference.float_islands(kept) == {node.name or node.output[0] for node in model.graph.node}
+    feed = {"x": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    for produced, wanted in zip(_run(kept, flavor, feed), expected, strict=True):
+        assert produced.shape == wanted.shape
+        np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))
+
+
+def _quantize_dequantize(name: str, suffix: str) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("QuantizeLinear", [name, f"s{suffix}", f"z{suffix}"], [f"{name}_q"]),
+        helper.make_node("DequantizeLinear", [f"{name}_q", f"s{suffix}", f"z{suffix}"], [f"{name}_dq"]),
+    ]
+
+
+def _mixed_graph(seed: int = 0) -> onnx.ModelProto:
+    """QDQ as qcompile writes it, with the stem kept float: float conv -> quantized activations -> an int8
+    pointwise conv (weights int8 per channel, int32 bias) -> ReLU -> its output quantized -> a float
+    depthwise conv again -> the float output."""
+    rng = np.random.default_rng(seed)
+    stem = (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(np.float32)
+    pointwise = rng.integers(-127, 128, (32, 32, 1, 1)).astype(np.int8)
+    w_scales = (rng.uniform(0.5, 1.5, 32) * 2e-3).astype(np.float32)
+    s_x, s_y = np.float32(0.02), np.float32(0.01)
+    bias = rng.integers(-2000, 2000, 32).astype(np.int32)
+    depthwise = (rng.standard_normal((32, 1, 3, 3)) * 0.3).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(stem, "w_stem"),
+        numpy_helper.from_array(np.zeros(32, np.float32), "b_stem"),
+        numpy_helper.from_array(s_x, "s1"), numpy_helper.from_array(np.uint8(120), "z1"),
+        numpy_helper.from_array(pointwise, "w_pw_q"), numpy_helper.from_array(w_scales, "w_pw_s"),
+        numpy_helper.from_array(np.zeros(32, np.int8), "w_pw_z"),
+        numpy_helper.from_array(bias, "b_pw_q"), numpy_helper.from_array(w_scales * s_x, "b_pw_s"),
+        numpy_helper.from_array(np.zeros(32, np.int32), "b_pw_z"),
+        numpy_helper.from_array(s_y, "s2"), numpy_helper.from_array(np.uint8(0), "z2"),
+        numpy_helper.from_array(depthwise, "w_dw"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem", "b_stem"], ["stem"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        *_quantize_dequantize("stem", "1"),
+        helper.make_node("DequantizeLinear", ["w_pw_q", "w_pw_s", "w_pw_z"], ["w_pw"], axis=0),
+        helper.make_node("DequantizeLinear", ["b_pw_q", "b_pw_s", "b_pw_z"], ["b_pw"], axis=0),
+        helper.make_node("Conv", ["stem_dq", "w_pw", "b_pw"], ["pw"]),
+        helper.make_node("Relu", ["pw"], ["pw_relu"]),
+        *_quantize_dequantize("pw_relu", "2"),
+        helper.make_node("Conv", ["pw_relu_dq", "w_dw"], ["y"], pads=[1, 1, 1, 1], group=32),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 24, 24])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = execution.ORT_IR_VERSION
+    return model
+
+
+def test_a_mixed_graph_keeps_its_integer_layers_and_crosses_in_the_epilogues(flavor: object) -> None:
+    from qcompile.flow import measure
+
+    model = _mixed_graph()
+    lowered, report = integer_lowering.lower(model, float_islands=True)
+    ops = [node.op_type for node in lowered.graph.node]
+    # The pointwise layer is integer (ConvInteger + requantization); the float convs read dequantized codes.
+    assert "ConvInteger" in ops and ops.count("Conv") == 2 and "DequantizeLinear" in ops
+    assert sorted(report.float_nodes) == ["stem", "y"]
+    feed = {"x": np.random.default_rng(2).standard_normal((1, 3, 48, 48)).astype(np.float32)}
+    expected = integer_reference.run(lowered, feed)
+    qdq = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    # The oracle computes what the QDQ graph means: the integer layer's codes within one step (0.01) of the
+    # QDQ graph's float requantization, which the float depthwise conv after it carries at most sum |w| times.
+    depthwise = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w_dw")
+    assert np.abs(expected[0] - qdq).max() <= 0.01 * float(np.abs(depthwise).sum(axis=(1, 2, 3)).max()) + 1e-5
+    produced = _run(lowered, flavor, feed)
+    spread, _ = measure._deviation(integer_reference.run(lowered, feed, np.float64), expected)
+    error, cosine = measure._deviation(produced, expected)
+    assert error <= max(measure.ISLAND_SPREAD_FACTOR * spread, measure.ISLAND_FLOOR) and cosine > 0.9999
+
+
+def test_a_host_library_no_faster_than_float_is_not_shipped(tmp_path: Path) -> None:
+    build = compile_flow.Build.__new__(compile_flow.Build)
+    build.staging, build.lowered, build.skipped = tmp_path, None, {}
+    build.written = ["model.tvm.so", compile_flow.INTEGER_ONNX, "model.int8.onnx"]
+    for name in build.written:
+        (tmp_path / name).write_bytes(b"x")
+    build.executors = {"tvm": Executor("tvm", "model.tvm.so", "library", requires_cpu="znver4")}
+    build.host_integer = onnx.ModelProto()
+    latency = {"onnxruntime-fp32": {"median_ms": 1.0}, "onnxruntime": {"median_ms": 0.9}, "tvm": {"median_ms": 1.2}}
+    build.measured = Measured(latency, "onnxruntime", "", {"tvm_vs_oracle": "x", "calibration": {}}, {})
+    compile_flow.drop_slow_library(build)
+    assert "tvm" not in build.executors and "tvm" not in build.measured.latency_ms
+    assert "no faster than onnxruntime fp32" in build.skipped["tvm"]
+    assert "1.200 ms against onnxruntime fp32's 1.000 ms" in build.measured.default_reason
+    assert build.written == ["model.int8.onnx"] and not (tmp_path / "model.tvm.so").exists()
+    assert set(build.measured.accuracy) == {"calibration"}
