@@ -4,11 +4,11 @@
 
 For every artifact under the folders given (``**/manifest.json``: e.g. the work folder of bench/intake.py), its
 quantized graph is specialized to the artifact's input shapes, as a host build does, then lowered to integers
-(:func:`qcompile.backends.integer.lower`) and to the int8 kernels' Relax module
-(:func:`qcompile.backends.tvm.integer.to_relax`, this CPU's flavor). Prints one row per artifact with what
-stopped it: the ops the integer lowering has no form for (counted), or the first thing the kernels do not
-cover, or "covered". Then the ops counted over all artifacts, most frequent first: the coverage work list.
-Nothing is built or timed.
+(:func:`qcompile.backends.integer.lower`, with float islands as a host build lowers it) and to the int8
+kernels' Relax module (:func:`qcompile.backends.tvm.integer.to_relax`, this CPU's flavor). Prints one row per
+artifact with what stopped it: the ops the integer lowering has no form for (counted), or the first thing the
+kernels do not cover, or "covered". Then the ops counted over all artifacts, most frequent first: the coverage
+work list. Nothing is built or timed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from qcompile.backends.tvm import int8_kernels, integer
 from qcompile.errors import QCompileError
 
 REFUSED = re.compile(r"arithmetic \((?P<ops>[^)]*)\)")
+KERNEL_OP = re.compile(r"\((\w+)\) has no kernel")
 
 
 def obstacle(folder: Path) -> str:
@@ -39,7 +40,7 @@ def obstacle(folder: Path) -> str:
         value.shape = ir.Shape(shapes[value.name])
     proto = execution.to_proto(frontend.specialize(model))
     try:
-        lowered, _ = integer_lowering.lower(proto)
+        lowered, _ = integer_lowering.lower(proto, float_islands=True)
     except QCompileError as error:
         found = REFUSED.search(str(error))
         return f"lowering: {found.group('ops') if found else str(error).splitlines()[0]}"
@@ -70,6 +71,9 @@ def main() -> None:
                 for item in reason.removeprefix("lowering: ").split(", "):
                     op, _, count = item.rpartition(" x")
                     counted[op] += int(count) if count.isdigit() else 1
+            elif reason.startswith("kernels: "):  # the op the kernels lack, else what they do not cover
+                found = KERNEL_OP.search(reason)
+                counted[f"kernels: {found.group(1)}" if found else reason.split(":", 2)[-1].strip()[:60]] += 1
             else:
                 counted[reason.split(":")[0]] += 1
     print("\n| op (or outcome) | over all artifacts |\n|---|---|")

@@ -85,13 +85,15 @@ def measure(
         if name in manifest.executors and reference.runnable_here(name)
     ]
     sessions.update({name: reference.with_executor(name) for name in native})
-    # onnxruntime executors are timed in interleaved rounds (tiny models differ by microseconds, and whichever
-    # ran first would pay for the warm-up); an unscheduled TVM build can take a second per run: a few runs
+    # onnxruntime executors and a library on qcompile's kernels are timed in interleaved rounds (tiny models
+    # differ by microseconds, whichever ran first would pay for the warm-up, and a runtime's spinning workers
+    # slow the next: the kernels' EfficientNet-Lite0 library measured 3.8-4.0 ms timed after the onnxruntime
+    # rounds, 2.2-2.4 ms interleaved with them); TVM's importer build can take a second per run: a few runs
     # tell that it is not the default.
     fast = {
         name: functools.partial(session.run, sample)
         for name, session in sessions.items()
-        if name.startswith("onnxruntime")
+        if name.startswith("onnxruntime") or (name == "tvm" and manifest.executors[name].requires_cpu)
     }
     # A pause before each round: one onnxruntime session's spinning workers otherwise slow the next (the
     # quantized ResNet-18 measured 6.6 ms beside its fp32 session without it, 2.7 ms with).

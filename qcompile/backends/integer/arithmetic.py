@@ -198,14 +198,11 @@ class Lowering:
     def keep_float(self, node: onnx.NodeProto) -> bool:
         """Emit ``node`` unchanged on float forms of its inputs: codes through ``DequantizeLinear``, an
         accumulator cast and scaled (its ReLU / Clip bounds applied), a quantized constant as float, a
-        deferred table function or Concat as the float op on its dequantized sources. False (nothing emitted)
-        when an input has no float form here (a refused value, a deferred Softmax / LayerNorm / mask)."""
-        inputs: list[str] = []
-        for name in node.input:
-            converted = self.float_form(name) if name else ""
-            if converted is None:
-                return False
-            inputs.append(converted)
+        deferred op (table function, Concat, Softmax, LayerNorm, embedding lookup, attention mask) as the op
+        itself on float inputs. False (nothing emitted) when an input has no float form (a refused value)."""
+        inputs = self.float_inputs(node)
+        if inputs is None:
+            return False
         kept = onnx.NodeProto()
         kept.CopyFrom(node)
         del kept.input[:]
@@ -216,6 +213,16 @@ class Lowering:
             self.values.pop(output, None)
         self.report.float_nodes.append(label(node))
         return True
+
+    def float_inputs(self, node: onnx.NodeProto) -> list[str] | None:
+        """The float forms of ``node``'s inputs ("" for an omitted one), or None when one has none."""
+        inputs: list[str] = []
+        for name in node.input:
+            converted = self.float_form(name) if name else ""
+            if converted is None:
+                return None
+            inputs.append(converted)
+        return inputs
 
     def float_form(self, name: str) -> str | None:
         """The name of ``name``'s value in float (itself when it is float, a constant or an integer input of
@@ -240,29 +247,39 @@ class Lowering:
             shape = channel_shape(scales.size, axis, data.ndim) if scales.size > 1 else []
             real = data.astype(np.float32) * scales.astype(np.float32).reshape(shape)
             converted = build.const(real.astype(np.float32), base)
-        elif isinstance(value, Deferred) and (value.op in TABLE_FUNCTIONS or value.op == "Concat") and value.sources:
-            sources = [self.float_form(source.name) for source in value.sources]
-            if any(source is None for source in sources):
+        elif isinstance(value, Deferred) and value.op == "Gelu":  # a chain of nodes: written out in float
+            source = self.float_form(value.sources[0].name)
+            if source is None:
                 return None
-            converted = self.float_function(value, [str(source) for source in sources], base)
+            first = len(build.nodes)
+            converted = self.float_gelu(source, base)
+            self.report.float_nodes += [node.name for node in build.nodes[first:]]
+        elif isinstance(value, Deferred) and "node" in value.attributes:
+            # The op that was deferred (a table function, Concat, Softmax, LayerNorm, an embedding lookup, an
+            # attention mask and the masked scores), emitted again on the float forms of its inputs.
+            original = value.attributes["node"]
+            inputs = self.float_inputs(original)
+            if inputs is None:
+                return None
+            converted = build.name(base)
+            reemitted = helper.make_node(original.op_type, inputs, [converted], name=converted)
+            reemitted.attribute.extend(original.attribute)
+            build.nodes.append(reemitted)
+            self.report.float_nodes.append(converted)
         else:
             return None
         self.as_float[name] = converted
         return converted
 
-    def float_function(self, value: Deferred, sources: list[str], base: str) -> str:
-        """A deferred table function or Concat as its float op on float ``sources`` (GELU written out with erf,
-        as exporters write it: the Gelu op is newer than the graph's opset)."""
+    def float_gelu(self, x: str, base: str) -> str:
+        """GELU of float ``x`` written out with erf, as exporters write it (the Gelu op is newer than the
+        graph's opset)."""
         build = self.build
-        if value.op == "Gelu":
-            (x,) = sources
-            scaled = build.node("Div", [x, build.const(np.array(math.sqrt(2.0), np.float32), f"{base}_sqrt2")], base)
-            erf = build.node("Erf", [scaled], f"{base}_erf")
-            shifted = build.node("Add", [erf, build.const(np.array(1.0, np.float32), f"{base}_one")], f"{base}_1p")
-            halved = build.node("Mul", [x, build.const(np.array(0.5, np.float32), f"{base}_half")], f"{base}_x2")
-            return build.node("Mul", [halved, shifted], f"{base}_gelu")
-        attributes = {"axis": int(value.attributes.get("axis", 0))} if value.op == "Concat" else value.attributes
-        return build.node(value.op, sources, base, **attributes)
+        scaled = build.node("Div", [x, build.const(np.array(math.sqrt(2.0), np.float32), f"{base}_sqrt2")], base)
+        erf = build.node("Erf", [scaled], f"{base}_erf")
+        shifted = build.node("Add", [erf, build.const(np.array(1.0, np.float32), f"{base}_one")], f"{base}_1p")
+        halved = build.node("Mul", [x, build.const(np.array(0.5, np.float32), f"{base}_half")], f"{base}_x2")
+        return build.node("Mul", [halved, shifted], f"{base}_gelu")
 
     def dequantize_accumulator(self, value: Accumulator, base: str) -> str:
         """An accumulator as float: ``Cast``, ``Mul`` by its scales, then its ReLU / Clip bounds if any."""

@@ -186,7 +186,9 @@ def defer_attention_mask(lowering: Lowering, node: onnx.NodeProto) -> bool:
     if not ((kept == 0.0 and dropped <= -1e9) or (dropped == 0.0 and kept <= -1e9)):
         return False
     # An attention mask: 0 where attended, -inf (or a huge negative) elsewhere.
-    lowering.values[node.output[0]] = Deferred("Mask", (), {"condition": inputs[0], "keep_when": kept == 0.0})
+    lowering.values[node.output[0]] = Deferred(
+        "Mask", (), {"condition": inputs[0], "keep_when": kept == 0.0, "node": node}
+    )
     return True
 
 
@@ -196,12 +198,16 @@ def defer_masked_scores(lowering: Lowering, node: onnx.NodeProto) -> bool:
     if len(arguments) != 2 or not any(isinstance(item, Deferred) and item.op == "Mask" for item in arguments):
         return False
     scores = next((item for item in arguments if isinstance(item, Codes | Accumulator)), None)
-    mask = next(item for item in arguments if isinstance(item, Deferred))
+    # (two non-empty inputs: arguments pairs with node.input)
+    mask_name, mask = next(
+        (name, item) for name, item in zip(node.input, arguments, strict=True) if isinstance(item, Deferred)
+    )
+    attributes = mask.attributes | {"mask": mask_name, "node": node}  # (what a float island reading it re-emits)
     if isinstance(scores, Codes):
-        lowering.values[node.output[0]] = Deferred("Masked", (scores,), mask.attributes)
+        lowering.values[node.output[0]] = Deferred("Masked", (scores,), attributes)
         return True
     if isinstance(scores, Accumulator) and scores.scales.size == 1:
-        lowering.values[node.output[0]] = Deferred("Masked", (), mask.attributes | {"accumulator": scores})
+        lowering.values[node.output[0]] = Deferred("Masked", (), attributes | {"accumulator": scores})
         return True
     return False
 
@@ -445,7 +451,7 @@ def defer_table_function(lowering: Lowering, node: onnx.NodeProto) -> bool:
     source = _source(lowering, node)
     if not isinstance(source, Codes):
         return False
-    lowering.values[node.output[0]] = Deferred(node.op_type, (source,), node_attributes(node))
+    lowering.values[node.output[0]] = Deferred(node.op_type, (source,), node_attributes(node) | {"node": node})
     return True
 
 
@@ -454,7 +460,8 @@ def defer_masked_softmax(lowering: Lowering, node: onnx.NodeProto) -> bool:
     source = _source(lowering, node)
     if not (isinstance(source, Deferred) and source.op == "Masked"):
         return False
-    lowering.values[node.output[0]] = Deferred("Softmax", source.sources, node_attributes(node) | source.attributes)
+    attributes = node_attributes(node) | source.attributes | {"node": node}
+    lowering.values[node.output[0]] = Deferred("Softmax", source.sources, attributes)
     return True
 
 
@@ -466,7 +473,7 @@ def defer_normalization(lowering: Lowering, node: onnx.NodeProto) -> bool:
     if not (isinstance(source, Codes) or scalar_accumulator):
         return False
     op, name, inputs = node.op_type, label(node), list(node.input)
-    attributes = node_attributes(node)
+    attributes = node_attributes(node) | {"node": node}
     rank = len(lowering.shapes.get(inputs[0], []))
     if rank == 0 or int(attributes.get("axis", -1)) % rank != rank - 1:
         lowering.refuse(node, f"{name} ({op}): only the last axis is lowered")
@@ -491,7 +498,7 @@ def defer_concat(lowering: Lowering, node: onnx.NodeProto) -> bool:
     if not (arguments and all(isinstance(item, Codes) for item in arguments)):
         return False
     sources = tuple(item for item in arguments if isinstance(item, Codes))
-    lowering.values[node.output[0]] = Deferred(node.op_type, sources, node_attributes(node))
+    lowering.values[node.output[0]] = Deferred(node.op_type, sources, node_attributes(node) | {"node": node})
     return True
 
 
