@@ -613,6 +613,7 @@ def normalize(
     try:
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_fills)
         _fold_weight_transposes(model)
+        _explicit_valid_padding(model)
         rewrite_rules.apply_normalization_rules(model)
     except Exception as error:
         raise ModelLoadError(f"{name}: normalization failed: {error}") from error
@@ -632,6 +633,19 @@ def normalize(
         _observe_shapes(model, sample, name)
     _check_shapes(model, name)
     return model
+
+
+_WINDOW_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"})
+
+
+def _explicit_valid_padding(model: ir.Model) -> None:
+    """``auto_pad="VALID"`` (no padding, by the spec) written as the default explicit zero pads, so that a zero
+    Pad before the window (TF-style "same" padding, as Hugging Face's EfficientNet exports it) folds into it."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in _WINDOW_OPS and node.domain in ("", "ai.onnx"):
+            auto_pad = node.attributes.get("auto_pad")
+            if auto_pad is not None and auto_pad.as_string() == "VALID":
+                del node.attributes["auto_pad"]
 
 
 _HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})

@@ -49,6 +49,28 @@ def test_opsets_normalize_to_canonical_and_fold_batchnorm(tmp_path: Path, opset:
     onnx.checker.check_model(execution.to_proto(model), full_check=True)
 
 
+def test_a_zero_pad_folds_into_a_valid_conv(tmp_path: Path) -> None:
+    """TF-style "same" padding as Hugging Face's EfficientNet exports it: a zero Pad at the end of H and W, then
+    a strided Conv with auto_pad VALID. VALID is written as explicit zero pads, and the Pad folds into them."""
+    rng = np.random.default_rng(0)
+    weights = "{" + ", ".join(f"{value:.4f}" for value in rng.standard_normal(4 * 3 * 3 * 3)) + "}"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 3, 8, 8] x) => (float[1, 4, 4, 4] y)
+      <float[4, 3, 3, 3] w = {weights}, int64[8] p = {{0, 0, 0, 0, 0, 0, 1, 1}}, float c = {{0.0}}> {{
+        padded = Pad <mode = "constant"> (x, p, c)
+        y = Conv <auto_pad = "VALID", strides = [2, 2]> (padded, w)
+    }}
+    """
+    proto = parse_model(text)
+    model = frontend.load(save_model(proto, tmp_path / "pad_conv.onnx"))
+    (conv,) = list(model.graph)
+    assert conv.op_type == "Conv" and list(conv.attributes["pads"].as_ints()) == [0, 0, 1, 1]
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    expected = execution.session(proto).run(None, {"x": x})[0]
+    np.testing.assert_allclose(execution.session(model).run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("opset", [13, 17])
 def test_reduction_axes_move_to_an_input_at_the_canonical_opset(tmp_path: Path, opset: int) -> None:
     text = f"""

@@ -237,9 +237,7 @@ class Lowering:
         build = self.build
         base = f"{name}_float"
         if isinstance(value, Codes):
-            step = build.const(np.array(value.scale, np.float32), f"{base}_scale")
-            offset = build.const(np.array(value.zero_point, np.uint8), f"{base}_zero")
-            converted = build.node("DequantizeLinear", [value.name, step, offset], base)
+            converted = self.codes_as_float(value, base)
         elif isinstance(value, Accumulator):
             converted = self.dequantize_accumulator(value, base)
         elif isinstance(value, tuple):  # a quantized constant: its float values
@@ -248,11 +246,8 @@ class Lowering:
             real = data.astype(np.float32) * scales.astype(np.float32).reshape(shape)
             converted = build.const(real.astype(np.float32), base)
         elif isinstance(value, Deferred) and value.op == "Gelu":  # a chain of nodes: written out in float
-            source = self.float_form(value.sources[0].name)
-            if source is None:
-                return None
             first = len(build.nodes)
-            converted = self.float_gelu(source, base)
+            converted = self.float_gelu(self.codes_as_float(value.sources[0], f"{base}_x"), base)
             self.report.float_nodes += [node.name for node in build.nodes[first:]]
         elif isinstance(value, Deferred) and "node" in value.attributes:
             # The op that was deferred (a table function, Concat, Softmax, LayerNorm, an embedding lookup, an
@@ -270,6 +265,16 @@ class Lowering:
             return None
         self.as_float[name] = converted
         return converted
+
+    def codes_as_float(self, codes: Codes, base: str) -> str:
+        """uint8 codes dequantized (once per codes tensor)."""
+        key = f"codes:{codes.name}:{codes.scale!r}:{codes.zero_point}"  # (a folded Mul rescales the same codes)
+        if key not in self.as_float:
+            build = self.build
+            step = build.const(np.array(codes.scale, np.float32), f"{base}_scale")
+            offset = build.const(np.array(codes.zero_point, np.uint8), f"{base}_zero")
+            self.as_float[key] = build.node("DequantizeLinear", [codes.name, step, offset], base)
+        return self.as_float[key]
 
     def float_gelu(self, x: str, base: str) -> str:
         """GELU of float ``x`` written out with erf, as exporters write it (the Gelu op is newer than the

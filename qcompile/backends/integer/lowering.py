@@ -30,7 +30,7 @@ Anything else (ops with no integer form, float ops between quantized values) can
 ``float_islands`` keeps such nodes as the float ops they are instead (the layers the quantization kept float,
 ops with no integer form): their integer inputs are dequantized (codes by ``DequantizeLinear``, accumulators
 cast and scaled), the ``QuantizeLinear`` after them quantizes their float output, and the graph is integer
-everywhere else. The numpy oracle evaluates those nodes with ``onnx.reference``.
+everywhere else. The numpy oracle runs those nodes with onnxruntime.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class _Lowering:
             self.values[output] = self._float_function(node)
         elif op == "MaxPool":
             self.values[output] = self._max_pool(node)
-        elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean"):
+        elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean", "AveragePool"):
             self.values[output] = self._reduce(node)
         elif op in ("Reshape", "Flatten"):
             self.values[output] = self._reshape(node)
@@ -324,7 +324,8 @@ class _Lowering:
             if len(tensors) > 1 and isinstance(item, Lazy) and item.anchor is not None:
                 item = self._materialize(node.input[index])
             lazies.append(self._as_lazy(item))
-        logical = next(item.logical for item in lazies if isinstance(item, Lazy))
+        # The result has the largest operand's shape; a [1, C, 1, 1] operand broadcasts over H, W (an SE gate).
+        logical = max((item.logical for item in lazies if isinstance(item, Lazy)), key=lambda shape: np.prod(shape))
         dtype = next(item.dtype for item in lazies if isinstance(item, Lazy))
         anchor = next((item.anchor for item in lazies if isinstance(item, Lazy) and item.anchor), None)
         leaves: list[Stored] = []
@@ -340,7 +341,8 @@ class _Lowering:
                     constants.append(row)
                     parts.append(functools.partial(_row, len(constants) - 1, dtype))
                 continue
-            if item.logical != logical:
+            per_channel = len(logical) == 4 and item.logical == (1, logical[1], 1, 1)
+            if item.logical != logical and not (per_channel and not item.anchor):
                 raise NotLowerable(f"{node.name}: operands of shapes {item.logical} and {logical}")
             leaf_offset, constant_offset = len(leaves), len(constants)
             leaves += item.leaves
@@ -601,12 +603,18 @@ class _Lowering:
 
     def _reduce(self, node: onnx.NodeProto) -> Lazy:
         """ReduceSum over H, W (of codes or an accumulator, in its dtype), or a float layer's mean over H, W
-        (GlobalAveragePool, ReduceMean of floats): the sum, scaled by 1 / (H W)."""
+        (GlobalAveragePool, ReduceMean of floats, an AveragePool whose one window is the map): the sum, scaled
+        by 1 / (H W)."""
         from tvm import tirx
 
         mean = node.op_type != "ReduceSum"
         source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
         attributes = node_attributes(node)
+        if node.op_type == "AveragePool":  # one window over the whole map (pooling heads written with a big kernel)
+            kernel, pads = attributes.get("kernel_shape", []), attributes.get("pads", [0, 0, 0, 0])
+            if any(pads) or len(kernel) != 2 or kernel[0] < source.logical[2] or kernel[1] < source.logical[3]:
+                raise NotLowerable(f"{node.name}: AveragePool is covered as one window over the whole map")
+            attributes = {"axes": [2, 3], "keepdims": 1}
         axes = list(attributes.get("axes", [2, 3] if node.op_type == "GlobalAveragePool" else []))
         if len(node.input) > 1 and node.input[1]:
             axes = [int(a) for a in self.constants[node.input[1]]]
@@ -652,10 +660,12 @@ class _Lowering:
         value = fast_requantize(value) or value
         logical = value.logical
         pads, fill = self._padding(name)
-        if len(logical) == 2 or (len(logical) == 4 and logical[2] == logical[3] == 1 and not any(pads)):
+        channels = self._stored_channels(name, logical[1])
+        # A 1 x 1 map is stored as a row, unless a dense reader needs its channels padded to the dot's group.
+        if len(logical) == 2 or (logical[2:] == (1, 1) and not any(pads) and channels == logical[1]):
             target = Stored(None, logical, value.dtype, "nc")
         else:
-            target = Stored(None, logical, value.dtype, "nhwc", pads, self._stored_channels(name, logical[1]), fill)
+            target = Stored(None, logical, value.dtype, "nhwc", pads, channels, fill)
         if value.anchor is None and _image_input(value, target):
             function, arguments = _image_input_kernel(value, target)
         elif value.anchor is None:
@@ -883,7 +893,9 @@ def _env(source: Any, leaf: Callable[[int], Any], matrices: Any, where: list[Any
 
 
 def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
-    """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels)."""
+    """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels); a 1 x 1 map at any (i, j)."""
+    if len(stored.logical) == 4 and stored.logical[2:] == (1, 1):
+        i, j = 0, 0
     if stored.layout == "nhwc":
         return buffer[i + stored.pads[0], j + stored.pads[1], c]
     if stored.layout == "nc":
