@@ -1,10 +1,12 @@
 """The intake corpus through qcompile: tiny Hugging Face architectures, exported as users export them.
 
-    python bench/intake.py [--work DIR] [--only NAME ...] [--exporters torchscript,dynamo,optimum]
+    python bench/intake.py [--work DIR] [--only NAME ...] [--exporters torchscript,dynamo,optimum] [--tvm]
 
 For every architecture of ``examples/intake_zoo.py`` and every exporter: export into DIR/NAME/EXPORTER, save
 8 calibration samples there as .npz files, and compile with ``qcompile.api.compile`` given nothing but those
-samples (no input shapes, no options, no TVM build). A compiled artifact then runs 8 held-out samples on its
+samples (no input shapes, no options, no TVM build unless ``--tvm``: then the host library on qcompile's
+kernels too, shipped when it measured faster than onnxruntime fp32; the table's default-executor cell adds
+its compile-time median, or why there is none). A compiled artifact then runs 8 held-out samples on its
 quantized ('onnxruntime') and float ('onnxruntime-fp32') executors: mean cosine per output between the two,
 the float executor's cosine against the exported model itself (a frontend that changed the math shows here),
 and both latencies, with the default executor's, timed alternately in one process (speedups: the median of
@@ -42,6 +44,9 @@ CALIBRATION_SEED = 0
 EVALUATION_SEED = 1
 RESULT = "result.json"
 
+
+# Set (by --tvm) for the child processes: build the host library too.
+TVM_VARIABLE = "QCOMPILE_INTAKE_TVM"
 
 def first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -85,6 +90,8 @@ def run_case(name: str, exporter: str, folder: Path) -> dict[str, Any]:
     """Export, compile and measure one (architecture, exporter); never raises."""
     import onnxruntime
 
+    build_tvm = os.environ.get(TVM_VARIABLE) == "1"
+
     from qcompile import api, runtime
     from qcompile.errors import QCompileError
     from qcompile.flow.dynamic import probes
@@ -110,7 +117,7 @@ def run_case(name: str, exporter: str, folder: Path) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         manifest = api.compile(
-            path, artifact, calibration_data=calibration, build_tvm=False, progress=False, force=True
+            path, artifact, calibration_data=calibration, build_tvm=build_tvm, progress=False, force=True
         )
     except QCompileError as error:
         result.update(stage="compile", error=first_line(error), error_type=type(error).__name__)
@@ -121,6 +128,9 @@ def run_case(name: str, exporter: str, folder: Path) -> dict[str, Any]:
     result["compile_seconds"] = round(time.perf_counter() - started, 2)
     result["compiled"] = True
     result["default_executor"] = manifest.get("default_executor")
+    if build_tvm:  # the host library on qcompile's kernels: shipped (its compile-time median) or why not
+        tvm_latency = manifest["measured"]["latency_ms"].get("tvm")
+        result["tvm"] = f"{tvm_latency['median_ms']:.3f} ms" if tvm_latency else manifest["skipped"].get("tvm", "")
     result["float_layers"] = sum(1 for layer in manifest.get("layers", []) if layer.get("float_reason"))
     try:
         quantized = runtime.load(artifact, "onnxruntime")
@@ -234,6 +244,14 @@ def run_isolated(
     return results
 
 
+def _library(result: dict[str, Any]) -> str:
+    """With --tvm: the host library's compile-time median, or why there is none (first words)."""
+    if "tvm" not in result:
+        return ""
+    shipped = result["tvm"].endswith(" ms")
+    return f" (library {result['tvm']})" if shipped else f" (no library: {result['tvm'][:60]})"
+
+
 def row(result: dict[str, Any]) -> str:
     cosines = result.get("cosine") or {}
     if cosines:
@@ -260,7 +278,7 @@ def row(result: dict[str, Any]) -> str:
         error.replace("|", "\\|"),
         quality,
         fidelity,
-        result.get("default_executor") or "",
+        (result.get("default_executor") or "") + _library(result),
         speedup,
         dynamic,
     ]
@@ -286,6 +304,11 @@ def main() -> None:
         help="a python with optimum-onnx installed (optimum-onnx 0.1 needs transformers < 4.58, so usually a "
         "venv made with --system-site-packages); default: this python",
     )
+    parser.add_argument(
+        "--tvm",
+        action="store_true",
+        help="also build the host library on qcompile's kernels (shipped when faster than onnxruntime fp32)",
+    )
     parser.add_argument("--case", nargs=2, metavar=("NAME", "EXPORTERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -300,6 +323,8 @@ def main() -> None:
 
     unknown = sorted(set(args.only) - set(intake_zoo.ARCHITECTURES))
     exporters = [exporter.strip() for exporter in args.exporters.split(",") if exporter.strip()]
+    if args.tvm:
+        os.environ[TVM_VARIABLE] = "1"  # (the child processes inherit it)
     unknown += sorted(set(exporters) - set(intake_zoo.EXPORTERS))
     if unknown:
         parser.error(f"unknown architectures or exporters: {unknown}")

@@ -199,3 +199,69 @@ def test_a_host_library_no_faster_than_float_is_not_shipped(tmp_path: Path) -> N
     assert "1.200 ms against onnxruntime fp32's 1.000 ms" in build.measured.default_reason
     assert build.written == ["model.int8.onnx"] and not (tmp_path / "model.tvm.so").exists()
     assert set(build.measured.accuracy) == {"calibration"}
+
+
+def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
+    """A float CNN with the ops the kernels cover beyond ResNet's: a grouped conv (2 groups), hard swish and
+    leaky ReLU (uint8 tables once quantized), a PReLU (per-channel slopes: a float island), and the stem kept
+    float by the caller."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    initializers = [
+        weight("w_stem", 16, 3, 3, 3), weight("b_stem", 16), weight("w_group", 32, 8, 3, 3), weight("b_group", 32),
+        weight("w_pw", 32, 32, 1, 1), weight("b_pw", 32), weight("w_out", 16, 32, 1, 1),
+        numpy_helper.from_array((rng.uniform(0.05, 0.3, (16, 1, 1))).astype(np.float32), "slope"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem", "b_stem"], ["stem"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("Relu", ["stem"], ["stem_relu"]),
+        helper.make_node("Conv", ["stem_relu", "w_group", "b_group"], ["grouped"], pads=[1, 1, 1, 1], group=2),
+        helper.make_node("HardSwish", ["grouped"], ["swished"]),
+        helper.make_node("Conv", ["swished", "w_pw", "b_pw"], ["pw"]),
+        helper.make_node("LeakyRelu", ["pw"], ["leaky"], alpha=0.1),
+        helper.make_node("Conv", ["leaky", "w_out"], ["out"]),
+        helper.make_node("PRelu", ["out", "slope"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "coverage_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = execution.ORT_IR_VERSION
+    return model
+
+
+def test_grouped_convs_tables_and_activation_islands_run_on_the_kernels(flavor: object) -> None:
+    """Quantized by qcompile (stem kept float): the 2-group conv runs dense with zero blocks, hard swish and
+    leaky ReLU as uint8 tables gathered in the epilogues, PReLU in float; within the islands' spread of the
+    oracle, and the oracle within a code of the QDQ graph."""
+    import onnx_ir as ir
+
+    from qcompile import frontend
+    from qcompile.flow import measure
+    from qcompile.flow.profile import sweep_options
+    from qcompile.flow.quantize import quantize
+
+    model = frontend.normalize(ir.from_proto(_coverage_cnn()))
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    result = quantize(model, feeds, sweep_options(), progress=False, keep_float=frozenset({"stem"}))
+    qdq = execution.to_proto(result.model)
+    lowered, report = integer_lowering.lower(qdq, float_islands=True)
+    ops = [node.op_type for node in lowered.graph.node]
+    assert ops.count("Gather") == 2 and ops.count("ConvInteger") == 3 and "stem" in report.float_nodes
+    assert any(node.op_type == "PRelu" for node in lowered.graph.node)
+    feed = feeds[0]
+    expected = integer_reference.run(lowered, feed)
+    qdq.ir_version = execution.ORT_IR_VERSION
+    meant = onnxruntime.InferenceSession(qdq.SerializeToString()).run(None, feed)
+    assert measure._deviation(expected, meant)[1] > 0.999
+    spread, _ = measure._deviation(integer_reference.run(lowered, feed, measure.ISLAND_PERTURBATION), expected)
+    error, cosine = measure._deviation(_run(lowered, flavor, feed), expected)
+    assert error <= max(measure.ISLAND_SPREAD_FACTOR * spread, measure.ISLAND_FLOOR) and cosine > 0.9999

@@ -17,7 +17,7 @@ What each op becomes:
 - ReLU / Clip on an accumulator move the clamp bounds to ``round(bound / s_y) + z_y`` (the same codes the
   QDQ graph gives); on a uint8 value, ReLU is ``Max(q, z)``.
 - MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze run on the uint8 codes (order-preserving, same
-  scale). Sigmoid, Tanh, HardSigmoid, HardSwish on uint8 codes become a 256-entry uint8 table built from
+  scale). Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu on uint8 codes become a 256-entry uint8 table built from
   the input and output quantization parameters (``Gather``), and so does an erf GELU as exporters write
   it (Div, Erf, Add, Mul, Mul: recognised as one); Concat rescales each input to the output's
   scale (requantization) where they differ.

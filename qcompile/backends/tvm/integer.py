@@ -46,9 +46,9 @@ from qcompile.backends.tvm import int8_kernels
 from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
 LANES = 16
-ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min"})
+ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min", "PRelu"})
 # Float functions of one float tensor (float islands), as expressions fused where they are used.
-FLOAT_FUNCTIONS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"})
+FLOAT_FUNCTIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"})
 ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -248,6 +248,8 @@ class _Lowering:
             self.values[output] = self._matmul(node)
         elif op in FLOAT_FUNCTIONS:
             self.values[output] = self._float_function(node)
+        elif op == "Gather":
+            self.values[output] = self._table_lookup(node)
         elif op == "MaxPool":
             self.values[output] = self._max_pool(node)
         elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean", "AveragePool"):
@@ -463,14 +465,15 @@ class _Lowering:
         return Lazy(inner.logical, "float32", dequantize, inner.anchor, inner.leaves, inner.constants)
 
     def _float_function(self, node: onnx.NodeProto) -> Lazy:
-        """ReLU, sigmoid, hard sigmoid / swish or tanh of a float value, fused into its producer's epilogue."""
+        """ReLU, leaky ReLU, sigmoid, hard sigmoid / swish or tanh of a float value, fused into its producer's
+        epilogue."""
         from tvm import tirx
 
         inner = self._as_lazy(self.values[node.input[0]])
         if inner.dtype != "float32":
             raise NotLowerable(f"{node.name} ({node.op_type}) of a {inner.dtype} value")
         op, attributes = node.op_type, node_attributes(node)
-        alpha = float(attributes.get("alpha", 1.0 / 6.0 if op == "HardSwish" else 0.2))
+        alpha = float(attributes.get("alpha", {"HardSwish": 1.0 / 6.0, "LeakyRelu": 0.01}.get(op, 0.2)))
         beta = float(attributes.get("beta", 0.5))
 
         def function(env: Env) -> Any:
@@ -478,6 +481,8 @@ class _Lowering:
             one, zero = tirx.const(1.0, "float32"), tirx.const(0.0, "float32")
             if op == "Relu":
                 return tirx.max(x, zero)
+            if op == "LeakyRelu":
+                return tirx.max(x, zero) + tirx.min(x, zero) * tirx.const(alpha, "float32")
             if op == "Sigmoid":
                 return one / (one + tirx.exp(zero - x))
             if op == "Tanh":
@@ -486,6 +491,28 @@ class _Lowering:
             return gate if op == "HardSigmoid" else x * gate
 
         return Lazy(inner.logical, "float32", function, inner.anchor, inner.leaves, inner.constants)
+
+    def _table_lookup(self, node: onnx.NodeProto) -> Lazy:
+        """A 256-entry uint8 table read at codes (a function of one activation: sigmoid, tanh, hard swish, GELU):
+        the table travels as a constant row, gathered per lane in the epilogue."""
+        from tvm import tirx
+
+        table = self.constants.get(node.input[0])
+        indices = self.values.get(node.input[1])
+        if table is None or table.dtype != np.uint8 or table.shape != (256,) or indices is None:
+            raise NotLowerable(f"{node.name}: Gather is covered as a 256-entry uint8 table read at codes")
+        if int(node_attributes(node).get("axis", 0)) != 0 or indices.dtype not in ("int32", "int64"):
+            raise NotLowerable(f"{node.name}: Gather is covered as a 256-entry uint8 table read at codes")
+        inner = self._as_lazy(indices)
+        row = len(inner.constants)
+
+        def lookup(env: Env) -> Any:
+            assert env.raw is not None
+            at = tirx.Cast("int32" if env.lanes == 1 else f"int32x{env.lanes}", inner.expression(env))
+            return tirx.Cast("uint8" if env.lanes == 1 else f"uint8x{env.lanes}", env.raw(row, at))
+
+        constants = [*inner.constants, table.astype(np.int32)]
+        return Lazy(inner.logical, "uint8", lookup, inner.anchor, inner.leaves, constants)
 
     def _float_input(self, name: str) -> Stored:
         """A float value as a float layer reads it: stored NHWC (the graph's NCHW input copied once, with the
@@ -546,8 +573,12 @@ class _Lowering:
             kind = "conv"
         elif group == channels == out_channels and per_group == 1:
             kind = "depthwise"
+        elif group <= MAX_DENSE_GROUPS and per_group * group == channels and out_channels % group == 0:
+            kind, weights = "conv", _block_diagonal(weights, group)
         else:
-            raise NotLowerable(f"{node.name}: grouped convolution (group {group}) that is not depthwise")
+            raise NotLowerable(
+                f"{node.name}: grouped convolution (group {group}, more than {MAX_DENSE_GROUPS}) that is not depthwise"
+            )
         logical = (1, out_channels, oh, ow)
         anchor = Anchor(
             kind, source, logical, accumulator, weights, zero, (kh, kw), (strides[0], strides[1]),
@@ -689,6 +720,23 @@ class _Lowering:
         return target
 
 
+# A grouped convolution with up to this many groups runs as a dense one whose weights are zero between groups
+# (exact: the zeros add nothing, and the zero-point correction sums the same weights); it does group times the
+# products, which the dense kernels' speed still pays for at 2 to 4 groups (RegNet, ResNeXt-style blocks).
+MAX_DENSE_GROUPS = 4
+
+
+def _block_diagonal(weights: np.ndarray, group: int) -> np.ndarray:
+    """Grouped weights ``[N, C / g, KH, KW]`` as the dense ``[N, C, KH, KW]`` with zeros between the groups."""
+    out_channels, per_group = weights.shape[:2]
+    dense = np.zeros((out_channels, per_group * group, *weights.shape[2:]), weights.dtype)
+    outputs = out_channels // group
+    for index in range(group):
+        rows = slice(index * outputs, (index + 1) * outputs)
+        dense[rows, index * per_group : (index + 1) * per_group] = weights[rows]
+    return dense
+
+
 def _scalar(value: Any, dtype: str, _env: Env) -> Any:
     from tvm import tirx
 
@@ -717,6 +765,8 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         return lambda v: v[0] * v[1]
     if op == "Div":  # of floats (integer division is a shift: _Lowering._division)
         return lambda v: v[0] / v[1]
+    if op == "PRelu":  # of floats (a float island): x, or slope * x below zero
+        return lambda v: tirx.max(v[0], tirx.const(0, dtype)) + tirx.min(v[0], tirx.const(0, dtype)) * v[1]
     if op == "Max":
         return lambda v: tirx.max(v[0], v[1])
     if op == "Min":
@@ -865,15 +915,19 @@ def _foldable_bias(base: Lazy) -> np.ndarray | None:
 
 
 def _pack(constants: list[np.ndarray], channels: int) -> tuple[list[np.ndarray], list[tuple[int, int, str]]]:
-    """Per-channel constant rows as three matrices (int64, int32, float32; each at least one row, so that
-    every kernel has the same signature), and for each row: (its matrix, its row, its dtype)."""
+    """Per-channel constant rows (and 256-entry lookup tables, read at a code) as three matrices (int64, int32,
+    float32; each at least one row, so that every kernel has the same signature; rows zero-padded to the
+    widest), and for each row: (its matrix, its row, its dtype)."""
     kinds = ("int64", "int32", "float32")
+    width = max([channels, *(row.size for row in constants)])
     matrices: list[list[np.ndarray]] = [[], [], []]
     where = []
     for row in constants:
         kind = 2 if row.dtype.kind == "f" else 1 if row.dtype == np.int32 else 0
         where.append((kind, len(matrices[kind]), row.dtype.name))
-        matrices[kind].append(row.astype(kinds[kind]))
+        padded = np.zeros(width, kinds[kind])
+        padded[: row.size] = row
+        matrices[kind].append(padded)
     stacked = [np.stack(rows) if rows else np.zeros((1, channels), kinds[kind]) for kind, rows in enumerate(matrices)]
     return stacked, where
 
