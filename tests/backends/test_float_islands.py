@@ -203,8 +203,8 @@ def test_a_host_library_no_faster_than_float_is_not_shipped(tmp_path: Path) -> N
 
 def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
     """A float CNN with the ops the kernels cover beyond ResNet's: a grouped conv (2 groups), hard swish and
-    leaky ReLU (uint8 tables once quantized), a PReLU (per-channel slopes: a float island), and the stem kept
-    float by the caller."""
+    leaky ReLU (uint8 tables once quantized), a channel Concat of two branches at different scales, a PReLU
+    (per-channel slopes: a float island), and the stem kept float by the caller."""
     rng = np.random.default_rng(seed)
 
     def weight(name: str, *shape: int) -> onnx.TensorProto:
@@ -212,7 +212,7 @@ def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
 
     initializers = [
         weight("w_stem", 16, 3, 3, 3), weight("b_stem", 16), weight("w_group", 32, 8, 3, 3), weight("b_group", 32),
-        weight("w_pw", 32, 32, 1, 1), weight("b_pw", 32), weight("w_out", 16, 32, 1, 1),
+        weight("w_pw", 32, 32, 1, 1), weight("b_pw", 32), weight("w_out", 16, 64, 1, 1),
         numpy_helper.from_array((rng.uniform(0.05, 0.3, (16, 1, 1))).astype(np.float32), "slope"),
     ]  # fmt: skip
     nodes = [
@@ -222,7 +222,8 @@ def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("HardSwish", ["grouped"], ["swished"]),
         helper.make_node("Conv", ["swished", "w_pw", "b_pw"], ["pw"]),
         helper.make_node("LeakyRelu", ["pw"], ["leaky"], alpha=0.1),
-        helper.make_node("Conv", ["leaky", "w_out"], ["out"]),
+        helper.make_node("Concat", ["leaky", "swished"], ["joined"], axis=1),
+        helper.make_node("Conv", ["joined", "w_out"], ["out"]),
         helper.make_node("PRelu", ["out", "slope"], ["y"]),
     ]
     graph = helper.make_graph(
@@ -238,9 +239,9 @@ def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_grouped_convs_tables_and_activation_islands_run_on_the_kernels(flavor: object) -> None:
-    """Quantized by qcompile (stem kept float): the 2-group conv runs dense with zero blocks, hard swish and
-    leaky ReLU as uint8 tables gathered in the epilogues, PReLU in float; within the islands' spread of the
-    oracle, and the oracle within a code of the QDQ graph."""
+    """Quantized by qcompile (stem kept float): the 2-group conv runs dense with zero blocks, hard swish as a
+    uint8 table gathered in an epilogue, the Concat as copies into one tensor, leaky ReLU and PReLU in float;
+    within the islands' spread of the oracle, and the oracle within a code of the QDQ graph."""
     import onnx_ir as ir
 
     from qcompile import frontend
@@ -255,7 +256,10 @@ def test_grouped_convs_tables_and_activation_islands_run_on_the_kernels(flavor: 
     qdq = execution.to_proto(result.model)
     lowered, report = integer_lowering.lower(qdq, float_islands=True)
     ops = [node.op_type for node in lowered.graph.node]
-    assert ops.count("Gather") == 2 and ops.count("ConvInteger") == 3 and "stem" in report.float_nodes
+    # Hard swish is a table; the leaky ReLU, read by the Concat with no quantization between, and the Concat
+    # of its float output with codes are a float island (the QuantizeLinear after the Concat ends it).
+    assert ops.count("Gather") == 1 and ops.count("ConvInteger") == 3
+    assert {"stem", "leaky_float", "joined", "y"} <= set(report.float_nodes) and "Concat" in ops
     assert any(node.op_type == "PRelu" for node in lowered.graph.node)
     feed = feeds[0]
     expected = integer_reference.run(lowered, feed)

@@ -256,6 +256,8 @@ class _Lowering:
             self.values[output] = self._reduce(node)
         elif op in ("Reshape", "Flatten"):
             self.values[output] = self._reshape(node)
+        elif op == "Concat":
+            self.values[output] = self._concat(node)
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
@@ -686,17 +688,49 @@ class _Lowering:
             self.builder.emit(relax.call_tir(gvar, [value.var], result_type)), value.logical, value.dtype, "nchw"
         )
 
+    def _target(self, name: str, logical: tuple[int, ...], dtype: str) -> Stored:
+        """How the value ``name`` is stored: NHWC with the border and channel padding its readers need, or a
+        row ([1, C], and a 1 x 1 map no dense reader needs padded)."""
+        pads, fill = self._padding(name)
+        channels = self._stored_channels(name, logical[1])
+        if len(logical) == 2 or (logical[2:] == (1, 1) and not any(pads) and channels == logical[1]):
+            return Stored(None, logical, dtype, "nc")
+        return Stored(None, logical, dtype, "nhwc", pads, channels, fill)
+
+    def _concat(self, node: onnx.NodeProto) -> Stored:
+        """Concat along channels: the border written once, then each input copied into its channel range."""
+        relax = self.relax
+        parts = [self._materialize(name) for name in node.input if name]
+        first = parts[0]
+        rank = len(first.logical)
+        axis = int(node_attributes(node).get("axis", 1)) % max(rank, 1)
+        same = all(
+            part.dtype == first.dtype and part.logical[2:] == first.logical[2:] and part.layout != "nchw"
+            for part in parts
+        )
+        if axis != 1 or rank not in (2, 4) or not same:
+            raise NotLowerable(f"{node.name}: Concat is covered along the channels of same-sized maps")
+        logical = (1, sum(part.logical[1] for part in parts), *first.logical[2:])
+        target = self._target(node.output[0], logical, first.dtype)
+        result_type = relax.TensorType(target.shape, target.dtype)
+        self.count += 1
+        label = f"k{self.count:03d}_concat"
+        border = self.builder.add_func(_fill_kernel(target).with_attr("global_symbol", f"{label}_border"), label + "b")
+        current = self.builder.emit(relax.call_tir(border, [], result_type))
+        offset = 0
+        for index, part in enumerate(parts):
+            copy = _copy_kernel(part, target, offset).with_attr("global_symbol", f"{label}_{index}")
+            gvar = self.builder.add_func(copy, f"{label}_{index}")
+            current = self.builder.emit(relax.call_tir_inplace(gvar, [part.var, current], 1, result_type))
+            offset += part.logical[1]
+        target.var = current
+        return target
+
     def _emit(self, value: Lazy, name: str, output: bool) -> Stored:
         relax = self.relax
         value = fast_requantize(value) or value
         logical = value.logical
-        pads, fill = self._padding(name)
-        channels = self._stored_channels(name, logical[1])
-        # A 1 x 1 map is stored as a row, unless a dense reader needs its channels padded to the dot's group.
-        if len(logical) == 2 or (logical[2:] == (1, 1) and not any(pads) and channels == logical[1]):
-            target = Stored(None, logical, value.dtype, "nc")
-        else:
-            target = Stored(None, logical, value.dtype, "nhwc", pads, channels, fill)
+        target = self._target(name, logical, value.dtype)
         if value.anchor is None and _image_input(value, target):
             function, arguments = _image_input_kernel(value, target)
         elif value.anchor is None:
@@ -994,6 +1028,25 @@ def _fill_kernel(target: Stored) -> Any:
                             Y[i, j + left, c] = T.Cast(dtype, fill)
 
     return fill_border
+
+
+def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
+    """Copies ``source`` into ``target`` (written in place) at channel ``offset``: one input of a Concat."""
+    from tvm.script import tirx as T
+
+    channels = source.logical[1]
+    height, width = (source.logical[2], source.logical[3]) if len(source.logical) == 4 else (1, 1)
+    dtype = source.dtype
+
+    @T.prim_func
+    def copy(X: T.Buffer(source.shape, dtype), Y: T.Buffer(target.shape, dtype)):
+        T.func_attr({"tir.noalias": True})
+        for i in T.parallel(height):
+            for j in range(width):
+                for c in range(channels):
+                    Y[_store_index(target, i, j, offset + c)] = _load(X, source, i, j, c)
+
+    return copy
 
 
 def _nchw_kernel(source: Stored) -> Any:
