@@ -632,6 +632,7 @@ def normalize(
     if sample is not None:
         _observe_shapes(model, sample, name)
     _check_shapes(model, name)
+    _explicit_same_padding(model)
     return model
 
 
@@ -646,6 +647,42 @@ def _explicit_valid_padding(model: ir.Model) -> None:
             auto_pad = node.attributes.get("auto_pad")
             if auto_pad is not None and auto_pad.as_string() == "VALID":
                 del node.attributes["auto_pad"]
+
+
+def _explicit_same_padding(model: ir.Model) -> None:
+    """``auto_pad="SAME_UPPER"`` / ``"SAME_LOWER"`` on a window whose input's spatial dims are known, written as
+    the explicit pads the spec defines: per axis, ``max((ceil(in / stride) - 1) * stride + (k - 1) * dilation +
+    1 - in, 0)`` in total, the odd one at the end (UPPER) or the start (LOWER). What reads pads (the integer
+    oracle, qcompile's kernels, BN and Pad folding) then needs no auto_pad of its own."""
+    for node in model.graph:
+        if node.op_type not in _WINDOW_OPS - {"ConvTranspose"} or node.domain not in ("", "ai.onnx"):
+            continue
+        auto_pad = node.attributes.get("auto_pad")
+        mode = auto_pad.as_string() if auto_pad is not None else "NOTSET"
+        shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+        if mode not in ("SAME_UPPER", "SAME_LOWER") or shape is None or len(shape) < 3:
+            continue
+        kernel = node.attributes.get("kernel_shape")
+        weight = node.inputs[1] if node.op_type == "Conv" and len(node.inputs) > 1 else None
+        dims: list[Any] = list(kernel.as_ints()) if kernel is not None else []
+        if kernel is None and weight is not None and weight.shape is not None:
+            dims = list(weight.shape[2:])
+        spatial = [dim for dim in shape[2:] if isinstance(dim, int)]
+        kernel_dims = [dim for dim in dims if isinstance(dim, int)]
+        if len(spatial) != len(shape) - 2 or len(kernel_dims) != len(spatial) or len(dims) != len(spatial):
+            continue
+        strides = node.attributes.get("strides")
+        dilations = node.attributes.get("dilations")
+        stride_values = list(strides.as_ints()) if strides is not None else [1] * len(spatial)
+        dilation_values = list(dilations.as_ints()) if dilations is not None else [1] * len(spatial)
+        begins, ends = [], []
+        for size, k, stride, dilation in zip(spatial, kernel_dims, stride_values, dilation_values, strict=True):
+            total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begins.append(small if mode == "SAME_UPPER" else large)
+            ends.append(large if mode == "SAME_UPPER" else small)
+        del node.attributes["auto_pad"]
+        node.attributes["pads"] = ir.AttrInt64s("pads", [*begins, *ends])
 
 
 _HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})

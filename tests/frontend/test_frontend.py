@@ -71,6 +71,31 @@ def test_a_zero_pad_folds_into_a_valid_conv(tmp_path: Path) -> None:
     np.testing.assert_allclose(execution.session(model).run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_same_padding_becomes_explicit_pads(tmp_path: Path, mode: str) -> None:
+    """auto_pad SAME on a strided conv and a max pool over a 7 x 7 map: explicit pads as the spec defines them
+    (2 in total per axis, the odd one at the end for UPPER, at the start for LOWER), same outputs."""
+    rng = np.random.default_rng(0)
+    weights = "{" + ", ".join(f"{value:.4f}" for value in rng.standard_normal(4 * 3 * 4 * 4)) + "}"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 3, 7, 7] x) => (float[1, 4, 2, 2] y)
+      <float[4, 3, 4, 4] w = {weights}> {{
+        c = Conv <auto_pad = "{mode}", strides = [2, 2]> (x, w)
+        y = MaxPool <auto_pad = "{mode}", kernel_shape = [3, 3], strides = [2, 2]> (c)
+    }}
+    """
+    proto = parse_model(text)
+    model = frontend.load(save_model(proto, tmp_path / "same.onnx"))
+    conv, pool = list(model.graph)
+    assert "auto_pad" not in conv.attributes and "auto_pad" not in pool.attributes
+    begin, end = (1, 2) if mode == "SAME_UPPER" else (2, 1)
+    assert list(conv.attributes["pads"].as_ints()) == [begin, begin, end, end]
+    x = rng.standard_normal((1, 3, 7, 7)).astype(np.float32)
+    expected = execution.session(proto).run(None, {"x": x})[0]
+    np.testing.assert_allclose(execution.session(model).run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("opset", [13, 17])
 def test_reduction_axes_move_to_an_input_at_the_canonical_opset(tmp_path: Path, opset: int) -> None:
     text = f"""

@@ -97,6 +97,11 @@ def build_integer(
         module = integer.to_relax(proto, flavor)
     except (BackendError, integer.NotLowerable) as reason:
         raise KernelsNotUsed(str(reason)) from reason
+    except Exception as error:  # a bug in an optional speed-up: the onnxruntime files still carry the model
+        logger.warning("qcompile's kernels failed on this graph (please report it): %s", error, exc_info=True)
+        raise KernelsNotUsed(
+            f"internal error in qcompile's kernels ({type(error).__name__}: {first_line(error)}); please report it"
+        ) from error
     import tvm
     from tvm import relax
 
