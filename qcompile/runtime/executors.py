@@ -7,7 +7,9 @@ onnxruntime 1.31 rejects: every model handed over is stamped with :data:`ORT_IR_
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -67,14 +69,26 @@ class TVMExecutor:
         self._tvm = tvm
         self._device = tvm.cpu()
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
+        self._main = self._vm["main"]
         self._input_names = input_names
+        # Input tensors allocated once per thread and refilled each run: allocating them took 24 us a call here,
+        # copying into them 8 us (sub-millisecond models run in tens of microseconds).
+        self._inputs = threading.local()
+
+    def _arguments(self, feeds: dict[str, np.ndarray]) -> list[Any]:
+        held: dict[str, Any] = self._inputs.__dict__
+        arguments = []
+        for name in self._input_names:
+            array = np.require(feeds[name], requirements="C")
+            tensor = held.get(name)
+            if tensor is None or tuple(tensor.shape) != array.shape or str(tensor.dtype) != str(array.dtype):
+                tensor = held[name] = self._tvm.runtime.empty(array.shape, str(array.dtype), self._device)
+            tensor.copyfrom(array)
+            arguments.append(tensor)
+        return arguments
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        arguments = [
-            self._tvm.runtime.tensor(np.require(feeds[name], requirements="C"), self._device)
-            for name in self._input_names
-        ]
-        result = self._vm["main"](*arguments)
+        result = self._main(*self._arguments(feeds))
         if hasattr(result, "numpy"):
             return [result.numpy()]
         return [item.numpy() for item in result]
