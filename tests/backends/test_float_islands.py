@@ -199,6 +199,12 @@ def test_a_host_library_no_faster_than_float_is_not_shipped(tmp_path: Path) -> N
     assert "1.200 ms against onnxruntime fp32's 1.000 ms" in build.measured.default_reason
     assert build.written == ["model.int8.onnx"] and not (tmp_path / "model.tvm.so").exists()
     assert set(build.measured.accuracy) == {"calibration"}
+    # The default executor (chosen on paired rounds, which can disagree with the medians) is never dropped.
+    build.executors = {"tvm": Executor("tvm", "model.tvm.so", "library", requires_cpu="znver4")}
+    build.measured = Measured({**latency, "tvm": {"median_ms": 1.2}}, "tvm", "", {}, {})
+    build.skipped = {}
+    compile_flow.drop_slow_library(build)
+    assert "tvm" in build.executors and not build.skipped
 
 
 def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
