@@ -37,6 +37,22 @@ def flavor() -> object:
         pytest.skip(str(error))
 
 
+def _model(
+    nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], shape: list[int], outputs: dict[str, list[int]]
+) -> onnx.ModelProto:
+    """An opset-18 model of ``nodes`` reading a float image ``x`` of ``shape``."""
+    graph = helper.make_graph(
+        nodes,
+        "islands",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in outputs.items()],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = execution.ORT_IR_VERSION
+    return model
+
+
 def _float_cnn(seed: int = 0) -> onnx.ModelProto:
     """A small float CNN with every kind of float layer the kernels run: a strided 3 x 3 stem over three
     channels, ReLU, a depthwise 3 x 3 with ReLU6, a pointwise conv with HardSwish (also a 4-D output), a
@@ -69,19 +85,7 @@ def _float_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "w_fc", "b_fc"], ["fc"], transB=1),
         helper.make_node("Sigmoid", ["fc"], ["probabilities"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "float_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10]),
-            helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 40, 16, 16]),
-        ],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = execution.ORT_IR_VERSION
-    return model
+    return _model(nodes, initializers, [1, 3, 32, 32], {"probabilities": [1, 10], "features": [1, 40, 16, 16]})
 
 
 def _run(module_graph: onnx.ModelProto, flavor: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -149,16 +153,7 @@ def _mixed_graph(seed: int = 0) -> onnx.ModelProto:
         *_quantize_dequantize("pw_relu", "2"),
         helper.make_node("Conv", ["pw_relu_dq", "w_dw"], ["y"], pads=[1, 1, 1, 1], group=32),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 24, 24])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = execution.ORT_IR_VERSION
-    return model
+    return _model(nodes, initializers, [1, 3, 48, 48], {"y": [1, 32, 24, 24]})
 
 
 def test_a_mixed_graph_keeps_its_integer_layers_and_crosses_in_the_epilogues(flavor: object) -> None:
@@ -232,16 +227,7 @@ def _coverage_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Conv", ["joined", "w_out"], ["out"]),
         helper.make_node("PRelu", ["out", "slope"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "coverage_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = execution.ORT_IR_VERSION
-    return model
+    return _model(nodes, initializers, [1, 3, 16, 16], {"y": [1, 16, 16, 16]})
 
 
 def test_grouped_convs_tables_and_activation_islands_run_on_the_kernels(flavor: object) -> None:

@@ -682,7 +682,8 @@ class _Lowering:
         relax = self.relax
         self.count += 1
         label = f"k{self.count:03d}_to_nchw"
-        gvar = self.builder.add_func(_nchw_kernel(value).with_attr("global_symbol", label), label)
+        out = Stored(None, value.logical, value.dtype, "nchw")
+        gvar = self.builder.add_func(_copy_kernel(value, out, 0).with_attr("global_symbol", label), label)
         result_type = relax.TensorType(value.logical, value.dtype)
         return Stored(
             self.builder.emit(relax.call_tir(gvar, [value.var], result_type)), value.logical, value.dtype, "nchw"
@@ -994,6 +995,8 @@ def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
 def _store_index(target: Stored, i: Any, j: Any, c: Any) -> tuple[Any, ...]:
     if target.layout == "nhwc":
         return (i + target.pads[0], j + target.pads[1], c)
+    if target.layout == "nchw":
+        return (0, c, i, j)
     return (0, c)
 
 
@@ -1045,7 +1048,8 @@ def _outer(work: int) -> Any:
 
 
 def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
-    """Copies ``source`` into ``target`` (written in place) at channel ``offset``: one input of a Concat."""
+    """Copies ``source`` into ``target`` at channel ``offset``: one input of a Concat (``target`` written in
+    place), or a graph output stored NHWC copied out NCHW."""
     from tvm.script import tirx as T
 
     channels = source.logical[1]
@@ -1063,27 +1067,6 @@ def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
                     Y[_store_index(target, i, j, offset + c)] = _load(X, source, i, j, c)
 
     return copy
-
-
-def _nchw_kernel(source: Stored) -> Any:
-    """Copies an NHWC tensor (inside its border, its real channels) out as logical NCHW."""
-    from tvm.script import tirx as T
-
-    _, channels, height, width = source.logical
-    top, left = source.pads[0], source.pads[1]
-    dtype = source.dtype
-
-    outer = _outer(channels * height * width)
-
-    @T.prim_func
-    def to_nchw(X: T.Buffer(source.shape, dtype), Y: T.Buffer(source.logical, dtype)):
-        T.func_attr({"tir.noalias": True})
-        for c in outer(channels):
-            for i in range(height):
-                for j in range(width):
-                    Y[0, c, i, j] = X[i + top, j + left, c]
-
-    return to_nchw
 
 
 def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
