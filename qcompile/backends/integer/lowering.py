@@ -47,11 +47,9 @@ from qcompile.backends.integer.arithmetic import (
     LoweringReport,
     channel_shape,
 )
+from qcompile.backends.integer.reference import FLOAT_ISLANDS
 from qcompile.backends.integer.rules import RULES, refuse_unlowered
 from qcompile.errors import UnsupportedModelError
-
-# The metadata key of an integer graph with float islands: the kept float nodes' names, one per line.
-FLOAT_ISLANDS = "qcompile.float_islands"
 
 
 def lower(model: onnx.ModelProto, float_islands: bool = False) -> tuple[onnx.ModelProto, LoweringReport]:

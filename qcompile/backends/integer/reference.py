@@ -14,6 +14,7 @@ those are run by onnxruntime, one node at a time (the float semantics of the QDQ
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -84,17 +85,19 @@ def _max_pool(x: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
     return windows.max(axis=(4, 5)).astype(x.dtype)
 
 
+# The metadata key of an integer graph with float islands: the kept float nodes' names, one per line.
+FLOAT_ISLANDS = "qcompile.float_islands"
+
+
 def float_islands(model: onnx.ModelProto) -> frozenset[str]:
     """The names of the nodes a host build's lowering kept in float (see ``lower(float_islands=True)``)."""
-    listed = next((prop.value for prop in model.metadata_props if prop.key == "qcompile.float_islands"), "")
+    listed = next((prop.value for prop in model.metadata_props if prop.key == FLOAT_ISLANDS), "")
     return frozenset(filter(None, listed.split("\n")))
 
 
 def _float_node(model: onnx.ModelProto, node: onnx.NodeProto, given: dict[str, np.ndarray]) -> list[np.ndarray]:
     """One node of a float island run by onnxruntime (the float semantics the QDQ graph's executor has; on
     edge cases such as a pooling window larger than its input onnx.reference differs from it)."""
-    import onnxruntime
-
     from qcompile.execution import ORT_IR_VERSION
 
     inputs = [
@@ -105,10 +108,18 @@ def _float_node(model: onnx.ModelProto, node: onnx.NodeProto, given: dict[str, n
     graph = helper.make_graph([node], "island", inputs, outputs)
     single = helper.make_model(graph, opset_imports=list(model.opset_import))
     single.ir_version = ORT_IR_VERSION
+    return [np.asarray(value) for value in _island_session(single.SerializeToString()).run(None, given)]
+
+
+@functools.lru_cache(maxsize=256)
+def _island_session(serialized: bytes) -> Any:
+    """An onnxruntime session of one island node, kept: a compile runs the oracle twice (and once more per
+    sample a test checks) over the same nodes."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [np.asarray(value) for value in session.run(None, given)]
+    return onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbation: float = 0.0) -> list[np.ndarray]:
