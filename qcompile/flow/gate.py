@@ -110,9 +110,7 @@ def check(
             source = "the executor runs the float model"
         kind = "top-1 disagreement" if "top1_agreement" in metrics else "1 - mean cosine"
         checks.append(
-            gate_report.Check(
-                "accuracy drop", max_accuracy_drop, accuracy_drop(metrics), "pt", f"{kind}, {source}"
-            )
+            gate_report.Check("accuracy drop", max_accuracy_drop, accuracy_drop(metrics), "pt", f"{kind}, {source}")
         )
     if max_size_mb is not None:
         file_name = manifest.executors[session.executor].file

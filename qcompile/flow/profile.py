@@ -96,10 +96,6 @@ def layer_times(model: ir.Model, kernels: execution.KernelTimes) -> tuple[dict[s
     return times, unattributed
 
 
-
-
-
-
 # ---------------------------------------------------------------------------------------------- the sweep
 
 
@@ -451,6 +447,7 @@ def calibrate_remote(
 
     from qcompile.backends import tvm as tvm_backend
     from qcompile.backends.tvm import rpc
+
     started = time.perf_counter()
     rpc.time_libraries([], address)  # fail now, not after minutes of building, when nothing answers there
     show = progress and sys.stderr.isatty()

@@ -152,9 +152,8 @@ class QuantizeOptions:
             raise CalibrationError(f"weight rounding '{self.weight_rounding}' is not nearest or gptq")
         if self.float_threshold < 0:
             raise CalibrationError("float threshold must be >= 0")
-        if (
-            self.smoothquant not in (None, "auto", FROM_TARGET)
-            and not (isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0)
+        if self.smoothquant not in (None, "auto", FROM_TARGET) and not (
+            isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0
         ):
             raise CalibrationError(f"SmoothQuant alpha {self.smoothquant!r} is not a number in [0, 1] or 'auto'")
         if self.rotate not in (None, "hadamard", "hadamard-residual", FROM_TARGET):
@@ -210,8 +209,6 @@ class QuantizeResult:
     # Another per-layer choice of formats ('fp32', 'int8', 'int4', 'ternary') on the same calibration,
     # Hessians and options: for comparing the search's Pareto points without calibrating again.
     variant: Callable[[dict[str, str]], ir.Model] | None = None
-
-
 
 
 def activation_values(model: ir.Model, table_ops: bool = False) -> list[str]:

@@ -43,12 +43,6 @@ INTEGER_ROW_OPS = frozenset({"Softmax", "LayerNormalization"})
 SHAPE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
 
 
-
-
-
-
-
-
 def weight_axis(node: ir.Node, index: int) -> int | None:
     """The output-channel axis of a constant input of ``node``, or None if it is not a weight."""
     if node.op_type == "Conv" and index == 1:

@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 INT32_BIAS_LIMIT = 2**30
 
 
-
-
-
-
 def activation_params(value: ir.Value) -> tuple[np.float32, np.integer]:
     spec: QuantSpec = value.meta[SPEC_KEY]
     low, high = value.meta[RANGE_KEY]

@@ -69,18 +69,6 @@ class Decision:
     errors: dict[str, float] = field(default_factory=dict)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _producer_channels(node: ir.Node) -> int | None:
     """Output channels a producer can divide (constant parameters used by it alone), else None."""
     bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or single_use_constant(node.inputs[2])
@@ -155,8 +143,6 @@ def _divide_producer(node: ir.Node, scale: np.ndarray) -> None:
         divide(node.inputs[1], lambda a: a / scale[None, :])  # type: ignore[arg-type]
     if bias is not None:
         divide(bias, lambda a: a / scale)
-
-
 
 
 def fake_quant_error(x: np.ndarray, weights: list[np.ndarray], scale: np.ndarray) -> float:

@@ -95,7 +95,7 @@ def float_islands(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(filter(None, listed.split("\n")))
 
 
-def _float_node(model: onnx.ModelProto, node: onnx.NodeProto, given: dict[str, np.ndarray]) -> list[np.ndarray]:
+def float_node(model: onnx.ModelProto, node: onnx.NodeProto, given: dict[str, np.ndarray]) -> list[np.ndarray]:
     """One node of a float island run by onnxruntime (the float semantics the QDQ graph's executor has; on
     edge cases such as a pooling window larger than its input onnx.reference differs from it)."""
     from qcompile.execution import ORT_IR_VERSION
@@ -134,7 +134,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbatio
         attributes = node_attributes(node)
         op = node.op_type
         if (node.name or node.output[0]) in islands:
-            evaluated = _float_node(model, node, {name: env[name] for name in node.input if name})
+            evaluated = float_node(model, node, {name: env[name] for name in node.input if name})
             if island_perturbation:
                 evaluated = [v * np.float32(1 + island_perturbation) if v.dtype == np.float32 else v for v in evaluated]
             env.update(zip(node.output, evaluated, strict=True))

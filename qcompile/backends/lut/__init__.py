@@ -149,4 +149,3 @@ def build(proto: onnx.ModelProto, target: Target, staging: Path) -> tuple[list[s
     (staging / PLAN).write_text(json.dumps(plan, indent=1))
     files.append(PLAN)
     return files, plan
-

@@ -174,6 +174,8 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -
 
 WORD_CHUNK = 42  # words summed in 16 bits before widening: 42 x 2 x 384 < 32768
 PERMUTE = "llvm.x86.avx512.permvar.hi.512"  # vpermw: 32 lookups in a 32-entry table of int16
+
+
 def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> Any:
     """The triplet-word kernel for ``plan`` with tiles ``tile_blocks`` blocks wide (its arguments:
     :func:`word_arguments`); ``parallel=False`` walks the row tiles on the calling thread.
@@ -312,5 +314,3 @@ def export(module: Any, path: Any, flavor: Flavor) -> None:
         return
     module.export_library(str(path), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))
     cross.check_elf(path, toolchain)
-
-

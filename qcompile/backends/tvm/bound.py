@@ -17,5 +17,3 @@ def compile_kernels(functions: dict[str, Any], tvm_target: dict[str, Any], what:
         return tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(tvm_target))
     except Exception as error:  # TVM raises its own error types and plain Python errors alike
         raise BackendError(f"TVM could not build {what}: {first_line(error)}") from error
-
-

@@ -41,14 +41,26 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qcompile.backends.integer.reference import node_attributes
+from qcompile.backends.integer.reference import float_node, node_attributes
 from qcompile.backends.tvm import int8_kernels
 from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
 LANES = 16
-ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min", "PRelu"})
+# Boolean results (comparisons, logic, IsNaN) are uint8 0 / 1 here: a Cast to bool is ``x != 0``.
+COMPARISONS = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "IsNaN"})
+LOGIC = frozenset({"And", "Or", "Xor", "Not"})
+ELEMENTWISE_OPS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min", "PRelu", "Where", *COMPARISONS, *LOGIC}
+)
 # Float functions of one float tensor (float islands), as expressions fused where they are used.
-FLOAT_FUNCTIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"})
+FLOAT_FUNCTIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf"})
+# Ops that only move data, whatever their dtype: with constant parameters they are one gather through a constant
+# index map (:func:`qcompile.backends.tvm.sequence.gather_kernel`), or no kernel at all when the map is the
+# identity (a reshape of contiguous data).
+MOVEMENT_OPS = frozenset(
+    {"Transpose", "Flatten", "Unsqueeze", "Squeeze", "Expand", "GatherND", "GatherElements", "Slice", "Tile",
+     "Identity", "Reshape"}
+)  # fmt: skip
 ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -65,6 +77,21 @@ class NotLowerable(Exception):
 # ------------------------------------------------------------------------------------------ tensors
 
 
+class Rows(tuple):  # type: ignore[type-arg]
+    """The logical shape ``(1, C, 1, M)`` of a row-major tensor ``[..., C]`` (``M`` the product of its leading
+    dims): transformer activations, attention masks and other index-shaped data. It is stored as an NHWC map
+    of one row of ``M`` pixels, ``(1, M, Cs)``, so that the convolution kernels run a matmul over its rows;
+    with ``Cs == C`` those are the ONNX tensor's own bytes. A marker type: it travels with ``logical``
+    wherever a value is derived from another without changing shape."""
+
+
+def rows_logical(shape: tuple[int, ...] | list[int]) -> Rows:
+    dims = tuple(int(d) for d in shape)
+    channels = dims[-1] if dims else 1
+    count = int(np.prod(dims[:-1])) if len(dims) > 1 else 1
+    return Rows((1, channels, 1, count))
+
+
 @dataclass
 class Stored:
     """A materialized tensor: a Relax value. ``layout`` "nhwc" stores logical NCHW ``[1, C, H, W]`` as
@@ -78,6 +105,7 @@ class Stored:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     channels: int = 0  # stored channels (nhwc)
     fill: int = 0
+    period: int = 0  # rows: read row j at j % period (a tensor broadcast over leading dims)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,6 +163,10 @@ class Anchor:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     # Per channel, added to the accumulator: an int32 bias folded into the correction, or a float layer's bias.
     offset: np.ndarray | None = None
+    other: Stored | None = None  # a batched matmul's second operand
+    other_zero: int = 0
+    epsilon: float = 0.0  # LayerNormalization's
+    factors: tuple[np.ndarray, ...] = ()  # a Hadamard rotation's signs, inner and (Kronecker) outer factors
 
     def correction(self, per_channel_weight_sums: np.ndarray, activation_offset: int = 0) -> np.ndarray:
         """What the kernel subtracts from its raw sums of ``(x - activation_offset) w``: ``(zero_point -
@@ -176,6 +208,8 @@ class _Lowering:
         self.nhwc: dict[str, Stored] = {}  # NCHW float graph inputs copied NHWC for float layers
         self.builder = relax.BlockBuilder()
         self.count = 0
+        self.shapes = _static_shapes(model)
+        self.fused: set[str] = set()  # outputs of nodes another node's kernel computes
 
     # -- padding each stored tensor gets: the largest its padded readers need
     def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
@@ -225,6 +259,9 @@ class _Lowering:
                 results = []
                 for name in self.outputs:
                     value = self._materialize(name, output=True)
+                    if isinstance(value.logical, Rows):  # row-major: its bytes, in the graph's shape
+                        results.append(relax.op.reshape(self._flat(value), self._shape(name)))
+                        continue
                     if value.layout == "nhwc":  # the graph's layout out
                         value = self._to_nchw(value, name)
                     results.append(value.var)
@@ -236,7 +273,15 @@ class _Lowering:
     def _node(self, node: onnx.NodeProto) -> None:
         op = node.op_type
         output = node.output[0]
-        if op in ELEMENTWISE_OPS:
+        if output in self.fused:
+            return
+        if all(not name or name in self.constants for name in node.input):
+            self._fold(node)  # (a position index gathered from a constant table, a constant mask)
+            return
+        rotated = self._rotation(node) if op == "Mul" else None
+        if rotated is not None:
+            output = rotated
+        elif op in ELEMENTWISE_OPS:
             self.values[output] = self._elementwise(node)
         elif op == "QuantizeLinear":
             self.values[output] = self._quantize(node)
@@ -248,14 +293,20 @@ class _Lowering:
             self.values[output] = self._matmul(node)
         elif op in FLOAT_FUNCTIONS:
             self.values[output] = self._float_function(node)
-        elif op == "Gather":
-            self.values[output] = self._table_lookup(node)
+        elif op == "Gather" and node.input[0] in self.constants:
+            table = self.constants[node.input[0]]
+            embedding = table.dtype == np.float32 and table.ndim == 2
+            self.values[output] = self._embedding(node) if embedding else self._table_lookup(node)
+        elif op in ("LayerNormalization", "Softmax"):
+            self.values[output] = self._row_op(node)
         elif op == "MaxPool":
             self.values[output] = self._max_pool(node)
         elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean", "AveragePool"):
             self.values[output] = self._reduce(node)
-        elif op in ("Reshape", "Flatten"):
+        elif op in ("Reshape", "Flatten") and self._cnn_reshape(node):
             self.values[output] = self._reshape(node)
+        elif op in MOVEMENT_OPS or op in ("Gather", "GatherND", "GatherElements"):
+            self.values[output] = self._movement(node)
         elif op == "Concat":
             self.values[output] = self._concat(node)
         else:
@@ -305,13 +356,16 @@ class _Lowering:
         op = node.op_type
         operands = [self._operand(name) for name in node.input if name]
         if op == "Cast":
-            to = ONNX_DTYPES.get(int(node_attributes(node)["to"]))
+            to_bool = int(node_attributes(node)["to"]) == onnx.TensorProto.BOOL
+            to = "uint8" if to_bool else ONNX_DTYPES.get(int(node_attributes(node)["to"]))
             if to is None:
                 raise NotLowerable(f"{node.name}: Cast to an unsupported type")
             source = self._as_lazy(operands[0])
 
             def cast(env: Env, inner: Lazy = source, to: str = to) -> Any:
                 value = inner.expression(env)
+                if to_bool:
+                    value = _broadcasting(tirx.NE, value, tirx.const(0, inner.dtype))
                 return tirx.Cast(to if env.lanes == 1 else f"{to}x{env.lanes}", value)
 
             step = (source, "Cast", to)
@@ -319,6 +373,19 @@ class _Lowering:
         tensors = [item for item in operands if not isinstance(item, np.ndarray)]
         if not tensors:
             raise NotLowerable(f"{node.name}: an elementwise op on constants only")
+        names = [name for name in node.input if name]
+        rows = any(isinstance(item.logical, Rows) for item in tensors)
+        for attempt in range(2):
+            fitted = self._rows_operands(node, operands) if rows else operands
+            reads = sum(len(item.leaves) if isinstance(item, Lazy) else 1 for item in fitted if _tensor(item))
+            if reads <= 2 or attempt:
+                break
+            # A kernel reads at most two tensors: the operands computed first.
+            operands = [
+                self._materialize(name) if isinstance(item, Lazy) and item.leaves else item
+                for name, item in zip(names, operands, strict=True)
+            ]
+        operands = fitted
         # Two tensor operands: every anchored one is computed first (an anchor's kernel has one source).
         lazies: list[Lazy | np.ndarray] = []
         for index, item in enumerate(operands):
@@ -330,7 +397,11 @@ class _Lowering:
             lazies.append(self._as_lazy(item))
         # The result has the largest operand's shape; a [1, C, 1, 1] operand broadcasts over H, W (an SE gate).
         logical = max((item.logical for item in lazies if isinstance(item, Lazy)), key=lambda shape: np.prod(shape))
+        if rows:
+            logical = rows_logical(self._shape(node.output[0]))
         dtype = next(item.dtype for item in lazies if isinstance(item, Lazy))
+        if op == "Where":  # (the condition's codes are uint8; the values give the dtype)
+            dtype = next(item.dtype if isinstance(item, Lazy) else item.dtype.name for item in lazies[1:])
         anchor = next((item.anchor for item in lazies if isinstance(item, Lazy) and item.anchor), None)
         leaves: list[Stored] = []
         constants: list[np.ndarray] = []
@@ -346,7 +417,7 @@ class _Lowering:
                     parts.append(functools.partial(_row, len(constants) - 1, dtype))
                 continue
             per_channel = len(logical) == 4 and item.logical == (1, logical[1], 1, 1)
-            if item.logical != logical and not (per_channel and not item.anchor):
+            if item.logical != logical and not (per_channel and not item.anchor) and not rows:
                 raise NotLowerable(f"{node.name}: operands of shapes {item.logical} and {logical}")
             leaf_offset, constant_offset = len(leaves), len(constants)
             leaves += item.leaves
@@ -372,6 +443,8 @@ class _Lowering:
             if op == "Clip" and (len(node.input) < 3 or not all(node.input[1:3])):
                 raise NotLowerable(f"{node.name}: Clip without both bounds")
             combine = _combiner(op, node, dtype)
+            if op in COMPARISONS or op in LOGIC:
+                dtype = "uint8"
             result = Lazy(logical, dtype, lambda env: combine([part(env) for part in parts]), anchor, leaves, constants)
         if isinstance(lazies[0], Lazy) and all(isinstance(item, np.ndarray) for item in lazies[1:]):
             result.step = (lazies[0], op, lazies[1:])
@@ -489,6 +562,10 @@ class _Lowering:
                 return one / (one + tirx.exp(zero - x))
             if op == "Tanh":
                 return tirx.tanh(x)
+            if op == "Erf":
+                from qcompile.backends.tvm.sequence import fast_erf
+
+                return fast_erf(x, env.lanes)
             gate = tirx.min(tirx.max(x * tirx.const(alpha, "float32") + tirx.const(beta, "float32"), zero), one)
             return gate if op == "HardSigmoid" else x * gate
 
@@ -591,6 +668,8 @@ class _Lowering:
     def _matmul(self, node: onnx.NodeProto) -> Lazy:
         """MatMulInteger of [1, K] codes by int8 weights, or a MatMul / Gemm kept in float on [1, K] rows."""
         bias: np.ndarray | None = None
+        if node.op_type == "MatMulInteger" and node.input[1] not in self.constants:
+            return self._batched_matmul(node)
         if node.op_type == "MatMulInteger":
             source, accumulator, dtype = self._materialize(node.input[0]), "int32", "uint8"
             weights = self.constants.get(node.input[1])
@@ -610,11 +689,96 @@ class _Lowering:
             weights = weights.T if attributes.get("transB", 0) else weights
             if bias is not None:
                 bias = np.broadcast_to(bias.reshape(-1), (weights.shape[1],)).astype(np.float32)
+        if isinstance(source.logical, Rows):  # [..., K] rows: a 1 x 1 convolution over a map of one row
+            if source.dtype != dtype or source.logical[1] != weights.shape[0]:
+                raise NotLowerable(f"{node.name}: {node.op_type} of {source.dtype} rows of {source.logical[1]}")
+            rows = Rows((1, weights.shape[1], 1, source.logical[3]))
+            anchor = Anchor("conv", source, rows, accumulator, weights.T[:, :, None, None], zero, offset=bias)
+            return Lazy(rows, accumulator, _source, anchor)
         if source.layout != "nc" or source.dtype != dtype or source.logical[1] != weights.shape[0]:
             raise NotLowerable(f"{node.name}: {node.op_type} is covered on [1, K] {dtype} rows only")
         logical = (1, weights.shape[1])
         anchor = Anchor("matmul", source, logical, accumulator, weights.T[:, :, None, None], zero, offset=bias)
         return Lazy(logical, accumulator, _source, anchor)
+
+    def _single_reader(self, name: str, op: str) -> onnx.NodeProto | None:
+        readers = self.uses.get(name, [])
+        if len(readers) != 1 or readers[0].op_type != op or name in self.outputs:
+            return None
+        return readers[0]
+
+    def _rotation(self, node: onnx.NodeProto) -> str | None:
+        """The online Hadamard rotation :mod:`qcompile.passes.hadamard` inserts — Mul by the signs, Reshape to
+        ``[rows, m, p]``, MatMul by the inner factor, (Transpose, MatMul by the outer factor, Transpose,) Reshape
+        back — as one kernel (:func:`qcompile.backends.tvm.sequence.rotation_kernel`) whose epilogue continues
+        with what reads it (the quantization of the rotated input). Returns the rotated value's name; None, and
+        nothing done, for another Mul."""
+        x, signs = node.input[0], self.constants.get(node.input[1])
+        value = self.values.get(x)
+        if signs is None or value is None or not isinstance(value.logical, Rows) or value.dtype != "float32":
+            return None
+        chain = [node]
+        for op in ("Reshape", "MatMul"):
+            reader = self._single_reader(chain[-1].output[0], op)
+            if reader is None or reader.input[0] != chain[-1].output[0]:
+                return None
+            chain.append(reader)
+        inner = self.constants.get(chain[-1].input[1])
+        outer = None
+        flip = self._single_reader(chain[-1].output[0], "Transpose")
+        if flip is not None:
+            mixing = self._single_reader(flip.output[0], "MatMul")
+            unflip = self._single_reader(mixing.output[0], "Transpose") if mixing is not None else None
+            if mixing is None or unflip is None:
+                return None
+            outer = self.constants.get(mixing.input[1])
+            chain += [flip, mixing, unflip]
+        last = self._single_reader(chain[-1].output[0], "Reshape")
+        if last is None or inner is None or (flip is not None and outer is None):
+            return None
+        chain.append(last)
+        channels = value.logical[1]
+        grid = self.shapes.get(chain[1].output[0], ())
+        p = inner.shape[0] if inner.ndim == 2 else 0
+        m = channels // p if p else 0
+        square = inner.shape == (p, p) and (outer is None or outer.shape == (m, m))
+        if not square or len(grid) != 3 or grid[1:] != (m, p) or signs.size != channels or m * p != channels:
+            return None
+        if self.shapes.get(last.output[0]) != self._shape(x):
+            return None
+        transposes = [n for n in chain if n.op_type == "Transpose"]
+        if any(list(node_attributes(t).get("perm", [])) != [0, 2, 1] for t in transposes):
+            return None
+        source = self._float_input(x)
+        if source.shape != (1, value.logical[3], channels):
+            return None
+        mix = np.eye(m, dtype=np.float32) if outer is None else outer.astype(np.float32)
+        factors = (signs.reshape(-1).astype(np.float32), inner.astype(np.float32), mix)
+        anchor = Anchor("rotation", source, source.logical, "float32", factors=factors)
+        self.values[last.output[0]] = Lazy(source.logical, "float32", _source, anchor)
+        self.fused.update(n.output[0] for n in chain)
+        return last.output[0]
+
+    def _batched_matmul(self, node: onnx.NodeProto) -> Lazy:
+        """MatMulInteger of two activations ``[..., M, K] x [..., K, N]`` (attention's ``Q K^T`` and ``P V``),
+        with scalar uint8 zero points."""
+        left, right = self._shape(node.input[0]), self._shape(node.input[1])
+        if len(left) < 2 or left[:-2] != right[:-2] or left[-1] != right[-2]:
+            raise NotLowerable(f"{node.name}: MatMulInteger of shapes {list(left)} and {list(right)}")
+        zeros = []
+        for position in (2, 3):
+            name = node.input[position] if len(node.input) > position else ""
+            zero = self.constants.get(name, np.uint8(0)) if name else np.uint8(0)
+            if (name and name not in self.constants) or np.asarray(zero).size != 1:
+                raise NotLowerable(f"{node.name}: MatMulInteger with zero points that are not scalar constants")
+            zeros.append(int(np.asarray(zero).reshape(-1)[0]))
+        a, b = (self._materialize(name) for name in node.input[:2])
+        for operand, shape in ((a, left), (b, right)):
+            if operand.dtype != "uint8" or operand.shape != (1, int(np.prod(shape[:-1])), shape[-1]):
+                raise NotLowerable(f"{node.name}: MatMulInteger of activations is covered on unpadded uint8 rows")
+        logical = rows_logical((*left[:-1], right[-1]))
+        anchor = Anchor("bmm", a, logical, "int32", zero_point=zeros[0], other=b, other_zero=zeros[1])
+        return Lazy(logical, "int32", _source, anchor)
 
     def _max_pool(self, node: onnx.NodeProto) -> Lazy:
         attributes = node_attributes(node)
@@ -676,6 +840,164 @@ class _Lowering:
                 return Stored(value.var, new, value.dtype, "nc")
         raise NotLowerable(f"{node.name}: only [1, C, 1, 1] -> [1, C] reshapes are covered")
 
+    def _cnn_reshape(self, node: onnx.NodeProto) -> bool:
+        """A [1, C, 1, 1] -> [1, C] reshape of a CNN head (rows and other reshapes are data movement)."""
+        value = self.values.get(node.input[0])
+        return value is not None and not isinstance(value.logical, Rows) and value.logical[2:] == (1, 1)
+
+    # -- row-major tensors (transformers, masks)
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if name in self.constants:
+            return tuple(self.constants[name].shape)
+        shape = self.shapes.get(name)
+        if shape is None:
+            raise NotLowerable(f"the shape of {name} is not known statically")
+        return shape
+
+    def _fold(self, node: onnx.NodeProto) -> None:
+        """A node on constants only, computed now (by onnxruntime, as the oracle runs float nodes)."""
+        results = self._evaluate(node, {name: self.constants[name] for name in node.input if name})
+        self.constants.update(zip(node.output, results, strict=False))
+
+    def _evaluate(self, node: onnx.NodeProto, given: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return float_node(self.model, node, given)
+        except Exception as error:  # onnxruntime raises its own errors
+            raise NotLowerable(f"{node.name} ({node.op_type}) could not be evaluated at build time: {error}") from error
+
+    def _flat(self, value: Stored) -> Any:
+        """``value``'s Relax tensor as one flat vector (a view: it must be stored without padding)."""
+        relax = self.relax
+        contiguous = value.layout in ("nc", "nchw") or (not any(value.pads) and value.channels == value.logical[1])
+        if not contiguous:
+            raise NotLowerable("a padded activation read as a row-major tensor")
+        size = int(np.prod(value.shape))
+        return self.builder.emit(relax.op.reshape(value.var, (size,)))
+
+    def _as_rows(self, flat: Any, shape: tuple[int, ...], dtype: str) -> Stored:
+        """A flat Relax vector as the row-major tensor of ``shape``."""
+        logical = rows_logical(shape)
+        stored = Stored(None, logical, dtype, "nhwc", channels=logical[1])
+        stored.var = self.builder.emit(self.relax.op.reshape(flat, stored.shape))
+        return stored
+
+    def _rows_operands(self, node: onnx.NodeProto, operands: list[Any]) -> list[Any]:
+        """The operands of an elementwise op on row-major tensors, made to fit its result ``[..., C]``: scalars
+        stay, a constant ``[1, ..., 1, C]`` becomes a per-channel row, other constants a tensor of the result's
+        shape; a tensor broadcast over leading dims is read modulo its rows, any other broadcast is expanded
+        (a gather)."""
+        relax = self.relax
+        shape = self._shape(node.output[0])
+        logical = rows_logical(shape)
+        channels = logical[1]
+        fitted: list[Any] = []
+        for name, item in zip([n for n in node.input if n], operands, strict=True):
+            if isinstance(item, np.ndarray):
+                if item.size == 1 or (item.shape[-1:] == (channels,) and item.size == channels):
+                    fitted.append(item if item.size == 1 else item.reshape(1, channels, 1, 1))
+                    continue
+                full = np.ascontiguousarray(np.broadcast_to(item, shape))
+                stored = Stored(None, logical, full.dtype.name, "nhwc", channels=channels)
+                stored.var = relax.const(full.reshape(stored.shape), full.dtype.name)
+                fitted.append(stored)
+                continue
+            anchored = isinstance(item, Lazy) and item.anchor is not None
+            if item.logical == logical or (item.logical == (1, channels, 1, 1) and not anchored):
+                fitted.append(item)
+                continue
+            own = self._shape(name)
+            padded = (1,) * (len(shape) - len(own)) + own
+            first = next((k for k, d in enumerate(padded) if d != 1), len(padded))
+            stored = self._materialize(name) if isinstance(item, Lazy) else item
+            if isinstance(stored.logical, Rows) and stored.logical[1] == channels and padded[first:] == shape[first:]:
+                fitted.append(dataclasses.replace(stored, period=stored.logical[3]))  # leading-dims broadcast
+                continue
+            index = np.broadcast_to(np.arange(int(np.prod(own)), dtype=np.int64).reshape(own), shape)
+            fitted.append(self._gathered(stored, index, f"{name}_expanded"))
+        return fitted
+
+    def _gathered(self, source: Stored, index: np.ndarray, label: str) -> Stored:
+        """``source`` (flat) read at the positions ``index`` holds, as a row-major tensor of ``index``'s shape."""
+        from qcompile.backends.tvm import sequence
+
+        relax = self.relax
+        flat = self._flat(source)
+        size = int(np.prod(source.shape))
+        if index.size == size and np.array_equal(index.reshape(-1), np.arange(size)):
+            return self._as_rows(flat, tuple(index.shape), source.dtype)  # a reshape: no data moves
+        positions = np.ascontiguousarray(index.reshape(-1).astype(np.int32))
+        self.count += 1
+        name = f"k{self.count:03d}_gather"
+        kernel = sequence.gather_kernel(size, positions, source.dtype).with_attr("global_symbol", name)
+        gvar = self.builder.add_func(kernel, name)
+        result_type = relax.TensorType((positions.size,), source.dtype)
+        out = self.builder.emit(relax.call_tir(gvar, [flat, relax.const(positions, "int32")], result_type))
+        del label
+        return self._as_rows(out, tuple(index.shape), source.dtype)
+
+    def _movement(self, node: onnx.NodeProto) -> Stored:
+        """Transpose, Reshape, Expand, GatherND, ... of a tensor by constant parameters: the op applied (now,
+        by onnxruntime) to the positions ``arange(size)`` gives the gather's index map."""
+        data = node.input[0]
+        extra = [name for name in node.input[1:] if name]
+        if any(name not in self.constants for name in extra):
+            raise NotLowerable(f"{node.name} ({node.op_type}) with a parameter computed at run time")
+        source = self._materialize(data)
+        shape = self._shape(data)
+        positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        given = {data: positions, **{name: self.constants[name] for name in extra}}
+        index = self._evaluate(node, given)[0]
+        return self._gathered(source, index, node.output[0])
+
+    def _embedding(self, node: onnx.NodeProto) -> Stored:
+        """Gather of a float table's rows at run-time indices (token embeddings)."""
+        from qcompile.backends.tvm import sequence
+
+        relax = self.relax
+        table = self.constants[node.input[0]]
+        indices = self._materialize(node.input[1])
+        if int(node_attributes(node).get("axis", 0)) != 0 or indices.dtype not in ("int32", "int64"):
+            raise NotLowerable(f"{node.name}: Gather of a float table is covered along its rows at integer indices")
+        count = int(np.prod(self._shape(node.input[1])))
+        rows, width = table.shape
+        self.count += 1
+        name = f"k{self.count:03d}_embedding"
+        kernel = sequence.embedding_kernel(rows, width, count, indices.dtype).with_attr("global_symbol", name)
+        gvar = self.builder.add_func(kernel, name)
+        result_type = relax.TensorType((count, width), "float32")
+        out = self.builder.emit(relax.call_tir(gvar, [self._flat(indices), relax.const(table, "float32")], result_type))
+        flat = self.builder.emit(relax.op.reshape(out, (count * width,)))
+        return self._as_rows(flat, self._shape(node.output[0]), "float32")
+
+    def _row_op(self, node: onnx.NodeProto) -> Lazy:
+        """LayerNormalization or Softmax over the last axis of a float row-major tensor (an anchor whose
+        epilogue continues with the scale and bias, or with whatever follows)."""
+        shape = self._shape(node.input[0])
+        attributes = node_attributes(node)
+        axis = int(attributes.get("axis", -1)) % len(shape)
+        if axis != len(shape) - 1:
+            raise NotLowerable(f"{node.name}: {node.op_type} over an axis that is not the last")
+        if node.op_type == "LayerNormalization" and any(node.output[1:]):
+            raise NotLowerable(f"{node.name}: LayerNormalization's mean / inverse deviation outputs")
+        source = self._float_input(node.input[0])
+        if not isinstance(source.logical, Rows):
+            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape), node.input[0])
+        logical = source.logical
+        if node.op_type == "Softmax":
+            return Lazy(logical, "float32", _source, Anchor("softmax", source, logical, "float32"))
+        channels = logical[1]
+        scale = self.constants.get(node.input[1])
+        bias = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels)
+        if scale is None or bias is None or scale.size != channels or bias.size != channels:
+            raise NotLowerable(f"{node.name}: LayerNormalization with a scale / bias that is not a constant [C]")
+        anchor = Anchor("layernorm", source, logical, "float32", epsilon=float(attributes.get("epsilon", 1e-5)))
+        constants = [scale.reshape(-1).astype(np.float32), bias.reshape(-1).astype(np.float32)]
+
+        def affine(env: Env) -> Any:
+            return env.source * env.constant(0) + env.constant(1)
+
+        return Lazy(logical, "float32", affine, anchor, [], constants)
+
     # -- kernels
     def _to_nchw(self, value: Stored, name: str) -> Stored:
         """A 4-D graph output stored NHWC (padded or not) written out as the NCHW tensor the graph declares."""
@@ -694,6 +1016,8 @@ class _Lowering:
         row ([1, C], and a 1 x 1 map no dense reader needs padded)."""
         pads, fill = self._padding(name)
         channels = self._stored_channels(name, logical[1])
+        if isinstance(logical, Rows):
+            return Stored(None, logical, dtype, "nhwc", channels=channels)
         if len(logical) == 2 or (logical[2:] == (1, 1) and not any(pads) and channels == logical[1]):
             return Stored(None, logical, dtype, "nc")
         return Stored(None, logical, dtype, "nhwc", pads, channels, fill)
@@ -755,6 +1079,20 @@ class _Lowering:
         return target
 
 
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every value's shape that onnx's inference makes static (the graph's inputs are fixed here)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises its own errors and plain Python ones alike: no shapes then
+        return {}
+    shapes = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
+
+
 # A grouped convolution with up to this many groups runs as a dense one whose weights are zero between groups
 # (exact: the zeros add nothing, and the zero-point correction sums the same weights); it does group times the
 # products, which the dense kernels' speed still pays for at 2 to 4 groups (RegNet, ResNeXt-style blocks).
@@ -770,6 +1108,25 @@ def _block_diagonal(weights: np.ndarray, group: int) -> np.ndarray:
         rows = slice(index * outputs, (index + 1) * outputs)
         dense[rows, index * per_group : (index + 1) * per_group] = weights[rows]
     return dense
+
+
+def _lanes(expression: Any) -> int:
+    """How many lanes a TIR expression has (its type reads ``float32x16``, or ``float32`` for one)."""
+    text = str(expression.ty)
+    return int(text.split("x")[1]) if "x" in text else 1
+
+
+def _broadcasting(constructor: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+    """A TIR comparison node of ``a`` and ``b``, a scalar one broadcast to the other's lanes."""
+    from tvm import tirx
+
+    lanes = max(_lanes(a), _lanes(b))
+    a, b = (tirx.Broadcast(x, lanes) if lanes > 1 and _lanes(x) == 1 else x for x in (a, b))
+    return constructor(a, b)
+
+
+def _tensor(item: Any) -> bool:
+    return not isinstance(item, np.ndarray)
 
 
 def _scalar(value: Any, dtype: str, _env: Env) -> Any:
@@ -808,6 +1165,39 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         return lambda v: tirx.min(v[0], v[1])
     if op == "Clip":
         return lambda v: tirx.min(tirx.max(v[0], v[1]), v[2]) if len(v) == 3 else tirx.max(v[0], v[1])
+    if op == "Where":
+
+        def select(v: list[Any]) -> Any:
+            condition = _broadcasting(tirx.NE, v[0], tirx.const(0, "uint8"))
+            lanes = _lanes(condition)
+            values = [tirx.Broadcast(x, lanes) if lanes > 1 and _lanes(x) == 1 else x for x in v[1:]]
+            return tirx.Select(condition, *values)
+
+        return select
+    comparisons: dict[str, Callable[[Any, Any], Any]] = {
+        "Equal": tirx.EQ,
+        "Less": tirx.LT,
+        "Greater": tirx.GT,
+        "LessOrEqual": tirx.LE,
+        "GreaterOrEqual": tirx.GE,
+    }
+    if op in comparisons or op == "IsNaN":
+        compare = comparisons.get(op, lambda a, _b: tirx.isnan(a))
+
+        def boolean(v: list[Any]) -> Any:
+            result = _broadcasting(compare, v[0], v[-1])
+            lanes = _lanes(result)
+            return tirx.Cast(f"uint8x{lanes}" if lanes > 1 else "uint8", result)
+
+        return boolean
+    if op == "And":
+        return lambda v: v[0] & v[1]
+    if op == "Or":
+        return lambda v: v[0] | v[1]
+    if op == "Xor":
+        return lambda v: v[0] ^ v[1]
+    if op == "Not":
+        return lambda v: v[0] ^ tirx.const(1, "uint8")
     raise NotLowerable(f"{node.name} ({op}) has no elementwise form")
 
 
@@ -985,6 +1375,8 @@ def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
     """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels); a 1 x 1 map at any (i, j)."""
     if len(stored.logical) == 4 and stored.logical[2:] == (1, 1):
         i, j = 0, 0
+    elif stored.period:
+        j = j % stored.period
     if stored.layout == "nhwc":
         return buffer[i + stored.pads[0], j + stored.pads[1], c]
     if stored.layout == "nc":
@@ -1096,7 +1488,9 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
 
         return value.expression(_env(None, leaf, (K64, K32, KF), where, c, lanes))
 
-    outer = _outer(height * width * channels)
+    # Rows (one row of M pixels) run in parallel over the pixels.
+    outer = _outer(height * width * channels) if height > 1 else T.serial
+    inner = _outer(height * width * channels) if height == 1 else T.serial
 
     @T.prim_func
     def eltwise(
@@ -1109,7 +1503,7 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     ):
         T.func_attr({"tir.noalias": True})
         for i in outer(height):
-            for j in range(width):
+            for j in inner(width):
                 if vector:
                     for b in range(blocks):
                         if y_nhwc:
@@ -1185,6 +1579,19 @@ def _anchor_kernel(value: Lazy, target: Stored, flavor: int8_kernels.Flavor) -> 
     if value.leaves:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
     floating = anchor.source_dtype == "float32"
+    if anchor.kind in ("layernorm", "softmax"):
+        from qcompile.backends.tvm import sequence
+
+        return sequence.row_kernel(value, anchor, target)
+    if anchor.kind == "rotation":
+        from qcompile.backends.tvm import sequence
+
+        return sequence.rotation_kernel(value, anchor, target)
+    if anchor.kind == "bmm":
+        from qcompile.backends.tvm import sequence
+
+        assert anchor.other is not None
+        return sequence.batched_matmul_kernel(value, anchor, anchor.other, target)
     if anchor.kind in ("conv", "matmul"):
         return _conv_kernel(value, anchor, target, int8_kernels.float_flavor() if floating else flavor)
     vnni_depthwise = anchor.kind == "depthwise" and flavor.name == "vnni" and not floating
@@ -1574,7 +1981,48 @@ def to_relax(model: onnx.ModelProto, flavor: int8_kernels.Flavor = int8_kernels.
     """The Relax module of ``model`` (an integer-only graph) on these kernels with ``flavor``'s dot product
     (the depthwise kernel is VNNI's; other flavors run depthwise layers as int32 multiply-adds), or
     :class:`NotLowerable`."""
-    return _Lowering(model, flavor).run()
+    return _Lowering(deduplicated(model), flavor).run()
+
+
+def deduplicated(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each node that repeats an earlier one (same op, attributes and inputs, constants compared
+    by value) dropped and its readers pointed at the earlier outputs: the attention's query, key and value
+    projections read one input, so its reshape, rotation and quantization are computed once, not three times."""
+    import hashlib
+
+    digests = {}
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        digests[tensor.name] = hashlib.sha256(
+            f"{array.dtype}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
+        ).hexdigest()
+    outputs = {output.name for output in model.graph.output}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    renamed: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], onnx.NodeProto] = {}
+    kept = []
+    for node in result.graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = renamed.get(name, name)
+        key = (
+            node.op_type,
+            node.domain,
+            tuple(attribute.SerializeToString() for attribute in node.attribute),
+            tuple(digests.get(name, name) for name in node.input),
+        )
+        earlier = seen.get(key)
+        if earlier is None or any(name in outputs for name in node.output) or len(earlier.output) != len(node.output):
+            seen.setdefault(key, node)
+            kept.append(node)
+            continue
+        renamed.update(zip(node.output, earlier.output, strict=True))
+    if len(kept) == len(result.graph.node):
+        return model
+    nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in kept]
+    del result.graph.node[:]
+    result.graph.node.extend(nodes)
+    return result
 
 
 def pipeline() -> Any:

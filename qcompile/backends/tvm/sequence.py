@@ -1,0 +1,407 @@
+# mypy: disable-error-code="valid-type"
+# (TVMScript annotates buffers as T.Buffer(shape, dtype), which is not a type to mypy.)
+"""Kernels for row-major tensors (:class:`~qcompile.backends.tvm.integer.Rows`): transformer activations
+``[..., C]`` stored as ``(1, M, C)``, attention masks and other small index-shaped data.
+
+- :func:`gather_kernel`: a data-movement op with constant parameters (Transpose, Expand, Unsqueeze,
+  GatherND or Gather at constant indices, ...) as one gather through a constant index map: the map is what
+  the op does to ``arange(size)`` (computed once, at build time, by onnx's reference implementation).
+- :func:`embedding_kernel`: a float table ``[V, D]`` read at runtime indices (token embeddings).
+- :func:`row_kernel`: LayerNormalization and Softmax over the last axis, one row at a time on 16-lane
+  vectors, the row's epilogue fused (the requantization of the result, a NaN guard).
+- :func:`batched_matmul_kernel`: ``MatMulInteger`` of two activations (``Q K^T``, ``P V``): uint8 codes
+  with scalar zero points, int32 products summed exactly, zero points corrected with the row and column sums.
+
+The float functions use their own vectorisable forms (:func:`fast_exp`, :func:`fast_erf`): LLVM turns a
+vector ``exp`` or ``erf`` into one libm call per lane.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from qcompile.backends.tvm.integer import (
+    LANES,
+    Anchor,
+    Lazy,
+    NotLowerable,
+    Stored,
+    _env,
+    _outer,
+    _pack,
+    _store_index,
+)
+
+ROTATION_TILE = 8  # vectors a rotation accumulates at once (8 of the 32 AVX-512 registers)
+EXP_LIMIT = 87.0  # exp(-87) ~ 1.6e-38: the smallest argument whose power of two stays a normal float32
+
+
+def _vector(dtype: str, lanes: int) -> str:
+    return dtype if lanes == 1 else f"{dtype}x{lanes}"
+
+
+def fast_exp(x: Any, lanes: int) -> Any:
+    """``exp(x)`` for float32 ``x`` (any lanes): ``2^n p(r)`` with ``n = round(x / ln 2)``, ``r = x - n ln 2``
+    (ln 2 split in two for an exact product) and a degree-6 Taylor polynomial on ``|r| <= ln 2 / 2`` (relative
+    error below 2e-7); the power of two is built in the exponent bits. Arguments are clamped to +-87."""
+    from tvm import tirx
+
+    f32 = _vector("float32", lanes)
+
+    def const(value: float) -> Any:
+        return tirx.const(value, "float32")
+
+    clamped = tirx.min(tirx.max(x, const(-EXP_LIMIT)), const(EXP_LIMIT))
+    n = tirx.floor(clamped * const(1.0 / math.log(2.0)) + const(0.5))
+    r = clamped - n * const(0.693145751953125) - n * const(1.428606765330187e-06)
+    poly = const(1.0 / 720.0)
+    for coefficient in (1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        poly = poly * r + const(coefficient)
+    i32 = _vector("int32", lanes)
+    bits = (tirx.Cast(i32, n) + tirx.const(127, "int32")) << tirx.const(23, "int32")
+    return poly * tirx.reinterpret(f32, bits)
+
+
+def fast_erf(x: Any, lanes: int) -> Any:
+    """``erf(x)`` by Abramowitz and Stegun's 7.1.26 (absolute error below 1.5e-7): ``1 - t p(t) exp(-x^2)``
+    with ``t = 1 / (1 + 0.3275911 |x|)``, the sign of ``x`` restored."""
+    from tvm import tirx
+
+    def const(value: float) -> Any:
+        return tirx.const(value, "float32")
+
+    magnitude = tirx.abs(x)
+    t = const(1.0) / (const(1.0) + const(0.3275911) * magnitude)
+    poly = const(1.061405429)
+    for coefficient in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = poly * t + const(coefficient)
+    y = const(1.0) - poly * t * fast_exp(const(0.0) - magnitude * magnitude, lanes)
+    return tirx.Select(x < const(0.0), const(0.0) - y, y)
+
+
+def gather_kernel(size: int, index: np.ndarray, dtype: str) -> Any:
+    """``Y[i] = X[index[i]]`` over flat buffers (``index`` an int32 constant argument)."""
+    from tvm.script import tirx as T
+
+    count = int(index.size)
+    outer = _outer(count)
+
+    @T.prim_func
+    def gather(X: T.Buffer((size,), dtype), At: T.Buffer((count,), "int32"), Y: T.Buffer((count,), dtype)):
+        T.func_attr({"tir.noalias": True})
+        for i in outer(count):
+            Y[i] = X[At[i]]
+
+    return gather
+
+
+def embedding_kernel(rows: int, width: int, count: int, index_dtype: str) -> Any:
+    """``Y[s, :] = table[ids[s], :]`` for a float32 ``[rows, width]`` table (negative ids count from the end,
+    as ONNX Gather's do; out-of-range ids are clamped rather than read past the table)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    lanes = LANES if width % LANES == 0 else 1
+    blocks = width // lanes
+
+    def position(ids: Any, s: Any) -> Any:
+        raw = tirx.Cast("int32", ids[s])
+        wrapped = tirx.Select(raw < 0, raw + rows, raw)
+        return tirx.min(tirx.max(wrapped, 0), rows - 1)
+
+    def columns(b: Any) -> Any:
+        return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
+
+    @T.prim_func
+    def embedding(
+        ids: T.Buffer((count,), index_dtype),
+        table: T.Buffer((rows, width), "float32"),
+        Y: T.Buffer((count, width), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for s in range(count):
+            for b in range(blocks):
+                Y[s, columns(b)] = table[position(ids, s), columns(b)]
+
+    return embedding
+
+
+def _horizontal(buffer: Any, lanes: int, combine: Any) -> Any:
+    """The lanes of a ``lanes``-wide accumulator combined into one scalar (a tree of ``combine``)."""
+    values = [buffer[k] for k in range(lanes)]
+    while len(values) > 1:
+        values = [combine(values[k], values[k + 1]) for k in range(0, len(values), 2)]
+    return values[0]
+
+
+def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """LayerNormalization (``anchor.kind`` "layernorm": ``weights`` holds epsilon; the scale and bias are the
+    epilogue's rows) or Softmax ("softmax") over the channels of each row, epilogue fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, channels, _, count = source.logical
+    if source.shape != (1, count, channels) or channels % LANES:
+        raise NotLowerable(f"a row-wise {anchor.kind} over {channels} channels (a multiple of {LANES} is covered)")
+    blocks = channels // LANES
+    (ints, halves, floats), where = _pack(value.constants, channels)
+    layernorm = anchor.kind == "layernorm"
+    epsilon = anchor.epsilon
+    whole = tirx.Ramp(0, 1, LANES)
+
+    def lanes_of(x: float) -> Any:
+        return tirx.Broadcast(tirx.const(x, "float32"), LANES)
+
+    def columns(b: Any) -> Any:
+        return tirx.Ramp(b * LANES, 1, LANES)
+
+    def finish(X: Any, m: Any, b: Any, first: Any, second: Any, K64: Any, K32: Any, KF: Any) -> Any:
+        x = X[0, m, columns(b)]
+        if layernorm:
+            normalized = (x - tirx.Broadcast(first, LANES)) * tirx.Broadcast(second, LANES)
+        else:
+            normalized = fast_exp(x - tirx.Broadcast(first, LANES), LANES) * tirx.Broadcast(second, LANES)
+        return value.expression(_env(normalized, lambda i: None, (K64, K32, KF), where, columns(b), LANES))
+
+    def add(a: Any, b: Any) -> Any:
+        return a + b
+
+    def maximum(a: Any, b: Any) -> Any:
+        return tirx.max(a, b)
+
+    outer = _outer(count * channels * 8)
+
+    @T.prim_func
+    def rowwise(
+        X: T.Buffer(source.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for m in outer(count):
+            acc = T.alloc_buffer((LANES,), "float32", scope="global")
+            stats = T.alloc_buffer((2,), "float32", scope="global")
+            if layernorm:
+                acc[whole] = lanes_of(0.0)
+                for b in range(blocks):
+                    acc[whole] = acc[whole] + X[0, m, columns(b)]
+                stats[0] = _horizontal(acc, LANES, add) * T.float32(1.0 / channels)
+                acc[whole] = lanes_of(0.0)
+                for b in range(blocks):
+                    acc[whole] = acc[whole] + (X[0, m, columns(b)] - T.Broadcast(stats[0], LANES)) * (
+                        X[0, m, columns(b)] - T.Broadcast(stats[0], LANES)
+                    )
+                stats[1] = T.float32(1.0) / T.sqrt(
+                    _horizontal(acc, LANES, add) * T.float32(1.0 / channels) + T.float32(epsilon)
+                )
+            else:
+                acc[whole] = X[0, m, columns(0)]
+                for b in range(1, blocks):
+                    acc[whole] = T.max(acc[whole], X[0, m, columns(b)])
+                stats[0] = _horizontal(acc, LANES, maximum)
+                acc[whole] = lanes_of(0.0)
+                for b in range(blocks):
+                    acc[whole] = acc[whole] + fast_exp(X[0, m, columns(b)] - T.Broadcast(stats[0], LANES), LANES)
+                stats[1] = T.float32(1.0) / _horizontal(acc, LANES, add)
+            for b in range(blocks):
+                Y[_store_index(target, 0, m, columns(b))] = finish(X, m, b, stats[0], stats[1], K64, K32, KF)
+
+    return rowwise, [source, ints, halves, floats]
+
+
+def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: Stored) -> tuple[Any, list[Any]]:
+    """``(A - za) (B - zb)`` per batch for uint8 ``A [batch, M, K]`` (``anchor.input``, rows of K) and ``B [batch,
+    K, N]`` (``other``, rows of N), exactly in int32: ``sum a b - zb sum_k a - za sum_k b + K za zb``, on
+    ``N``-wide int32 vectors (16 lanes when N allows), epilogue fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, depth, _, total = source.logical
+    _, width, _, other_rows = other.logical
+    batch = other_rows // depth
+    rows = total // batch
+    za, zb = anchor.zero_point, anchor.other_zero
+    lanes = LANES if width % LANES == 0 else 1
+    blocks = width // lanes
+    (ints, halves, floats), where = _pack(value.constants, width)
+    i32 = _vector("int32", lanes)
+    whole = tirx.Ramp(0, 1, lanes) if lanes > 1 else 0
+
+    def columns(b: Any) -> Any:
+        return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
+
+    def widen(x: Any) -> Any:
+        return tirx.Cast(i32, x)
+
+    def splat(x: Any) -> Any:
+        return tirx.Broadcast(x, lanes) if lanes > 1 else x
+
+    def finish(acc: Any, colsum: Any, rowsum: Any, K64: Any, K32: Any, KF: Any, b: Any) -> Any:
+        corrected = (
+            acc
+            - splat(tirx.const(zb, "int32") * rowsum)
+            - colsum * splat(tirx.const(za, "int32"))
+            + splat(tirx.const(depth * za * zb, "int32"))
+        )
+        return value.expression(_env(corrected, lambda i: None, (K64, K32, KF), where, columns(b), lanes))
+
+    outer = _outer(batch * rows * depth * width)
+
+    @T.prim_func
+    def batched(
+        A: T.Buffer(source.shape, "uint8"),
+        B: T.Buffer(other.shape, "uint8"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for g in outer(batch):
+            for m in range(rows):
+                rowsum = T.alloc_buffer((1,), "int32", scope="global")
+                rowsum[0] = 0
+                for k in range(depth):
+                    rowsum[0] = rowsum[0] + T.Cast("int32", A[0, g * rows + m, k])
+                for b in range(blocks):
+                    acc = T.alloc_buffer((lanes,), "int32", scope="global")
+                    colsum = T.alloc_buffer((lanes,), "int32", scope="global")
+                    acc[whole] = splat(T.int32(0))
+                    colsum[whole] = splat(T.int32(0))
+                    for k in range(depth):
+                        acc[whole] = acc[whole] + splat(T.Cast("int32", A[0, g * rows + m, k])) * widen(
+                            B[0, g * depth + k, columns(b)]
+                        )
+                        colsum[whole] = colsum[whole] + widen(B[0, g * depth + k, columns(b)])
+                    Y[_store_index(target, 0, g * rows + m, columns(b))] = finish(
+                        acc[whole], colsum[whole], rowsum[0], K64, K32, KF, b
+                    )
+
+    return batched, [source, other, ints, halves, floats]
+
+
+def sylvester(size: int) -> np.ndarray:
+    """Sylvester's Hadamard matrix of a power-of-two ``size`` (entries +-1)."""
+    matrix = np.ones((1, 1), np.float32)
+    while matrix.shape[0] < size:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return matrix
+
+
+def _walsh_hadamard_16(x: Any) -> Any:
+    """``x H_16`` for one 16-lane vector: four butterfly stages, each a lane shuffle and a blend of the sum and
+    the difference."""
+    from tvm import tirx
+
+    for stride in (8, 4, 2, 1):
+        swapped = tirx.Shuffle([x], [lane ^ stride for lane in range(LANES)])
+        x = tirx.Shuffle([x + swapped, swapped - x], [lane + LANES if lane & stride else lane for lane in range(LANES)])
+    return x
+
+
+def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """A Hadamard rotation ``y = (x * s) (H_m (x) H_p)`` of each row of ``K = m p`` channels, epilogue fused:
+    the row scaled by the signs ``s``, each of its ``m`` groups of ``p`` multiplied by the inner factor
+    ``H_p`` (into a scratch row), then the groups mixed by the outer factor ``H_m`` (the identity for a
+    block-diagonal rotation). An inner factor that is Sylvester's matrix times a constant (as the rotation
+    pass makes it) runs as a fast Walsh-Hadamard transform: sums and differences of the row's 16-lane vectors,
+    then four in-vector butterflies, ``p log p`` additions instead of ``p^2`` multiply-adds."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    signs, inner, outer = anchor.factors
+    _, channels, _, count = source.logical
+    p, m = inner.shape[0], outer.shape[0]
+    lanes = LANES if p % LANES == 0 else 1
+    blocks = p // lanes
+    (ints, halves, floats), where = _pack(value.constants, channels)
+    whole = tirx.Ramp(0, 1, lanes) if lanes > 1 else 0
+    power_of_two = p & (p - 1) == 0
+    scale = float(inner[0, 0])
+    fast = lanes == LANES and power_of_two and blocks <= 16 and np.array_equal(inner, scale * sylvester(p))
+
+    def splat(x: Any) -> Any:
+        return tirx.Broadcast(x, lanes) if lanes > 1 else x
+
+    def span(start: Any) -> Any:
+        return tirx.Ramp(start, 1, lanes) if lanes > 1 else start
+
+    def finish(acc: Any, K64: Any, K32: Any, KF: Any, channel: Any) -> Any:
+        return value.expression(_env(acc, lambda i: None, (K64, K32, KF), where, span(channel), lanes))
+
+    def mixed_blocks(scaled: Any, i: Any, b: Any) -> Any:
+        """Block ``b`` of the group's vectors combined by ``H_blocks`` (the cross-vector butterfly stages):
+        source block ``a`` enters with the sign ``(-1)^popcount(a & b)``."""
+        total = None
+        for source_block in range(blocks):
+            parity = tirx.popcount(tirx.const(source_block, "int32") & b) % 2
+            sign = splat(tirx.Cast("float32", 1 - 2 * parity))
+            term = scaled[span(i * p + source_block * lanes)] * sign
+            total = term if total is None else total + term
+        return total
+
+    zero = splat(tirx.const(0.0, "float32"))
+    outer_loop = _outer(count * channels * (p + m))
+    tile = min(blocks, ROTATION_TILE)  # blocks of lanes accumulated at once: independent chains in registers
+    tiles = -(-blocks // tile)
+
+    def column(t: Any, b: Any) -> Any:
+        return tirx.min(t * tile + b, blocks - 1) * lanes  # (a last partial tile recomputes its last block)
+
+    @T.prim_func
+    def rotation(
+        X: T.Buffer(source.shape, "float32"),
+        S: T.Buffer((channels,), "float32"),
+        Hp: T.Buffer((p, p), "float32"),
+        Hm: T.Buffer((m, m), "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for r in outer_loop(count):
+            scaled = T.alloc_buffer((channels,), "float32", scope="global")
+            grouped = T.alloc_buffer((channels,), "float32", scope="global")
+            acc = T.alloc_buffer((tile, lanes), "float32", scope="global")
+            for c in range(channels):
+                scaled[c] = X[0, r, c] * S[c]
+            if fast:
+                for i in range(m):
+                    for b in T.unroll(blocks):
+                        grouped[span(i * p + b * lanes)] = mixed_blocks(scaled, i, b)
+                    for b in T.unroll(blocks):
+                        grouped[span(i * p + b * lanes)] = _walsh_hadamard_16(grouped[span(i * p + b * lanes)]) * splat(
+                            T.float32(scale)
+                        )
+            else:
+                for i in range(m):
+                    for t in range(tiles):
+                        for b in T.unroll(tile):
+                            acc[b, whole] = zero
+                        for k in range(p):
+                            for b in T.unroll(tile):
+                                acc[b, whole] = acc[b, whole] + splat(scaled[i * p + k]) * Hp[k, span(column(t, b))]
+                        for b in T.unroll(tile):
+                            grouped[span(i * p + column(t, b))] = acc[b, whole]
+            for i2 in range(m):
+                for t in range(tiles):
+                    for b in T.unroll(tile):
+                        acc[b, whole] = zero
+                    for i in range(m):
+                        for b in T.unroll(tile):
+                            acc[b, whole] = acc[b, whole] + splat(Hm[i, i2]) * grouped[span(i * p + column(t, b))]
+                    for b in T.unroll(tile):
+                        Y[_store_index(target, 0, r, span(i2 * p + column(t, b)))] = finish(
+                            acc[b, whole], K64, K32, KF, i2 * p + column(t, b)
+                        )
+
+    return rotation, [source, signs, inner, outer, ints, halves, floats]
