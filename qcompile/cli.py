@@ -122,12 +122,14 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     parser.add_argument(
         "--rotate",
-        choices=("hadamard", "hadamard-residual", "none"),
+        choices=("hadamard", "hadamard-residual", "auto", "none"),
         help="rotate MatMul/Gemm inputs by randomized Hadamard matrices (QuaRot style), folded into a linear "
         "producer where possible, else an online transform in standard ONNX ops; exact in float. "
         "hadamard-residual also rotates a pre-norm transformer's residual stream offline (embedding, residual "
         "writers, RMSNorm readers with the norm weights folded in): fewer online transforms, less accurate "
-        "with static activation scales at 4-bit weights (default: the target's recipe)",
+        "with static activation scales at 4-bit weights; auto rotates sequence models (linear layers reading "
+        "many rows: transformers) and leaves single-row heads (CNN classifiers) alone (default: the target's "
+        "recipe; host's is auto)",
     )
     parser.add_argument(
         "--split-layers",

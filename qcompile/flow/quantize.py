@@ -83,12 +83,15 @@ class QuantizeOptions:
             fold SmoothQuant scales into the producers of MatMul / Gemm / Conv inputs (LayerNorm,
             linear layers; never a runtime Mul): None (off), an alpha in [0, 1], or 'auto' (alpha searched per
             producer on calibration rows). See :mod:`qcompile.passes.smoothquant`.
-        rotate: None, 'hadamard' or 'hadamard-residual': rotate MatMul / Gemm inputs by randomized Hadamard
+        rotate: None, 'hadamard', 'hadamard-residual' or 'auto': rotate MatMul / Gemm inputs by randomized Hadamard
             matrices, folded into a linear producer where one can take it, else as an online transform (exact in
             float). 'hadamard-residual' first rotates a pre-norm transformer's whole residual stream offline
             (QuaRot): fewer online transforms, but the activations after each RMSNorm lose its weight's
             damping of outlier channels, which per-tensor static activation scales pay for at 4 bits
             (SmolLM2-135M with SmoothQuant, perplexity: W8A8 +2.5 % vs +2.7 %; W4A8 +17.8 % vs +15.8 %).
+            'auto' is 'hadamard' for a sequence model (a linear layer reads more than one row) and nothing
+            otherwise (a CNN's classifier reads one row): all-MiniLM-L6-v2 W8A8 keeps every layer int8 at
+            held-out mean cosine 0.9994 with it, where without it 9 of 36 layers stay float at 0.9983.
         split_layers: split every Conv / Gemm / MatMul into three layers holding the low, middle and high
             k-means clusters of its weights, summed after (SplitQuant; exact in float, 3x the layer's MACs).
         sensitivity: how the search gets each layer's error per format: 'measured' (run every format of
@@ -156,8 +159,8 @@ class QuantizeOptions:
             isinstance(self.smoothquant, float | int) and 0.0 <= self.smoothquant <= 1.0
         ):
             raise CalibrationError(f"SmoothQuant alpha {self.smoothquant!r} is not a number in [0, 1] or 'auto'")
-        if self.rotate not in (None, "hadamard", "hadamard-residual", FROM_TARGET):
-            raise CalibrationError(f"rotation '{self.rotate}' is not hadamard or hadamard-residual")
+        if self.rotate not in (None, "hadamard", "hadamard-residual", "auto", FROM_TARGET):
+            raise CalibrationError(f"rotation '{self.rotate}' is not hadamard, hadamard-residual or auto")
         if self.sensitivity not in ("measured", "hessian"):
             raise CalibrationError(f"sensitivity '{self.sensitivity}' is not measured or hessian")
         if self.bias_samples < 1:
@@ -313,7 +316,9 @@ def quantize(
         smoothed = smoother.decisions
     rotations: list[Rotation] = []
     if options.rotate is not None:
-        rotator = HadamardRotationPass(residual=options.rotate == "hadamard-residual")
+        rotator = HadamardRotationPass(
+            residual=options.rotate == "hadamard-residual", sequences_only=options.rotate == "auto"
+        )
         rewrites.run(rotator, model)
         rotations = rotator.rotations
     splits: list[Split] = []

@@ -65,7 +65,8 @@ class Target:
     tvm_target: dict[str, Any]
     device: Device
     # The graph rewrites the target uses when the command line does not say: smoothquant (off, an alpha or
-    # 'auto'), rotate ('none', 'hadamard' or 'hadamard-residual'), split_layers (true / false).
+    # 'auto'), rotate ('none', 'hadamard', 'hadamard-residual' or 'auto': hadamard for sequence models, whose
+    # linear layers read many rows), split_layers (true / false).
     recipe: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,11 +113,12 @@ def _recipe(name: str, data: dict[str, Any]) -> dict[str, Any]:
     alpha = recipe["smoothquant"]
     if not (alpha in ("off", "auto") or (isinstance(alpha, float | int) and 0 <= alpha <= 1)):
         raise TargetError(f"target '{name}': recipe smoothquant must be 'off', 'auto' or an alpha in [0, 1]")
-    if recipe["rotate"] not in ("none", "hadamard", "hadamard-residual") or not isinstance(
+    if recipe["rotate"] not in ("none", "hadamard", "hadamard-residual", "auto") or not isinstance(
         recipe["split_layers"], bool
     ):
         raise TargetError(
-            f"target '{name}': recipe rotate must be 'none', 'hadamard' or 'hadamard-residual', split_layers true/false"
+            f"target '{name}': recipe rotate must be 'none', 'hadamard', 'hadamard-residual' or 'auto', "
+            "split_layers true/false"
         )
     return recipe
 

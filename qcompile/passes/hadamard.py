@@ -415,10 +415,11 @@ class HadamardRotationPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         require_unannotated(model, "HadamardRotationPass")
 
-    def __init__(self, seed: int = 0, residual: bool = False) -> None:
+    def __init__(self, seed: int = 0, residual: bool = False, sequences_only: bool = False) -> None:
         super().__init__()
         self.seed = seed
         self.residual = residual
+        self.sequences_only = sequences_only  # leave a model alone whose linear layers each read one row
         self.rotations: list[Rotation] = []
 
     def _fold_stream(self, embedding: ir.Node) -> set[int]:
@@ -488,6 +489,10 @@ class HadamardRotationPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.rotations = []
         graph = model.graph
+        if self.sequences_only and not any(_reads_rows(node) for node in graph if node.op_type in ("MatMul", "Gemm")):
+            reason = "no MatMul / Gemm reads more than one row (not a sequence model): rotation left to --rotate"
+            self.rotations.append(Rotation("-", [], reason=reason))
+            return ir.passes.PassResult(model, modified=False)
         done: set[int] = set()
         if self.residual:
             for node in list(graph):
@@ -582,3 +587,14 @@ class HadamardRotationPass(ir.passes.InPlacePass):
         for new in nodes:
             graph.insert_before(before, new)
         return rotated
+
+
+def _reads_rows(node: ir.Node) -> bool:
+    """Whether a linear layer's input holds more than one row (a sequence: leading dims whose product is > 1)."""
+    source = node.inputs[0] if node.inputs else None
+    shape = source.shape if source is not None else None
+    if shape is None or shape.rank() < 2:
+        return False
+    leading = list(shape)[:-1]
+    sizes = [dim for dim in leading if isinstance(dim, int)]
+    return len(sizes) < len(leading) or int(np.prod(sizes)) > 1

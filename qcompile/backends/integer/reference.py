@@ -136,7 +136,10 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbatio
         if (node.name or node.output[0]) in islands:
             evaluated = float_node(model, node, {name: env[name] for name in node.input if name})
             if island_perturbation:
-                evaluated = [v * np.float32(1 + island_perturbation) if v.dtype == np.float32 else v for v in evaluated]
+                with np.errstate(over="ignore"):  # (a mask's -3.4e38 may scale past float32: -inf, as masked)
+                    evaluated = [
+                        v * np.float32(1 + island_perturbation) if v.dtype == np.float32 else v for v in evaluated
+                    ]
             env.update(zip(node.output, evaluated, strict=True))
             continue
         if op == "QuantizeLinear":

@@ -245,15 +245,19 @@ class _Lowering:
                 continue
             shape = tuple(d.dim_value for d in tensor.type.tensor_type.shape.dim)
             dtype = ONNX_DTYPES.get(tensor.type.tensor_type.elem_type)
-            if dtype is None or not shape or shape[0] != 1 or not all(shape) or len(shape) not in (2, 4):
-                raise NotLowerable(f"input {tensor.name}: only [1, C, H, W] and [1, C] inputs are covered")
-            if len(shape) == 4 and dtype != "float32":
-                raise NotLowerable(f"input {tensor.name}: a 4-D input must be a float32 image (NCHW)")
+            if dtype is None or not shape or shape[0] != 1 or not all(shape):
+                raise NotLowerable(f"input {tensor.name}: a batch-1 input of static shape and a numeric type")
             var = relax.Var(tensor.name, relax.TensorType(shape, dtype))
             parameters.append(var)
-            self.values[tensor.name] = Stored(var, shape, dtype, "nchw" if len(shape) == 4 else "nc")
+            image = len(shape) == 4 and dtype == "float32"
+            layout = "nchw" if image else "nc" if len(shape) == 2 else "rows"  # (rows: a view, made below)
+            self.values[tensor.name] = Stored(var, shape, dtype, layout)
         with self.builder.function("main", parameters):
             with self.builder.dataflow():
+                for name, value in list(self.values.items()):
+                    if isinstance(value, Stored) and value.layout == "rows":  # [1, S, D] and the like
+                        flat = self.builder.emit(relax.op.reshape(value.var, (int(np.prod(value.logical)),)))
+                        self.values[name] = self._as_rows(flat, value.logical, value.dtype)
                 for node in graph.node:
                     self._node(node)
                 results = []
@@ -668,7 +672,7 @@ class _Lowering:
     def _matmul(self, node: onnx.NodeProto) -> Lazy:
         """MatMulInteger of [1, K] codes by int8 weights, or a MatMul / Gemm kept in float on [1, K] rows."""
         bias: np.ndarray | None = None
-        if node.op_type == "MatMulInteger" and node.input[1] not in self.constants:
+        if node.op_type in ("MatMulInteger", "MatMul") and node.input[1] not in self.constants:
             return self._batched_matmul(node)
         if node.op_type == "MatMulInteger":
             source, accumulator, dtype = self._materialize(node.input[0]), "int32", "uint8"
@@ -761,7 +765,7 @@ class _Lowering:
 
     def _batched_matmul(self, node: onnx.NodeProto) -> Lazy:
         """MatMulInteger of two activations ``[..., M, K] x [..., K, N]`` (attention's ``Q K^T`` and ``P V``),
-        with scalar uint8 zero points."""
+        with scalar uint8 zero points, or the float MatMul of two activations (an attention kept float)."""
         left, right = self._shape(node.input[0]), self._shape(node.input[1])
         if len(left) < 2 or left[:-2] != right[:-2] or left[-1] != right[-2]:
             raise NotLowerable(f"{node.name}: MatMulInteger of shapes {list(left)} and {list(right)}")
@@ -773,12 +777,13 @@ class _Lowering:
                 raise NotLowerable(f"{node.name}: MatMulInteger with zero points that are not scalar constants")
             zeros.append(int(np.asarray(zero).reshape(-1)[0]))
         a, b = (self._materialize(name) for name in node.input[:2])
+        dtype, accumulator = ("uint8", "int32") if node.op_type == "MatMulInteger" else ("float32", "float32")
         for operand, shape in ((a, left), (b, right)):
-            if operand.dtype != "uint8" or operand.shape != (1, int(np.prod(shape[:-1])), shape[-1]):
-                raise NotLowerable(f"{node.name}: MatMulInteger of activations is covered on unpadded uint8 rows")
+            if operand.dtype != dtype or operand.shape != (1, int(np.prod(shape[:-1])), shape[-1]):
+                raise NotLowerable(f"{node.name}: {node.op_type} of activations is covered on unpadded {dtype} rows")
         logical = rows_logical((*left[:-1], right[-1]))
-        anchor = Anchor("bmm", a, logical, "int32", zero_point=zeros[0], other=b, other_zero=zeros[1])
-        return Lazy(logical, "int32", _source, anchor)
+        anchor = Anchor("bmm", a, logical, accumulator, zero_point=zeros[0], other=b, other_zero=zeros[1])
+        return Lazy(logical, accumulator, _source, anchor)
 
     def _max_pool(self, node: onnx.NodeProto) -> Lazy:
         attributes = node_attributes(node)

@@ -218,7 +218,7 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
 def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: Stored) -> tuple[Any, list[Any]]:
     """``(A - za) (B - zb)`` per batch for uint8 ``A [batch, M, K]`` (``anchor.input``, rows of K) and ``B [batch,
     K, N]`` (``other``, rows of N), exactly in int32: ``sum a b - zb sum_k a - za sum_k b + K za zb``, on
-    ``N``-wide int32 vectors (16 lanes when N allows), epilogue fused."""
+    ``N``-wide int32 vectors (16 lanes when N allows), epilogue fused; or ``A B`` of float32 activations."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -231,33 +231,37 @@ def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: St
     lanes = LANES if width % LANES == 0 else 1
     blocks = width // lanes
     (ints, halves, floats), where = _pack(value.constants, width)
-    i32 = _vector("int32", lanes)
+    dtype, accumulator = source.dtype, anchor.source_dtype  # uint8 into int32, or float32 throughout
+    integer = accumulator == "int32"
+    wide = _vector(accumulator, lanes)
     whole = tirx.Ramp(0, 1, lanes) if lanes > 1 else 0
 
     def columns(b: Any) -> Any:
         return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
 
     def widen(x: Any) -> Any:
-        return tirx.Cast(i32, x)
+        return tirx.Cast(wide, x) if integer else x
 
     def splat(x: Any) -> Any:
         return tirx.Broadcast(x, lanes) if lanes > 1 else x
 
     def finish(acc: Any, colsum: Any, rowsum: Any, K64: Any, K32: Any, KF: Any, b: Any) -> Any:
-        corrected = (
-            acc
-            - splat(tirx.const(zb, "int32") * rowsum)
-            - colsum * splat(tirx.const(za, "int32"))
-            + splat(tirx.const(depth * za * zb, "int32"))
-        )
+        corrected = acc
+        if integer:
+            corrected = (
+                acc
+                - splat(tirx.const(zb, "int32") * rowsum)
+                - colsum * splat(tirx.const(za, "int32"))
+                + splat(tirx.const(depth * za * zb, "int32"))
+            )
         return value.expression(_env(corrected, lambda i: None, (K64, K32, KF), where, columns(b), lanes))
 
     outer = _outer(batch * rows * depth * width)
 
     @T.prim_func
     def batched(
-        A: T.Buffer(source.shape, "uint8"),
-        B: T.Buffer(other.shape, "uint8"),
+        A: T.Buffer(source.shape, dtype),
+        B: T.Buffer(other.shape, dtype),
         K64: T.Buffer(ints.shape, "int64"),
         K32: T.Buffer(halves.shape, "int32"),
         KF: T.Buffer(floats.shape, "float32"),
@@ -266,20 +270,22 @@ def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: St
         T.func_attr({"tir.noalias": True})
         for g in outer(batch):
             for m in range(rows):
-                rowsum = T.alloc_buffer((1,), "int32", scope="global")
-                rowsum[0] = 0
-                for k in range(depth):
-                    rowsum[0] = rowsum[0] + T.Cast("int32", A[0, g * rows + m, k])
-                for b in range(blocks):
-                    acc = T.alloc_buffer((lanes,), "int32", scope="global")
-                    colsum = T.alloc_buffer((lanes,), "int32", scope="global")
-                    acc[whole] = splat(T.int32(0))
-                    colsum[whole] = splat(T.int32(0))
+                rowsum = T.alloc_buffer((1,), accumulator, scope="global")
+                rowsum[0] = T.Cast(accumulator, 0)
+                if integer:
                     for k in range(depth):
-                        acc[whole] = acc[whole] + splat(T.Cast("int32", A[0, g * rows + m, k])) * widen(
+                        rowsum[0] = rowsum[0] + T.Cast(accumulator, A[0, g * rows + m, k])
+                for b in range(blocks):
+                    acc = T.alloc_buffer((lanes,), accumulator, scope="global")
+                    colsum = T.alloc_buffer((lanes,), accumulator, scope="global")
+                    acc[whole] = splat(T.Cast(accumulator, 0))
+                    colsum[whole] = splat(T.Cast(accumulator, 0))
+                    for k in range(depth):
+                        acc[whole] = acc[whole] + splat(T.Cast(accumulator, A[0, g * rows + m, k])) * widen(
                             B[0, g * depth + k, columns(b)]
                         )
-                        colsum[whole] = colsum[whole] + widen(B[0, g * depth + k, columns(b)])
+                        if integer:
+                            colsum[whole] = colsum[whole] + widen(B[0, g * depth + k, columns(b)])
                     Y[_store_index(target, 0, g * rows + m, columns(b))] = finish(
                         acc[whole], colsum[whole], rowsum[0], K64, K32, KF, b
                     )

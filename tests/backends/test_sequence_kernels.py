@@ -1,0 +1,243 @@
+"""Transformer encoders on qcompile's kernels: row-major tensors, attention, norms, masks and rotations.
+
+References and tolerances:
+- integer ops (activation x activation ``MatMulInteger``, the quantization feeding it) against the numpy
+  oracle, bit-exact, at the extremes of the codes and zero points;
+- float ops (LayerNorm, Softmax with a boolean mask, erf GELU, head transposes, embedding gathers, the online
+  Hadamard rotation) against onnxruntime within 2e-5 of each output's range: float32 sums in another order
+  and the vectorised exp / erf (relative error below 2e-7, absolute below 1.5e-7) move the outputs by ~1e-6;
+- a tiny BERT exported as users export it, compiled for ``host`` from calibration samples alone: its library
+  is qcompile's kernels, checked at compile time against the oracle (``tvm_vs_oracle``), and it agrees with
+  onnxruntime running the QDQ graph (cosine >= 0.999: float islands computed in another order can move a
+  code by one step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import intake_zoo
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from conftest import keep_every_library
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile import api, execution, runtime
+from qcompile.backends.integer import reference as integer_reference
+from qcompile.errors import BackendError
+from qcompile.passes.hadamard import factors
+
+tvm = pytest.importorskip("tvm")
+integer = pytest.importorskip("qcompile.backends.tvm.integer")
+int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
+
+FLOAT_TOLERANCE = 2e-5  # of each output's range
+
+
+@pytest.fixture(scope="module")
+def flavor() -> object:
+    try:
+        return int8_kernels.host_flavor()
+    except BackendError as error:
+        pytest.skip(str(error))
+
+
+def _model(
+    nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+    inputs: dict[str, tuple[int, list[int]]],
+    outputs: dict[str, tuple[int, list[int]]],
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "sequence",
+        [helper.make_tensor_value_info(name, kind, shape) for name, (kind, shape) in inputs.items()],
+        [helper.make_tensor_value_info(name, kind, shape) for name, (kind, shape) in outputs.items()],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = execution.ORT_IR_VERSION
+    return model
+
+
+def _build(model: onnx.ModelProto, flavor: object) -> tuple[object, list[str]]:
+    """The VM of ``model`` on the kernels, and the kinds of kernel it calls."""
+    from tvm import relax
+
+    module = integer.to_relax(model, flavor)
+    kinds = [gvar.name_hint.split("_", 1)[1] for gvar, func in module.functions.items() if "_" in gvar.name_hint]
+    executable = relax.build(
+        module,
+        target=tvm.target.Target(flavor.tvm_target),  # type: ignore[attr-defined]
+        relax_pipeline=integer.pipeline(),
+    )
+    return relax.VirtualMachine(executable, tvm.cpu()), kinds
+
+
+def _run(vm: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    result = vm["main"](*(tvm.runtime.tensor(value) for value in feed.values()))  # type: ignore[index]
+    return [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
+
+
+def test_attention_products_of_two_activations_are_bit_exact(flavor: object) -> None:
+    """Q K^T-shaped MatMulInteger of two quantized activations ([2, 4, 32] x [2, 32, 16], heads as batch), with
+    zero points at both ends of the range and codes that reach 0 and 255."""
+    rng = np.random.default_rng(0)
+    for za, zb in ((0, 255), (255, 0), (131, 7)):
+        initializers = [
+            numpy_helper.from_array(np.array(0.05, np.float32), "sa"),
+            numpy_helper.from_array(np.array(0.07, np.float32), "sb"),
+            numpy_helper.from_array(np.array(za, np.uint8), "za"),
+            numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
+            numpy_helper.from_array(np.array([2, 4, 32], np.int64), "shape_a"),
+            numpy_helper.from_array(np.array([2, 32, 16], np.int64), "shape_b"),
+        ]
+        nodes = [
+            helper.make_node("QuantizeLinear", ["a", "sa", "za"], ["qa"]),
+            helper.make_node("QuantizeLinear", ["b", "sb", "zb"], ["qb"]),
+            helper.make_node("Reshape", ["qa", "shape_a"], ["heads_a"]),
+            helper.make_node("Reshape", ["qb", "shape_b"], ["heads_b"]),
+            helper.make_node("MatMulInteger", ["heads_a", "heads_b", "za", "zb"], ["scores"]),
+        ]
+        model = _model(
+            nodes,
+            initializers,
+            {"a": (TensorProto.FLOAT, [1, 8, 32]), "b": (TensorProto.FLOAT, [1, 64, 16])},
+            {"scores": (TensorProto.INT32, [2, 4, 16])},
+        )
+        vm, kinds = _build(model, flavor)
+        assert "bmm" in kinds
+        feed = {
+            "a": (rng.uniform(-20, 20, (1, 8, 32))).astype(np.float32),  # saturates both ways
+            "b": (rng.uniform(-25, 25, (1, 64, 16))).astype(np.float32),
+        }
+        (ours,) = _run(vm, feed)
+        (expected,) = integer_reference.run(model, feed)
+        assert ours.dtype == np.int32
+        np.testing.assert_array_equal(ours, expected)
+
+
+def _encoder_block(seed: int = 0, size: int = 192, heads: int = 4, sequence: int = 16) -> onnx.ModelProto:
+    """A float post-norm encoder block as exporters write one: token embeddings gathered at int64 ids plus a
+    constant position table, LayerNorm, an online Hadamard rotation (signs, [rows, 12, 16] grid, both factors,
+    as :mod:`qcompile.passes.hadamard` inserts it) before the query/key/value projections, heads split by
+    Reshape + Transpose, Q K^T scaled, a boolean key mask turned additive by Where, Softmax, its NaN guard,
+    P V, heads merged, an erf GELU MLP and the residual LayerNorm."""
+    rng = np.random.default_rng(seed)
+    head = size // heads
+    outer, inner, kind = factors(size)
+    assert kind == "kronecker"
+    m, p = outer.shape[0], inner.shape[0]
+
+    def constant(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    def weight(name: str, *shape: int, scale: float = 0.2) -> onnx.TensorProto:
+        return constant(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    initializers = [
+        weight("table", 50, size, scale=1.0), weight("positions", 1, sequence, size, scale=0.5),
+        weight("gamma", size, scale=1.0), weight("beta", size),
+        constant("signs", rng.choice([-1.0, 1.0], size).astype(np.float32)),
+        constant("grid", np.array([-1, m, p], np.int64)), constant("rows", np.array([sequence, size], np.int64)),
+        constant("inner", inner.astype(np.float32)), constant("outer", outer.astype(np.float32)),
+        weight("wq", size, size), weight("wk", size, size), weight("wv", size, size), weight("wo", size, size),
+        weight("w1", size, 2 * size), weight("w2", 2 * size, size),
+        constant("split", np.array([1, sequence, heads, head], np.int64)),
+        constant("merged", np.array([1, sequence, size], np.int64)),
+        constant("scale", np.array(1.0 / np.sqrt(head), np.float32)),
+        constant("zero", np.array(0.0, np.float32)), constant("masked", np.array(-np.inf, np.float32)),
+        constant("root2", np.array(np.sqrt(2.0), np.float32)), constant("one", np.array(1.0, np.float32)),
+        constant("half", np.array(0.5, np.float32)),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["tokens"]),
+        helper.make_node("Add", ["tokens", "positions"], ["embedded"]),
+        helper.make_node("LayerNormalization", ["embedded", "gamma", "beta"], ["x"], axis=-1, epsilon=1e-12),
+        helper.make_node("Reshape", ["x", "rows"], ["x_rows"]),
+        helper.make_node("Mul", ["x_rows", "signs"], ["signed"]),
+        helper.make_node("Reshape", ["signed", "grid"], ["gridded"]),
+        helper.make_node("MatMul", ["gridded", "inner"], ["mixed_inner"]),
+        helper.make_node("Transpose", ["mixed_inner"], ["flipped"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["flipped", "outer"], ["mixed_outer"]),
+        helper.make_node("Transpose", ["mixed_outer"], ["unflipped"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["unflipped", "rows"], ["rotated"]),
+    ]
+    for name in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("MatMul", ["rotated", f"w{name}"], [f"{name}_flat"]),
+            helper.make_node("Reshape", [f"{name}_flat", "split"], [f"{name}_split"]),
+            helper.make_node("Transpose", [f"{name}_split"], [f"{name}_heads"], perm=[0, 2, 1, 3]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["k_heads"], ["k_t"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q_heads", "k_t"], ["raw_scores"]),
+        helper.make_node("Mul", ["raw_scores", "scale"], ["scores"]),
+        helper.make_node("Cast", ["mask"], ["keep"], to=TensorProto.BOOL),
+        helper.make_node("Where", ["keep", "zero", "masked"], ["bias"]),
+        helper.make_node("Add", ["scores", "bias"], ["biased"]),
+        helper.make_node("Softmax", ["biased"], ["probabilities"], axis=-1),
+        helper.make_node("IsNaN", ["probabilities"], ["undefined"]),
+        helper.make_node("Where", ["undefined", "zero", "probabilities"], ["attention"]),
+        helper.make_node("MatMul", ["attention", "v_heads"], ["context"]),
+        helper.make_node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["context_t", "merged"], ["context_rows"]),
+        helper.make_node("MatMul", ["context_rows", "wo"], ["projected"]),
+        helper.make_node("Add", ["projected", "x"], ["residual"]),
+        helper.make_node("LayerNormalization", ["residual", "gamma", "beta"], ["y"], axis=-1),
+        helper.make_node("MatMul", ["y", "w1"], ["up"]),
+        helper.make_node("Div", ["up", "root2"], ["up_scaled"]),
+        helper.make_node("Erf", ["up_scaled"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["erf_1"]),
+        helper.make_node("Mul", ["up", "erf_1"], ["gelu_2"]),
+        helper.make_node("Mul", ["gelu_2", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "w2"], ["down"]),
+        helper.make_node("Add", ["down", "y"], ["out"]),
+    ]
+    return _model(
+        nodes,
+        initializers,
+        {"ids": (TensorProto.INT64, [1, sequence]), "mask": (TensorProto.INT64, [1, 1, 1, sequence])},
+        {
+            "out": (TensorProto.FLOAT, [1, sequence, size]),
+            "attention": (TensorProto.FLOAT, [1, heads, sequence, sequence]),
+        },
+    )
+
+
+def test_an_encoder_block_runs_on_the_kernels_as_onnxruntime_computes_it(flavor: object) -> None:
+    model = _encoder_block()
+    vm, kinds = _build(model, flavor)
+    # Each op has its kernel: nothing went to TVM's importer, and the rotation is one kernel.
+    assert {"embedding", "layernorm", "softmax", "rotation", "conv", "bmm"} <= set(kinds), kinds
+    assert kinds.count("rotation") == 1
+    rng = np.random.default_rng(3)
+    mask = np.ones((1, 1, 1, 16), np.int64)
+    mask[..., 11:] = 0  # padding tokens
+    feed = {"ids": rng.integers(-50, 50, (1, 16)).astype(np.int64), "mask": mask}  # (negative ids count back)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):
+        assert ours.shape == expected.shape
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_exported_bert_compiles_onto_the_kernels(tmp_path: Path, exporter: str) -> None:
+    path = intake_zoo.export("bert", exporter, tmp_path / "export")
+    calibration = intake_zoo.calibration_feeds("bert", 8, seed=0)
+    with keep_every_library():  # (whether a tiny model's library beats onnxruntime is a measurement)
+        manifest = api.compile(path, tmp_path / "artifact", calibration_data=calibration, progress=False)
+    library = manifest["executors"]["tvm"]
+    assert library["lowering"].startswith("qcompile int8 kernels"), library
+    assert "tvm_vs_oracle" in manifest["measured"]["accuracy"]
+    rotation = next(entry for entry in manifest["passes"] if entry["name"] == "hadamard_rotation")
+    assert rotation["enabled"] and rotation["rotations"], rotation  # the host recipe rotates sequence models
+    kernels, quantized = runtime.load(tmp_path / "artifact", "tvm"), runtime.load(tmp_path / "artifact", "onnxruntime")
+    for feed in intake_zoo.calibration_feeds("bert", 2, seed=1):
+        ours, theirs = kernels.run(feed), quantized.run(feed)
+        for name, expected in theirs.items():
+            produced = ours[name].astype(np.float64).ravel()
+            cosine = produced @ expected.ravel() / (np.linalg.norm(produced) * np.linalg.norm(expected))
+            assert cosine >= 0.999, (name, cosine)
