@@ -188,10 +188,19 @@ ISLAND_FLOOR = 1e-3  # of the output's range: the tolerance where the perturbati
 
 
 def _deviation(produced: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float]:
-    """The largest |difference| over every output, relative to that output's range, and the lowest cosine."""
+    """The largest |difference| over every output, relative to that output's range, and the lowest cosine.
+    Non-finite values must sit where the other side has the same one (a NaN or an infinity elsewhere is an
+    infinite difference): a NaN would otherwise compare as no difference at all."""
     error, cosine = 0.0, 1.0
     for ours, theirs in zip(produced, expected, strict=True):
         a, b = np.asarray(ours, np.float64).ravel(), np.asarray(theirs, np.float64).ravel()
+        if not a.size:
+            continue
+        finite = np.isfinite(a) & np.isfinite(b)
+        same = (np.isnan(a) & np.isnan(b)) | (a == b)
+        if not np.all(finite | same):
+            return float("inf"), -1.0
+        a, b = a[finite], b[finite]
         if not a.size:
             continue
         error = max(error, float(np.abs(a - b).max()) / (float(np.abs(b).max()) or 1.0))

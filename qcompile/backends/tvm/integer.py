@@ -50,10 +50,12 @@ LANES = 16
 COMPARISONS = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "IsNaN"})
 LOGIC = frozenset({"And", "Or", "Xor", "Not"})
 ELEMENTWISE_OPS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min", "PRelu", "Where", *COMPARISONS, *LOGIC}
+    {"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min", "PRelu", "Pow", "Where", *COMPARISONS, *LOGIC}
 )
 # Float functions of one float tensor (float islands), as expressions fused where they are used.
-FLOAT_FUNCTIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf"})
+FLOAT_FUNCTIONS = frozenset(
+    {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Sqrt", "Reciprocal", "Neg"}
+)
 # Ops that only move data, whatever their dtype: with constant parameters they are one gather through a constant
 # index map (:func:`qcompile.backends.tvm.sequence.gather_kernel`), or no kernel at all when the map is the
 # identity (a reshape of contiguous data).
@@ -381,7 +383,7 @@ class _Lowering:
         rows = any(isinstance(item.logical, Rows) for item in tensors)
         for attempt in range(2):
             fitted = self._rows_operands(node, operands) if rows else operands
-            reads = sum(len(item.leaves) if isinstance(item, Lazy) else 1 for item in fitted if _tensor(item))
+            reads = sum(_reads(item) for item in fitted if isinstance(item, Stored | Lazy))
             if reads <= 2 or attempt:
                 break
             # A kernel reads at most two tensors: the operands computed first.
@@ -563,9 +565,17 @@ class _Lowering:
             if op == "LeakyRelu":
                 return tirx.max(x, zero) + tirx.min(x, zero) * tirx.const(alpha, "float32")
             if op == "Sigmoid":
-                return one / (one + tirx.exp(zero - x))
+                from qcompile.backends.tvm.sequence import fast_exp
+
+                return one / (one + fast_exp(zero - x, env.lanes))
             if op == "Tanh":
                 return tirx.tanh(x)
+            if op == "Sqrt":
+                return tirx.sqrt(x)
+            if op == "Reciprocal":
+                return one / x
+            if op == "Neg":
+                return zero - x
             if op == "Erf":
                 from qcompile.backends.tvm.sequence import fast_erf
 
@@ -810,6 +820,8 @@ class _Lowering:
         from tvm import tirx
 
         mean = node.op_type != "ReduceSum"
+        if isinstance(self.values[node.input[0]].logical, Rows):
+            return self._row_reduce(node)
         source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
         attributes = node_attributes(node)
         if node.op_type == "AveragePool":  # one window over the whole map (pooling heads written with a big kernel)
@@ -833,6 +845,22 @@ class _Lowering:
             return Lazy(logical, dtype, _source, anchor)
         factor = tirx.const(1.0 / (height * width), "float32")
         return Lazy(logical, dtype, lambda env: env.source * factor, anchor)
+
+    def _row_reduce(self, node: onnx.NodeProto) -> Lazy:
+        """ReduceMean / ReduceSum of float rows over their last axis, kept (RMSNorm's mean square): one value
+        per row, which elementwise readers broadcast over the channels."""
+        shape = self._shape(node.input[0])
+        attributes = node_attributes(node)
+        axes = [int(a) for a in self.constants[node.input[1]]] if len(node.input) > 1 and node.input[1] else []
+        axes = axes or [int(a) for a in attributes.get("axes", [])]
+        if node.op_type not in ("ReduceMean", "ReduceSum") or [a % len(shape) for a in axes] != [len(shape) - 1]:
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis")
+        if not attributes.get("keepdims", 1):
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered with keepdims")
+        source = self._float_input(node.input[0])
+        logical = Rows((1, 1, 1, source.logical[3]))
+        kind = "rowmean" if node.op_type == "ReduceMean" else "rowsum"
+        return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
@@ -916,6 +944,9 @@ class _Lowering:
             stored = self._materialize(name) if isinstance(item, Lazy) else item
             if isinstance(stored.logical, Rows) and stored.logical[1] == channels and padded[first:] == shape[first:]:
                 fitted.append(dataclasses.replace(stored, period=stored.logical[3]))  # leading-dims broadcast
+                continue
+            if isinstance(stored.logical, Rows) and stored.logical[1] == 1 and padded[:-1] == shape[:-1]:
+                fitted.append(stored)  # one value per row (a norm's statistic), read at every channel
                 continue
             index = np.broadcast_to(np.arange(int(np.prod(own)), dtype=np.int64).reshape(own), shape)
             fitted.append(self._gathered(stored, index, f"{name}_expanded"))
@@ -1038,9 +1069,14 @@ class _Lowering:
             part.dtype == first.dtype and part.logical[2:] == first.logical[2:] and part.layout != "nchw"
             for part in parts
         )
+        if all(isinstance(part.logical, Rows) for part in parts):  # the last axis is the channels
+            last = len(self._shape(node.output[0])) - 1
+            axis = 1 if int(node_attributes(node).get("axis", 0)) % (last + 1) == last else -1
         if axis != 1 or rank not in (2, 4) or not same:
             raise NotLowerable(f"{node.name}: Concat is covered along the channels of same-sized maps")
-        logical = (1, sum(part.logical[1] for part in parts), *first.logical[2:])
+        logical: tuple[int, ...] = (1, sum(part.logical[1] for part in parts), *first.logical[2:])
+        if isinstance(first.logical, Rows):
+            logical = Rows(logical)
         target = self._target(node.output[0], logical, first.dtype)
         result_type = relax.TensorType(target.shape, target.dtype)
         self.count += 1
@@ -1130,8 +1166,12 @@ def _broadcasting(constructor: Callable[[Any, Any], Any], a: Any, b: Any) -> Any
     return constructor(a, b)
 
 
-def _tensor(item: Any) -> bool:
-    return not isinstance(item, np.ndarray)
+def _reads(item: Stored | Lazy) -> int:
+    """How many tensors an operand has a kernel read: a stored one, a lazy one's leaves, and an anchored one
+    (computed first when an op has two tensor operands)."""
+    if isinstance(item, Stored):
+        return 1
+    return len(item.leaves) + (1 if item.anchor is not None else 0)
 
 
 def _scalar(value: Any, dtype: str, _env: Env) -> Any:
@@ -1170,6 +1210,17 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         return lambda v: tirx.min(v[0], v[1])
     if op == "Clip":
         return lambda v: tirx.min(tirx.max(v[0], v[1]), v[2]) if len(v) == 3 else tirx.max(v[0], v[1])
+    if op == "Pow":  # of floats, by a constant exponent of 2 (RMSNorm's mean square) or 1 / 2
+
+        def power(v: list[Any]) -> Any:
+            exponent = getattr(v[1], "value", None)
+            if exponent == 2.0:
+                return v[0] * v[0]
+            if exponent == 0.5:
+                return tirx.sqrt(v[0])
+            raise NotLowerable(f"{node.name}: Pow is covered by a constant exponent of 2 or 0.5")
+
+        return power
     if op == "Where":
 
         def select(v: list[Any]) -> Any:
@@ -1378,10 +1429,16 @@ def _env(source: Any, leaf: Callable[[int], Any], matrices: Any, where: list[Any
 
 def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
     """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels); a 1 x 1 map at any (i, j)."""
+    from tvm import tirx
+
     if len(stored.logical) == 4 and stored.logical[2:] == (1, 1):
         i, j = 0, 0
     elif stored.period:
         j = j % stored.period
+    if isinstance(stored.logical, Rows) and stored.logical[1] == 1 and isinstance(c, tirx.Ramp):
+        return tirx.Broadcast(buffer[i + stored.pads[0], j + stored.pads[1], 0], c.lanes)  # one value per row
+    if isinstance(stored.logical, Rows) and stored.logical[1] == 1:
+        c = 0
     if stored.layout == "nhwc":
         return buffer[i + stored.pads[0], j + stored.pads[1], c]
     if stored.layout == "nc":
@@ -1584,7 +1641,7 @@ def _anchor_kernel(value: Lazy, target: Stored, flavor: int8_kernels.Flavor) -> 
     if value.leaves:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
     floating = anchor.source_dtype == "float32"
-    if anchor.kind in ("layernorm", "softmax"):
+    if anchor.kind in ("layernorm", "softmax", "rowmean", "rowsum"):
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)

@@ -138,8 +138,9 @@ def _horizontal(buffer: Any, lanes: int, combine: Any) -> Any:
 
 
 def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
-    """LayerNormalization (``anchor.kind`` "layernorm": ``weights`` holds epsilon; the scale and bias are the
-    epilogue's rows) or Softmax ("softmax") over the channels of each row, epilogue fused."""
+    """LayerNormalization (``anchor.kind`` "layernorm"; the scale and bias are the epilogue's rows), Softmax
+    ("softmax"), or the mean or sum ("rowmean", "rowsum": one value per row) over the channels of each row,
+    epilogue fused."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -150,6 +151,8 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     blocks = channels // LANES
     (ints, halves, floats), where = _pack(value.constants, channels)
     layernorm = anchor.kind == "layernorm"
+    reduction = anchor.kind in ("rowmean", "rowsum")  # one value per row
+    factor = 1.0 / channels if anchor.kind == "rowmean" else 1.0
     epsilon = anchor.epsilon
     whole = tirx.Ramp(0, 1, LANES)
 
@@ -170,6 +173,9 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     def add(a: Any, b: Any) -> Any:
         return a + b
 
+    def reduced(total: Any, K64: Any, K32: Any, KF: Any) -> Any:
+        return value.expression(_env(total, lambda i: None, (K64, K32, KF), where, 0, 1))
+
     def maximum(a: Any, b: Any) -> Any:
         return tirx.max(a, b)
 
@@ -187,7 +193,14 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
         for m in outer(count):
             acc = T.alloc_buffer((LANES,), "float32", scope="global")
             stats = T.alloc_buffer((2,), "float32", scope="global")
-            if layernorm:
+            if reduction:
+                acc[whole] = lanes_of(0.0)
+                for b in range(blocks):
+                    acc[whole] = acc[whole] + X[0, m, columns(b)]
+                Y[_store_index(target, 0, m, 0)] = reduced(
+                    _horizontal(acc, LANES, add) * T.float32(factor), K64, K32, KF
+                )
+            elif layernorm:
                 acc[whole] = lanes_of(0.0)
                 for b in range(blocks):
                     acc[whole] = acc[whole] + X[0, m, columns(b)]
@@ -209,8 +222,9 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
                 for b in range(blocks):
                     acc[whole] = acc[whole] + fast_exp(X[0, m, columns(b)] - T.Broadcast(stats[0], LANES), LANES)
                 stats[1] = T.float32(1.0) / _horizontal(acc, LANES, add)
-            for b in range(blocks):
-                Y[_store_index(target, 0, m, columns(b))] = finish(X, m, b, stats[0], stats[1], K64, K32, KF)
+            if not reduction:
+                for b in range(blocks):
+                    Y[_store_index(target, 0, m, columns(b))] = finish(X, m, b, stats[0], stats[1], K64, K32, KF)
 
     return rowwise, [source, ints, halves, floats]
 
