@@ -111,10 +111,10 @@ def float_node(model: onnx.ModelProto, node: onnx.NodeProto, given: dict[str, np
     return [np.asarray(value) for value in _island_session(single.SerializeToString()).run(None, given)]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _island_session(serialized: bytes) -> Any:
     """An onnxruntime session of one island node, kept: a compile runs the oracle twice (and once more per
-    sample a test checks) over the same nodes."""
+    sample a test checks) over the same nodes (a transformer has hundreds: MiniLM 451)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

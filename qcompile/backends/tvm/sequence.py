@@ -347,6 +347,21 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
     power_of_two = p & (p - 1) == 0
     scale = float(inner[0, 0])
     fast = lanes == LANES and power_of_two and blocks <= 16 and np.array_equal(inner, scale * sylvester(p))
+    # Groups narrower than a vector (SmolLM2's 576 = 144 x 4): the outer mixing runs across the groups instead,
+    # 16 output groups at a time for each position j in a group (channels j, j + p, ...: strided lanes).
+    across = lanes == 1 and m % LANES == 0
+    across_blocks = max(m // LANES, 1)
+    across_tile = min(across_blocks, ROTATION_TILE)
+    across_tiles = -(-across_blocks // across_tile)
+
+    def group_block(t: Any, b: Any) -> Any:
+        return tirx.min(t * across_tile + b, across_blocks - 1) * LANES
+
+    def strided(t: Any, b: Any, j: Any) -> Any:
+        return tirx.Ramp(group_block(t, b) * p + j, p, LANES)
+
+    def finish_across(acc: Any, K64: Any, K32: Any, KF: Any, channels_at: Any) -> Any:
+        return value.expression(_env(acc, lambda i: None, (K64, K32, KF), where, channels_at, LANES))
 
     def splat(x: Any) -> Any:
         return tirx.Broadcast(x, lanes) if lanes > 1 else x
@@ -412,16 +427,34 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
                                 acc[b, whole] = acc[b, whole] + splat(scaled[i * p + k]) * Hp[k, span(column(t, b))]
                         for b in T.unroll(tile):
                             grouped[span(i * p + column(t, b))] = acc[b, whole]
-            for i2 in range(m):
-                for t in range(tiles):
-                    for b in T.unroll(tile):
-                        acc[b, whole] = zero
-                    for i in range(m):
+            if across:
+                wide = T.alloc_buffer((across_tile, LANES), "float32", scope="global")
+                for j in range(p):
+                    for t in range(across_tiles):
+                        for b in T.unroll(across_tile):
+                            wide[b, T.ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                        for i in range(m):
+                            for b in T.unroll(across_tile):
+                                wide[b, T.ramp(0, 1, LANES)] = (
+                                    wide[b, T.ramp(0, 1, LANES)]
+                                    + T.Broadcast(grouped[i * p + j], LANES)
+                                    * Hm[i, T.ramp(group_block(t, b), 1, LANES)]
+                                )
+                        for b in T.unroll(across_tile):
+                            Y[_store_index(target, 0, r, strided(t, b, j))] = finish_across(
+                                wide[b, T.ramp(0, 1, LANES)], K64, K32, KF, strided(t, b, j)
+                            )
+            else:
+                for i2 in range(m):
+                    for t in range(tiles):
                         for b in T.unroll(tile):
-                            acc[b, whole] = acc[b, whole] + splat(Hm[i, i2]) * grouped[span(i * p + column(t, b))]
-                    for b in T.unroll(tile):
-                        Y[_store_index(target, 0, r, span(i2 * p + column(t, b)))] = finish(
-                            acc[b, whole], K64, K32, KF, i2 * p + column(t, b)
-                        )
+                            acc[b, whole] = zero
+                        for i in range(m):
+                            for b in T.unroll(tile):
+                                acc[b, whole] = acc[b, whole] + splat(Hm[i, i2]) * grouped[span(i * p + column(t, b))]
+                        for b in T.unroll(tile):
+                            Y[_store_index(target, 0, r, span(i2 * p + column(t, b)))] = finish(
+                                acc[b, whole], K64, K32, KF, i2 * p + column(t, b)
+                            )
 
     return rotation, [source, signs, inner, outer, ints, halves, floats]
