@@ -207,8 +207,12 @@ def _encoder_block(seed: int = 0, size: int = 192, heads: int = 4, sequence: int
     )
 
 
-def test_an_encoder_block_runs_on_the_kernels_as_onnxruntime_computes_it(flavor: object) -> None:
-    model = _encoder_block()
+@pytest.mark.parametrize(
+    ("size", "heads"),
+    [(192, 4), (576, 9)],  # rotations of 12 x 16 (vector groups) and 144 x 4 (mixed across groups, SmolLM2's)
+)
+def test_an_encoder_block_runs_on_the_kernels_as_onnxruntime_computes_it(flavor: object, size: int, heads: int) -> None:
+    model = _encoder_block(size=size, heads=heads)
     vm, kinds = _build(model, flavor)
     # Each op has its kernel: nothing went to TVM's importer, and the rotation is one kernel.
     assert {"embedding", "layernorm", "softmax", "rotation", "conv", "bmm"} <= set(kinds), kinds
