@@ -563,8 +563,6 @@ class HadamardRotationPass(ir.passes.InPlacePass):
         base = f"{source.name}_hadamard"
         m, p = outer.shape[0], inner.shape[0]
         shape_in = add_initializer(graph, f"{base}_shape_in", np.array([-1, m, p], np.int64))
-        dims = [int(dim) for dim in source.shape]  # type: ignore[union-attr,arg-type]
-        shape_out = add_initializer(graph, f"{base}_shape_out", np.array(dims, np.int64))
         nodes = []
 
         def add(op: str, inputs: list[ir.Value], suffix: str, **attributes: Any) -> ir.Value:
@@ -572,6 +570,9 @@ class HadamardRotationPass(ir.passes.InPlacePass):
             nodes.append(ir.node(op, inputs, attributes=attributes, outputs=[output], name=f"{base}_{suffix}"))
             return output
 
+        # Back to the source's own shape as it is at run time: a model served with dynamic dims (another batch
+        # or sequence length under onnxruntime) keeps them.
+        shape_out = add("Shape", [source], "shape_out")
         signed = add("Mul", [source, add_initializer(graph, f"{base}_signs_c", signs)], "signed")
         grid = add("Reshape", [signed, shape_in], "grid")  # [rows, m, p]: index i * p + j
         right = add("MatMul", [grid, add_initializer(graph, f"{base}_inner_c", inner.astype(np.float32))], "inner")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,9 +42,22 @@ from onnx import numpy_helper
 
 from qcompile.backends.integer.reference import float_node, node_attributes
 from qcompile.backends.tvm import int8_kernels
+from qcompile.backends.tvm.tensors import (
+    LANES,
+    Anchor,
+    Env,
+    Lazy,
+    NotLowerable,
+    Rows,
+    Stored,
+    epilogue_env,
+    loop_for,
+    pack_constants,
+    rows_logical,
+    store_index,
+)
 from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
-LANES = 16
 # Boolean results (comparisons, logic, IsNaN) are uint8 0 / 1 here: a Cast to bool is ``x != 0``.
 COMPARISONS = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "IsNaN"})
 LOGIC = frozenset({"And", "Or", "Xor", "Not"})
@@ -70,113 +82,6 @@ ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.INT8: "int8",
 }
-
-
-class NotLowerable(Exception):
-    """The integer graph has something these kernels do not cover (the message says what)."""
-
-
-# ------------------------------------------------------------------------------------------ tensors
-
-
-class Rows(tuple):  # type: ignore[type-arg]
-    """The logical shape ``(1, C, 1, M)`` of a row-major tensor ``[..., C]`` (``M`` the product of its leading
-    dims): transformer activations, attention masks and other index-shaped data. It is stored as an NHWC map
-    of one row of ``M`` pixels, ``(1, M, Cs)``, so that the convolution kernels run a matmul over its rows;
-    with ``Cs == C`` those are the ONNX tensor's own bytes. A marker type: it travels with ``logical``
-    wherever a value is derived from another without changing shape."""
-
-
-def rows_logical(shape: tuple[int, ...] | list[int]) -> Rows:
-    dims = tuple(int(d) for d in shape)
-    channels = dims[-1] if dims else 1
-    count = int(np.prod(dims[:-1])) if len(dims) > 1 else 1
-    return Rows((1, channels, 1, count))
-
-
-@dataclass
-class Stored:
-    """A materialized tensor: a Relax value. ``layout`` "nhwc" stores logical NCHW ``[1, C, H, W]`` as
-    ``[H + top + bottom, W + left + right, Cs]`` (Cs = C rounded up for the VNNI kernels); "nc" stores
-    ``[1, C]`` (or ``[1, C, 1, 1]``) as ``[1, C]``; "nchw" is a float graph input as given."""
-
-    var: Any
-    logical: tuple[int, ...]
-    dtype: str
-    layout: str
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
-    channels: int = 0  # stored channels (nhwc)
-    fill: int = 0
-    period: int = 0  # rows: read row j at j % period (a tensor broadcast over leading dims)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.layout == "nhwc":
-            _, _, h, w = self.logical
-            top, left, bottom, right = self.pads
-            return (h + top + bottom, w + left + right, self.channels)
-        if self.layout == "nc":
-            return (1, self.logical[1])
-        return self.logical
-
-
-@dataclass
-class Lazy:
-    """A value not yet computed: ``expression(env)`` gives it at one (pixel, channel-vector) from the
-    anchor's value (``env.source``), the leaves' loads (``env.leaf(i)``) and per-channel constants
-    (``env.constant(i)``, rows of ``constants``)."""
-
-    logical: tuple[int, ...]
-    dtype: str
-    expression: Callable[[Env], Any]
-    anchor: Anchor | None = None
-    leaves: list[Stored] = field(default_factory=list)
-    constants: list[np.ndarray] = field(default_factory=list)
-    # How this value came from another with one elementwise op on a constant: (that value, op, the constant
-    # or a Cast's dtype); read by the requantization fast path.
-    step: tuple[Lazy, str, Any] | None = None
-
-
-@dataclass
-class Env:
-    """What a Lazy's expression may use inside a kernel."""
-
-    source: Any
-    leaf: Callable[[int], Any]
-    constant: Callable[[int], Any]
-    lanes: int
-    channel: Any = None  # the channel index (a Ramp of ``lanes`` channels)
-    raw: Callable[[int, Any], Any] | None = None  # constant row i at any index, in its stored dtype
-
-
-@dataclass
-class Anchor:
-    """A compute op whose per-element value an epilogue continues: ``kind`` conv / depthwise / matmul /
-    maxpool / reduce with its input, weights and geometry."""
-
-    kind: str
-    input: Stored
-    logical: tuple[int, ...]
-    source_dtype: str
-    weights: np.ndarray | None = None
-    zero_point: int = 0
-    kernel: tuple[int, int] = (1, 1)
-    strides: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    # Per channel, added to the accumulator: an int32 bias folded into the correction, or a float layer's bias.
-    offset: np.ndarray | None = None
-    other: Stored | None = None  # a batched matmul's second operand
-    other_zero: int = 0
-    epsilon: float = 0.0  # LayerNormalization's
-    factors: tuple[np.ndarray, ...] = ()  # a Hadamard rotation's signs, inner and (Kronecker) outer factors
-
-    def correction(self, per_channel_weight_sums: np.ndarray, activation_offset: int = 0) -> np.ndarray:
-        """What the kernel subtracts from its raw sums of ``(x - activation_offset) w``: ``(zero_point -
-        activation_offset) * sum(w)`` less the folded offset (int32 arithmetic wraps alike in either order)."""
-        total = (self.zero_point - activation_offset) * per_channel_weight_sums.astype(np.int64)
-        if self.offset is not None:
-            total = total - self.offset.astype(np.int64)
-        return total.astype(np.int32)
 
 
 def _source(env: Env) -> Any:
@@ -283,6 +188,11 @@ class _Lowering:
             return
         if all(not name or name in self.constants for name in node.input):
             self._fold(node)  # (a position index gathered from a constant table, a constant mask)
+            return
+        if op == "Shape":  # every shape is static here
+            attributes = node_attributes(node)
+            dims = self._shape(node.input[0])[int(attributes.get("start", 0)) : attributes.get("end")]
+            self.constants[output] = np.array(dims, np.int64)
             return
         rotated = self._rotation(node) if op == "Mul" else None
         if rotated is not None:
@@ -1174,7 +1084,7 @@ def _reads(item: Stored | Lazy) -> int:
     return len(item.leaves) + (1 if item.anchor is not None else 0)
 
 
-def _scalar(value: Any, dtype: str, _env: Env) -> Any:
+def _scalar(value: Any, dtype: str, epilogue_env: Env) -> Any:
     from tvm import tirx
 
     return tirx.const(value, dtype)
@@ -1395,38 +1305,6 @@ def _foldable_bias(base: Lazy) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------------ kernels
 
 
-def _pack(constants: list[np.ndarray], channels: int) -> tuple[list[np.ndarray], list[tuple[int, int, str]]]:
-    """Per-channel constant rows (and 256-entry lookup tables, read at a code) as three matrices (int64, int32,
-    float32; each at least one row, so that every kernel has the same signature; rows zero-padded to the
-    widest), and for each row: (its matrix, its row, its dtype)."""
-    kinds = ("int64", "int32", "float32")
-    width = max([channels, *(row.size for row in constants)])
-    matrices: list[list[np.ndarray]] = [[], [], []]
-    where = []
-    for row in constants:
-        kind = 2 if row.dtype.kind == "f" else 1 if row.dtype == np.int32 else 0
-        where.append((kind, len(matrices[kind]), row.dtype.name))
-        padded = np.zeros(width, kinds[kind])
-        padded[: row.size] = row
-        matrices[kind].append(padded)
-    stacked = [np.stack(rows) if rows else np.zeros((1, channels), kinds[kind]) for kind, rows in enumerate(matrices)]
-    return stacked, where
-
-
-def _env(source: Any, leaf: Callable[[int], Any], matrices: Any, where: list[Any], c: Any, lanes: int) -> Env:
-    from tvm import tirx
-
-    def raw(index: int, at: Any) -> Any:
-        kind, row, _ = where[index]
-        return matrices[kind][row, at]
-
-    def constant(index: int) -> Any:
-        dtype = where[index][2]
-        return tirx.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", raw(index, c))
-
-    return Env(source, leaf, constant, lanes, c, raw)
-
-
 def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
     """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels); a 1 x 1 map at any (i, j)."""
     from tvm import tirx
@@ -1444,14 +1322,6 @@ def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
     if stored.layout == "nc":
         return buffer[0, c]
     return buffer[0, c, i, j]
-
-
-def _store_index(target: Stored, i: Any, j: Any, c: Any) -> tuple[Any, ...]:
-    if target.layout == "nhwc":
-        return (i + target.pads[0], j + target.pads[1], c)
-    if target.layout == "nchw":
-        return (0, c, i, j)
-    return (0, c)
 
 
 def _fill_kernel(target: Stored) -> Any:
@@ -1487,20 +1357,6 @@ def _fill_kernel(target: Stored) -> Any:
     return fill_border
 
 
-# Below this much work (multiply-adds, or elements moved) a kernel runs on the calling thread: waking TVM's pool
-# costs more than it saves there. Measured here (2 cores, one process, against onnxruntime fp32): the corpus's
-# MobileNetV1 at 32 x 32 ran 0.061 ms all parallel, 0.045 ms with 2**18, 0.041 ms all serial; EfficientNet-Lite0
-# 2.18 ms all parallel, 2.14 ms with 2**18, 2.54 ms with 2**20.
-PARALLEL_WORK = 1 << 18
-
-
-def _outer(work: int) -> Any:
-    """The outer loop of a kernel doing ``work``: parallel over TVM's pool, or serial when it is small."""
-    from tvm.script import tirx as T
-
-    return T.parallel if work >= PARALLEL_WORK else T.serial
-
-
 def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
     """Copies ``source`` into ``target`` at channel ``offset``: one input of a Concat (``target`` written in
     place), or a graph output stored NHWC copied out NCHW."""
@@ -1510,7 +1366,7 @@ def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
     height, width = (source.logical[2], source.logical[3]) if len(source.logical) == 4 else (1, 1)
     dtype = source.dtype
 
-    outer = _outer(height * width * channels)
+    outer = loop_for(height * width * channels)
 
     @T.prim_func
     def copy(X: T.Buffer(source.shape, dtype), Y: T.Buffer(target.shape, dtype)):
@@ -1518,7 +1374,7 @@ def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
         for i in outer(height):
             for j in range(width):
                 for c in range(channels):
-                    Y[_store_index(target, i, j, offset + c)] = _load(X, source, i, j, c)
+                    Y[store_index(target, i, j, offset + c)] = _load(X, source, i, j, c)
 
     return copy
 
@@ -1537,7 +1393,7 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     first, second = leaves[0], leaves[-1]
     vector = channels % LANES == 0 and all(leaf.layout != "nchw" for leaf in leaves)
     blocks = channels // LANES
-    (ints, halves, floats), where = _pack(value.constants, channels)
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
     y_nhwc = target.layout == "nhwc"
     top, left = target.pads[0], target.pads[1]
     dtype = target.dtype
@@ -1548,11 +1404,11 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
         def leaf(index: int) -> Any:
             return _load(buffers[index], leaves[index], i, j, c)
 
-        return value.expression(_env(None, leaf, (K64, K32, KF), where, c, lanes))
+        return value.expression(epilogue_env(None, leaf, (K64, K32, KF), where, c, lanes))
 
     # Rows (one row of M pixels) run in parallel over the pixels.
-    outer = _outer(height * width * channels) if height > 1 else T.serial
-    inner = _outer(height * width * channels) if height == 1 else T.serial
+    outer = loop_for(height * width * channels) if height > 1 else T.serial
+    inner = loop_for(height * width * channels) if height == 1 else T.serial
 
     @T.prim_func
     def eltwise(
@@ -1623,7 +1479,7 @@ def _image_input_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
             planes.append(value.expression(Env(None, leaf, lambda index: None, LANES, channel, None)))
         return tirx.Shuffle(planes + [fill] * (4 - channels), order)
 
-    outer = _outer(height * width * channels)
+    outer = loop_for(height * width * channels)
 
     @T.prim_func
     def image_input(X: T.Buffer(source.shape, source.dtype), Y: T.Buffer(target.shape, target.dtype)):
@@ -1728,7 +1584,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         start[:n] = 0.0 if anchor.offset is None else anchor.offset
     else:  # the accumulators start at minus the zero-point correction (an addition less per output vector)
         start[:n] = -anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset).astype(np.int64)
-    (ints, halves, floats), where = _pack(value.constants, n)
+    (ints, halves, floats), where = pack_constants(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
     off_h = (source.pads[0] - anchor.pads[0]) if x_nhwc else 0
@@ -1751,7 +1607,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         return flavor.activations(loaded)
 
     def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
-        return value.expression(_env(acc, lambda i: None, (K64, K32, KF), where, c, lanes))
+        return value.expression(epilogue_env(acc, lambda i: None, (K64, K32, KF), where, c, lanes))
 
     def oh(tile: Any, r: Any) -> Any:
         return row(tile, r) // out_w + top
@@ -1767,7 +1623,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     def ow(tile: Any, r: Any) -> Any:
         return row(tile, r) % out_w + left
 
-    outer = _outer(rows * n * kh * kw * stored)
+    outer = loop_for(rows * n * kh * kw * stored)
 
     @T.prim_func
     def conv(
@@ -1840,7 +1696,7 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
     taps = weights.reshape(channels, kh * kw).T
     as_bytes = taps.astype(np.uint8).astype(np.int32)  # w in the lane's low byte, zeros above
     correction = anchor.correction(taps.astype(np.int64).sum(axis=0))
-    (ints, halves, floats), where = _pack(value.constants, channels)
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
     blocks = channels // LANES
     # Tile widths that divide the row: no clamped last tile, so LLVM sees the taps of neighbouring outputs
     # read the same input pixels and loads (and widens) each once. Widest first: a row of c outputs reads
@@ -1866,9 +1722,9 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
 
     def epilogue(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, t: Any, b: Any) -> Any:
         c = tirx.Ramp(channel(t, b), 1, LANES)
-        return value.expression(_env(acc, lambda index: None, (K64, K32, KF), where, c, LANES))
+        return value.expression(epilogue_env(acc, lambda index: None, (K64, K32, KF), where, c, LANES))
 
-    outer = _outer(out_h * out_w * channels * kh * kw)
+    outer = loop_for(out_h * out_w * channels * kh * kw)
 
     @T.prim_func
     def depthwise(
@@ -1933,7 +1789,7 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     else:
         taps = np.zeros((1, channels), np.int32)
         correction = np.zeros(channels, np.int32)
-    (ints, halves, floats), where = _pack(value.constants, channels)
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
     vector = channels % LANES == 0
     blocks = channels // LANES
     top, left = target.pads[0], target.pads[1]
@@ -1956,9 +1812,9 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
         source_value = window(X, Wd, i, j, c, lanes)
         if depthwise:
             source_value = source_value - Cr[c]
-        return value.expression(_env(source_value, lambda index: None, (K64, K32, KF), where, c, lanes))
+        return value.expression(epilogue_env(source_value, lambda index: None, (K64, K32, KF), where, c, lanes))
 
-    outer = _outer(out_h * out_w * channels * kh * kw)
+    outer = loop_for(out_h * out_w * channels * kh * kw)
 
     @T.prim_func
     def window_op(
@@ -2003,7 +1859,7 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     dtype = source.dtype
     lanes = LANES if channels % LANES == 0 else 1
     blocks = channels // lanes
-    (ints, halves, floats), where = _pack(value.constants, channels)
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
     top, left = source.pads[0], source.pads[1]
     if target.layout != "nc":
         raise NotLowerable("a ReduceSum whose result is padded")
@@ -2015,9 +1871,9 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
         return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
 
     def finish(total: Any, K64: Any, K32: Any, KF: Any, b: Any) -> Any:
-        return value.expression(_env(total, lambda index: None, (K64, K32, KF), where, channel(b), lanes))
+        return value.expression(epilogue_env(total, lambda index: None, (K64, K32, KF), where, channel(b), lanes))
 
-    outer = _outer(height * width * channels)
+    outer = loop_for(height * width * channels)
 
     @T.prim_func
     def reduce(

@@ -1,6 +1,6 @@
 # mypy: disable-error-code="valid-type"
 # (TVMScript annotates buffers as T.Buffer(shape, dtype), which is not a type to mypy.)
-"""Kernels for row-major tensors (:class:`~qcompile.backends.tvm.integer.Rows`): transformer activations
+"""Kernels for row-major tensors (:class:`~qcompile.backends.tvm.tensors.Rows`): transformer activations
 ``[..., C]`` stored as ``(1, M, C)``, attention masks and other small index-shaped data.
 
 - :func:`gather_kernel`: a data-movement op with constant parameters (Transpose, Expand, Unsqueeze,
@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from qcompile.backends.tvm.integer import (
+from qcompile.backends.tvm.tensors import (
     LANES,
     Anchor,
     Lazy,
     NotLowerable,
     Stored,
-    _env,
-    _outer,
-    _pack,
-    _store_index,
+    epilogue_env,
+    loop_for,
+    pack_constants,
+    store_index,
 )
 
 ROTATION_TILE = 8  # vectors a rotation accumulates at once (8 of the 32 AVX-512 registers)
@@ -87,7 +87,7 @@ def gather_kernel(size: int, index: np.ndarray, dtype: str) -> Any:
     from tvm.script import tirx as T
 
     count = int(index.size)
-    outer = _outer(count)
+    outer = loop_for(count)
 
     @T.prim_func
     def gather(X: T.Buffer((size,), dtype), At: T.Buffer((count,), "int32"), Y: T.Buffer((count,), dtype)):
@@ -149,7 +149,7 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     if source.shape != (1, count, channels) or channels % LANES:
         raise NotLowerable(f"a row-wise {anchor.kind} over {channels} channels (a multiple of {LANES} is covered)")
     blocks = channels // LANES
-    (ints, halves, floats), where = _pack(value.constants, channels)
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
     layernorm = anchor.kind == "layernorm"
     reduction = anchor.kind in ("rowmean", "rowsum")  # one value per row
     factor = 1.0 / channels if anchor.kind == "rowmean" else 1.0
@@ -168,18 +168,18 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
             normalized = (x - tirx.Broadcast(first, LANES)) * tirx.Broadcast(second, LANES)
         else:
             normalized = fast_exp(x - tirx.Broadcast(first, LANES), LANES) * tirx.Broadcast(second, LANES)
-        return value.expression(_env(normalized, lambda i: None, (K64, K32, KF), where, columns(b), LANES))
+        return value.expression(epilogue_env(normalized, lambda i: None, (K64, K32, KF), where, columns(b), LANES))
 
     def add(a: Any, b: Any) -> Any:
         return a + b
 
     def reduced(total: Any, K64: Any, K32: Any, KF: Any) -> Any:
-        return value.expression(_env(total, lambda i: None, (K64, K32, KF), where, 0, 1))
+        return value.expression(epilogue_env(total, lambda i: None, (K64, K32, KF), where, 0, 1))
 
     def maximum(a: Any, b: Any) -> Any:
         return tirx.max(a, b)
 
-    outer = _outer(count * channels * 8)
+    outer = loop_for(count * channels * 8)
 
     @T.prim_func
     def rowwise(
@@ -197,7 +197,7 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
                 acc[whole] = lanes_of(0.0)
                 for b in range(blocks):
                     acc[whole] = acc[whole] + X[0, m, columns(b)]
-                Y[_store_index(target, 0, m, 0)] = reduced(
+                Y[store_index(target, 0, m, 0)] = reduced(
                     _horizontal(acc, LANES, add) * T.float32(factor), K64, K32, KF
                 )
             elif layernorm:
@@ -224,7 +224,7 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
                 stats[1] = T.float32(1.0) / _horizontal(acc, LANES, add)
             if not reduction:
                 for b in range(blocks):
-                    Y[_store_index(target, 0, m, columns(b))] = finish(X, m, b, stats[0], stats[1], K64, K32, KF)
+                    Y[store_index(target, 0, m, columns(b))] = finish(X, m, b, stats[0], stats[1], K64, K32, KF)
 
     return rowwise, [source, ints, halves, floats]
 
@@ -244,7 +244,7 @@ def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: St
     za, zb = anchor.zero_point, anchor.other_zero
     lanes = LANES if width % LANES == 0 else 1
     blocks = width // lanes
-    (ints, halves, floats), where = _pack(value.constants, width)
+    (ints, halves, floats), where = pack_constants(value.constants, width)
     dtype, accumulator = source.dtype, anchor.source_dtype  # uint8 into int32, or float32 throughout
     integer = accumulator == "int32"
     wide = _vector(accumulator, lanes)
@@ -268,9 +268,9 @@ def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: St
                 - colsum * splat(tirx.const(za, "int32"))
                 + splat(tirx.const(depth * za * zb, "int32"))
             )
-        return value.expression(_env(corrected, lambda i: None, (K64, K32, KF), where, columns(b), lanes))
+        return value.expression(epilogue_env(corrected, lambda i: None, (K64, K32, KF), where, columns(b), lanes))
 
-    outer = _outer(batch * rows * depth * width)
+    outer = loop_for(batch * rows * depth * width)
 
     @T.prim_func
     def batched(
@@ -300,7 +300,7 @@ def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: St
                         )
                         if integer:
                             colsum[whole] = colsum[whole] + widen(B[0, g * depth + k, columns(b)])
-                    Y[_store_index(target, 0, g * rows + m, columns(b))] = finish(
+                    Y[store_index(target, 0, g * rows + m, columns(b))] = finish(
                         acc[whole], colsum[whole], rowsum[0], K64, K32, KF, b
                     )
 
@@ -342,7 +342,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
     p, m = inner.shape[0], outer.shape[0]
     lanes = LANES if p % LANES == 0 else 1
     blocks = p // lanes
-    (ints, halves, floats), where = _pack(value.constants, channels)
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
     whole = tirx.Ramp(0, 1, lanes) if lanes > 1 else 0
     power_of_two = p & (p - 1) == 0
     scale = float(inner[0, 0])
@@ -361,7 +361,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
         return tirx.Ramp(group_block(t, b) * p + j, p, LANES)
 
     def finish_across(acc: Any, K64: Any, K32: Any, KF: Any, channels_at: Any) -> Any:
-        return value.expression(_env(acc, lambda i: None, (K64, K32, KF), where, channels_at, LANES))
+        return value.expression(epilogue_env(acc, lambda i: None, (K64, K32, KF), where, channels_at, LANES))
 
     def splat(x: Any) -> Any:
         return tirx.Broadcast(x, lanes) if lanes > 1 else x
@@ -370,7 +370,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
         return tirx.Ramp(start, 1, lanes) if lanes > 1 else start
 
     def finish(acc: Any, K64: Any, K32: Any, KF: Any, channel: Any) -> Any:
-        return value.expression(_env(acc, lambda i: None, (K64, K32, KF), where, span(channel), lanes))
+        return value.expression(epilogue_env(acc, lambda i: None, (K64, K32, KF), where, span(channel), lanes))
 
     def mixed_blocks(scaled: Any, i: Any, b: Any) -> Any:
         """Block ``b`` of the group's vectors combined by ``H_blocks`` (the cross-vector butterfly stages):
@@ -384,7 +384,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
         return total
 
     zero = splat(tirx.const(0.0, "float32"))
-    outer_loop = _outer(count * channels * (p + m))
+    outer_loop = loop_for(count * channels * (p + m))
     tile = min(blocks, ROTATION_TILE)  # blocks of lanes accumulated at once: independent chains in registers
     tiles = -(-blocks // tile)
 
@@ -441,7 +441,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
                                     * Hm[i, T.ramp(group_block(t, b), 1, LANES)]
                                 )
                         for b in T.unroll(across_tile):
-                            Y[_store_index(target, 0, r, strided(t, b, j))] = finish_across(
+                            Y[store_index(target, 0, r, strided(t, b, j))] = finish_across(
                                 wide[b, T.ramp(0, 1, LANES)], K64, K32, KF, strided(t, b, j)
                             )
             else:
@@ -453,7 +453,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
                             for b in T.unroll(tile):
                                 acc[b, whole] = acc[b, whole] + splat(Hm[i, i2]) * grouped[span(i * p + column(t, b))]
                         for b in T.unroll(tile):
-                            Y[_store_index(target, 0, r, span(i2 * p + column(t, b)))] = finish(
+                            Y[store_index(target, 0, r, span(i2 * p + column(t, b)))] = finish(
                                 acc[b, whole], K64, K32, KF, i2 * p + column(t, b)
                             )
 
