@@ -243,6 +243,8 @@ class _Lowering:
 
     def _materialize(self, name: str, output: bool = False) -> Stored:
         value = self.values[name]
+        if isinstance(value, Stored) and value.row_map:  # a view: copied out for readers other than elementwise
+            value = _leaf_lazy(value)
         if isinstance(value, Stored):
             return value
         stored = self._emit(value, name, output)
@@ -851,7 +853,7 @@ class _Lowering:
             own = self._shape(name)
             padded = (1,) * (len(shape) - len(own)) + own
             first = next((k for k, d in enumerate(padded) if d != 1), len(padded))
-            stored = self._materialize(name) if isinstance(item, Lazy) else item
+            stored = self._materialize(name) if isinstance(item, Lazy) or item.row_map else item
             if isinstance(stored.logical, Rows) and stored.logical[1] == channels and padded[first:] == shape[first:]:
                 fitted.append(dataclasses.replace(stored, period=stored.logical[3]))  # leading-dims broadcast
                 continue
@@ -867,9 +869,17 @@ class _Lowering:
         from qcompile.backends.tvm import sequence
 
         relax = self.relax
-        flat = self._flat(source)
         size = int(np.prod(source.shape))
-        if index.size == size and np.array_equal(index.reshape(-1), np.arange(size)):
+        identity = index.size == size and np.array_equal(index.reshape(-1), np.arange(size))
+        if source.row_map:
+            channels = source.logical[1]
+            if identity and index.shape[-1:] == (channels,):  # a reshape of the view's rows: still a view
+                return dataclasses.replace(source, logical=rows_logical(tuple(index.shape)))
+            rows = source.source_rows(np.arange(size // channels))
+            index = ((rows * channels)[:, None] + np.arange(channels)).reshape(-1)[index]  # into the viewed tensor
+            identity = False
+        flat = self._flat(source)
+        if identity:
             return self._as_rows(flat, tuple(index.shape), source.dtype)  # a reshape: no data moves
         positions = np.ascontiguousarray(index.reshape(-1).astype(np.int32))
         self.count += 1
@@ -888,12 +898,33 @@ class _Lowering:
         extra = [name for name in node.input[1:] if name]
         if any(name not in self.constants for name in extra):
             raise NotLowerable(f"{node.name} ({node.op_type}) with a parameter computed at run time")
-        source = self._materialize(data)
+        value = self.values[data]
+        source = value if isinstance(value, Stored) and value.row_map else self._materialize(data)
         shape = self._shape(data)
+        if node.op_type == "Transpose" and isinstance(source.logical, Rows) and not source.row_map:
+            view = self._transposed_rows(source, shape, [int(a) for a in node_attributes(node)["perm"]])
+            if view is not None:
+                return view
         positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
         given = {data: positions, **{name: self.constants[name] for name in extra}}
         index = self._evaluate(node, given)[0]
         return self._gathered(source, index, node.output[0])
+
+    @staticmethod
+    def _transposed_rows(source: Stored, shape: tuple[int, ...], perm: list[int]) -> Stored | None:
+        """A Transpose that keeps the last axis as a view of ``source``'s rows (no data moves), or None."""
+        contiguous = not any(source.pads) and source.channels == source.logical[1] and not source.period
+        if not contiguous or len(perm) < 3 or perm[-1] != len(shape) - 1:
+            return None
+        leading = shape[:-1]
+        out = [leading[axis] for axis in perm[:-1]]
+        terms = tuple(
+            (int(np.prod(out[a + 1 :])), out[a], int(np.prod(leading[axis + 1 :])))
+            for a, axis in enumerate(perm[:-1])
+            if out[a] > 1
+        )
+        logical = rows_logical((*out, shape[-1]))
+        return dataclasses.replace(source, logical=logical, row_map=terms)
 
     def _embedding(self, node: onnx.NodeProto) -> Stored:
         """Gather of a float table's rows at run-time indices (token embeddings)."""
@@ -1313,6 +1344,8 @@ def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
         i, j = 0, 0
     elif stored.period:
         j = j % stored.period
+    if stored.row_map:
+        j = sum(((j // d) % m) * s for d, m, s in stored.row_map)
     if isinstance(stored.logical, Rows) and stored.logical[1] == 1 and isinstance(c, tirx.Ramp):
         return tirx.Broadcast(buffer[i + stored.pads[0], j + stored.pads[1], 0], c.lanes)  # one value per row
     if isinstance(stored.logical, Rows) and stored.logical[1] == 1:

@@ -50,6 +50,15 @@ class Stored:
     channels: int = 0  # stored channels (nhwc)
     fill: int = 0
     period: int = 0  # rows: read row j at j % period (a tensor broadcast over leading dims)
+    # rows: a view whose row j is row sum(((j // d) % m) * s) of ``var`` (a Transpose that keeps the last axis:
+    # attention's head split and merge), read in place by elementwise kernels; other readers get a copy.
+    row_map: tuple[tuple[int, int, int], ...] = ()
+
+    def source_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of ``var`` that rows ``rows`` of this value read."""
+        if not self.row_map:
+            return rows
+        return sum(((rows // d) % m) * s for d, m, s in self.row_map)  # type: ignore[return-value]
 
     @property
     def shape(self) -> tuple[int, ...]:
