@@ -1064,7 +1064,7 @@ class _Lowering:
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Every value's shape that onnx's inference makes static (the graph's inputs are fixed here)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # (through Shape -> Reshape)
     except Exception:  # onnx raises its own errors and plain Python ones alike: no shapes then
         return {}
     shapes = {}
