@@ -94,6 +94,18 @@ def artifact(digits: tuple[Path, float], digits_calibration: Path, tmp_path_fact
     return output
 
 
+@pytest.fixture(scope="module")
+def flavor() -> object:
+    """This CPU's int8 dot-product flavor of qcompile's TVM kernels (tests using it skip without TVM or one)."""
+    from qcompile.errors import BackendError
+
+    int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
+    try:
+        return int8_kernels.host_flavor()
+    except BackendError as error:
+        pytest.skip(str(error))
+
+
 @contextlib.contextmanager
 def keep_every_library() -> Iterator[None]:
     """Compiles in this block ship their host library whatever it measured (drop_slow_library is skipped)."""

@@ -20,21 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile import execution
 from qcompile.backends import integer as integer_lowering
 from qcompile.backends.integer import reference as integer_reference
-from qcompile.errors import BackendError, UnsupportedModelError
+from qcompile.errors import UnsupportedModelError
 from qcompile.flow import compile as compile_flow
 from qcompile.runtime.manifest import Executor, Measured
 
 tvm = pytest.importorskip("tvm")
 integer = pytest.importorskip("qcompile.backends.tvm.integer")
 int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
-
-
-@pytest.fixture(scope="module")
-def flavor() -> object:
-    try:
-        return int8_kernels.host_flavor()
-    except BackendError as error:
-        pytest.skip(str(error))
 
 
 def _model(

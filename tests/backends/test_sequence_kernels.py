@@ -26,7 +26,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import api, execution, runtime
 from qcompile.backends.integer import reference as integer_reference
-from qcompile.errors import BackendError
 from qcompile.passes.hadamard import factors
 
 tvm = pytest.importorskip("tvm")
@@ -34,14 +33,6 @@ integer = pytest.importorskip("qcompile.backends.tvm.integer")
 int8_kernels = pytest.importorskip("qcompile.backends.tvm.int8_kernels")
 
 FLOAT_TOLERANCE = 2e-5  # of each output's range
-
-
-@pytest.fixture(scope="module")
-def flavor() -> object:
-    try:
-        return int8_kernels.host_flavor()
-    except BackendError as error:
-        pytest.skip(str(error))
 
 
 def _model(

@@ -819,12 +819,19 @@ class _Lowering:
         size = int(np.prod(value.shape))
         return self.builder.emit(relax.op.reshape(value.var, (size,)))
 
-    def _as_rows(self, flat: Any, shape: tuple[int, ...], dtype: str) -> Stored:
-        """A flat Relax vector as the row-major tensor of ``shape``."""
+    def _as_rows(self, data: Any, shape: tuple[int, ...], dtype: str) -> Stored:
+        """A contiguous Relax tensor (of any shape holding as many elements) as the row-major tensor of
+        ``shape`` (a reshape: a view)."""
         logical = rows_logical(shape)
         stored = Stored(None, logical, dtype, "nhwc", channels=logical[1])
-        stored.var = self.builder.emit(self.relax.op.reshape(flat, stored.shape))
+        stored.var = self.builder.emit(self.relax.op.reshape(data, stored.shape))
         return stored
+
+    def _add_kernel(self, function: Any, kind: str) -> Any:
+        """``function`` added to the module under the next kernel name (``k012_conv``); returns its GlobalVar."""
+        self.count += 1
+        name = f"k{self.count:03d}_{kind}"
+        return self.builder.add_func(function.with_attr("global_symbol", name), name)
 
     def _rows_operands(self, node: onnx.NodeProto, operands: list[Any]) -> list[Any]:
         """The operands of an elementwise op on row-major tensors, made to fit its result ``[..., C]``: scalars
@@ -861,10 +868,10 @@ class _Lowering:
                 fitted.append(stored)  # one value per row (a norm's statistic), read at every channel
                 continue
             index = np.broadcast_to(np.arange(int(np.prod(own)), dtype=np.int64).reshape(own), shape)
-            fitted.append(self._gathered(stored, index, f"{name}_expanded"))
+            fitted.append(self._gathered(stored, index))
         return fitted
 
-    def _gathered(self, source: Stored, index: np.ndarray, label: str) -> Stored:
+    def _gathered(self, source: Stored, index: np.ndarray) -> Stored:
         """``source`` (flat) read at the positions ``index`` holds, as a row-major tensor of ``index``'s shape."""
         from qcompile.backends.tvm import sequence
 
@@ -882,13 +889,9 @@ class _Lowering:
         if identity:
             return self._as_rows(flat, tuple(index.shape), source.dtype)  # a reshape: no data moves
         positions = np.ascontiguousarray(index.reshape(-1).astype(np.int32))
-        self.count += 1
-        name = f"k{self.count:03d}_gather"
-        kernel = sequence.gather_kernel(size, positions, source.dtype).with_attr("global_symbol", name)
-        gvar = self.builder.add_func(kernel, name)
+        gvar = self._add_kernel(sequence.gather_kernel(size, positions, source.dtype), "gather")
         result_type = relax.TensorType((positions.size,), source.dtype)
         out = self.builder.emit(relax.call_tir(gvar, [flat, relax.const(positions, "int32")], result_type))
-        del label
         return self._as_rows(out, tuple(index.shape), source.dtype)
 
     def _movement(self, node: onnx.NodeProto) -> Stored:
@@ -908,7 +911,7 @@ class _Lowering:
         positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
         given = {data: positions, **{name: self.constants[name] for name in extra}}
         index = self._evaluate(node, given)[0]
-        return self._gathered(source, index, node.output[0])
+        return self._gathered(source, index)
 
     @staticmethod
     def _transposed_rows(source: Stored, shape: tuple[int, ...], perm: list[int]) -> Stored | None:
@@ -937,14 +940,10 @@ class _Lowering:
             raise NotLowerable(f"{node.name}: Gather of a float table is covered along its rows at integer indices")
         count = int(np.prod(self._shape(node.input[1])))
         rows, width = table.shape
-        self.count += 1
-        name = f"k{self.count:03d}_embedding"
-        kernel = sequence.embedding_kernel(rows, width, count, indices.dtype).with_attr("global_symbol", name)
-        gvar = self.builder.add_func(kernel, name)
+        gvar = self._add_kernel(sequence.embedding_kernel(rows, width, count, indices.dtype), "embedding")
         result_type = relax.TensorType((count, width), "float32")
         out = self.builder.emit(relax.call_tir(gvar, [self._flat(indices), relax.const(table, "float32")], result_type))
-        flat = self.builder.emit(relax.op.reshape(out, (count * width,)))
-        return self._as_rows(flat, self._shape(node.output[0]), "float32")
+        return self._as_rows(out, self._shape(node.output[0]), "float32")
 
     def _row_op(self, node: onnx.NodeProto) -> Lazy:
         """LayerNormalization or Softmax over the last axis of a float row-major tensor (an anchor whose
@@ -958,7 +957,7 @@ class _Lowering:
             raise NotLowerable(f"{node.name}: LayerNormalization's mean / inverse deviation outputs")
         source = self._float_input(node.input[0])
         if not isinstance(source.logical, Rows):
-            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape), node.input[0])
+            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape))
         logical = source.logical
         if node.op_type == "Softmax":
             return Lazy(logical, "float32", _source, Anchor("softmax", source, logical, "float32"))
@@ -979,10 +978,8 @@ class _Lowering:
     def _to_nchw(self, value: Stored, name: str) -> Stored:
         """A 4-D graph output stored NHWC (padded or not) written out as the NCHW tensor the graph declares."""
         relax = self.relax
-        self.count += 1
-        label = f"k{self.count:03d}_to_nchw"
         out = Stored(None, value.logical, value.dtype, "nchw")
-        gvar = self.builder.add_func(_copy_kernel(value, out, 0).with_attr("global_symbol", label), label)
+        gvar = self._add_kernel(_copy_kernel(value, out, 0), "to_nchw")
         result_type = relax.TensorType(value.logical, value.dtype)
         return Stored(
             self.builder.emit(relax.call_tir(gvar, [value.var], result_type)), value.logical, value.dtype, "nchw"
@@ -1044,9 +1041,8 @@ class _Lowering:
             function, arguments = _elementwise_kernel(value, target)
         else:
             function, arguments = _anchor_kernel(value, target, self.flavor)
-        self.count += 1
-        label = f"k{self.count:03d}_{value.anchor.kind if value.anchor else 'eltwise'}"
-        gvar = self.builder.add_func(function.with_attr("global_symbol", label), label)
+        gvar = self._add_kernel(function, value.anchor.kind if value.anchor else "eltwise")
+        label = gvar.name_hint
         operands = [item.var if isinstance(item, Stored) else relax.const(item, item.dtype.name) for item in arguments]
         result_type = relax.TensorType(target.shape, target.dtype)
         if target.layout == "nhwc" and (any(target.pads) or target.channels > logical[1]):
