@@ -145,20 +145,24 @@ def _divide_producer(node: ir.Node, scale: np.ndarray) -> None:
         divide(bias, lambda a: a / scale)
 
 
-def fake_quant_error(x: np.ndarray, weights: list[np.ndarray], scale: np.ndarray) -> float:
+def fake_quant_error(
+    x: np.ndarray, weights: list[np.ndarray], scale: np.ndarray, products: list[np.ndarray] | None = None
+) -> float:
     """Squared output error of ``(x / s) (s W)`` with ``x / s`` uint8 per tensor and ``s W`` int8 per output
-    column, against ``x W``, summed over ``weights`` (rows of ``x``: samples, columns: channels)."""
+    column, against ``x W`` (``products``, when the caller has them), summed over ``weights`` (rows of ``x``:
+    samples, columns: channels)."""
     smoothed = x / scale
     low, high = min(float(smoothed.min()), 0.0), max(float(smoothed.max()), 0.0)
     step = max(high - low, 1e-12) / 255.0
     zero = np.round(-low / step)
     x_q = (np.clip(np.round(smoothed / step) + zero, 0, 255) - zero) * step
     total = 0.0
-    for weight in weights:
+    for index, weight in enumerate(weights):
         scaled = weight * scale[:, None]
         w_step = np.maximum(np.abs(scaled).max(axis=0), 1e-12) / 127.0
         w_q = np.clip(np.round(scaled / w_step), -127, 127) * w_step
-        total += float(np.sum((x_q @ w_q - x @ weight) ** 2))
+        exact = products[index] if products is not None else x @ weight
+        total += float(np.sum((x_q @ w_q - exact) ** 2))
     return total
 
 
@@ -261,7 +265,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 self.decisions.append(Decision(str(output.name), names, str(producer.name), reason=reason))
                 return
             matrices = [w.reshape(channels, -1).astype(np.float64) for w in weights]  # type: ignore[union-attr]
-            errors = {f"{a:.1f}": fake_quant_error(rows, matrices, scale_for(a)) for a in AUTO_ALPHAS}
+            products = [rows @ matrix for matrix in matrices]  # the float products, once for every alpha
+            errors = {f"{a:.1f}": fake_quant_error(rows, matrices, scale_for(a), products) for a in AUTO_ALPHAS}
             alpha = float(min(errors, key=lambda key: errors[key]))
         else:
             alpha = float(self.alpha)

@@ -3,10 +3,10 @@
 It knows exactly the ops :mod:`qcompile.backends.integer.lowering` emits and evaluates each with the integer
 semantics of the ONNX specification, in int64 where the spec's result type allows no overflow:
 ``QuantizeLinear`` (round half to even, saturate), ``ConvInteger`` / ``MatMulInteger`` (subtract the zero
-points, multiply, accumulate in int32), ``Div`` on integers (truncation toward zero), ``Clip``, ``Max``,
-``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``, ``Gather`` (tables), ``Concat``, ``Where``, the
-integer and boolean ops of masks (``And``, ``Or``, ``Not``, ``Equal``, ``GatherElements``, ``GatherND``,
-``Expand``), the layout ops,
+points, multiply, accumulate in int32: summed in float64 by BLAS where that is exact), ``Div`` on integers
+(truncation toward zero), ``Clip``, ``Max``, ``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``,
+``Gather`` (tables), ``Concat``, ``Where``, the integer and boolean ops of masks (``And``, ``Or``, ``Not``,
+``Equal``, ``GatherElements``, ``GatherND``, ``Expand``), the layout ops,
 and at the output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses,
 except on the nodes a host build kept in float (named in the graph's ``qcompile.float_islands`` metadata):
 those are run by onnxruntime, one node at a time (the float semantics of the QDQ graph's own executor).
@@ -64,14 +64,31 @@ def _conv_integer(x: np.ndarray, w: np.ndarray, x_zero: Any, w_zero: Any, attrib
     weights = w.astype(np.int64) - np.int64(w_zero)
     # Padding holds the zero point, i.e. 0 once centred.
     windows = _windows(centred, kernel, strides, pads, dilations, 0)  # [N, C, OH, OW, KH, KW]
-    per_group_in = x.shape[1] // groups
-    per_group_out = w.shape[0] // groups
-    outputs = []
-    for group in range(groups):
-        part = windows[:, group * per_group_in : (group + 1) * per_group_in]
-        filters = weights[group * per_group_out : (group + 1) * per_group_out]
-        outputs.append(np.einsum("nchwij,ocij->nohw", part, filters))
-    return np.concatenate(outputs, axis=1).astype(np.int32)
+    batch, _, height, width = windows.shape[:4]
+    per_group_in, per_group_out = x.shape[1] // groups, w.shape[0] // groups
+    depth = per_group_in * kernel[0] * kernel[1]
+    # One product per group: [G, N*OH*OW, Cg*KH*KW] @ [G, Cg*KH*KW, Og].
+    rows = windows.reshape(batch, groups, per_group_in, height, width, *kernel)
+    rows = rows.transpose(1, 0, 3, 4, 2, 5, 6).reshape(groups, batch * height * width, depth)
+    filters = weights.reshape(groups, per_group_out, depth).transpose(0, 2, 1)
+    sums = _integer_matmul(rows, filters)  # [G, N*OH*OW, Og]
+    sums = sums.reshape(groups, batch, height, width, per_group_out).transpose(1, 0, 4, 2, 3)
+    return sums.reshape(batch, groups * per_group_out, height, width).astype(np.int32)
+
+
+# float64 holds every integer below 2**53 exactly: a product of integers whose every partial sum stays below it is
+# exact in float64 in any order of summation, so BLAS computes it; past that bound, numpy's int64 loops do.
+_EXACT_IN_FLOAT64 = 2**53
+
+
+def _integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of int64 arrays, exactly, as int64."""
+    if a.size == 0 or b.size == 0:
+        return np.matmul(a, b)
+    bound = int(np.abs(a).max()) * int(np.abs(b).max()) * a.shape[-1]
+    if bound >= _EXACT_IN_FLOAT64:
+        return np.matmul(a, b)
+    return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
 
 
 def _max_pool(x: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
@@ -159,7 +176,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbatio
         elif op == "MatMulInteger":
             a = args[0].astype(np.int64) - np.int64(args[2] if len(args) > 2 and args[2] is not None else 0)
             b = args[1].astype(np.int64) - np.int64(args[3] if len(args) > 3 and args[3] is not None else 0)
-            result = np.matmul(a, b).astype(np.int32)
+            result = _integer_matmul(a, b).astype(np.int32)
         elif op == "Cast":
             target = _DTYPES[attributes["to"]]
             result = args[0].astype(target)
