@@ -27,7 +27,7 @@ from qcompile.backends import integer as integer_lowering
 from qcompile.backends import lut
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed, Preprocess
-from qcompile.errors import BackendError, CalibrationError, UnsupportedModelError, first_line
+from qcompile.errors import ArtifactError, BackendError, CalibrationError, UnsupportedModelError, first_line
 from qcompile.flow import dynamic, measure
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
@@ -222,14 +222,21 @@ def _write_integer(build: Build, graph: onnx.ModelProto) -> None:
     build.written.append(INTEGER_ONNX)
 
 
+# The cross toolchains whose CPUs qcompile's kernels have flavors for (int8_kernels.target_flavors).
+KERNEL_ARCHES = frozenset({"aarch64"})
+
+
 def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto:
-    """For a build on this machine's CPU: the QDQ graph's integer-only lowering, which qcompile's int8 kernels
-    run (:func:`qcompile.backends.tvm.build_integer`); the layers that stay float, and ops with no integer form,
-    are kept as float islands the kernels run in float. Raises :class:`~qcompile.backends.tvm.KernelsNotUsed`
-    when the lowering refuses the graph (a float op on a value that has no float form there)."""
-    device = build.target
-    if build.toolchain is not None or not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
-        raise tvm_backend.KernelsNotUsed("the target is not this machine's CPU")
+    """For a build for a CPU the kernels have a flavor for (this machine's, or aarch64): the QDQ graph's
+    integer-only lowering, which qcompile's int8 kernels run (:func:`qcompile.backends.tvm.build_integer`); the
+    layers that stay float, and ops with no integer form, are kept as float islands the kernels run in float.
+    Raises :class:`~qcompile.backends.tvm.KernelsNotUsed` when the lowering refuses the graph (a float op on a
+    value that has no float form there)."""
+    device, toolchain = build.target, build.toolchain
+    if not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
+        raise tvm_backend.KernelsNotUsed("the target is not a CPU")
+    if toolchain is not None and toolchain.arch not in KERNEL_ARCHES:
+        raise tvm_backend.KernelsNotUsed(f"qcompile's kernels have no {toolchain.arch} flavor yet")
     try:
         lowered, _ = integer_lowering.lower(graph, float_islands=True)
     except UnsupportedModelError as reason:
@@ -276,7 +283,8 @@ def build_library(build: Build) -> None:
     requires_cpu = None
     if kernels is not None:
         built, built_for, built_with = kernels
-        gpu_note, requires_cpu = None, built_for["mcpu"]
+        # A native build uses every instruction of this CPU model: the runtime checks the CPU it runs on.
+        gpu_note, requires_cpu = None, built_for["mcpu"] if toolchain is None else None
         if lowered is None:  # a host build: the library runs the QDQ graph's integer-only lowering
             build.host_integer = kernel_graph
             build.host_integer.ir_version = execution.ORT_IR_VERSION
@@ -367,6 +375,36 @@ def check_host_kernels(build: Build) -> None:
         manifest = build.manifest()
         measure.check_kernels(build.staging, manifest, build.host_integer, build.sample)
         build.measured = manifest.measured
+
+
+def check_emulated_kernels(build: Build) -> None:
+    """A cross library on qcompile's kernels run under qemu as the target's CPU, against the numpy oracle of its
+    integer graph (as :func:`check_host_kernels` does here); where nothing can emulate the target, the manifest
+    says it was not run."""
+    executor, toolchain = build.executors.get("tvm"), build.toolchain
+    if build.host_integer is None or executor is None or toolchain is None or build.measured is None:
+        return
+    assert build.sample is not None
+    accuracy = build.measured.accuracy
+    if executor.runner is None or not toolchain.runnable:
+        accuracy["tvm_vs_oracle"] = f"not run: nothing here emulates {toolchain.arch} with a TVM runtime"
+        return
+    target = build.target.tvm_target
+    cpu = str(target.get("mcpu", "max"))
+    inputs = [build.sample[value.name] for value in build.host_integer.graph.input]
+    try:
+        outputs, _ = tvm_backend.cross.emulate(
+            toolchain, build.staging, executor.file, inputs, cpu, list(target.get("mattr", []))
+        )
+    except tvm_backend.cross.IllegalInstructionError as error:  # qemu's model of the CPU lacks a feature
+        accuracy["tvm_vs_oracle"] = f"not run: {error}"
+        logger.warning("the %s library was not checked under qemu: %s", toolchain.arch, error)
+        return
+    passed, detail, _ = measure.oracle_agreement(outputs, build.host_integer, build.sample)
+    if not passed:
+        raise ArtifactError(f"the {toolchain.arch} library of qcompile's kernels, run under qemu -cpu {cpu}, {detail}")
+    accuracy["tvm_vs_oracle"] = f"{detail} on the calibration sample, run under {toolchain.qemu} -cpu {cpu}"
+    logger.info("the %s library under qemu -cpu %s: %s", toolchain.arch, cpu, detail)
 
 
 def drop_slow_library(build: Build) -> None:
@@ -471,7 +509,7 @@ QDQ_STAGES: tuple[Stage, ...] = (quantize_qdq, write_onnx, build_library, measur
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     # predict_on_board: a target file of the user's own may name an edge CPU with the host's pipeline
     "w8a8": (*QDQ_STAGES, check_host_kernels, drop_slow_library, predict_on_board),
-    "w8a8-cross": (*QDQ_STAGES, predict_on_board),
+    "w8a8-cross": (*QDQ_STAGES, predict_on_board, check_emulated_kernels),
     "w8a8-cuda": (*QDQ_STAGES, predict_on_board),
     "integer-only": (integer_only_options, quantize_qdq, lower_to_integers, *QDQ_STAGES[1:], check_integer_graph),
     "lut": (ternarize, write_lut_package, measure_lut),

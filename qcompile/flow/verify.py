@@ -1,5 +1,6 @@
 """``qcompile verify``: an artifact's files against their sha256, its cross-compiled libraries' ELF headers,
-and, under qemu, each aarch64 library's outputs against the same graph built and run on this machine."""
+and, under qemu, each aarch64 library's outputs against a reference: the numpy oracle of the artifact's integer
+graph for a library on qcompile's kernels, else the same graph built and run on this machine."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import onnx
 
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed
-from qcompile.flow.compile import QUANTIZED_ONNX
+from qcompile.flow import measure
+from qcompile.flow.compile import INTEGER_ONNX, QUANTIZED_ONNX
 from qcompile.runtime import load as load_artifact
 from qcompile.runtime.executors import TVMExecutor
 
@@ -35,11 +37,14 @@ def check(
 ) -> list[dict[str, Any]]:
     """Check an artifact: every file's sha256 (always), the ELF header of every cross-compiled library,
     and with ``emulate`` a run of each aarch64 library under qemu as ``cpu`` (default: the target's
-    ``mcpu``) compared with the same graph built for and run on this machine.
+    ``mcpu``) compared with a reference. A library on qcompile's kernels is compared with the numpy oracle of the
+    artifact's integer graph: bit for bit, or, where the graph keeps float layers, within a few times what
+    float32 rounding in them alone moves the outputs (as the compile checked it). An importer build is compared
+    with the same graph built for and run on this machine, within max |difference| <= 1e-5 x max(1, max |host
+    output|); with the FMA-contracting host build the outputs are expected to be bit-identical.
 
-    Returns one record per check (``check``, ``passed``, ``detail`` and figures). Tolerance of the emulated
-    run: max |difference| <= 1e-5 x max(1, max |host output|); with the FMA-contracting host build the
-    outputs are expected to be bit-identical, and ``bit_exact`` says whether they were.
+    Returns one record per check (``check``, ``passed``, ``detail`` and figures; ``bit_exact`` says whether the
+    emulated outputs equal the reference's).
     """
     folder = Path(path)
     session = load_artifact(folder, "onnxruntime-fp32")
@@ -75,6 +80,18 @@ def check(
             )
         except tvm_backend.cross.IllegalInstructionError as error:
             records.append({"check": f"{name}: emulated run", "passed": False, "detail": str(error)})
+            continue
+        if (entry.lowering or "").startswith(tvm_backend.INTEGER_KERNELS) and (folder / INTEGER_ONNX).is_file():
+            integer_graph = onnx.load(str(folder / INTEGER_ONNX))
+            passed, agreement, exact = measure.oracle_agreement(outputs, integer_graph, feed)
+            records.append(
+                {
+                    "check": f"{name}: emulated run",
+                    "passed": passed,
+                    "bit_exact": exact,
+                    "detail": f"qemu -cpu {chosen_cpu}: {agreement}",
+                }
+            )
             continue
         references = host_run(folder / QUANTIZED_ONNX, feed, [info.name for info in session.inputs])
         differences = [float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs, references, strict=True)]

@@ -96,11 +96,13 @@ def test_avx2_flavor_is_bit_exact() -> None:
                 assert np.array_equal(result, expected), (variant, zero_point)
 
 
-def test_neon_dot_flavor_is_bit_exact_under_qemu(tmp_path: Path) -> None:
-    """sdot multiplies signed bytes: activations enter as x - 128, the correction uses za - 128."""
+@pytest.mark.parametrize(("name", "cpu"), [("neon-dot", "cortex-a76"), ("neon", "cortex-a72")])
+def test_aarch64_flavors_are_bit_exact_under_qemu(name: str, cpu: str, tmp_path: Path) -> None:
+    """sdot multiplies signed bytes: activations enter as x - 128, the correction uses za - 128; without the dot
+    product (Cortex-A72), int16-widened products accumulate into int32 lanes."""
     from tvm.support import cc
 
-    flavor = int8_kernels.FLAVORS["neon-dot"]
+    flavor = int8_kernels.FLAVORS[name]
     toolchain, runner = require_emulation(flavor.tvm_target)
     shape = (9, 136, 37)
     module = int8_kernels.build({"mm": shape}, flavor.tvm_target, flavor)
@@ -110,6 +112,6 @@ def test_neon_dot_flavor_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     for zero_point in (0, 131):
         inputs = [a, *int8_kernels.arguments(w, shape[0], zero_point, flavor)]
         outputs, _ = cross.emulate(
-            toolchain, tmp_path, "mm.so", inputs, "cortex-a76", flavor.tvm_target["mattr"], function="mm", runner=runner
+            toolchain, tmp_path, "mm.so", inputs, cpu, flavor.tvm_target["mattr"], function="mm", runner=runner
         )
         assert np.array_equal(outputs[3], (a.astype(np.int64) - zero_point) @ w.astype(np.int64)), zero_point

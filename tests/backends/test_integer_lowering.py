@@ -145,30 +145,33 @@ def test_resnet18_runs_on_the_int8_kernels_bit_exactly(vnni: dict, tmp_path: Pat
         expected = integer_reference.run(lowered, feed)[0]
         assert np.array_equal(session.run(feed)["logits"], expected)
         assert np.array_equal(machine["main"](tvm.runtime.tensor(feed["input"])).numpy(), expected)
-    _check_neon_dot_under_qemu(lowered, {"input": crops[5][None]}, tmp_path)
+    for name, cpu in (("neon-dot", "cortex-a76"), ("neon", "cortex-a72")):
+        _check_aarch64_under_qemu(lowered, {"input": crops[5][None]}, tmp_path, name, cpu)
 
 
-def _check_neon_dot_under_qemu(lowered: onnx.ModelProto, feed: dict[str, np.ndarray], folder: Path) -> None:
-    """The whole graph on the aarch64 sdot flavor, cross-compiled and run by the artifact runner under qemu
-    as a Cortex-A76 (which has the dot-product extension), against the oracle."""
+def _check_aarch64_under_qemu(
+    lowered: onnx.ModelProto, feed: dict[str, np.ndarray], folder: Path, name: str, cpu: str
+) -> None:
+    """The whole graph on an aarch64 flavor (sdot, or the widening multiply-adds of CPUs without it),
+    cross-compiled and run by the artifact runner under qemu as ``cpu``, against the oracle."""
     from tvm import relax
     from tvm.support import cc
 
-    flavor = int8_kernels.FLAVORS["neon-dot"]
+    flavor = int8_kernels.FLAVORS[name]
     toolchain = emulation_toolchain(flavor.tvm_target)
     if toolchain is None:
         return  # without the cross toolchain (qcompile toolchains --install) only the host flavors are checked
     executable = relax.build(
-        integer.to_relax(lowered, flavor),
-        target=tvm.target.Target(flavor.tvm_target),
+        integer.to_relax(lowered, flavor, int8_kernels.NEON_FLOAT),
+        target=tvm.target.Target({**flavor.tvm_target, "mcpu": cpu}),
         relax_pipeline=integer.pipeline(),
     )
     executable.export_library(str(folder / "neon.so"), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))
     runner = cross.build_runner(toolchain)
     outputs, _ = cross.emulate(
-        toolchain, folder, "neon.so", list(feed.values()), "cortex-a76", flavor.tvm_target["mattr"], runner=runner
+        toolchain, folder, "neon.so", list(feed.values()), cpu, flavor.tvm_target["mattr"], runner=runner
     )
-    assert np.array_equal(outputs[0], integer_reference.run(lowered, feed)[0])
+    assert np.array_equal(outputs[0], integer_reference.run(lowered, feed)[0]), name
 
 
 def test_a_graph_the_kernels_do_not_cover_says_why_and_falls_back(vnni: dict, tmp_path: Path) -> None:
@@ -179,9 +182,9 @@ def test_a_graph_the_kernels_do_not_cover_says_why_and_falls_back(vnni: dict, tm
         integer.to_relax(model)
     with pytest.raises(tvm_backend.KernelsNotUsed, match=r"the_neg \(Neg\)"):
         tvm_backend.build_integer(model, {"kind": "llvm"}, tmp_path)
-    cross = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
-    with pytest.raises(tvm_backend.KernelsNotUsed, match="not this machine's CPU"):
-        tvm_backend.build_integer(_requantize_graph(np.full(CHANNELS, 40)), cross, tmp_path)
+    riscv = {"kind": "llvm", "mtriple": "riscv64-linux-gnu"}
+    with pytest.raises(tvm_backend.KernelsNotUsed, match="no flavor for riscv64"):
+        tvm_backend.build_integer(_requantize_graph(np.full(CHANNELS, 40)), riscv, tmp_path)
 
 
 def test_a_library_built_for_another_cpu_is_refused(vnni: dict, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Edge targets: cross-compiled artifacts, runs under qemu-user compared with the host, SIGILL caught with
+"""Edge targets: cross-compiled artifacts on qcompile's kernels (aarch64 flavors), runs under qemu-user compared
+with the numpy oracle (or, for an importer build, with the host build), SIGILL caught with
 the missing feature named, armv7 / riscv64 ELF checks, and measurement through TVM RPC on loopback.
 
 Needs the cross toolchains, qemu and the aarch64 TVM runtime: `qcompile toolchains --install` (part of the
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from qcompile import api, runtime
+from qcompile.backends import tvm as tvm_backend
 from qcompile.backends.tvm import cross
 from qcompile.cli import main
 from qcompile.errors import ArtifactError, BackendError
@@ -52,6 +54,13 @@ def test_efficientnet_runs_bit_exact_under_qemu(
     manifest = runtime.load(folder, "onnxruntime").manifest
     entry = manifest.executors["tvm"]
     assert entry.arch == "aarch64" and entry.runner == "device/qcompile-runner"
+    # Built on qcompile's kernels in the flavor of the target's CPU (the A72 has no dot product), and checked
+    # at compile time under qemu against the numpy oracle of the integer graph, which the artifact carries.
+    flavor = {"rpi4": "neon dot products", "cortex-a76": "neon-dot dot products"}[target]
+    assert entry.lowering is not None and entry.lowering.startswith(tvm_backend.INTEGER_KERNELS)
+    assert entry.lowering.split("; ")[0].endswith(flavor), entry.lowering
+    assert "model.integer.onnx" in manifest.files and entry.requires_cpu is None
+    assert manifest.measured.accuracy["tvm_vs_oracle"].startswith("bit-exact"), manifest.measured.accuracy
     for name in ("device/qcompile-runner", "device/libtvm_runtime.so", "device/libtvm_ffi.so"):
         assert name in manifest.files
         assert cross.elf_info(folder / name).machine == 183

@@ -82,19 +82,20 @@ class KernelsNotUsed(Exception):
 def build_integer(
     proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE
 ) -> tuple[list[str], dict[str, Any], str]:
-    """Build the integer-only graph ``proto`` on qcompile's int8 kernels when ``tvm_target`` is this machine
-    (an LLVM target that is not cross-compiled) and its CPU has AVX-512 VNNI or AVX2: returns the files
-    written, the TVM target the library was built for (this CPU's, so that LLVM may use its instructions)
-    and a description naming the dot-product flavor. Raises :class:`KernelsNotUsed` with the reason when the
-    kernels do not cover the graph or this machine."""
+    """Build the integer-only graph ``proto`` on qcompile's int8 kernels for ``tvm_target``: this machine's CPU
+    (AVX-512 VNNI or AVX2; built for its CPU model, so that LLVM may use its instructions) or an aarch64 CPU
+    (``sdot`` where the target has the dot product, else widening multiply-adds; cross-compiled and linked
+    with the target's toolchain). Returns the files written, the TVM target the library was built for and a
+    description naming the dot-product flavor. Raises :class:`KernelsNotUsed` with the reason when the
+    kernels do not cover the graph or the target."""
     from qcompile.backends.tvm import int8_kernels, integer
 
-    if tvm_target.get("kind") != "llvm" or cross.toolchain_for(tvm_target) is not None:
-        raise KernelsNotUsed(f"{tvm_target} is not this machine's CPU")
+    if tvm_target.get("kind") != "llvm":
+        raise KernelsNotUsed(f"{tvm_target} is not a CPU target")
+    toolchain = cross.toolchain_for(tvm_target)
     try:
-        flavor = int8_kernels.host_flavor()
-        host = {**tvm_target, **flavor.tvm_target}
-        module = integer.to_relax(proto, flavor)
+        flavor, float_flavor, built_for = int8_kernels.target_flavors(tvm_target, native=toolchain is None)
+        module = integer.to_relax(proto, flavor, float_flavor)
     except (BackendError, integer.NotLowerable) as reason:
         raise KernelsNotUsed(str(reason)) from reason
     except Exception as error:  # a bug in an optional speed-up: the onnxruntime files still carry the model
@@ -104,15 +105,24 @@ def build_integer(
         ) from error
     import tvm
     from tvm import relax
+    from tvm.support import cc
 
     started = time.perf_counter()
     try:
-        executable = relax.build(module, target=tvm.target.Target(host), relax_pipeline=integer.pipeline())
-        executable.export_library(str(out_dir / file_name))
+        executable = relax.build(module, target=tvm.target.Target(built_for), relax_pipeline=integer.pipeline())
+        if toolchain is not None:
+            compiler = cross.require_compiler(toolchain)
+            executable.export_library(str(out_dir / file_name), fcompile=cc.cross_compiler(compiler))
+        else:
+            executable.export_library(str(out_dir / file_name))
+    except BackendError:
+        raise
     except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
-        raise BackendError(f"TVM could not build the integer kernels for {host}: {first_line(error)}") from error
-    logger.info("integer kernels built for %s in %.1f s", host, time.perf_counter() - started)
-    return [file_name], host, f"{INTEGER_KERNELS}, {flavor.name} dot products"
+        raise BackendError(f"TVM could not build the integer kernels for {built_for}: {first_line(error)}") from error
+    if toolchain is not None:
+        cross.check_elf(out_dir / file_name, toolchain)
+    logger.info("integer kernels built for %s in %.1f s", built_for, time.perf_counter() - started)
+    return [file_name], built_for, f"{INTEGER_KERNELS}, {flavor.name} dot products"
 
 
 def _conv_integer_converter() -> Any:

@@ -15,6 +15,9 @@ The flavors (TVM ships int8 intrinsics for AVX-512 VNNI only; these are written 
 - ``avx2`` (x86-64 without VNNI): ``vpmaddwd`` on 16-bit lanes: the activations zero-extended and the weights
   sign-extended to int16 (so no product saturates, unlike ``vpmaddubsw``), each two products summed into
   one of 8 int32 lanes, then added to the accumulator.
+- ``neon`` (aarch64 without the dot product, Armv8.0: Cortex-A72, A53): one product per lane and step, the
+  uint8 activation and the int8 weight widened to int16 and multiplied into int32 lanes, which LLVM selects as
+  the widening multiply-accumulate ``smlal`` / ``smlal2`` (8 lanes: two instructions per step).
 - ``neon-dot`` (aarch64 with the dot-product extension, ``+dotprod``): ``sdot`` adds four int8 x int8 products
   into each of 4 int32 lanes. It multiplies signed bytes, so the activations go in as ``x - 128`` (a flip
   of the top bit) and the zero-point correction uses ``za - 128``: ``(x - za) w = (x - 128) w - (za - 128) w``.
@@ -74,6 +77,8 @@ class Flavor:
 
         if self.name == "fp32":
             return tirx.Broadcast(codes, self.lanes)
+        if self.name == "neon":
+            return tirx.Broadcast(tirx.Cast("int16", codes), self.lanes)
         if self.name == "avx2":
             word = tirx.reinterpret("int32", tirx.Cast(f"int16x{self.group}", codes))
             return tirx.reinterpret(f"int16x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
@@ -91,6 +96,8 @@ class Flavor:
                 f"float32x{self.lanes}", self.intrinsic, activations, weights, accumulator
             )
         vector = f"int32x{self.lanes}"
+        if self.name == "neon":  # sign-extended int16 products: smlal
+            return accumulator + tirx.Cast(vector, activations) * tirx.Cast(vector, weights)
         if self.name == "avx2":
             return accumulator + tirx.call_llvm_pure_intrin(vector, self.intrinsic, activations, weights)
         return tirx.call_llvm_pure_intrin(vector, self.intrinsic, accumulator, activations, weights)
@@ -100,6 +107,9 @@ FLAVORS = {
     "vnni": Flavor("vnni", 16, 4, "llvm.x86.avx512.vpdpbusd.512", "int8", 0, 4, 3, {"kind": "llvm"}),
     "avx2": Flavor(
         "avx2", 8, 2, "llvm.x86.avx2.pmadd.wd", "int16", 0, 4, 2, {"kind": "llvm", "mattr": ["+avx2", "+fma"]}
+    ),
+    "neon": Flavor(
+        "neon", 8, 1, "", "int16", 0, 4, 3, {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     ),
     "neon-dot": Flavor(
         "neon-dot",
@@ -155,6 +165,26 @@ def float_flavor() -> Flavor:
     return replace(FLOAT, lanes=8, intrinsic="llvm.fma.v8f32")
 
 
+# aarch64: 4 fp32 lanes per NEON register (fmla).
+NEON_FLOAT = replace(FLOAT, lanes=4, intrinsic="llvm.fma.v4f32")
+
+
+def target_flavors(tvm_target: dict[str, Any], native: bool) -> tuple[Flavor, Flavor, dict[str, Any]]:
+    """The int8 and fp32 flavors for ``tvm_target`` and the TVM target to build them for: this machine's for a
+    ``native`` target (tuned for its CPU model); for aarch64, ``neon-dot`` when the target's ``mattr`` has
+    ``+dotprod``, else ``neon``, built for the target as given. Any other target: :class:`BackendError`."""
+    if tvm_target.get("kind") != "llvm":
+        raise BackendError(f"qcompile's int8 kernels are CPU code; {tvm_target.get('kind')} is not an LLVM target")
+    triple = str(tvm_target.get("mtriple", ""))
+    if native:
+        flavor = host_flavor()
+        return flavor, float_flavor(), {**tvm_target, **flavor.tvm_target}
+    if triple.startswith("aarch64"):
+        flavor = FLAVORS["neon-dot" if "+dotprod" in tvm_target.get("mattr", []) else "neon"]
+        return flavor, NEON_FLOAT, dict(tvm_target)
+    raise BackendError(f"qcompile's int8 kernels have no flavor for {triple} yet (x86-64 and aarch64 have)")
+
+
 def _check_shape(m: int, k: int, n: int, flavor: Flavor = VNNI) -> None:
     if min(m, k, n) < 1:
         raise BackendError(f"int8 matmul needs a non-empty [M, K] @ [K, N], got M={m}, K={k}, N={n}")
@@ -186,7 +216,7 @@ def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True, flavor: Flavo
         return tirx.min((tile // block_tiles) * tile_rows + r, m - 1)
 
     def activations(a: Any, row: Any, quad: Any) -> Any:
-        return flavor.activations(a[row, tirx.Ramp(quad * group, 1, group)])
+        return flavor.activations(a[row, tirx.Ramp(quad * group, 1, group) if group > 1 else quad])
 
     def block(tile: Any, b: Any) -> Any:
         return (tile % block_tiles) * tile_blocks + b

@@ -97,12 +97,12 @@ def _leaf_lazy(value: Stored) -> Lazy:
 
 
 class _Lowering:
-    def __init__(self, model: onnx.ModelProto, flavor: int8_kernels.Flavor) -> None:
+    def __init__(self, model: onnx.ModelProto, flavor: int8_kernels.Flavor, float_flavor: int8_kernels.Flavor) -> None:
         from tvm import relax
 
         self.relax = relax
         self.model = model
-        self.flavor = flavor
+        self.flavor, self.float_flavor = flavor, float_flavor
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self.values: dict[str, Stored | Lazy] = {}
         self.uses: dict[str, list[onnx.NodeProto]] = {}
@@ -1040,7 +1040,7 @@ class _Lowering:
         elif value.anchor is None:
             function, arguments = _elementwise_kernel(value, target)
         else:
-            function, arguments = _anchor_kernel(value, target, self.flavor)
+            function, arguments = _anchor_kernel(value, target, self.flavor, self.float_flavor)
         gvar = self._add_kernel(function, value.anchor.kind if value.anchor else "eltwise")
         label = gvar.name_hint
         operands = [item.var if isinstance(item, Stored) else relax.const(item, item.dtype.name) for item in arguments]
@@ -1520,7 +1520,9 @@ def _image_input_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     return image_input, [source]
 
 
-def _anchor_kernel(value: Lazy, target: Stored, flavor: int8_kernels.Flavor) -> tuple[Any, list[Any]]:
+def _anchor_kernel(
+    value: Lazy, target: Stored, flavor: int8_kernels.Flavor, float_flavor: int8_kernels.Flavor
+) -> tuple[Any, list[Any]]:
     anchor = value.anchor
     assert anchor is not None
     if value.leaves:
@@ -1540,7 +1542,7 @@ def _anchor_kernel(value: Lazy, target: Stored, flavor: int8_kernels.Flavor) -> 
         assert anchor.other is not None
         return sequence.batched_matmul_kernel(value, anchor, anchor.other, target)
     if anchor.kind in ("conv", "matmul"):
-        return _conv_kernel(value, anchor, target, int8_kernels.float_flavor() if floating else flavor)
+        return _conv_kernel(value, anchor, target, float_flavor if floating else flavor)
     vnni_depthwise = anchor.kind == "depthwise" and flavor.name == "vnni" and not floating
     if vnni_depthwise and anchor.logical[1] % LANES == 0 and target.layout == "nhwc":
         return _depthwise_kernel(value, anchor, target)
@@ -1924,11 +1926,15 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     return reduce, [source, ints, halves, floats]
 
 
-def to_relax(model: onnx.ModelProto, flavor: int8_kernels.Flavor = int8_kernels.VNNI) -> Any:
+def to_relax(
+    model: onnx.ModelProto,
+    flavor: int8_kernels.Flavor = int8_kernels.VNNI,
+    float_flavor: int8_kernels.Flavor | None = None,
+) -> Any:
     """The Relax module of ``model`` (an integer-only graph) on these kernels with ``flavor``'s dot product
-    (the depthwise kernel is VNNI's; other flavors run depthwise layers as int32 multiply-adds), or
-    :class:`NotLowerable`."""
-    return _Lowering(deduplicated(model), flavor).run()
+    (the depthwise kernel is VNNI's; other flavors run depthwise layers as int32 multiply-adds) and
+    ``float_flavor``'s fused multiply-adds in float layers (default: this machine's), or :class:`NotLowerable`."""
+    return _Lowering(deduplicated(model), flavor, float_flavor or int8_kernels.float_flavor()).run()
 
 
 def deduplicated(model: onnx.ModelProto) -> onnx.ModelProto:
