@@ -352,11 +352,19 @@ def measure_here(build: Build) -> None:
 
 
 def predict_on_board(build: Build) -> None:
-    """A cross target: the default executor by the cost model's prediction for the board."""
+    """A cross target: the default executor by prediction for the board (the cost model's for onnxruntime, the
+    llvm-mca estimate for a library of qcompile's kernels)."""
     assert build.result is not None
     if build.toolchain:
         manifest = build.manifest()
-        measure.predict_default(manifest, build.model, build.result, build.target)
+        library = None
+        executor = build.executors.get("tvm")
+        if build.host_integer is not None and executor is not None and executor.target is not None:
+            try:
+                library = tvm_backend.estimate_library(build.host_integer, executor.target, build.target.device)
+            except BackendError as error:  # no llvm-mca here: the library is shipped, not chosen
+                logger.warning("no estimate of the %s library: %s", build.target.name, error)
+        measure.predict_default(manifest, build.model, build.result, build.target, library)
         build.measured = manifest.measured
 
 

@@ -279,20 +279,34 @@ def check_integer(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sa
     )
 
 
-def predict_default(manifest: Manifest, model: ir.Model, result: QuantizeResult, target: hwmodels.Target) -> None:
-    """For a cross target nothing here measures the board: the default executor is chosen by the cost
-    model's prediction, and the manifest says so."""
+def predict_default(
+    manifest: Manifest,
+    model: ir.Model,
+    result: QuantizeResult,
+    target: hwmodels.Target,
+    library: dict[str, Any] | None = None,
+) -> None:
+    """For a cross target nothing here measures the board: the default executor is chosen by prediction, and
+    the manifest says so: the cost model's for the onnxruntime executors, and for a library of qcompile's
+    kernels its own estimate (``library``: :meth:`qcompile.backends.tvm.estimate.LibraryEstimate.summary`)."""
     measured = manifest.measured
     assert measured is not None
     float_layers = frozenset(record.name for record in result.layers if record.float_reason)
     quantized, floating, state = predict(model, float_layers, target)
     measured.latency_scope = "measured on this build machine, not on the target"
     measured.predicted_latency_ms = {"onnxruntime": quantized, "onnxruntime-fp32": floating, "cost_model": state}
-    measured.default_executor = "onnxruntime" if quantized <= floating else "onnxruntime-fp32"
+    candidates = {"onnxruntime": quantized, "onnxruntime-fp32": floating}
+    if library is not None:
+        measured.predicted_latency_ms["tvm"] = library["estimated_ms"]
+        measured.predicted_latency_ms["tvm_estimate"] = library
+        candidates["tvm"] = library["estimated_ms"]
+    measured.default_executor = min(candidates, key=lambda name: candidates[name])
+    figures = f"{quantized:.2f} ms quantized vs {floating:.2f} ms float on onnxruntime"
+    if library is not None:
+        figures += f", and qcompile's kernels {library['estimated_ms']:.2f} ms ({library['source']})"
     measured.default_reason = (
-        f"cross target {target.name}, not measured here: the cost model ({state}) predicts "
-        f"{quantized:.2f} ms quantized vs {floating:.2f} ms float; measure on the board with "
-        "`qcompile bench --rpc`"
+        f"cross target {target.name}, not measured here: the cost model ({state}) predicts {figures}; "
+        "measure on the board with `qcompile bench --rpc`"
     )
 
 
@@ -315,7 +329,11 @@ def predict(float_model: ir.Model, float_layers: frozenset[str], target: hwmodel
 
 
 def predicted_latency_ms(folder: Path, manifest: Manifest, target_name: str) -> tuple[float, str]:
-    """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``."""
+    """The cost model's end-to-end latency of the artifact's quantized graph on ``target_name``; for the
+    artifact's own target when its default is a library of qcompile's kernels, that library's estimate."""
+    predicted = manifest.measured.predicted_latency_ms if manifest.measured else None
+    if target_name == manifest.target.name and predicted and "tvm" in predicted and manifest.default_executor == "tvm":
+        return float(predicted["tvm"]), f"estimated for {target_name}: {predicted['tvm_estimate']['source']}"
     float_layers = frozenset(layer["name"] for layer in manifest.layers if layer["float_reason"])
     target = hwmodels.load_target(target_name)
     latency, _, state = predict(frontend.load(folder / REFERENCE_ONNX), float_layers, target)

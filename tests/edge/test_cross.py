@@ -19,7 +19,7 @@ import pytest
 
 from qcompile import api, runtime
 from qcompile.backends import tvm as tvm_backend
-from qcompile.backends.tvm import cross
+from qcompile.backends.tvm import cross, estimate
 from qcompile.cli import main
 from qcompile.errors import ArtifactError, BackendError
 from qcompile.flow.quantize import QuantizeOptions
@@ -66,6 +66,11 @@ def test_efficientnet_runs_bit_exact_under_qemu(
         assert cross.elf_info(folder / name).machine == 183
     assert manifest.measured is not None and manifest.measured.predicted_latency_ms is not None
     assert "cross target" in manifest.measured.default_reason
+    # The library's speed on the board is estimated (llvm-mca on the target's CPU model), and says so.
+    predicted = manifest.measured.predicted_latency_ms
+    if estimate.mca_program() is not None:
+        assert predicted["tvm"] > 0 and predicted["tvm_estimate"]["source"].startswith("estimate, not a measurement")
+        assert manifest.default_executor == min(("onnxruntime", "onnxruntime-fp32", "tvm"), key=predicted.get)
 
     records = api.verify(folder, emulate=True)
     run = next(record for record in records if record["check"] == "tvm: emulated run")

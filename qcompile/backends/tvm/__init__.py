@@ -125,6 +125,22 @@ def build_integer(
     return [file_name], built_for, f"{INTEGER_KERNELS}, {flavor.name} dot products"
 
 
+def estimate_library(proto: onnx.ModelProto, tvm_target: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The estimated latency on ``device`` (a target file's) of the integer graph ``proto`` on qcompile's kernels
+    built for ``tvm_target`` (:mod:`qcompile.backends.tvm.estimate`), as the manifest records it."""
+    from qcompile.backends.tvm import estimate, int8_kernels, integer
+
+    flavor, float_flavor, built_for = int8_kernels.target_flavors(tvm_target, cross.toolchain_for(tvm_target) is None)
+    try:
+        module = integer.to_relax(proto, flavor, float_flavor)
+    except integer.NotLowerable as reason:
+        raise BackendError(str(reason)) from reason
+    started = time.perf_counter()
+    result = estimate.estimate(module, built_for, device)
+    logger.info("%s estimated at %.2f ms in %.1f s", built_for.get("mcpu"), result.ms, time.perf_counter() - started)
+    return result.summary()
+
+
 def _conv_integer_converter() -> Any:
     """A Relax converter for ONNX ``ConvInteger``, which TVM 0.27's ONNX importer lacks: both operands
     widened to int32 less their zero points, then an int32 ``conv1d`` / ``conv2d`` (exact: int8 x int8 products

@@ -87,6 +87,14 @@ class Flavor:
         word = tirx.reinterpret("int32", codes)
         return tirx.reinterpret(f"int8x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
 
+    def word_activations(self, word: Any) -> Any:
+        """The ``group`` (four) activation codes read as one int32 ``word``, as the instruction's operand."""
+        from tvm import tirx
+
+        if self.offset:  # x - 128 in each byte: flip each byte's top bit
+            word = word ^ tirx.const(int.from_bytes(bytes([self.offset] * 4), "little", signed=True), "int32")
+        return tirx.reinterpret(f"int8x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
+
     def dot(self, accumulator: Any, activations: Any, weights: Any) -> Any:
         """``accumulator`` plus, per lane, the sum of ``group`` products."""
         from tvm import tirx

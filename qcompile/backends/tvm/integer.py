@@ -1221,8 +1221,9 @@ def fast_requantize(value: Lazy) -> Lazy | None:
         floor((a M0 + 2**(n-1)) / 2**n) = floor((hi32(a M0) + 2**(n-33)) / 2**(n-32))
 
     (``2**(n-1)`` is a multiple of ``2**32``, and floors of successive divisions compose), where hi32 is the
-    high half of the 64-bit product: two ``vpmuldq`` for 16 lanes and the rest in int32 lanes, instead of
-    16-lane int64 arithmetic. The result is ``clamp(that + K, lo, hi)`` with ``K = C / 2**n - U``.
+    high half of the 64-bit product: two ``vpmuldq`` for 16 lanes (widening multiplies for narrower vectors,
+    ``smull`` / ``smull2`` on aarch64) and the rest in int32 lanes, instead of int64 arithmetic in every step.
+    The result is ``clamp(that + K, lo, hi)`` with ``K = C / 2**n - U``.
     None when the pattern or a condition does not hold (the generic expression is then used)."""
     steps = _chain(value, len(REQUANTIZE_CHAIN))
     if steps is None or tuple(op for _, op, _ in steps) != REQUANTIZE_CHAIN:
@@ -1287,10 +1288,14 @@ def fast_requantize(value: Lazy) -> Lazy | None:
     def requantize(env: Env) -> Any:
         from tvm import tirx
 
-        if env.lanes != LANES or env.raw is None:  # a scalar tail, a narrower flavor: the ops as written
+        if env.lanes == 1 or env.raw is None:  # a scalar tail: the ops as written
             if bias is None:
                 return generic(env)
             return generic(dataclasses.replace(env, source=env.source - env.constant(first + 7)))
+        if env.lanes != LANES:  # narrower vectors (aarch64 NEON, AVX2): widening multiplies (smull / smull2)
+            wide = f"int64x{env.lanes}"
+            product = tirx.Cast(wide, source(env)) * tirx.Cast(wide, env.constant(first))
+            return finish(tirx.Cast(f"int32x{env.lanes}", product >> tirx.const(32, "int64")), env)
         # Each 64-bit half of the 16 lanes holds an even lane (low) and an odd lane (high): products of the
         # sign-extended halves are what vpmuldq computes (LLVM selects it for these shifts).
         a = tirx.reinterpret("int64x8", source(env))
@@ -1305,12 +1310,17 @@ def fast_requantize(value: Lazy) -> Lazy | None:
         odd = (a >> thirty_two) * low_half(m_odd)
         high_even = tirx.reinterpret("uint64x8", even) >> tirx.const(32, "uint64")
         high_odd = tirx.reinterpret("uint64x8", odd) & tirx.const(0xFFFFFFFF00000000, "uint64")
-        top = tirx.reinterpret(f"int32x{LANES}", high_even | high_odd)
+        return finish(tirx.reinterpret(f"int32x{LANES}", high_even | high_odd), env)
+
+    def finish(top: Any, env: Env) -> Any:
+        """From hi32 of the product on, in int32 lanes: round, shift, add K, clamp, narrow."""
+        from tvm import tirx
+
         rounded = (top + env.constant(first + 2)) >> env.constant(first + 3)
         if not fold:
             rounded = rounded + env.constant(first + 4)
         clamped = tirx.min(tirx.max(rounded, env.constant(first + 5)), env.constant(first + 6))
-        return tirx.Cast(f"uint8x{LANES}", clamped)
+        return tirx.Cast(f"uint8x{env.lanes}", clamped)
 
     return Lazy(value.logical, "uint8", requantize, anchor, value.leaves, [*value.constants, *rows])
 
@@ -1569,6 +1579,11 @@ def _tile_blocks(blocks: int) -> int:
 L2_BYTES = 1 << 20  # per core, on the x86-64 cores with AVX-512 VNNI this targets (Zen 4/5, Ice Lake and later)
 
 
+# PrimFunc attributes of a dense kernel: how many register-tile steps it runs, and the products in each; of a
+# depthwise convolution on vector multiply-adds, its products.
+DENSE_STEPS, STEP_MACS, WINDOW_MACS = "qcompile.dense_steps", "qcompile.step_macs", "qcompile.window_macs"
+
+
 def pack_conv_weights(
     weights: np.ndarray, channels: int, tile_blocks: int, flavor: int8_kernels.Flavor = int8_kernels.VNNI
 ) -> np.ndarray:
@@ -1628,11 +1643,19 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         row_tile = tile % row_tiles if block_major else tile // block_tiles
         return tirx.min(row_tile * tile_rows + r, rows - 1)
 
-    def activations(X: Any, tile: Any, r: Any, y: Any, x: Any, q: Any) -> Any:
+    # aarch64 widens a 4-byte vector load through 16-bit lanes (ushll, uzp1, mov: 3 instructions per row and
+    # step); sdot's four codes are read as one int32 word instead, through an int32 view of the input.
+    word_loads = flavor.name == "neon-dot" and group == 4 and x_nhwc
+    words = int(np.prod(source.shape)) // 4
+
+    def activations(X: Any, Xw: Any, tile: Any, r: Any, y: Any, x: Any, q: Any) -> Any:
         m = row(tile, r)
         if x_nhwc:
+            h, w = (m // out_w) * stride_h + y + off_h, (m % out_w) * stride_w + x + off_w
+            if word_loads:
+                return flavor.word_activations(Xw[(h * source.shape[1] + w) * quads + q])
             codes = tirx.Ramp(q * group, 1, group) if group > 1 else q
-            loaded = X[(m // out_w) * stride_h + y + off_h, (m % out_w) * stride_w + x + off_w, codes]
+            loaded = X[h, w, codes]
         else:
             loaded = X[0, tirx.Ramp(q * group, 1, group) if group > 1 else q]
         return flavor.activations(loaded)
@@ -1667,6 +1690,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
+        Xw = T.decl_buffer((words,), "int32", data=X.data)
         for tile in outer(row_tiles * block_tiles):
             acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), accumulator, scope="global")  # on the stack
             for r in T.unroll(tile_rows):
@@ -1679,7 +1703,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
                             for r in T.unroll(tile_rows):
                                 acc[r, b, T.ramp(0, 1, lanes)] = flavor.dot(
                                     acc[r, b, T.ramp(0, 1, lanes)],
-                                    activations(X, tile, r, y, x, q),
+                                    activations(X, Xw, tile, r, y, x, q),
                                     Wp[block(tile, b), (y * kw + x) * quads + q, T.ramp(0, 1, lanes * group)],
                                 )
             for r in T.unroll(tile_rows):
@@ -1705,7 +1729,9 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
                                         acc[r, b, lane], Cr, K64, K32, KF, block(tile, b) * lanes + lane, 1
                                     )
 
-    return conv, [source, packed, start, ints, halves, floats]
+    # What a cycle estimate needs (qcompile.hwmodels.mca): register-tile steps, and the products of each.
+    work = {DENSE_STEPS: row_tiles * block_tiles * kh * kw * quads, STEP_MACS: tile_rows * tile_blocks * lanes * group}
+    return conv.with_attrs(work), [source, packed, start, ints, halves, floats]
 
 
 def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
@@ -1877,7 +1903,8 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
                         else:
                             Y[0, c] = compute(X, Wd, Cr, K64, K32, KF, i, j, c, 1)
 
-    return window_op, [source, taps, correction, ints, halves, floats]
+    work = {WINDOW_MACS: channels * out_h * out_w * kh * kw} if depthwise else {}
+    return window_op.with_attrs(work) if work else window_op, [source, taps, correction, ints, halves, floats]
 
 
 def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
