@@ -15,9 +15,9 @@ The flavors (TVM ships int8 intrinsics for AVX-512 VNNI only; these are written 
 - ``avx2`` (x86-64 without VNNI): ``vpmaddwd`` on 16-bit lanes: the activations zero-extended and the weights
   sign-extended to int16 (so no product saturates, unlike ``vpmaddubsw``), each two products summed into
   one of 8 int32 lanes, then added to the accumulator.
-- ``neon`` (aarch64 without the dot product, Armv8.0: Cortex-A72, A53): one product per lane and step, the
-  uint8 activation and the int8 weight widened to int16 and multiplied into int32 lanes, which LLVM selects as
-  the widening multiply-accumulate ``smlal`` / ``smlal2`` (8 lanes: two instructions per step).
+- ``neon`` (aarch64 without the dot product, Armv8.0: Cortex-A72, A53): ``smull`` multiplies 8 signed bytes
+  by 8 into int16 (a product of two int8 fits), ``sadalp`` adds each two neighbouring products into one of 4
+  int32 lanes. Signed bytes, so the activations go in as ``x - 128``, as for ``sdot``.
 - ``neon-dot`` (aarch64 with the dot-product extension, ``+dotprod``): ``sdot`` adds four int8 x int8 products
   into each of 4 int32 lanes. It multiplies signed bytes, so the activations go in as ``x - 128`` (a flip
   of the top bit) and the zero-point correction uses ``za - 128``: ``(x - za) w = (x - 128) w - (za - 128) w``.
@@ -77,14 +77,12 @@ class Flavor:
 
         if self.name == "fp32":
             return tirx.Broadcast(codes, self.lanes)
-        if self.name == "neon":
-            return tirx.Broadcast(tirx.Cast("int16", codes), self.lanes)
         if self.name == "avx2":
             word = tirx.reinterpret("int32", tirx.Cast(f"int16x{self.group}", codes))
             return tirx.reinterpret(f"int16x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
         if self.offset:
             codes = codes ^ tirx.Broadcast(tirx.const(self.offset, "uint8"), self.group)
-        word = tirx.reinterpret("int32", codes)
+        word = tirx.reinterpret(f"int{8 * self.group}", codes)
         return tirx.reinterpret(f"int8x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
 
     def word_activations(self, word: Any) -> Any:
@@ -92,7 +90,8 @@ class Flavor:
         from tvm import tirx
 
         if self.offset:  # x - 128 in each byte: flip each byte's top bit
-            word = word ^ tirx.const(int.from_bytes(bytes([self.offset] * 4), "little", signed=True), "int32")
+            flip = int.from_bytes(bytes([self.offset] * self.group), "little", signed=True)
+            word = word ^ tirx.const(flip, f"int{8 * self.group}")
         return tirx.reinterpret(f"int8x{self.lanes * self.group}", tirx.Broadcast(word, self.lanes))
 
     def dot(self, accumulator: Any, activations: Any, weights: Any) -> Any:
@@ -104,8 +103,9 @@ class Flavor:
                 f"float32x{self.lanes}", self.intrinsic, activations, weights, accumulator
             )
         vector = f"int32x{self.lanes}"
-        if self.name == "neon":  # sign-extended int16 products: smlal
-            return accumulator + tirx.Cast(vector, activations) * tirx.Cast(vector, weights)
+        if self.name == "neon":  # 8 int16 products (smull), summed in pairs into the int32 lanes (sadalp)
+            products = tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull", activations, weights)
+            return accumulator + tirx.call_llvm_pure_intrin(vector, self.intrinsic, products)  # saddlp + add: sadalp
         if self.name == "avx2":
             return accumulator + tirx.call_llvm_pure_intrin(vector, self.intrinsic, activations, weights)
         return tirx.call_llvm_pure_intrin(vector, self.intrinsic, accumulator, activations, weights)
@@ -117,7 +117,15 @@ FLAVORS = {
         "avx2", 8, 2, "llvm.x86.avx2.pmadd.wd", "int16", 0, 4, 2, {"kind": "llvm", "mattr": ["+avx2", "+fma"]}
     ),
     "neon": Flavor(
-        "neon", 8, 1, "", "int16", 0, 4, 3, {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+        "neon",
+        4,
+        2,
+        "llvm.aarch64.neon.saddlp",
+        "int8",
+        128,
+        4,
+        4,
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
     ),
     "neon-dot": Flavor(
         "neon-dot",

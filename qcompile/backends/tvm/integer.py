@@ -1644,9 +1644,9 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         return tirx.min(row_tile * tile_rows + r, rows - 1)
 
     # aarch64 widens a 4-byte vector load through 16-bit lanes (ushll, uzp1, mov: 3 instructions per row and
-    # step); sdot's four codes are read as one int32 word instead, through an int32 view of the input.
-    word_loads = flavor.name == "neon-dot" and group == 4 and x_nhwc
-    words = int(np.prod(source.shape)) // 4
+    # step); its flavors' codes (four for sdot, two for smull) are read as one word, through a view of the input.
+    word_loads = flavor.name in ("neon-dot", "neon") and x_nhwc
+    words = int(np.prod(source.shape)) // group
 
     def activations(X: Any, Xw: Any, tile: Any, r: Any, y: Any, x: Any, q: Any) -> Any:
         m = row(tile, r)
@@ -1690,7 +1690,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
-        Xw = T.decl_buffer((words,), "int32", data=X.data)
+        Xw = T.decl_buffer((words,), f"int{8 * group}", data=X.data)
         for tile in outer(row_tiles * block_tiles):
             acc = T.alloc_buffer((tile_rows, tile_blocks, lanes), accumulator, scope="global")  # on the stack
             for r in T.unroll(tile_rows):
