@@ -86,7 +86,7 @@ TOOLCHAINS = {
         ("aarch64",),
         183,
         64,
-        ("g++-aarch64-linux-gnu", "qemu-user"),
+        ("g++-aarch64-linux-gnu", "qemu-user", "llvm"),  # llvm: llvm-mca, for the board estimates
         qemu="qemu-aarch64",
         wheel_platform="manylinux_2_28_aarch64",
     ),
@@ -199,6 +199,8 @@ def install(toolchain: Toolchain, apt: bool = True) -> list[str]:
 
 
 def _package_present(package: str) -> bool:
+    if package == "llvm":  # Debian names it llvm-mca or llvm-mca-<version>
+        return any(_which(name) for name in ("llvm-mca", *(f"llvm-mca-{v}" for v in range(13, 21))))
     tool = {"qemu-user": "qemu-aarch64"}.get(package, package.removeprefix("g++-") + "-g++")
     return _which(tool) is not None
 
