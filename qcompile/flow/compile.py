@@ -364,6 +364,9 @@ def predict_on_board(build: Build) -> None:
                 library = tvm_backend.estimate_library(build.host_integer, executor.target, build.target.device)
             except BackendError as error:  # no llvm-mca here: the library is shipped, not chosen
                 logger.warning("no estimate of the %s library: %s", build.target.name, error)
+            except Exception as error:  # a bug in an optional estimate: the library is shipped, not chosen
+                logger.warning("the estimate of the %s library failed (please report it): %s", build.target.name,
+                               error, exc_info=True)  # fmt: skip
         measure.predict_default(manifest, build.model, build.result, build.target, library)
         build.measured = manifest.measured
 
