@@ -41,6 +41,8 @@ def test_the_innermost_loop_and_its_products_are_read_from_assembly() -> None:
     (body,) = loops
     assert body[0].split()[0] == "ldr" and body[-1].split()[0] == "b.ne"
     assert estimate.loop_macs(body) == 32  # two sdot of 4 lanes x 4 products
+    x86 = ASSEMBLY.replace("\tb.ne\t", "\tjne\t").replace("\tb.lo\t", "\tjb\t")  # x86-64 branches close loops too
+    assert [len(loop) for loop in estimate.innermost_loops(x86)] == [len(body)]
 
 
 @pytest.fixture(scope="module")

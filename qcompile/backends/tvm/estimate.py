@@ -35,7 +35,8 @@ DOT_MACS = {"sdot": 16, "udot": 16, "smlal": 4, "smlal2": 4, "fmla": 4, "smull":
 ITERATIONS = 200  # llvm-mca's simulated iterations of a loop (steady state)
 
 _LABEL = re.compile(r"^(\.LBB\d+_\d+):")
-_BRANCH = re.compile(r"^\s+(?:b\.\w+|b|cbn?z|tbn?z)\s+(?:[^,]+,\s*)*(\.LBB\d+_\d+)\s*$")
+# Branches to a local label: aarch64 (b, b.cond, cbz / cbnz, tbz / tbnz) and x86-64 (jmp, jcc).
+_BRANCH = re.compile(r"^\s+(?:b\.\w+|b|cbn?z|tbn?z|j[a-z]+)\s+(?:[^,]+,\s*)*(\.LBB\d+_\d+)\s*$")
 _INSTRUCTION = re.compile(r"^\s+([a-z][a-z0-9.]*)\b")
 
 
