@@ -534,8 +534,8 @@ DYNAMIC_PIPELINES = frozenset({"w8a8", "w8a8-cross", "w8a8-cuda"})
 # What each pipeline writes, and where its figures come from: `qcompile targets` prints it.
 PIPELINE_SUMMARIES: dict[str, str] = {
     "w8a8": "QDQ model (onnxruntime) + TVM library for this CPU; measured here",
-    "w8a8-cross": "QDQ model + TVM library cross-compiled for the board (with a Python-free runner on aarch64); "
-    "predicted here, measured with bench --rpc",
+    "w8a8-cross": "QDQ model + TVM library cross-compiled for the board (aarch64: qcompile's kernels, checked "
+    "under qemu, with a Python-free runner); estimated here (llvm-mca, cost model), measured with bench --rpc",
     "w8a8-cuda": "QDQ model + CUDA kernels (source, and a fatbin where nvcc exists); compile-only here",
     "integer-only": "integer-only graph (ConvInteger / MatMulInteger, dyadic requantization) and its TVM build; "
     "simulated here, bit-exact with the numpy oracle",
