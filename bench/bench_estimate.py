@@ -22,9 +22,6 @@ import onnx
 from qcompile import hwmodels
 from qcompile.backends.tvm import estimate, int8_kernels, integer
 
-# x86 dot products: the estimate module counts aarch64's; these are the host flavors' (512-bit registers).
-X86_MACS = {"vpdpbusd": 64, "vfmadd231ps": 16, "vfmadd213ps": 16, "vfmadd132ps": 16}
-
 
 def _timed_ms(function: object, arguments: list[object]) -> float:
     for _ in range(3):
@@ -45,7 +42,6 @@ def main() -> int:
     args = parser.parse_args()
     import tvm
 
-    estimate.DOT_MACS.update(X86_MACS)
     host = hwmodels.load_target("host")
     device = host.device
     flavor, float_flavor, built_for = int8_kernels.target_flavors(host.tvm_target, native=True)
@@ -57,15 +53,8 @@ def main() -> int:
         if attributes is None or integer.DENSE_STEPS not in attributes:
             continue
         name = global_var.name_hint
-        executable = tvm.compile(
-            tvm.IRModule({name: function.with_attr("global_symbol", name)}), target=tvm.target.Target(built_for)
-        )
-        body = estimate.multiply_loop(executable.mod.inspect_source("asm"))
-        macs = estimate.loop_macs(body)
-        if not macs:
-            continue
-        text = "\n".join(line for line in body if not estimate._BRANCH.match(line)) + "\n"
-        cycles = estimate._mca_cycles(text, "x86_64-linux-gnu", args.mca_cpu)
+        kernel = function.with_attr("global_symbol", name)
+        cycles, macs = estimate.dense_loop_cycles(kernel, built_for, args.mca_cpu)
         steps, step_macs = int(attributes[integer.DENSE_STEPS]), int(attributes[integer.STEP_MACS])
         estimated = steps * cycles * step_macs / macs / device.cores / (device.clock_ghz * 1e9) * 1e3
         arguments = []
@@ -73,6 +62,7 @@ def main() -> int:
             shape, dtype = [int(dim) for dim in buffer.shape], str(buffer.dtype)
             array = rng.random(shape) if dtype.startswith("float") else rng.integers(0, 100, shape)
             arguments.append(tvm.runtime.tensor(array.astype(dtype)))
+        executable = tvm.compile(tvm.IRModule({name: kernel}), target=tvm.target.Target(built_for))
         rows.append((name, estimated, _timed_ms(executable.jit()[name], arguments)))
     estimated_total, measured_total = sum(row[1] for row in rows), sum(row[2] for row in rows)
     ratios = np.array([row[2] / row[1] for row in rows])

@@ -48,6 +48,7 @@ RESULT = "result.json"
 # Set (by --tvm) for the child processes: build the host library too.
 TVM_VARIABLE = "QCOMPILE_INTAKE_TVM"
 
+
 def first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else ""

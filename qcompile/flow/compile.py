@@ -73,6 +73,7 @@ class Build:
     graph: ir.Model | None = None  # what the artifact's 'onnxruntime' executor runs
     lowered: onnx.ModelProto | None = None  # the integer-only graph, when the target runs one
     host_integer: onnx.ModelProto | None = None  # the lowering a host kernel library runs
+    library_estimate: dict[str, Any] | None = None  # a cross kernel library's board estimate
     sample: Feed | None = None
     written: list[str] = field(default_factory=list)
     executors: dict[str, Executor] = field(default_factory=dict)
@@ -222,21 +223,16 @@ def _write_integer(build: Build, graph: onnx.ModelProto) -> None:
     build.written.append(INTEGER_ONNX)
 
 
-# The cross toolchains whose CPUs qcompile's kernels have flavors for (int8_kernels.target_flavors).
-KERNEL_ARCHES = frozenset({"aarch64"})
-
-
 def _host_integer_graph(build: Build, graph: onnx.ModelProto) -> onnx.ModelProto:
     """For a build for a CPU the kernels have a flavor for (this machine's, or aarch64): the QDQ graph's
     integer-only lowering, which qcompile's int8 kernels run (:func:`qcompile.backends.tvm.build_integer`); the
     layers that stay float, and ops with no integer form, are kept as float islands the kernels run in float.
     Raises :class:`~qcompile.backends.tvm.KernelsNotUsed` when the lowering refuses the graph (a float op on a
     value that has no float form there)."""
-    device, toolchain = build.target, build.toolchain
-    if not device.backend.startswith("tvm") or device.tvm_target.get("kind") != "llvm":
+    device = build.target
+    if not device.backend.startswith("tvm"):
         raise tvm_backend.KernelsNotUsed("the target is not a CPU")
-    if toolchain is not None and toolchain.arch not in KERNEL_ARCHES:
-        raise tvm_backend.KernelsNotUsed(f"qcompile's kernels have no {toolchain.arch} flavor yet")
+    tvm_backend.kernel_flavors(device.tvm_target)  # the kernels have a flavor for its CPU, before lowering
     try:
         lowered, _ = integer_lowering.lower(graph, float_islands=True)
     except UnsupportedModelError as reason:
@@ -276,13 +272,14 @@ def build_library(build: Build) -> None:
     kernels, not_used = None, None
     try:
         kernel_graph = lowered if lowered is not None else _host_integer_graph(build, graph)
-        kernels = tvm_backend.build_integer(kernel_graph, device.tvm_target, staging)
+        board = device.device if toolchain is not None else None  # a cross build is estimated for its board
+        kernels = tvm_backend.build_integer(kernel_graph, device.tvm_target, staging, device=board)
     except tvm_backend.KernelsNotUsed as reason:
         not_used = str(reason)
         logger.info("qcompile's int8 kernels not used: %s", not_used)
     requires_cpu = None
     if kernels is not None:
-        built, built_for, built_with = kernels
+        built, built_for, built_with, build.library_estimate = kernels
         # A native build uses every instruction of this CPU model: the runtime checks the CPU it runs on.
         gpu_note, requires_cpu = None, built_for["mcpu"] if toolchain is None else None
         if lowered is None:  # a host build: the library runs the QDQ graph's integer-only lowering
@@ -357,16 +354,7 @@ def predict_on_board(build: Build) -> None:
     assert build.result is not None
     if build.toolchain:
         manifest = build.manifest()
-        library = None
-        executor = build.executors.get("tvm")
-        if build.host_integer is not None and executor is not None and executor.target is not None:
-            try:
-                library = tvm_backend.estimate_library(build.host_integer, executor.target, build.target.device)
-            except BackendError as error:  # no llvm-mca here: the library is shipped, not chosen
-                logger.warning("no estimate of the %s library: %s", build.target.name, error)
-            except Exception as error:  # a bug in an optional estimate: the library is shipped, not chosen
-                logger.warning("the estimate of the %s library failed (please report it): %s", build.target.name,
-                               error, exc_info=True)  # fmt: skip
+        library = build.library_estimate if "tvm" in build.executors else None
         measure.predict_default(manifest, build.model, build.result, build.target, library)
         build.measured = manifest.measured
 

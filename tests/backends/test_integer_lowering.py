@@ -75,7 +75,7 @@ def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
 def _build(model: onnx.ModelProto, target: dict, folder: Path) -> TVMExecutor:
     folder.mkdir(parents=True, exist_ok=True)
     built = tvm_backend.build_integer(model, {"kind": "llvm"}, folder)
-    files, host, lowering = built
+    files, host, lowering, _ = built
     assert host["mcpu"] == target["mcpu"] and lowering.startswith(tvm_backend.INTEGER_KERNELS)
     return TVMExecutor(folder / files[0], [item.name for item in model.graph.input], host["mcpu"])
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 
@@ -79,23 +79,37 @@ class KernelsNotUsed(Exception):
     """qcompile's int8 kernels do not cover a graph or a target; the message says why."""
 
 
-def build_integer(
-    proto: onnx.ModelProto, tvm_target: dict[str, Any], out_dir: Path, file_name: str = LIBRARY_FILE
-) -> tuple[list[str], dict[str, Any], str]:
-    """Build the integer-only graph ``proto`` on qcompile's int8 kernels for ``tvm_target``: this machine's CPU
-    (AVX-512 VNNI or AVX2; built for its CPU model, so that LLVM may use its instructions) or an aarch64 CPU
-    (``sdot`` where the target has the dot product, else widening multiply-adds; cross-compiled and linked
-    with the target's toolchain). Returns the files written, the TVM target the library was built for and a
-    description naming the dot-product flavor. Raises :class:`KernelsNotUsed` with the reason when the
-    kernels do not cover the graph or the target."""
-    from qcompile.backends.tvm import int8_kernels, integer
+class IntegerLibrary(NamedTuple):
+    """What :func:`build_integer` wrote: the files, the TVM target they were built for, a description naming the
+    dot-product flavor, and for a cross build given a device, the board estimate (else None)."""
+
+    files: list[str]
+    built_for: dict[str, Any]
+    lowering: str
+    estimate: dict[str, Any] | None = None
+
+
+def kernel_flavors(tvm_target: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """The int8 and fp32 flavors of qcompile's kernels for ``tvm_target`` and the TVM target to build them for
+    (:func:`qcompile.backends.tvm.int8_kernels.target_flavors`), or :class:`KernelsNotUsed` saying why none."""
+    from qcompile.backends.tvm import int8_kernels
 
     if tvm_target.get("kind") != "llvm":
         raise KernelsNotUsed(f"{tvm_target} is not a CPU target")
-    toolchain = cross.toolchain_for(tvm_target)
     try:
-        flavor, float_flavor, built_for = int8_kernels.target_flavors(tvm_target, native=toolchain is None)
-        module = integer.to_relax(proto, flavor, float_flavor)
+        return int8_kernels.target_flavors(tvm_target, native=cross.toolchain_for(tvm_target) is None)
+    except BackendError as reason:
+        raise KernelsNotUsed(str(reason)) from reason
+
+
+def _kernel_module(proto: onnx.ModelProto, tvm_target: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    """The Relax module of ``proto`` on qcompile's kernels for ``tvm_target``, the flavor's name and the TVM
+    target to build it for; :class:`KernelsNotUsed` when the kernels do not cover the graph or the target."""
+    from qcompile.backends.tvm import integer
+
+    flavor, float_flavor, built_for = kernel_flavors(tvm_target)
+    try:
+        return integer.to_relax(proto, flavor, float_flavor), flavor.name, built_for
     except (BackendError, integer.NotLowerable) as reason:
         raise KernelsNotUsed(str(reason)) from reason
     except Exception as error:  # a bug in an optional speed-up: the onnxruntime files still carry the model
@@ -103,6 +117,25 @@ def build_integer(
         raise KernelsNotUsed(
             f"internal error in qcompile's kernels ({type(error).__name__}: {first_line(error)}); please report it"
         ) from error
+
+
+def build_integer(
+    proto: onnx.ModelProto,
+    tvm_target: dict[str, Any],
+    out_dir: Path,
+    file_name: str = LIBRARY_FILE,
+    device: Any = None,
+) -> IntegerLibrary:
+    """Build the integer-only graph ``proto`` on qcompile's int8 kernels for ``tvm_target``: this machine's CPU
+    (AVX-512 VNNI or AVX2; built for its CPU model, so that LLVM may use its instructions) or an aarch64 CPU
+    (``sdot`` where the target has the dot product, else widening multiply-adds; cross-compiled and linked
+    with the target's toolchain), and for a cross build given ``device`` (a target file's), estimate its latency
+    there (:func:`estimated`). Raises :class:`KernelsNotUsed` with the reason when the kernels do not cover the
+    graph or the target."""
+    from qcompile.backends.tvm import integer
+
+    module, flavor, built_for = _kernel_module(proto, tvm_target)
+    toolchain = cross.toolchain_for(tvm_target)
     import tvm
     from tvm import relax
     from tvm.support import cc
@@ -122,23 +155,33 @@ def build_integer(
     if toolchain is not None:
         cross.check_elf(out_dir / file_name, toolchain)
     logger.info("integer kernels built for %s in %.1f s", built_for, time.perf_counter() - started)
-    return [file_name], built_for, f"{INTEGER_KERNELS}, {flavor.name} dot products"
+    board = estimated(module, built_for, device) if toolchain is not None and device is not None else None
+    return IntegerLibrary([file_name], built_for, f"{INTEGER_KERNELS}, {flavor} dot products", board)
 
 
-def estimate_library(proto: onnx.ModelProto, tvm_target: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The estimated latency on ``device`` (a target file's) of the integer graph ``proto`` on qcompile's kernels
-    built for ``tvm_target`` (:mod:`qcompile.backends.tvm.estimate`), as the manifest records it."""
-    from qcompile.backends.tvm import estimate, int8_kernels, integer
+def estimated(module: Any, built_for: dict[str, Any], device: Any) -> dict[str, Any] | None:
+    """The board estimate of a kernels ``module`` (:mod:`qcompile.backends.tvm.estimate`) as the manifest
+    records it, or None (with a warning) where it cannot be made: the library is then shipped, not chosen."""
+    from qcompile.backends.tvm import estimate
 
-    flavor, float_flavor, built_for = int8_kernels.target_flavors(tvm_target, cross.toolchain_for(tvm_target) is None)
-    try:
-        module = integer.to_relax(proto, flavor, float_flavor)
-    except integer.NotLowerable as reason:
-        raise BackendError(str(reason)) from reason
     started = time.perf_counter()
-    result = estimate.estimate(module, built_for, device)
+    try:
+        result = estimate.estimate(module, built_for, device)
+    except BackendError as error:  # no llvm-mca here
+        logger.warning("no estimate of the library for %s: %s", built_for.get("mcpu"), error)
+        return None
+    except Exception as error:  # a bug in an optional estimate
+        logger.warning("the estimate for %s failed (please report it): %s", built_for.get("mcpu"), error, exc_info=True)
+        return None
     logger.info("%s estimated at %.2f ms in %.1f s", built_for.get("mcpu"), result.ms, time.perf_counter() - started)
     return result.summary()
+
+
+def estimate_library(proto: onnx.ModelProto, tvm_target: dict[str, Any], device: Any) -> dict[str, Any] | None:
+    """The board estimate of the integer graph ``proto`` on qcompile's kernels for ``tvm_target`` on ``device``
+    (as :func:`build_integer` makes it for a cross build), without building the library."""
+    module, _, built_for = _kernel_module(proto, tvm_target)
+    return estimated(module, built_for, device)
 
 
 def _conv_integer_converter() -> Any:

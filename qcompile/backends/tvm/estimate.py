@@ -29,9 +29,12 @@ from qcompile.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
-# Multiply-accumulates per instruction of the flavors' dot products on aarch64 (128-bit registers); smull
-# counts only on bytes (8 int16 products: the int8 flavor, not the requantization's 64-bit products).
-DOT_MACS = {"sdot": 16, "udot": 16, "smlal": 4, "smlal2": 4, "fmla": 4, "smull": 8, "smull2": 8}
+# Multiply-accumulates per instruction of the flavors' dot products: aarch64 (128-bit registers; smull counts
+# only on bytes, 8 int16 products: the int8 flavor, not the requantization's 64-bit products) and x86-64 (at
+# 512 bits; a ymm / xmm operand does a half / a quarter).
+DOT_MACS = {"sdot": 16, "udot": 16, "smlal": 4, "smlal2": 4, "fmla": 4, "smull": 8, "smull2": 8,
+            "vpdpbusd": 64, "vpmaddwd": 32, "vfmadd231ps": 16, "vfmadd213ps": 16, "vfmadd132ps": 16}  # fmt: skip
+_X86_WIDTH = {"%zmm": 1, "%ymm": 2, "%xmm": 4}
 ITERATIONS = 200  # llvm-mca's simulated iterations of a loop (steady state)
 
 _LABEL = re.compile(r"^(\.LBB\d+_\d+):")
@@ -121,7 +124,8 @@ def loop_macs(body: list[str]) -> int:
         if match and match.group(1) in DOT_MACS:
             if match.group(1).startswith("smull") and ".8h" not in line:
                 continue
-            total += DOT_MACS[match.group(1)]
+            divisor = next((part for register, part in _X86_WIDTH.items() if register in line), 1)
+            total += DOT_MACS[match.group(1)] // divisor
     return total
 
 
@@ -143,9 +147,10 @@ def _mca_cycles(body: str, triple: str, cpu: str) -> float:
     return int(match.group(1)) / ITERATIONS
 
 
-def dense_loop_cycles(function: Any, tvm_target: dict[str, Any]) -> tuple[float, int]:
-    """llvm-mca's cycles per iteration of ``function``'s multiply-accumulate loop on the target's CPU, and the
-    multiply-accumulates of one iteration."""
+def dense_loop_cycles(function: Any, tvm_target: dict[str, Any], mca_cpu: str | None = None) -> tuple[float, int]:
+    """llvm-mca's cycles per iteration of ``function``'s multiply-accumulate loop on the target's CPU (or on
+    llvm-mca's model ``mca_cpu``, where it has none of that CPU), and the multiply-accumulates of one
+    iteration."""
     import tvm
 
     name = str(function.attrs["global_symbol"])
@@ -156,7 +161,8 @@ def dense_loop_cycles(function: Any, tvm_target: dict[str, Any]) -> tuple[float,
     if macs == 0:
         raise BackendError(f"{name}: no multiply-accumulate loop found in its {tvm_target.get('mcpu')} assembly")
     text = "\n".join(line for line in body if not _BRANCH.match(line)) + "\n"
-    return _mca_cycles(text, str(tvm_target["mtriple"]), str(tvm_target.get("mcpu", "generic"))), macs
+    cpu = mca_cpu or str(tvm_target.get("mcpu", "generic"))
+    return _mca_cycles(text, str(tvm_target.get("mtriple", "x86_64-linux-gnu")), cpu), macs
 
 
 def _buffer_bytes(function: Any) -> int:
