@@ -303,6 +303,81 @@ def export_smollm2(path: Path, seq_len: int = 512, layers: int | None = None) ->
     return _export(CausalLM(model), (ids, torch.ones_like(ids)), path, ["input_ids", "attention_mask"], ["logits"])
 
 
+def export_smollm2_with_past(path: Path, layers: int | None = None) -> Path:
+    """Export SmolLM2-135M as a decoder with a KV cache, in optimum-onnx's decoder-with-past layout.
+
+    Inputs ``input_ids`` and ``position_ids`` ``[batch, sequence]``, ``attention_mask`` ``[batch, past +
+    sequence]`` and per layer ``past_key_values.{i}.key`` / ``.value`` ``[batch, kv_heads, past, head_dim]``;
+    outputs ``logits`` ``[batch, sequence, vocab]`` and ``present.{i}.key`` / ``.value`` (past + sequence
+    positions). Every one of batch, sequence and past is dynamic, so the one graph runs the prefill (past 0)
+    and each decode step (sequence 1). The dynamo exporter, as ``torch.onnx.export(..., dynamo=True,
+    dynamic_shapes=...)`` users call it. ``tokenizer.json``, ``config.json`` and ``generation_config.json`` are
+    written beside the model, as optimum-onnx writes them.
+    """
+    import torch
+    import transformers
+
+    model, tokenizer = load_smollm2(layers)
+    config = model.config
+    count = config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+
+    class DecoderWithPast(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> Any:
+            cache = transformers.DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(count)], config=config
+            )
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    batch, sequence, past_length = 1, 5, 7
+    ids = torch.ones((batch, sequence), dtype=torch.int64)
+    mask = torch.ones((batch, past_length + sequence), dtype=torch.int64)
+    positions = torch.arange(past_length, past_length + sequence, dtype=torch.int64)[None]
+    past = [torch.zeros((batch, kv_heads, past_length, head_dim)) for _ in range(2 * count)]
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(count):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    b, s, p = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length"), torch.export.Dim("past_length")
+    total = torch.export.Dim("total_length")
+    # *past is one argument to torch.export: its dims go in one tuple
+    dynamic = ({0: b, 1: s}, {0: b, 1: total}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(2 * count)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            DecoderWithPast(model).eval(),
+            (ids, mask, positions, *past),
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            external_data=False,
+        )
+    # what optimum writes beside its export too: the tokenizer, the context and end-of-sequence tokens
+    tokenizer.backend_tokenizer.save(str(path.parent / "tokenizer.json"))
+    config.save_pretrained(path.parent)
+    model.generation_config.save_pretrained(path.parent)
+    return path
+
+
 def pydoc_tokens(tokenizer: Any, count: int = 2048, offset: int = 0) -> np.ndarray:
     """Tokens ``offset .. offset + count`` of ``pydoc_data.topics`` (topics in key order, blank-line joined)."""
     from pydoc_data.topics import topics

@@ -38,13 +38,16 @@ def compile(
     build_tvm: bool = True,
     force: bool = False,
     progress: bool = True,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Compile the ONNX model at ``model_path`` for ``target`` into the artifact folder ``output``.
 
     ``calibration_data`` (and ``eval_data``, held out for the accuracy report) is a folder of samples or an
-    iterable of feeds; ``options`` default to the target's recipe. Returns the manifest as written to
-    ``manifest.json`` (:class:`qcompile.runtime.manifest.Manifest` reads it back typed). On any error
-    nothing is left at ``output``.
+    iterable of feeds; ``options`` default to the target's recipe. A causal LM with a KV cache
+    (:mod:`qcompile.flow.decoder`) takes samples of ``input_ids`` alone, and ships ``tokenizer`` (default: the
+    ``tokenizer.json`` beside the model) for :meth:`qcompile.runtime.Session.generate`. Returns the manifest
+    as written to ``manifest.json`` (:class:`qcompile.runtime.manifest.Manifest` reads it back typed). On
+    any error nothing is left at ``output``.
     """
     manifest = compile_model(
         model_path,
@@ -58,6 +61,7 @@ def compile(
         build_tvm,
         force,
         progress,
+        tokenizer,
     )
     return manifest.to_json()
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from qcompile.errors import QCompileError
 
-COMMANDS = ("compile", "run", "bench", "gate", "profile", "verify", "toolchains", "targets")
+COMMANDS = ("compile", "run", "generate", "bench", "gate", "profile", "verify", "toolchains", "targets")
 EXIT_BUDGET_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERNAL = 3
@@ -240,6 +240,14 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "int2 / ternary scaled from int8 by the Hessian-weighted weight-error ratio: about 40 %% of the runs)",
     )
     parser.add_argument("--no-tvm", action="store_true", help="skip the TVM library (onnxruntime executor only)")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="for a causal LM with a KV cache (past_key_values.* inputs, present.* outputs): the tokenizer.json "
+        "to ship in the artifact for `qcompile generate` (default: tokenizer.json beside the model; its "
+        "config.json there gives the context length and end-of-sequence tokens). Such a model's calibration "
+        "samples need only input_ids: an empty cache, a mask of ones and positions from 0 are filled in",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing artifact folder at --output")
 
 
@@ -256,6 +264,36 @@ def _run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     )
     parser.add_argument("-o", "--output", metavar="FILE.npz", help="save the outputs to this .npz file")
     parser.add_argument("--executor", help="executor to use (default: the one the manifest names)")
+
+
+def _generate_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "generate",
+        parents=[_common()],
+        help="generate text with a causal LM artifact (KV cache), streaming tokens to stdout",
+        description="Verify the artifact, tokenize the prompt with the artifact's tokenizer, run the prefill, "
+        "then one decode step per new token on the KV cache, printing the text as it grows; prefill and "
+        "decode tokens per second go to stderr at the end.",
+    )
+    parser.add_argument("artifact", help="artifact folder of a decoder with a KV cache")
+    parser.add_argument("-p", "--prompt", required=True, help="the text to continue ('-' reads standard input)")
+    parser.add_argument(
+        "-n", "--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default 64)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 picks the likeliest token (greedy, the default); above 0 samples from softmax(logits / T)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample from the K likeliest tokens only (default 0: all of them)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    parser.add_argument(
+        "--executor",
+        help="executor to run (default: the quantized model; it must run every sequence and cache length)",
+    )
 
 
 def _bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -358,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     _compile_parser(subparsers)
     _run_parser(subparsers)
+    _generate_parser(subparsers)
     _bench_parser(subparsers)
     _gate_parser(subparsers)
     _profile_parser(subparsers)
@@ -478,6 +517,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         build_tvm=not args.no_tvm,
         force=args.force,
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
     )
     manifest = Manifest.from_json(written)
     measured = manifest.measured
@@ -534,6 +574,34 @@ def _command_run(args: argparse.Namespace) -> int:
     if args.output:
         np.savez(args.output, **outputs)  # type: ignore[arg-type]
         print(f"saved {args.output}")
+    return 0
+
+
+def _command_generate(args: argparse.Namespace) -> int:
+    from qcompile import runtime
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    session = runtime.load(args.artifact, args.executor)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = session.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        on_text=show,
+    )
+    sys.stdout.write("\n")
+    print(
+        f"[{result.executor}] prompt {result.prompt_tokens} tokens: prefill "
+        f"{result.prefill_tokens_per_s:.1f} tokens/s ({result.prefill_s * 1e3:.0f} ms); {len(result.tokens)} new "
+        f"tokens: decode {result.decode_tokens_per_s:.1f} tokens/s; stopped at {result.stopped}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -705,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "compile": _command_compile,
         "run": _command_run,
+        "generate": _command_generate,
         "bench": _command_bench,
         "gate": _command_gate,
         "profile": _command_profile,

@@ -28,14 +28,14 @@ from qcompile.backends import lut
 from qcompile.backends import tvm as tvm_backend
 from qcompile.calibration import Feed, Preprocess
 from qcompile.errors import ArtifactError, BackendError, CalibrationError, UnsupportedModelError, first_line
-from qcompile.flow import dynamic, measure
+from qcompile.flow import decoder, dynamic, measure
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
 from qcompile.graph import clone
 from qcompile.passes.manager import PassLog
 from qcompile.passes.ternarize import TernarizePass
 from qcompile.runtime.artifact import MANIFEST, atomic_folder, dumps, sha256_file
-from qcompile.runtime.manifest import Executor, Manifest, Measured, Source, TargetInfo, TensorInfo
+from qcompile.runtime.manifest import Decoder, Executor, Manifest, Measured, Source, TargetInfo, TensorInfo
 from qcompile.search import report
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class Build:
     lut_plan: dict[str, Any] | None = None
     measured: Measured | None = None
     input_shapes: dict[str, Any] | None = None  # the manifest's record of how the inputs got static shapes
+    causal: bool = False  # a causal LM with a KV cache
+    decoder: Decoder | None = None  # how it generates
 
     @property
     def toolchain(self) -> Any:
@@ -112,6 +114,7 @@ class Build:
             lut=self.lut_plan,
             measured=self.measured,
             default_executor=self.measured.default_executor if self.measured else None,
+            decoder=self.decoder,
         )
 
 
@@ -262,6 +265,14 @@ def build_library(build: Build) -> None:
     if not build.build_tvm:
         return
     assert build.graph is not None
+    if build.causal:
+        build.skipped["tvm"] = (
+            "a decoder with a KV cache: a library would run only the calibration sample's sequence and cache "
+            "lengths (a prefill of that many tokens), not decode steps; generation runs the onnxruntime "
+            "executors, which take every length"
+        )
+        logger.info("TVM library not built: %s", build.skipped["tvm"])
+        return
     if execution.is_large(build.graph):
         build.skipped["tvm"] = "the model's weights pass 2 GiB; the TVM ONNX importer needs one in-memory protobuf"
         logger.warning("TVM library not built: %s", build.skipped["tvm"])
@@ -532,6 +543,18 @@ PIPELINE_SUMMARIES: dict[str, str] = {
 }
 
 
+def _describe_decoder(build: Build, causal: decoder.Layout, tokenizer: Path | None) -> None:
+    """The manifest's decoder entry and the tokenizer, or why the artifact cannot generate."""
+    logits = next(value for value in build.model.graph.outputs if value.name == causal.logits)
+    vocabulary = logits.shape[-1] if logits.shape is not None and isinstance(logits.shape[-1], int) else None
+    build.decoder, why = decoder.describe(causal, build.source, build.staging, build.executors, tokenizer, vocabulary)
+    if why is not None:
+        build.skipped["generate"] = why
+        logger.warning("the artifact cannot generate: %s", why)
+    elif build.decoder is not None and build.decoder.tokenizer is not None:
+        build.written.append(build.decoder.tokenizer)
+
+
 def targets() -> list[tuple[str, str, str]]:
     """``(name, description, what its pipeline writes)`` for every bundled target."""
     rows = []
@@ -553,6 +576,7 @@ def compile_model(
     build_tvm: bool = True,
     force: bool = False,
     progress: bool = True,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Compile the ONNX model at ``model_path`` for ``target`` into the artifact folder ``output`` (see
     :func:`qcompile.api.compile`). Returns the manifest written. On any error nothing is left at ``output``."""
@@ -564,7 +588,15 @@ def compile_model(
     # The first sample fixes the dims the model leaves dynamic (unless --input-shape does) and shows the
     # shapes shape inference cannot tell; every later sample must agree with it.
     declared = calibration.input_specs(raw)
-    first, calibration_feeds = _peek(feeds_from(calibration_data, declared, preprocess, "calibration"))
+    causal = decoder.layout([spec.name for spec in declared], [str(value.name) for value in raw.graph.outputs])
+    calibration_source = feeds_from(calibration_data, declared, preprocess, "calibration")
+    if causal is not None:  # a decoder's samples may hold its tokens alone (the prefill of an empty cache)
+        calibration_source = decoder.completed(calibration_source, causal, declared)
+        if eval_data is not None:
+            eval_data = list(
+                decoder.completed(feeds_from(eval_data, declared, preprocess, "evaluation"), causal, declared)
+            )
+    first, calibration_feeds = _peek(calibration_source)
     first = next(iter(calibration.split_batch(first, declared)))  # a stacked batch of a static-batch model
     shapes, from_sample = frontend.shapes_from_sample(raw, first, input_shapes, source.name)
     # The onnxruntime files keep the dims fixed from the sample dynamic (an integer-only or ternary graph
@@ -585,6 +617,7 @@ def compile_model(
             preprocess,
             build_tvm,
             progress,
+            causal=causal is not None,
             input_shapes={
                 "name": "input_shapes",
                 "given": {key: list(value) for key, value in (input_shapes or {}).items()},
@@ -593,6 +626,8 @@ def compile_model(
         )
         for stage in stages:
             stage(build)
+        if causal is not None and device.pipeline in DYNAMIC_PIPELINES:
+            _describe_decoder(build, causal, Path(tokenizer) if tokenizer is not None else None)
         manifest = build.manifest()
         (staging / MANIFEST).write_text(dumps(manifest))
     logger.info("wrote %s (default executor %s)", output, manifest.default_executor)

@@ -10,12 +10,14 @@ run to one that can.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from qcompile.errors import ArtifactError
 from qcompile.runtime.artifact import verify
+from qcompile.runtime.generate import Generation, Generator
 from qcompile.runtime.manifest import Manifest, TensorInfo
 
 
@@ -31,6 +33,7 @@ class Session:
         # route: a call whose shapes this executor does not run goes to another executor that runs them.
         self.route = route
         self._routes: dict[str, Session] = {}
+        self._generator: Generator | None = None
         entry = manifest.executors.get(executor)
         if entry is None:
             raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest.executors)}")
@@ -131,6 +134,24 @@ class Session:
                 return self._routed(checked).run(checked)
         return {info.name: np.asarray(value) for info, value in zip(self.outputs, results, strict=True)}
 
+    def generate(
+        self,
+        prompt: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        prompt_ids: list[int] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Generate text after ``prompt`` with a decoder artifact's KV cache (see :mod:`qcompile.runtime.generate`):
+        greedy at temperature 0, else sampled (``top_k`` > 0 keeps the likeliest k), seeded by ``seed``;
+        ``on_text`` receives the text as it grows. Runs on this session's executor if it serves every length,
+        else on the best one that does."""
+        if self._generator is None:
+            self._generator = Generator(self)
+        return self._generator.generate(prompt, max_new_tokens, temperature, top_k, seed, prompt_ids, on_text)
+
     def _routed(self, feeds: dict[str, np.ndarray]) -> Session:
         serving = self.serving(feeds)
         if not serving:
@@ -153,4 +174,4 @@ def load(path: str | Path, executor: str | None = None) -> Session:
     return Session(folder, manifest, chosen, route=executor is None)
 
 
-__all__ = ["Manifest", "Session", "TensorInfo", "load"]
+__all__ = ["Generation", "Manifest", "Session", "TensorInfo", "load"]

