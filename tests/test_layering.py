@@ -134,9 +134,9 @@ def test_the_checks_find_what_they_look_for() -> None:
     assert not any({"api", "cli"} & allowed for part, allowed in ALLOWED.items() if part != "cli")
     graph = _graph()
     assert "qcompile.flow.quantize" in graph["qcompile.flow.compile"]  # the walk sees real imports
-    assert any(
-        target.startswith("qcompile.runtime.executors") for target in graph["qcompile.runtime"]
-    ), "imports inside functions are counted"
+    assert any(target.startswith("qcompile.runtime.executors") for target in graph["qcompile.runtime"]), (
+        "imports inside functions are counted"
+    )
 
 
 @pytest.mark.parametrize("forbidden", ["passes", "search", "flow", "backends", "hwmodels", "frontend", "calibration"])
@@ -145,4 +145,3 @@ def test_runtime_imports_nothing_of_the_compiler(forbidden: str) -> None:
     assert runtime
     offenders = [m for m in runtime for i in _graph()[m] if _part(i) == forbidden]
     assert not offenders, offenders
-

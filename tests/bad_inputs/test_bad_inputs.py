@@ -297,8 +297,11 @@ def test_a_run_with_a_shape_the_artifact_does_not_serve(tmp_path: Path) -> None:
     assert "dynamic_dims" not in manifest["executors"]["tvm"]
     four = {"x": np.zeros((4, 2, 5, 5), np.float32)}
     assert runtime.load(tmp_path / "out").run(four)["y"].shape == (4, 3, 5, 5)
-    with pytest.raises(errors.ArtifactError, match=r"executor 'tvm': input 'x' has shape \(4, 2, 5, 5\); this "
-                       r"executor runs \(1, 2, 5, 5\) only; executor\(s\) onnxruntime.* run these shapes"):
+    with pytest.raises(
+        errors.ArtifactError,
+        match=r"executor 'tvm': input 'x' has shape \(4, 2, 5, 5\); this "
+        r"executor runs \(1, 2, 5, 5\) only; executor\(s\) onnxruntime.* run these shapes",
+    ):
         runtime.load(tmp_path / "out", "tvm").run(four)
     with pytest.raises(errors.ArtifactError, match=r"runs \[\*, 2, 5, 5\] \(\* any size\); no executor of this"):
         runtime.load(tmp_path / "out", "onnxruntime").run({"x": np.zeros((1, 2, 6, 6), np.float32)})

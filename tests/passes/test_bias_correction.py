@@ -73,9 +73,7 @@ def test_sequential_refit_matches_float_output_means(digits: tuple[Path, float])
     feeds = [{"image": train_x[i : i + 1]} for i in range(32)]
     source = frontend.load(digits[0])
     refitted = quantize(source, feeds, QuantizeOptions(float_threshold=0), progress=False)
-    expected = quantize(
-        source, feeds, QuantizeOptions(float_threshold=0, bias_correction="expected"), progress=False
-    )
+    expected = quantize(source, feeds, QuantizeOptions(float_threshold=0, bias_correction="expected"), progress=False)
     step = next(p for p in refitted.passes if p["name"] == "bias_correction")
     assert step["method"] == "sequential" and step["refitted_layers"] >= 2
     names = [str(node.outputs[0].name) for node in refitted.model.graph if node.op_type == "Conv"]

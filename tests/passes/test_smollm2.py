@@ -77,9 +77,7 @@ def test_smollm2_w4a4_quantizes_with_clamped_codes(smollm2: tuple[Path, list[dic
     cost much accuracy, as the bench figures show; this only guards against a broken graph)."""
     path, feeds = smollm2
     model = frontend.load(path)
-    options = QuantizeOptions(
-        bits="4", activation_bits=4, rotate="hadamard", float_threshold=0, sensitivity_samples=2
-    )
+    options = QuantizeOptions(bits="4", activation_bits=4, rotate="hadamard", float_threshold=0, sensitivity_samples=2)
     result = quantize(model, feeds, options, progress=False)
     proto = execution.to_proto(result.model)
     clips = sum(1 for node in proto.graph.node if node.name.endswith("_ClipCodes"))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import zoo
+
 from qcompile import cli, runtime
 from qcompile.calibration import InputSpec
 from qcompile.flow import decoder
