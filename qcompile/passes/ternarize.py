@@ -4,7 +4,7 @@ For each MatMul with a constant 2-D weight, and each Gemm with a constant weight
 
 - weights: ``W[K, N]`` -> scale ``s`` and trits ``t = clip(round(W / s), -1, 1)`` with ``s`` the mean of
   ``|W|`` ("absmean", as BitNet b1.58) per output channel (``granularity="channel"``, default) or over the
-  whole matrix (``"tensor"``);
+  whole matrix (``"tensor"``); weights that are ternary already (``{-a, 0, a}``) keep ``s = a`` and their codes;
 - activations: int8 per row (per token), absmax: ``a = max|x|`` over the last axis,
   ``q = clip(round(x * 127 / a), -127, 127)``, computed at run time (no calibration);
 - the product: ``MatMulInteger(q, t)`` in int32, then ``float(acc) * (a / 127) * s (+ bias)``.
@@ -30,15 +30,28 @@ from qcompile.passes.annotate import require_unannotated
 from qcompile.passes.quant_spec import TERNARY_KEY
 
 ACTIVATION_LIMIT = 127
+EXACT_RTOL = 1e-6  # magnitudes this close to a channel's peak count as that one level (float32 storage)
 GRANULARITIES = ("channel", "tensor")
 
 
 def ternarize_weights(weights: np.ndarray, granularity: str = "channel") -> tuple[np.ndarray, np.ndarray]:
-    """``[K, N]`` float -> (int8 trits ``[K, N]``, float32 scales ``[N]``), absmean scaling."""
+    """``[K, N]`` float -> (int8 trits ``[K, N]``, float32 scales ``[N]``), absmean scaling.
+
+    Weights that are already ternary, every nonzero of a channel (or of the matrix, per tensor) of one
+    magnitude ``a`` (a model trained ternary and exported with its ternary weights), keep their exact codes
+    and scale ``a``: absmean would give ``a`` times the channel's share of nonzeros, and round the smaller
+    magnitudes of a sparse channel to zero.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
     magnitude = np.abs(weights.astype(np.float64))
-    scale = magnitude.mean(axis=0) if granularity == "channel" else np.full(weights.shape[1], magnitude.mean())
+    by_channel = granularity == "channel"
+    scale = magnitude.mean(axis=0) if by_channel else np.full(weights.shape[1], magnitude.mean())
+    peak = magnitude.max(axis=0) if by_channel else np.full(weights.shape[1], magnitude.max())
+    # ternary already: every magnitude is 0 or the peak (to float32 rounding of a stored a * sign)
+    level = (magnitude == 0) | np.isclose(magnitude, peak, rtol=EXACT_RTOL, atol=0)
+    exact = level.all(axis=0) if by_channel else np.full(weights.shape[1], level.all())
+    scale = np.where(exact, peak, scale)
     scale = np.where(scale > 0, scale, 1.0)
     trits = np.clip(np.round(weights / scale), -1, 1).astype(np.int8)
     return trits, scale.astype(np.float32)
