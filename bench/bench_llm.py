@@ -158,14 +158,19 @@ def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int
         model.eval(prompt)
         return time.perf_counter() - started
 
+    vocabulary = model.n_vocab()
+
+    def last_logits() -> np.ndarray:  # without logits_all, llama.cpp keeps the last token's logits only
+        return np.ctypeslib.as_array(model._ctx.get_logits_ith(-1), shape=(vocabulary,))
+
     def decode() -> float:
         model.reset()
         model.eval(prompt)
-        token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         started = time.perf_counter()
         for _ in range(new_tokens):
             model.eval([token])
-            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         return time.perf_counter() - started
 
     prefill_s, decode_s = best_of(3, prefill), best_of(3, decode)

@@ -32,7 +32,9 @@ from qcompile.flow import decoder, dynamic, measure
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
 from qcompile.graph import clone
+from qcompile.passes import pack_int4
 from qcompile.passes.manager import PassLog
+from qcompile.passes.pack_int4 import pack_int4_weights
 from qcompile.passes.ternarize import TernarizePass
 from qcompile.runtime.artifact import MANIFEST, atomic_folder, dumps, sha256_file
 from qcompile.runtime.manifest import Decoder, Executor, Manifest, Measured, Source, TargetInfo, TensorInfo
@@ -186,7 +188,7 @@ def write_onnx(build: Build) -> None:
     """The quantized and the reference ONNX files (the integer graph too, when there is one), checked."""
     assert build.graph is not None
     staging = build.staging
-    build.written += execution.save(build.graph, staging / QUANTIZED_ONNX)
+    build.written += execution.save(_packed(build), staging / QUANTIZED_ONNX)
     build.written += execution.save(build.model, staging / REFERENCE_ONNX)
     build.executors["onnxruntime"] = Executor("onnxruntime", QUANTIZED_ONNX, "quantized QDQ model")
     build.executors["onnxruntime-fp32"] = Executor(
@@ -217,6 +219,27 @@ def write_onnx(build: Build) -> None:
         html = report.render(build.source.name, build.target.name, search, build.result.layers)
         (staging / REPORT_HTML).write_text(html)
         build.written.append(REPORT_HTML)
+
+
+def _packed(build: Build) -> ir.Model:
+    """The graph the 'onnxruntime' executor runs: 4-bit blocked weights packed two to a byte, where the
+    options make any (:mod:`qcompile.passes.pack_int4`); the TVM library is built from the unpacked graph."""
+    assert build.graph is not None
+    if build.options.weight_block is None:
+        return build.graph
+    packed = clone(build.graph)
+    count = pack_int4_weights(packed)
+    if not count:
+        return build.graph
+    build.passes.append(
+        {
+            "name": "pack_int4",
+            "weights": count,
+            "kernel": f"{pack_int4.DOMAIN}.MatMulNBits (onnxruntime), accuracy_level {pack_int4.ACCURACY_LEVEL}: "
+            "int8 activations per input block x packed 4-bit weights, int32 accumulation",
+        }
+    )
+    return packed
 
 
 def _write_integer(build: Build, graph: onnx.ModelProto) -> None:

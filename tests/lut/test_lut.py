@@ -270,9 +270,7 @@ def test_weights_that_are_ternary_already_keep_their_codes_and_scale(
     assert all((trits == 0).mean() > 0.2 for trits, _ in exact.values())
     path = save_model(model, tmp_path / "ternary_weights.onnx")
     train_x, _, test_x, _ = zoo.digits_split()
-    api.compile(
-        path, tmp_path / "out", target="fpga-lut", calibration_data=[{"image": train_x[:1]}], progress=False
-    )
+    api.compile(path, tmp_path / "out", target="fpga-lut", calibration_data=[{"image": train_x[:1]}], progress=False)
     ternary = onnx.load(str(tmp_path / "out" / api.TERNARY_ONNX))
     stored = [numpy_helper.to_array(init) for init in ternary.graph.initializer if init.name.endswith("_scales")]
     for layer, (trits, scales) in zip(lut.ternary_layers(ternary), exact.values(), strict=True):

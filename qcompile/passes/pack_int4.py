@@ -1,0 +1,124 @@
+"""Store group-wise 4-bit weights packed, two codes per byte, where onnxruntime computes from them packed.
+
+The QDQ graph holds a block-quantized weight (``--bits 4 --weight-block N``) as int8 codes in [-8, 7], one
+``DequantizeLinear`` row per (output channel, block) and a ``Reshape`` (and ``Transpose``) back to the
+weight: one byte per weight, dequantized to float when onnxruntime loads the model. This pass replaces each
+``MatMul`` reading such a weight by onnxruntime's ``com.microsoft.MatMulNBits``: the codes ``c`` stored as
+``c + 8`` in 4 bits (zero point 8, its default), low nibble first along the input axis, ``[N, blocks,
+N / 2]`` bytes, with the same block scales; the weight never exists in float, and the file holds half a
+byte per weight. The product is the same: ``(c + 8 - 8) * scale`` is the dequantized weight.
+
+With ``accuracy_level`` 4 onnxruntime's CPU kernel (MLAS) multiplies int8 activations, quantized per row
+block of the input at run time, by the unpacked 4-bit codes in int32: the activation, already on the
+8-bit grid of its static ``QuantizeLinear`` scale, is rounded once more, to that block's own int8 grid.
+Other runtimes without the contrib op cannot run the file; the float reference and the TVM library are
+built from the unpacked graph.
+
+Conditions: a 2-D weight ``[K, N]`` of a ``MatMul``, blocks of a power of two >= 16 along ``K`` (onnxruntime's
+kernel), every code in [-8, 7].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import convenience
+
+from qcompile.graph import add_initializer
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 4  # int8 activations x int4 weights, int32 accumulation (MLAS's fastest CPU path)
+LOW, HIGH = -8, 7
+
+
+def _blocked_weight(value: ir.Value) -> tuple[np.ndarray, np.ndarray, list[ir.Node]] | None:
+    """(codes ``[N, K]``, scales ``[N * blocks]``, the nodes that rebuild the weight) of a block-quantized
+    ``[K, N]`` weight: ``DequantizeLinear`` of ``[N * blocks, block]`` rows -> ``Reshape [N, K]`` ->
+    ``Transpose``; None for anything else."""
+    transpose = value.producer()
+    if transpose is None or transpose.op_type != "Transpose" or len(value.uses()) != 1:
+        return None
+    perm = transpose.attributes.get("perm")
+    if perm is None or list(perm.as_ints()) != [1, 0]:
+        return None
+    reshape = transpose.inputs[0].producer() if transpose.inputs[0] is not None else None
+    if reshape is None or reshape.op_type != "Reshape" or reshape.inputs[1] is None:
+        return None
+    shape = reshape.inputs[1].const_value
+    dq = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
+    if shape is None or dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 2:
+        return None
+    codes_value, scales_value = dq.inputs[0], dq.inputs[1]
+    zero_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    if codes_value is None or codes_value.const_value is None or scales_value is None:
+        return None
+    if scales_value.const_value is None:
+        return None
+    codes, scales = codes_value.const_value.numpy(), scales_value.const_value.numpy()
+    outputs, inputs = (int(size) for size in shape.numpy())
+    if codes.dtype != np.int8 or codes.ndim != 2 or scales.shape != (codes.shape[0],):
+        return None
+    if zero_value is not None and (zero_value.const_value is None or zero_value.const_value.numpy().any()):
+        return None
+    if codes.min() < LOW or codes.max() > HIGH or codes.size != outputs * inputs:
+        return None
+    return codes.reshape(outputs, inputs), scales.astype(np.float32), [dq, reshape, transpose]
+
+
+def pack(codes: np.ndarray, block: int) -> np.ndarray:
+    """``[N, K]`` codes in [-8, 7] -> ``[N, K / block, block / 2]`` bytes, code ``2i`` in the low nibble."""
+    nibbles = (codes.astype(np.int16) - LOW).astype(np.uint8)
+    pairs = nibbles.reshape(codes.shape[0], codes.shape[1] // block, block // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`pack`: ``[N, blocks, block / 2]`` bytes -> ``[N, K]`` int8 codes."""
+    low, high = (packed & 0xF).astype(np.int16), (packed >> 4).astype(np.int16)
+    return (np.stack([low, high], axis=-1).reshape(packed.shape[0], -1) + LOW).astype(np.int8)
+
+
+def pack_int4_weights(model: ir.Model) -> int:
+    """Rewrite every MatMul reading a packable 4-bit blocked weight as MatMulNBits; returns how many."""
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.inputs[1] is None:
+            continue
+        found = _blocked_weight(node.inputs[1])
+        if found is None:
+            continue
+        codes, scales, rebuilt = found
+        outputs, inputs = codes.shape
+        block = inputs * outputs // scales.size
+        if block < 16 or block & (block - 1) or inputs % block:
+            continue
+        base = str(node.name or node.outputs[0].name)
+        packed = add_initializer(graph, f"{base}_int4", pack(codes, block))
+        block_scales = add_initializer(graph, f"{base}_int4_scales", scales)
+        replacement = ir.node(
+            "MatMulNBits",
+            [node.inputs[0], packed, block_scales],
+            {"K": inputs, "N": outputs, "bits": 4, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
+            domain=DOMAIN,
+            outputs=[ir.Value(name=f"{base}_int4_out", type=node.outputs[0].type, shape=node.outputs[0].shape)],
+            name=f"{base}_MatMulNBits",
+        )
+        # a graph output (an LM head's logits) keeps its name
+        convenience.replace_nodes_and_values(
+            graph, node, [node], [replacement], [node.outputs[0]], [replacement.outputs[0]]
+        )
+        for step in reversed(rebuilt):
+            if not any(len(out.uses()) for out in step.outputs):
+                graph.remove(step, safe=True)
+        count += 1
+    if count:
+        model.opset_imports.setdefault(DOMAIN, 1)
+        for name in [name for name, value in graph.initializers.items() if not value.uses()]:
+            del graph.initializers[name]
+    logger.info("packed %d 4-bit weights into MatMulNBits", count)
+    return count
