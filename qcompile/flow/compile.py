@@ -33,6 +33,7 @@ from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
 from qcompile.graph import clone
 from qcompile.passes import pack_int4
+from qcompile.passes.embedding import quantize_embeddings
 from qcompile.passes.manager import PassLog
 from qcompile.passes.pack_int4 import pack_int4_weights
 from qcompile.passes.ternarize import TernarizePass
@@ -222,23 +223,28 @@ def write_onnx(build: Build) -> None:
 
 
 def _packed(build: Build) -> ir.Model:
-    """The graph the 'onnxruntime' executor runs: 4-bit blocked weights packed two to a byte, where the
-    options make any (:mod:`qcompile.passes.pack_int4`); the TVM library is built from the unpacked graph."""
+    """The graph the 'onnxruntime' executor runs: a decoder's embedding table as int8 rows
+    (:mod:`qcompile.passes.embedding`), and 4-bit blocked weights packed two to a byte where the options make
+    any (:mod:`qcompile.passes.pack_int4`). The TVM library is built from the graph before either."""
     assert build.graph is not None
-    if build.options.weight_block is None:
+    if build.options.weight_block is None and not build.causal:
         return build.graph
     packed = clone(build.graph)
-    count = pack_int4_weights(packed)
-    if not count:
-        return build.graph
-    build.passes.append(
-        {
-            "name": "pack_int4",
-            "weights": count,
-            "kernel": f"{pack_int4.DOMAIN}.MatMulNBits (onnxruntime), accuracy_level {pack_int4.ACCURACY_LEVEL}: "
-            "int8 activations per input block x packed 4-bit weights, int32 accumulation",
-        }
-    )
+    if build.causal:
+        tables = quantize_embeddings(packed)
+        if tables:
+            build.passes.append({"name": "embedding_rows", "format": "int8, one scale per row", "tables": tables})
+    count = pack_int4_weights(packed) if build.options.weight_block is not None else 0
+    if count:
+        build.passes.append(
+            {
+                "name": "pack_int4",
+                "weights": count,
+                "kernel": f"{pack_int4.DOMAIN}.MatMulNBits (onnxruntime), accuracy_level "
+                f"{pack_int4.ACCURACY_LEVEL}: int8 activations per input block x packed 4-bit weights, int32 "
+                "accumulation",
+            }
+        )
     return packed
 
 

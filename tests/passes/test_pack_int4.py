@@ -1,4 +1,4 @@
-"""4-bit blocked weights packed two to a byte into onnxruntime's MatMulNBits."""
+"""4-bit blocked weights packed two to a byte into onnxruntime's MatMulNBits; embedding tables as int8 rows."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.execution import to_proto
+from qcompile.passes import embedding
 from qcompile.passes.pack_int4 import pack, pack_int4_weights, unpack
 from qcompile.runtime.executors import session_from_bytes
 
@@ -73,3 +74,12 @@ def test_weights_it_cannot_pack_are_left_alone() -> None:
     assert pack_int4_weights(wide) == 0
     small_blocks = _blocked_matmul(rng.integers(-8, 8, size=(4, 48)).astype(np.int8), scales, 8)  # blocks of 8
     assert pack_int4_weights(small_blocks) == 0
+
+
+def test_embedding_rows_round_within_half_a_step() -> None:
+    table = np.random.default_rng(3).standard_normal((8, 5)).astype(np.float32)
+    table[2] = 0
+    codes, scales = embedding.quantize_rows(table)
+    assert codes.dtype == np.int8 and scales.shape == (8, 1) and scales[2, 0] == 1
+    assert np.abs(codes).max() == 127
+    assert np.all(np.abs(codes * scales - table) <= scales / 2 + 1e-7)

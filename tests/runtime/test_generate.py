@@ -72,6 +72,10 @@ def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None
     assert entry["tokenizer"] == "tokenizer.json" and "tokenizer.json" in manifest["files"]  # checksummed
     assert entry["executors"][0] == "onnxruntime"  # the quantized graph runs every length
     assert "decoder with a KV cache" in manifest["skipped"]["tvm"]  # a fixed-length library is not built
+    # the embedding table (49152 x 576) is stored as int8 rows, and the file's own error is reported
+    (table,) = next(entry for entry in manifest["passes"] if entry["name"] == "embedding_rows")["tables"]
+    assert table["shape"] == [49152, 576] and table["max_error_of_peak"] <= 0.5 / 127
+    assert manifest["measured"]["accuracy"]["calibration_sample_file"]["mean_cosine"] >= 0.999
     dims = manifest["executors"]["onnxruntime"]["dynamic_dims"]
     assert dims["past_key_values.0.key"]["2"] == "past_length" and dims["input_ids"]["1"] == "sequence_length"
 
