@@ -105,14 +105,12 @@ class Executor:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        return _set_fields(self)
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Executor:
         entry = _object(data, where)
-        unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(cls)})
-        if unknown:
-            raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+        _known_fields(cls, entry, where)
         executor = cls(**entry)
         if executor.kind not in EXECUTOR_KINDS:
             raise ArtifactError(f"{where}: kind '{executor.kind}' is not one of {', '.join(EXECUTOR_KINDS)}")
@@ -155,14 +153,12 @@ class Decoder:
     tokenizer: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        return _set_fields(self)
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Decoder:
         entry = _object(data, where)
-        unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(cls)})
-        if unknown:
-            raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+        _known_fields(cls, entry, where)
         try:
             decoder = cls(**entry)
         except TypeError as error:
@@ -194,7 +190,7 @@ class Measured:
     predicted_latency_ms: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        return _set_fields(self)
 
 
 @dataclass
@@ -302,13 +298,22 @@ class Manifest:
 
 def _measured(data: Any, where: str) -> Measured:
     entry = _object(data, where)
-    unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(Measured)})
-    if unknown:
-        raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+    _known_fields(Measured, entry, where)
     try:
         return Measured(**entry)
     except TypeError as error:
         raise ArtifactError(f"{where}: {error}") from error
+
+
+def _known_fields(kind: type, entry: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(entry) - {item.name for item in dataclasses.fields(kind)})
+    if unknown:
+        raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}; recompile with this qcompile")
+
+
+def _set_fields(instance: Any) -> dict[str, Any]:
+    """A dataclass as JSON, without the fields that are None."""
+    return {key: value for key, value in dataclasses.asdict(instance).items() if value is not None}
 
 
 def _object(data: Any, where: str) -> dict[str, Any]:
