@@ -595,7 +595,7 @@ def _command_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_text=show,
     )
-    sys.stdout.write("\n")
+    show("\n")
     print(
         f"[{result.executor}] prompt {result.prompt_tokens} tokens: prefill "
         f"{result.prefill_tokens_per_s:.1f} tokens/s ({result.prefill_s * 1e3:.0f} ms); {len(result.tokens)} new "
