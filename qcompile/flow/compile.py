@@ -234,15 +234,16 @@ def _packed(build: Build) -> ir.Model:
         tables = quantize_embeddings(packed)
         if tables:
             build.passes.append({"name": "embedding_rows", "format": "int8, one scale per row", "tables": tables})
-    count = pack_int4_weights(packed) if build.options.weight_block is not None else 0
-    if count:
+    count = pack_int4_weights(packed) if build.options.weight_block is not None else {}
+    if any(count.values()):
         build.passes.append(
             {
                 "name": "pack_int4",
-                "weights": count,
+                "weights": count[4],
+                "int8_weights": count[8],
                 "kernel": f"{pack_int4.DOMAIN}.MatMulNBits (onnxruntime), accuracy_level "
-                f"{pack_int4.ACCURACY_LEVEL}: int8 activations per input block x packed 4-bit weights, int32 "
-                "accumulation",
+                f"{pack_int4.ACCURACY_LEVEL}: int8 activations per input block x 4-bit weights packed two to a "
+                "byte (or 8-bit blocked weights), int32 accumulation",
             }
         )
     return packed

@@ -1,4 +1,5 @@
-"""Store group-wise 4-bit weights packed, two codes per byte, where onnxruntime computes from them packed.
+"""Store group-wise 4-bit weights packed, two codes per byte, where onnxruntime computes from them packed
+(and group-wise int8 weights as they are, one code per byte, by the same kernel).
 
 The QDQ graph holds a block-quantized weight (``--bits 4 --weight-block N``) as int8 codes in [-8, 7], one
 ``DequantizeLinear`` row per (output channel, block) and a ``Reshape`` (and ``Transpose``) back to the
@@ -14,8 +15,12 @@ block of the input at run time, by the unpacked 4-bit codes in int32: the activa
 Other runtimes without the contrib op cannot run the file; the float reference and the TVM library are
 built from the unpacked graph.
 
+A blocked weight with codes outside [-8, 7] (a layer that took int8 weights because int4 cost it too much)
+becomes an 8-bit ``MatMulNBits`` (``c + 128``, zero point 128): left as ``DequantizeLinear`` rows,
+onnxruntime would dequantize it on every run (its constant folding keeps ``DequantizeLinear``).
+
 Conditions: a 2-D weight ``[K, N]`` of a ``MatMul``, blocks of a power of two >= 16 along ``K`` (onnxruntime's
-kernel), every code in [-8, 7].
+kernel).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights, int32 accumulation (MLAS's fastest CPU path)
-LOW, HIGH = -8, 7
+LOW, HIGH = -8, 7  # 4-bit codes; wider blocked codes are stored as 8 bits
 
 
 def _blocked_weight(value: ir.Value) -> tuple[np.ndarray, np.ndarray, list[ir.Node]] | None:
@@ -64,28 +69,37 @@ def _blocked_weight(value: ir.Value) -> tuple[np.ndarray, np.ndarray, list[ir.No
         return None
     if zero_value is not None and (zero_value.const_value is None or zero_value.const_value.numpy().any()):
         return None
-    if codes.min() < LOW or codes.max() > HIGH or codes.size != outputs * inputs:
+    if codes.size != outputs * inputs:
         return None
     return codes.reshape(outputs, inputs), scales.astype(np.float32), [dq, reshape, transpose]
 
 
+def bits_of(codes: np.ndarray) -> int:
+    return 4 if codes.min() >= LOW and codes.max() <= HIGH else 8
+
+
 def pack(codes: np.ndarray, block: int) -> np.ndarray:
-    """``[N, K]`` codes in [-8, 7] -> ``[N, K / block, block / 2]`` bytes, code ``2i`` in the low nibble."""
+    """``[N, K]`` codes -> ``[N, K / block, block * bits / 8]`` bytes: codes in [-8, 7] as ``c + 8``, two to a
+    byte (code ``2i`` in the low nibble); others as ``c + 128``, one to a byte."""
+    if bits_of(codes) == 8:
+        return (codes.astype(np.int16) + 128).astype(np.uint8).reshape(codes.shape[0], -1, block)
     nibbles = (codes.astype(np.int16) - LOW).astype(np.uint8)
     pairs = nibbles.reshape(codes.shape[0], codes.shape[1] // block, block // 2, 2)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
 
 
-def unpack(packed: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`pack`: ``[N, blocks, block / 2]`` bytes -> ``[N, K]`` int8 codes."""
+def unpack(packed: np.ndarray, bits: int = 4) -> np.ndarray:
+    """The inverse of :func:`pack`: ``[N, blocks, block * bits / 8]`` bytes -> ``[N, K]`` int8 codes."""
+    if bits == 8:
+        return (packed.astype(np.int16) - 128).astype(np.int8).reshape(packed.shape[0], -1)
     low, high = (packed & 0xF).astype(np.int16), (packed >> 4).astype(np.int16)
     return (np.stack([low, high], axis=-1).reshape(packed.shape[0], -1) + LOW).astype(np.int8)
 
 
-def pack_int4_weights(model: ir.Model) -> int:
-    """Rewrite every MatMul reading a packable 4-bit blocked weight as MatMulNBits; returns how many."""
+def pack_int4_weights(model: ir.Model) -> dict[int, int]:
+    """Rewrite every MatMul reading a blocked weight as MatMulNBits; returns how many, by code bits."""
     graph = model.graph
-    count = 0
+    count = {4: 0, 8: 0}
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.inputs[1] is None:
             continue
@@ -98,12 +112,13 @@ def pack_int4_weights(model: ir.Model) -> int:
         if block < 16 or block & (block - 1) or inputs % block:
             continue
         base = str(node.name or node.outputs[0].name)
-        packed = add_initializer(graph, f"{base}_int4", pack(codes, block))
-        block_scales = add_initializer(graph, f"{base}_int4_scales", scales)
+        bits = bits_of(codes)
+        packed = add_initializer(graph, f"{base}_int{bits}", pack(codes, block))
+        block_scales = add_initializer(graph, f"{base}_int{bits}_scales", scales)
         replacement = ir.node(
             "MatMulNBits",
             [node.inputs[0], packed, block_scales],
-            {"K": inputs, "N": outputs, "bits": 4, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
+            {"K": inputs, "N": outputs, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
             domain=DOMAIN,
             outputs=[ir.Value(name=f"{base}_int4_out", type=node.outputs[0].type, shape=node.outputs[0].shape)],
             name=f"{base}_MatMulNBits",
@@ -115,10 +130,10 @@ def pack_int4_weights(model: ir.Model) -> int:
         for step in reversed(rebuilt):
             if not any(len(out.uses()) for out in step.outputs):
                 graph.remove(step, safe=True)
-        count += 1
-    if count:
+        count[bits] += 1
+    if any(count.values()):
         model.opset_imports.setdefault(DOMAIN, 1)
         for name in [name for name, value in graph.initializers.items() if not value.uses()]:
             del graph.initializers[name]
-    logger.info("packed %d 4-bit weights into MatMulNBits", count)
+    logger.info("packed %d 4-bit and %d 8-bit blocked weights into MatMulNBits", count[4], count[8])
     return count

@@ -51,19 +51,47 @@ def test_samples_of_tokens_alone_are_completed_as_a_prefill() -> None:
 
 
 @pytest.fixture(scope="module")
-def decoder_artifact(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 2-layer SmolLM2 with a KV cache, compiled for host through the CLI from 4 windows of 32 tokens
-    (.npz files of input_ids alone)."""
+def decoder_model(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The 2-layer SmolLM2 with a KV cache, and 4 windows of 32 tokens (.npz files of input_ids alone)."""
     model = zoo.export_smollm2_with_past(models_dir / "smollm2_past" / "model.onnx", layers=2)
     _, tokenizer = zoo.load_smollm2(layers=1)
     ids = zoo.pydoc_tokens(tokenizer, 4 * 32, offset=4096)
     folder = tmp_path_factory.mktemp("decoder_calibration")
     for index in range(4):
         np.savez(folder / f"{index}.npz", input_ids=ids[index * 32 : (index + 1) * 32][None])
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def decoder_artifact(decoder_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The decoder compiled for host through the CLI, every layer int8 (no per-layer sensitivity runs: they
+    would add a third to the compile)."""
+    model, folder = decoder_model
     output = tmp_path_factory.mktemp("artifacts") / "smollm2_past.host"
-    # every layer int8 (no per-layer sensitivity runs: they would add a third to the compile)
     assert cli.main([str(model), "-c", str(folder), "-o", str(output), "--float-threshold", "0", "-q"]) == 0
     return output
+
+
+def test_w4a8_packs_its_weights_and_gives_int8_to_layers_int4_costs_too_much(
+    decoder_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Group-wise int4 (blocks of 32): a layer over the float threshold at int4 is retried at int8 weights
+    before it stays float (SmolLM2's 49152 x 576 LM head: 28 MB instead of 113 MB; the threshold here is set
+    between the layers' int4 and int8 errors); every blocked weight is a MatMulNBits in the file, 4-bit ones
+    two codes to a byte."""
+    model, folder = decoder_model
+    output = tmp_path / "w4"
+    flags = ["--bits", "4", "--weight-block", "32", "--float-threshold", "3e-4"]  # under int4's error, over int8's
+    assert cli.main([str(model), "-c", str(folder), "-o", str(output), *flags, "-q"]) == 0
+    manifest = json.loads((output / "manifest.json").read_text())
+    widened = next(entry for entry in manifest["passes"] if entry["name"] == "sensitivity")["int8_instead_of_narrower"]
+    formats = {layer["name"]: layer["weight_format"] for layer in manifest["layers"]}
+    assert widened and all(error <= 3e-4 for error in widened.values())
+    assert all(formats[name] == "int8" for name in widened) and "fp32" not in formats.values()
+    packed = next(entry for entry in manifest["passes"] if entry["name"] == "pack_int4")
+    assert packed["int8_weights"] == len(widened) and packed["weights"] >= 12
+    assert manifest["measured"]["accuracy"]["calibration_sample_file"]["mean_cosine"] >= 0.99
+    assert len(runtime.load(output).generate("The Python language", max_new_tokens=4).tokens) == 4
 
 
 def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None:
