@@ -95,7 +95,7 @@ def qcompile_engine(
     total, count = 0.0, 0
     for start in range(0, PPL_TOKENS, PPL_WINDOW):
         window = ids[start : start + PPL_WINDOW]
-        feeds = {generator.decoder.input_ids: window[None], **generator._empty_cache(1)}
+        feeds = {generator.decoder.input_ids: window[None], **generator.empty_cache(1)}
         if generator.decoder.attention_mask:
             feeds[generator.decoder.attention_mask] = np.ones((1, PPL_WINDOW), dtype=np.int64)
         if generator.decoder.position_ids:
@@ -107,11 +107,11 @@ def qcompile_engine(
 
     def prefill() -> float:
         started = time.perf_counter()
-        generator.step(prompt, generator._empty_cache(1), 0)
+        generator.step(prompt, generator.empty_cache(1), 0)
         return time.perf_counter() - started
 
     def decode() -> float:
-        logits, cache = generator.step(prompt, generator._empty_cache(1), 0)
+        logits, cache = generator.step(prompt, generator.empty_cache(1), 0)
         token = int(logits.argmax())
         started = time.perf_counter()
         for position in range(len(prompt), len(prompt) + new_tokens):

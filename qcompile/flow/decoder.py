@@ -152,10 +152,10 @@ def describe(
     """The manifest's decoder entry (the tokenizer copied into ``staging``), or None and why generation
     cannot run from this artifact."""
     serving = []
+    past = found.cache[0][0]
     for name in ("onnxruntime", "onnxruntime-fp32"):  # best first: the quantized graph, then the float one
         entry = executors.get(name)
         dims = (entry.dynamic_dims or {}) if entry is not None else {}
-        past = found.cache[0][0]
         if str(CACHE_AXIS) in dims.get(past, {}) and "1" in dims.get(found.input_ids, {}):
             serving.append(name)
     if not serving:

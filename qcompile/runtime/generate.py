@@ -115,7 +115,8 @@ class Generator:
             return " ".join(str(token) for token in ids)
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
-    def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """An empty cache (no past positions) for ``batch`` sequences: what a prefill starts from."""
         cache = {}
         for name, shape in self._cache_shapes.items():
             empty = [batch if axis == 0 else size for axis, size in enumerate(shape)]
@@ -161,7 +162,7 @@ class Generator:
         generator = np.random.default_rng(seed)
         eos = set(self.decoder.eos_token_ids)
         started = time.perf_counter()
-        logits, cache = self.step(ids, self._empty_cache(1), 0)
+        logits, cache = self.step(ids, self.empty_cache(1), 0)
         prefill_s = time.perf_counter() - started
         new = [pick(logits, temperature, top_k, generator)]
         shown = ""

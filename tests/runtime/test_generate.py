@@ -118,8 +118,8 @@ def test_decode_steps_on_the_cache_match_a_prefill_of_the_whole_text(decoder_art
     up to a code where that rounding lands on a half step)."""
     generator = Generator(runtime.load(decoder_artifact, executor))
     tokens = [1, 504, 3458, 314, 4649, 281, 253, 6342]
-    whole, _ = generator.step(tokens, generator._empty_cache(1), 0)
-    logits, cache = generator.step(tokens[:3], generator._empty_cache(1), 0)
+    whole, _ = generator.step(tokens, generator.empty_cache(1), 0)
+    logits, cache = generator.step(tokens[:3], generator.empty_cache(1), 0)
     for position in range(3, len(tokens)):
         logits, cache = generator.step(tokens[position : position + 1], cache, position)
     assert cache["past_key_values.0.key"].shape == (1, 3, len(tokens), 64)
