@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 from qcompile.backends.tvm.bound import compile_kernels
+from qcompile.backends.tvm.script import prim_func
 from qcompile.runtime.lut.layout import (
     SERIAL,
     TABLE_BYTES,
@@ -118,7 +119,7 @@ def primfunc(rows: int, k: int, n: int, flavor: Flavor, parallel: bool = True) -
 
     # The kernel body builds its vectors with the helpers above: a name bound inside a TVMScript loop would
     # be lowered to a buffer in memory.
-    @T.prim_func
+    @prim_func
     def kernel(
         X: T.Buffer((rows, k), "int8"),
         Wp: T.Buffer((blocks, index_bytes, lanes), "uint8"),
@@ -226,7 +227,7 @@ def word_primfunc(plan: WordPlan, tile_blocks: int, parallel: bool = True) -> An
             tirx.Broadcast(tirx.const(0, "int16"), lanes),
         )
 
-    @T.prim_func
+    @prim_func
     def kernel(
         X: T.Buffer((rows, k), "int8"),
         Wq: T.Buffer((plan.padded_blocks, words, lanes), "uint16"),

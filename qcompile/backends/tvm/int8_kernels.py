@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.backends.tvm.bound import compile_kernels
+from qcompile.backends.tvm.script import prim_func
 from qcompile.errors import BackendError
 from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 from qcompile.runtime.bound import BoundKernel
@@ -237,7 +238,7 @@ def matmul_primfunc(m: int, k: int, n: int, parallel: bool = True, flavor: Flavo
     def block(tile: Any, b: Any) -> Any:
         return (tile % block_tiles) * tile_blocks + b
 
-    @T.prim_func
+    @prim_func
     def kernel(
         A: T.Buffer((m, k), "uint8"),
         Wp: T.Buffer((block_tiles * tile_blocks, quads, width), flavor.weight_dtype),

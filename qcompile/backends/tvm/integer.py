@@ -42,6 +42,7 @@ from onnx import numpy_helper
 
 from qcompile.backends.integer.reference import float_node, node_attributes
 from qcompile.backends.tvm import int8_kernels
+from qcompile.backends.tvm.script import prim_func
 from qcompile.backends.tvm.tensors import (
     LANES,
     Anchor,
@@ -1373,7 +1374,7 @@ def _fill_kernel(target: Stored) -> Any:
     dtype, fill = target.dtype, target.fill
     extra = stored > channels
 
-    @T.prim_func
+    @prim_func
     def fill_border(Y: T.Buffer((rows, cols, stored), dtype)):
         T.func_attr({"tir.noalias": True})
         for i in range(rows):
@@ -1407,7 +1408,7 @@ def _copy_kernel(source: Stored, target: Stored, offset: int) -> Any:
 
     outer = loop_for(height * width * channels)
 
-    @T.prim_func
+    @prim_func
     def copy(X: T.Buffer(source.shape, dtype), Y: T.Buffer(target.shape, dtype)):
         T.func_attr({"tir.noalias": True})
         for i in outer(height):
@@ -1449,7 +1450,7 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     outer = loop_for(height * width * channels) if height > 1 else T.serial
     inner = loop_for(height * width * channels) if height == 1 else T.serial
 
-    @T.prim_func
+    @prim_func
     def eltwise(
         X0: T.Buffer(first.shape, first.dtype),
         X1: T.Buffer(second.shape, second.dtype),
@@ -1520,7 +1521,7 @@ def _image_input_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
 
     outer = loop_for(height * width * channels)
 
-    @T.prim_func
+    @prim_func
     def image_input(X: T.Buffer(source.shape, source.dtype), Y: T.Buffer(target.shape, target.dtype)):
         T.func_attr({"tir.noalias": True})
         for i in outer(height):
@@ -1679,7 +1680,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
 
     outer = loop_for(rows * n * kh * kw * stored)
 
-    @T.prim_func
+    @prim_func
     def conv(
         X: T.Buffer(source.shape, flavor.activation_dtype),
         Wp: T.Buffer(packed.shape, flavor.weight_dtype),
@@ -1783,7 +1784,7 @@ def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any,
 
     outer = loop_for(out_h * out_w * channels * kh * kw)
 
-    @T.prim_func
+    @prim_func
     def depthwise(
         X: T.Buffer(source.shape, "uint8"),
         Wb: T.Buffer(as_bytes.shape, "int32"),
@@ -1873,7 +1874,7 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
 
     outer = loop_for(out_h * out_w * channels * kh * kw)
 
-    @T.prim_func
+    @prim_func
     def window_op(
         X: T.Buffer(source.shape, source.dtype),
         Wd: T.Buffer(taps.shape, taps.dtype.name),
@@ -1933,7 +1934,7 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
 
     outer = loop_for(height * width * channels)
 
-    @T.prim_func
+    @prim_func
     def reduce(
         X: T.Buffer(source.shape, dtype),
         K64: T.Buffer(ints.shape, "int64"),

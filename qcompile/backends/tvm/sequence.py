@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from qcompile.backends.tvm.script import prim_func
 from qcompile.backends.tvm.tensors import (
     LANES,
     Anchor,
@@ -89,7 +90,7 @@ def gather_kernel(size: int, index: np.ndarray, dtype: str) -> Any:
     count = int(index.size)
     outer = loop_for(count)
 
-    @T.prim_func
+    @prim_func
     def gather(X: T.Buffer((size,), dtype), At: T.Buffer((count,), "int32"), Y: T.Buffer((count,), dtype)):
         T.func_attr({"tir.noalias": True})
         for i in outer(count):
@@ -115,7 +116,7 @@ def embedding_kernel(rows: int, width: int, count: int, index_dtype: str) -> Any
     def columns(b: Any) -> Any:
         return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
 
-    @T.prim_func
+    @prim_func
     def embedding(
         ids: T.Buffer((count,), index_dtype),
         table: T.Buffer((rows, width), "float32"),
@@ -181,7 +182,7 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
 
     outer = loop_for(count * channels * 8)
 
-    @T.prim_func
+    @prim_func
     def rowwise(
         X: T.Buffer(source.shape, "float32"),
         K64: T.Buffer(ints.shape, "int64"),
@@ -272,7 +273,7 @@ def batched_matmul_kernel(value: Lazy, anchor: Anchor, other: Stored, target: St
 
     outer = loop_for(batch * rows * depth * width)
 
-    @T.prim_func
+    @prim_func
     def batched(
         A: T.Buffer(source.shape, dtype),
         B: T.Buffer(other.shape, dtype),
@@ -391,7 +392,7 @@ def rotation_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, l
     def column(t: Any, b: Any) -> Any:
         return tirx.min(t * tile + b, blocks - 1) * lanes  # (a last partial tile recomputes its last block)
 
-    @T.prim_func
+    @prim_func
     def rotation(
         X: T.Buffer(source.shape, "float32"),
         S: T.Buffer((channels,), "float32"),
