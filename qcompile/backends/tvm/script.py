@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 
@@ -22,7 +23,7 @@ def prim_func(function: Callable[..., Any]) -> Any:
 
     # The stack as inspect.stack() gives it (this frame first, then its callers), minus the source lines.
     frames = []
-    frame = sys._getframe(0)
+    frame: FrameType | None = sys._getframe(0)
     while frame is not None:
         code = frame.f_code
         frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
