@@ -427,6 +427,7 @@ def quantize(
             kept,
             references,
             progress,
+            reference=model,
         )
         # A layer too sensitive at a narrow uniform width (int4, int2) gets a second chance at int8 weights
         # before it stays float: a float LM head of SmolLM2 W4A8 is 113 MB, the same head int8 28 MB.
@@ -440,6 +441,7 @@ def quantize(
                 kept,
                 references,
                 progress,
+                reference=model,
             )
             for again in retried:
                 if again.error <= options.float_threshold:

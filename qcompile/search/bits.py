@@ -187,6 +187,7 @@ def search(
             feeds,
             references,
             progress,
+            reference=model,
         )
         for item in measured:
             errors[item.layer][candidate] = item.error
