@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
@@ -151,14 +152,131 @@ def _bias_writer(node: ir.Node) -> tuple[np.ndarray, Callable[[np.ndarray], None
     return current * step, write_codes
 
 
+def _means(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean over batch and space (channels on axis 1) of each array, averaged over the arrays."""
+    total = sum(
+        np.asarray(array).mean(axis=tuple(axis for axis in range(array.ndim) if axis != 1), dtype=np.float64)
+        for array in arrays
+    )
+    return np.asarray(total) / len(arrays)
+
+
 def _channel_means(session: Any, names: list[str], feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
     """Mean over batch and space of each output ``names`` (channels on axis 1) over ``feeds``."""
-    sums: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, array in zip(names, session.run(names, feed), strict=True):
-            axes = tuple(axis for axis in range(array.ndim) if axis != 1)
-            sums[name] = sums.get(name, 0.0) + np.asarray(array).mean(axis=axes, dtype=np.float64)
-    return {name: total / len(feeds) for name, total in sums.items()}
+    outputs = [session.run(names, feed) for feed in feeds]
+    return {name: _means([sample[index] for sample in outputs]) for index, name in enumerate(names)}
+
+
+class _Sweep:
+    """The quantized model run a piece at a time in graph order, on every feed at once, keeping the values
+    later pieces read: the piece for a layer is what its output needs and was not computed yet. After a
+    layer's bias changes, :meth:`forget` drops its output, and the next piece computes it again.
+
+    Each node runs about once (a refitted layer twice) instead of once per layer after it: on
+    EfficientNet-Lite0 the refit of 49 layers ran 49 growing prefixes of the model, 7 s of its compile."""
+
+    def __init__(self, model: ir.Model, feeds: Sequence[Feed]) -> None:
+        self.model = model
+        self.nodes = list(model.graph)
+        self.position = {id(node): index for index, node in enumerate(self.nodes)}
+        self.computed: set[int] = set()
+        self.values: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
+
+    @staticmethod
+    def usable(model: ir.Model) -> bool:
+        """Whether the model can be run in pieces (no node reads values through a subgraph)."""
+        return not any(
+            attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for node in model.graph
+            for attribute in node.attributes.values()
+        )
+
+    def output(self, node: ir.Node) -> list[np.ndarray]:
+        """``node``'s first output on each feed, computing what it needs."""
+        piece: dict[int, ir.Node] = {}
+        stack = [node] if id(node) not in self.computed else []
+        while stack:
+            current = stack.pop()
+            if id(current) in piece:
+                continue
+            piece[id(current)] = current
+            for value in current.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and id(producer) not in self.computed:
+                    stack.append(producer)
+        if piece:
+            self._run(sorted(piece.values(), key=lambda item: self.position[id(item)]))
+        name = str(node.outputs[0].name)
+        return [values[name] for values in self.values]
+
+    def forget(self, node: ir.Node) -> None:
+        """Drop ``node``'s outputs, and those of the nodes before it that read constants alone (the
+        DequantizeLinear of its new bias codes): they run again when next needed."""
+        self.computed.discard(id(node))
+        for values in self.values:
+            for output in node.outputs:
+                values.pop(str(output.name), None)
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and all(item is None or item.const_value is not None for item in producer.inputs):
+                self.forget(producer)
+
+    def _run(self, piece: list[ir.Node]) -> None:
+        members = {id(node) for node in piece}
+        first = self.values[0]
+        inputs: list[onnx.ValueInfoProto] = []
+        initializers: list[onnx.TensorProto] = []
+        outputs: list[onnx.ValueInfoProto] = []
+        # The node asked for (the others in the piece are its ancestors): its inputs are kept too, since the
+        # node runs again when its bias changes.
+        wanted = piece[-1]
+        for node in piece:
+            for value in node.inputs:
+                if value is None or ((producer := value.producer()) is not None and id(producer) in members):
+                    continue
+                name = str(value.name)
+                if name in first:
+                    if all(item.name != name for item in inputs):
+                        array = np.asarray(first[name])
+                        inputs.append(onnx.helper.make_tensor_value_info(name, _tensor_type(array), array.shape))
+                elif value.const_value is not None and all(item.name != name for item in initializers):
+                    initializers.append(ir.serde.serialize_tensor(value.const_value))
+                    initializers[-1].name = name
+            for value in node.outputs:
+                read_later = any(id(user) not in members or user is wanted for user, _ in value.uses())
+                if (value.name and read_later) or value is wanted.outputs[0]:
+                    outputs.append(onnx.ValueInfoProto(name=str(value.name)))
+        graph = onnx.helper.make_graph(
+            [ir.serde.serialize_node(node) for node in piece], "piece", inputs, outputs, initializers
+        )
+        opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
+        proto = onnx.helper.make_model(graph, opset_imports=opsets)
+        proto.ir_version = execution.ORT_IR_VERSION
+        session = execution.session(proto)
+        names = [item.name for item in outputs]
+        for values in self.values:
+            values.update(
+                zip(names, session.run(names, {item.name: values[item.name] for item in inputs}), strict=True)
+            )
+        self.computed |= members
+        # What no later node reads is dropped (a refitted layer's inputs stay until it is computed again).
+        # What no later node reads is dropped; the node asked for keeps its inputs (it may run again) and its
+        # output (the caller reads it next).
+        later = {str(value.name) for value in [*wanted.inputs, wanted.outputs[0]] if value is not None}
+        later.update(
+            str(value.name)
+            for node in self.nodes
+            if id(node) not in self.computed
+            for value in node.inputs
+            if value is not None
+        )
+        for values in self.values:
+            for name in [name for name in values if name not in later]:
+                del values[name]
+
+
+def _tensor_type(array: np.ndarray) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
 
 
 def refit_biases(reference: ir.Model, quantized: ir.Model, feeds: Sequence[Feed], progress: bool = False) -> int:
@@ -166,6 +284,7 @@ def refit_biases(reference: ir.Model, quantized: ir.Model, feeds: Sequence[Feed]
     ``reference``) so that its per-channel output mean over ``feeds`` equals ``reference``'s; returns the
     number of layers refitted. ``quantized`` is changed in place (only bias values)."""
     produced = {str(value.name) for node in reference.graph for value in node.outputs}
+    quantized.graph.sort()  # inserted quantization nodes may follow their readers in the list: graph order first
     layers = []
     for node in quantized.graph:
         weight = node.inputs[1] if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 1 else None
@@ -182,14 +301,19 @@ def refit_biases(reference: ir.Model, quantized: ir.Model, feeds: Sequence[Feed]
     names = [str(node.outputs[0].name) for node, _ in layers]
     targets = _channel_means(execution.session(reference, extra_outputs=names), names, feeds)
     show = progress and sys.stderr.isatty()
+    sweep = _Sweep(quantized, feeds) if _Sweep.usable(quantized) and not execution.is_large(quantized) else None
     refitted = 0
     for node, (bias, write) in tqdm(layers, desc="refitting biases", unit="layer", disable=not show, file=sys.stderr):
         name = str(node.outputs[0].name)
-        # Only the layer and what feeds it run: its output does not depend on what comes after it.
-        layer = execution.session(quantized, extra_outputs=[name], only_extra=True)
-        measured = _channel_means(layer, [name], feeds)[name]
+        if sweep is not None:
+            measured = _means(sweep.output(node))
+        else:  # only the layer and what feeds it run: its output does not depend on what comes after it
+            layer = execution.session(quantized, extra_outputs=[name], only_extra=True)
+            measured = _channel_means(layer, [name], feeds)[name]
         if measured.shape == bias.shape:
             write(bias - (measured - targets[name]))
             refitted += 1
+            if sweep is not None:
+                sweep.forget(node)
     logger.info("refitted the biases of %d layers one at a time", refitted)
     return refitted
