@@ -227,7 +227,7 @@ def _cut(built: ir.Model, region: _Region, available: set[str]) -> _Cut | None:
     fresh = []
     for name, value in inputs.items():
         replacement = ir.Value(name=name, shape=value.shape, type=value.type)
-        value.replace_all_uses_with(replacement)
+        value.replace_all_uses_with(replacement, replace_graph_outputs=True)  # the outputs are rebuilt below
         fresh.append(replacement)
     kept_outputs = [graph.outputs[index] for index in outputs]
     graph.outputs.clear()
