@@ -33,17 +33,26 @@ class MinMaxObserver:
     channel_absmax: np.ndarray | None = None
 
     def update(self, batch: np.ndarray) -> None:
-        if batch.size == 0:
-            return
-        self.minimum = min(self.minimum, float(batch.min()))
-        self.maximum = max(self.maximum, float(batch.max()))
+        if batch.size:
+            self._observe(batch)
+
+    def _observe(self, batch: np.ndarray) -> tuple[float, float]:
+        """Fold a non-empty ``batch`` in; returns its least and greatest values."""
         if batch.ndim >= 2:
             axes = tuple(axis for axis in range(batch.ndim) if axis != self.channel_axis % batch.ndim)
             sums = batch.sum(axis=axes, dtype=np.float64)
-            absmax = np.abs(batch).max(axis=axes)
+            # per channel first, then over channels: each value is read twice, not four times (no |x| copy)
+            lows, highs = batch.min(axis=axes), batch.max(axis=axes)
+            low, high = float(lows.min()), float(highs.max())
+            absmax = np.maximum(np.abs(highs), np.abs(lows))  # max |x| is at the least or the greatest x
             self.channel_absmax = absmax if self.channel_absmax is None else np.maximum(self.channel_absmax, absmax)
             self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
             self.channel_count += batch.size // batch.shape[self.channel_axis]
+        else:
+            low, high = float(batch.min()), float(batch.max())
+        self.minimum = min(self.minimum, low)
+        self.maximum = max(self.maximum, high)
+        return low, high
 
     @property
     def seen(self) -> bool:
@@ -75,8 +84,7 @@ class HistogramObserver(MinMaxObserver):
     def update(self, batch: np.ndarray) -> None:
         if batch.size == 0:
             return
-        super().update(batch)
-        batch_low, batch_high = float(batch.min()), float(batch.max())
+        batch_low, batch_high = self._observe(batch)
         if not np.isfinite([batch_low, batch_high]).all() or max(-batch_low, batch_high) > HISTOGRAM_LIMIT:
             # Masking values (-inf, float32 min) cannot be binned; such a value keeps min/max only.
             self.histogram_valid = False

@@ -612,6 +612,8 @@ def compile_model(
     :func:`qcompile.api.compile`). Returns the manifest written. On any error nothing is left at ``output``."""
     device = hwmodels.load_target(target)  # its pipeline is one of PIPELINES' (checked there)
     stages = PIPELINES[device.pipeline]
+    if build_tvm and build_library in stages and device.backend.startswith("tvm"):
+        tvm_backend.import_in_background()  # needed after quantization: loaded meanwhile
     options = (options or QuantizeOptions()).for_target(device)
     source = Path(model_path)
     raw = frontend.load_model(source)

@@ -75,6 +75,19 @@ class Hessian:
     rows: int = 0
 
 
+def _pointwise(node: ir.Node) -> bool:
+    """A 1x1 Conv of one group, stride 1 and no padding: its patches are the input's pixels as they are."""
+    weight = node.inputs[1].const_value  # type: ignore[union-attr]
+    group = node.attributes.get("group")
+    return (
+        weight is not None
+        and tuple(weight.shape.numpy()[2:4]) == (1, 1)
+        and (group is None or group.as_int() == 1)
+        and all(stride == 1 for stride in _ints(node, "strides", [1, 1]))
+        and not any(_ints(node, "pads", [0, 0, 0, 0]))
+    )
+
+
 def _supported(node: ir.Node) -> bool:
     """2-D Convs with explicit padding, Gemms whose activation is not transposed, and MatMuls with a 2-D
     constant weight (the linear layers of transformers without biases, as Llama-style models export them)."""
@@ -118,13 +131,20 @@ class HessianCollector:
         self.readers = {key: self.targets[name] for name, key in self.keys.items()}  # one layer per key
         self.names = sorted({str(node.inputs[0].name) for node in self.targets.values()})  # type: ignore[union-attr]
         self.session = execution.session(model, extra_outputs=self.names) if self.targets else None
-        self.shared: dict[tuple[str, ...], Hessian] = {}
+        # per key: the sums of x x^T over the even and over the odd samples, and the rows seen
+        self.shared: dict[tuple[str, ...], tuple[list[np.ndarray], int]] = {}
+        self._summed: dict[tuple[str, ...], Hessian] | None = None
         self.samples = 0
 
     @property
     def hessians(self) -> dict[str, Hessian]:
         """Each layer's Hessian (shared objects: read them, never change them in place)."""
-        return {name: self.shared[key] for name, key in self.keys.items() if key in self.shared}
+        if self._summed is None:  # made once after the samples: observe keeps the two halves only
+            self._summed = {
+                key: Hessian(halves[0] + halves[1], halves[0], halves[1], rows)
+                for key, (halves, rows) in self.shared.items()
+            }
+        return {name: self._summed[key] for name, key in self.keys.items() if key in self._summed}
 
     def observe(self, feed: Feed) -> None:
         if self.session is None:
@@ -135,18 +155,28 @@ class HessianCollector:
             # float64 patches cost twice the copying and the products, 3 s of EfficientNet-Lite0's compile),
             # summed over samples in float64.
             activation = np.asarray(values[key[0]], np.float32)
-            if node.op_type == "Conv":
-                shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
-                rows = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
+            if node.op_type == "Conv" and _pointwise(node):
+                # a 1x1 convolution's rows are the pixels: X X^T on [C, pixels] without copying them out
+                columns = np.moveaxis(activation, 1, 0).reshape(activation.shape[1], -1)
+                moment = (columns @ columns.T)[None].astype(np.float64)
+                count = columns.shape[1]
             else:
-                rows = activation.reshape(1, -1, activation.shape[-1])
-            moment = np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # BLAS per group (einsum: 20x slower)
+                if node.op_type == "Conv":
+                    shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
+                    rows = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
+                else:
+                    rows = activation.reshape(1, -1, activation.shape[-1])
+                moment = np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # BLAS per group
+                count = rows.shape[1]
+            half = self.samples % 2  # the even and the odd samples' sums are kept apart (GPTQ validates on them)
             entry = self.shared.get(key)
-            if entry is None:
-                entry = self.shared[key] = Hessian(np.zeros_like(moment), np.zeros_like(moment), np.zeros_like(moment))
-            entry.matrix += moment
-            (entry.odd if self.samples % 2 else entry.even)[...] += moment
-            entry.rows += rows.shape[1]
+            if entry is None:  # the first sample's products become its half's sum (no zeroed copy to add to)
+                halves = [moment, np.zeros_like(moment)] if half == 0 else [np.zeros_like(moment), moment]
+                self.shared[key] = (halves, count)
+            else:
+                entry[0][half] += moment
+                self.shared[key] = (entry[0], entry[1] + count)
+        self._summed = None
         self.samples += 1
 
     def tap(self, feeds: Iterable[Feed]) -> Iterator[Feed]:

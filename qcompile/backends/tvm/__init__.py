@@ -13,6 +13,7 @@ int8 kernels (:mod:`qcompile.backends.tvm.integer`), bit-exact and fast, where t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +27,22 @@ from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 logger = logging.getLogger(__name__)
 
 LIBRARY_FILE = "model.tvm.so"
+
+
+def import_in_background() -> None:
+    """Start importing TVM in a daemon thread, for a compile that will build a library after quantizing.
+
+    ``import tvm`` takes 4-5 s on the 2-core machines measured here, most of it while quantization's
+    onnxruntime and numpy work leave the interpreter free; overlapped, about 2 s of it is hidden (a later
+    ``import tvm`` waits for this one). A failure is left to that later import, which reports it."""
+
+    def load() -> None:
+        try:
+            import tvm.relax  # noqa: F401
+        except Exception:  # the build's own import raises it, with the context to say why
+            logger.debug("importing TVM in the background failed", exc_info=True)
+
+    threading.Thread(target=load, name="qcompile-import-tvm", daemon=True).start()
 
 
 def build(
