@@ -45,7 +45,9 @@ def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
 
 
 def conv_patches(node: ir.Node, activation: np.ndarray, kernel: tuple[int, int]) -> np.ndarray:
-    """im2col of a 2-D Conv input: ``[groups, rows, channels_per_group * kh * kw]``."""
+    """im2col of a 2-D Conv input, one column per output pixel: ``[groups, channels_per_group * kh * kw,
+    rows]`` (the rows last: the copy then runs along output rows, twice as fast as with the window's
+    3 x 3 elements innermost)."""
     group = node.attributes.get("group")
     groups = group.as_int() if group is not None else 1
     strides = _ints(node, "strides", [1, 1])
@@ -58,10 +60,10 @@ def conv_patches(node: ir.Node, activation: np.ndarray, kernel: tuple[int, int])
     ]
     batch, channels, out_h, out_w = windows.shape[:4]
     per_group = channels // groups
-    # [batch, groups, per_group, out_h, out_w, kh, kw] -> [groups, batch*out_h*out_w, per_group*kh*kw]
+    # [batch, groups, per_group, out_h, out_w, kh, kw] -> [groups, per_group*kh*kw, batch*out_h*out_w]
     grouped = windows.reshape(batch, groups, per_group, out_h, out_w, kernel[0], kernel[1])
-    return grouped.transpose(1, 0, 3, 4, 2, 5, 6).reshape(
-        groups, batch * out_h * out_w, per_group * kernel[0] * kernel[1]
+    return np.ascontiguousarray(grouped.transpose(1, 2, 5, 6, 0, 3, 4)).reshape(
+        groups, per_group * kernel[0] * kernel[1], batch * out_h * out_w
     )
 
 
@@ -157,17 +159,17 @@ class HessianCollector:
             activation = np.asarray(values[key[0]], np.float32)
             if node.op_type == "Conv" and _pointwise(node):
                 # a 1x1 convolution's rows are the pixels: X X^T on [C, pixels] without copying them out
-                columns = np.moveaxis(activation, 1, 0).reshape(activation.shape[1], -1)
-                moment = (columns @ columns.T)[None].astype(np.float64)
-                count = columns.shape[1]
+                pixels = np.moveaxis(activation, 1, 0).reshape(activation.shape[1], -1)
+                moment = (pixels @ pixels.T)[None].astype(np.float64)
+                count = pixels.shape[1]
             else:
                 if node.op_type == "Conv":
                     shape = node.inputs[1].const_value.shape  # type: ignore[union-attr]
-                    rows = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
+                    columns = conv_patches(node, activation, tuple(shape.numpy()[2:4]))
                 else:
-                    rows = activation.reshape(1, -1, activation.shape[-1])
-                moment = np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # BLAS per group
-                count = rows.shape[1]
+                    columns = activation.reshape(1, -1, activation.shape[-1]).transpose(0, 2, 1)
+                moment = np.matmul(columns, columns.transpose(0, 2, 1)).astype(np.float64)  # BLAS per group
+                count = columns.shape[2]
             half = self.samples % 2  # the even and the odd samples' sums are kept apart (GPTQ validates on them)
             entry = self.shared.get(key)
             if entry is None:  # the first sample's products become its half's sum (no zeroed copy to add to)
