@@ -224,8 +224,8 @@ class _Sweep:
     def _run(self, piece: list[ir.Node]) -> None:
         members = {id(node) for node in piece}
         first = self.values[0]
-        inputs: list[onnx.ValueInfoProto] = []
-        initializers: list[onnx.TensorProto] = []
+        inputs: dict[str, onnx.ValueInfoProto] = {}
+        initializers: dict[str, onnx.TensorProto] = {}
         outputs: list[onnx.ValueInfoProto] = []
         # The node asked for (the others in the piece are its ancestors): its inputs are kept too, since the
         # node runs again when its bias changes.
@@ -235,19 +235,22 @@ class _Sweep:
                 if value is None or ((producer := value.producer()) is not None and id(producer) in members):
                     continue
                 name = str(value.name)
-                if name in first:
-                    if all(item.name != name for item in inputs):
-                        array = np.asarray(first[name])
-                        inputs.append(onnx.helper.make_tensor_value_info(name, _tensor_type(array), array.shape))
-                elif value.const_value is not None and all(item.name != name for item in initializers):
-                    initializers.append(ir.serde.serialize_tensor(value.const_value))
-                    initializers[-1].name = name
+                if name in first and name not in inputs:
+                    array = np.asarray(first[name])
+                    inputs[name] = onnx.helper.make_tensor_value_info(name, _tensor_type(array), array.shape)
+                elif name not in first and value.const_value is not None and name not in initializers:
+                    initializers[name] = ir.serde.serialize_tensor(value.const_value)
+                    initializers[name].name = name
             for value in node.outputs:
                 read_later = any(id(user) not in members or user is wanted for user, _ in value.uses())
                 if (value.name and read_later) or value is wanted.outputs[0]:
                     outputs.append(onnx.ValueInfoProto(name=str(value.name)))
         graph = onnx.helper.make_graph(
-            [ir.serde.serialize_node(node) for node in piece], "piece", inputs, outputs, initializers
+            [ir.serde.serialize_node(node) for node in piece],
+            "piece",
+            list(inputs.values()),
+            outputs,
+            list(initializers.values()),
         )
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
         proto = onnx.helper.make_model(graph, opset_imports=opsets)
@@ -255,11 +258,8 @@ class _Sweep:
         session = execution.session(proto)
         names = [item.name for item in outputs]
         for values in self.values:
-            values.update(
-                zip(names, session.run(names, {item.name: values[item.name] for item in inputs}), strict=True)
-            )
+            values.update(zip(names, session.run(names, {name: values[name] for name in inputs}), strict=True))
         self.computed |= members
-        # What no later node reads is dropped (a refitted layer's inputs stay until it is computed again).
         # What no later node reads is dropped; the node asked for keeps its inputs (it may run again) and its
         # output (the caller reads it next).
         later = {str(value.name) for value in [*wanted.inputs, wanted.outputs[0]] if value is not None}

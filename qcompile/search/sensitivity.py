@@ -65,8 +65,8 @@ def measure(
     With ``reference`` (the float model ``build`` quantizes, whose outputs on ``feeds`` are ``references``),
     each layer's model runs only the nodes its quantization can change: the layer, what reads its inputs
     and everything after them. What those nodes read from the rest is the float model's, computed once for
-    a group of layers (:func:`_frontiers`). On a chain of layers that halves the work: EfficientNet-Lite0's
-    52 layers went from 9.3 s to 4.6 s, and a decoder's from O(layers^2) towards half of it."""
+    a group of layers (:func:`_float_values`). On EfficientNet-Lite0's 52 layers the runs went from 9.3 s to
+    3.9 s; on SmolLM2 cut to 6 layers the step went from 59 s to 41 s (the LM head is in every cut)."""
     results = []
     show = progress and sys.stderr.isatty()
     bar = tqdm(total=len(layers), desc="sensitivity", unit="layer", disable=not show, file=sys.stderr)
