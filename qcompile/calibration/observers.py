@@ -67,6 +67,16 @@ class MinMaxObserver:
         return self.minimum, self.maximum
 
 
+def _bin_counts(batch: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    """How many of ``batch``'s values fall in each of ``bins`` equal bins over ``[low, high]`` (every value is
+    inside). ``np.histogram`` gives the same counts except for values within float32 rounding of an edge, which
+    may land in the neighbouring bin here; it is 2.4x slower (7.7 ms against 3.2 ms on 1.2M values measured
+    here: it checks each value against the edges), and EfficientNet-Lite0's calibration bins 1920 batches."""
+    index = ((batch.ravel() - np.float32(low)) * np.float32(bins / (high - low))).astype(np.intp)
+    np.clip(index, 0, bins - 1, out=index)
+    return np.bincount(index, minlength=bins)
+
+
 @dataclass
 class HistogramObserver(MinMaxObserver):
     """Min/max plus a fixed-bin histogram of values, for percentile and MSE-optimal clipping.
@@ -98,8 +108,7 @@ class HistogramObserver(MinMaxObserver):
             self.high = max(self.high, self.low + MIN_SPAN)
         while batch_low < self.low or batch_high > self.high:
             self._double_span(batch_low < self.low, batch_high > self.high)
-        hist, _ = np.histogram(batch, bins=self.bins, range=(self.low, self.high))
-        self.counts += hist
+        self.counts += _bin_counts(batch, self.low, self.high, self.bins)
 
     def _double_span(self, grow_low: bool, grow_high: bool) -> None:
         # Double the span while keeping old bin edges on new bin edges: each new bin covers two old ones.

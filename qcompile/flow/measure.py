@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,41 @@ QUANTIZED_VS_FLOAT_ROUNDS = 10
 CLEAR_GAIN = 1.1
 
 
+# The rounds may stop after this many when they already decide the default executor (_default_settled):
+# EfficientNet-Lite0's measurement took 5.3 s of a 40 s compile, half of it rounds that changed nothing.
+SETTLED_ROUNDS = 5
+# How unlikely the rounds' lead of one quantized executor over another must be if the two were equally fast
+# (a one-sided sign test over rounds): 5 of 5 rounds, 7 of 8, 8 of 9.
+SETTLED_P = 0.05
+
+
+def _default_settled(round_medians: Mapping[str, Sequence[float]]) -> bool:
+    """Whether the rounds so far decide the default executor: every round finds the fastest quantized
+    executor clearly faster than float (by ``CLEAR_GAIN``), or none in any round; and where several quantized
+    executors compete, the one with the lowest median beat each other one in enough rounds that equal speed
+    would explain it with probability under ``SETTLED_P``."""
+    quantized = [name for name in round_medians if name != "onnxruntime-fp32"]
+    if "onnxruntime-fp32" not in round_medians or not quantized:
+        return False
+    fp32 = np.array(round_medians["onnxruntime-fp32"])
+    times = np.array([round_medians[name] for name in quantized])  # [executor, round]
+    clear = fp32 / times.min(axis=0) >= CLEAR_GAIN
+    if clear.any() and not clear.all():
+        return False
+    if not clear.any():
+        return True  # float stays the default, whichever quantized executor is faster
+    leader = int(np.argmin(np.median(times, axis=1)))
+    rounds = times.shape[1]
+    for other in range(len(quantized)):
+        if other != leader:
+            wins = int((times[leader] < times[other]).sum())
+            # P(at least `wins` of `rounds` fair coin flips)
+            chance = sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2**rounds
+            if chance > SETTLED_P:
+                return False
+    return True
+
+
 def measure(
     folder: Path,
     manifest: Manifest,
@@ -101,7 +137,13 @@ def measure(
     }
     # A pause before each round: one onnxruntime session's spinning workers otherwise slow the next (the
     # quantized ResNet-18 measured 6.6 ms beside its fp32 session without it, 2.7 ms with).
-    timed_fast = bench.compare(fast, rounds=QUANTIZED_VS_FLOAT_ROUNDS, pause_seconds=0.1)
+    timed_fast = bench.compare(
+        fast,
+        rounds=QUANTIZED_VS_FLOAT_ROUNDS,
+        pause_seconds=0.1,
+        settled=_default_settled,
+        min_rounds=SETTLED_ROUNDS,
+    )
     latencies = {name: timed.as_dict() for name, timed in timed_fast.items()}
     for name, session in sessions.items():
         if name not in fast:

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.optimize
 
 from qcompile.errors import TargetError
 from qcompile.hwmodels import Target
@@ -233,6 +232,8 @@ def fit_factors(
 ) -> tuple[tuple[float, float, float, float], float]:
     """``a, b, c, d >= 0`` minimising the relative error of ``a * roofline + b + c * elements + d * weights``;
     and its RMS."""
+    import scipy.optimize  # only `qcompile profile` fits: every compile would pay the 0.6 s import
+
     scale = 1.0 / measured_us
     matrix = np.stack([roofline_us * scale, scale, elements * scale, weight_elements * scale], axis=1)
     solution, _ = scipy.optimize.nnls(matrix, np.ones_like(measured_us))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +58,8 @@ def compare(
     round_seconds: float = 0.05,
     min_runs: int = 10,
     pause_seconds: float = 0.0,
+    settled: Callable[[Mapping[str, Sequence[float]]], bool] | None = None,
+    min_rounds: int = 5,
 ) -> dict[str, Latency]:
     """Time several callables in interleaved rounds (a, b, a, b, ...), so that drift (warming caches, clock
     changes, other load) falls on each alike; a round times each for ``min_runs`` runs or ``round_seconds``,
@@ -65,12 +67,15 @@ def compare(
 
     ``pause_seconds`` sleeps before each callable's round and then runs it untimed a few times: runtimes with
     their own thread pools (onnxruntime, TVM) keep their workers spinning for a while after a run, and on a
-    machine with few cores those workers would otherwise take the next runtime's cores."""
+    machine with few cores those workers would otherwise take the next runtime's cores.
+
+    ``settled``, given each callable's round medians so far, may end the rounds early, after ``min_rounds``:
+    when what the timing is for is already decided by every round alike."""
     timings: dict[str, list[float]] = {name: [] for name in runs}
     round_medians: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run()  # a first run (allocations, lazy initialization) is never timed
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         for name, run in runs.items():
             if pause_seconds:
                 time.sleep(pause_seconds)
@@ -84,6 +89,8 @@ def compare(
                 this_round.append((time.perf_counter() - started) * 1e3)
             timings[name] += this_round
             round_medians[name].append(float(np.median(this_round)))
+        if settled is not None and done >= min_rounds and done < rounds and settled(round_medians):
+            break
     return {
         name: Latency(
             float(np.median(values)), float(np.percentile(values, 90)), len(values), tuple(round_medians[name])

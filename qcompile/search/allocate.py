@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
 
 from qcompile.errors import BudgetError
 
@@ -109,6 +107,10 @@ def _solve(
     size_budget_mb: float | None,
     error_budget: float | None = None,
 ) -> Allocation | None:
+    # scipy.optimize is imported here: it loads HiGHS and takes about 0.6 s, which only a bit search needs
+    import scipy.optimize
+    import scipy.sparse
+
     layers = problem.layers
     names = [(index, candidate) for index, layer in enumerate(layers) for candidate in layer.error]
     position = {(layers[index].name, candidate): column for column, (index, candidate) in enumerate(names)}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qcompile.calibration import observers
 from qcompile.calibration.data import InputSpec, Preprocess, checked, from_folder
 from qcompile.calibration.observers import HISTOGRAM_BINS, HistogramObserver, MinMaxObserver
 from qcompile.errors import CalibrationError
@@ -43,6 +44,22 @@ def test_histogram_growth_keeps_counts_and_percentiles() -> None:
     # The percentile is read off bin edges, numpy interpolates between samples: within two bins.
     assert abs(high - np.percentile(values, 99.5)) <= 2 * bin_width
     assert abs(low - np.percentile(values, 0.5)) <= 2 * bin_width
+
+
+def test_bin_counts_match_numpy_histogram_up_to_edge_rounding() -> None:
+    """The observer bins with one multiply per value; np.histogram checks values against the exact edges. They
+    may disagree only for a value within float32 rounding of an edge: such a value moves to the next bin."""
+    rng = np.random.default_rng(3)
+    # inside the span, as the observer keeps it (its ends included)
+    batch = np.clip(rng.standard_normal(100_000).astype(np.float32) * 3, -7.5, 7.5)
+    low, high, bins = -7.5, 7.5, HISTOGRAM_BINS
+    ours = observers._bin_counts(batch, low, high, bins)
+    theirs, edges = np.histogram(batch, bins=bins, range=(low, high))
+    assert ours.sum() == theirs.sum() == batch.size
+    moved = np.flatnonzero(ours != theirs)
+    near_edge = np.abs(batch[:, None] - edges[None, 1:-1].astype(np.float32)).min(axis=1) <= 4e-6 * high
+    assert np.abs(ours - theirs).sum() <= 2 * near_edge.sum()  # each moved value changes two bins by one
+    assert all(abs(int(ours[i]) - int(theirs[i])) <= near_edge.sum() for i in moved)
 
 
 @pytest.mark.parametrize("first", [np.zeros(64), np.abs(np.linspace(0, 2, 64)), -np.abs(np.linspace(0, 2, 64))])

@@ -23,3 +23,33 @@ def test_speedup_pairs_the_rounds_that_ran_back_to_back() -> None:
     timed = bench.compare({"a": lambda: None, "b": lambda: None}, rounds=4, round_seconds=0.0, min_runs=3)
     assert len(timed["a"].round_medians_ms) == len(timed["b"].round_medians_ms) == 4
     assert "round_medians_ms" not in timed["a"].as_dict()
+
+
+def test_compare_stops_once_settled_but_not_before_min_rounds() -> None:
+    seen: list[int] = []
+
+    def settled(round_medians: object) -> bool:
+        seen.append(len(round_medians["a"]))  # type: ignore[index]
+        return True
+
+    timed = bench.compare({"a": lambda: None}, rounds=10, round_seconds=0.0, min_runs=1, settled=settled, min_rounds=3)
+    assert seen == [3] and len(timed["a"].round_medians_ms) == 3
+    never = bench.compare({"a": lambda: None}, rounds=4, round_seconds=0.0, min_runs=1, settled=lambda _: False)
+    assert len(never["a"].round_medians_ms) == 4
+
+
+def test_default_is_settled_only_when_the_rounds_agree() -> None:
+    from qcompile.flow.measure import _default_settled
+
+    fp32 = [5.0] * 5
+    # tvm beat onnxruntime in 5 of 5 rounds, both clearly faster than float: decided
+    assert _default_settled({"onnxruntime-fp32": fp32, "onnxruntime": [3.0] * 5, "tvm": [2.0, 2.1, 2.0, 2.2, 2.0]})
+    # one round in which onnxruntime was faster: 4 of 5 could be chance (p = 0.19)
+    assert not _default_settled({"onnxruntime-fp32": fp32, "onnxruntime": [3.0] * 5, "tvm": [2.0, 2.1, 3.5, 2.0, 2.0]})
+    # 8 of 9 is not (p = 0.02)
+    nine = [2.0] * 8 + [3.5]
+    assert _default_settled({"onnxruntime-fp32": [5.0] * 9, "onnxruntime": [3.0] * 9, "tvm": nine})
+    # faster than float by 1.1x in some rounds, not in others: the float default is undecided
+    assert not _default_settled({"onnxruntime-fp32": fp32, "onnxruntime": [4.0, 4.0, 4.8, 4.0, 4.9]})
+    # never clearly faster: float stays the default, whichever quantized executor leads
+    assert _default_settled({"onnxruntime-fp32": fp32, "onnxruntime": [4.9, 5.0, 4.8, 5.1, 4.7]})
