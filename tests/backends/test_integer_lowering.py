@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile import api, runtime
 from qcompile.backends import tvm as tvm_backend
 from qcompile.backends.integer import reference as integer_reference
-from qcompile.backends.tvm import cross
+from qcompile.backends.tvm import cross, link
 from qcompile.errors import ArtifactError, BackendError
 from qcompile.runtime.executors import TVMExecutor
 
@@ -154,19 +154,21 @@ def _check_aarch64_under_qemu(
 ) -> None:
     """The whole graph on an aarch64 flavor (sdot, or the widening multiply-adds of CPUs without it),
     cross-compiled and run by the artifact runner under qemu as ``cpu``, against the oracle."""
-    from tvm import relax
     from tvm.support import cc
 
     flavor = int8_kernels.FLAVORS[name]
     toolchain = emulation_toolchain(flavor.tvm_target)
     if toolchain is None:
         return  # without the cross toolchain (qcompile toolchains --install) only the host flavors are checked
-    executable = relax.build(
+    # the kernels in three modules built side by side, linked with the cross compiler (as a compile does)
+    link.build_library(
         integer.to_relax(lowered, flavor, int8_kernels.NEON_FLOAT),
-        target=tvm.target.Target({**flavor.tvm_target, "mcpu": cpu}),
-        relax_pipeline=integer.pipeline(),
+        tvm.target.Target({**flavor.tvm_target, "mcpu": cpu}),
+        folder / "neon.so",
+        integer.pipeline(),
+        cc.cross_compiler(cross.require_compiler(toolchain)),
+        parts=3,
     )
-    executable.export_library(str(folder / "neon.so"), fcompile=cc.cross_compiler(cross.require_compiler(toolchain)))
     runner = cross.build_runner(toolchain)
     outputs, _ = cross.emulate(
         toolchain, folder, "neon.so", list(feed.values()), cpu, flavor.tvm_target["mattr"], runner=runner

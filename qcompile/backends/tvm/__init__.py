@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import onnx
 
-from qcompile.backends.tvm import cross, cuda
+from qcompile.backends.tvm import cross, cuda, link
 from qcompile.errors import BackendError, first_line
 from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
@@ -154,17 +154,12 @@ def build_integer(
     module, flavor, built_for = _kernel_module(proto, tvm_target)
     toolchain = cross.toolchain_for(tvm_target)
     import tvm
-    from tvm import relax
     from tvm.support import cc
 
     started = time.perf_counter()
     try:
-        executable = relax.build(module, target=tvm.target.Target(built_for), relax_pipeline=integer.pipeline())
-        if toolchain is not None:
-            compiler = cross.require_compiler(toolchain)
-            executable.export_library(str(out_dir / file_name), fcompile=cc.cross_compiler(compiler))
-        else:
-            executable.export_library(str(out_dir / file_name))
+        fcompile = cc.cross_compiler(cross.require_compiler(toolchain)) if toolchain is not None else None
+        link.build_library(module, tvm.target.Target(built_for), out_dir / file_name, integer.pipeline(), fcompile)
     except BackendError:
         raise
     except Exception as error:  # TVM raises its own TVMError and plain Python errors alike
