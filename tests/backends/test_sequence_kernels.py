@@ -72,42 +72,91 @@ def _run(vm: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
 
 
+def _attention_products(za: int, zb: int) -> onnx.ModelProto:
+    """Q K^T-shaped MatMulInteger of two quantized activations: [2, 4, 32] x [2, 32, 16], heads as batch."""
+    initializers = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "sa"),
+        numpy_helper.from_array(np.array(0.07, np.float32), "sb"),
+        numpy_helper.from_array(np.array(za, np.uint8), "za"),
+        numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
+        numpy_helper.from_array(np.array([2, 4, 32], np.int64), "shape_a"),
+        numpy_helper.from_array(np.array([2, 32, 16], np.int64), "shape_b"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["a", "sa", "za"], ["qa"]),
+        helper.make_node("QuantizeLinear", ["b", "sb", "zb"], ["qb"]),
+        helper.make_node("Reshape", ["qa", "shape_a"], ["heads_a"]),
+        helper.make_node("Reshape", ["qb", "shape_b"], ["heads_b"]),
+        helper.make_node("MatMulInteger", ["heads_a", "heads_b", "za", "zb"], ["scores"]),
+    ]
+    return _model(
+        nodes,
+        initializers,
+        {"a": (TensorProto.FLOAT, [1, 8, 32]), "b": (TensorProto.FLOAT, [1, 64, 16])},
+        {"scores": (TensorProto.INT32, [2, 4, 16])},
+    )
+
+
+ZERO_POINTS = ((0, 255), (255, 0), (131, 7))  # at both ends of the range, and in between
+
+
+def _attention_feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "a": (rng.uniform(-20, 20, (1, 8, 32))).astype(np.float32),  # codes that reach 0 and 255
+        "b": (rng.uniform(-25, 25, (1, 64, 16))).astype(np.float32),
+    }
+
+
 def test_attention_products_of_two_activations_are_bit_exact(flavor: object) -> None:
-    """Q K^T-shaped MatMulInteger of two quantized activations ([2, 4, 32] x [2, 32, 16], heads as batch), with
-    zero points at both ends of the range and codes that reach 0 and 255."""
+    """On this CPU's flavor (the dot-product instruction, B packed per head at run time), with zero points at
+    both ends of the range and codes that reach 0 and 255."""
     rng = np.random.default_rng(0)
-    for za, zb in ((0, 255), (255, 0), (131, 7)):
-        initializers = [
-            numpy_helper.from_array(np.array(0.05, np.float32), "sa"),
-            numpy_helper.from_array(np.array(0.07, np.float32), "sb"),
-            numpy_helper.from_array(np.array(za, np.uint8), "za"),
-            numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
-            numpy_helper.from_array(np.array([2, 4, 32], np.int64), "shape_a"),
-            numpy_helper.from_array(np.array([2, 32, 16], np.int64), "shape_b"),
-        ]
-        nodes = [
-            helper.make_node("QuantizeLinear", ["a", "sa", "za"], ["qa"]),
-            helper.make_node("QuantizeLinear", ["b", "sb", "zb"], ["qb"]),
-            helper.make_node("Reshape", ["qa", "shape_a"], ["heads_a"]),
-            helper.make_node("Reshape", ["qb", "shape_b"], ["heads_b"]),
-            helper.make_node("MatMulInteger", ["heads_a", "heads_b", "za", "zb"], ["scores"]),
-        ]
-        model = _model(
-            nodes,
-            initializers,
-            {"a": (TensorProto.FLOAT, [1, 8, 32]), "b": (TensorProto.FLOAT, [1, 64, 16])},
-            {"scores": (TensorProto.INT32, [2, 4, 16])},
-        )
+    for za, zb in ZERO_POINTS:
+        model = _attention_products(za, zb)
         vm, kinds = _build(model, flavor)
         assert "bmm" in kinds
-        feed = {
-            "a": (rng.uniform(-20, 20, (1, 8, 32))).astype(np.float32),  # saturates both ways
-            "b": (rng.uniform(-25, 25, (1, 64, 16))).astype(np.float32),
-        }
+        feed = _attention_feed(rng)
         (ours,) = _run(vm, feed)
         (expected,) = integer_reference.run(model, feed)
         assert ours.dtype == np.int32
         np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("name, cpu", [("avx2", "haswell"), ("neon-dot", "cortex-a76"), ("neon", "cortex-a72")])
+def test_attention_products_on_the_other_flavors(name: str, cpu: str, tmp_path: Path) -> None:
+    """The same products on AVX2 (vpmaddwd on 16-bit fields; runs on this x86 CPU) and on aarch64 with and
+    without sdot (cross-compiled and run under qemu as that CPU when the toolchain is installed)."""
+    import dataclasses
+
+    from conftest import require_emulation
+    from tvm.support import cc
+
+    from qcompile.backends.tvm import cross, link
+
+    flavor = int8_kernels.FLAVORS[name]
+    target = {**flavor.tvm_target, "mcpu": cpu}
+    toolchain, runner = require_emulation(target) if name != "avx2" else (None, None)
+    rng = np.random.default_rng(1)
+    for index, (za, zb) in enumerate(ZERO_POINTS):
+        model = _attention_products(za, zb)
+        feed = _attention_feed(rng)
+        (expected,) = integer_reference.run(model, feed)
+        if toolchain is None:
+            vm, _ = _build(model, dataclasses.replace(flavor, tvm_target=target))
+            (ours,) = _run(vm, feed)
+        else:
+            library = f"bmm{index}.so"
+            link.build_library(
+                integer.to_relax(model, flavor, int8_kernels.NEON_FLOAT),
+                tvm.target.Target(target),
+                tmp_path / library,
+                integer.pipeline(),
+                cc.cross_compiler(cross.require_compiler(toolchain)),
+            )
+            (ours,), _ = cross.emulate(
+                toolchain, tmp_path, library, list(feed.values()), cpu, flavor.tvm_target["mattr"], runner=runner
+            )
+        np.testing.assert_array_equal(ours, expected, err_msg=f"{name}, zero points {za}, {zb}")
 
 
 def _encoder_block(seed: int = 0, size: int = 192, heads: int = 4, sequence: int = 16) -> onnx.ModelProto:

@@ -1551,7 +1551,7 @@ def _anchor_kernel(
         from qcompile.backends.tvm import sequence
 
         assert anchor.other is not None
-        return sequence.batched_matmul_kernel(value, anchor, anchor.other, target)
+        return sequence.batched_matmul_kernel(value, anchor, anchor.other, target, None if floating else flavor)
     if anchor.kind in ("conv", "matmul"):
         return _conv_kernel(value, anchor, target, float_flavor if floating else flavor)
     vnni_depthwise = anchor.kind == "depthwise" and flavor.name == "vnni" and not floating
