@@ -159,6 +159,42 @@ def test_attention_products_on_the_other_flavors(name: str, cpu: str, tmp_path: 
         np.testing.assert_array_equal(ours, expected, err_msg=f"{name}, zero points {za}, {zb}")
 
 
+def test_a_value_read_twice_that_rejoins_stays_in_its_producers_epilogue(flavor: object) -> None:
+    """GELU reads its input twice (x * (1 + erf(x / sqrt 2)) / 2): the linear layer's kernel computes it in its
+    epilogue instead of storing x for a second kernel; a value whose readers do not meet again is stored."""
+    rng = np.random.default_rng(4)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((64, 48)).astype(np.float32) * 0.2, "w"),
+        numpy_helper.from_array(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    gelu = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["scaled"]),
+        helper.make_node("Erf", ["scaled"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["shifted"]),
+        helper.make_node("Mul", ["h", "shifted"], ["product"]),
+        helper.make_node("Mul", ["product", "half"], ["y"]),
+    ]
+    inputs = {"x": (TensorProto.FLOAT, [1, 16, 64])}
+    feed = {"x": rng.standard_normal((1, 16, 64)).astype(np.float32)}
+    fused = _model(gelu, initializers, inputs, {"y": (TensorProto.FLOAT, [1, 16, 48])})
+    # the same value also read by a second output: its readers do not meet again, so it is stored once
+    apart = _model(
+        [*gelu, helper.make_node("Neg", ["h"], ["z"])],
+        initializers,
+        inputs,
+        {"y": (TensorProto.FLOAT, [1, 16, 48]), "z": (TensorProto.FLOAT, [1, 16, 48])},
+    )
+    for model, kernels in ((fused, ["conv"]), (apart, ["conv", "eltwise", "eltwise"])):
+        vm, kinds = _build(model, flavor)
+        assert sorted(kinds) == kernels
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):
+            np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
 def _encoder_block(seed: int = 0, size: int = 192, heads: int = 4, sequence: int = 16) -> onnx.ModelProto:
     """A float post-norm encoder block as exporters write one: token embeddings gathered at int64 ids plus a
     constant position table, LayerNorm, an online Hadamard rotation (signs, [rows, 12, 16] grid, both factors,

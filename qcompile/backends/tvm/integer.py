@@ -65,6 +65,8 @@ LOGIC = frozenset({"And", "Or", "Xor", "Not"})
 ELEMENTWISE_OPS = frozenset(
     {"Add", "Sub", "Mul", "Div", "Cast", "Clip", "Max", "Min", "PRelu", "Pow", "Where", *COMPARISONS, *LOGIC}
 )
+# How far apart the readers of one value may meet again for it to stay lazy (see _Lowering._rejoins).
+REJOIN_STEPS = 6
 # Float functions of one float tensor (float islands), as expressions fused where they are used.
 FLOAT_FUNCTIONS = frozenset(
     {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Sqrt", "Reciprocal", "Neg"}
@@ -230,12 +232,49 @@ class _Lowering:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
         if isinstance(value, Lazy) and output not in self.outputs:  # (graph outputs are computed at the end)
-            if len(self.uses.get(output, [])) > 1:
+            if len(self.uses.get(output, [])) > 1 and not self._rejoins(output):
                 self.values[output] = self._materialize(output)  # computed once
             elif op in ("Cast", "QuantizeLinear") and value.dtype == "uint8" and value.anchor is not None:
                 # A layer's requantized output is stored as it is, in 8 bits: a residual Add reading it
                 # would otherwise store its rescaled int32 form.
                 self.values[output] = self._materialize(output)
+
+    def _rejoins(self, name: str) -> bool:
+        """Whether the readers of ``name`` (several) all start chains of elementwise ops on constants that meet
+        at one elementwise node within :data:`REJOIN_STEPS` steps, each value on the way read once: then
+        ``name`` stays lazy and that node's kernel computes it, once per element, instead of storing it for
+        several kernels. A GELU ``x * (1 + erf(x / sqrt 2)) / 2`` then runs in its linear layer's epilogue."""
+        fusible = ELEMENTWISE_OPS | FLOAT_FUNCTIONS
+        chains = []
+        for reader in self.uses.get(name, []):
+            chain, node = [], reader
+            for _ in range(REJOIN_STEPS):
+                if node.op_type not in fusible:
+                    break
+                chain.append(node)
+                following = self.uses.get(node.output[0], [])
+                if len(following) != 1 or node.output[0] in self.outputs:
+                    break
+                node = following[0]
+            if not chain:
+                return False
+            chains.append(chain)
+        joins = [node for node in chains[0] if all(any(node is other for other in chain) for chain in chains[1:])]
+        if not joins:
+            return False
+        join = joins[0]
+        ends = {name}
+        for chain in chains:
+            before = chain[: next(index for index, node in enumerate(chain) if node is join)]
+            path = name
+            for node in before:  # read once, on the path and constants only
+                if node.output[0] in self.outputs or any(
+                    item and item != path and item not in self.constants for item in node.input
+                ):
+                    return False
+                path = node.output[0]
+            ends.add(path)
+        return all(not item or item in ends or item in self.constants for item in join.input)
 
     def _operand(self, name: str) -> Stored | Lazy | np.ndarray:
         if name in self.constants:
@@ -305,13 +344,20 @@ class _Lowering:
                 for name, item in zip(names, operands, strict=True)
             ]
         operands = fitted
-        # Two tensor operands: every anchored one is computed first (an anchor's kernel has one source).
+        # Two tensor operands: every anchored one is computed first (an anchor's kernel has one source), unless
+        # both continue one anchor (a value that rejoins itself, see _rejoins).
         lazies: list[Lazy | np.ndarray] = []
+        anchored = [item for item in operands if isinstance(item, Lazy) and item.anchor is not None]
+        one_anchor = (
+            len(anchored) == len(tensors)
+            and len({id(item.anchor) for item in anchored}) == 1
+            and not any(item.leaves for item in anchored)
+        )
         for index, item in enumerate(operands):
             if isinstance(item, np.ndarray):
                 lazies.append(item)
                 continue
-            if len(tensors) > 1 and isinstance(item, Lazy) and item.anchor is not None:
+            if len(tensors) > 1 and isinstance(item, Lazy) and item.anchor is not None and not one_anchor:
                 item = self._materialize(node.input[index])
             lazies.append(self._as_lazy(item))
         # The result has the largest operand's shape; a [1, C, 1, 1] operand broadcasts over H, W (an SE gate).
