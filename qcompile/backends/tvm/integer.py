@@ -78,6 +78,8 @@ MOVEMENT_OPS = frozenset(
     {"Transpose", "Flatten", "Unsqueeze", "Squeeze", "Expand", "GatherND", "GatherElements", "Slice", "Tile",
      "Identity", "Reshape"}
 )  # fmt: skip
+# Movement ops that keep a tensor's elements in order (a row-major reshape of its leading dims).
+SAME_ORDER_OPS = frozenset({"Flatten", "Unsqueeze", "Squeeze", "Identity", "Reshape"})
 ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -941,7 +943,7 @@ class _Lowering:
         out = self.builder.emit(relax.call_tir(gvar, [flat, relax.const(positions, "int32")], result_type))
         return self._as_rows(out, tuple(index.shape), source.dtype)
 
-    def _movement(self, node: onnx.NodeProto) -> Stored:
+    def _movement(self, node: onnx.NodeProto) -> Stored | Lazy:
         """Transpose, Reshape, Expand, GatherND, ... of a tensor by constant parameters: the op applied (now,
         by onnxruntime) to the positions ``arange(size)`` gives the gather's index map."""
         data = node.input[0]
@@ -949,6 +951,11 @@ class _Lowering:
         if any(name not in self.constants for name in extra):
             raise NotLowerable(f"{node.name} ({node.op_type}) with a parameter computed at run time")
         value = self.values[data]
+        same_rows = isinstance(value.logical, Rows) and rows_logical(self._shape(node.output[0])) == value.logical
+        if isinstance(value, Lazy) and node.op_type in SAME_ORDER_OPS and same_rows:
+            # the same elements in the same order (a linear layer's [1, S, N] output read as [S, N]): the lazy
+            # value goes on, so a layer's epilogue continues through the reshape instead of being stored
+            return value
         source = value if isinstance(value, Stored) and value.row_map else self._materialize(data)
         shape = self._shape(data)
         if node.op_type == "Transpose" and isinstance(source.logical, Rows) and not source.row_map:
