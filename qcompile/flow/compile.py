@@ -294,6 +294,7 @@ def build_library(build: Build) -> None:
     importer build; cross-compiled (with the device runner) for another CPU, CUDA source for a GPU."""
     if not build.build_tvm:
         return
+    tvm_backend.await_import()  # (imported in the background while quantizing: one import at a time)
     assert build.graph is not None
     if build.causal:
         build.skipped["tvm"] = (

@@ -195,6 +195,50 @@ def test_a_value_read_twice_that_rejoins_stays_in_its_producers_epilogue(flavor:
             np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
+def test_a_class_token_is_concatenated_before_the_patches(flavor: object) -> None:
+    """Concat of row-major tensors along the sequence axis (a ViT's constant class token, expanded to the
+    batch, then its patch rows): the inputs' bytes one after another, the constant one included."""
+    rng = np.random.default_rng(5)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((1, 1, 16)).astype(np.float32), "cls"),
+        numpy_helper.from_array(np.array([1, 1, 16], np.int64), "expanded"),
+        numpy_helper.from_array(rng.standard_normal((1, 5, 16)).astype(np.float32), "positions"),
+    ]
+    nodes = [
+        helper.make_node("Expand", ["cls", "expanded"], ["token"]),
+        helper.make_node("Relu", ["x"], ["patches"]),
+        helper.make_node("Concat", ["token", "patches"], ["sequence"], axis=1),
+        helper.make_node("Add", ["sequence", "positions"], ["y"]),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 4, 16])}, {"y": (TensorProto.FLOAT, [1, 5, 16])})
+    vm, kinds = _build(model, flavor)
+    assert kinds.count("concat") == 2
+    feed = {"x": rng.standard_normal((1, 4, 16)).astype(np.float32)}
+    (ours,) = _run(vm, feed)
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_the_background_import_is_awaited() -> None:
+    """A compile imports TVM in a thread while it quantizes; the build waits for it (two threads importing TVM
+    at once handed one a partly initialized module)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from qcompile.backends import tvm as backend\n"
+        "backend.import_in_background()\n"
+        "backend.await_import()\n"
+        "assert backend._importing is None and 'tvm.relax' in sys.modules\n"
+        "from tvm.target import codegen\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+
+
 def _encoder_block(seed: int = 0, size: int = 192, heads: int = 4, sequence: int = 16) -> onnx.ModelProto:
     """A float post-norm encoder block as exporters write one: token embeddings gathered at int64 ids plus a
     constant position table, LayerNorm, an online Hadamard rotation (signs, [rows, 12, 16] grid, both factors,

@@ -29,12 +29,20 @@ logger = logging.getLogger(__name__)
 LIBRARY_FILE = "model.tvm.so"
 
 
+# The thread importing TVM in the background, while it may still run (see import_in_background).
+_importing: threading.Thread | None = None
+
+
 def import_in_background() -> None:
     """Start importing TVM in a daemon thread, for a compile that will build a library after quantizing.
 
     ``import tvm`` takes 4-5 s on the 2-core machines measured here, most of it while quantization's
-    onnxruntime and numpy work leave the interpreter free; overlapped, about 2 s of it is hidden (a later
-    ``import tvm`` waits for this one). A failure is left to that later import, which reports it."""
+    onnxruntime and numpy work leave the interpreter free; overlapped, about 2 s of it is hidden. Code that
+    uses TVM must first call :func:`await_import`: two threads importing TVM's modules at once can each hold
+    a module the other needs, and Python then hands one of them a partly initialized module (a tiny model's
+    compile reached the build within a second and failed so). A failure is left to the later import, which
+    reports it."""
+    global _importing
 
     def load() -> None:
         try:
@@ -42,7 +50,16 @@ def import_in_background() -> None:
         except Exception:  # the build's own import raises it, with the context to say why
             logger.debug("importing TVM in the background failed", exc_info=True)
 
-    threading.Thread(target=load, name="qcompile-import-tvm", daemon=True).start()
+    _importing = threading.Thread(target=load, name="qcompile-import-tvm", daemon=True)
+    _importing.start()
+
+
+def await_import() -> None:
+    """Wait for :func:`import_in_background`'s import to end, if one was started."""
+    global _importing
+    if _importing is not None:
+        _importing.join()
+        _importing = None
 
 
 def build(

@@ -145,7 +145,12 @@ class _Lowering:
         return pads, fill or 0
 
     def _stored_channels(self, name: str, channels: int) -> int:
-        dense = any(n.op_type in ("ConvInteger", "MatMulInteger") for n in self.uses.get(name, []))
+        """Channels padded to whole groups of four for a reader that multiplies them by constant weights (its
+        kernel reads four at a time); a product of two activations reads its operands unpadded."""
+        dense = any(
+            n.op_type == "ConvInteger" or (n.op_type == "MatMulInteger" and n.input[1] in self.constants)
+            for n in self.uses.get(name, [])
+        )
         return -(-channels // 4) * 4 if dense else channels
 
     def run(self) -> Any:
@@ -1051,8 +1056,16 @@ class _Lowering:
         return Stored(None, logical, dtype, "nhwc", pads, channels, fill)
 
     def _concat(self, node: onnx.NodeProto) -> Stored:
-        """Concat along channels: the border written once, then each input copied into its channel range."""
+        """Concat along channels: the border written once, then each input copied into its channel range; or
+        of row-major tensors along a leading axis with only ones before it (a ViT's class token before its
+        patches): the inputs' bytes one after another."""
         relax = self.relax
+        shape = self._shape(node.output[0])
+        axis = int(node_attributes(node).get("axis", 0)) % max(len(shape), 1)
+        tensors = [self.values[name] for name in node.input if name and name not in self.constants]
+        rows = bool(tensors) and all(isinstance(value.logical, Rows) for value in tensors)
+        if rows and len(shape) > 1 and axis < len(shape) - 1 and all(dim == 1 for dim in shape[:axis]):
+            return self._stacked_rows(node, shape)
         parts = [self._materialize(name) for name in node.input if name]
         first = parts[0]
         rank = len(first.logical)
@@ -1083,6 +1096,36 @@ class _Lowering:
             offset += part.logical[1]
         target.var = current
         return target
+
+    def _stacked_rows(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> Stored:
+        """Row-major tensors concatenated along a leading axis that only ones precede: each input's bytes
+        copied after the previous ones' (constant inputs too, such as an expanded class token)."""
+        from qcompile.backends.tvm import sequence
+
+        relax = self.relax
+        names = [name for name in node.input if name]
+        sources = []
+        for name in names:
+            if name in self.constants:
+                array = np.ascontiguousarray(self.constants[name]).reshape(-1)
+                sources.append((relax.const(array, array.dtype.name), array.size, array.dtype.name))
+                continue
+            part = self._materialize(name)
+            sources.append((self._flat(part), int(np.prod(part.logical)), part.dtype))
+        dtype = sources[0][2]
+        if any(source_dtype != dtype for _, _, source_dtype in sources):
+            raise NotLowerable(f"{node.name}: Concat of inputs of different types")
+        total = sum(size for _, size, _ in sources)
+        result_type = relax.TensorType((total,), dtype)
+        current, offset = None, 0
+        for data, size, _ in sources:
+            gvar = self._add_kernel(sequence.flat_copy_kernel(size, total, offset, dtype), "concat")
+            if current is None:  # the first copy makes the output; the others write their ranges in place
+                current = self.builder.emit(relax.call_tir(gvar, [data], result_type))
+            else:
+                current = self.builder.emit(relax.call_tir_inplace(gvar, [data, current], 1, result_type))
+            offset += size
+        return self._as_rows(current, shape, dtype)
 
     def _emit(self, value: Lazy, name: str, output: bool) -> Stored:
         relax = self.relax

@@ -100,6 +100,22 @@ def gather_kernel(size: int, index: np.ndarray, dtype: str) -> Any:
     return gather
 
 
+def flat_copy_kernel(size: int, total: int, offset: int, dtype: str) -> Any:
+    """``Y[offset + i] = X[i]`` for a flat ``X`` of ``size`` into a flat ``Y`` of ``total`` (one input of a
+    Concat of row-major tensors along a leading axis)."""
+    from tvm.script import tirx as T
+
+    outer = loop_for(size)
+
+    @prim_func
+    def flat_copy(X: T.Buffer((size,), dtype), Y: T.Buffer((total,), dtype)):
+        T.func_attr({"tir.noalias": True})
+        for i in outer(size):
+            Y[offset + i] = X[i]
+
+    return flat_copy
+
+
 def embedding_kernel(rows: int, width: int, count: int, index_dtype: str) -> Any:
     """``Y[s, :] = table[ids[s], :]`` for a float32 ``[rows, width]`` table (negative ids count from the end,
     as ONNX Gather's do; out-of-range ids are clamped rather than read past the table)."""
