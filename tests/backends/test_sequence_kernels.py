@@ -221,6 +221,31 @@ def test_a_class_token_is_concatenated_before_the_patches(flavor: object) -> Non
     np.testing.assert_array_equal(ours, expected)
 
 
+def test_a_fused_projection_is_split_and_cubed_as_gpt2_does(flavor: object) -> None:
+    """Split of the last axis by constant sizes (GPT-2's query / key / value), and its tanh GELU's x^3 (Pow by
+    3, which onnxruntime computes as x * x * x): equal to onnxruntime's."""
+    rng = np.random.default_rng(6)
+    initializers = [
+        numpy_helper.from_array(np.array([16, 16, 16], np.int64), "sizes"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+    ]
+    nodes = [
+        helper.make_node("Split", ["x", "sizes"], ["q", "k", "v"], axis=-1),
+        helper.make_node("Pow", ["v", "three"], ["cubed"]),
+        helper.make_node("Mul", ["q", "k"], ["qk"]),
+        helper.make_node("Add", ["qk", "cubed"], ["y"]),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 4, 48])}, {"y": (TensorProto.FLOAT, [1, 4, 16])})
+    vm, kinds = _build(model, flavor)
+    assert "gather" in kinds
+    feed = {"x": rng.standard_normal((1, 4, 48)).astype(np.float32) * 3}
+    (ours,) = _run(vm, feed)
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+    np.testing.assert_array_equal(ours, expected)
+
+
 def test_the_background_import_is_awaited() -> None:
     """A compile imports TVM in a thread while it quantizes; the build waits for it (two threads importing TVM
     at once handed one a partly initialized module)."""

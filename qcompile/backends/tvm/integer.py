@@ -78,6 +78,8 @@ MOVEMENT_OPS = frozenset(
     {"Transpose", "Flatten", "Unsqueeze", "Squeeze", "Expand", "GatherND", "GatherElements", "Slice", "Tile",
      "Identity", "Reshape"}
 )  # fmt: skip
+# The constant exponents Pow is computed for: products (onnxruntime multiplies for 2 and 3 too) and sqrt.
+POW_EXPONENTS = frozenset({0.5, 2.0, 3.0})
 # Movement ops that keep a tensor's elements in order (a row-major reshape of its leading dims).
 SAME_ORDER_OPS = frozenset({"Flatten", "Unsqueeze", "Squeeze", "Identity", "Reshape"})
 ONNX_DTYPES: dict[int, str] = {
@@ -233,6 +235,10 @@ class _Lowering:
             self.values[output] = self._reshape(node)
         elif op in MOVEMENT_OPS or op in ("Gather", "GatherND", "GatherElements"):
             self.values[output] = self._movement(node)
+        elif op == "Split":
+            for name, part in zip(node.output, self._split(node), strict=True):
+                if name:
+                    self.values[name] = part
         elif op == "Concat":
             self.values[output] = self._concat(node)
         else:
@@ -320,6 +326,14 @@ class _Lowering:
 
         op = node.op_type
         operands = [self._operand(name) for name in node.input if name]
+        if op == "Pow":
+            exponent = operands[1] if len(operands) > 1 else None
+            if (
+                not isinstance(exponent, np.ndarray)
+                or exponent.size != 1
+                or float(exponent.reshape(-1)[0]) not in POW_EXPONENTS
+            ):
+                raise NotLowerable(f"{node.name}: Pow is covered by a constant exponent of 2, 3 or 0.5")
         if op == "Cast":
             to_bool = int(node_attributes(node)["to"]) == onnx.TensorProto.BOOL
             to = "uint8" if to_bool else ONNX_DTYPES.get(int(node_attributes(node)["to"]))
@@ -972,6 +986,20 @@ class _Lowering:
         index = self._evaluate(node, given)[0]
         return self._gathered(source, index)
 
+    def _split(self, node: onnx.NodeProto) -> list[Stored]:
+        """Split by constant sizes (GPT-2's fused query / key / value projection cut in three): each part one
+        gather through the index map Split makes of the positions, or a view where the part is contiguous."""
+        data = node.input[0]
+        extra = [name for name in node.input[1:] if name]
+        if any(name not in self.constants for name in extra) or ("num_outputs" in node_attributes(node) and extra):
+            raise NotLowerable(f"{node.name} (Split) with sizes computed at run time")
+        value = self.values[data]
+        source = value if isinstance(value, Stored) and value.row_map else self._materialize(data)
+        shape = self._shape(data)
+        positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        indices = self._evaluate(node, {data: positions, **{name: self.constants[name] for name in extra}})
+        return [self._gathered(source, index) for index in indices]
+
     @staticmethod
     def _transposed_rows(source: Stored, shape: tuple[int, ...], perm: list[int]) -> Stored | None:
         """A Transpose that keeps the last axis as a view of ``source``'s rows (no data moves), or None."""
@@ -1244,15 +1272,15 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         return lambda v: tirx.min(v[0], v[1])
     if op == "Clip":
         return lambda v: tirx.min(tirx.max(v[0], v[1]), v[2]) if len(v) == 3 else tirx.max(v[0], v[1])
-    if op == "Pow":  # of floats, by a constant exponent of 2 (RMSNorm's mean square) or 1 / 2
+    if op == "Pow":  # of floats, by a constant exponent (checked by _Lowering._elementwise: POW_EXPONENTS)
 
         def power(v: list[Any]) -> Any:
             exponent = getattr(v[1], "value", None)
-            if exponent == 2.0:
+            if exponent == 2.0:  # (RMSNorm's mean square)
                 return v[0] * v[0]
-            if exponent == 0.5:
-                return tirx.sqrt(v[0])
-            raise NotLowerable(f"{node.name}: Pow is covered by a constant exponent of 2 or 0.5")
+            if exponent == 3.0:  # (GPT-2's tanh GELU: x + 0.044715 x^3), as onnxruntime computes it
+                return v[0] * v[0] * v[0]
+            return tirx.sqrt(v[0])
 
         return power
     if op == "Where":
