@@ -549,7 +549,9 @@ class _Lowering:
 
                 return one / (one + fast_exp(zero - x, env.lanes))
             if op == "Tanh":
-                return tirx.tanh(x)
+                from qcompile.backends.tvm.sequence import fast_tanh
+
+                return fast_tanh(x, env.lanes)
             if op == "Sqrt":
                 return tirx.sqrt(x)
             if op == "Reciprocal":

@@ -67,6 +67,21 @@ def fast_exp(x: Any, lanes: int) -> Any:
     return poly * tirx.reinterpret(f32, bits)
 
 
+def fast_tanh(x: Any, lanes: int) -> Any:
+    """``tanh(x)`` as ``(1 - t) / (1 + t)`` with ``t = exp(-2 |x|)`` (:func:`fast_exp`), the sign of ``x``
+    restored: absolute error below 1.2e-7 (measured on 2M points over [-12, 12] and near zero, where it is a
+    relative error up to 1.5e-5 at |x| = 1e-3). LLVM would call libm's tanh once per lane: GPT-2's tanh GELU
+    took 26 us of a tiny GPT-2's 57 us of kernels that way."""
+    from tvm import tirx
+
+    def const(value: float) -> Any:
+        return tirx.const(value, "float32")
+
+    t = fast_exp(const(-2.0) * tirx.abs(x), lanes)
+    y = (const(1.0) - t) / (const(1.0) + t)
+    return tirx.Select(x < const(0.0), const(0.0) - y, y)
+
+
 def fast_erf(x: Any, lanes: int) -> Any:
     """``erf(x)`` by Abramowitz and Stegun's 7.1.26 (absolute error below 1.5e-7): ``1 - t p(t) exp(-x^2)``
     with ``t = 1 / (1 + 0.3275911 |x|)``, the sign of ``x`` restored."""
