@@ -262,6 +262,50 @@ def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-7)
 
 
+def test_channels_last_blocks_move_between_rows_and_images(flavor: object) -> None:
+    """ConvNeXt's pattern: rows [1, H, W, C] transposed to NCHW feed a padded depthwise conv (a view copied into
+    the border it needs), the map is averaged without keepdims, normalized and classified; and a conv's map
+    transposed channels-last or flattened (its bytes are stored H, W, C: a Flatten used to read them in NCHW
+    order and was wrong by the outputs' size)."""
+    rng = np.random.default_rng(7)
+    weights = numpy_helper.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32), "w")
+    initializers = [
+        weights,
+        numpy_helper.from_array(np.array([1, 4, 4, 16], np.int64), "shape"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "wc"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["s"]),
+        helper.make_node("Transpose", ["s"], ["n"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["n", "w"], ["c"], group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=0),
+        helper.make_node("LayerNormalization", ["m", "g", "b"], ["l"], axis=-1),
+        helper.make_node("MatMul", ["l", "wc"], ["y"]),
+    ]
+    rows = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 16, 16])}, {"y": (TensorProto.FLOAT, [1, 10])})
+    image = {"img": (TensorProto.FLOAT, [1, 16, 4, 4])}
+    conv = helper.make_node("Conv", ["img", "w"], ["c"], group=16, pads=[1, 1, 1, 1])
+    moved = [
+        _model([conv, helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])], [weights], image,
+               {"y": (TensorProto.FLOAT, [1, 4, 4, 16])}),
+        _model([conv, helper.make_node("Flatten", ["c"], ["y"])], [weights], image,
+               {"y": (TensorProto.FLOAT, [1, 256])}),
+    ]  # fmt: skip
+    cases = [(rows, {"x": rng.standard_normal((1, 16, 16)).astype(np.float32)}, "depthwise")]
+    cases += [(model, {"img": rng.standard_normal((1, 16, 4, 4)).astype(np.float32)}, "depthwise") for model in moved]
+    for model, feed, kind in cases:
+        vm, kinds = _build(model, flavor)
+        assert kind in kinds
+        (ours,) = _run(vm, feed)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        (expected,) = session.run(None, feed)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
 def test_the_background_import_is_awaited() -> None:
     """A compile imports TVM in a thread while it quantizes; the build waits for it (two threads importing TVM
     at once handed one a partly initialized module)."""

@@ -814,10 +814,12 @@ class _Lowering:
         axes = list(attributes.get("axes", [2, 3] if node.op_type == "GlobalAveragePool" else []))
         if len(node.input) > 1 and node.input[1]:
             axes = [int(a) for a in self.constants[node.input[1]]]
-        if sorted(int(a) % 4 for a in axes) != [2, 3] or not attributes.get("keepdims", 1):
-            raise NotLowerable(f"{node.name}: {node.op_type} is covered over H, W with keepdims only")
+        if sorted(int(a) % 4 for a in axes) != [2, 3]:
+            raise NotLowerable(f"{node.name}: {node.op_type} is covered over H, W")
         _, channels, height, width = source.logical
-        logical, dtype = (1, channels, 1, 1), source.dtype
+        # [1, C, 1, 1], or without keepdims the [1, C] row a pooling head hands its classifier (ConvNeXt's)
+        logical: tuple[int, ...] = (1, channels, 1, 1) if attributes.get("keepdims", 1) else Rows((1, channels, 1, 1))
+        dtype = source.dtype
         if source.layout == "nc":  # a 1 x 1 map: its sum and its mean are itself
             return Lazy(logical, dtype, lambda env: env.leaf(0), leaves=[source])
         if source.layout != "nhwc":
@@ -979,11 +981,20 @@ class _Lowering:
             return value
         source = value if isinstance(value, Stored) and value.row_map else self._materialize(data)
         shape = self._shape(data)
+        if node.op_type == "Transpose" and isinstance(source.logical, Rows):
+            image = self._rows_as_image(source, shape, [int(a) for a in node_attributes(node)["perm"]], node.output[0])
+            if image is not None:
+                return image
         if node.op_type == "Transpose" and isinstance(source.logical, Rows) and not source.row_map:
             view = self._transposed_rows(source, shape, [int(a) for a in node_attributes(node)["perm"]])
             if view is not None:
                 return view
         positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        if source.layout == "nhwc" and not isinstance(source.logical, Rows) and len(shape) == 4:
+            # an image's bytes are in H, W, C order: each NCHW element's position is where it is stored
+            _, channels, height, width = source.logical
+            memory = np.arange(height * width * channels, dtype=np.int64).reshape(height, width, channels)
+            positions = memory.transpose(2, 0, 1).reshape(shape)
         given = {data: positions, **{name: self.constants[name] for name in extra}}
         index = self._evaluate(node, given)[0]
         return self._gathered(source, index)
@@ -1001,6 +1012,28 @@ class _Lowering:
         positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
         indices = self._evaluate(node, {data: positions, **{name: self.constants[name] for name in extra}})
         return [self._gathered(source, index) for index in indices]
+
+    def _rows_as_image(self, source: Stored, shape: tuple[int, ...], perm: list[int], name: str) -> Stored | None:
+        """A channels-last ``[1, H, W, C]`` row-major tensor transposed to NCHW (ConvNeXt's LayerNorm between
+        permutes) as the NHWC map the convolutions read: the same bytes (a view), copied into the border and
+        channel padding its readers need where they need one; None if it is not that."""
+        contiguous = not any(source.pads) and source.channels == source.logical[1] and not source.period
+        if len(shape) != 4 or shape[0] != 1 or perm != [0, 3, 1, 2] or not contiguous or source.row_map:
+            return None
+        _, height, width, channels = shape
+        logical = (1, channels, height, width)
+        image = Stored(None, logical, source.dtype, "nhwc", channels=channels)
+        image.var = self.builder.emit(self.relax.op.reshape(source.var, image.shape))
+        target = self._target(name, logical, source.dtype)
+        if target.layout != "nhwc" or (not any(target.pads) and target.channels == channels):
+            return image
+        relax = self.relax
+        result_type = relax.TensorType(target.shape, target.dtype)
+        border = self._add_kernel(_fill_kernel(target), "pad")
+        current = self.builder.emit(relax.call_tir(border, [], result_type))
+        copy = self._add_kernel(_copy_kernel(image, target, 0), "pad")
+        target.var = self.builder.emit(relax.call_tir_inplace(copy, [image.var, current], 1, result_type))
+        return target
 
     @staticmethod
     def _transposed_rows(source: Stored, shape: tuple[int, ...], perm: list[int]) -> Stored | None:
@@ -2046,8 +2079,8 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     blocks = channels // lanes
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     top, left = source.pads[0], source.pads[1]
-    if target.layout != "nc":
-        raise NotLowerable("a ReduceSum whose result is padded")
+    if target.layout != "nc" and (not isinstance(target.logical, Rows) or any(target.pads)):
+        raise NotLowerable("a ReduceSum whose result is padded")  # (a [1, C] row-major result is one row)
 
     whole = tirx.Ramp(0, 1, lanes) if lanes > 1 else 0
     zero = tirx.Broadcast(tirx.const(0, dtype), lanes) if lanes > 1 else tirx.const(0, dtype)
@@ -2075,7 +2108,7 @@ def _reduce_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
             for i in range(height):
                 for j in range(width):
                     total[whole] = total[whole] + X[i + top, j + left, channel(b)]
-            Y[0, channel(b)] = finish(total[whole], K64, K32, KF, b)
+            Y[store_index(target, 0, 0, channel(b))] = finish(total[whole], K64, K32, KF, b)
 
     return reduce, [source, ints, halves, floats]
 
