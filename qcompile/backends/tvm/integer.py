@@ -979,25 +979,16 @@ class _Lowering:
             # the same elements in the same order (a linear layer's [1, S, N] output read as [S, N]): the lazy
             # value goes on, so a layer's epilogue continues through the reshape instead of being stored
             return value
-        source = value if isinstance(value, Stored) and value.row_map else self._materialize(data)
+        source = self._moved_source(data)
         shape = self._shape(data)
         if node.op_type == "Transpose" and isinstance(source.logical, Rows):
-            image = self._rows_as_image(source, shape, [int(a) for a in node_attributes(node)["perm"]], node.output[0])
-            if image is not None:
-                return image
-        if node.op_type == "Transpose" and isinstance(source.logical, Rows) and not source.row_map:
-            view = self._transposed_rows(source, shape, [int(a) for a in node_attributes(node)["perm"]])
+            perm = [int(a) for a in node_attributes(node)["perm"]]
+            view = self._rows_as_image(source, shape, perm, node.output[0])
+            if view is None and not source.row_map:
+                view = self._transposed_rows(source, shape, perm)
             if view is not None:
                 return view
-        positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
-        if source.layout == "nhwc" and not isinstance(source.logical, Rows) and len(shape) == 4:
-            # an image's bytes are in H, W, C order: each NCHW element's position is where it is stored
-            _, channels, height, width = source.logical
-            memory = np.arange(height * width * channels, dtype=np.int64).reshape(height, width, channels)
-            positions = memory.transpose(2, 0, 1).reshape(shape)
-        given = {data: positions, **{name: self.constants[name] for name in extra}}
-        index = self._evaluate(node, given)[0]
-        return self._gathered(source, index)
+        return self._gathered(source, self._index_maps(node, source, extra)[0])
 
     def _split(self, node: onnx.NodeProto) -> list[Stored]:
         """Split by constant sizes (GPT-2's fused query / key / value projection cut in three): each part one
@@ -1006,12 +997,26 @@ class _Lowering:
         extra = [name for name in node.input[1:] if name]
         if any(name not in self.constants for name in extra) or ("num_outputs" in node_attributes(node) and extra):
             raise NotLowerable(f"{node.name} (Split) with sizes computed at run time")
+        source = self._moved_source(data)
+        return [self._gathered(source, index) for index in self._index_maps(node, source, extra)]
+
+    def _moved_source(self, data: str) -> Stored:
+        """What a data-movement op reads: a row view as it is, anything else stored."""
         value = self.values[data]
-        source = value if isinstance(value, Stored) and value.row_map else self._materialize(data)
+        return value if isinstance(value, Stored) and value.row_map else self._materialize(data)
+
+    def _index_maps(self, node: onnx.NodeProto, source: Stored, extra: list[str]) -> list[np.ndarray]:
+        """The movement op ``node`` applied (by onnxruntime, now) to where each element of ``source`` is
+        stored, with its constant parameters ``extra``: one index map per output, for :meth:`_gathered`."""
+        data = node.input[0]
         shape = self._shape(data)
         positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
-        indices = self._evaluate(node, {data: positions, **{name: self.constants[name] for name in extra}})
-        return [self._gathered(source, index) for index in indices]
+        if source.layout == "nhwc" and not isinstance(source.logical, Rows) and len(shape) == 4:
+            # an image's bytes are in H, W, C order: each NCHW element's position is where it is stored
+            _, channels, height, width = source.logical
+            memory = np.arange(height * width * channels, dtype=np.int64).reshape(height, width, channels)
+            positions = memory.transpose(2, 0, 1).reshape(shape)
+        return self._evaluate(node, {data: positions, **{name: self.constants[name] for name in extra}})
 
     def _rows_as_image(self, source: Stored, shape: tuple[int, ...], perm: list[int], name: str) -> Stored | None:
         """A channels-last ``[1, H, W, C]`` row-major tensor transposed to NCHW (ConvNeXt's LayerNorm between

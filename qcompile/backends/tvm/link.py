@@ -56,9 +56,7 @@ def build_library(
     with target:
         lowered = relax_pipeline(module)
     attributes = dict(lowered.attrs) if lowered.attrs else {}
-    kernels = [
-        (var, function) for var, function in lowered.functions.items() if isinstance(function, tvm.tirx.PrimFunc)
-    ]
+    kernels = _kernels(lowered)
     if not kernels or attributes.get("external_mods") or attributes.get("const_name_to_constant"):
         # not what qcompile's kernels make: relax.build's own path links such modules and constants
         executable = relax.build(lowered, target=target, relax_pipeline=None)
@@ -66,9 +64,7 @@ def build_library(
         return
     builder = relax.ExecBuilder()
     leftover = vm_build._vmcodegen(builder, lowered, "bytecode")
-    kernels = [
-        (var, function) for var, function in leftover.functions.items() if isinstance(function, tvm.tirx.PrimFunc)
-    ]
+    kernels = _kernels(leftover)
     count = min(parts, len(kernels)) if parts is not None else parts_for(len(kernels))
     modules = [tvm.IRModule(dict(kernels[index::count]), attrs=leftover.attrs) for index in range(count)]
     with tempfile.TemporaryDirectory(prefix="qcompile-link-") as scratch:

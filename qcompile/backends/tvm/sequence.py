@@ -401,7 +401,8 @@ def _batched_dot_kernel(
 
     outer = loop_for(batch * rows * depth * width)
     bits = 8 if packed == "int8" else 16  # each b's field in the instruction's operand
-    word = f"uint{bits * group}x{lanes}"  # one field per k of a group, for each of the lanes columns
+    field = f"uint{bits * group}"  # one field per k of a group, for each of the lanes columns
+    word = f"{field}x{lanes}"
     flip = 0x80 if packed == "int8" else 0  # b ^ 0x80 is b - 128 as a signed byte
     ones = tirx.Broadcast(tirx.const(1, packed), lanes * group)
 
@@ -412,8 +413,8 @@ def _batched_dot_kernel(
         for j in range(group):
             row = tirx.Cast(word, B[0, g * depth + q * group + j, block(b)])
             if flip:
-                row = row ^ tirx.Broadcast(tirx.const(flip, word.split("x")[0]), lanes)
-            shifted = row << tirx.Broadcast(tirx.const(bits * j, word.split("x")[0]), lanes) if j else row
+                row = row ^ tirx.Broadcast(tirx.const(flip, field), lanes)
+            shifted = row << tirx.Broadcast(tirx.const(bits * j, field), lanes) if j else row
             fields = shifted if fields is None else fields | shifted
         return tirx.reinterpret(f"{packed}x{lanes * group}", fields)
 
