@@ -33,6 +33,9 @@ class Session:
         # route: a call whose shapes this executor does not run goes to another executor that runs them.
         self.route = route
         self._routes: dict[str, Session] = {}
+        self._dtypes = [(info.name, np.dtype(info.dtype)) for info in self.inputs]
+        # What entry.serves said of each set of input shapes seen (a call costs microseconds; models run in tens)
+        self._verdicts: dict[tuple[tuple[int, ...], ...], str | None] = {}
         self._generator: Generator | None = None
         entry = manifest.executors.get(executor)
         if entry is None:
@@ -73,18 +76,26 @@ class Session:
         """The feeds as this executor takes them (dtype, contiguous); an error if one is missing or of a shape
         it does not run."""
         checked = self._converted(feeds)
-        problem = self.entry.serves(self.inputs, {name: array.shape for name, array in checked.items()})
+        problem = self._verdict(checked)
         if problem is not None:
             raise ArtifactError(f"executor '{self.executor}': {problem}{self._others_hint(checked)}")
         return checked
 
+    def _verdict(self, checked: dict[str, np.ndarray]) -> str | None:
+        shapes = tuple(array.shape for array in checked.values())
+        if shapes not in self._verdicts:
+            self._verdicts[shapes] = self.entry.serves(self.inputs, dict(zip(checked, shapes, strict=True)))
+        return self._verdicts[shapes]
+
     def _converted(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = {}
-        for info in self.inputs:
-            if info.name not in feeds:
-                raise ArtifactError(f"input '{info.name}' is missing from the feeds (given: {sorted(feeds)})")
-            array = np.asarray(feeds[info.name])
-            checked[info.name] = np.require(array.astype(info.dtype, copy=False), requirements="C")
+        for name, dtype in self._dtypes:
+            array = feeds.get(name)
+            if array is None:
+                raise ArtifactError(f"input '{name}' is missing from the feeds (given: {sorted(feeds)})")
+            if not (isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous):
+                array = np.require(np.asarray(array).astype(dtype, copy=False), requirements="C")
+            checked[name] = array
         return checked
 
     def serving(self, feeds: dict[str, np.ndarray]) -> list[str]:
@@ -128,7 +139,7 @@ class Session:
             results = self._run(self.check_feeds(feeds))
         else:
             checked = self._converted(feeds)
-            if self.entry.serves(self.inputs, {name: array.shape for name, array in checked.items()}) is None:
+            if self._verdict(checked) is None:
                 results = self._run(checked)
             else:
                 return self._routed(checked).run(checked)
