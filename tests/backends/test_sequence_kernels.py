@@ -246,6 +246,124 @@ def test_a_fused_projection_is_split_and_cubed_as_gpt2_does(flavor: object) -> N
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.parametrize("width", [5, 17, 40])  # under one vector, a ViT's 16 patches + class token, 2.5 vectors
+def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
+    """LayerNorm, Softmax and ReduceMean over rows whose width is not a multiple of 16 (the last ``width % 16``
+    channels go one lane at a time): as onnxruntime computes them, within the float tolerance."""
+    rng = np.random.default_rng(width)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "beta"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normalized"], axis=-1),
+        helper.make_node("Softmax", ["x"], ["probabilities"], axis=-1),
+        helper.make_node("ReduceMean", ["x", "last"], ["mean"], keepdims=1),
+    ]
+    shape = [1, 7, width]
+    model = _model(
+        nodes,
+        initializers,
+        {"x": (TensorProto.FLOAT, shape)},
+        {
+            "normalized": (TensorProto.FLOAT, shape),
+            "probabilities": (TensorProto.FLOAT, shape),
+            "mean": (TensorProto.FLOAT, [1, 7, 1]),
+        },
+    )
+    vm, kinds = _build(model, flavor)
+    assert {"layernorm", "softmax", "rowmean"} <= set(kinds), kinds
+    feed = {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
+def _quantized_softmax(rows: int, width: int, scores: bool) -> onnx.ModelProto:
+    """Softmax of uint8 codes (``scores`` False) or of a product of two quantized activations (the int32
+    accumulator, as a ViT's attention scores reach it), requantized to 1/255 steps: what the integer lowering
+    turns into the integer Softmax."""
+    constants = {"s": (0.07, np.float32), "z": (131, np.uint8), "sb": (0.05, np.float32), "zb": (7, np.uint8)}
+    constants |= {"sy": (1 / 255, np.float32), "zy": (0, np.uint8)}
+    initializers = [numpy_helper.from_array(np.array(value, dtype), name) for name, (value, dtype) in constants.items()]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["a", "s", "z"], ["qa"]),
+        helper.make_node("DequantizeLinear", ["qa", "s", "z"], ["da" if scores else "x"]),
+    ]
+    inputs = {"a": (TensorProto.FLOAT, [1, rows, 32 if scores else width])}
+    if scores:
+        nodes += [
+            helper.make_node("QuantizeLinear", ["b", "sb", "zb"], ["qb"]),
+            helper.make_node("DequantizeLinear", ["qb", "sb", "zb"], ["db"]),
+            helper.make_node("MatMul", ["da", "db"], ["x"]),
+        ]
+        inputs["b"] = (TensorProto.FLOAT, [1, 32, width])
+    nodes += [
+        helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+        helper.make_node("QuantizeLinear", ["p", "sy", "zy"], ["y"]),
+    ]
+    return _model(nodes, initializers, inputs, {"y": (TensorProto.UINT8, [1, rows, width])})
+
+
+@pytest.mark.parametrize("scores", [False, True], ids=["codes", "accumulator"])
+def test_the_integer_softmax_is_one_bit_exact_kernel(flavor: object, scores: bool) -> None:
+    """The integer lowering's Softmax (ReduceMax, an exp table, ReduceSum, a rounded integer division) runs as
+    one row kernel, equal to the numpy oracle: rows of 5, 17 and 48, flat rows (every gap 0) and rows whose
+    codes reach 0 and 255."""
+    from qcompile.backends.integer.lowering import lower
+
+    rng = np.random.default_rng(7)
+    for width in (5, 17, 48):
+        lowered, _ = lower(_quantized_softmax(9, width, scores))
+        assert "ReduceMax" in {node.op_type for node in lowered.graph.node}
+        vm, kinds = _build(lowered, flavor)
+        # the inputs' quantization, [the scores' product, rounded in its epilogue], the Softmax with its
+        # requantization fused, the output's dequantization
+        expected_kinds = ["eltwise", "eltwise", "bmm"] if scores else ["eltwise"]
+        assert kinds == [*expected_kinds, "intsoftmax", "eltwise"], kinds
+        for trial in range(3):
+            feed = {"a": rng.uniform(-12, 12, (1, 9, 32 if scores else width)).astype(np.float32)}
+            if scores:
+                feed["b"] = rng.uniform(-8, 8, (1, 32, width)).astype(np.float32)
+            if trial == 2:
+                feed["a"][0, :3] = 0.0  # flat rows
+            (ours,) = _run(vm, feed)
+            (expected,) = integer_reference.run(lowered, feed)
+            np.testing.assert_array_equal(ours, expected)
+
+
+def test_an_all_zero_attention_mask_is_read_as_a_scalar(flavor: object) -> None:
+    """The dynamo exporter adds a constant all-zero ``[1, 1, S, S]`` mask to the attention scores: a constant
+    of one value is that scalar (the scores' product keeps it in its epilogue); another constant mask is read
+    as the tensor it is. Both as onnxruntime computes them."""
+    rng = np.random.default_rng(8)
+    for mask in (np.zeros((1, 6, 6), np.float32), np.triu(np.full((1, 6, 6), -1e4, np.float32), 1)):
+        initializers = [numpy_helper.from_array(mask, "mask")]
+        nodes = [
+            helper.make_node("MatMul", ["q", "k"], ["scores"]),
+            helper.make_node("Add", ["scores", "mask"], ["masked"]),
+            helper.make_node("Softmax", ["masked"], ["y"], axis=-1),
+        ]
+        model = _model(
+            nodes,
+            initializers,
+            {"q": (TensorProto.FLOAT, [1, 6, 16]), "k": (TensorProto.FLOAT, [1, 16, 6])},
+            {"y": (TensorProto.FLOAT, [1, 6, 6])},
+        )
+        vm, kinds = _build(model, flavor)
+        assert ("eltwise" in kinds) == bool(mask.any()), kinds  # a tensor mask: an add after the product
+        feed = {
+            name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in (("q", (1, 6, 16)), ("k", (1, 16, 6)))
+        }
+        (ours,) = _run(vm, feed)
+        (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, feed
+        )
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE)
+
+
 def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     """Tanh of a float island (GPT-2's GELU) by its exp form, over large, small and near-zero arguments: within
     3e-7 of onnxruntime's, absolutely (outputs in [-1, 1]: ours is within 1.2e-7 of the exact value, and

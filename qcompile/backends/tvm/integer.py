@@ -227,6 +227,9 @@ class _Lowering:
             self.values[output] = self._embedding(node) if embedding else self._table_lookup(node)
         elif op in ("LayerNormalization", "Softmax"):
             self.values[output] = self._row_op(node)
+        elif op == "ReduceMax":
+            self._integer_softmax(node)
+            return
         elif op == "MaxPool":
             self.values[output] = self._max_pool(node)
         elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean", "AveragePool"):
@@ -353,6 +356,7 @@ class _Lowering:
         if not tensors:
             raise NotLowerable(f"{node.name}: an elementwise op on constants only")
         names = [name for name in node.input if name]
+        operands = self._uniform_as_scalars(node, names, operands)
         rows = any(isinstance(item.logical, Rows) for item in tensors)
         for attempt in range(2):
             fitted = self._rows_operands(node, operands) if rows else operands
@@ -365,6 +369,7 @@ class _Lowering:
                 for name, item in zip(names, operands, strict=True)
             ]
         operands = fitted
+        tensors = [item for item in operands if not isinstance(item, np.ndarray)]  # (constants made tensors too)
         # Two tensor operands: every anchored one is computed first (an anchor's kernel has one source), unless
         # both continue one anchor (a value that rejoins itself, see _rejoins).
         lazies: list[Lazy | np.ndarray] = []
@@ -905,6 +910,24 @@ class _Lowering:
         name = f"k{self.count:03d}_{kind}"
         return self.builder.add_func(function.with_attr("global_symbol", name), name)
 
+    def _uniform_as_scalars(self, node: onnx.NodeProto, names: list[str], operands: list[Any]) -> list[Any]:
+        """Constants that hold one value throughout read as that scalar, where the tensor operands alone give
+        the result's shape: an exporter's all-zero attention mask ``[1, 1, S, S]`` is then a scalar in the
+        attention product's epilogue, not a tensor that product would have to read."""
+        shapes = [
+            self._shape(name) for name, item in zip(names, operands, strict=True) if not isinstance(item, np.ndarray)
+        ]
+        if np.broadcast_shapes(*shapes) != tuple(self._shape(node.output[0])):
+            return operands
+        scalars = []
+        for item in operands:
+            if isinstance(item, np.ndarray) and item.size > 1:
+                flat = item.reshape(-1)
+                if (flat == flat[0]).all():
+                    item = flat[:1].copy()
+            scalars.append(item)
+        return scalars
+
     def _rows_operands(self, node: onnx.NodeProto, operands: list[Any]) -> list[Any]:
         """The operands of an elementwise op on row-major tensors, made to fit its result ``[..., C]``: scalars
         stay, a constant ``[1, ..., 1, C]`` becomes a per-channel row, other constants a tensor of the result's
@@ -1071,6 +1094,91 @@ class _Lowering:
         result_type = relax.TensorType((count, width), "float32")
         out = self.builder.emit(relax.call_tir(gvar, [self._flat(indices), relax.const(table, "float32")], result_type))
         return self._as_rows(out, self._shape(node.output[0]), "float32")
+
+    def _integer_softmax(self, node: onnx.NodeProto) -> None:
+        """The integer Softmax that :meth:`~qcompile.backends.integer.arithmetic.Lowering.integer_softmax`
+        writes, matched whole from its ReduceMax (the row's peak) to its Div (the rounded ratio): one
+        ``intsoftmax`` anchor, whose epilogue continues with the zero point, clamp and cast after it."""
+
+        def reader(name: str, op: str) -> onnx.NodeProto:
+            readers = self.uses.get(name, [])
+            if len(readers) != 1 or readers[0].op_type != op or name in self.outputs:
+                raise NotLowerable(f"{node.name}: ReduceMax is covered as the start of an integer Softmax")
+            return readers[0]
+
+        def scalar(name: str) -> int:
+            value = self.constants.get(name)
+            if value is None or value.size != 1 or value.dtype.kind not in "iu":
+                raise NotLowerable(f"{node.name}: an integer Softmax with a term that is not an integer constant")
+            return int(value.reshape(-1)[0])
+
+        def over_last_axis(reduction: onnx.NodeProto) -> bool:
+            axes = [int(a) for a in self.constants.get(reduction.input[1], [])] if len(reduction.input) > 1 else []
+            axes = axes or [int(a) for a in node_attributes(reduction).get("axes", [])]
+            rank = len(self._shape(reduction.input[0]))
+            return [a % rank for a in axes] == [rank - 1] and bool(node_attributes(reduction).get("keepdims", 1))
+
+        x, peak = node.input[0], node.output[0]
+        shape = self._shape(x)
+        if not over_last_axis(node):
+            raise NotLowerable(f"{node.name}: ReduceMax is covered over the last axis, with keepdims")
+        gap = reader(peak, "Sub")
+        distance = reader(gap.output[0], "Clip")
+        lookup = reader(distance.output[0], "Gather")
+        table = self.constants.get(lookup.input[0])
+        if (
+            list(gap.input) != [peak, x]
+            or table is None
+            or table.ndim != 1
+            or lookup.input[1] != distance.output[0]
+            or int(node_attributes(lookup).get("axis", 0)) != 0
+            or (scalar(distance.input[1]), scalar(distance.input[2])) != (0, table.size - 1)
+            or table.min() < 0
+            or table.max() >= 2**31
+        ):
+            raise NotLowerable(f"{node.name}: ReduceMax is covered as the start of an integer Softmax")
+        exps = lookup.output[0]
+        readers = {item.op_type: item for item in self.uses.get(exps, [])}
+        if sorted(readers) != ["Mul", "ReduceSum"] or len(self.uses[exps]) != 2:
+            raise NotLowerable(f"{node.name}: an integer Softmax with a mask has no kernel here")
+        total, scaled = readers["ReduceSum"], readers["Mul"]
+        if not over_last_axis(total):
+            raise NotLowerable(f"{node.name}: ReduceMax is covered as the start of an integer Softmax")
+        numerator = reader(scaled.output[0], "Add")
+        ratio = reader(numerator.output[0], "Div")
+        # The row sum's two readers: the rounding term (added to the numerator) and the divisor.
+        sums = {
+            reader(item.output[0], "Add" if item.output[0] in numerator.input else "Div").op_type: item
+            for item in self.uses.get(total.output[0], [])
+            if item.op_type == "Mul"
+        }
+        if (
+            len(self.uses[total.output[0]]) != 2
+            or sorted(sums) != ["Add", "Div"]
+            or list(ratio.input) != [numerator.output[0], sums["Div"].output[0]]
+        ):
+            raise NotLowerable(f"{node.name}: ReduceMax is covered as the start of an integer Softmax")
+        terms = (
+            scalar(self._other_input(scaled, exps)),
+            scalar(self._other_input(sums["Add"], total.output[0])),
+            scalar(self._other_input(sums["Div"], total.output[0])),
+        )
+        source = self._materialize(x)
+        if source.dtype != "int64":
+            raise NotLowerable(f"{node.name}: an integer Softmax of {source.dtype} values")
+        if not isinstance(source.logical, Rows):
+            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape))
+        logical = source.logical
+        anchor = Anchor("intsoftmax", source, logical, "int64", weights=table, terms=terms)
+        self.fused.add(peak)
+        self.fused.update(item.output[0] for item in (gap, distance, lookup, total, scaled, *sums.values(), numerator))
+        self.fused.add(ratio.output[0])
+        self.values[ratio.output[0]] = Lazy(logical, "int64", _source, anchor)
+
+    @staticmethod
+    def _other_input(node: onnx.NodeProto, name: str) -> str:
+        others = [item for item in node.input if item != name]
+        return others[0] if len(others) == 1 else ""
 
     def _row_op(self, node: onnx.NodeProto) -> Lazy:
         """LayerNormalization or Softmax over the last axis of a float row-major tensor (an anchor whose
@@ -1707,6 +1815,10 @@ def _anchor_kernel(
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)
+    if anchor.kind == "intsoftmax":
+        from qcompile.backends.tvm import sequence
+
+        return sequence.integer_softmax_kernel(value, anchor, target)
     if anchor.kind == "rotation":
         from qcompile.backends.tvm import sequence
 

@@ -9,6 +9,8 @@
 - :func:`embedding_kernel`: a float table ``[V, D]`` read at runtime indices (token embeddings).
 - :func:`row_kernel`: LayerNormalization and Softmax over the last axis, one row at a time on 16-lane
   vectors, the row's epilogue fused (the requantization of the result, a NaN guard).
+- :func:`integer_softmax_kernel`: the integer Softmax (an exp table, a row sum, an exact rounded division) of
+  codes or rounded accumulators, one row at a time, the requantization fused.
 - :func:`batched_matmul_kernel`: ``MatMulInteger`` of two activations (``Q K^T``, ``P V``): uint8 codes
   with scalar zero points, on the int8 flavor's dot-product instruction (the second operand packed per batch
   at run time), int32 products summed exactly, zero points corrected with the row and column sums.
@@ -173,15 +175,17 @@ def _horizontal(buffer: Any, lanes: int, combine: Any) -> Any:
 def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
     """LayerNormalization (``anchor.kind`` "layernorm"; the scale and bias are the epilogue's rows), Softmax
     ("softmax"), or the mean or sum ("rowmean", "rowsum": one value per row) over the channels of each row,
-    epilogue fused."""
+    epilogue fused. Rows run in 16-lane blocks and, when the width is not a multiple of 16 (a ViT's 197
+    tokens), one lane at a time over the last ``width % 16`` channels."""
     from tvm import tirx
     from tvm.script import tirx as T
 
     source = anchor.input
     _, channels, _, count = source.logical
-    if source.shape != (1, count, channels) or channels % LANES:
-        raise NotLowerable(f"a row-wise {anchor.kind} over {channels} channels (a multiple of {LANES} is covered)")
-    blocks = channels // LANES
+    if source.shape != (1, count, channels):
+        raise NotLowerable(f"a row-wise {anchor.kind} of rows stored as {source.shape}")
+    blocks, tail = divmod(channels, LANES)
+    start = blocks * LANES
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     layernorm = anchor.kind == "layernorm"
     reduction = anchor.kind in ("rowmean", "rowsum")  # one value per row
@@ -195,13 +199,11 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     def columns(b: Any) -> Any:
         return tirx.Ramp(b * LANES, 1, LANES)
 
-    def finish(X: Any, m: Any, b: Any, first: Any, second: Any, K64: Any, K32: Any, KF: Any) -> Any:
-        x = X[0, m, columns(b)]
-        if layernorm:
-            normalized = (x - tirx.Broadcast(first, LANES)) * tirx.Broadcast(second, LANES)
-        else:
-            normalized = fast_exp(x - tirx.Broadcast(first, LANES), LANES) * tirx.Broadcast(second, LANES)
-        return value.expression(epilogue_env(normalized, lambda i: None, (K64, K32, KF), where, columns(b), LANES))
+    def finish(x: Any, column: Any, lanes: int, first: Any, second: Any, K64: Any, K32: Any, KF: Any) -> Any:
+        if lanes > 1:
+            first, second = tirx.Broadcast(first, lanes), tirx.Broadcast(second, lanes)
+        normalized = (x - first) * second if layernorm else fast_exp(x - first, lanes) * second
+        return value.expression(epilogue_env(normalized, lambda i: None, (K64, K32, KF), where, column, lanes))
 
     def add(a: Any, b: Any) -> Any:
         return a + b
@@ -226,40 +228,112 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
         for m in outer(count):
             acc = T.alloc_buffer((LANES,), "float32", scope="global")
             stats = T.alloc_buffer((2,), "float32", scope="global")
+            if not layernorm and not reduction:  # softmax: the row's maximum first
+                acc[whole] = lanes_of(-3.0e38)
+                for b in range(blocks):
+                    acc[whole] = T.max(acc[whole], X[0, m, columns(b)])
+                stats[0] = _horizontal(acc, LANES, maximum)
+                for t in range(tail):
+                    stats[0] = T.max(stats[0], X[0, m, start + t])
+            acc[whole] = lanes_of(0.0)
+            for b in range(blocks):
+                if layernorm or reduction:
+                    acc[whole] = acc[whole] + X[0, m, columns(b)]
+                else:
+                    acc[whole] = acc[whole] + fast_exp(X[0, m, columns(b)] - T.Broadcast(stats[0], LANES), LANES)
+            stats[1] = _horizontal(acc, LANES, add)
+            for t in range(tail):
+                if layernorm or reduction:
+                    stats[1] = stats[1] + X[0, m, start + t]
+                else:
+                    stats[1] = stats[1] + fast_exp(X[0, m, start + t] - stats[0], 1)
             if reduction:
-                acc[whole] = lanes_of(0.0)
-                for b in range(blocks):
-                    acc[whole] = acc[whole] + X[0, m, columns(b)]
-                Y[store_index(target, 0, m, 0)] = reduced(
-                    _horizontal(acc, LANES, add) * T.float32(factor), K64, K32, KF
-                )
+                Y[store_index(target, 0, m, 0)] = reduced(stats[1] * T.float32(factor), K64, K32, KF)
             elif layernorm:
-                acc[whole] = lanes_of(0.0)
-                for b in range(blocks):
-                    acc[whole] = acc[whole] + X[0, m, columns(b)]
-                stats[0] = _horizontal(acc, LANES, add) * T.float32(1.0 / channels)
+                stats[0] = stats[1] * T.float32(1.0 / channels)
                 acc[whole] = lanes_of(0.0)
                 for b in range(blocks):
                     acc[whole] = acc[whole] + (X[0, m, columns(b)] - T.Broadcast(stats[0], LANES)) * (
                         X[0, m, columns(b)] - T.Broadcast(stats[0], LANES)
                     )
-                stats[1] = T.float32(1.0) / T.sqrt(
-                    _horizontal(acc, LANES, add) * T.float32(1.0 / channels) + T.float32(epsilon)
-                )
+                stats[1] = _horizontal(acc, LANES, add)
+                for t in range(tail):
+                    stats[1] = stats[1] + (X[0, m, start + t] - stats[0]) * (X[0, m, start + t] - stats[0])
+                stats[1] = T.float32(1.0) / T.sqrt(stats[1] * T.float32(1.0 / channels) + T.float32(epsilon))
             else:
-                acc[whole] = X[0, m, columns(0)]
-                for b in range(1, blocks):
-                    acc[whole] = T.max(acc[whole], X[0, m, columns(b)])
-                stats[0] = _horizontal(acc, LANES, maximum)
-                acc[whole] = lanes_of(0.0)
-                for b in range(blocks):
-                    acc[whole] = acc[whole] + fast_exp(X[0, m, columns(b)] - T.Broadcast(stats[0], LANES), LANES)
-                stats[1] = T.float32(1.0) / _horizontal(acc, LANES, add)
+                stats[1] = T.float32(1.0) / stats[1]
             if not reduction:
                 for b in range(blocks):
-                    Y[store_index(target, 0, m, columns(b))] = finish(X, m, b, stats[0], stats[1], K64, K32, KF)
+                    Y[store_index(target, 0, m, columns(b))] = finish(
+                        X[0, m, columns(b)], columns(b), LANES, stats[0], stats[1], K64, K32, KF
+                    )
+                for t in range(tail):
+                    Y[store_index(target, 0, m, start + t)] = finish(
+                        X[0, m, start + t], start + t, 1, stats[0], stats[1], K64, K32, KF
+                    )
 
     return rowwise, [source, ints, halves, floats]
+
+
+def integer_softmax_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """The integer Softmax of :meth:`qcompile.backends.integer.arithmetic.Lowering.integer_softmax` over each
+    row of int64 ``x`` (codes, or a rounded accumulator): ``e = table[clip(max(x) - x, 0, E - 1)]``, ``S = sum
+    e``, and ``(e m0 + S half) // (S unit)`` as the epilogue's source. The quotient is exact: the float64
+    estimate (numerator and divisor are exact below 2**53, the quotient within 2**-40 of the true one) is
+    corrected by one step of an integer remainder check, instead of one 64-bit division per element."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, channels, _, count = source.logical
+    if source.shape != (1, count, channels):
+        raise NotLowerable(f"an integer softmax of rows stored as {source.shape}")
+    table = anchor.weights
+    assert table is not None
+    m0, half, unit = anchor.terms
+    last = table.size - 1
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
+
+    def ratio(e: Any, total: Any, reciprocal: Any) -> Any:
+        numerator = e * tirx.const(m0, "int64") + total * tirx.const(half, "int64")
+        divisor = total * tirx.const(unit, "int64")
+        estimate = tirx.Cast("int64", tirx.Cast("float64", numerator) * reciprocal)
+        remainder = numerator - estimate * divisor
+        low = tirx.Cast("int64", remainder < tirx.const(0, "int64"))
+        high = tirx.Cast("int64", remainder >= divisor)
+        return estimate + high - low
+
+    def finish(q: Any, c: Any, K64: Any, K32: Any, KF: Any) -> Any:
+        return value.expression(epilogue_env(q, lambda i: None, (K64, K32, KF), where, c, 1))
+
+    outer = loop_for(count * channels * 8)
+
+    @prim_func
+    def integer_softmax(
+        X: T.Buffer(source.shape, "int64"),
+        E: T.Buffer((table.size,), "int32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for m in outer(count):
+            exps = T.alloc_buffer((channels,), "int64", scope="global")
+            stats = T.alloc_buffer((2,), "int64", scope="global")
+            reciprocal = T.alloc_buffer((1,), "float64", scope="global")
+            stats[0] = X[0, m, 0]
+            for c in range(1, channels):
+                stats[0] = T.max(stats[0], X[0, m, c])
+            stats[1] = T.int64(0)
+            for c in range(channels):
+                exps[c] = T.Cast("int64", E[T.Cast("int32", T.min(T.max(stats[0] - X[0, m, c], T.int64(0)), last))])
+                stats[1] = stats[1] + exps[c]
+            reciprocal[0] = T.float64(1.0) / T.Cast("float64", stats[1] * T.int64(unit))
+            for c in range(channels):
+                Y[store_index(target, 0, m, c)] = finish(ratio(exps[c], stats[1], reciprocal[0]), c, K64, K32, KF)
+
+    return integer_softmax, [source, table.astype(np.int32), ints, halves, floats]
 
 
 def batched_matmul_kernel(

@@ -103,7 +103,7 @@ class Env:
 @dataclass
 class Anchor:
     """A compute op whose per-element value an epilogue continues: ``kind`` conv / depthwise / matmul /
-    maxpool / reduce with its input, weights and geometry."""
+    maxpool / reduce / intsoftmax with its input, weights and geometry."""
 
     kind: str
     input: Stored
@@ -120,6 +120,7 @@ class Anchor:
     other_zero: int = 0
     epsilon: float = 0.0  # LayerNormalization's
     factors: tuple[np.ndarray, ...] = ()  # a Hadamard rotation's signs, inner and (Kronecker) outer factors
+    terms: tuple[int, ...] = ()  # the integer Softmax's multiplier, rounding term and unit (its table: weights)
 
     def correction(self, per_channel_weight_sums: np.ndarray, activation_offset: int = 0) -> np.ndarray:
         """What the kernel subtracts from its raw sums of ``(x - activation_offset) w``: ``(zero_point -
