@@ -253,3 +253,32 @@ def test_grouped_convs_tables_and_activation_islands_run_on_the_kernels(flavor: 
     spread, _ = measure._deviation(integer_reference.run(lowered, feed, measure.ISLAND_PERTURBATION), expected)
     error, cosine = measure._deviation(_run(lowered, flavor, feed), expected)
     assert error <= max(measure.ISLAND_SPREAD_FACTOR * spread, measure.ISLAND_FLOOR) and cosine > 0.9999
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 2, 1, 0, 0, 0, 2]])
+def test_an_explicit_pad_before_a_float_max_pool(flavor: object, pads: list[int]) -> None:
+    """BiT's stem: a float conv, a Pad of zeros on H and W (its "same" padding, asymmetric), an unpadded max
+    pool, then a padded conv reading the pool's output. Against onnxruntime with its graph optimizations
+    off: onnxruntime's pad fusion folds the Pad into the MaxPool's own pads, which pool over -inf instead of
+    the zeros the graph pads with (measured here: up to 12 % of the output's range apart)."""
+    rng = np.random.default_rng(2)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((8, 16, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(pads, np.int64), "pads"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Pad", ["c", "pads", "zero"], ["padded"], mode="constant"),
+        helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Conv", ["pooled", "w2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    height, width = (12 + pads[2] + pads[6] - 3) // 2 + 1, (12 + pads[3] + pads[7] - 3) // 2 + 1
+    model = _model(nodes, initializers, [1, 3, 12, 12], {"y": [1, 8, height, width]})
+    feed = {"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)}
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), options).run(None, feed)
+    (produced,) = _run(model, flavor, feed)
+    np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

@@ -249,17 +249,22 @@ def test_a_fused_projection_is_split_and_cubed_as_gpt2_does(flavor: object) -> N
 @pytest.mark.parametrize("width", [5, 17, 40])  # under one vector, a ViT's 16 patches + class token, 2.5 vectors
 def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
     """LayerNorm, Softmax and ReduceMean over rows whose width is not a multiple of 16 (the last ``width % 16``
-    channels go one lane at a time): as onnxruntime computes them, within the float tolerance."""
+    channels go one lane at a time), and the mean and sum over the tokens (mean-pooling, an epilogue after the
+    sum): as onnxruntime computes them, within the float tolerance."""
     rng = np.random.default_rng(width)
     initializers = [
         numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "gamma"),
         numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "beta"),
         numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([1], np.int64), "tokens"),
     ]
     nodes = [
         helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normalized"], axis=-1),
         helper.make_node("Softmax", ["x"], ["probabilities"], axis=-1),
         helper.make_node("ReduceMean", ["x", "last"], ["mean"], keepdims=1),
+        helper.make_node("ReduceMean", ["x", "tokens"], ["pooled"], keepdims=0),
+        helper.make_node("ReduceSum", ["x", "tokens"], ["summed"], keepdims=1),
+        helper.make_node("Mul", ["summed", "gamma"], ["scaled"]),
     ]
     shape = [1, 7, width]
     model = _model(
@@ -270,10 +275,12 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
             "normalized": (TensorProto.FLOAT, shape),
             "probabilities": (TensorProto.FLOAT, shape),
             "mean": (TensorProto.FLOAT, [1, 7, 1]),
+            "pooled": (TensorProto.FLOAT, [1, width]),
+            "scaled": (TensorProto.FLOAT, [1, 1, width]),
         },
     )
     vm, kinds = _build(model, flavor)
-    assert {"layernorm", "softmax", "rowmean"} <= set(kinds), kinds
+    assert {"layernorm", "softmax", "rowmean", "colmean", "colsum"} <= set(kinds), kinds
     feed = {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):

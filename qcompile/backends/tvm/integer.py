@@ -244,6 +244,8 @@ class _Lowering:
                     self.values[name] = part
         elif op == "Concat":
             self.values[output] = self._concat(node)
+        elif op == "Pad":
+            self.values[output] = self._pad(node)
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
@@ -785,20 +787,25 @@ class _Lowering:
     def _max_pool(self, node: onnx.NodeProto) -> Lazy:
         attributes = node_attributes(node)
         source = self._materialize(node.input[0])
-        if source.dtype != "uint8" or source.layout != "nhwc" or attributes.get("ceil_mode", 0):
-            raise NotLowerable(f"{node.name}: MaxPool is covered on uint8 NHWC activations without ceil_mode")
-        kh, kw = (int(k) for k in attributes["kernel_shape"])
         pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
+        # A float map's border would have to hold -inf, not the 0 that no uint8 code loses to: float pooling is
+        # covered unpadded (BiT pads with an explicit Pad of zeros first).
+        covered = source.dtype == "uint8" or (source.dtype == "float32" and not any(pads))
+        if not covered or source.layout != "nhwc" or attributes.get("ceil_mode", 0):
+            raise NotLowerable(
+                f"{node.name}: MaxPool is covered on uint8 NHWC activations, or unpadded float ones, without ceil_mode"
+            )
+        kh, kw = (int(k) for k in attributes["kernel_shape"])
         strides = tuple(int(s) for s in attributes.get("strides", [1, 1]))
         _, channels, height, width = source.logical
         oh = (height + pads[0] + pads[2] - kh) // strides[0] + 1
         ow = (width + pads[1] + pads[3] - kw) // strides[1] + 1
         logical = (1, channels, oh, ow)
         anchor = Anchor(
-            "maxpool", source, logical, "uint8", None, 0, (kh, kw), (strides[0], strides[1]),
+            "maxpool", source, logical, source.dtype, None, 0, (kh, kw), (strides[0], strides[1]),
             (pads[0], pads[1], pads[2], pads[3]),
         )  # fmt: skip
-        return Lazy(logical, "uint8", _source, anchor)
+        return Lazy(logical, source.dtype, _source, anchor)
 
     def _reduce(self, node: onnx.NodeProto) -> Lazy:
         """ReduceSum over H, W (of codes or an accumulator, in its dtype), or a float layer's mean over H, W
@@ -842,14 +849,28 @@ class _Lowering:
         attributes = node_attributes(node)
         axes = [int(a) for a in self.constants[node.input[1]]] if len(node.input) > 1 and node.input[1] else []
         axes = axes or [int(a) for a in attributes.get("axes", [])]
-        if node.op_type not in ("ReduceMean", "ReduceSum") or [a % len(shape) for a in axes] != [len(shape) - 1]:
-            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis")
+        axes = sorted(a % len(shape) for a in axes)
+        mean = node.op_type == "ReduceMean"
+        if node.op_type not in ("ReduceMean", "ReduceSum"):
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean or a sum")
+        if (
+            len(shape) > 1
+            and axes == list(range(len(shape) - 1)[-len(axes) :])
+            and all(d == 1 for d in shape[: axes[0]])
+        ):
+            # over every leading axis after the ones (a token mean-pooling [1, S, D] -> [1, D]): one row out
+            source = self._float_input(node.input[0])
+            logical = Rows((1, source.logical[1], 1, 1))
+            return Lazy(
+                logical, "float32", _source, Anchor("colmean" if mean else "colsum", source, logical, "float32")
+            )
+        if axes != [len(shape) - 1]:
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis or the tokens")
         if not attributes.get("keepdims", 1):
-            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered with keepdims")
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows over the last axis is covered with keepdims")
         source = self._float_input(node.input[0])
         logical = Rows((1, 1, 1, source.logical[3]))
-        kind = "rowmean" if node.op_type == "ReduceMean" else "rowsum"
-        return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
+        return Lazy(logical, "float32", _source, Anchor("rowmean" if mean else "rowsum", source, logical, "float32"))
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
@@ -1230,6 +1251,49 @@ class _Lowering:
         if len(logical) == 2 or (logical[2:] == (1, 1) and not any(pads) and channels == logical[1]):
             return Stored(None, logical, dtype, "nc")
         return Stored(None, logical, dtype, "nhwc", pads, channels, fill)
+
+    def _pad(self, node: onnx.NodeProto) -> Stored:
+        """Pad of a feature map's H and W by a constant (BiT's "same" padding before its max pool, on codes):
+        the padded map written once in the layout its readers take. Its region outside the source is filled
+        with the pad value, the readers' own border with theirs, and the source copied in."""
+        relax = self.relax
+        attributes = node_attributes(node)
+        extra = [name for name in node.input[1:3] if name]
+        if any(name not in self.constants for name in extra) or (len(node.input) > 3 and node.input[3]):
+            raise NotLowerable(f"{node.name}: Pad is covered with constant pads and value, over every axis")
+        pads = [int(p) for p in self.constants[node.input[1]].reshape(-1)]
+        constant = self.constants[node.input[2]].reshape(-1) if len(extra) > 1 else np.zeros(1)
+        source = self._materialize(node.input[0])
+        if (
+            attributes.get("mode", b"constant") not in (b"constant", "constant")
+            or len(pads) != 8
+            or any(pads[axis] or pads[axis + 4] for axis in (0, 1))
+            or min(pads) < 0
+            or source.layout != "nhwc"
+            or isinstance(source.logical, Rows)
+            or constant.size != 1
+            or float(constant[0]) != int(constant[0])
+        ):
+            raise NotLowerable(f"{node.name}: Pad is covered on a feature map's H and W, by a constant integer")
+        top, left, bottom, right = pads[2], pads[3], pads[6], pads[7]
+        _, channels, height, width = source.logical
+        logical = (1, channels, height + top + bottom, width + left + right)
+        target = self._target(node.output[0], logical, source.dtype)
+        if target.layout != "nhwc":
+            raise NotLowerable(f"{node.name}: Pad of a map to a single pixel")
+        around = target.pads
+        region = Stored(
+            None, source.logical, source.dtype, "nhwc",
+            (around[0] + top, around[1] + left, around[2] + bottom, around[3] + right), target.channels, int(constant[0]),
+        )  # fmt: skip
+        result_type = relax.TensorType(target.shape, target.dtype)
+        current = self.builder.emit(relax.call_tir(self._add_kernel(_fill_kernel(region), "pad"), [], result_type))
+        if any(around) or target.channels > channels:  # the readers' border, with their fill
+            border = self._add_kernel(_fill_kernel(target), "pad")
+            current = self.builder.emit(relax.call_tir_inplace(border, [current], 0, result_type))
+        copy = self._add_kernel(_copy_kernel(source, region, 0), "pad")
+        target.var = self.builder.emit(relax.call_tir_inplace(copy, [source.var, current], 1, result_type))
+        return target
 
     def _concat(self, node: onnx.NodeProto) -> Stored:
         """Concat along channels: the border written once, then each input copied into its channel range; or
@@ -1815,6 +1879,10 @@ def _anchor_kernel(
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)
+    if anchor.kind in ("colmean", "colsum"):
+        from qcompile.backends.tvm import sequence
+
+        return sequence.column_kernel(value, anchor, target)
     if anchor.kind == "intsoftmax":
         from qcompile.backends.tvm import sequence
 
@@ -2122,7 +2190,7 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
         correction = anchor.correction(taps.astype(np.int64).sum(axis=0))
     else:
         taps = np.zeros((1, channels), np.int32)
-        correction = np.zeros(channels, np.int32)
+        correction = np.zeros(channels, accumulator)
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     vector = channels % LANES == 0
     blocks = channels // LANES

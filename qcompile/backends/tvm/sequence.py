@@ -275,6 +275,55 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     return rowwise, [source, ints, halves, floats]
 
 
+def column_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """The mean ("colmean") or sum ("colsum") of float rows over all of them, one row out (a token
+    mean-pooling): 16 channels at a time down the rows, the last ``width % 16`` one lane at a time, epilogue
+    fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, channels, _, count = source.logical
+    if source.shape != (1, count, channels):
+        raise NotLowerable(f"a {anchor.kind} of rows stored as {source.shape}")
+    blocks, tail = divmod(channels, LANES)
+    start = blocks * LANES
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
+    factor = 1.0 / count if anchor.kind == "colmean" else 1.0
+
+    def finish(total: Any, column: Any, lanes: int, K64: Any, K32: Any, KF: Any) -> Any:
+        scaled = total * (tirx.Broadcast(tirx.const(factor, "float32"), lanes) if lanes > 1 else T.float32(factor))
+        return value.expression(epilogue_env(scaled, lambda i: None, (K64, K32, KF), where, column, lanes))
+
+    def columns(b: Any) -> Any:
+        return tirx.Ramp(b * LANES, 1, LANES)
+
+    whole = tirx.Ramp(0, 1, LANES)
+
+    @prim_func
+    def column_reduce(
+        X: T.Buffer(source.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        acc = T.alloc_buffer((LANES,), "float32", scope="global")
+        for b in range(blocks):
+            acc[whole] = T.Broadcast(T.float32(0), LANES)
+            for m in range(count):
+                acc[whole] = acc[whole] + X[0, m, columns(b)]
+            Y[store_index(target, 0, 0, columns(b))] = finish(acc[whole], columns(b), LANES, K64, K32, KF)
+        for t in range(tail):
+            acc[0] = T.float32(0)
+            for m in range(count):
+                acc[0] = acc[0] + X[0, m, start + t]
+            Y[store_index(target, 0, 0, start + t)] = finish(acc[0], start + t, 1, K64, K32, KF)
+
+    return column_reduce, [source, ints, halves, floats]
+
+
 def integer_softmax_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
     """The integer Softmax of :meth:`qcompile.backends.integer.arithmetic.Lowering.integer_softmax` over each
     row of int64 ``x`` (codes, or a rounded accumulator): ``e = table[clip(max(x) - x, 0, E - 1)]``, ``S = sum
