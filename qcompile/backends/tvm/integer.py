@@ -1282,10 +1282,8 @@ class _Lowering:
         if target.layout != "nhwc":
             raise NotLowerable(f"{node.name}: Pad of a map to a single pixel")
         around = target.pads
-        region = Stored(
-            None, source.logical, source.dtype, "nhwc",
-            (around[0] + top, around[1] + left, around[2] + bottom, around[3] + right), target.channels, int(constant[0]),
-        )  # fmt: skip
+        outside = (around[0] + top, around[1] + left, around[2] + bottom, around[3] + right)
+        region = Stored(None, source.logical, source.dtype, "nhwc", outside, target.channels, int(constant[0]))
         result_type = relax.TensorType(target.shape, target.dtype)
         current = self.builder.emit(relax.call_tir(self._add_kernel(_fill_kernel(region), "pad"), [], result_type))
         if any(around) or target.channels > channels:  # the readers' border, with their fill
