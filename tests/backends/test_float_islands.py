@@ -255,12 +255,13 @@ def test_grouped_convs_tables_and_activation_islands_run_on_the_kernels(flavor: 
     assert error <= max(measure.ISLAND_SPREAD_FACTOR * spread, measure.ISLAND_FLOOR) and cosine > 0.9999
 
 
-@pytest.mark.parametrize("pads", [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 2, 1, 0, 0, 0, 2]])
+@pytest.mark.parametrize("pads", [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 2, 1, 0, 0, 0, 2], [0] * 8])
 def test_an_explicit_pad_before_a_float_max_pool(flavor: object, pads: list[int]) -> None:
     """BiT's stem: a float conv, a Pad of zeros on H and W (its "same" padding, asymmetric), an unpadded max
     pool, then a padded conv reading the pool's output. Against onnxruntime with its graph optimizations
     off: onnxruntime's pad fusion folds the Pad into the MaxPool's own pads, which pool over -inf instead of
-    the zeros the graph pads with (measured here: up to 12 % of the output's range apart)."""
+    the zeros the graph pads with (measured here: up to 12 % of the output's range apart). A Pad of nothing
+    (Swin's exporters write one) passes its input on."""
     rng = np.random.default_rng(2)
     initializers = [
         numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),

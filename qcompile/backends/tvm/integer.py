@@ -1252,7 +1252,7 @@ class _Lowering:
             return Stored(None, logical, dtype, "nc")
         return Stored(None, logical, dtype, "nhwc", pads, channels, fill)
 
-    def _pad(self, node: onnx.NodeProto) -> Stored:
+    def _pad(self, node: onnx.NodeProto) -> Stored | Lazy:
         """Pad of a feature map's H and W by a constant (BiT's "same" padding before its max pool, on codes):
         the padded map written once in the layout its readers take. Its region outside the source is filled
         with the pad value, the readers' own border with theirs, and the source copied in."""
@@ -1262,6 +1262,8 @@ class _Lowering:
         if any(name not in self.constants for name in extra) or (len(node.input) > 3 and node.input[3]):
             raise NotLowerable(f"{node.name}: Pad is covered with constant pads and value, over every axis")
         pads = [int(p) for p in self.constants[node.input[1]].reshape(-1)]
+        if not any(pads):  # (exporters write Swin's pad-to-window-multiple even where it pads nothing)
+            return self.values[node.input[0]]
         constant = self.constants[node.input[2]].reshape(-1) if len(extra) > 1 else np.zeros(1)
         source = self._materialize(node.input[0])
         if (
