@@ -283,3 +283,41 @@ def test_an_explicit_pad_before_a_float_max_pool(flavor: object, pads: list[int]
     (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), options).run(None, feed)
     (produced,) = _run(model, flavor, feed)
     np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_a_batch_norm_left_after_a_linear_layer_runs_in_its_epilogue(flavor: object) -> None:
+    """LeViT's BatchNormalization over flattened tokens ``[N, C]`` after a linear layer (the normalizer folds
+    only the ones after a convolution), and one after a convolution kept as written: a per-channel affine in
+    the producer's epilogue, as onnxruntime computes it (float tolerance as above)."""
+    rng = np.random.default_rng(4)
+
+    def statistics(prefix: str, channels: int) -> list[onnx.TensorProto]:
+        values = {
+            "gamma": rng.standard_normal(channels), "beta": rng.standard_normal(channels),
+            "mean": rng.standard_normal(channels), "var": rng.uniform(0.5, 2.0, channels),
+        }  # fmt: skip
+        return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}_{k}") for k, v in values.items()]
+
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((12, 24)).astype(np.float32), "w_fc"),
+        numpy_helper.from_array(np.array([12, 12], np.int64), "tokens"),
+        numpy_helper.from_array(np.array([1, 12, 24], np.int64), "batched"),
+        *statistics("conv", 8),
+        *statistics("fc", 24),
+    ]
+    bn = ["gamma", "beta", "mean", "var"]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c", *(f"conv_{k}" for k in bn)], ["normalized"]),
+        helper.make_node("Relu", ["normalized"], ["features"]),
+        helper.make_node("Reshape", ["x", "tokens"], ["rows"]),  # (a 2-D view of the image's values)
+        helper.make_node("MatMul", ["rows", "w_fc"], ["projected"]),
+        helper.make_node("BatchNormalization", ["projected", *(f"fc_{k}" for k in bn)], ["tokens_normalized"]),
+        helper.make_node("Reshape", ["tokens_normalized", "batched"], ["y"]),
+    ]
+    model = _model(nodes, initializers, [1, 1, 12, 12], {"features": [1, 8, 6, 6], "y": [1, 12, 24]})
+    feed = {"x": rng.standard_normal((1, 1, 12, 12)).astype(np.float32)}
+    expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
+        np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))

@@ -246,6 +246,8 @@ class _Lowering:
             self.values[output] = self._concat(node)
         elif op == "Pad":
             self.values[output] = self._pad(node)
+        elif op == "BatchNormalization":
+            self.values[output] = self._batch_norm(node)
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
@@ -573,6 +575,28 @@ class _Lowering:
             return gate if op == "HardSigmoid" else x * gate
 
         return Lazy(inner.logical, "float32", function, inner.anchor, inner.leaves, inner.constants)
+
+    def _batch_norm(self, node: onnx.NodeProto) -> Lazy:
+        """Inference BatchNormalization the normalizer could not fold into a convolution (LeViT's, after a
+        linear layer on flattened tokens): ``x * a + b`` per channel, in the producer's epilogue."""
+        inner = self._as_lazy(self.values[node.input[0]])
+        parameters = [self.constants.get(name) for name in node.input[1:5]]
+        channels = inner.logical[1]
+        if inner.dtype != "float32" or any(item is None or item.size != channels for item in parameters):
+            raise NotLowerable(f"{node.name}: BatchNormalization is covered on floats, with constant [C] statistics")
+        if any(name for name in node.output[1:]):
+            raise NotLowerable(f"{node.name}: BatchNormalization's training outputs")
+        if len(self._shape(node.input[0])) > 2 and isinstance(inner.logical, Rows):
+            raise NotLowerable(f"{node.name}: BatchNormalization over the channels of row-major [N, C, L] data")
+        gamma, beta, mean, variance = (np.asarray(item, np.float64).reshape(-1) for item in parameters)  # type: ignore[arg-type]
+        scale = gamma / np.sqrt(variance + float(node_attributes(node).get("epsilon", 1e-5)))
+        row = len(inner.constants)
+        constants = [*inner.constants, scale.astype(np.float32), (beta - mean * scale).astype(np.float32)]
+
+        def affine(env: Env) -> Any:
+            return inner.expression(env) * env.constant(row) + env.constant(row + 1)
+
+        return Lazy(inner.logical, "float32", affine, inner.anchor, inner.leaves, constants)
 
     def _table_lookup(self, node: onnx.NodeProto) -> Lazy:
         """A 256-entry uint8 table read at codes (a function of one activation: sigmoid, tanh, hard swish, GELU):
