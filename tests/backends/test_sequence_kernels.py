@@ -371,6 +371,33 @@ def test_an_all_zero_attention_mask_is_read_as_a_scalar(flavor: object) -> None:
         np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE)
 
 
+def test_tokens_reshaped_into_a_map_feed_a_convolution(flavor: object) -> None:
+    """SegFormer's and CvT's ``[1, HW, C]`` tokens transposed and reshaped to ``[1, C, H, W]`` for a padded
+    convolution, then flattened back into tokens: as onnxruntime computes it (float tolerance)."""
+    rng = np.random.default_rng(9)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 24, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([1, 24, 4, 4], np.int64), "map"),
+        numpy_helper.from_array(np.array([1, 8, 16], np.int64), "flat"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["channels_first"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["channels_first", "map"], ["image"]),
+        helper.make_node("Conv", ["image", "w"], ["mixed"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["mixed", "flat"], ["flattened"]),
+        helper.make_node("Transpose", ["flattened"], ["y"], perm=[0, 2, 1]),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 16, 24])}, {"y": (TensorProto.FLOAT, [1, 16, 8])})
+    vm, kinds = _build(model, flavor)
+    assert "conv" in kinds
+    feed = {"x": rng.standard_normal((1, 16, 24)).astype(np.float32)}
+    (ours,) = _run(vm, feed)
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
 def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     """Tanh of a float island (GPT-2's GELU) by its exp form, over large, small and near-zero arguments: within
     3e-7 of onnxruntime's, absolutely (outputs in [-1, 1]: ours is within 1.2e-7 of the exact value, and

@@ -124,6 +124,7 @@ class _Lowering:
         self.count = 0
         self.shapes = _static_shapes(model)
         self.fused: set[str] = set()  # outputs of nodes another node's kernel computes
+        self.images: dict[str, Stored] = {}  # row-major values as the NHWC maps convolutions read
 
     # -- padding each stored tensor gets: the largest its padded readers need
     def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
@@ -632,6 +633,23 @@ class _Lowering:
             return self.nhwc[name]
         return self._materialize(name)
 
+    def _image_of_rows(self, name: str, source: Stored) -> Stored:
+        """A row-major value of ONNX shape ``[1, C, H, W]`` (tokens turned back into a map: SegFormer's and
+        CvT's ``[1, HW, C]`` transposed and reshaped) as the NHWC map a convolution reads: one gather into H,
+        W, C order, then the map with the border its readers need."""
+        shape = self._shape(name)
+        if len(shape) != 4 or shape[0] != 1:
+            raise NotLowerable(f"{name}: a convolution of row-major data of shape {list(shape)}")
+        if name not in self.images:
+            _, channels, height, width = shape
+            order = np.arange(channels * height * width, dtype=np.int64).reshape(shape).transpose(0, 2, 3, 1)
+            rows = self._gathered(source, order)
+            image = self._rows_as_image(rows, (1, height, width, channels), [0, 3, 1, 2], name)
+            if image is None:
+                raise NotLowerable(f"{name}: a convolution of row-major data that is not contiguous")
+            self.images[name] = image
+        return self.images[name]
+
     def _float_weights(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
         """A float layer's constant float32 weights and bias (None: no bias)."""
         weights = self.constants.get(node.input[1])
@@ -658,6 +676,8 @@ class _Lowering:
             zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
         if weights.ndim != 4:
             raise NotLowerable(f"{node.name}: a {weights.ndim - 2}-D convolution (2-D ones are covered)")
+        if isinstance(source.logical, Rows):
+            source = self._image_of_rows(node.input[0], source)
         if any(d != 1 for d in attributes.get("dilations", [1, 1])) or attributes.get("auto_pad", b"NOTSET") not in (
             b"NOTSET",
             "NOTSET",
