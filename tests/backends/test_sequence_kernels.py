@@ -249,8 +249,8 @@ def test_a_fused_projection_is_split_and_cubed_as_gpt2_does(flavor: object) -> N
 @pytest.mark.parametrize("width", [5, 17, 40])  # under one vector, a ViT's 16 patches + class token, 2.5 vectors
 def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
     """LayerNorm, Softmax and ReduceMean over rows whose width is not a multiple of 16 (the last ``width % 16``
-    channels go one lane at a time), and the mean and sum over the tokens (mean-pooling, an epilogue after the
-    sum): as onnxruntime computes them, within the float tolerance."""
+    channels go one lane at a time), and the mean, sum and 2-norm over the tokens (mean-pooling, an epilogue
+    after the sum, ConvNeXt V2's response norm): as onnxruntime computes them, within the float tolerance."""
     rng = np.random.default_rng(width)
     initializers = [
         numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "gamma"),
@@ -265,6 +265,7 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
         helper.make_node("ReduceMean", ["x", "tokens"], ["pooled"], keepdims=0),
         helper.make_node("ReduceSum", ["x", "tokens"], ["summed"], keepdims=1),
         helper.make_node("Mul", ["summed", "gamma"], ["scaled"]),
+        helper.make_node("ReduceL2", ["x", "tokens"], ["norm"], keepdims=1),
     ]
     shape = [1, 7, width]
     model = _model(
@@ -277,10 +278,11 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
             "mean": (TensorProto.FLOAT, [1, 7, 1]),
             "pooled": (TensorProto.FLOAT, [1, width]),
             "scaled": (TensorProto.FLOAT, [1, 1, width]),
+            "norm": (TensorProto.FLOAT, [1, 1, width]),
         },
     )
     vm, kinds = _build(model, flavor)
-    assert {"layernorm", "softmax", "rowmean", "colmean", "colsum"} <= set(kinds), kinds
+    assert {"layernorm", "softmax", "rowmean", "colmean", "colsum", "coll2"} <= set(kinds), kinds
     feed = {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):

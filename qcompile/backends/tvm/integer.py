@@ -233,7 +233,7 @@ class _Lowering:
             return
         elif op == "MaxPool":
             self.values[output] = self._max_pool(node)
-        elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean", "AveragePool"):
+        elif op in ("ReduceSum", "GlobalAveragePool", "ReduceMean", "AveragePool", "ReduceL2"):
             self.values[output] = self._reduce(node)
         elif op in ("Reshape", "Flatten") and self._cnn_reshape(node):
             self.values[output] = self._reshape(node)
@@ -860,6 +860,8 @@ class _Lowering:
         mean = node.op_type != "ReduceSum"
         if isinstance(self.values[node.input[0]].logical, Rows):
             return self._row_reduce(node)
+        if node.op_type == "ReduceL2":
+            raise NotLowerable(f"{node.name}: ReduceL2 is covered over the leading axes of row-major data")
         source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
         attributes = node_attributes(node)
         if node.op_type == "AveragePool":  # one window over the whole map (pooling heads written with a big kernel)
@@ -895,19 +897,18 @@ class _Lowering:
         axes = axes or [int(a) for a in attributes.get("axes", [])]
         axes = sorted(a % len(shape) for a in axes)
         mean = node.op_type == "ReduceMean"
-        if node.op_type not in ("ReduceMean", "ReduceSum"):
-            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean or a sum")
-        if (
-            len(shape) > 1
-            and axes == list(range(len(shape) - 1)[-len(axes) :])
-            and all(d == 1 for d in shape[: axes[0]])
-        ):
-            # over every leading axis after the ones (a token mean-pooling [1, S, D] -> [1, D]): one row out
+        if node.op_type not in ("ReduceMean", "ReduceSum", "ReduceL2"):
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean, a sum or a 2-norm")
+        leading = list(range(len(shape) - 1))[-len(axes) :] if axes else []
+        if len(shape) > 1 and axes and axes == leading and all(d == 1 for d in shape[: axes[0]]):
+            # over every leading axis after the ones (a token mean-pooling [1, S, D] -> [1, D], ConvNeXt V2's
+            # response norm over H, W of [1, H, W, C]): one row out
             source = self._float_input(node.input[0])
             logical = Rows((1, source.logical[1], 1, 1))
-            return Lazy(
-                logical, "float32", _source, Anchor("colmean" if mean else "colsum", source, logical, "float32")
-            )
+            kind = {"ReduceMean": "colmean", "ReduceSum": "colsum", "ReduceL2": "coll2"}[node.op_type]
+            return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
+        if node.op_type == "ReduceL2":
+            raise NotLowerable(f"{node.name}: ReduceL2 is covered over the leading axes of row-major data")
         if axes != [len(shape) - 1]:
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis or the tokens")
         if not attributes.get("keepdims", 1):
@@ -1923,7 +1924,7 @@ def _anchor_kernel(
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)
-    if anchor.kind in ("colmean", "colsum"):
+    if anchor.kind in ("colmean", "colsum", "coll2"):
         from qcompile.backends.tvm import sequence
 
         return sequence.column_kernel(value, anchor, target)

@@ -276,9 +276,9 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
 
 
 def column_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
-    """The mean ("colmean") or sum ("colsum") of float rows over all of them, one row out (a token
-    mean-pooling): 16 channels at a time down the rows, the last ``width % 16`` one lane at a time, epilogue
-    fused."""
+    """The mean ("colmean"), sum ("colsum") or 2-norm ("coll2") of float rows over all of them, one row out (a
+    token mean-pooling, ConvNeXt V2's response norm): 16 channels at a time down the rows, the last ``width %
+    16`` one lane at a time, epilogue fused."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -291,8 +291,16 @@ def column_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, lis
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     factor = 1.0 / count if anchor.kind == "colmean" else 1.0
 
+    norm = anchor.kind == "coll2"
+
+    def term(x: Any) -> Any:
+        return x * x if norm else x
+
     def finish(total: Any, column: Any, lanes: int, K64: Any, K32: Any, KF: Any) -> Any:
-        scaled = total * (tirx.Broadcast(tirx.const(factor, "float32"), lanes) if lanes > 1 else T.float32(factor))
+        if norm:
+            scaled = tirx.sqrt(total)
+        else:
+            scaled = total * (tirx.Broadcast(tirx.const(factor, "float32"), lanes) if lanes > 1 else T.float32(factor))
         return value.expression(epilogue_env(scaled, lambda i: None, (K64, K32, KF), where, column, lanes))
 
     def columns(b: Any) -> Any:
@@ -313,12 +321,12 @@ def column_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, lis
         for b in range(blocks):
             acc[whole] = T.Broadcast(T.float32(0), LANES)
             for m in range(count):
-                acc[whole] = acc[whole] + X[0, m, columns(b)]
+                acc[whole] = acc[whole] + term(X[0, m, columns(b)])
             Y[store_index(target, 0, 0, columns(b))] = finish(acc[whole], columns(b), LANES, K64, K32, KF)
         for t in range(tail):
             acc[0] = T.float32(0)
             for m in range(count):
-                acc[0] = acc[0] + X[0, m, start + t]
+                acc[0] = acc[0] + term(X[0, m, start + t])
             Y[store_index(target, 0, 0, start + t)] = finish(acc[0], start + t, 1, K64, K32, KF)
 
     return column_reduce, [source, ints, halves, floats]
