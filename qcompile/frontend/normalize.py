@@ -557,6 +557,51 @@ def _fold_weight_transposes(model: ir.Model) -> int:
     return folded
 
 
+def _fold_constant_splits(model: ir.Model) -> int:
+    """Fold ``Split`` nodes whose inputs are all constants into one initializer per output (onnxscript's
+    folder skips ops with several outputs): a packed query / key / value weight split at run time. Returns
+    how many were folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+            continue
+        inputs = [value for value in node.inputs if value is not None]
+        if not inputs or any(value.const_value is None or value.is_graph_input() for value in inputs):
+            continue
+        if any(value.is_graph_output() for value in node.outputs):
+            continue
+        names = [f"i{index}" if value is not None else "" for index, value in enumerate(node.inputs)]
+        proto = ir.serde.serialize_node(node)
+        single = onnx.helper.make_node("Split", names, [f"o{k}" for k in range(len(node.outputs))])
+        single.attribute.extend(proto.attribute)
+        graph = onnx.helper.make_graph(
+            [single], "split", [], [onnx.helper.make_tensor_value_info(o, 0, None) for o in single.output]
+        )
+        evaluator = ReferenceEvaluator(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", model.opset_imports.get("", 18))])
+        )
+        feeds = {
+            name: value.const_value.numpy()
+            for name, value in zip(names, node.inputs, strict=True)
+            if value is not None and value.const_value is not None
+        }
+        parts = evaluator.run(None, feeds)
+        for output, part in zip(node.outputs, parts, strict=True):
+            array = np.ascontiguousarray(part)
+            constant = ir.Value(
+                name=f"{output.name}_folded", shape=ir.Shape(array.shape), type=output.type,
+                const_value=ir.tensor(array, name=f"{output.name}_folded"),
+            )  # fmt: skip
+            model.graph.register_initializer(constant)
+            for use in list(output.uses()):
+                use.node.replace_input_with(use.idx, constant)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
 # A ConstantOfShape of at most this many elements is folded (onnxscript keeps every ConstantOfShape, so that a
 # large fill does not bloat the file). Exporters build padding amounts and reshape targets from small ones; left
 # in, they keep whole shape computations (ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Pad pads)
@@ -564,9 +609,21 @@ def _fold_weight_transposes(model: ir.Model) -> int:
 SMALL_FILL = 1024
 
 
+# Ops that only move or cut their input: folded on constants of any size (onnxscript's folder skips inputs
+# above 1024 elements by default), since the result is no larger than what it reads. A SigLIP attention
+# pooling head splits and transposes its in_proj_weight (96 x 32 in the corpus, 2304 x 768 in a base model)
+# at run time; left unfolded, the weights were quantized as activations and no kernel read them as weights.
+MOVEMENT_FOLDED = frozenset({"Transpose", "Split", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Flatten", "Concat"})
+
+
 def _fold_small_fills(node: ir.Node) -> bool | None:
-    """``should_fold`` for onnxscript's folder: True for a small ConstantOfShape, else its default rules."""
-    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+    """``should_fold`` for onnxscript's folder (asked once every input is a constant): True for a small
+    ConstantOfShape and for a movement op (:data:`MOVEMENT_FOLDED`), else its default rules."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in MOVEMENT_FOLDED:
+        return True
+    if node.op_type != "ConstantOfShape":
         return None
     shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
     if shape is None:
@@ -611,6 +668,7 @@ def normalize(
         _reduce_axes_to_inputs(model)
         logger.info("%s: converted opset %s to %d", name, opset, CANONICAL_OPSET)
     try:
+        _fold_constant_splits(model)
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_fills)
         _fold_weight_transposes(model)
         _explicit_valid_padding(model)

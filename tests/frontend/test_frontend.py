@@ -395,3 +395,34 @@ def test_tied_lm_head_gets_its_own_transposed_weight(tmp_path: Path) -> None:
     ids = {"ids": np.array([[0, 5, 77, 1099]], np.int64)}
     expected = execution.session(proto).run(None, ids)[0]
     np.testing.assert_array_equal(execution.session(model).run(None, ids)[0], expected)
+
+
+def test_weights_split_and_transposed_at_run_time_are_folded(tmp_path: Path) -> None:
+    """A SigLIP pooling head splits its packed ``in_proj_weight`` and transposes each part at run time: the
+    Split and Transposes fold (beyond onnxscript's 1024-element limit), so each MatMul reads a constant weight
+    that is quantized as one. The outputs are unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    packed = np.random.default_rng(1).standard_normal((96, 32)).astype(np.float32)  # 3072 elements
+    nodes = [helper.make_node("Split", ["packed", "sizes"], ["wq", "wk", "wv"], axis=0)]
+    for name in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("Transpose", [f"w{name}"], [f"w{name}_t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", f"w{name}_t"], [name]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "packed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 32])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 5, 32]) for name in "qkv"],
+        [numpy_helper.from_array(packed, "packed"), numpy_helper.from_array(np.array([32, 32, 32], np.int64), "sizes")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = frontend.load(save_model(proto, tmp_path / "packed.onnx"))
+    assert [node.op_type for node in model.graph] == ["MatMul"] * 3
+    assert all(node.inputs[1] is not None and node.inputs[1].const_value is not None for node in model.graph)
+    feed = {"x": np.random.default_rng(2).standard_normal((1, 5, 32)).astype(np.float32)}
+    for ours, expected in zip(
+        execution.session(model).run(None, feed), execution.session(proto).run(None, feed), strict=True
+    ):
+        np.testing.assert_array_equal(ours, expected)
