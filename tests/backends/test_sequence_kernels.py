@@ -400,6 +400,60 @@ def test_tokens_reshaped_into_a_map_feed_a_convolution(flavor: object) -> None:
     np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
+@pytest.mark.parametrize(("exclusive", "reverse"), [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_position_ids_counted_from_the_padding_mask(flavor: object, exclusive: int, reverse: int) -> None:
+    """RoBERTa's position ids: ``cumsum(ids != pad) * (ids != pad) + pad``, a CumSum along the tokens of an
+    int32 mask computed at run time (and CumSum's exclusive and reverse forms): equal to onnxruntime's."""
+    initializers = [
+        numpy_helper.from_array(np.array(1, np.int64), "pad"),
+        numpy_helper.from_array(np.array(1, np.int64), "axis"),
+    ]
+    nodes = [
+        helper.make_node("Equal", ["ids", "pad"], ["is_pad"]),
+        helper.make_node("Not", ["is_pad"], ["real"]),
+        helper.make_node("Cast", ["real"], ["mask"], to=TensorProto.INT32),
+        helper.make_node("CumSum", ["mask", "axis"], ["counted"], exclusive=exclusive, reverse=reverse),
+        helper.make_node("Mul", ["counted", "mask"], ["kept"]),
+        helper.make_node("Cast", ["kept"], ["kept64"], to=TensorProto.INT64),
+        helper.make_node("Add", ["kept64", "pad"], ["positions"]),
+    ]
+    model = _model(
+        nodes, initializers, {"ids": (TensorProto.INT64, [1, 20])}, {"positions": (TensorProto.INT64, [1, 20])}
+    )
+    vm, kinds = _build(model, flavor)
+    assert "cumsum" in kinds
+    ids = np.random.default_rng(10).integers(0, 50, (1, 20)).astype(np.int64)
+    ids[0, 14:] = 1  # padding at the end
+    ids[0, 3] = 1
+    (ours,) = _run(vm, {"ids": ids})
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(ours, session.run(None, {"ids": ids})[0])
+
+
+def test_row_major_data_is_padded_along_the_tokens(flavor: object) -> None:
+    """MobileBERT's trigram embedding pads the token embeddings by one token at either end (a gather whose
+    padded positions read the pad value): equal to onnxruntime's."""
+    rng = np.random.default_rng(11)
+    initializers = [
+        numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 0], np.int64), "front"),
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 1, 0], np.int64), "back"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "value"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Pad", ["r", "front", "value"], ["shifted"], mode="constant"),
+        helper.make_node("Pad", ["r", "back"], ["unshifted"], mode="constant"),
+        helper.make_node("Add", ["shifted", "unshifted"], ["y"]),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 6, 16])}, {"y": (TensorProto.FLOAT, [1, 7, 16])})
+    vm, kinds = _build(model, flavor)
+    assert kinds.count("gather") == 2, kinds
+    feed = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32)}
+    (ours,) = _run(vm, feed)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(ours, session.run(None, feed)[0])
+
+
 def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     """Tanh of a float island (GPT-2's GELU) by its exp form, over large, small and near-zero arguments: within
     3e-7 of onnxruntime's, absolutely (outputs in [-1, 1]: ours is within 1.2e-7 of the exact value, and

@@ -249,6 +249,8 @@ class _Lowering:
             self.values[output] = self._pad(node)
         elif op == "BatchNormalization":
             self.values[output] = self._batch_norm(node)
+        elif op == "CumSum":
+            self.values[output] = self._cumsum(node)
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         value = self.values[output]
@@ -576,6 +578,21 @@ class _Lowering:
             return gate if op == "HardSigmoid" else x * gate
 
         return Lazy(inner.logical, "float32", function, inner.anchor, inner.leaves, inner.constants)
+
+    def _cumsum(self, node: onnx.NodeProto) -> Lazy:
+        """CumSum along the last axis of row-major data (RoBERTa's and MPNet's position ids, counted from the
+        padding mask): a scan along each row in the input's dtype, epilogue fused."""
+        shape = self._shape(node.input[0])
+        axis = self.constants.get(node.input[1])
+        if not shape or axis is None or axis.size != 1 or int(axis.reshape(-1)[0]) % len(shape) != len(shape) - 1:
+            raise NotLowerable(f"{node.name}: CumSum is covered along the last axis, by a constant axis")
+        source = self._materialize(node.input[0])
+        if not isinstance(source.logical, Rows) or source.row_map or source.channels != source.logical[1]:
+            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape))
+        attributes = node_attributes(node)
+        terms = (int(attributes.get("exclusive", 0)), int(attributes.get("reverse", 0)))
+        anchor = Anchor("cumsum", source, source.logical, source.dtype, terms=terms)
+        return Lazy(source.logical, source.dtype, _source, anchor)
 
     def _batch_norm(self, node: onnx.NodeProto) -> Lazy:
         """Inference BatchNormalization the normalizer could not fold into a convolution (LeViT's, after a
@@ -1032,8 +1049,9 @@ class _Lowering:
             fitted.append(self._gathered(stored, index))
         return fitted
 
-    def _gathered(self, source: Stored, index: np.ndarray) -> Stored:
-        """``source`` (flat) read at the positions ``index`` holds, as a row-major tensor of ``index``'s shape."""
+    def _gathered(self, source: Stored, index: np.ndarray, fill: float | None = None) -> Stored:
+        """``source`` (flat) read at the positions ``index`` holds, as a row-major tensor of ``index``'s shape;
+        with a ``fill``, positions -1 read that value (a Pad)."""
         from qcompile.backends.tvm import sequence
 
         relax = self.relax
@@ -1044,13 +1062,14 @@ class _Lowering:
             if identity and index.shape[-1:] == (channels,):  # a reshape of the view's rows: still a view
                 return dataclasses.replace(source, logical=rows_logical(tuple(index.shape)))
             rows = source.source_rows(np.arange(size // channels))
-            index = ((rows * channels)[:, None] + np.arange(channels)).reshape(-1)[index]  # into the viewed tensor
+            viewed = ((rows * channels)[:, None] + np.arange(channels)).reshape(-1)  # into the viewed tensor
+            index = np.where(index < 0, -1, viewed[np.maximum(index, 0)])
             identity = False
         flat = self._flat(source)
         if identity:
             return self._as_rows(flat, tuple(index.shape), source.dtype)  # a reshape: no data moves
         positions = np.ascontiguousarray(index.reshape(-1).astype(np.int32))
-        gvar = self._add_kernel(sequence.gather_kernel(size, positions, source.dtype), "gather")
+        gvar = self._add_kernel(sequence.gather_kernel(size, positions, source.dtype, fill), "gather")
         result_type = relax.TensorType((positions.size,), source.dtype)
         out = self.builder.emit(relax.call_tir(gvar, [flat, relax.const(positions, "int32")], result_type))
         return self._as_rows(out, tuple(index.shape), source.dtype)
@@ -1310,9 +1329,20 @@ class _Lowering:
         if not any(pads):  # (exporters write Swin's pad-to-window-multiple even where it pads nothing)
             return self.values[node.input[0]]
         constant = self.constants[node.input[2]].reshape(-1) if len(extra) > 1 else np.zeros(1)
+        constant_mode = attributes.get("mode", b"constant") in (b"constant", "constant")
+        if isinstance(self.values[node.input[0]].logical, Rows):
+            # row-major data (MobileBERT's shifted token embeddings): a gather whose padded positions read
+            # the pad value
+            shape = self._shape(node.input[0])
+            if not constant_mode or len(pads) != 2 * len(shape) or min(pads) < 0 or constant.size != 1:
+                raise NotLowerable(f"{node.name}: Pad of row-major data is covered by a constant, outward")
+            source = self._moved_source(node.input[0])
+            positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+            widths = list(zip(pads[: len(shape)], pads[len(shape) :], strict=True))
+            return self._gathered(source, np.pad(positions, widths, constant_values=-1), float(constant[0]))
         source = self._materialize(node.input[0])
         if (
-            attributes.get("mode", b"constant") not in (b"constant", "constant")
+            not constant_mode
             or len(pads) != 8
             or any(pads[axis] or pads[axis + 4] for axis in (0, 1))
             or min(pads) < 0
@@ -1924,6 +1954,10 @@ def _anchor_kernel(
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)
+    if anchor.kind == "cumsum":
+        from qcompile.backends.tvm import sequence
+
+        return sequence.cumsum_kernel(value, anchor, target)
     if anchor.kind in ("colmean", "colsum", "coll2"):
         from qcompile.backends.tvm import sequence
 

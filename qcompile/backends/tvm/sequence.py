@@ -101,18 +101,25 @@ def fast_erf(x: Any, lanes: int) -> Any:
     return tirx.Select(x < const(0.0), const(0.0) - y, y)
 
 
-def gather_kernel(size: int, index: np.ndarray, dtype: str) -> Any:
-    """``Y[i] = X[index[i]]`` over flat buffers (``index`` an int32 constant argument)."""
+def gather_kernel(size: int, index: np.ndarray, dtype: str, fill: float | None = None) -> Any:
+    """``Y[i] = X[index[i]]`` over flat buffers (``index`` an int32 constant argument); with a ``fill``, an
+    index of -1 reads that value instead (a Pad)."""
+    from tvm import tirx
     from tvm.script import tirx as T
 
     count = int(index.size)
     outer = loop_for(count)
 
+    def read(X: Any, at: Any) -> Any:
+        if fill is None:
+            return X[at]
+        return tirx.Select(at < 0, tirx.const(fill, dtype), X[tirx.max(at, 0)])
+
     @prim_func
     def gather(X: T.Buffer((size,), dtype), At: T.Buffer((count,), "int32"), Y: T.Buffer((count,), dtype)):
         T.func_attr({"tir.noalias": True})
         for i in outer(count):
-            Y[i] = X[At[i]]
+            Y[i] = read(X, At[i])
 
     return gather
 
@@ -330,6 +337,48 @@ def column_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, lis
             Y[store_index(target, 0, 0, start + t)] = finish(acc[0], start + t, 1, K64, K32, KF)
 
     return column_reduce, [source, ints, halves, floats]
+
+
+def cumsum_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """CumSum along each row (``anchor.terms``: exclusive, reverse), summed in the input's dtype as onnxruntime
+    and numpy sum it, one element at a time; epilogue fused."""
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    _, channels, _, count = source.logical
+    if source.shape != (1, count, channels):
+        raise NotLowerable(f"a cumulative sum of rows stored as {source.shape}")
+    exclusive, reverse = (bool(term) for term in anchor.terms)
+    dtype = source.dtype
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
+
+    def finish(total: Any, column: Any, K64: Any, K32: Any, KF: Any) -> Any:
+        return value.expression(epilogue_env(total, lambda i: None, (K64, K32, KF), where, column, 1))
+
+    def column(t: Any) -> Any:
+        return channels - 1 - t if reverse else t
+
+    @prim_func
+    def cumsum(
+        X: T.Buffer(source.shape, dtype),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for m in range(count):
+            acc = T.alloc_buffer((1,), dtype, scope="global")
+            acc[0] = T.Cast(dtype, 0)
+            for t in range(channels):
+                if exclusive:
+                    Y[store_index(target, 0, m, column(t))] = finish(acc[0], column(t), K64, K32, KF)
+                    acc[0] = acc[0] + X[0, m, column(t)]
+                else:
+                    acc[0] = acc[0] + X[0, m, column(t)]
+                    Y[store_index(target, 0, m, column(t))] = finish(acc[0], column(t), K64, K32, KF)
+
+    return cumsum, [source, ints, halves, floats]
 
 
 def integer_softmax_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
