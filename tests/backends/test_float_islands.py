@@ -321,3 +321,46 @@ def test_a_batch_norm_left_after_a_linear_layer_runs_in_its_epilogue(flavor: obj
     expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
     for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
         np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))
+
+
+def test_one_dimensional_convolutions_run_as_maps_of_height_one(flavor: object) -> None:
+    """An audio front end as wav2vec2 / Whisper / ConvBERT write one: a waveform ``[1, L]`` unsqueezed to one
+    channel, a strided Conv1d, ReLU, a padded strided Conv1d, a depthwise Conv1d, then both the tokens
+    ``[1, L', C]`` (a Transpose into a LayerNorm) and a ``[1, C, L']`` sum as outputs: as onnxruntime computes
+    them (float tolerance as above)."""
+    rng = np.random.default_rng(5)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 1, 10)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((12, 8, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((12, 1, 5)).astype(np.float32), "wd"),
+        numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "beta"),
+        numpy_helper.from_array(np.array([1], np.int64), "channel_axis"),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", ["wave", "channel_axis"], ["x"]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[5]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2], pads=[1, 1]),
+        helper.make_node("Conv", ["c2", "wd"], ["c3"], pads=[2, 2], group=12),
+        helper.make_node("Transpose", ["c3"], ["tokens"], perm=[0, 2, 1]),
+        helper.make_node("LayerNormalization", ["tokens", "gamma", "beta"], ["y"], axis=-1),
+        helper.make_node("Add", ["c2", "c3"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "audio",
+        [helper.make_tensor_value_info("wave", TensorProto.FLOAT, [1, 160])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 12]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 12, 16]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = execution.ORT_IR_VERSION
+    feed = {"wave": rng.standard_normal((1, 160)).astype(np.float32)}
+    expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
+        assert produced.shape == wanted.shape
+        np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))

@@ -134,6 +134,10 @@ class _Lowering:
                 continue
             attributes = node_attributes(node)
             node_pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
+            if len(node_pads) == 2:  # a 1-D convolution runs as a 2-D one of height 1
+                node_pads = (0, node_pads[0], 0, node_pads[1])
+            if len(node_pads) != 4:
+                continue
             top, left, bottom, right = node_pads[0], node_pads[1], node_pads[2], node_pads[3]
             pads = (max(pads[0], top), max(pads[1], left), max(pads[2], bottom), max(pads[3], right))
             if node.op_type == "ConvInteger":
@@ -188,6 +192,9 @@ class _Lowering:
                         continue
                     if value.layout == "nhwc":  # the graph's layout out
                         value = self._to_nchw(value, name)
+                        if len(self._shape(name)) == 3:  # a 1-D convolution's [1, C, L], stored of height 1
+                            results.append(relax.op.reshape(value.var, self._shape(name)))
+                            continue
                     results.append(value.var)
                 result = self.builder.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
             self.builder.emit_func_output(result)
@@ -652,9 +659,11 @@ class _Lowering:
 
     def _image_of_rows(self, name: str, source: Stored) -> Stored:
         """A row-major value of ONNX shape ``[1, C, H, W]`` (tokens turned back into a map: SegFormer's and
-        CvT's ``[1, HW, C]`` transposed and reshaped) as the NHWC map a convolution reads: one gather into H,
-        W, C order, then the map with the border its readers need."""
+        CvT's ``[1, HW, C]`` transposed and reshaped) or ``[1, C, L]`` (a 1-D convolution's input) as the NHWC
+        map a convolution reads: one gather into H, W, C order, then the map with the border its readers need."""
         shape = self._shape(name)
+        if len(shape) == 3:  # [1, C, L]: the map of height 1 a 1-D convolution reads
+            shape = (shape[0], shape[1], 1, shape[2])
         if len(shape) != 4 or shape[0] != 1:
             raise NotLowerable(f"{name}: a convolution of row-major data of shape {list(shape)}")
         if name not in self.images:
@@ -691,8 +700,16 @@ class _Lowering:
             if len(node.input) > 3 and node.input[3] and np.any(self.constants[node.input[3]]):
                 raise NotLowerable(f"{node.name}: weight zero points are not covered (weights are symmetric)")
             zero = int(self.constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        if weights.ndim == 3:  # over one axis (audio front ends, ConvBERT): a 2-D convolution of height 1
+            weights = weights[:, :, None, :]
+            attributes = {
+                **attributes,
+                "pads": [0, *attributes.get("pads", [0, 0])[:1], 0, *attributes.get("pads", [0, 0])[1:]],
+                "strides": [1, *attributes.get("strides", [1])],
+                "dilations": [1, *attributes.get("dilations", [1])],
+            }
         if weights.ndim != 4:
-            raise NotLowerable(f"{node.name}: a {weights.ndim - 2}-D convolution (2-D ones are covered)")
+            raise NotLowerable(f"{node.name}: a {weights.ndim - 2}-D convolution (1-D and 2-D ones are covered)")
         if isinstance(source.logical, Rows):
             source = self._image_of_rows(node.input[0], source)
         if any(d != 1 for d in attributes.get("dilations", [1, 1])) or attributes.get("auto_pad", b"NOTSET") not in (
@@ -1045,8 +1062,7 @@ class _Lowering:
             if isinstance(stored.logical, Rows) and stored.logical[1] == 1 and padded[:-1] == shape[:-1]:
                 fitted.append(stored)  # one value per row (a norm's statistic), read at every channel
                 continue
-            index = np.broadcast_to(np.arange(int(np.prod(own)), dtype=np.int64).reshape(own), shape)
-            fitted.append(self._gathered(stored, index))
+            fitted.append(self._gathered(stored, np.broadcast_to(_positions(stored, own), shape)))
         return fitted
 
     def _gathered(self, source: Stored, index: np.ndarray, fill: float | None = None) -> Stored:
@@ -1117,13 +1133,7 @@ class _Lowering:
         """The movement op ``node`` applied (by onnxruntime, now) to where each element of ``source`` is
         stored, with its constant parameters ``extra``: one index map per output, for :meth:`_gathered`."""
         data = node.input[0]
-        shape = self._shape(data)
-        positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
-        if source.layout == "nhwc" and not isinstance(source.logical, Rows) and len(shape) == 4:
-            # an image's bytes are in H, W, C order: each NCHW element's position is where it is stored
-            _, channels, height, width = source.logical
-            memory = np.arange(height * width * channels, dtype=np.int64).reshape(height, width, channels)
-            positions = memory.transpose(2, 0, 1).reshape(shape)
+        positions = _positions(source, self._shape(data))
         return self._evaluate(node, {data: positions, **{name: self.constants[name] for name in extra}})
 
     def _rows_as_image(self, source: Stored, shape: tuple[int, ...], perm: list[int], name: str) -> Stored | None:
@@ -1467,6 +1477,17 @@ class _Lowering:
             call = relax.call_tir(gvar, operands, result_type)
         target.var = self.builder.emit(call)
         return target
+
+
+def _positions(source: Stored, shape: tuple[int, ...]) -> np.ndarray:
+    """Where each element of ``source``, a value of ONNX ``shape``, sits in its flat storage: in order for
+    row-major data; a map's bytes are in H, W, C order, so each NCHW element is where it is stored (a 1-D
+    convolution's [1, C, L] output is such a map, of height 1)."""
+    if source.layout == "nhwc" and not isinstance(source.logical, Rows) and len(source.logical) == 4:
+        _, channels, height, width = source.logical
+        memory = np.arange(height * width * channels, dtype=np.int64).reshape(height, width, channels)
+        return memory.transpose(2, 0, 1).reshape(shape)
+    return np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
