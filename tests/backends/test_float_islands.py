@@ -364,3 +364,35 @@ def test_one_dimensional_convolutions_run_as_maps_of_height_one(flavor: object) 
     for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
         assert produced.shape == wanted.shape
         np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))
+
+
+def test_a_group_norm_as_exporters_write_it(flavor: object) -> None:
+    """GroupNorm (BiT, PoolFormer) exported as Reshape to ``[1, G, C / G * H * W]``, InstanceNormalization with
+    a scale of ones and a bias of zeros, Reshape back and the per-channel affine, between two convolutions: a
+    LayerNorm of each group's row, as onnxruntime computes it (float tolerance as above)."""
+    rng = np.random.default_rng(6)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1, 2, 144], np.int64), "grouped"),
+        numpy_helper.from_array(np.array([1, 8, 6, 6], np.int64), "map"),
+        numpy_helper.from_array(np.ones(2, np.float32), "ones"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "zeros"),
+        numpy_helper.from_array(rng.standard_normal((8, 1, 1)).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal((8, 1, 1)).astype(np.float32), "beta"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c1", "grouped"], ["groups"]),
+        helper.make_node("InstanceNormalization", ["groups", "ones", "zeros"], ["normalized"], epsilon=1e-5),
+        helper.make_node("Reshape", ["normalized", "map"], ["ungrouped"]),
+        helper.make_node("Mul", ["ungrouped", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["shifted"]),
+        helper.make_node("Relu", ["shifted"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    model = _model(nodes, initializers, [1, 3, 6, 6], {"y": [1, 4, 6, 6]})
+    feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    (produced,) = _run(model, flavor, feed)
+    np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

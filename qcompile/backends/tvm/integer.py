@@ -233,7 +233,7 @@ class _Lowering:
             table = self.constants[node.input[0]]
             embedding = table.dtype == np.float32 and table.ndim == 2
             self.values[output] = self._embedding(node) if embedding else self._table_lookup(node)
-        elif op in ("LayerNormalization", "Softmax"):
+        elif op in ("LayerNormalization", "Softmax", "InstanceNormalization"):
             self.values[output] = self._row_op(node)
         elif op == "ReduceMax":
             self._integer_softmax(node)
@@ -595,7 +595,7 @@ class _Lowering:
             raise NotLowerable(f"{node.name}: CumSum is covered along the last axis, by a constant axis")
         source = self._materialize(node.input[0])
         if not isinstance(source.logical, Rows) or source.row_map or source.channels != source.logical[1]:
-            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape))
+            source = self._gathered(source, _positions(source, shape))
         attributes = node_attributes(node)
         terms = (int(attributes.get("exclusive", 0)), int(attributes.get("reverse", 0)))
         anchor = Anchor("cumsum", source, source.logical, source.dtype, terms=terms)
@@ -1262,7 +1262,7 @@ class _Lowering:
         if source.dtype != "int64":
             raise NotLowerable(f"{node.name}: an integer Softmax of {source.dtype} values")
         if not isinstance(source.logical, Rows):
-            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape))
+            source = self._gathered(source, _positions(source, shape))
         logical = source.logical
         anchor = Anchor("intsoftmax", source, logical, "int64", weights=table, terms=terms)
         self.fused.add(peak)
@@ -1277,23 +1277,33 @@ class _Lowering:
 
     def _row_op(self, node: onnx.NodeProto) -> Lazy:
         """LayerNormalization or Softmax over the last axis of a float row-major tensor (an anchor whose
-        epilogue continues with the scale and bias, or with whatever follows)."""
+        epilogue continues with the scale and bias, or with whatever follows), or InstanceNormalization of a
+        GroupNorm's ``[1, G, L]`` groups (a LayerNorm of each group's row)."""
         shape = self._shape(node.input[0])
         attributes = node_attributes(node)
         axis = int(attributes.get("axis", -1)) % len(shape)
-        if axis != len(shape) - 1:
+        instance = node.op_type == "InstanceNormalization"
+        if instance and (len(shape) != 3 or shape[0] != 1):
+            # GroupNorm as exporters write it: [1, G, C / G * H * W] normalized per group, the affine after
+            raise NotLowerable(f"{node.name}: InstanceNormalization is covered on [1, G, L] (a GroupNorm's groups)")
+        if axis != len(shape) - 1 and not instance:
             raise NotLowerable(f"{node.name}: {node.op_type} over an axis that is not the last")
         if node.op_type == "LayerNormalization" and any(node.output[1:]):
             raise NotLowerable(f"{node.name}: LayerNormalization's mean / inverse deviation outputs")
         source = self._float_input(node.input[0])
         if not isinstance(source.logical, Rows):
-            source = self._gathered(source, np.arange(int(np.prod(shape))).reshape(shape))
+            source = self._gathered(source, _positions(source, shape))
         logical = source.logical
         if node.op_type == "Softmax":
             return Lazy(logical, "float32", _source, Anchor("softmax", source, logical, "float32"))
         channels = logical[1]
         scale = self.constants.get(node.input[1])
         bias = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels)
+        if instance and scale is not None and bias is not None:  # one scale and bias per row: covered when uniform
+            uniform = all(item.size and np.all(item == item.reshape(-1)[0]) for item in (scale, bias))
+            if not uniform:
+                raise NotLowerable(f"{node.name}: InstanceNormalization with a scale / bias that differs per group")
+            scale, bias = (np.full(channels, item.reshape(-1)[0], np.float32) for item in (scale, bias))
         if scale is None or bias is None or scale.size != channels or bias.size != channels:
             raise NotLowerable(f"{node.name}: LayerNormalization with a scale / bias that is not a constant [C]")
         anchor = Anchor("layernorm", source, logical, "float32", epsilon=float(attributes.get("epsilon", 1e-5)))
