@@ -396,3 +396,33 @@ def test_a_group_norm_as_exporters_write_it(flavor: object) -> None:
     (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
     (produced,) = _run(model, flavor, feed)
     np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize(("strides", "include"), [(1, 0), (2, 1), (2, 0)])
+def test_average_pooling_by_a_window(flavor: object, strides: int, include: int) -> None:
+    """AveragePool by a 3 x 3 window over a padded map (PoolFormer's token mixer ``pool(x) - x`` at stride 1),
+    counting the border (count_include_pad) or not: as onnxruntime computes it (float tolerance as above)."""
+    rng = np.random.default_rng(7)
+    initializers = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "AveragePool",
+            ["c"],
+            ["pooled"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[strides] * 2,
+            count_include_pad=include,
+        ),
+    ]
+    side = (9 + 2 - 3) // strides + 1
+    if strides == 1:
+        nodes.append(helper.make_node("Sub", ["pooled", "c"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Relu", ["pooled"], ["y"]))
+    model = _model(nodes, initializers, [1, 3, 9, 9], {"y": [1, 8, side, side]})
+    feed = {"x": rng.standard_normal((1, 3, 9, 9)).astype(np.float32)}
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    (produced,) = _run(model, flavor, feed)
+    np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

@@ -130,7 +130,7 @@ class _Lowering:
     def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
         pads, fill = (0, 0, 0, 0), None
         for node in self.uses.get(name, []):
-            if node.op_type not in ("ConvInteger", "Conv", "MaxPool"):
+            if node.op_type not in ("ConvInteger", "Conv", "MaxPool", "AveragePool"):
                 continue
             attributes = node_attributes(node)
             node_pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
@@ -893,6 +893,8 @@ class _Lowering:
 
         mean = node.op_type != "ReduceSum"
         if isinstance(self.values[node.input[0]].logical, Rows):
+            if node.op_type == "AveragePool":  # a map kept as rows (after a GroupNorm's reshapes)
+                return self._average_pool(node, self._image_of_rows(node.input[0], self._materialize(node.input[0])))
             return self._row_reduce(node)
         if node.op_type == "ReduceL2":
             raise NotLowerable(f"{node.name}: ReduceL2 is covered over the leading axes of row-major data")
@@ -901,7 +903,7 @@ class _Lowering:
         if node.op_type == "AveragePool":  # one window over the whole map (pooling heads written with a big kernel)
             kernel, pads = attributes.get("kernel_shape", []), attributes.get("pads", [0, 0, 0, 0])
             if any(pads) or len(kernel) != 2 or kernel[0] < source.logical[2] or kernel[1] < source.logical[3]:
-                raise NotLowerable(f"{node.name}: AveragePool is covered as one window over the whole map")
+                return self._average_pool(node, source)
             attributes = {"axes": [2, 3], "keepdims": 1}
         axes = list(attributes.get("axes", [2, 3] if node.op_type == "GlobalAveragePool" else []))
         if len(node.input) > 1 and node.input[1]:
@@ -921,6 +923,35 @@ class _Lowering:
             return Lazy(logical, dtype, _source, anchor)
         factor = tirx.const(1.0 / (height * width), "float32")
         return Lazy(logical, dtype, lambda env: env.source * factor, anchor)
+
+    def _average_pool(self, node: onnx.NodeProto, source: Stored) -> Lazy:
+        """AveragePool of a float map by a window (PoolFormer's 3 x 3 token mixer): the window's sum over the
+        zero border, times one over the count of the inputs it covers (all of them with count_include_pad)."""
+        attributes = node_attributes(node)
+        if source.layout != "nhwc" or attributes.get("ceil_mode", 0) or len(attributes.get("kernel_shape", [])) != 2:
+            raise NotLowerable(f"{node.name}: AveragePool is covered on float NHWC maps, 2-D, without ceil_mode")
+        if any(d != 1 for d in attributes.get("dilations", [1, 1])):
+            raise NotLowerable(f"{node.name}: a dilated AveragePool")
+        kh, kw = (int(k) for k in attributes["kernel_shape"])
+        pads = tuple(int(p) for p in attributes.get("pads", [0, 0, 0, 0]))
+        strides = tuple(int(s) for s in attributes.get("strides", [1, 1]))
+        _, channels, height, width = source.logical
+        oh = (height + pads[0] + pads[2] - kh) // strides[0] + 1
+        ow = (width + pads[1] + pads[3] - kw) // strides[1] + 1
+
+        def covered(out: int, size: int, stride: int, before: int, extent: int) -> np.ndarray:
+            start = np.arange(out) * stride - before
+            return np.minimum(start + extent, size) - np.maximum(start, 0)
+
+        counts = np.full((oh, ow), kh * kw, np.float64)
+        if not attributes.get("count_include_pad", 0):
+            counts = np.outer(covered(oh, height, strides[0], pads[0], kh), covered(ow, width, strides[1], pads[1], kw))
+        logical = (1, channels, oh, ow)
+        anchor = Anchor(
+            "avgpool", source, logical, "float32", (1.0 / counts).astype(np.float32).reshape(oh * ow, 1), 0,
+            (kh, kw), (strides[0], strides[1]), (pads[0], pads[1], pads[2], pads[3]),
+        )  # fmt: skip
+        return Lazy(logical, "float32", _source, anchor)
 
     def _row_reduce(self, node: onnx.NodeProto) -> Lazy:
         """ReduceMean / ReduceSum of float rows over their last axis, kept (RMSNorm's mean square): one value
@@ -2011,7 +2042,7 @@ def _anchor_kernel(
     vnni_depthwise = anchor.kind == "depthwise" and flavor.name == "vnni" and not floating
     if vnni_depthwise and anchor.logical[1] % LANES == 0 and target.layout == "nhwc":
         return _depthwise_kernel(value, anchor, target)
-    if anchor.kind in ("depthwise", "maxpool"):
+    if anchor.kind in ("depthwise", "maxpool", "avgpool"):
         return _window_kernel(value, anchor, target)
     return _reduce_kernel(value, anchor, target)
 
@@ -2288,9 +2319,14 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
     if off_h < 0 or off_w < 0:
         raise NotLowerable("a window op's input stored with less padding than it needs")
     depthwise = anchor.kind == "depthwise"
+    average = anchor.kind == "avgpool"  # weights: one over each output pixel's count, [out_h * out_w, 1]
     floating = anchor.source_dtype == "float32"
     accumulator = "float32" if floating else "int32"
-    if depthwise and floating:  # a float layer: products in float, the bias subtracted as a negative correction
+    if average:
+        assert anchor.weights is not None
+        taps = anchor.weights
+        correction = np.zeros(channels, accumulator)
+    elif depthwise and floating:  # a float layer: products in float, the bias subtracted as a negative correction
         assert anchor.weights is not None
         taps = anchor.weights.reshape(channels, kh * kw).T.astype(np.float32)
         correction = -(np.zeros(channels, np.float32) if anchor.offset is None else anchor.offset.astype(np.float32))
@@ -2316,8 +2352,13 @@ def _window_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, li
                     widened = loaded if floating else tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", loaded)
                     term = widened * Wd[y * kw + x, c]
                     result = term if result is None else result + term
+                elif average:
+                    result = loaded if result is None else result + loaded
                 else:
                     result = loaded if result is None else tirx.max(result, loaded)
+        if average:
+            reciprocal = Wd[i * out_w + j, 0]
+            result = result * (tirx.Broadcast(reciprocal, lanes) if lanes > 1 else reciprocal)
         return result
 
     def compute(X: Any, Wd: Any, Cr: Any, K64: Any, K32: Any, KF: Any, i: Any, j: Any, c: Any, lanes: int) -> Any:
