@@ -257,6 +257,7 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
         numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "beta"),
         numpy_helper.from_array(np.array([-1], np.int64), "last"),
         numpy_helper.from_array(np.array([1], np.int64), "tokens"),
+        numpy_helper.from_array(np.array([-1, -3], np.int64), "last_two"),
     ]
     nodes = [
         helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normalized"], axis=-1),
@@ -266,6 +267,8 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
         helper.make_node("ReduceSum", ["x", "tokens"], ["summed"], keepdims=1),
         helper.make_node("Mul", ["summed", "gamma"], ["scaled"]),
         helper.make_node("ReduceL2", ["x", "tokens"], ["norm"], keepdims=1),
+        helper.make_node("Unsqueeze", ["x", "tokens"], ["lifted"]),  # [1, 1, 7, W]: Swin's pooling input
+        helper.make_node("ReduceMean", ["lifted", "last_two"], ["lifted_mean"], keepdims=1),
     ]
     shape = [1, 7, width]
     model = _model(
@@ -279,6 +282,7 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
             "pooled": (TensorProto.FLOAT, [1, width]),
             "scaled": (TensorProto.FLOAT, [1, 1, width]),
             "norm": (TensorProto.FLOAT, [1, 1, width]),
+            "lifted_mean": (TensorProto.FLOAT, [1, 1, 7, 1]),
         },
     )
     vm, kinds = _build(model, flavor)

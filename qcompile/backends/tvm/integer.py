@@ -961,6 +961,8 @@ class _Lowering:
         axes = [int(a) for a in self.constants[node.input[1]]] if len(node.input) > 1 and node.input[1] else []
         axes = axes or [int(a) for a in attributes.get("axes", [])]
         axes = sorted(a % len(shape) for a in axes)
+        # a size-1 axis reduces nothing (Swin's pooling: [1, C, 1, S] over its last two axes)
+        axes = [a for a in axes if shape[a] != 1] or axes
         mean = node.op_type == "ReduceMean"
         if node.op_type not in ("ReduceMean", "ReduceSum", "ReduceL2"):
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean, a sum or a 2-norm")
