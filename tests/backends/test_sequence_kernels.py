@@ -458,6 +458,28 @@ def test_row_major_data_is_padded_along_the_tokens(flavor: object) -> None:
     np.testing.assert_array_equal(ours, session.run(None, feed)[0])
 
 
+def test_a_constant_query_attends_to_the_tokens(flavor: object) -> None:
+    """SigLIP's attention pooling: a learned probe, projected and scaled at build time (so a constant), times
+    the keys of the tokens, then Softmax: a product whose first operand is a constant, as onnxruntime computes
+    it (float tolerance)."""
+    rng = np.random.default_rng(12)
+    initializers = [numpy_helper.from_array(rng.standard_normal((1, 2, 16)).astype(np.float32), "probe")]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["keys"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["probe", "keys"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["y"], axis=-1),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 6, 16])}, {"y": (TensorProto.FLOAT, [1, 2, 6])})
+    vm, kinds = _build(model, flavor)
+    assert "bmm" in kinds
+    feed = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32)}
+    (ours,) = _run(vm, feed)
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
 def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     """Tanh of a float island (GPT-2's GELU) by its exp form, over large, small and near-zero arguments: within
     3e-7 of onnxruntime's, absolutely (outputs in [-1, 1]: ours is within 1.2e-7 of the exact value, and

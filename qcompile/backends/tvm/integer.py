@@ -853,7 +853,10 @@ class _Lowering:
             if (name and name not in self.constants) or np.asarray(zero).size != 1:
                 raise NotLowerable(f"{node.name}: MatMulInteger with zero points that are not scalar constants")
             zeros.append(int(np.asarray(zero).reshape(-1)[0]))
-        a, b = (self._materialize(name) for name in node.input[:2])
+        # (an operand may be a constant: SigLIP's pooling probe, projected and scaled, folds into one)
+        a, b = (
+            self._constant_rows(name) if name in self.constants else self._materialize(name) for name in node.input[:2]
+        )
         dtype, accumulator = ("uint8", "int32") if node.op_type == "MatMulInteger" else ("float32", "float32")
         for operand, shape in ((a, left), (b, right)):
             if operand.dtype != dtype or operand.shape != (1, int(np.prod(shape[:-1])), shape[-1]):
@@ -1066,7 +1069,6 @@ class _Lowering:
         stay, a constant ``[1, ..., 1, C]`` becomes a per-channel row, other constants a tensor of the result's
         shape; a tensor broadcast over leading dims is read modulo its rows, any other broadcast is expanded
         (a gather)."""
-        relax = self.relax
         shape = self._shape(node.output[0])
         logical = rows_logical(shape)
         channels = logical[1]
@@ -1076,10 +1078,7 @@ class _Lowering:
                 if item.size == 1 or (item.shape[-1:] == (channels,) and item.size == channels):
                     fitted.append(item if item.size == 1 else item.reshape(1, channels, 1, 1))
                     continue
-                full = np.ascontiguousarray(np.broadcast_to(item, shape))
-                stored = Stored(None, logical, full.dtype.name, "nhwc", channels=channels)
-                stored.var = relax.const(full.reshape(stored.shape), full.dtype.name)
-                fitted.append(stored)
+                fitted.append(self._constant_rows(np.broadcast_to(item, shape)))
                 continue
             anchored = isinstance(item, Lazy) and item.anchor is not None
             if item.logical == logical or (item.logical == (1, channels, 1, 1) and not anchored):
@@ -1097,6 +1096,14 @@ class _Lowering:
                 continue
             fitted.append(self._gathered(stored, np.broadcast_to(_positions(stored, own), shape)))
         return fitted
+
+    def _constant_rows(self, constant: str | np.ndarray) -> Stored:
+        """A constant (by name, or an array) as a row-major tensor of its shape."""
+        array = np.ascontiguousarray(self.constants[constant] if isinstance(constant, str) else constant)
+        logical = rows_logical(array.shape)
+        stored = Stored(None, logical, array.dtype.name, "nhwc", channels=logical[1])
+        stored.var = self.relax.const(array.reshape(stored.shape), array.dtype.name)
+        return stored
 
     def _gathered(self, source: Stored, index: np.ndarray, fill: float | None = None) -> Stored:
         """``source`` (flat) read at the positions ``index`` holds, as a row-major tensor of ``index``'s shape;
