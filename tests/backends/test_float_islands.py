@@ -426,3 +426,25 @@ def test_average_pooling_by_a_window(flavor: object, strides: int, include: int)
     (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
     (produced,) = _run(model, flavor, feed)
     np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_a_map_with_a_border_is_also_read_as_rows(flavor: object) -> None:
+    """A conv's output read by a padded conv (so stored with a border) and also unfolded into tokens (MobileViT's
+    patches: Reshape, Transpose): the tokens come from its inside, copied out once (float tolerance as above)."""
+    rng = np.random.default_rng(8)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1, 8, 36], np.int64), "flat"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c1", "flat"], ["flattened"]),
+        helper.make_node("Transpose", ["flattened"], ["tokens"], perm=[0, 2, 1]),
+    ]
+    model = _model(nodes, initializers, [1, 3, 6, 6], {"y": [1, 4, 6, 6], "tokens": [1, 36, 8]})
+    feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
+        np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))

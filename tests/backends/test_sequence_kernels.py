@@ -269,6 +269,8 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
         helper.make_node("ReduceL2", ["x", "tokens"], ["norm"], keepdims=1),
         helper.make_node("Unsqueeze", ["x", "tokens"], ["lifted"]),  # [1, 1, 7, W]: Swin's pooling input
         helper.make_node("ReduceMean", ["lifted", "last_two"], ["lifted_mean"], keepdims=1),
+        helper.make_node("ReduceL2", ["x", "last"], ["row_norm"], keepdims=1),
+        helper.make_node("Div", ["x", "row_norm"], ["unit_rows"]),  # F.normalize (SwinV2's cosine attention)
     ]
     shape = [1, 7, width]
     model = _model(
@@ -283,10 +285,11 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
             "scaled": (TensorProto.FLOAT, [1, 1, width]),
             "norm": (TensorProto.FLOAT, [1, 1, width]),
             "lifted_mean": (TensorProto.FLOAT, [1, 1, 7, 1]),
+            "unit_rows": (TensorProto.FLOAT, shape),
         },
     )
     vm, kinds = _build(model, flavor)
-    assert {"layernorm", "softmax", "rowmean", "colmean", "colsum", "coll2"} <= set(kinds), kinds
+    assert {"layernorm", "softmax", "rowmean", "rowl2", "colmean", "colsum", "coll2"} <= set(kinds), kinds
     feed = {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):

@@ -900,7 +900,7 @@ class _Lowering:
                 return self._average_pool(node, self._image_of_rows(node.input[0], self._materialize(node.input[0])))
             return self._row_reduce(node)
         if node.op_type == "ReduceL2":
-            raise NotLowerable(f"{node.name}: ReduceL2 is covered over the leading axes of row-major data")
+            raise NotLowerable(f"{node.name}: ReduceL2 is covered over the last or the leading axes of row-major data")
         source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
         attributes = node_attributes(node)
         if node.op_type == "AveragePool":  # one window over the whole map (pooling heads written with a big kernel)
@@ -966,7 +966,6 @@ class _Lowering:
         axes = sorted(a % len(shape) for a in axes)
         # a size-1 axis reduces nothing (Swin's pooling: [1, C, 1, S] over its last two axes)
         axes = [a for a in axes if shape[a] != 1] or axes
-        mean = node.op_type == "ReduceMean"
         if node.op_type not in ("ReduceMean", "ReduceSum", "ReduceL2"):
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean, a sum or a 2-norm")
         leading = list(range(len(shape) - 1))[-len(axes) :] if axes else []
@@ -977,15 +976,14 @@ class _Lowering:
             logical = Rows((1, source.logical[1], 1, 1))
             kind = {"ReduceMean": "colmean", "ReduceSum": "colsum", "ReduceL2": "coll2"}[node.op_type]
             return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
-        if node.op_type == "ReduceL2":
-            raise NotLowerable(f"{node.name}: ReduceL2 is covered over the leading axes of row-major data")
         if axes != [len(shape) - 1]:
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis or the tokens")
         if not attributes.get("keepdims", 1):
             raise NotLowerable(f"{node.name}: {node.op_type} of rows over the last axis is covered with keepdims")
         source = self._float_input(node.input[0])
         logical = Rows((1, 1, 1, source.logical[3]))
-        return Lazy(logical, "float32", _source, Anchor("rowmean" if mean else "rowsum", source, logical, "float32"))
+        kind = {"ReduceMean": "rowmean", "ReduceSum": "rowsum", "ReduceL2": "rowl2"}[node.op_type]
+        return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
@@ -1024,11 +1022,20 @@ class _Lowering:
             raise NotLowerable(f"{node.name} ({node.op_type}) could not be evaluated at build time: {error}") from error
 
     def _flat(self, value: Stored) -> Any:
-        """``value``'s Relax tensor as one flat vector (a view: it must be stored without padding)."""
+        """``value``'s Relax tensor as one flat vector (a view; a map stored with a border is copied out first)."""
         relax = self.relax
         contiguous = value.layout in ("nc", "nchw") or (not any(value.pads) and value.channels == value.logical[1])
         if not contiguous:
-            raise NotLowerable("a padded activation read as a row-major tensor")
+            if isinstance(value.logical, Rows) or value.row_map:
+                raise NotLowerable("a padded row-major tensor read flat")
+            # a map stored with its readers' border (MobileViT unfolds a conv's output into patches): its
+            # inside copied out once, in the H, W, C order _positions gives its elements
+            inside = Stored(None, value.logical, value.dtype, "nhwc", channels=value.logical[1])
+            copy = self._add_kernel(_copy_kernel(value, inside, 0), "unpad")
+            inside.var = self.builder.emit(
+                relax.call_tir(copy, [value.var], relax.TensorType(inside.shape, inside.dtype))
+            )
+            value = inside
         size = int(np.prod(value.shape))
         return self.builder.emit(relax.op.reshape(value.var, (size,)))
 
@@ -1111,7 +1118,12 @@ class _Lowering:
         from qcompile.backends.tvm import sequence
 
         relax = self.relax
-        size = int(np.prod(source.shape))
+        padded_map = (
+            source.layout == "nhwc"
+            and not isinstance(source.logical, Rows)
+            and (any(source.pads) or source.channels != source.logical[1])
+        )
+        size = int(np.prod(source.logical)) if padded_map else int(np.prod(source.shape))  # (see _flat)
         identity = index.size == size and np.array_equal(index.reshape(-1), np.arange(size))
         if source.row_map:
             channels = source.logical[1]
@@ -2021,7 +2033,7 @@ def _anchor_kernel(
     if value.leaves:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
     floating = anchor.source_dtype == "float32"
-    if anchor.kind in ("layernorm", "softmax", "rowmean", "rowsum"):
+    if anchor.kind in ("layernorm", "softmax", "rowmean", "rowsum", "rowl2"):
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)

@@ -195,7 +195,12 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     start = blocks * LANES
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     layernorm = anchor.kind == "layernorm"
-    reduction = anchor.kind in ("rowmean", "rowsum")  # one value per row
+    reduction = anchor.kind in ("rowmean", "rowsum", "rowl2")  # one value per row
+    norm = anchor.kind == "rowl2"  # (sqrt of the sum of squares: F.normalize's divisor, SwinV2's cosine attention)
+
+    def term(x: Any) -> Any:
+        return x * x if norm else x
+
     factor = 1.0 / channels if anchor.kind == "rowmean" else 1.0
     epsilon = anchor.epsilon
     whole = tirx.Ramp(0, 1, LANES)
@@ -245,16 +250,18 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
             acc[whole] = lanes_of(0.0)
             for b in range(blocks):
                 if layernorm or reduction:
-                    acc[whole] = acc[whole] + X[0, m, columns(b)]
+                    acc[whole] = acc[whole] + term(X[0, m, columns(b)])
                 else:
                     acc[whole] = acc[whole] + fast_exp(X[0, m, columns(b)] - T.Broadcast(stats[0], LANES), LANES)
             stats[1] = _horizontal(acc, LANES, add)
             for t in range(tail):
                 if layernorm or reduction:
-                    stats[1] = stats[1] + X[0, m, start + t]
+                    stats[1] = stats[1] + term(X[0, m, start + t])
                 else:
                     stats[1] = stats[1] + fast_exp(X[0, m, start + t] - stats[0], 1)
-            if reduction:
+            if norm:
+                Y[store_index(target, 0, m, 0)] = reduced(T.sqrt(stats[1]), K64, K32, KF)
+            elif reduction:
                 Y[store_index(target, 0, m, 0)] = reduced(stats[1] * T.float32(factor), K64, K32, KF)
             elif layernorm:
                 stats[0] = stats[1] * T.float32(1.0 / channels)
