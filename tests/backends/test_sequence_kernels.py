@@ -410,7 +410,8 @@ def test_tokens_reshaped_into_a_map_feed_a_convolution(flavor: object) -> None:
 @pytest.mark.parametrize(("exclusive", "reverse"), [(0, 0), (1, 0), (0, 1), (1, 1)])
 def test_position_ids_counted_from_the_padding_mask(flavor: object, exclusive: int, reverse: int) -> None:
     """RoBERTa's position ids: ``cumsum(ids != pad) * (ids != pad) + pad``, a CumSum along the tokens of an
-    int32 mask computed at run time (and CumSum's exclusive and reverse forms): equal to onnxruntime's."""
+    int32 mask computed at run time (and CumSum's exclusive and reverse forms): equal to onnxruntime's and to
+    the integer oracle's."""
     initializers = [
         numpy_helper.from_array(np.array(1, np.int64), "pad"),
         numpy_helper.from_array(np.array(1, np.int64), "axis"),
@@ -435,6 +436,7 @@ def test_position_ids_counted_from_the_padding_mask(flavor: object, exclusive: i
     (ours,) = _run(vm, {"ids": ids})
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(ours, session.run(None, {"ids": ids})[0])
+    np.testing.assert_array_equal(ours, integer_reference.run(model, {"ids": ids})[0])  # (the oracle's CumSum)
 
 
 def test_row_major_data_is_padded_along_the_tokens(flavor: object) -> None:

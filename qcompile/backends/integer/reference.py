@@ -240,6 +240,16 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbatio
             for start, end, dimension in zip(starts, ends, sliced, strict=True):
                 window[dimension] = slice(start, end)
             result = args[0][tuple(window)]
+        elif op == "CumSum":  # (RoBERTa's position ids: a running count of the padding mask, in its dtype)
+            axis = int(np.asarray(args[1]).reshape(-1)[0])
+            reverse, exclusive = bool(attributes.get("reverse", 0)), bool(attributes.get("exclusive", 0))
+            data = np.flip(args[0], axis) if reverse else args[0]
+            total = np.cumsum(data, axis=axis, dtype=data.dtype)
+            if exclusive:  # each position without its own value: the running sum shifted by one
+                total = np.concatenate(
+                    [np.zeros_like(np.take(total, [0], axis=axis)), np.delete(total, -1, axis=axis)], axis=axis
+                )
+            result = np.flip(total, axis) if reverse else total
         elif op == "Squeeze":
             result = np.squeeze(args[0], axis=tuple(int(a) for a in args[1]) if len(args) > 1 else None)
         elif op == "Unsqueeze":
