@@ -448,3 +448,26 @@ def test_a_map_with_a_border_is_also_read_as_rows(flavor: object) -> None:
     expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
     for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
         np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))
+
+
+def test_a_mean_over_h_then_over_w_is_one_mean(flavor: object) -> None:
+    """FocalNet's global context ``x.mean(2, keepdim=True).mean(3, keepdim=True)`` as a gate: one mean over H,
+    W for the second ReduceMean's output (float tolerance as above)."""
+    rng = np.random.default_rng(9)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([2], np.int64), "h"),
+        numpy_helper.from_array(np.array([3], np.int64), "w_axis"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c", "h"], ["over_h"], keepdims=1),
+        helper.make_node("ReduceMean", ["over_h", "w_axis"], ["context"], keepdims=1),
+        helper.make_node("Sigmoid", ["context"], ["gate"]),
+        helper.make_node("Mul", ["c", "gate"], ["y"]),
+    ]
+    model = _model(nodes, initializers, [1, 3, 6, 6], {"y": [1, 8, 6, 6]})
+    feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    (produced,) = _run(model, flavor, feed)
+    np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

@@ -439,6 +439,28 @@ def test_position_ids_counted_from_the_padding_mask(flavor: object, exclusive: i
     np.testing.assert_array_equal(ours, integer_reference.run(model, {"ids": ids})[0])  # (the oracle's CumSum)
 
 
+def test_a_gather_from_a_constant_of_one_value_is_that_constant(flavor: object) -> None:
+    """RoBERTa's token types: a zero buffer gathered at position ids computed at run time is zeros whatever
+    the positions, then the type embedding of 0 added to the tokens: equal to onnxruntime's."""
+    rng = np.random.default_rng(13)
+    initializers = [
+        numpy_helper.from_array(np.zeros((1, 6), np.int64), "buffer"),
+        numpy_helper.from_array(rng.standard_normal((2, 16)).astype(np.float32), "types"),
+    ]
+    nodes = [
+        helper.make_node("GatherElements", ["buffer", "positions"], ["token_types"], axis=1),
+        helper.make_node("Gather", ["types", "token_types"], ["typed"]),
+        helper.make_node("Add", ["x", "typed"], ["y"]),
+    ]
+    inputs = {"x": (TensorProto.FLOAT, [1, 6, 16]), "positions": (TensorProto.INT64, [1, 6])}
+    model = _model(nodes, initializers, inputs, {"y": (TensorProto.FLOAT, [1, 6, 16])})
+    vm, _ = _build(model, flavor)
+    feed = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32), "positions": np.array([[2, 3, 4, 5, 0, 1]])}
+    (ours,) = _run(vm, feed)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(ours, session.run(None, feed)[0])
+
+
 def test_row_major_data_is_padded_along_the_tokens(flavor: object) -> None:
     """MobileBERT's trigram embedding pads the token embeddings by one token at either end (a gather whose
     padded positions read the pad value): equal to onnxruntime's."""

@@ -125,6 +125,7 @@ class _Lowering:
         self.shapes = _static_shapes(model)
         self.fused: set[str] = set()  # outputs of nodes another node's kernel computes
         self.images: dict[str, Stored] = {}  # row-major values as the NHWC maps convolutions read
+        self.deferred_outputs: dict[str, str] = {}  # a node's output -> its reader's, which it computed too
 
     # -- padding each stored tensor gets: the largest its padded readers need
     def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
@@ -229,6 +230,8 @@ class _Lowering:
             self.values[output] = self._matmul(node)
         elif op in FLOAT_FUNCTIONS:
             self.values[output] = self._float_function(node)
+        elif op in ("Gather", "GatherElements", "GatherND") and self._uniform_gather(node):
+            return
         elif op == "Gather" and node.input[0] in self.constants:
             table = self.constants[node.input[0]]
             embedding = table.dtype == np.float32 and table.ndim == 2
@@ -260,6 +263,8 @@ class _Lowering:
             self.values[output] = self._cumsum(node)
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
+        if output in self.deferred_outputs:  # (a node that also computed its reader's output)
+            self.values[self.deferred_outputs.pop(output)] = self.values[output]
         value = self.values[output]
         if isinstance(value, Lazy) and output not in self.outputs:  # (graph outputs are computed at the end)
             if len(self.uses.get(output, [])) > 1 and not self._rejoins(output):
@@ -911,7 +916,22 @@ class _Lowering:
         axes = list(attributes.get("axes", [2, 3] if node.op_type == "GlobalAveragePool" else []))
         if len(node.input) > 1 and node.input[1]:
             axes = [int(a) for a in self.constants[node.input[1]]]
-        if sorted(int(a) % 4 for a in axes) != [2, 3]:
+        axes = sorted(int(a) % 4 for a in axes)
+        if axes in ([2], [3]) and attributes.get("keepdims", 1):
+            # over H, then over W by its one reader (FocalNet's global context, x.mean(2).mean(3)): one mean
+            # over H, W computed for the reader's output
+            readers = self.uses.get(node.output[0], [])
+            if len(readers) == 1 and readers[0].op_type == node.op_type and node.output[0] not in self.outputs:
+                reader = readers[0]
+                other = self.constants.get(reader.input[1]) if len(reader.input) > 1 and reader.input[1] else None
+                other_axes = [
+                    int(a) % 4 for a in (other if other is not None else node_attributes(reader).get("axes", []))
+                ]
+                if sorted(axes + other_axes) == [2, 3] and node_attributes(reader).get("keepdims", 1):
+                    self.fused.add(reader.output[0])
+                    self.deferred_outputs[node.output[0]] = reader.output[0]
+                    axes = [2, 3]
+        if axes != [2, 3]:
             raise NotLowerable(f"{node.name}: {node.op_type} is covered over H, W")
         _, channels, height, width = source.logical
         # [1, C, 1, 1], or without keepdims the [1, C] row a pooling head hands its classifier (ConvNeXt's)
@@ -1052,6 +1072,18 @@ class _Lowering:
         self.count += 1
         name = f"k{self.count:03d}_{kind}"
         return self.builder.add_func(function.with_attr("global_symbol", name), name)
+
+    def _uniform_gather(self, node: onnx.NodeProto) -> bool:
+        """A gather from a constant holding one value throughout is that value in the output's shape, whatever
+        the indices (RoBERTa's token types: a zero buffer gathered at the position ids): folded to a constant."""
+        data = self.constants.get(node.input[0])
+        if data is None or data.size == 0 or node.output[0] in self.outputs:
+            return False
+        flat = data.reshape(-1)
+        if not (flat == flat[0]).all():
+            return False
+        self.constants[node.output[0]] = np.full(self._shape(node.output[0]), flat[0], data.dtype)
+        return True
 
     def _uniform_as_scalars(self, node: onnx.NodeProto, names: list[str], operands: list[Any]) -> list[Any]:
         """Constants that hold one value throughout read as that scalar, where the tensor operands alone give
