@@ -336,6 +336,7 @@ def test_one_dimensional_convolutions_run_as_maps_of_height_one(flavor: object) 
         numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "gamma"),
         numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "beta"),
         numpy_helper.from_array(np.array([1], np.int64), "channel_axis"),
+        numpy_helper.from_array(rng.standard_normal((1, 12, 1)).astype(np.float32), "bias"),
     ]
     nodes = [
         helper.make_node("Unsqueeze", ["wave", "channel_axis"], ["x"]),
@@ -345,7 +346,8 @@ def test_one_dimensional_convolutions_run_as_maps_of_height_one(flavor: object) 
         helper.make_node("Conv", ["c2", "wd"], ["c3"], pads=[2, 2], group=12),
         helper.make_node("Transpose", ["c3"], ["tokens"], perm=[0, 2, 1]),
         helper.make_node("LayerNormalization", ["tokens", "gamma", "beta"], ["y"], axis=-1),
-        helper.make_node("Add", ["c2", "c3"], ["z"]),
+        helper.make_node("Add", ["c2", "c3"], ["summed"]),
+        helper.make_node("Add", ["summed", "bias"], ["z"]),  # a [1, C, 1] bias, as exporters add a conv's
     ]
     graph = helper.make_graph(
         nodes,
