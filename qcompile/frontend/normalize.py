@@ -557,6 +557,68 @@ def _fold_weight_transposes(model: ir.Model) -> int:
     return folded
 
 
+def _arranged(
+    created: list[ir.Node], base: str, value: ir.Value | None, letters: str, order: list[str]
+) -> ir.Value | None:
+    """``value``, whose axes are named by ``letters``, with its axes in ``order``: itself, or a Transpose
+    appended to ``created``."""
+    if list(letters) == order:
+        return value
+    perm = [letters.index(c) for c in order]
+    created.append(ir.node("Transpose", [value], attributes={"perm": perm}, name=f"{base}_t{len(created)}"))
+    return created[-1].outputs[0]
+
+
+def _einsum_as_matmul(model: ir.Model) -> int:
+    """Einsum of two operands that is a batched matrix product (CvT's attention ``bhlk,bhtk->bhlt``, linear
+    layers written ``bld,dk->blk``) as MatMul between the Transposes that put its operands and result in
+    place: the quantizer and the kernels know MatMul. Equations with ellipses, repeated letters, more than one
+    contracted letter, or other free letters than one per operand (several in the first where there is no
+    batch letter) stay Einsum. Returns how many were rewritten."""
+    rewritten = 0
+    for node in list(model.graph):
+        equation = node.attributes.get("equation") if node.op_type == "Einsum" else None
+        if equation is None or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        text = equation.as_string().replace(" ", "")
+        if "..." in text or text.count("->") != 1 or text.count(",") != 1:
+            continue
+        operands, result = text.split("->")
+        first, second = operands.split(",")
+        if any(len(set(letters)) != len(letters) for letters in (first, second, result)):
+            continue
+        batch = [c for c in result if c in first and c in second]
+        contracted = [c for c in first if c in second and c not in result]
+        first_free = [c for c in first if c not in second]
+        second_free = [c for c in second if c not in first]
+        # (without batch letters the first operand may keep several: a linear layer's tokens, MatMul broadcasts)
+        if (
+            len(contracted) != 1
+            or not first_free
+            or (batch and len(first_free) != 1)
+            or len(second_free) != 1
+            or sorted(result) != sorted(batch + first_free + second_free)
+            or len(first) != len(batch) + len(first_free) + 1
+            or len(second) != len(batch) + 2
+        ):
+            continue
+        created: list[ir.Node] = []
+        base = node.name or str(node.outputs[0].name)
+        left = _arranged(created, base, node.inputs[0], first, batch + first_free + contracted)
+        right = _arranged(created, base, node.inputs[1], second, batch + contracted + second_free)
+        created.append(ir.node("MatMul", [left, right], name=f"{base}_matmul"))
+        product = "".join(batch + first_free + second_free)
+        output = _arranged(created, base, created[-1].outputs[0], product, list(result))
+        assert output is not None
+        model.graph.insert_after(node, created)
+        old = node.outputs[0]
+        output.name, output.shape, output.type = old.name, old.shape, old.type
+        old.replace_all_uses_with(output, replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten
+
+
 def _fold_constant_splits(model: ir.Model) -> int:
     """Fold ``Split`` nodes whose inputs are all constants into one initializer per output (onnxscript's
     folder skips ops with several outputs): a packed query / key / value weight split at run time. Returns
@@ -668,6 +730,7 @@ def normalize(
         _reduce_axes_to_inputs(model)
         logger.info("%s: converted opset %s to %d", name, opset, CANONICAL_OPSET)
     try:
+        _einsum_as_matmul(model)
         _fold_constant_splits(model)
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_fills)
         _fold_weight_transposes(model)
