@@ -371,7 +371,8 @@ def test_one_dimensional_convolutions_run_as_maps_of_height_one(flavor: object) 
 def test_a_group_norm_as_exporters_write_it(flavor: object) -> None:
     """GroupNorm (BiT, PoolFormer) exported as Reshape to ``[1, G, C / G * H * W]``, InstanceNormalization with
     a scale of ones and a bias of zeros, Reshape back and the per-channel affine, between two convolutions: a
-    LayerNorm of each group's row, as onnxruntime computes it (float tolerance as above)."""
+    LayerNorm of each group's row; and the mean over H, W of that map kept as rows: as onnxruntime computes
+    them (float tolerance as above)."""
     rng = np.random.default_rng(6)
     initializers = [
         numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
@@ -382,6 +383,7 @@ def test_a_group_norm_as_exporters_write_it(flavor: object) -> None:
         numpy_helper.from_array(np.zeros(2, np.float32), "zeros"),
         numpy_helper.from_array(rng.standard_normal((8, 1, 1)).astype(np.float32), "gamma"),
         numpy_helper.from_array(rng.standard_normal((8, 1, 1)).astype(np.float32), "beta"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "h_w"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
@@ -392,12 +394,13 @@ def test_a_group_norm_as_exporters_write_it(flavor: object) -> None:
         helper.make_node("Add", ["scaled", "beta"], ["shifted"]),
         helper.make_node("Relu", ["shifted"], ["r"]),
         helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["shifted", "h_w"], ["pooled"], keepdims=1),  # PoolFormer's head
     ]
-    model = _model(nodes, initializers, [1, 3, 6, 6], {"y": [1, 4, 6, 6]})
+    model = _model(nodes, initializers, [1, 3, 6, 6], {"y": [1, 4, 6, 6], "pooled": [1, 8, 1, 1]})
     feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
-    (produced,) = _run(model, flavor, feed)
-    np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+    expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    for produced, wanted in zip(_run(model, flavor, feed), expected, strict=True):
+        np.testing.assert_allclose(produced, wanted, rtol=0, atol=1e-5 * float(np.abs(wanted).max()))
 
 
 @pytest.mark.parametrize(("strides", "include"), [(1, 0), (2, 1), (2, 0)])
@@ -470,6 +473,36 @@ def test_a_mean_over_h_then_over_w_is_one_mean(flavor: object) -> None:
     ]
     model = _model(nodes, initializers, [1, 3, 6, 6], {"y": [1, 8, 6, 6]})
     feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
+    (produced,) = _run(model, flavor, feed)
+    np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize(
+    ("mode", "settings"),
+    [
+        ("linear", {"coordinate_transformation_mode": "half_pixel"}),  # SegFormer's bilinear upsampling
+        ("linear", {"coordinate_transformation_mode": "align_corners"}),
+        ("cubic", {}),
+        ("nearest", {}),  # YOLO-style upsampling: a gather
+    ],
+)
+def test_a_map_is_resized(flavor: object, mode: str, settings: dict[str, str]) -> None:
+    """Resize of a conv's output by scales (x2 over H, x1.5 over W) in each mode, then a conv: as onnxruntime
+    computes it (float tolerance as above: the taps sum in another order)."""
+    rng = np.random.default_rng(10)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 16, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1.0, 1.0, 2.0, 1.5], np.float32), "scales"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["resized"], mode=mode, **settings),
+        helper.make_node("Conv", ["resized", "w2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    model = _model(nodes, initializers, [1, 3, 5, 6], {"y": [1, 4, 10, 9]})
+    feed = {"x": rng.standard_normal((1, 3, 5, 6)).astype(np.float32)}
     (expected,) = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feed)
     (produced,) = _run(model, flavor, feed)
     np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

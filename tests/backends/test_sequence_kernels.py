@@ -507,6 +507,56 @@ def test_a_constant_query_attends_to_the_tokens(flavor: object) -> None:
     np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
+def test_one_sided_clips_and_codes_read_both_padded_and_flat(flavor: object) -> None:
+    """Clip with one bound (SwinV2's clamp_min; and a clamp_max), equal to onnxruntime's; and quantized rows of
+    6 channels read both by a linear layer (which stores them padded to 8 channels) and by a Transpose (which
+    reads them flat, from an unpadded copy): bit-exact with the integer oracle."""
+    from qcompile.backends.integer.lowering import lower
+
+    rng = np.random.default_rng(14)
+    initializers = [
+        numpy_helper.from_array(np.array(-0.25, np.float32), "low"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "high"),
+    ]
+    nodes = [
+        helper.make_node("Clip", ["x", "low"], ["floored"]),
+        helper.make_node("Clip", ["floored", "", "high"], ["y"]),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 4, 16])}, {"y": (TensorProto.FLOAT, [1, 4, 16])})
+    vm, _ = _build(model, flavor)
+    feed = {"x": rng.standard_normal((1, 4, 16)).astype(np.float32)}
+    (ours,) = _run(vm, feed)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(ours, session.run(None, feed)[0])
+
+    constants = {"s": (0.05, np.float32), "z": (128, np.uint8), "sw": (0.01, np.float32), "zw": (0, np.int8)}
+    constants |= {"so": (0.1, np.float32), "zo": (120, np.uint8)}
+    initializers = [numpy_helper.from_array(np.array(value, dtype), name) for name, (value, dtype) in constants.items()]
+    initializers.append(numpy_helper.from_array(rng.integers(-127, 128, (6, 8)).astype(np.int8), "wq"))
+    nodes = [
+        helper.make_node("QuantizeLinear", ["a", "s", "z"], ["qa"]),
+        helper.make_node("DequantizeLinear", ["qa", "s", "z"], ["da"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"]),
+        helper.make_node("MatMul", ["da", "w"], ["projected"]),
+        helper.make_node("QuantizeLinear", ["projected", "so", "zo"], ["y"]),
+        helper.make_node("Transpose", ["da"], ["moved"], perm=[0, 2, 1]),
+        helper.make_node("QuantizeLinear", ["moved", "s", "z"], ["qt"]),
+        helper.make_node("DequantizeLinear", ["qt", "s", "z"], ["t"]),
+    ]
+    quantized = _model(
+        nodes,
+        initializers,
+        {"a": (TensorProto.FLOAT, [1, 5, 6])},
+        {"y": (TensorProto.UINT8, [1, 5, 8]), "t": (TensorProto.FLOAT, [1, 6, 5])},
+    )
+    lowered, _ = lower(quantized)
+    vm, kinds = _build(lowered, flavor)
+    assert "unpad" in kinds, kinds
+    feed = {"a": rng.uniform(-8, 8, (1, 5, 6)).astype(np.float32)}
+    for ours, expected in zip(_run(vm, feed), integer_reference.run(lowered, feed), strict=True):
+        np.testing.assert_array_equal(ours, expected)
+
+
 def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     """Tanh of a float island (GPT-2's GELU) by its exp form, over large, small and near-zero arguments: within
     3e-7 of onnxruntime's, absolutely (outputs in [-1, 1]: ours is within 1.2e-7 of the exact value, and

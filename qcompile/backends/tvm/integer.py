@@ -193,9 +193,11 @@ class _Lowering:
                         continue
                     if value.layout == "nhwc":  # the graph's layout out
                         value = self._to_nchw(value, name)
-                        if len(self._shape(name)) == 3:  # a 1-D convolution's [1, C, L], stored of height 1
-                            results.append(relax.op.reshape(value.var, self._shape(name)))
-                            continue
+                    shape = tuple(self._shape(name))
+                    if tuple(value.shape) != shape and int(np.prod(value.shape)) == int(np.prod(shape)):
+                        # (a 1-D convolution's [1, C, L] stored of height 1; a [1, C, 1, 1] mean stored [1, C])
+                        results.append(relax.op.reshape(value.var, shape))
+                        continue
                     results.append(value.var)
                 result = self.builder.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
             self.builder.emit_func_output(result)
@@ -261,6 +263,8 @@ class _Lowering:
             self.values[output] = self._batch_norm(node)
         elif op == "CumSum":
             self.values[output] = self._cumsum(node)
+        elif op == "Resize":
+            self.values[output] = self._resize(node)
         else:
             raise NotLowerable(f"{node.name or output} ({op}) has no kernel here")
         if output in self.deferred_outputs:  # (a node that also computed its reader's output)
@@ -453,8 +457,11 @@ class _Lowering:
         if op == "Div" and dtype != "float32":
             result = self._division(node, lazies, logical, dtype, anchor, leaves, constants, parts)
         else:
-            if op == "Clip" and (len(node.input) < 3 or not all(node.input[1:3])):
-                raise NotLowerable(f"{node.name}: Clip without both bounds")
+            bounds = [bool(name) for name in node.input[1:3]]
+            if op == "Clip" and bounds != [True, True]:  # one bound (SwinV2's clamp_min): a Max or a Min
+                if bounds not in ([True], [True, False], [False, True]):
+                    raise NotLowerable(f"{node.name}: Clip without bounds")
+                op = "Max" if bounds[0] else "Min"
             combine = _combiner(op, node, dtype)
             if op in COMPARISONS or op in LOGIC:
                 dtype = "uint8"
@@ -593,6 +600,58 @@ class _Lowering:
             return gate if op == "HardSigmoid" else x * gate
 
         return Lazy(inner.logical, "float32", function, inner.anchor, inner.leaves, inner.constants)
+
+    def _resize(self, node: onnx.NodeProto) -> Stored | Lazy:
+        """Resize of a map by constant scales or sizes. Nearest: a gather through the index map the op makes of
+        the positions (any dtype, codes too). Linear and cubic: each is a linear map of the input, separable
+        over H and W, so each axis's taps and weights are read off the op applied (by onnxruntime, now) to a
+        one-hot basis, and one kernel sums the taps (SegFormer's bilinear upsampling), epilogue fused."""
+        extra = [name for name in node.input[1:] if name]
+        if any(name not in self.constants for name in extra):
+            raise NotLowerable(f"{node.name} (Resize) with scales or sizes computed at run time")
+        attributes = node_attributes(node)
+        mode = attributes.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        shape, out = self._shape(node.input[0]), self._shape(node.output[0])
+        if len(shape) != 4 or shape[:2] != out[:2] or shape[0] != 1:
+            raise NotLowerable(f"{node.name}: Resize is covered over the H and W of a [1, C, H, W] map")
+        if mode == "nearest":
+            source = self._moved_source(node.input[0])
+            positions = _positions(source, shape).astype(np.int32)  # (onnxruntime resizes int32, not int64)
+            given = {node.input[0]: positions, **{name: self.constants[name] for name in extra}}
+            return self._gathered(source, self._evaluate(node, given)[0].astype(np.int64))
+        source = self._float_input(node.input[0])
+        if isinstance(source.logical, Rows):
+            source = self._image_of_rows(node.input[0], source)
+        taps = []
+        for axis in (2, 3):  # each axis alone: a one-hot basis of its size, resized by the node's own settings
+            size, resized = shape[axis], out[axis]
+            basis = np.eye(size, dtype=np.float32).reshape((1, size, size, 1) if axis == 2 else (1, size, 1, size))
+            scales = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if scales is not None and scales.size == 4:  # (the coordinates follow the given scale, not out / in)
+                setting = np.array((1, 1, scales[2], 1) if axis == 2 else (1, 1, 1, scales[3]), np.float32)
+                inputs = [node.input[0], "", "qcompile_setting"]
+            else:
+                setting = np.array((1, size, resized, 1) if axis == 2 else (1, size, 1, resized), np.int64)
+                inputs = [node.input[0], "", "", "qcompile_setting"]
+            single = onnx.helper.make_node(
+                "Resize", inputs, [node.output[0]], name=node.name,
+                **{key: value for key, value in attributes.items() if key != "axes"},
+            )  # fmt: skip
+            weights = self._evaluate(single, {node.input[0]: basis, "qcompile_setting": setting})[0]
+            if weights.size != size * resized:
+                raise NotLowerable(f"{node.name}: Resize whose scales give other sizes than the graph's")
+            matrix = weights.reshape(size, resized).T  # [output, input]
+            count = max(int((np.abs(matrix) > 0).sum(axis=1).max()), 1)
+            index = np.zeros((resized, count), np.int32)
+            value = np.zeros((resized, count), np.float32)
+            for row in range(resized):
+                (nonzero,) = np.nonzero(matrix[row])
+                index[row, : nonzero.size], value[row, : nonzero.size] = nonzero, matrix[row, nonzero]
+            taps.append((index, value))
+        logical = (1, shape[1], out[2], out[3])
+        anchor = Anchor("resize", source, logical, "float32", factors=(*taps[0], *taps[1]))
+        return Lazy(logical, "float32", _source, anchor)
 
     def _cumsum(self, node: onnx.NodeProto) -> Lazy:
         """CumSum along the last axis of row-major data (RoBERTa's and MPNet's position ids, counted from the
@@ -903,13 +962,21 @@ class _Lowering:
         from tvm import tirx
 
         mean = node.op_type != "ReduceSum"
+        image: Stored | None = None
         if isinstance(self.values[node.input[0]].logical, Rows):
+            shape = self._shape(node.input[0])
             if node.op_type == "AveragePool":  # a map kept as rows (after a GroupNorm's reshapes)
                 return self._average_pool(node, self._image_of_rows(node.input[0], self._materialize(node.input[0])))
-            return self._row_reduce(node)
+            if not (len(shape) == 4 and shape[0] == 1 and self._reduces_h_w(node)):
+                return self._row_reduce(node)
+            # over H, W of a map kept as rows (PoolFormer's head): the map's channel means
+            image = self._image_of_rows(node.input[0], self._materialize(node.input[0]))
         if node.op_type == "ReduceL2":
             raise NotLowerable(f"{node.name}: ReduceL2 is covered over the last or the leading axes of row-major data")
-        source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
+        if image is not None:
+            source = image
+        else:
+            source = self._float_input(node.input[0]) if mean else self._materialize(node.input[0])
         attributes = node_attributes(node)
         if node.op_type == "AveragePool":  # one window over the whole map (pooling heads written with a big kernel)
             kernel, pads = attributes.get("kernel_shape", []), attributes.get("pads", [0, 0, 0, 0])
@@ -949,6 +1016,16 @@ class _Lowering:
             return Lazy(logical, dtype, _source, anchor)
         factor = tirx.const(1.0 / (height * width), "float32")
         return Lazy(logical, dtype, lambda env: env.source * factor, anchor)
+
+    def _reduces_h_w(self, node: onnx.NodeProto) -> bool:
+        """Whether a ReduceMean / ReduceSum / GlobalAveragePool of a 4-D value reduces over its H and W."""
+        if node.op_type == "GlobalAveragePool":
+            return True
+        if node.op_type not in ("ReduceMean", "ReduceSum"):
+            return False
+        axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        listed = self.constants.get(axes) if axes else node_attributes(node).get("axes")
+        return listed is not None and sorted(int(a) % 4 for a in listed) == [2, 3]
 
     def _average_pool(self, node: onnx.NodeProto, source: Stored) -> Lazy:
         """AveragePool of a float map by a window (PoolFormer's 3 x 3 token mixer): the window's sum over the
@@ -1049,10 +1126,11 @@ class _Lowering:
         relax = self.relax
         contiguous = value.layout in ("nc", "nchw") or (not any(value.pads) and value.channels == value.logical[1])
         if not contiguous:
-            if isinstance(value.logical, Rows) or value.row_map:
-                raise NotLowerable("a padded row-major tensor read flat")
-            # a map stored with its readers' border (MobileViT unfolds a conv's output into patches): its
-            # inside copied out once, in the H, W, C order _positions gives its elements
+            if value.row_map:
+                raise NotLowerable("a padded row-major view read flat")
+            # a map stored with its readers' border (MobileViT unfolds a conv's output into patches), or rows
+            # with channels padded for a dense reader: the inside copied out once, in the order _positions
+            # gives its elements
             inside = Stored(None, value.logical, value.dtype, "nhwc", channels=value.logical[1])
             copy = self._add_kernel(_copy_kernel(value, inside, 0), "unpad")
             inside.var = self.builder.emit(
@@ -1155,7 +1233,7 @@ class _Lowering:
         relax = self.relax
         padded_map = (
             source.layout == "nhwc"
-            and not isinstance(source.logical, Rows)
+            and not source.row_map
             and (any(source.pads) or source.channels != source.logical[1])
         )
         size = int(np.prod(source.logical)) if padded_map else int(np.prod(source.shape))  # (see _flat)
@@ -1872,6 +1950,63 @@ def _foldable_bias(base: Lazy) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------------ kernels
 
 
+def _resize_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
+    """A separable linear resize of a float NHWC map: each output pixel the sum of its rows' taps times its
+    columns' taps of the input (weights and source indices per output row and column, from
+    :meth:`_Lowering._resize`), 16 channels at a time where the channels allow; epilogue fused."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source = anchor.input
+    rows_at, rows_by, columns_at, columns_by = anchor.factors
+    _, channels, out_h, out_w = anchor.logical
+    th, tw = rows_at.shape[1], columns_at.shape[1]
+    (ints, halves, floats), where = pack_constants(value.constants, channels)
+    lanes = LANES if channels % LANES == 0 else 1
+    blocks = channels // lanes
+
+    def channel_span(b: Any) -> Any:
+        return tirx.Ramp(b * lanes, 1, lanes) if lanes > 1 else b
+
+    def splat(x: Any) -> Any:
+        return tirx.Broadcast(x, lanes) if lanes > 1 else x
+
+    def pixel(X: Any, Iy: Any, Wy: Any, Ix: Any, Wx: Any, i: Any, j: Any, b: Any) -> Any:
+        total = None
+        for y in range(th):
+            for x in range(tw):
+                term = _load(X, source, Iy[i, y], Ix[j, x], channel_span(b)) * splat(Wy[i, y] * Wx[j, x])
+                total = term if total is None else total + term
+        return total
+
+    def finish(total: Any, b: Any, K64: Any, K32: Any, KF: Any) -> Any:
+        return value.expression(epilogue_env(total, lambda i: None, (K64, K32, KF), where, channel_span(b), lanes))
+
+    outer = loop_for(out_h * out_w * channels * th * tw)
+
+    @prim_func
+    def resize(
+        X: T.Buffer(source.shape, "float32"),
+        Iy: T.Buffer(rows_at.shape, "int32"),
+        Wy: T.Buffer(rows_by.shape, "float32"),
+        Ix: T.Buffer(columns_at.shape, "int32"),
+        Wx: T.Buffer(columns_by.shape, "float32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for i in outer(out_h):
+            for j in range(out_w):
+                for b in range(blocks):
+                    Y[store_index(target, i, j, channel_span(b))] = finish(
+                        pixel(X, Iy, Wy, Ix, Wx, i, j, b), b, K64, K32, KF
+                    )
+
+    return resize, [source, rows_at, rows_by, columns_at, columns_by, ints, halves, floats]
+
+
 def _load(buffer: Any, stored: Stored, i: Any, j: Any, c: Any) -> Any:
     """``stored`` at logical (i, j, c) (c a channel or a Ramp of channels); a 1 x 1 map at any (i, j)."""
     from tvm import tirx
@@ -2072,6 +2207,8 @@ def _anchor_kernel(
         from qcompile.backends.tvm import sequence
 
         return sequence.row_kernel(value, anchor, target)
+    if anchor.kind == "resize":
+        return _resize_kernel(value, anchor, target)
     if anchor.kind == "cumsum":
         from qcompile.backends.tvm import sequence
 
