@@ -420,11 +420,16 @@ class _Lowering:
         leaves: list[Stored] = []
         constants: list[np.ndarray] = []
         parts: list[Callable[[Env], Any]] = []
-        one_dimensional = not rows and len(logical) == 4 and logical[2] == 1 and len(self._shape(node.output[0])) == 3
+        if not rows and len(logical) == 4 and logical[2] == 1 and len(self._shape(node.output[0])) == 3:
+            # [1, C, L] stored as a map of height 1: its constants align on [1, C, 1, L]
+            lazies = [
+                np.expand_dims(item.reshape((1,) * (3 - item.ndim) + item.shape), 2)
+                if isinstance(item, np.ndarray) and item.size > 1
+                else item
+                for item in lazies
+            ]
         for item in lazies:
             if isinstance(item, np.ndarray):
-                if one_dimensional and item.size > 1:  # [1, C, L] stored as a map of height 1: align on [1, C, 1, L]
-                    item = np.expand_dims(item.reshape((1,) * (3 - item.ndim) + item.shape), 2)
                 row = self._per_channel(item, logical)
                 if row is None:
                     scalar = item.reshape(-1)[0].item()
