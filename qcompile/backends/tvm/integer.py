@@ -960,7 +960,7 @@ class _Lowering:
         )  # fmt: skip
         return Lazy(logical, source.dtype, _source, anchor)
 
-    def _reduce(self, node: onnx.NodeProto) -> Lazy:
+    def _reduce(self, node: onnx.NodeProto) -> Stored | Lazy:
         """ReduceSum over H, W (of codes or an accumulator, in its dtype), or a float layer's mean over H, W
         (GlobalAveragePool, ReduceMean of floats, an AveragePool whose one window is the map): the sum, scaled
         by 1 / (H W)."""
@@ -1061,7 +1061,7 @@ class _Lowering:
         )  # fmt: skip
         return Lazy(logical, "float32", _source, anchor)
 
-    def _row_reduce(self, node: onnx.NodeProto) -> Lazy:
+    def _row_reduce(self, node: onnx.NodeProto) -> Stored | Lazy:
         """ReduceMean / ReduceSum of float rows over their last axis, kept (RMSNorm's mean square): one value
         per row, which elementwise readers broadcast over the channels."""
         shape = self._shape(node.input[0])
@@ -1083,12 +1083,15 @@ class _Lowering:
             return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
         if axes != [len(shape) - 1]:
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis or the tokens")
-        if not attributes.get("keepdims", 1):
-            raise NotLowerable(f"{node.name}: {node.op_type} of rows over the last axis is covered with keepdims")
         source = self._float_input(node.input[0])
         logical = Rows((1, 1, 1, source.logical[3]))
         kind = {"ReduceMean": "rowmean", "ReduceSum": "rowsum", "ReduceL2": "rowl2"}[node.op_type]
-        return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
+        value = Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
+        if attributes.get("keepdims", 1):
+            return value
+        # without keepdims (WavLM's ReduceSum): the same values in the same order, as rows of the shorter shape
+        stored = self._emit(value, node.output[0], output=False)
+        return self._as_rows(self._flat(stored), tuple(self._shape(node.output[0])), "float32")
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
