@@ -559,6 +559,30 @@ def test_one_sided_clips_and_codes_read_both_padded_and_flat(flavor: object) -> 
         np.testing.assert_array_equal(ours, expected)
 
 
+def test_a_softmax_over_an_axis_only_ones_follow(flavor: object) -> None:
+    """ConvBERT's Softmax over k of ``[N, k, 1]``: the rows of ``[N, k]``, as onnxruntime computes it (float
+    tolerance)."""
+    rng = np.random.default_rng(15)
+    initializers = [
+        numpy_helper.from_array(np.array([4, 6, 1], np.int64), "kernels"),
+        numpy_helper.from_array(np.array([1, 4, 6], np.int64), "back"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "kernels"], ["k"]),
+        helper.make_node("Softmax", ["k"], ["p"], axis=1),
+        helper.make_node("Reshape", ["p", "back"], ["y"]),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, [1, 4, 6])}, {"y": (TensorProto.FLOAT, [1, 4, 6])})
+    vm, kinds = _build(model, flavor)
+    assert "softmax" in kinds
+    feed = {"x": rng.standard_normal((1, 4, 6)).astype(np.float32) * 3}
+    (ours,) = _run(vm, feed)
+    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+
+
 def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     """Tanh of a float island (GPT-2's GELU) by its exp form, over large, small and near-zero arguments: within
     3e-7 of onnxruntime's, absolutely (outputs in [-1, 1]: ours is within 1.2e-7 of the exact value, and

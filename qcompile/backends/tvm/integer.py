@@ -1448,7 +1448,7 @@ class _Lowering:
         others = [item for item in node.input if item != name]
         return others[0] if len(others) == 1 else ""
 
-    def _row_op(self, node: onnx.NodeProto) -> Lazy:
+    def _row_op(self, node: onnx.NodeProto) -> Stored | Lazy:
         """LayerNormalization or Softmax over the last axis of a float row-major tensor (an anchor whose
         epilogue continues with the scale and bias, or with whatever follows), or InstanceNormalization of a
         GroupNorm's ``[1, G, L]`` groups (a LayerNorm of each group's row)."""
@@ -1459,6 +1459,14 @@ class _Lowering:
         if instance and (len(shape) != 3 or shape[0] != 1):
             # GroupNorm as exporters write it: [1, G, C / G * H * W] normalized per group, the affine after
             raise NotLowerable(f"{node.name}: InstanceNormalization is covered on [1, G, L] (a GroupNorm's groups)")
+        if node.op_type == "Softmax" and axis < len(shape) - 1 and all(d == 1 for d in shape[axis + 1 :]):
+            # over an axis only ones follow (ConvBERT's [N, k, 1] over k): the rows of [..., k], computed, then
+            # viewed in the graph's shape again
+            source = self._float_input(node.input[0])
+            rows = self._gathered(source, _positions(source, shape).reshape(shape[: axis + 1]))
+            value = Lazy(rows.logical, "float32", _source, Anchor("softmax", rows, rows.logical, "float32"))
+            stored = self._emit(value, node.output[0], output=False)
+            return self._as_rows(self._flat(stored), tuple(shape), "float32")
         if axis != len(shape) - 1 and not instance:
             raise NotLowerable(f"{node.name}: {node.op_type} over an axis that is not the last")
         if node.op_type == "LayerNormalization" and any(node.output[1:]):
