@@ -77,14 +77,17 @@ class TVMExecutor:
         self._inputs = threading.local()
 
     def _arguments(self, feeds: dict[str, np.ndarray]) -> list[Any]:
-        held: dict[str, tuple[Any, np.ndarray]] = self._inputs.__dict__
+        held = self._inputs
+        if not hasattr(held, "pairs"):
+            held.pairs, held.pointers = {}, set()
         arguments = []
         for name in self._input_names:
             array = feeds[name]
-            pair = held.get(name)
+            pair = held.pairs.get(name)
             if pair is None or pair[1].shape != array.shape or pair[1].dtype != array.dtype:
                 tensor = self._tvm.runtime.empty(array.shape, str(array.dtype), self._device)
-                pair = held[name] = (tensor, np.from_dlpack(tensor))
+                pair = held.pairs[name] = (tensor, np.from_dlpack(tensor))
+                held.pointers = {tensor.data_ptr() for tensor, _ in held.pairs.values()}
             pair[1][...] = array
             arguments.append(pair[0])
         return arguments
@@ -94,5 +97,5 @@ class TVMExecutor:
         outputs = [result] if hasattr(result, "__dlpack__") else list(result)
         # The outputs are fresh tensors of the VM's: viewed through DLPack, not copied (.numpy() took 6 us each).
         # An output that is an input as given (an identity graph) is copied, since the next run refills it.
-        inputs = {pair[0].data_ptr() for pair in self._inputs.__dict__.values()}
+        inputs = self._inputs.pointers
         return [np.from_dlpack(item).copy() if item.data_ptr() in inputs else np.from_dlpack(item) for item in outputs]

@@ -72,6 +72,12 @@ def _run(vm: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
 
 
+def _onnxruntime(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``model``'s outputs as onnxruntime computes them (the float reference)."""
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(value) for value in session.run(None, feed)]
+
+
 def _attention_products(za: int, zb: int) -> onnx.ModelProto:
     """Q K^T-shaped MatMulInteger of two quantized activations: [2, 4, 32] x [2, 32, 16], heads as batch."""
     initializers = [
@@ -190,8 +196,7 @@ def test_a_value_read_twice_that_rejoins_stays_in_its_producers_epilogue(flavor:
     for model, kernels in ((fused, ["conv"]), (apart, ["conv", "eltwise", "eltwise"])):
         vm, kinds = _build(model, flavor)
         assert sorted(kinds) == kernels
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):
+        for ours, expected in zip(_run(vm, feed), _onnxruntime(model, feed), strict=True):
             np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
@@ -215,9 +220,7 @@ def test_a_class_token_is_concatenated_before_the_patches(flavor: object) -> Non
     assert kinds.count("concat") == 2
     feed = {"x": rng.standard_normal((1, 4, 16)).astype(np.float32)}
     (ours,) = _run(vm, feed)
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
+    (expected,) = _onnxruntime(model, feed)
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -240,9 +243,7 @@ def test_a_fused_projection_is_split_and_cubed_as_gpt2_does(flavor: object) -> N
     assert "gather" in kinds
     feed = {"x": rng.standard_normal((1, 4, 48)).astype(np.float32) * 3}
     (ours,) = _run(vm, feed)
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
+    (expected,) = _onnxruntime(model, feed)
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -293,8 +294,7 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
     vm, kinds = _build(model, flavor)
     assert {"layernorm", "softmax", "rowmean", "rowl2", "colmean", "colsum", "coll2"} <= set(kinds), kinds
     feed = {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):
+    for ours, expected in zip(_run(vm, feed), _onnxruntime(model, feed), strict=True):
         np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
@@ -376,9 +376,7 @@ def test_an_all_zero_attention_mask_is_read_as_a_scalar(flavor: object) -> None:
             for name, shape in (("q", (1, 6, 16)), ("k", (1, 16, 6)))
         }
         (ours,) = _run(vm, feed)
-        (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, feed
-        )
+        (expected,) = _onnxruntime(model, feed)
         np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE)
 
 
@@ -403,9 +401,7 @@ def test_tokens_reshaped_into_a_map_feed_a_convolution(flavor: object) -> None:
     assert "conv" in kinds
     feed = {"x": rng.standard_normal((1, 16, 24)).astype(np.float32)}
     (ours,) = _run(vm, feed)
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
+    (expected,) = _onnxruntime(model, feed)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
@@ -436,8 +432,7 @@ def test_position_ids_counted_from_the_padding_mask(flavor: object, exclusive: i
     ids[0, 14:] = 1  # padding at the end
     ids[0, 3] = 1
     (ours,) = _run(vm, {"ids": ids})
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(ours, session.run(None, {"ids": ids})[0])
+    np.testing.assert_array_equal(ours, _onnxruntime(model, {"ids": ids})[0])
     np.testing.assert_array_equal(ours, integer_reference.run(model, {"ids": ids})[0])  # (the oracle's CumSum)
 
 
@@ -459,8 +454,7 @@ def test_a_gather_from_a_constant_of_one_value_is_that_constant(flavor: object) 
     vm, _ = _build(model, flavor)
     feed = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32), "positions": np.array([[2, 3, 4, 5, 0, 1]])}
     (ours,) = _run(vm, feed)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(ours, session.run(None, feed)[0])
+    np.testing.assert_array_equal(ours, _onnxruntime(model, feed)[0])
 
 
 def test_row_major_data_is_padded_along_the_tokens(flavor: object) -> None:
@@ -483,8 +477,7 @@ def test_row_major_data_is_padded_along_the_tokens(flavor: object) -> None:
     assert kinds.count("gather") == 2, kinds
     feed = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32)}
     (ours,) = _run(vm, feed)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(ours, session.run(None, feed)[0])
+    np.testing.assert_array_equal(ours, _onnxruntime(model, feed)[0])
 
 
 def test_a_constant_query_attends_to_the_tokens(flavor: object) -> None:
@@ -503,9 +496,7 @@ def test_a_constant_query_attends_to_the_tokens(flavor: object) -> None:
     assert "bmm" in kinds
     feed = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32)}
     (ours,) = _run(vm, feed)
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
+    (expected,) = _onnxruntime(model, feed)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
@@ -528,8 +519,7 @@ def test_one_sided_clips_and_codes_read_both_padded_and_flat(flavor: object) -> 
     vm, _ = _build(model, flavor)
     feed = {"x": rng.standard_normal((1, 4, 16)).astype(np.float32)}
     (ours,) = _run(vm, feed)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(ours, session.run(None, feed)[0])
+    np.testing.assert_array_equal(ours, _onnxruntime(model, feed)[0])
 
     constants = {"s": (0.05, np.float32), "z": (128, np.uint8), "sw": (0.01, np.float32), "zw": (0, np.int8)}
     constants |= {"so": (0.1, np.float32), "zo": (120, np.uint8)}
@@ -577,9 +567,7 @@ def test_a_softmax_over_an_axis_only_ones_follow(flavor: object) -> None:
     assert "softmax" in kinds
     feed = {"x": rng.standard_normal((1, 4, 6)).astype(np.float32) * 3}
     (ours,) = _run(vm, feed)
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
+    (expected,) = _onnxruntime(model, feed)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
@@ -593,9 +581,7 @@ def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     values = np.concatenate([np.linspace(-12, 12, 1024), np.linspace(-1e-3, 1e-3, 1024)]).astype(np.float32)
     feed = {"x": values.reshape(1, 64, 32)}
     (ours,) = _run(vm, feed)
-    (expected,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
+    (expected,) = _onnxruntime(model, feed)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-7)
 
 
@@ -638,8 +624,7 @@ def test_channels_last_blocks_move_between_rows_and_images(flavor: object) -> No
         vm, kinds = _build(model, flavor)
         assert kind in kinds
         (ours,) = _run(vm, feed)
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        (expected,) = session.run(None, feed)
+        (expected,) = _onnxruntime(model, feed)
         np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 
 
@@ -763,8 +748,7 @@ def test_an_encoder_block_runs_on_the_kernels_as_onnxruntime_computes_it(flavor:
     mask = np.ones((1, 1, 1, 16), np.int64)
     mask[..., 11:] = 0  # padding tokens
     feed = {"ids": rng.integers(-50, 50, (1, 16)).astype(np.int64), "mask": mask}  # (negative ids count back)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for ours, expected in zip(_run(vm, feed), session.run(None, feed), strict=True):
+    for ours, expected in zip(_run(vm, feed), _onnxruntime(model, feed), strict=True):
         assert ours.shape == expected.shape
         np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
 

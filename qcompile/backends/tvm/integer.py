@@ -1090,8 +1090,7 @@ class _Lowering:
         if attributes.get("keepdims", 1):
             return value
         # without keepdims (WavLM's ReduceSum): the same values in the same order, as rows of the shorter shape
-        stored = self._emit(value, node.output[0], output=False)
-        return self._as_rows(self._flat(stored), tuple(self._shape(node.output[0])), "float32")
+        return self._stored_in_shape(value, node.output[0], self._shape(node.output[0]))
 
     def _reshape(self, node: onnx.NodeProto) -> Stored | Lazy:
         value = self.values[node.input[0]]
@@ -1132,8 +1131,7 @@ class _Lowering:
     def _flat(self, value: Stored) -> Any:
         """``value``'s Relax tensor as one flat vector (a view; a map stored with a border is copied out first)."""
         relax = self.relax
-        contiguous = value.layout in ("nc", "nchw") or (not any(value.pads) and value.channels == value.logical[1])
-        if not contiguous:
+        if not _contiguous(value):
             if value.row_map:
                 raise NotLowerable("a padded row-major view read flat")
             # a map stored with its readers' border (MobileViT unfolds a conv's output into patches), or rows
@@ -1147,6 +1145,12 @@ class _Lowering:
             value = inside
         size = int(np.prod(value.shape))
         return self.builder.emit(relax.op.reshape(value.var, (size,)))
+
+    def _stored_in_shape(self, value: Lazy, name: str, shape: tuple[int, ...]) -> Stored:
+        """``value`` computed, then viewed as the row-major tensor of ``shape`` holding the same elements in the
+        same order (a reduction without keepdims, a Softmax over an axis only ones follow)."""
+        stored = self._emit(value, name, output=False)
+        return self._as_rows(self._flat(stored), tuple(shape), stored.dtype)
 
     def _as_rows(self, data: Any, shape: tuple[int, ...], dtype: str) -> Stored:
         """A contiguous Relax tensor (of any shape holding as many elements) as the row-major tensor of
@@ -1166,12 +1170,12 @@ class _Lowering:
         """A gather from a constant holding one value throughout is that value in the output's shape, whatever
         the indices (RoBERTa's token types: a zero buffer gathered at the position ids): folded to a constant."""
         data = self.constants.get(node.input[0])
-        if data is None or data.size == 0 or node.output[0] in self.outputs:
+        if data is None or node.output[0] in self.outputs:
             return False
-        flat = data.reshape(-1)
-        if not (flat == flat[0]).all():
+        value = _uniform_value(data)
+        if value is None:
             return False
-        self.constants[node.output[0]] = np.full(self._shape(node.output[0]), flat[0], data.dtype)
+        self.constants[node.output[0]] = np.full(self._shape(node.output[0]), value[0], data.dtype)
         return True
 
     def _uniform_as_scalars(self, node: onnx.NodeProto, names: list[str], operands: list[Any]) -> list[Any]:
@@ -1185,11 +1189,8 @@ class _Lowering:
             return operands
         scalars = []
         for item in operands:
-            if isinstance(item, np.ndarray) and item.size > 1:
-                flat = item.reshape(-1)
-                if (flat == flat[0]).all():
-                    item = flat[:1].copy()
-            scalars.append(item)
+            value = _uniform_value(item) if isinstance(item, np.ndarray) else None
+            scalars.append(item if value is None else value)
         return scalars
 
     def _rows_operands(self, node: onnx.NodeProto, operands: list[Any]) -> list[Any]:
@@ -1239,12 +1240,7 @@ class _Lowering:
         from qcompile.backends.tvm import sequence
 
         relax = self.relax
-        padded_map = (
-            source.layout == "nhwc"
-            and not source.row_map
-            and (any(source.pads) or source.channels != source.logical[1])
-        )
-        size = int(np.prod(source.logical)) if padded_map else int(np.prod(source.shape))  # (see _flat)
+        size = int(np.prod(source.shape if _contiguous(source) else source.logical))  # (what _flat gives)
         identity = index.size == size and np.array_equal(index.reshape(-1), np.arange(size))
         if source.row_map:
             channels = source.logical[1]
@@ -1465,8 +1461,7 @@ class _Lowering:
             source = self._float_input(node.input[0])
             rows = self._gathered(source, _positions(source, shape).reshape(shape[: axis + 1]))
             value = Lazy(rows.logical, "float32", _source, Anchor("softmax", rows, rows.logical, "float32"))
-            stored = self._emit(value, node.output[0], output=False)
-            return self._as_rows(self._flat(stored), tuple(shape), "float32")
+            return self._stored_in_shape(value, node.output[0], shape)
         if axis != len(shape) - 1 and not instance:
             raise NotLowerable(f"{node.name}: {node.op_type} over an axis that is not the last")
         if node.op_type == "LayerNormalization" and any(node.output[1:]):
@@ -1481,10 +1476,13 @@ class _Lowering:
         scale = self.constants.get(node.input[1])
         bias = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels)
         if instance and scale is not None and bias is not None:  # one scale and bias per row: covered when uniform
-            uniform = all(item.size and np.all(item == item.reshape(-1)[0]) for item in (scale, bias))
-            if not uniform:
+            uniform_scale, uniform_bias = _uniform_value(scale), _uniform_value(bias)
+            if uniform_scale is None or uniform_bias is None:
                 raise NotLowerable(f"{node.name}: InstanceNormalization with a scale / bias that differs per group")
-            scale, bias = (np.full(channels, item.reshape(-1)[0], np.float32) for item in (scale, bias))
+            scale, bias = (
+                np.full(channels, uniform_scale[0], np.float32),
+                np.full(channels, uniform_bias[0], np.float32),
+            )
         if scale is None or bias is None or scale.size != channels or bias.size != channels:
             raise NotLowerable(f"{node.name}: LayerNormalization with a scale / bias that is not a constant [C]")
         anchor = Anchor("layernorm", source, logical, "float32", epsilon=float(attributes.get("epsilon", 1e-5)))
@@ -1669,6 +1667,17 @@ class _Lowering:
             call = relax.call_tir(gvar, operands, result_type)
         target.var = self.builder.emit(call)
         return target
+
+
+def _uniform_value(array: np.ndarray) -> np.ndarray | None:
+    """The one value ``array`` holds throughout, as a 1-element array; None if it holds several (or none)."""
+    flat = array.reshape(-1)
+    return flat[:1].copy() if flat.size and (flat == flat[0]).all() else None
+
+
+def _contiguous(value: Stored) -> bool:
+    """Whether ``value``'s bytes are its elements and nothing else (no border, no padding channels)."""
+    return value.layout in ("nc", "nchw") or (not any(value.pads) and value.channels == value.logical[1])
 
 
 def _positions(source: Stored, shape: tuple[int, ...]) -> np.ndarray:
