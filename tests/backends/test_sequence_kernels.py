@@ -273,6 +273,7 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
         helper.make_node("ReduceL2", ["x", "last"], ["row_norm"], keepdims=1),
         helper.make_node("Div", ["x", "row_norm"], ["unit_rows"]),  # F.normalize (SwinV2's cosine attention)
         helper.make_node("ReduceSum", ["x", "last"], ["row_sums"], keepdims=0),  # (WavLM's)
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled_1d"]),  # (SwinV2's torchscript pooling)
     ]
     shape = [1, 7, width]
     model = _model(
@@ -289,6 +290,7 @@ def test_rows_of_any_width_are_normalized(flavor: object, width: int) -> None:
             "lifted_mean": (TensorProto.FLOAT, [1, 1, 7, 1]),
             "unit_rows": (TensorProto.FLOAT, shape),
             "row_sums": (TensorProto.FLOAT, [1, 7]),
+            "pooled_1d": (TensorProto.FLOAT, [1, 7, 1]),
         },
     )
     vm, kinds = _build(model, flavor)

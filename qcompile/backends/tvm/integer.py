@@ -1068,10 +1068,13 @@ class _Lowering:
         attributes = node_attributes(node)
         axes = [int(a) for a in self.constants[node.input[1]]] if len(node.input) > 1 and node.input[1] else []
         axes = axes or [int(a) for a in attributes.get("axes", [])]
+        op = node.op_type
+        if op == "GlobalAveragePool":  # the mean over every axis after the channels (SwinV2's 1-D pooling)
+            op, axes, attributes = "ReduceMean", list(range(2, len(shape))), {"keepdims": 1}
         axes = sorted(a % len(shape) for a in axes)
         # a size-1 axis reduces nothing (Swin's pooling: [1, C, 1, S] over its last two axes)
         axes = [a for a in axes if shape[a] != 1] or axes
-        if node.op_type not in ("ReduceMean", "ReduceSum", "ReduceL2"):
+        if op not in ("ReduceMean", "ReduceSum", "ReduceL2"):
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean, a sum or a 2-norm")
         leading = list(range(len(shape) - 1))[-len(axes) :] if axes else []
         if len(shape) > 1 and axes and axes == leading and all(d == 1 for d in shape[: axes[0]]):
@@ -1079,13 +1082,13 @@ class _Lowering:
             # response norm over H, W of [1, H, W, C]): one row out
             source = self._float_input(node.input[0])
             logical = Rows((1, source.logical[1], 1, 1))
-            kind = {"ReduceMean": "colmean", "ReduceSum": "colsum", "ReduceL2": "coll2"}[node.op_type]
+            kind = {"ReduceMean": "colmean", "ReduceSum": "colsum", "ReduceL2": "coll2"}[op]
             return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
         if axes != [len(shape) - 1]:
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis or the tokens")
         source = self._float_input(node.input[0])
         logical = Rows((1, 1, 1, source.logical[3]))
-        kind = {"ReduceMean": "rowmean", "ReduceSum": "rowsum", "ReduceL2": "rowl2"}[node.op_type]
+        kind = {"ReduceMean": "rowmean", "ReduceSum": "rowsum", "ReduceL2": "rowl2"}[op]
         value = Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
         if attributes.get("keepdims", 1):
             return value
