@@ -22,6 +22,7 @@ profile: each kernel timed alone on its real constants.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ import zoo
 from bench_spine import quantize_static
 
 from qcompile import api, runtime
+from qcompile.backends import tvm as tvm_backend
 from qcompile.backends.integer import reference as integer_reference
 from qcompile.runtime import bench
 
@@ -120,9 +122,12 @@ def profile(artifact: Path, top: int = 8) -> None:
     from qcompile.backends.tvm import integer
 
     manifest = runtime.load(artifact, "tvm").manifest
-    module = integer.to_relax(onnx.load(str(artifact / api.INTEGER_ONNX)))
+    target = manifest.executors["tvm"].target or {}
+    flavor, float_flavor, _ = tvm_backend.kernel_flavors({"kind": "llvm"})
+    flavor = dataclasses.replace(flavor, tiles=any(f.startswith("+amx") for f in target.get("mattr", [])))
+    module = integer.to_relax(onnx.load(str(artifact / api.INTEGER_ONNX)), flavor, float_flavor)
     functions = {gv.name_hint: f for gv, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    library = tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(manifest.executors["tvm"].target))
+    library = tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(target))
     rng = np.random.default_rng(0)
     rows = []
     for block in module["main"].body.blocks:

@@ -57,7 +57,8 @@ class Session:
             from qcompile.runtime.executors import TVMExecutor
 
             # requires_cpu: a library tuned for one CPU model (the integer kernels) runs only on that model
-            self._run = TVMExecutor(path, [info.name for info in self.inputs], entry.requires_cpu).run
+            features = list((entry.target or {}).get("mattr", []))
+            self._run = TVMExecutor(path, [info.name for info in self.inputs], entry.requires_cpu, features).run
         else:  # "lut": Manifest.from_json admits no other kind
             from qcompile.runtime.lut import LutExecutor
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qcompile.errors import ArtifactError
+from qcompile.runtime import amx
 from qcompile.runtime import threads as _tvm_threads  # noqa: F401  (sets up TVM's thread pool before its first use)
 
 ORT_IR_VERSION = 10
@@ -54,7 +55,9 @@ def session_from_path(path: Path, threads: int = 0) -> ort.InferenceSession:
 class TVMExecutor:
     """Runs a library built by :func:`qcompile.backends.tvm.build` with the Relax virtual machine on the host CPU."""
 
-    def __init__(self, library: Path, input_names: list[str], cpu: str | None = None) -> None:
+    def __init__(
+        self, library: Path, input_names: list[str], cpu: str | None = None, features: list[str] | None = None
+    ) -> None:
         import tvm
         from tvm import relax
         from tvm.target import codegen
@@ -64,6 +67,12 @@ class TVMExecutor:
             raise ArtifactError(
                 f"{library.name} is built for the {cpu} CPU and may use instructions this {here} CPU lacks; "
                 "run the artifact's 'integer' executor here, or compile it again on this machine"
+            )
+        # a library with AMX tile kernels (the features it was built with name them) needs Linux's grant first
+        if any(feature.startswith("+amx") for feature in features or []) and not amx.enable():
+            raise ArtifactError(
+                f"{library.name} runs matmuls on AMX tiles, which this CPU lacks or Linux does not grant; run "
+                "the artifact's 'integer' executor here, or compile it again with QCOMPILE_AMX=0"
             )
 
         self._tvm = tvm

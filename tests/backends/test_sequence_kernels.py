@@ -165,6 +165,52 @@ def test_attention_products_on_the_other_flavors(name: str, cpu: str, tmp_path: 
         np.testing.assert_array_equal(ours, expected, err_msg=f"{name}, zero points {za}, {zb}")
 
 
+def _linear_rows(tokens: int, k: int, n: int, za: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A linear layer over ``tokens`` rows as the integer lowering writes one: QuantizeLinear, MatMulInteger by
+    int8 weights (-128 and 127 included), the int32 sums out as they are and requantized to uint8."""
+    rng = np.random.default_rng(seed)
+    weights = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    weights[0, :] = -128
+    weights[1, :] = 127
+    initializers = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(za, np.uint8), "z"),
+        numpy_helper.from_array(weights, "w"),
+        numpy_helper.from_array(np.array(3e-4, np.float32), "so"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zo"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("MatMulInteger", ["q", "w", "z"], ["sums"]),
+        helper.make_node("Cast", ["sums"], ["wide"], to=TensorProto.FLOAT),
+        helper.make_node("QuantizeLinear", ["wide", "so", "zo"], ["codes"]),
+    ]
+    model = _model(
+        nodes,
+        initializers,
+        {"x": (TensorProto.FLOAT, [1, tokens, k])},
+        {"sums": (TensorProto.INT32, [1, tokens, n]), "codes": (TensorProto.UINT8, [1, tokens, n])},
+    )
+    feed = {"x": rng.uniform(-8, 8, (1, tokens, k)).astype(np.float32)}  # codes that reach 0 and 255
+    return model, feed
+
+
+@pytest.mark.parametrize("tokens, k, n", [(16, 64, 32), (40, 128, 40), (128, 384, 1536), (71, 192, 17)])
+def test_amx_tiles_compute_linear_layers_bit_exactly(flavor: object, tokens: int, k: int, n: int) -> None:
+    """On a CPU with AMX, linear layers over 16 rows or more run on the tile registers (tdpbusd); bit-exact
+    with the oracle for one row tile of 16, row counts that are not a multiple of 32 (the last tile starts
+    early), column counts that are not a multiple of 16 and 32, zero points at both ends and in between."""
+    if not getattr(flavor, "tiles", False):
+        pytest.skip("this CPU has no AMX tiles, or Linux does not grant them")
+    for seed, za in enumerate((0, 255, 131)):
+        model, feed = _linear_rows(tokens, k, n, za, seed)
+        module = integer.to_relax(model, flavor)
+        assert any("tdpbusd" in str(function) for function in module.functions.values())
+        vm, _ = _build(model, flavor)
+        for ours, expected in zip(_run(vm, feed), integer_reference.run(model, feed), strict=True):
+            np.testing.assert_array_equal(ours.reshape(expected.shape), expected)
+
+
 def test_a_value_read_twice_that_rejoins_stays_in_its_producers_epilogue(flavor: object) -> None:
     """GELU reads its input twice (x * (1 + erf(x / sqrt 2)) / 2): the linear layer's kernel computes it in its
     epilogue instead of storing x for a second kernel; a value whose readers do not meet again is stored."""
@@ -585,6 +631,36 @@ def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     (ours,) = _run(vm, feed)
     (expected,) = _onnxruntime(model, feed)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-7)
+
+
+def test_a_masked_softmax_computes_no_subnormal_numbers(flavor: object) -> None:
+    """Softmax rows with masked positions (-1e4 and -3.4e38 added, as exporters write masks) and sigmoids of
+    large arguments: within 5e-7 of onnxruntime (outputs in [0, 1]; exp within 2e-7 relative, the row sum and
+    the reciprocal rounded in another order: up to 8 float32 steps below 1), masked positions exactly 0,
+    and no output subnormal. exp once returned subnormal numbers near -87, and every operation on them
+    costs Intel cores a microcode assist (MiniLM's masked softmax rows: 6x slower)."""
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=-1), helper.make_node("Sigmoid", ["x"], ["s"])]
+    shape = [1, 64, 48]
+    model = _model(
+        nodes,
+        [],
+        {"x": (TensorProto.FLOAT, shape)},
+        {"p": (TensorProto.FLOAT, shape), "s": (TensorProto.FLOAT, shape)},
+    )
+    vm, kinds = _build(model, flavor)
+    assert "softmax" in kinds
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 4, shape).astype(np.float32)
+    x[0, :, 40:] = -1e4
+    x[0, ::2, 30:40] = -3.4e38
+    x[0, 1::4, :20] += np.linspace(-95, -55, 20, dtype=np.float32)  # across the old subnormal range
+    feed = {"x": x}
+    ours = _run(vm, feed)
+    expected = _onnxruntime(model, feed)
+    for got, want in zip(ours, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-7)
+        assert not np.any((got != 0) & (np.abs(got) < np.finfo(np.float32).tiny))
+    assert np.all(ours[0][0, :, 40:] == 0)
 
 
 def test_channels_last_blocks_move_between_rows_and_images(flavor: object) -> None:

@@ -143,7 +143,7 @@ def _kernel_module(proto: onnx.ModelProto, tvm_target: dict[str, Any]) -> tuple[
 
     flavor, float_flavor, built_for = kernel_flavors(tvm_target)
     try:
-        return integer.to_relax(proto, flavor, float_flavor), flavor.name, built_for
+        return integer.to_relax(proto, flavor, float_flavor), flavor.title, built_for
     except (BackendError, integer.NotLowerable) as reason:
         raise KernelsNotUsed(str(reason)) from reason
     except Exception as error:  # a bug in an optional speed-up: the onnxruntime files still carry the model

@@ -12,6 +12,10 @@ The flavors (TVM ships int8 intrinsics for AVX-512 VNNI only; these are written 
 
 - ``vnni`` (x86-64, AVX-512 VNNI): ``vpdpbusd`` multiplies 64 unsigned bytes by 64 signed bytes and adds each
   four products into one of 16 int32 lanes.
+- ``vnni`` with AMX tiles (``Flavor.tiles``; Sapphire Rapids and later Xeons): the same flavor everywhere, but
+  matmuls over 16 rows or more run on the AMX tile registers (``tdpbusd``: a 16 x 64 uint8 tile times a
+  16 x 64 int8 tile, laid out exactly as :func:`pack_weights` packs one block, into 16 x 16 int32 sums); see
+  :func:`qcompile.backends.tvm.integer._amx_kernel` and :mod:`qcompile.runtime.amx`.
 - ``avx2`` (x86-64 without VNNI): ``vpmaddwd`` on 16-bit lanes: the activations zero-extended and the weights
   sign-extended to int16 (so no product saturates, unlike ``vpmaddubsw``), each two products summed into
   one of 8 int32 lanes, then added to the accumulator.
@@ -42,10 +46,15 @@ import numpy as np
 from qcompile.backends.tvm.bound import compile_kernels
 from qcompile.backends.tvm.script import prim_func
 from qcompile.errors import BackendError
-from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
+from qcompile.runtime import (
+    amx,
+    threads,  # noqa: F401  (sets up TVM's thread pool)
+)
 from qcompile.runtime.bound import BoundKernel
 
 FUNCTION = "int8_matmul"
+# LLVM's names of the AMX features a library with tile kernels is built with (and the runtime checks for)
+AMX_FEATURES = ("+amx-tile", "+amx-int8")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,12 @@ class Flavor:
     tile_rows: int
     tile_blocks: int
     tvm_target: dict[str, Any]
+    # x86-64 with AMX: the products of many rows run on the tile registers (integer.py's _amx_kernel)
+    tiles: bool = False
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} + AMX tiles" if self.tiles else self.name
 
     @property
     def accumulator_dtype(self) -> str:
@@ -163,9 +178,12 @@ def require_vnni() -> dict[str, Any]:
 
 
 def host_flavor() -> Flavor:
-    """The best flavor for this machine (VNNI, else AVX2), its target tuned for this CPU; or a clear error."""
+    """The best flavor for this machine (VNNI, with AMX tiles where the CPU has them and Linux grants them;
+    else AVX2), its target tuned for this CPU; or a clear error."""
     flags = _cpu_flags()
     if " avx512_vnni" in flags:
+        if amx.wanted():
+            return replace(VNNI, tvm_target={**require_vnni(), "mattr": list(AMX_FEATURES)}, tiles=True)
         return replace(VNNI, tvm_target=require_vnni())
     if " avx2" in flags:
         from tvm.target import codegen

@@ -12,7 +12,8 @@ so this module lowers the integer graph itself, on the int8 dot products of
   stored with that padding around it (filled with the reader's zero point), written by its producer; every
   other reader indexes past the border.
 - Anchors: dense and pointwise ``ConvInteger`` and ``MatMulInteger`` run the flavor's register-tile kernel
-  (implicit GEMM: the window is addressed in place, no im2col); depthwise ``ConvInteger`` runs on
+  (implicit GEMM: the window is addressed in place, no im2col), or, with AMX, those over many contiguous rows
+  the tile-register kernel (:func:`_amx_kernel`); depthwise ``ConvInteger`` runs on
   ``vpdpbusd`` over 16 channels (other flavors: int32 multiply-adds); ``MaxPool`` and ``ReduceSum`` over H,
   W are vectorised over channels.
 - The elementwise integer ops after an anchor (bias ``Add``, the requantization's ``Cast``, ``Mul``,
@@ -2318,6 +2319,8 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     out_h, out_w = (anchor.logical[2], anchor.logical[3]) if len(anchor.logical) == 4 else (1, 1)
     rows = out_h * out_w
     lanes, group = flavor.lanes, flavor.group
+    if flavor.tiles and _amx_covers(anchor, source, stored, rows):
+        return _amx_kernel(value, anchor, target, flavor)
     if flavor.name in ("vnni", "fp32"):
         tile_blocks = _tile_blocks(_ceil_div(n, lanes))
         tile_rows = min(TILE_ROWS[tile_blocks], rows)
@@ -2333,11 +2336,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     weight_bytes = packed.size
     block_major = weight_bytes > L2_BYTES // 2 and block_tiles * rows * stored < row_tiles * weight_bytes
     accumulator = flavor.accumulator_dtype
-    start = np.zeros(packed.shape[0] * lanes, accumulator)
-    if accumulator == "float32":  # a float layer: the accumulators start at its bias
-        start[:n] = 0.0 if anchor.offset is None else anchor.offset
-    else:  # the accumulators start at minus the zero-point correction (an addition less per output vector)
-        start[:n] = -anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset).astype(np.int64)
+    start = _accumulator_start(anchor, packed.shape[0] * lanes, flavor)
     (ints, halves, floats), where = pack_constants(value.constants, n)
     x_nhwc, y_nhwc = source.layout == "nhwc", target.layout == "nhwc"
     stride_h, stride_w = anchor.strides
@@ -2440,6 +2439,173 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     # What a cycle estimate needs (qcompile.hwmodels.mca): register-tile steps, and the products of each.
     work = {DENSE_STEPS: row_tiles * block_tiles * kh * kw * quads, STEP_MACS: tile_rows * tile_blocks * lanes * group}
     return conv.with_attrs(work), [source, packed, start, ints, halves, floats]
+
+
+def _accumulator_start(anchor: Anchor, columns: int, flavor: int8_kernels.Flavor) -> np.ndarray:
+    """What a dense kernel's ``columns`` accumulators (the packed columns) start at: a float layer's bias, or
+    minus the zero-point correction (an addition less per output vector); zero in the padding columns."""
+    weights = anchor.weights
+    assert weights is not None
+    n = weights.shape[0]
+    start = np.zeros(columns, flavor.accumulator_dtype)
+    if flavor.accumulator_dtype == "float32":
+        start[:n] = 0.0 if anchor.offset is None else anchor.offset
+    else:
+        start[:n] = -anchor.correction(weights.astype(np.int64).sum(axis=(1, 2, 3)), flavor.offset).astype(np.int64)
+    return start
+
+
+# The AMX kernel's tiles: 16 rows of 64 bytes each (the activations: 16 rows of 64 codes; the weights: 16 groups
+# of four k for 16 columns, as pack_weights lays out one block; the sums: 16 rows of 16 int32).
+AMX_ROWS, AMX_BYTES = 16, 64
+AMX_BLOCKS = 2  # column blocks of 16 per tile of work: 2 weight tiles, and 2 x (1 or 2) sum tiles
+AMX_MIN_ROWS = 16
+
+
+def _amx_covers(anchor: Anchor, source: Stored, stored: int, rows: int) -> bool:
+    """Whether the AMX kernel computes this dense anchor: a 1 x 1 convolution (a matmul over rows) of a map
+    stored without a border, so that its pixels are rows ``stored`` bytes apart, over a multiple of 64 channels
+    and at least 16 rows; int8 only."""
+    weights = anchor.weights
+    assert weights is not None
+    return (
+        source.dtype == "uint8"
+        and weights.shape[2:] == (1, 1)
+        and tuple(anchor.strides) == (1, 1)
+        and not any(anchor.pads)
+        and source.layout == "nhwc"
+        and not any(source.pads)
+        and not source.row_map
+        and not source.period
+        and source.shape[:2] == tuple(anchor.logical[2:4])
+        and stored % AMX_BYTES == 0
+        and rows >= AMX_MIN_ROWS
+    )
+
+
+def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernels.Flavor) -> tuple[Any, list[Any]]:
+    """A matmul over many rows (a transformer's linear layers, a CNN's pointwise convolutions) on the AMX tile
+    registers, epilogue fused. Each tile of work is 32 rows (16 when fewer rows) by 32 columns: per 64 channels,
+    two activation tiles and two weight tiles loaded, four ``tdpbusd`` (16 x 16 x 64 products each) into four
+    sum tiles; the sums are then stored one tile at a time to a 1 KB buffer on the stack and finished as the
+    register-tile kernel does. The last row tile starts early enough to end at the last row (recomputing some
+    rows, with the same results) rather than reading past it."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    source, weights = anchor.input, anchor.weights
+    assert weights is not None
+    n = weights.shape[0]
+    stored = source.channels
+    rows = anchor.logical[2] * anchor.logical[3]
+    out_w = anchor.logical[3]
+    lanes = flavor.lanes
+    row_tile = 2 * AMX_ROWS if rows >= 2 * AMX_ROWS else AMX_ROWS
+    a_tiles = row_tile // AMX_ROWS
+    packed = pack_conv_weights(weights, stored, AMX_BLOCKS, flavor)
+    start = _accumulator_start(anchor, packed.shape[0] * lanes, flavor)
+    (ints, halves, floats), where = pack_constants(value.constants, n)
+    block_tiles = packed.shape[0] // AMX_BLOCKS
+    row_tiles = _ceil_div(rows, row_tile)
+    steps, quads = stored // AMX_BYTES, stored // flavor.group
+    top, left = target.pads[0], target.pads[1]
+    y_nhwc = target.layout == "nhwc"
+
+    def intrinsic(name: str, *args: Any) -> Any:
+        return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+    def tile(number: Any) -> Any:
+        return tirx.Cast("uint8", number)
+
+    def first(work: Any) -> Any:
+        return tirx.min((work // block_tiles) * row_tile, rows - row_tile)
+
+    def block(work: Any, b: Any) -> Any:
+        return (work % block_tiles) * AMX_BLOCKS + b
+
+    def epilogue(acc: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
+        return value.expression(epilogue_env(acc, lambda i: None, (K64, K32, KF), where, c, lanes))
+
+    def out(m: Any, c: Any) -> tuple[Any, ...]:
+        return (m // out_w + top, m % out_w + left, c) if y_nhwc else (0, c)
+
+    outer = loop_for(rows * n * stored)
+
+    @prim_func
+    def amx(
+        X: T.Buffer(source.shape, "uint8"),
+        Wp: T.Buffer(packed.shape, "int8"),
+        Cr: T.Buffer(start.shape, "int32"),
+        K64: T.Buffer(ints.shape, "int64"),
+        K32: T.Buffer(halves.shape, "int32"),
+        KF: T.Buffer(floats.shape, "float32"),
+        Y: T.Buffer(target.shape, target.dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for work in outer(row_tiles * block_tiles):
+            # the tile configuration (palette 1; each of the 8 tiles 16 rows of 64 bytes), loaded per tile of work
+            config = T.alloc_buffer((64,), "uint8", scope="global")
+            acc = T.alloc_buffer((AMX_ROWS, lanes), "int32", scope="global")
+            for i in range(64):
+                config[i] = T.uint8(0)
+            config[0] = T.uint8(1)
+            for t in range(8):
+                config[16 + 2 * t] = T.uint8(AMX_BYTES)
+                config[48 + t] = T.uint8(AMX_ROWS)
+            T.evaluate(intrinsic("ldtilecfg", config.access_ptr("r")))
+            # tiles 0-3: sums (a, b) at 2a + b; 4-5: activations; 6-7: weights
+            for s in T.unroll(2 * a_tiles):
+                T.evaluate(intrinsic("tilezero", tile(s)))
+            for step in range(steps):
+                for a in T.unroll(a_tiles):
+                    T.evaluate(
+                        intrinsic(
+                            "tileloadd64",
+                            tile(4 + a),
+                            X.access_ptr("r", offset=(first(work) + a * AMX_ROWS) * stored + step * AMX_BYTES),
+                            T.int64(stored),
+                        )
+                    )
+                for b in T.unroll(AMX_BLOCKS):
+                    T.evaluate(
+                        intrinsic(
+                            "tileloadd64",
+                            tile(6 + b),
+                            Wp.access_ptr("r", offset=(block(work, b) * quads + step * AMX_ROWS) * AMX_BYTES),
+                            T.int64(AMX_BYTES),
+                        )
+                    )
+                for a in T.unroll(a_tiles):
+                    for b in T.unroll(AMX_BLOCKS):
+                        T.evaluate(intrinsic("tdpbusd", tile(2 * a + b), tile(4 + a), tile(6 + b)))
+            for a in T.unroll(a_tiles):
+                for b in T.unroll(AMX_BLOCKS):
+                    T.evaluate(intrinsic("tilestored64", tile(2 * a + b), acc.access_ptr("w"), T.int64(4 * lanes)))
+                    for r in range(AMX_ROWS):
+                        if (block(work, b) + 1) * lanes <= n:  # a whole block: one vector
+                            Y[out(first(work) + a * AMX_ROWS + r, T.ramp(block(work, b) * lanes, 1, lanes))] = epilogue(
+                                acc[r, T.ramp(0, 1, lanes)] + Cr[T.ramp(block(work, b) * lanes, 1, lanes)],
+                                K64,
+                                K32,
+                                KF,
+                                T.ramp(block(work, b) * lanes, 1, lanes),
+                                lanes,
+                            )
+                        else:
+                            for lane in range(lanes):
+                                if block(work, b) * lanes + lane < n:
+                                    Y[out(first(work) + a * AMX_ROWS + r, block(work, b) * lanes + lane)] = epilogue(
+                                        acc[r, lane] + Cr[block(work, b) * lanes + lane],
+                                        K64,
+                                        K32,
+                                        KF,
+                                        block(work, b) * lanes + lane,
+                                        1,
+                                    )
+            T.evaluate(intrinsic("tilerelease"))
+
+    work = {DENSE_STEPS: row_tiles * block_tiles * steps, STEP_MACS: row_tile * AMX_BLOCKS * lanes * AMX_BYTES}
+    return amx.with_attrs(work), [source, packed, start, ints, halves, floats]
 
 
 def _depthwise_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
