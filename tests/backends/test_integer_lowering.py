@@ -196,6 +196,21 @@ def test_a_library_built_for_another_cpu_is_refused(vnni: dict, tmp_path: Path) 
         TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], "imaginary-cpu")
 
 
+def test_a_library_with_amx_tiles_is_refused_where_they_are_not_granted(
+    vnni: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library built with AMX features (the manifest target's ``mattr``) needs Linux's grant of the tile
+    state; without it the first tile instruction would kill the process, so loading it is refused."""
+    from qcompile.runtime import amx
+
+    model = _requantize_graph(np.full(CHANNELS, 40))
+    _build(model, vnni, tmp_path)
+    monkeypatch.setattr(amx, "enable", lambda: False)
+    with pytest.raises(ArtifactError, match="AMX tiles"):
+        TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], vnni["mcpu"], ["+amx-tile", "+amx-int8"])
+    TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], vnni["mcpu"], [])  # no tiles: loads
+
+
 def test_constants_broadcast_as_onnx_says() -> None:
     """Shapes align on the right: [C] is per channel for a [1, C] value but runs along W of [1, C, H, W]."""
     per_channel = integer._Lowering._per_channel
