@@ -633,6 +633,22 @@ def test_tanh_runs_vectorised_within_float_rounding(flavor: object) -> None:
     np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-7)
 
 
+def test_a_kronecker_outer_factor_is_regrouped_into_whole_vectors() -> None:
+    """SmolLM2's rotation of 576 = 144 x 4 channels, its outer factor H_12 (x) H_12: regrouped as 12 x 48, the
+    same matrix (within float32 rounding of the products); a Paley H_12 outer factor (no Kronecker part) and
+    groups already whole vectors stay as they are."""
+    sequence = pytest.importorskip("qcompile.backends.tvm.sequence")
+    outer, inner, _ = factors(576)
+    assert (outer.shape[0], inner.shape[0]) == (144, 4)
+    new_inner, new_outer = sequence.regrouped(inner, outer)
+    assert (new_outer.shape[0], new_inner.shape[0]) == (12, 48)
+    np.testing.assert_allclose(np.kron(new_outer, new_inner), np.kron(outer, inner), rtol=1e-6, atol=0)
+    for size in (192, 48):  # 12 x 16 (whole vectors); 12 x 4 (the outer H_12 has no Kronecker part)
+        outer, inner, _ = factors(size)
+        kept = sequence.regrouped(inner, outer)
+        assert kept[0] is inner and kept[1] is outer
+
+
 def test_a_masked_softmax_computes_no_subnormal_numbers(flavor: object) -> None:
     """Softmax rows with masked positions (-1e4 and -3.4e38 added, as exporters write masks) and sigmoids of
     large arguments: within 5e-7 of onnxruntime (outputs in [0, 1]; exp within 2e-7 relative, the row sum and

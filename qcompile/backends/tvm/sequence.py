@@ -685,7 +685,8 @@ def regrouped(inner: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndar
     ``A (x) (B (x) H_p)``, taken with the smallest ``B`` that makes the inner factor a multiple of 16. SmolLM2's
     576 channels come as ``H_144 (x) H_4`` with ``H_144 = H_12 (x) H_12``: as ``H_12 (x) H_48`` the rotation
     runs on contiguous vectors (48 + 12 multiply-adds per channel) instead of mixing 144 groups across
-    strided lanes (144 per channel): 0.8 ms -> see rotation_kernel's note. Otherwise the factors unchanged."""
+    strided lanes (144 per channel): one 256-row rotation took 0.80 ms, now 0.13 ms (2-core Xeon). Otherwise
+    the factors are returned unchanged."""
     p, m = inner.shape[0], outer.shape[0]
     corner = float(outer[0, 0])
     if p % LANES == 0 or corner == 0.0:
