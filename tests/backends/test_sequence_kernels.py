@@ -195,11 +195,14 @@ def _linear_rows(tokens: int, k: int, n: int, za: int, seed: int) -> tuple[onnx.
     return model, feed
 
 
-@pytest.mark.parametrize("tokens, k, n", [(16, 64, 32), (40, 128, 40), (128, 384, 1536), (71, 192, 17)])
+@pytest.mark.parametrize(
+    "tokens, k, n", [(16, 64, 32), (40, 128, 40), (128, 384, 1536), (71, 192, 17), (40, 96, 40), (33, 236, 48)]
+)
 def test_amx_tiles_compute_linear_layers_bit_exactly(flavor: object, tokens: int, k: int, n: int) -> None:
     """On a CPU with AMX, linear layers over 16 rows or more run on the tile registers (tdpbusd); bit-exact
     with the oracle for one row tile of 16, row counts that are not a multiple of 32 (the last tile starts
-    early), column counts that are not a multiple of 16 and 32, zero points at both ends and in between."""
+    early), column counts that are not a multiple of 16 and 32, input widths that are not a multiple of 64
+    (the last step's activations copied, padded), zero points at both ends and in between."""
     if not getattr(flavor, "tiles", False):
         pytest.skip("this CPU has no AMX tiles, or Linux does not grant them")
     for seed, za in enumerate((0, 255, 131)):

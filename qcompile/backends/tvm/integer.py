@@ -2464,8 +2464,8 @@ AMX_MIN_ROWS = 16
 
 def _amx_covers(anchor: Anchor, source: Stored, stored: int, rows: int) -> bool:
     """Whether the AMX kernel computes this dense anchor: a 1 x 1 convolution (a matmul over rows) of a map
-    stored without a border, so that its pixels are rows ``stored`` bytes apart, over a multiple of 64 channels
-    and at least 16 rows; int8 only."""
+    stored without a border, so that its pixels are rows ``stored`` bytes apart, over at least 64 channels
+    and 16 rows; int8 only."""
     weights = anchor.weights
     assert weights is not None
     return (
@@ -2478,7 +2478,7 @@ def _amx_covers(anchor: Anchor, source: Stored, stored: int, rows: int) -> bool:
         and not source.row_map
         and not source.period
         and source.shape[:2] == tuple(anchor.logical[2:4])
-        and stored % AMX_BYTES == 0
+        and stored >= AMX_BYTES
         and rows >= AMX_MIN_ROWS
     )
 
@@ -2489,7 +2489,9 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
     two activation tiles and two weight tiles loaded, four ``tdpbusd`` (16 x 16 x 64 products each) into four
     sum tiles; the sums are then stored one tile at a time to a 1 KB buffer on the stack and finished as the
     register-tile kernel does. The last row tile starts early enough to end at the last row (recomputing some
-    rows, with the same results) rather than reading past it."""
+    rows, with the same results) rather than reading past it. Inputs that are not a multiple of 64 channels
+    (EfficientNet's 96, 144, 240...) end with a step whose weight tiles are padded with zero weights and whose
+    activation tiles are loaded from a copy of their last channels, padded with zeros, in the same buffer."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -2502,12 +2504,14 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
     lanes = flavor.lanes
     row_tile = 2 * AMX_ROWS if rows >= 2 * AMX_ROWS else AMX_ROWS
     a_tiles = row_tile // AMX_ROWS
-    packed = pack_conv_weights(weights, stored, AMX_BLOCKS, flavor)
+    # the weights' channels padded with zeros to whole steps of 64: the last step's weight tiles
+    steps, rest = divmod(stored, AMX_BYTES)
+    packed = pack_conv_weights(weights, stored + (AMX_BYTES - rest) % AMX_BYTES, AMX_BLOCKS, flavor)
     start = _accumulator_start(anchor, packed.shape[0] * lanes, flavor)
     (ints, halves, floats), where = pack_constants(value.constants, n)
     block_tiles = packed.shape[0] // AMX_BLOCKS
     row_tiles = _ceil_div(rows, row_tile)
-    steps, quads = stored // AMX_BYTES, stored // flavor.group
+    quads = packed.shape[1]
     top, left = target.pads[0], target.pads[1]
     y_nhwc = target.layout == "nhwc"
 
@@ -2548,10 +2552,12 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
+        Xf = T.decl_buffer((rows * stored,), "uint8", data=X.data)
         for work in outer(row_tiles * block_tiles):
             # the tile configuration (palette 1; each of the 8 tiles 16 rows of 64 bytes), loaded per tile of work
             config = T.alloc_buffer((64,), "uint8", scope="global")
             acc = T.alloc_buffer((AMX_ROWS, lanes), "int32", scope="global")
+            part = T.decl_buffer((AMX_ROWS, AMX_BYTES), "uint8", data=acc.data)  # (the sums' buffer, before them)
             for i in range(64):
                 config[i] = T.uint8(0)
             config[0] = T.uint8(1)
@@ -2582,6 +2588,27 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
                         )
                     )
                 for a in T.unroll(a_tiles):
+                    for b in T.unroll(AMX_BLOCKS):
+                        T.evaluate(intrinsic("tdpbusd", tile(2 * a + b), tile(4 + a), tile(6 + b)))
+            if rest > 0:  # the last channels (fewer than 64): each activation tile from a copy padded with zeros
+                for b in T.unroll(AMX_BLOCKS):
+                    T.evaluate(
+                        intrinsic(
+                            "tileloadd64",
+                            tile(6 + b),
+                            Wp.access_ptr("r", offset=(block(work, b) * quads + steps * AMX_ROWS) * AMX_BYTES),
+                            T.int64(AMX_BYTES),
+                        )
+                    )
+                for a in T.unroll(a_tiles):
+                    for r in range(AMX_ROWS):
+                        for c in T.vectorized(AMX_BYTES):
+                            part[r, c] = T.if_then_else(
+                                c < rest,
+                                Xf[(first(work) + a * AMX_ROWS + r) * stored + steps * AMX_BYTES + c],
+                                T.uint8(0),
+                            )
+                    T.evaluate(intrinsic("tileloadd64", tile(4 + a), acc.access_ptr("r"), T.int64(AMX_BYTES)))
                     for b in T.unroll(AMX_BLOCKS):
                         T.evaluate(intrinsic("tdpbusd", tile(2 * a + b), tile(4 + a), tile(6 + b)))
             for a in T.unroll(a_tiles):
