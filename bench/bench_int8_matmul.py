@@ -5,7 +5,8 @@
 ``[M, K] @ [K, N]`` at the linear-layer shapes of all-MiniLM-L6-v2 (128 tokens: attention projections and
 the MLP) and of ResNet-18's 1x1 / fc layers seen as matmuls: onnxruntime's fp32 ``MatMul`` and int8
 ``MatMulInteger`` (uint8 activations with a zero point, int8 weights) against the TVM kernels: the VNNI
-flavor (``vpdpbusd``) and the AVX2 flavor (``vpmaddwd``, built for Haswell so that LLVM uses no AVX-512),
+flavor (``vpdpbusd``), the AVX-VNNI flavor where the CPU has it (256-bit ``vpdpbusd``, built for Alder Lake)
+and the AVX2 flavor (``vpmaddwd``, built for Haswell; neither of those two uses AVX-512),
 all called from Python in this process, timed in interleaved rounds (``qcompile.runtime.bench.compare``);
 each kernel's output checked equal to onnxruntime's MatMulInteger first. The integer graph's convolutions
 (``qcompile.backends.tvm.integer``) run the same register tiles.
@@ -57,15 +58,19 @@ def main() -> None:
     print(f"machine: {machine}; onnxruntime default threads; TVM threads {int8_kernels.threads.count()}")
     shapes = {f"s{i}": shape[1:] for i, shape in enumerate(SHAPES)}
     vnni = int8_kernels.VNNI
-    avx2 = dataclasses.replace(int8_kernels.FLAVORS["avx2"], tvm_target={"kind": "llvm", "mcpu": "haswell"})
-    modules = [
-        (vnni, int8_kernels.build(shapes, int8_kernels.require_vnni(), vnni)),
-        (avx2, int8_kernels.build(shapes, avx2.tvm_target, avx2)),
-    ]
+    modules = [(vnni, int8_kernels.build(shapes, int8_kernels.require_vnni(), vnni))]
+    cpus = {"avxvnni": "alderlake", "avx2": "haswell"}  # 256-bit flavors, built without AVX-512
+    for name, cpu in cpus.items():
+        if name == "avxvnni" and " avx_vnni" not in int8_kernels._cpu_flags():
+            continue
+        flavor = dataclasses.replace(int8_kernels.FLAVORS[name], tvm_target={"kind": "llvm", "mcpu": cpu})
+        modules.append((flavor, int8_kernels.build(shapes, flavor.tvm_target, flavor)))
+    names = [flavor.name.upper() for flavor, _ in modules]
     rng = np.random.default_rng(0)
-    print("\n| layer | M x K x N | VNNI kernel us | AVX2 kernel us | ORT int8 us | ORT fp32 us | VNNI vs int8 | "
-          "VNNI vs fp32 | AVX2 vs int8 | AVX2 vs fp32 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    columns = [f"{name} kernel us" for name in names] + ["ORT int8 us", "ORT fp32 us"]
+    columns += [f"{name} vs {other}" for name in names for other in ("int8", "fp32")]
+    print("\n| layer | M x K x N | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for index, (name, m, k, n) in enumerate(SHAPES):
         a = rng.integers(0, 256, (m, k)).astype(np.uint8)
         w = rng.integers(-127, 128, (k, n)).astype(np.int8)
@@ -96,11 +101,9 @@ def row(name: str, modules: list[tuple[Any, Any]], function: str, a: np.ndarray,
         for flavor, _ in modules
     }
     int8_us, fp32_us = timings["int8"].median_ms * 1e3, timings["fp32"].median_ms * 1e3
-    ratios = " | ".join(f"{int8_us / best[f]:.2f}x | {fp32_us / best[f]:.2f}x" for f in ("vnni", "avx2"))
-    return (
-        f"| {name} | {m} x {k} x {n} | {best['vnni']:.1f} | {best['avx2']:.1f} | {int8_us:.1f} | {fp32_us:.1f} | "
-        f"{ratios} |"
-    )
+    kernels = " | ".join(f"{best[flavor.name]:.1f}" for flavor, _ in modules)
+    ratios = " | ".join(f"{int8_us / best[f.name]:.2f}x | {fp32_us / best[f.name]:.2f}x" for f, _ in modules)
+    return f"| {name} | {m} x {k} x {n} | {kernels} | {int8_us:.1f} | {fp32_us:.1f} | {ratios} |"
 
 
 if __name__ == "__main__":

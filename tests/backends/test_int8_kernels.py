@@ -81,11 +81,15 @@ def _extreme_case(m: int, k: int, n: int, seed: int) -> tuple[np.ndarray, np.nda
     return a, w
 
 
-def test_avx2_flavor_is_bit_exact() -> None:
-    """Built for Haswell (AVX2, no AVX-512), so LLVM cannot use anything wider; run on this CPU."""
+@pytest.mark.parametrize(("name", "cpu"), [("avx2", "haswell"), ("avxvnni", "alderlake")])
+def test_the_256_bit_flavors_are_bit_exact(name: str, cpu: str) -> None:
+    """Built for Haswell (AVX2) or Alder Lake (AVX-VNNI), neither with AVX-512, so LLVM cannot use anything
+    wider; run on this CPU (AVX-VNNI only where it has it)."""
     _target()
-    flavor = dataclasses.replace(int8_kernels.FLAVORS["avx2"], tvm_target={"kind": "llvm", "mcpu": "haswell"})
-    shapes = {"big": (128, 384, 384), "ragged": (7, 12, 50), "one": (1, 2, 1)}
+    if name == "avxvnni" and " avx_vnni" not in int8_kernels._cpu_flags():
+        pytest.skip("this CPU has no AVX-VNNI")
+    flavor = dataclasses.replace(int8_kernels.FLAVORS[name], tvm_target={"kind": "llvm", "mcpu": cpu})
+    shapes = {"big": (128, 384, 384), "ragged": (7, 12, 50), "one": (1, flavor.group, 1)}
     module = int8_kernels.build(shapes, flavor.tvm_target, flavor)
     for index, (name, (m, k, n)) in enumerate(shapes.items()):
         a, w = _extreme_case(m, k, n, index)

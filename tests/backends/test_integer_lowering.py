@@ -134,17 +134,25 @@ def test_resnet18_runs_on_the_int8_kernels_bit_exactly(vnni: dict, tmp_path: Pat
     assert {"MaxPool", "ConvInteger", "MatMulInteger", "ReduceSum"} <= {node.op_type for node in lowered.graph.node}
     session = runtime.load(output, "tvm")
     # The same graph on the AVX2 flavor (built for Haswell: no AVX-512; depthwise-free, so every conv on
-    # vpmaddwd, the 1000-wide classifier ending in a partial block of 8 lanes).
-    avx2 = dataclasses.replace(int8_kernels.FLAVORS["avx2"], tvm_target={"kind": "llvm", "mcpu": "haswell"})
-    executable = relax.build(
-        integer.to_relax(lowered, avx2), target=tvm.target.Target(avx2.tvm_target), relax_pipeline=integer.pipeline()
-    )
-    machine = relax.VirtualMachine(executable, tvm.cpu())
+    # vpmaddwd, the 1000-wide classifier ending in a partial block of 8 lanes), and on AVX-VNNI (Alder Lake:
+    # 256-bit vpdpbusd) where this CPU has it.
+    machines = []
+    for name, cpu in (("avx2", "haswell"), ("avxvnni", "alderlake")):
+        if name == "avxvnni" and " avx_vnni" not in int8_kernels._cpu_flags():
+            continue
+        flavor = dataclasses.replace(int8_kernels.FLAVORS[name], tvm_target={"kind": "llvm", "mcpu": cpu})
+        executable = relax.build(
+            integer.to_relax(lowered, flavor),
+            target=tvm.target.Target(flavor.tvm_target),
+            relax_pipeline=integer.pipeline(),
+        )
+        machines.append(relax.VirtualMachine(executable, tvm.cpu()))
     for crop in crops[4:]:
         feed = {"input": crop[None]}
         expected = integer_reference.run(lowered, feed)[0]
         assert np.array_equal(session.run(feed)["logits"], expected)
-        assert np.array_equal(machine["main"](tvm.runtime.tensor(feed["input"])).numpy(), expected)
+        for machine in machines:
+            assert np.array_equal(machine["main"](tvm.runtime.tensor(feed["input"])).numpy(), expected)
     for name, cpu in (("neon-dot", "cortex-a76"), ("neon", "cortex-a72")):
         _check_aarch64_under_qemu(lowered, {"input": crops[5][None]}, tmp_path, name, cpu)
 

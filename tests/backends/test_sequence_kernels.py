@@ -128,10 +128,14 @@ def test_attention_products_of_two_activations_are_bit_exact(flavor: object) -> 
         np.testing.assert_array_equal(ours, expected)
 
 
-@pytest.mark.parametrize("name, cpu", [("avx2", "haswell"), ("neon-dot", "cortex-a76"), ("neon", "cortex-a72")])
+@pytest.mark.parametrize(
+    "name, cpu",
+    [("avx2", "haswell"), ("avxvnni", "alderlake"), ("neon-dot", "cortex-a76"), ("neon", "cortex-a72")],
+)
 def test_attention_products_on_the_other_flavors(name: str, cpu: str, tmp_path: Path) -> None:
-    """The same products on AVX2 (vpmaddwd on 16-bit fields; runs on this x86 CPU) and on aarch64 with and
-    without sdot (cross-compiled and run under qemu as that CPU when the toolchain is installed)."""
+    """The same products on AVX2 (vpmaddwd on 16-bit fields; runs on this x86 CPU), on AVX-VNNI (256-bit
+    vpdpbusd; where this CPU has it) and on aarch64 with and without sdot (cross-compiled and run under qemu as
+    that CPU when the toolchain is installed)."""
     import dataclasses
 
     from conftest import require_emulation
@@ -141,7 +145,9 @@ def test_attention_products_on_the_other_flavors(name: str, cpu: str, tmp_path: 
 
     flavor = int8_kernels.FLAVORS[name]
     target = {**flavor.tvm_target, "mcpu": cpu}
-    toolchain, runner = require_emulation(target) if name != "avx2" else (None, None)
+    if name == "avxvnni" and " avx_vnni" not in int8_kernels._cpu_flags():
+        pytest.skip("this CPU has no AVX-VNNI")
+    toolchain, runner = require_emulation(target) if name.startswith("neon") else (None, None)
     rng = np.random.default_rng(1)
     for index, (za, zb) in enumerate(ZERO_POINTS):
         model = _attention_products(za, zb)

@@ -16,6 +16,8 @@ The flavors (TVM ships int8 intrinsics for AVX-512 VNNI only; these are written 
   matmuls over 16 rows or more run on the AMX tile registers (``tdpbusd``: a 16 x 64 uint8 tile times a
   16 x 64 int8 tile, laid out exactly as :func:`pack_weights` packs one block, into 16 x 16 int32 sums); see
   :func:`qcompile.backends.tvm.integer._amx_kernel` and :mod:`qcompile.runtime.amx`.
+- ``avxvnni`` (x86-64 with AVX-VNNI but not AVX-512: Alder Lake and later client cores): ``vpdpbusd`` on 256-bit
+  registers, 32 bytes by 32 into 8 int32 lanes.
 - ``avx2`` (x86-64 without VNNI): ``vpmaddwd`` on 16-bit lanes: the activations zero-extended and the weights
   sign-extended to int16 (so no product saturates, unlike ``vpmaddubsw``), each two products summed into
   one of 8 int32 lanes, then added to the accumulator.
@@ -129,6 +131,19 @@ class Flavor:
 
 FLAVORS = {
     "vnni": Flavor("vnni", 16, 4, "llvm.x86.avx512.vpdpbusd.512", "int8", 0, 4, 3, {"kind": "llvm"}),
+    # AVX-VNNI (Alder Lake and later client cores, Zen 5: vpdpbusd on 256-bit registers, VEX-encoded, without
+    # AVX-512): the vnni flavor's dot product on 8 lanes
+    "avxvnni": Flavor(
+        "avxvnni",
+        8,
+        4,
+        "llvm.x86.avx512.vpdpbusd.256",
+        "int8",
+        0,
+        4,
+        2,
+        {"kind": "llvm", "mattr": ["+avx2", "+fma", "+avxvnni"]},
+    ),
     "avx2": Flavor(
         "avx2", 8, 2, "llvm.x86.avx2.pmadd.wd", "int16", 0, 4, 2, {"kind": "llvm", "mattr": ["+avx2", "+fma"]}
     ),
@@ -179,7 +194,7 @@ def require_vnni() -> dict[str, Any]:
 
 def host_flavor() -> Flavor:
     """The best flavor for this machine (VNNI, with AMX tiles where the CPU has them and Linux grants them;
-    else AVX2), its target tuned for this CPU; or a clear error."""
+    else AVX-VNNI; else AVX2), its target tuned for this CPU; or a clear error."""
     flags = _cpu_flags()
     if " avx512_vnni" in flags:
         if amx.wanted():
@@ -188,7 +203,7 @@ def host_flavor() -> Flavor:
     if " avx2" in flags:
         from tvm.target import codegen
 
-        flavor = FLAVORS["avx2"]
+        flavor = FLAVORS["avxvnni" if " avx_vnni" in flags else "avx2"]
         return replace(flavor, tvm_target={**flavor.tvm_target, "mcpu": codegen.llvm_get_system_cpu()})
     raise BackendError("the int8 kernels need an x86-64 CPU with AVX2 or AVX-512 VNNI; this one has neither")
 
