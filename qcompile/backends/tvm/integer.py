@@ -1254,14 +1254,19 @@ class _Lowering:
             viewed = ((rows * channels)[:, None] + np.arange(channels)).reshape(-1)  # into the viewed tensor
             index = np.where(index < 0, -1, viewed[np.maximum(index, 0)])
             identity = False
-        flat = self._flat(source)
+        # the source as it is stored when that is its elements in order (no reshape to flat first)
+        contiguous = _contiguous(source)
+        data = source.var if contiguous else self._flat(source)
         if identity:
-            return self._as_rows(flat, tuple(index.shape), source.dtype)  # a reshape: no data moves
+            return self._as_rows(data, tuple(index.shape), source.dtype)  # a reshape: no data moves
         positions = np.ascontiguousarray(index.reshape(-1).astype(np.int32))
-        gvar = self._add_kernel(sequence.gather_kernel(size, positions, source.dtype, fill), "gather")
-        result_type = relax.TensorType((positions.size,), source.dtype)
-        out = self.builder.emit(relax.call_tir(gvar, [flat, relax.const(positions, "int32")], result_type))
-        return self._as_rows(out, tuple(index.shape), source.dtype)
+        logical = rows_logical(tuple(index.shape))
+        target = Stored(None, logical, source.dtype, "nhwc", channels=logical[1])
+        shapes = {"source_shape": source.shape if contiguous else (size,), "target_shape": target.shape}
+        gvar = self._add_kernel(sequence.gather_kernel(size, positions, source.dtype, fill, **shapes), "gather")
+        result_type = relax.TensorType(target.shape, source.dtype)
+        target.var = self.builder.emit(relax.call_tir(gvar, [data, relax.const(positions, "int32")], result_type))
+        return target
 
     def _movement(self, node: onnx.NodeProto) -> Stored | Lazy:
         """Transpose, Reshape, Expand, GatherND, ... of a tensor by constant parameters: the op applied (now,

@@ -108,9 +108,18 @@ def fast_erf(x: Any, lanes: int) -> Any:
     return tirx.Select(x < const(0.0), const(0.0) - y, y)
 
 
-def gather_kernel(size: int, index: np.ndarray, dtype: str, fill: float | None = None) -> Any:
-    """``Y[i] = X[index[i]]`` over flat buffers (``index`` an int32 constant argument); with a ``fill``, an
-    index of -1 reads that value instead (a Pad)."""
+def gather_kernel(
+    size: int,
+    index: np.ndarray,
+    dtype: str,
+    fill: float | None = None,
+    source_shape: tuple[int, ...] | None = None,
+    target_shape: tuple[int, ...] | None = None,
+) -> Any:
+    """``Y[i] = X[index[i]]`` over the flat elements of ``X`` (of ``source_shape``, default flat) and ``Y`` (of
+    ``target_shape``, default flat; ``index`` an int32 constant argument); with a ``fill``, an index of -1 reads
+    that value instead (a Pad). The buffers take their callers' shapes so that no reshape (a call of the VM's
+    own, about half a microsecond each) surrounds the kernel."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -123,10 +132,16 @@ def gather_kernel(size: int, index: np.ndarray, dtype: str, fill: float | None =
         return tirx.Select(at < 0, tirx.const(fill, dtype), X[tirx.max(at, 0)])
 
     @prim_func
-    def gather(X: T.Buffer((size,), dtype), At: T.Buffer((count,), "int32"), Y: T.Buffer((count,), dtype)):
+    def gather(
+        X: T.Buffer(source_shape or (size,), dtype),
+        At: T.Buffer((count,), "int32"),
+        Y: T.Buffer(target_shape or (count,), dtype),
+    ):
         T.func_attr({"tir.noalias": True})
+        Xf = T.decl_buffer((size,), dtype, data=X.data)
+        Yf = T.decl_buffer((count,), dtype, data=Y.data)
         for i in outer(count):
-            Y[i] = read(X, At[i])
+            Yf[i] = read(Xf, At[i])
 
     return gather
 
