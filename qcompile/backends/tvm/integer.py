@@ -2541,6 +2541,11 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
     def epilogue(acc: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
         return value.expression(epilogue_env(acc, lambda i: None, (K64, K32, KF), where, c, lanes))
 
+    def weight_tile(Wp: Any, work: Any, b: Any, step: Any) -> Any:
+        """Load weight tile ``6 + b``: the 16 groups of four channels of ``step`` for the tile's block ``b``."""
+        at = (block(work, b) * quads + step * AMX_ROWS) * AMX_BYTES
+        return intrinsic("tileloadd64", tile(6 + b), Wp.access_ptr("r", offset=at), tirx.const(AMX_BYTES, "int64"))
+
     def out(m: Any, c: Any) -> tuple[Any, ...]:
         return (m // out_w + top, m % out_w + left, c) if y_nhwc else (0, c)
 
@@ -2584,27 +2589,13 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
                         )
                     )
                 for b in T.unroll(AMX_BLOCKS):
-                    T.evaluate(
-                        intrinsic(
-                            "tileloadd64",
-                            tile(6 + b),
-                            Wp.access_ptr("r", offset=(block(work, b) * quads + step * AMX_ROWS) * AMX_BYTES),
-                            T.int64(AMX_BYTES),
-                        )
-                    )
+                    T.evaluate(weight_tile(Wp, work, b, step))
                 for a in T.unroll(a_tiles):
                     for b in T.unroll(AMX_BLOCKS):
                         T.evaluate(intrinsic("tdpbusd", tile(2 * a + b), tile(4 + a), tile(6 + b)))
             if rest > 0:  # the last channels (fewer than 64): each activation tile from a copy padded with zeros
                 for b in T.unroll(AMX_BLOCKS):
-                    T.evaluate(
-                        intrinsic(
-                            "tileloadd64",
-                            tile(6 + b),
-                            Wp.access_ptr("r", offset=(block(work, b) * quads + steps * AMX_ROWS) * AMX_BYTES),
-                            T.int64(AMX_BYTES),
-                        )
-                    )
+                    T.evaluate(weight_tile(Wp, work, b, steps))
                 for a in T.unroll(a_tiles):
                     for r in range(AMX_ROWS):
                         for c in T.vectorized(AMX_BYTES):
