@@ -177,6 +177,10 @@ def run_efficientnet(exporter: str, work: Path) -> dict[str, Any]:
     confident = (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1) > CONFIDENT
     batch = np.stack([crop for crop in crops[:4]])
     batched = first(quantized.run({"input": batch}))  # the dynamic batch the artifact keeps
+    # compared with the executor that runs a batch of 4 (the TVM library runs the calibration shape only), one
+    # crop at a time: two executors agree within a quantization step, not to the tolerance below
+    server = runtime.load(folder / "artifact", quantized.serving({"input": batch})[0])
+    singles = np.concatenate([first(server.run({"input": crop[None]})) for crop in crops[:4]])
     return {
         "model": "EfficientNet-Lite0",
         "exporter": exporter,
@@ -185,7 +189,7 @@ def run_efficientnet(exporter: str, work: Path) -> dict[str, Any]:
         "top1_agreement": float(agree.mean()),
         "top1_agreement_confident": float(agree[confident].mean()),
         "confident_crops": int(confident.sum()),
-        "batch_4_matches_single": bool(np.allclose(batched, ours[:4], atol=1e-4)),
+        "batch_4_matches_single": bool(np.allclose(batched, singles, atol=1e-4)),
         "kept_dynamic": manifest["executors"]["onnxruntime"].get("dynamic_dims", {}),
     }
 
