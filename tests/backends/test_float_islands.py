@@ -501,3 +501,25 @@ def test_a_map_is_resized(flavor: object, mode: str, settings: dict[str, str]) -
     model = _model(nodes, initializers, [1, 3, 5, 6], {"y": [1, 4, 10, 9]})
     feed = {"x": rng.standard_normal((1, 3, 5, 6)).astype(np.float32)}
     _assert_as_onnxruntime(model, flavor, feed)
+
+
+def test_the_rounding_estimate_keeps_a_mask_finite() -> None:
+    """The oracle's rounding estimate scales each island's output by 1 + 2^-20. An exporter's mask
+    ``(1 - m) * -3.4e38`` used to overflow to -inf there, and then ``0 * -inf`` gave NaN in every unmasked
+    position (all-MiniLM-L6-v2 exported by optimum). Values that would overflow keep their value."""
+    lowest = np.finfo(np.float32).min
+    nodes = [
+        helper.make_node("Mul", ["x", "lowest"], ["mask"]),
+        helper.make_node("Mul", ["mask", "zero"], ["y"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array(lowest, np.float32), "lowest"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    model = _model(nodes, initializers, [1, 4], {"y": [1, 4], "mask": [1, 4]})
+    helper.set_model_props(model, {integer_reference.FLOAT_ISLANDS: "\n".join(node.output[0] for node in nodes)})
+    assert integer_reference.float_islands(model) == {"mask", "y"}
+    feed = {"x": np.array([[1.0, 0.0, 1.0, 1.0]], np.float32)}
+    y, mask = integer_reference.run(model, feed, island_perturbation=2.0**-20)
+    assert np.all(np.isfinite(mask)) and mask.min() == lowest
+    assert not np.any(np.isnan(y)) and np.all(y == 0)

@@ -139,6 +139,14 @@ def _island_session(serialized: bytes) -> Any:
     return onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
+def _perturbed(value: np.ndarray, perturbation: float) -> np.ndarray:
+    """``value * (1 + perturbation)``, except where that overflows float32: a mask's -3.4e38 keeps its value
+    rather than becoming -inf, which a later ``0 * mask`` (unmasked positions) would turn into NaN."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = value * np.float32(1 + perturbation)
+    return np.where(np.isinf(scaled) & np.isfinite(value), value, scaled)
+
+
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbation: float = 0.0) -> list[np.ndarray]:
     """Evaluate the integer graph ``model`` on ``feeds``; returns the graph outputs in order. Float islands are
     run by onnxruntime, node by node; ``island_perturbation`` scales their float outputs by ``1 + p`` (with
@@ -153,10 +161,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbatio
         if (node.name or node.output[0]) in islands:
             evaluated = float_node(model, node, {name: env[name] for name in node.input if name})
             if island_perturbation:
-                with np.errstate(over="ignore"):  # (a mask's -3.4e38 may scale past float32: -inf, as masked)
-                    evaluated = [
-                        v * np.float32(1 + island_perturbation) if v.dtype == np.float32 else v for v in evaluated
-                    ]
+                evaluated = [_perturbed(v, island_perturbation) if v.dtype == np.float32 else v for v in evaluated]
             env.update(zip(node.output, evaluated, strict=True))
             continue
         if op == "QuantizeLinear":
