@@ -17,7 +17,8 @@ import ctypes
 import functools
 import os
 import platform
-from pathlib import Path
+
+from qcompile.runtime import cpu
 
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
@@ -27,9 +28,8 @@ FLAGS = (" amx_tile", " amx_int8")
 
 def present() -> bool:
     """Whether the CPU reports AMX tiles with int8 products (``/proc/cpuinfo``)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return all(flag in flags for flag in FLAGS)
+    reported = cpu.flags()
+    return all(flag in reported for flag in FLAGS)
 
 
 @functools.cache

@@ -40,7 +40,6 @@ step: see :mod:`qcompile.backends.lut.kernel`). The zero point is folded into a 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +49,7 @@ from qcompile.backends.tvm.script import prim_func
 from qcompile.errors import BackendError
 from qcompile.runtime import (
     amx,
+    cpu,
     threads,  # noqa: F401  (sets up TVM's thread pool)
 )
 from qcompile.runtime.bound import BoundKernel
@@ -179,8 +179,7 @@ DOT = VNNI.intrinsic
 
 
 def _cpu_flags() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.read_text() if cpuinfo.exists() else ""
+    return cpu.flags()
 
 
 def require_vnni() -> dict[str, Any]:

@@ -2298,6 +2298,14 @@ L2_BYTES = 1 << 20  # per core, on the x86-64 cores with AVX-512 VNNI this targe
 DENSE_STEPS, STEP_MACS, WINDOW_MACS = "qcompile.dense_steps", "qcompile.step_macs", "qcompile.window_macs"
 
 
+def _columns_outermost(weight_bytes: int, activation_bytes: int, block_tiles: int, row_tiles: int) -> bool:
+    """Whether a dense kernel's tiles walk column tiles outermost (the activations re-read for every column tile)
+    rather than row tiles (the weights re-read for every row tile, the default): when the weights do not stay in
+    the L2 cache and that moves fewer bytes (ResNet's last stage: 2.4 MB of 3 x 3 weights, 49 output pixels;
+    SmolLM2's 28 MB LM head over 256 rows)."""
+    return weight_bytes > L2_BYTES // 2 and block_tiles * activation_bytes < row_tiles * weight_bytes
+
+
 def pack_conv_weights(
     weights: np.ndarray, channels: int, tile_blocks: int, flavor: int8_kernels.Flavor = int8_kernels.VNNI
 ) -> np.ndarray:
@@ -2335,11 +2343,7 @@ def _conv_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kerne
     block_tiles = packed.shape[0] // tile_blocks
     row_tiles = -(-rows // tile_rows)
     quads = stored // group
-    # Tiles walk all column blocks of a row tile (the weights re-read for every row tile), unless the weights
-    # do not stay in the L2 cache and re-reading the activations for every column block moves fewer bytes
-    # (ResNet's last stage: 2.4 MB of 3 x 3 weights, 49 output pixels).
-    weight_bytes = packed.size
-    block_major = weight_bytes > L2_BYTES // 2 and block_tiles * rows * stored < row_tiles * weight_bytes
+    block_major = _columns_outermost(packed.size, rows * stored, block_tiles, row_tiles)
     accumulator = flavor.accumulator_dtype
     start = _accumulator_start(anchor, packed.shape[0] * lanes, flavor)
     (ints, halves, floats), where = pack_constants(value.constants, n)
@@ -2526,9 +2530,7 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
     def tile(number: Any) -> Any:
         return tirx.Cast("uint8", number)
 
-    # Row tiles outermost (each walks all the weights), unless the weights leave the L2 cache and re-reading the
-    # activations for every column tile moves fewer bytes (SmolLM2's 28 MB LM head over 256 rows).
-    block_major = packed.size > L2_BYTES // 2 and block_tiles * rows * stored < row_tiles * packed.size
+    block_major = _columns_outermost(packed.size, rows * stored, block_tiles, row_tiles)
 
     def first(work: Any) -> Any:
         row_tile_index = work % row_tiles if block_major else work // block_tiles

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qcompile.errors import BackendError
-from qcompile.runtime import threads
+from qcompile.runtime import cpu, threads
 from qcompile.runtime.bound import BoundKernel
 from qcompile.runtime.lut.pack import TRIPLET, TRIPLET_ENTRIES, WORD_LANES, pack_pairs, pack_triplet_words
 
@@ -52,8 +51,7 @@ def host_flavor() -> Flavor:
     if machine == "aarch64":
         return FLAVORS["aarch64"]
     if machine in ("x86_64", "AMD64"):
-        cpuinfo = Path("/proc/cpuinfo")
-        flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+        flags = cpu.flags()
         if " avx2" not in flags:
             raise BackendError("the x86-64 LUT kernel needs AVX2 (vpshufb on 256-bit vectors); this CPU lacks it")
         from tvm.target import codegen
