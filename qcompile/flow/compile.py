@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -47,6 +48,13 @@ QUANTIZED_ONNX = "model.int8.onnx"
 REFERENCE_ONNX = measure.REFERENCE_ONNX
 TERNARY_ONNX = "model.ternary.onnx"
 INTEGER_ONNX = "model.integer.onnx"
+STEP_LIBRARY = "decode_step.so"
+STEP_EXECUTOR = "tvm-decode"
+# The cache positions a decode-step library holds when the model's context is longer: its attention reads every
+# position, filled or not, each step (SmolLM2-135M at 511: some 18 M multiply-adds and 6 MB of 8-bit cache a
+# token, against 135 M weights); a longer generation goes on decoding on onnxruntime. With the new token, 512
+# positions: the attention products' widths are whole vectors (513 ran them on scalars, 6x slower).
+STEP_CAPACITY = 511
 REPORT_HTML = "report.html"
 
 
@@ -87,8 +95,10 @@ class Build:
     lut_plan: dict[str, Any] | None = None
     measured: Measured | None = None
     input_shapes: dict[str, Any] | None = None  # the manifest's record of how the inputs got static shapes
-    causal: bool = False  # a causal LM with a KV cache
+    causal: decoder.Layout | None = None  # a causal LM with a KV cache: its inputs and outputs
     decoder: Decoder | None = None  # how it generates
+    # a decoder's decode-step executor, its cache positions, and its cache's codes (None: a float cache)
+    step: tuple[str, int, dict[str, list[float]] | None] | None = None
 
     @property
     def toolchain(self) -> Any:
@@ -376,6 +386,59 @@ def build_library(build: Build) -> None:
     build.executors["tvm"] = executor
 
 
+def build_decode_step(build: Build) -> None:
+    """A decoder's decode steps on qcompile's kernels: the quantized graph specialized to one token on a cache of
+    fixed size (:func:`qcompile.flow.decoder.step_graph`), lowered to integers and built like a host library,
+    bit-exact with the numpy oracle of its integer graph, and shipped when a step runs faster than the quantized
+    onnxruntime graph's step (both timed here in interleaved rounds); the manifest's decoder entry names it."""
+    device, layout = build.target, build.causal
+    if layout is None or not build.build_tvm or build.toolchain is not None or build.lowered is not None:
+        return
+    assert build.graph is not None and build.sample is not None and build.measured is not None
+    context = decoder.context_of(build.source)
+    capacity = min(context, STEP_CAPACITY) if context else STEP_CAPACITY
+    started = time.perf_counter()
+    try:
+        step = decoder.step_graph(build.graph, layout, capacity)
+        graph = execution.to_proto(frontend.specialize(step))
+        integer_graph = _host_integer_graph(build, graph)
+        codes = decoder.quantize_cache(integer_graph, layout)  # an 8-bit cache, where the graph allows it
+        built = tvm_backend.build_integer(integer_graph, device.tvm_target, build.staging, file_name=STEP_LIBRARY)
+    except (decoder.NoStepGraph, tvm_backend.KernelsNotUsed) as reason:
+        build.skipped[STEP_EXECUTOR] = f"no decode-step library: {reason}"
+        logger.info("%s", build.skipped[STEP_EXECUTOR])
+        return
+    files, built_for, built_with, _ = built
+    shapes = {str(value.name): list(value.shape) for value in step.graph.inputs}
+    executor = Executor(
+        "tvm",
+        files[0],
+        f"TVM library of one decode step on a cache of {capacity} positions (qcompile's kernels)",
+        target=built_for,
+        lowering=f"{built_with}; the integer-only lowering of the quantized graph's decode step",
+        requires_cpu=built_for["mcpu"],
+        input_shapes=shapes,
+        input_dtypes=dict.fromkeys(codes, "uint8") if codes else None,
+    )
+    build.executors[STEP_EXECUTOR] = executor
+    build.written += files[1:]
+    verdict = measure.check_decode_step(
+        build.staging, build.manifest(), STEP_EXECUTOR, layout, integer_graph, build.sample, capacity, codes
+    )
+    logger.info("decode-step library built and checked in %.1f s: %s", time.perf_counter() - started, verdict)
+    build.measured.accuracy["decode_step"] = verdict
+    if verdict["step_ms"][STEP_EXECUTOR] >= verdict["step_ms"]["onnxruntime"]:
+        del build.executors[STEP_EXECUTOR]
+        for name in files:
+            (build.staging / name).unlink()
+        build.skipped[STEP_EXECUTOR] = (
+            "qcompile's kernels ran a decode step no faster than the quantized onnxruntime graph here "
+            f"({verdict['step_ms'][STEP_EXECUTOR]:.2f} against {verdict['step_ms']['onnxruntime']:.2f} ms): not shipped"
+        )
+        return
+    build.step = (STEP_EXECUTOR, capacity, codes)
+
+
 def measure_here(build: Build) -> None:
     """Every executor this machine can run, timed; accuracy against float; the default executor."""
     assert build.result is not None
@@ -549,7 +612,7 @@ def measure_lut(build: Build) -> None:
 QDQ_STAGES: tuple[Stage, ...] = (quantize_qdq, write_onnx, build_library, measure_here)
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     # predict_on_board: a target file of the user's own may name an edge CPU with the host's pipeline
-    "w8a8": (*QDQ_STAGES, check_host_kernels, drop_slow_library, predict_on_board),
+    "w8a8": (*QDQ_STAGES, check_host_kernels, drop_slow_library, build_decode_step, predict_on_board),
     "w8a8-cross": (*QDQ_STAGES, predict_on_board, check_emulated_kernels),
     "w8a8-cuda": (*QDQ_STAGES, predict_on_board),
     "integer-only": (integer_only_options, quantize_qdq, lower_to_integers, *QDQ_STAGES[1:], check_integer_graph),
@@ -579,6 +642,11 @@ def _describe_decoder(build: Build, causal: decoder.Layout, tokenizer: Path | No
     logits = next(value for value in build.model.graph.outputs if value.name == causal.logits)
     vocabulary = logits.shape[-1] if logits.shape is not None and isinstance(logits.shape[-1], int) else None
     build.decoder, why = decoder.describe(causal, build.source, build.staging, build.executors, tokenizer, vocabulary)
+    if build.decoder is not None and build.step is not None:
+        name, capacity, codes = build.step
+        build.decoder = dataclasses.replace(
+            build.decoder, step_executor=name, step_capacity=capacity, step_cache_codes=codes
+        )
     if why is not None:
         build.skipped["generate"] = why
         logger.warning("the artifact cannot generate: %s", why)
@@ -650,7 +718,7 @@ def compile_model(
             preprocess,
             build_tvm,
             progress,
-            causal=causal is not None,
+            causal=causal,
             input_shapes={
                 "name": "input_shapes",
                 "given": {key: list(value) for key, value in (input_shapes or {}).items()},

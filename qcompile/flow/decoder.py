@@ -18,6 +18,7 @@ of ``{"input_ids": ...}`` calibrates it. The tokenizer (``tokenizer.json`` besid
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import re
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from qcompile.calibration import Feed, InputSpec
 from qcompile.errors import ArtifactError, CalibrationError
+from qcompile.graph import clone
 from qcompile.runtime.manifest import Decoder
 
 logger = logging.getLogger(__name__)
@@ -141,6 +144,12 @@ def check_tokenizer(path: Path, vocabulary: int | None) -> None:
         raise ArtifactError(f"tokenizer {path}: {size} tokens, but the model's logits cover {vocabulary}")
 
 
+def context_of(source: Path) -> int | None:
+    """The most positions the model was trained for (``max_position_embeddings`` in ``config.json`` beside it)."""
+    context = _json_beside(source, "config.json").get("max_position_embeddings")
+    return int(context) if isinstance(context, int) else None
+
+
 def describe(
     found: Layout,
     source: Path,
@@ -178,7 +187,7 @@ def describe(
         )
     config = _json_beside(source, "config.json")
     generation = _json_beside(source, "generation_config.json")
-    context = config.get("max_position_embeddings")
+    context = context_of(source)
     eos = _token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
     decoder = Decoder(
         input_ids=found.input_ids,
@@ -188,8 +197,206 @@ def describe(
         executors=serving,
         attention_mask=found.attention_mask,
         position_ids=found.position_ids,
-        context=int(context) if isinstance(context, int) else None,
+        context=context,
         eos_token_ids=eos,
         tokenizer=TOKENIZER_JSON if tokenizer is not None else None,
     )
     return decoder, None
+
+
+class NoStepGraph(Exception):
+    """Why a decoder graph has no fixed-shape decode step (the message says what the graph does instead)."""
+
+
+def step_graph(model: ir.Model, found: Layout, capacity: int) -> ir.Model:
+    """A copy of the decoder ``model`` that runs one decode step on a cache of ``capacity`` positions, every
+    shape static, so that qcompile's kernels can run it.
+
+    Its inputs are one token (``input_ids`` and ``position_ids`` ``[1, 1]``), the cache inputs ``[1, heads,
+    capacity, head_dim]`` and ``attention_mask`` ``[1, capacity + 1]``, whose zeros mask the cache positions not
+    filled yet (the attention is the same as on a cache of the filled positions alone: a masked position's weight
+    is exactly 0). Each ``present`` output is the new token's entry alone, ``[1, heads, 1, head_dim]`` (the second
+    input of the ``Concat`` that appends it to the past), which the runtime writes into its cache in place.
+    Raises :class:`NoStepGraph` when a present output is not such a ``Concat`` of its past input."""
+    step = clone(model)
+    graph = step.graph
+    inputs = {str(value.name): value for value in graph.inputs}
+    outputs = [str(value.name) for value in graph.outputs]
+    shapes: dict[str, list[int]] = {found.input_ids: [1, 1]}
+    if found.position_ids is not None:
+        shapes[found.position_ids] = [1, 1]
+    if found.attention_mask is not None:
+        shapes[found.attention_mask] = [1, capacity + 1]
+    for past, present in found.cache:
+        value = graph.outputs[outputs.index(present)]
+        node = value.producer()
+        axis = node.attributes.get_int("axis", 0) if node is not None and node.op_type == "Concat" else None
+        past_value = inputs[past]
+        rank = len(past_value.shape) if past_value.shape is not None else 0
+        if node is None or axis is None or len(node.inputs) != 2 or node.inputs[0] is not past_value:
+            raise NoStepGraph(f"'{present}' is not a Concat of '{past}' and the new positions")
+        if axis % max(rank, 1) != CACHE_AXIS or rank != 4:
+            raise NoStepGraph(f"'{present}' appends along axis {axis}, not the cache's position axis {CACHE_AXIS}")
+        new = node.inputs[1]
+        assert new is not None
+        if new in graph.outputs or new.is_graph_input():
+            raise NoStepGraph(f"the new positions of '{present}' are another output or an input")
+        # the appended entry becomes the output, under the present output's name
+        value.name = f"{present}.appended"
+        new.name = present
+        graph.outputs[outputs.index(present)] = new
+        dims = list(past_value.shape)
+        if not all(isinstance(dims[axis], int) for axis in (1, 3)):
+            raise NoStepGraph(f"'{past}' has shape {past_value.shape}: its heads and head_dim must be fixed")
+        shapes[past] = [1, int(dims[1]), capacity, int(dims[3])]
+    for name, shape in shapes.items():
+        inputs[name].shape = ir.Shape(shape)
+    # the shapes in between held the calibration sample's sizes: inferred again for the step's
+    graph_inputs = set(graph.inputs)
+    for node in graph:
+        for value in node.outputs:
+            if value not in graph_inputs:
+                value.shape = None
+    return step
+
+
+# Ops that only move or repeat elements: a quantization after them equals one before them.
+_MOVEMENT = frozenset({"Unsqueeze", "Squeeze", "Expand", "Reshape", "Transpose", "Flatten", "Identity"})
+
+
+def _scalar(proto: Any, name: str) -> np.ndarray | None:
+    import onnx
+
+    for tensor in proto.graph.initializer:
+        if tensor.name == name:
+            array = onnx.numpy_helper.to_array(tensor)
+            return array if array.size == 1 else None
+    return None
+
+
+def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
+    """Rewrite a decode step's integer graph (``proto``, of :func:`step_graph`) so that its cache holds 8-bit
+    codes: where each cache input is appended to by a ``Concat`` whose result only moves (``Expand``,
+    ``Transpose``, ``Reshape``, ...) and is multiplied by scalars before one ``QuantizeLinear`` with a scalar
+    scale, that quantization (and the scalars) move before the ``Concat``, onto the new entries alone: the past
+    input and the present output become the codes, and the step reads and moves a quarter of the bytes. The
+    results are the same codes as before (the moves and the quantization commute). Returns, per past input,
+    ``[multiplier, ..., scale, zero point]`` (the runtime quantizes a prefill's float cache with them), or None
+    with the graph untouched when some cache input is read otherwise."""
+    import onnx
+
+    graph = proto.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+    plans = []
+    for past, present in found.cache:
+        concat = producers.get(present + ".appended") or next(
+            (node for node in readers.get(past, []) if node.op_type == "Concat"), None
+        )
+        if concat is None or list(concat.input)[:1] != [past] or len(readers.get(past, [])) != 1:
+            return None
+        chain, value = [], concat.output[0]
+        while True:
+            users = readers.get(value, [])
+            if len(users) != 1 or value in outputs:
+                return None
+            node = users[0]
+            if node.op_type in _MOVEMENT and node.input[0] == value:
+                chain.append(node)
+            elif node.op_type == "Mul" and _scalar(proto, node.input[1]) is not None and node.input[0] == value:
+                chain.append(node)
+            elif node.op_type == "QuantizeLinear" and node.input[0] == value:
+                scale, zero = _scalar(proto, node.input[1]), _scalar(proto, node.input[2])
+                if scale is None or zero is None or zero.dtype != np.uint8:
+                    return None
+                plans.append((past, present, concat, chain, node, float(scale), int(zero)))
+                break
+            else:
+                return None
+            value = node.output[0]
+    codes: dict[str, list[float]] = {}
+    removed = []
+    for past, present, concat, chain, quantize, scale, zero in plans:
+        new = concat.input[1]
+        scaled = new
+        multipliers = []
+        for node in chain:
+            if node.op_type == "Mul":  # x * a, now on the new entries: the same float32 products
+                multipliers.append(float(_scalar(proto, node.input[1])))
+                product = f"{present}.scaled{len(multipliers)}"
+                graph.node.append(onnx.helper.make_node("Mul", [scaled, node.input[1]], [product]))
+                scaled = product
+                removed.append(node)
+        coded = f"{present}.codes"
+        graph.node.append(onnx.helper.make_node("QuantizeLinear", [scaled, *quantize.input[1:]], [coded]))
+        concat.input[1] = coded
+        # the moves now carry codes: each Mul of the chain is bypassed, and the last value is the quantized one
+        previous = concat.output[0]
+        for node in chain:
+            if node.op_type == "Mul":
+                continue
+            node.input[0] = previous
+            previous = node.output[0]
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                if name == quantize.output[0] and node is not quantize:
+                    node.input[index] = previous
+        removed.append(quantize)
+        codes[past] = [*multipliers, scale, float(zero)]
+        # the output is the new entry's codes, the input the cache's
+        for value in graph.output:
+            if value.name == present:
+                value.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+        for value in graph.input:
+            if value.name == past:
+                value.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+        for node in graph.node:  # the float new entries keep a name of their own
+            for index, name in enumerate(node.output):
+                if name == new:
+                    node.output[index] = f"{present}.float"
+            for index, name in enumerate(node.input):
+                if name == new:
+                    node.input[index] = f"{present}.float"
+        for node in graph.node:
+            for index, name in enumerate(node.output):
+                if name == coded:
+                    node.output[index] = present
+            for index, name in enumerate(node.input):
+                if name == coded:
+                    node.input[index] = present
+    for node in removed:
+        graph.node.remove(node)
+    del graph.value_info[:]
+    sort_nodes(graph)
+    return codes
+
+
+def sort_nodes(graph: Any) -> None:
+    """Order ``graph``'s nodes so that each comes after the producers of its inputs (Kahn's order, stable)."""
+    producer = {output: index for index, node in enumerate(graph.node) for output in node.output}
+    nodes = list(graph.node)
+    waiting = [0] * len(nodes)
+    dependents: dict[int, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in set(node.input):
+            if name in producer:
+                waiting[index] += 1
+                dependents.setdefault(producer[name], []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        index = heapq.heappop(ready)
+        ordered.append(nodes[index])
+        for dependent in dependents.get(index, []):
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                heapq.heappush(ready, dependent)
+    if len(ordered) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -387,3 +387,89 @@ def predicted_latency_ms(folder: Path, manifest: Manifest, target_name: str) -> 
     target = hwmodels.load_target(target_name)
     latency, _, state = predict(frontend.load(folder / REFERENCE_ONNX), float_layers, target)
     return latency, f"predicted for {target_name} by the cost model ({state})"
+
+
+# Interleaved rounds timing a decode step of each executor at compile time.
+STEP_ROUNDS = 7
+
+
+def check_decode_step(
+    folder: Path,
+    manifest: Manifest,
+    executor: str,
+    layout: Any,
+    lowered: onnx.ModelProto,
+    sample: Feed,
+    capacity: int,
+    codes: dict[str, list[float]] | None,
+) -> dict[str, Any]:
+    """A decoder's decode-step library (``executor``, a cache of ``capacity`` positions) on a real step: the
+    calibration sample's tokens prefilled by the quantized onnxruntime graph, then the token its logits pick.
+    It must equal the numpy oracle of its integer graph (``lowered``; bit for bit, or within float islands'
+    rounding); its logits are compared with the quantized and float onnxruntime graphs' step on the cache of the
+    filled positions alone, and the three steps are timed in interleaved rounds. Returns what the manifest
+    records; raises :class:`ArtifactError` when the library disagrees with the oracle."""
+    from qcompile.runtime.generate import StepCache, step_buffers
+
+    quantized, reference = Session(folder, manifest, "onnxruntime"), Session(folder, manifest, "onnxruntime-fp32")
+    stepper = Session(folder, manifest, executor)
+    entry = manifest.executors[executor]
+    assert entry.input_shapes is not None
+    prefill = quantized.run(sample)
+    token = int(np.asarray(prefill[layout.logits])[0, -1].argmax())
+    cache = {past: np.asarray(prefill[present]) for past, present in layout.cache}
+    positions = next(iter(cache.values())).shape[2]
+    if positions >= capacity:
+        raise ArtifactError(f"the calibration sample fills {positions} cache positions, past the step's {capacity}")
+    step_decoder = _step_decoder(layout, capacity, codes)
+    steps = StepCache(step_decoder, step_buffers(entry, {info.name: info for info in manifest.inputs}))
+    steps.start(cache)
+    feeds = {name: array.copy() for name, array in steps.feeds(token).items()}
+    produced = list(stepper.run(feeds).values())
+    passed, detail, _ = oracle_agreement(produced, lowered, feeds)
+    if not passed:
+        raise ArtifactError(f"the decode-step library {detail}")
+    unpadded: Feed = {layout.input_ids: np.asarray([[token]], dtype=np.int64), **cache}
+    if layout.attention_mask is not None:
+        unpadded[layout.attention_mask] = np.ones((1, positions + 1), dtype=np.int64)
+    if layout.position_ids is not None:
+        unpadded[layout.position_ids] = np.asarray([[positions]], dtype=np.int64)
+    logits = np.asarray(produced[[info.name for info in manifest.outputs].index(layout.logits)])
+    agreement = {}
+    for name, session in (("onnxruntime", quantized), ("onnxruntime-fp32", reference)):
+        theirs = np.asarray(session.run(unpadded)[layout.logits])
+        agreement[name] = output_metrics([logits.reshape(1, -1)], [theirs.reshape(1, -1)])  # top-1: the next token
+    timed = bench.compare(
+        {
+            executor: functools.partial(stepper.run, feeds),
+            "onnxruntime": functools.partial(quantized.run, unpadded),
+            "onnxruntime-fp32": functools.partial(reference.run, unpadded),
+        },
+        rounds=STEP_ROUNDS,
+        pause_seconds=0.1,
+    )
+    return {
+        "capacity": capacity,
+        "cache_positions_timed": positions,
+        "oracle": f"{detail} on a decode step after the calibration sample",
+        "logits_vs": agreement,
+        "step_ms": {name: latency.median_ms for name, latency in timed.items()},
+        "speedup_over_onnxruntime": bench.speedup(timed["onnxruntime"], timed[executor]),
+        "speedup_over_fp32": bench.speedup(timed["onnxruntime-fp32"], timed[executor]),
+    }
+
+
+def _step_decoder(layout: Any, capacity: int, codes: dict[str, list[float]] | None) -> Any:
+    from qcompile.runtime.manifest import Decoder
+
+    return Decoder(
+        input_ids=layout.input_ids,
+        logits=layout.logits,
+        cache=[[past, present] for past, present in layout.cache],
+        cache_axis=2,
+        executors=[],
+        attention_mask=layout.attention_mask,
+        position_ids=layout.position_ids,
+        step_capacity=capacity,
+        step_cache_codes=codes,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from qcompile.errors import ArtifactError
 from qcompile.runtime.artifact import verify
 from qcompile.runtime.generate import Generation, Generator
 from qcompile.runtime.manifest import Manifest, TensorInfo
+
+if TYPE_CHECKING:
+    from qcompile.runtime.executors import TVMExecutor
 
 
 class Session:
@@ -33,14 +37,16 @@ class Session:
         # route: a call whose shapes this executor does not run goes to another executor that runs them.
         self.route = route
         self._routes: dict[str, Session] = {}
-        self._dtypes = [(info.name, np.dtype(info.dtype)) for info in self.inputs]
         # What entry.serves said of each set of input shapes seen (a call costs microseconds; models run in tens)
         self._verdicts: dict[tuple[tuple[int, ...], ...], str | None] = {}
         self._generator: Generator | None = None
+        self.library: TVMExecutor | None = None  # a TVM library's executor (its input buffers)
         entry = manifest.executors.get(executor)
         if entry is None:
             raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest.executors)}")
         self.entry = entry
+        own = entry.input_dtypes or {}
+        self._dtypes = [(info.name, np.dtype(own.get(info.name, info.dtype))) for info in self.inputs]
         path = folder / entry.file
         if not self.runnable_here(executor):
             raise ArtifactError(
@@ -58,7 +64,8 @@ class Session:
 
             # requires_cpu: a library tuned for one CPU model (the integer kernels) runs only on that model
             features = list((entry.target or {}).get("mattr", []))
-            self._run = TVMExecutor(path, [info.name for info in self.inputs], entry.requires_cpu, features).run
+            self.library = TVMExecutor(path, [info.name for info in self.inputs], entry.requires_cpu, features)
+            self._run = self.library.run
         else:  # "lut": Manifest.from_json admits no other kind
             from qcompile.runtime.lut import LutExecutor
 

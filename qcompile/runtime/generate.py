@@ -82,8 +82,85 @@ def pick(logits: np.ndarray, temperature: float, top_k: int, generator: np.rando
     return int(generator.choice(scores.size, p=weights / weights.sum()))
 
 
+class StepCache:
+    """The fixed-size cache of a decode-step executor (``Decoder.step_executor``) and the feeds of its steps.
+
+    Positions ``0 .. filled - 1`` of each past buffer hold the entries so far; the rest hold zeros, which the
+    attention mask's zeros hide; the mask's last position is the new token's own. Each step's present outputs
+    (the new token's entries) are written in place at position ``filled``. ``buffers`` may be the executor's own
+    input buffers (:meth:`qcompile.runtime.executors.TVMExecutor.input_buffer`): nothing is copied then."""
+
+    def __init__(self, decoder: Decoder, buffers: dict[str, np.ndarray]) -> None:
+        if decoder.step_capacity is None or decoder.cache_axis != 2:
+            raise ArtifactError("the decoder entry names no decode-step cache on axis 2")
+        self.decoder, self.capacity = decoder, decoder.step_capacity
+        self.buffers = buffers
+        self.filled = 0
+
+    def start(self, cache: dict[str, np.ndarray]) -> None:
+        """Fill the buffers with the entries of ``cache`` (a prefill's present outputs, by past input name)."""
+        positions = next(iter(cache.values())).shape[2]
+        if positions >= self.capacity:
+            raise GenerationError(f"{positions} cached positions do not leave room in a cache of {self.capacity}")
+        codes = self.decoder.step_cache_codes or {}
+        for past, _ in self.decoder.cache:
+            buffer = self.buffers[past]
+            buffer[:, :, :positions] = cache_codes(cache[past], codes[past]) if past in codes else cache[past]
+            buffer[:, :, positions:] = 0
+        if self.decoder.attention_mask is not None:
+            mask = self.buffers[self.decoder.attention_mask]
+            mask[...] = 0
+            mask[0, :positions] = 1
+            mask[0, self.capacity] = 1
+        self.filled = positions
+
+    def feeds(self, token: int) -> dict[str, np.ndarray]:
+        """The feeds of one step of ``token`` after the positions filled so far."""
+        decoder = self.decoder
+        self.buffers[decoder.input_ids][0, 0] = token
+        if decoder.position_ids is not None:
+            self.buffers[decoder.position_ids][0, 0] = self.filled
+        return self.buffers
+
+    def append(self, outputs: dict[str, np.ndarray]) -> None:
+        """Write a step's new entries (its present outputs) at the next position."""
+        if self.filled >= self.capacity:
+            raise GenerationError(f"the decode-step cache of {self.capacity} positions is full")
+        for past, present in self.decoder.cache:
+            self.buffers[past][:, :, self.filled] = outputs[present][:, :, 0]
+        if self.decoder.attention_mask is not None:
+            self.buffers[self.decoder.attention_mask][0, self.filled] = 1
+        self.filled += 1
+
+
+def cache_codes(array: np.ndarray, code: list[float]) -> np.ndarray:
+    """A float cache entry as the 8-bit codes of a decode-step cache (``Decoder.step_cache_codes``): multiplied
+    by each multiplier in float32, divided by the scale, rounded half to even and offset by the zero point, as
+    ``QuantizeLinear`` does."""
+    *multipliers, scale, zero = code
+    values = np.asarray(array, dtype=np.float32)
+    for multiplier in multipliers:
+        values = values * np.float32(multiplier)
+    return np.clip(np.rint(values / np.float32(scale)) + zero, 0, 255).astype(np.uint8)
+
+
+def step_buffers(entry: Any, infos: dict[str, Any], library: Any = None) -> dict[str, np.ndarray]:
+    """The input arrays of a decode-step executor (``entry``; ``infos`` the manifest's inputs by name): its
+    library's own input buffers when given (nothing is copied into it then), else new arrays."""
+    own = entry.input_dtypes or {}
+    buffers = {}
+    for name, shape in entry.input_shapes.items():
+        dtype = np.dtype(own.get(name, infos[name].dtype))
+        buffers[name] = (
+            library.input_buffer(name, tuple(shape), dtype) if library is not None else np.zeros(shape, dtype)
+        )
+    return buffers
+
+
 class Generator:
-    """Drives an artifact's decoder graph token by token."""
+    """Drives an artifact's decoder graph token by token: the prefill (and a generation longer than the decode-step
+    cache) on an executor that runs every length, the decode steps on the decode-step executor where there is
+    one."""
 
     def __init__(self, session: Session) -> None:
         decoder = session.manifest.decoder
@@ -100,6 +177,22 @@ class Generator:
         infos = {info.name: info for info in self.session.inputs}
         self._cache_shapes = {past: infos[past].shape for past, _ in decoder.cache}
         self._cache_dtypes = {past: np.dtype(infos[past].dtype) for past, _ in decoder.cache}
+        self.stepper, self.step_cache = self._stepper(session, decoder, infos)
+
+    @staticmethod
+    def _stepper(session: Session, decoder: Decoder, infos: dict[str, Any]) -> tuple[Session | None, StepCache | None]:
+        """The decode-step executor's session and its cache, where the artifact has one that runs here."""
+        name = decoder.step_executor
+        if name is None or name not in session.manifest.executors:
+            return None, None
+        entry = session.manifest.executors[name]
+        if entry.cannot_run is not None or not session.runnable_here(name) or entry.input_shapes is None:
+            return None, None
+        try:
+            stepper = session.with_executor(name)
+        except ArtifactError:  # built for another CPU model, or its tiles are not granted: the steps run as before
+            return None, None
+        return stepper, StepCache(decoder, step_buffers(entry, infos, stepper.library))
 
     @property
     def executor(self) -> str:
@@ -167,6 +260,15 @@ class Generator:
         new = [pick(logits, temperature, top_k, generator)]
         shown = ""
         started = time.perf_counter()
+        stepper, steps = self.stepper, self.step_cache
+        if stepper is not None and steps is not None and len(ids) + max_new_tokens - 1 <= steps.capacity:
+            steps.start(cache)
+            logits_name = self.decoder.logits
+            while new[-1] not in eos and len(new) < max_new_tokens:
+                shown = self._stream(new, shown, on_text)
+                outputs = stepper.run(steps.feeds(new[-1]))
+                steps.append(outputs)
+                new.append(pick(outputs[logits_name][0, -1], temperature, top_k, generator))
         while new[-1] not in eos and len(new) < max_new_tokens:
             shown = self._stream(new, shown, on_text)
             logits, cache = self.step(new[-1:], cache, len(ids) + len(new) - 1)

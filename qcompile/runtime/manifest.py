@@ -78,6 +78,10 @@ class Executor:
         runner: the Python-free runner bundled for that architecture.
         dynamic_dims: ``{input: {axis: name}}``, the input dims it runs at any size (the manifest's input
             shapes give the size of every other dim); None: it runs the manifest's input shapes only.
+        input_shapes: ``{input: shape}``, the shapes it runs where they are not the manifest's (a decoder's
+            decode-step library: one token on a cache of fixed size).
+        input_dtypes: ``{input: dtype}``, the types it takes where they are not the manifest's (that library's
+            cache of 8-bit codes).
     """
 
     kind: str
@@ -91,11 +95,16 @@ class Executor:
     arch: str | None = None
     runner: str | None = None
     dynamic_dims: dict[str, dict[str, str]] | None = None
+    input_shapes: dict[str, list[int]] | None = None
+    input_dtypes: dict[str, str] | None = None
 
     def serves(self, inputs: list[TensorInfo], shapes: dict[str, tuple[int, ...]]) -> str | None:
         """None if it runs inputs of ``shapes``; else which input and dim it cannot take."""
+        own = self.input_shapes or {}
         for info in inputs:
             shape = shapes[info.name]
+            if info.name in own:
+                info = TensorInfo(info.name, tuple(own[info.name]), info.dtype)
             free = {int(axis) for axis in (self.dynamic_dims or {}).get(info.name, {})}
             if len(shape) != len(info.shape):
                 return f"input '{info.name}' has shape {shape}, of rank {len(info.shape)} in the artifact"
@@ -139,6 +148,15 @@ class Decoder:
         eos_token_ids: the tokens that end a generation.
         tokenizer: the artifact's ``tokenizer.json`` (Hugging Face tokenizers format), if it carries one.
         executors: the executors that run every sequence and past length, best first.
+        step_executor: the executor of decode steps on a cache of ``step_capacity`` positions (qcompile's kernels,
+            every shape static): past inputs ``[batch 1, heads, step_capacity, head_dim]`` whose unfilled positions
+            ``attention_mask`` (``[1, step_capacity + 1]``) masks out, one token in, and present outputs that are
+            the new token's entries alone (the caller writes them into its cache); None if there is none.
+        step_capacity: the positions its cache holds; a generation longer than that decodes on ``executors``.
+        step_cache_codes: ``{past input: [multiplier, ..., scale, zero point]}`` when that cache holds 8-bit codes:
+            a float entry ``x`` is ``clip(round(x * multiplier ... / scale) + zero point, 0, 255)``, as
+            ``QuantizeLinear`` rounds (the decode step's own quantization of its keys and values, moved before the
+            cache: :func:`qcompile.flow.decoder.quantize_cache`).
     """
 
     input_ids: str
@@ -151,6 +169,9 @@ class Decoder:
     context: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     tokenizer: str | None = None
+    step_executor: str | None = None
+    step_capacity: int | None = None
+    step_cache_codes: dict[str, list[float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _set_fields(self)

@@ -70,7 +70,8 @@ ELEMENTWISE_OPS = frozenset(
 REJOIN_STEPS = 6
 # Float functions of one float tensor (float islands), as expressions fused where they are used.
 FLOAT_FUNCTIONS = frozenset(
-    {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Sqrt", "Reciprocal", "Neg"}
+    {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Sqrt", "Reciprocal", "Neg", "Cos",
+     "Sin"}
 )
 # Ops that only move data, whatever their dtype: with constant parameters they are one gather through a constant
 # index map (:func:`qcompile.backends.tvm.sequence.gather_kernel`), or no kernel at all when the map is the
@@ -162,6 +163,14 @@ class _Lowering:
         )
         return -(-channels // 4) * 4 if dense else channels
 
+    def _appended_to(self, name: str) -> bool:
+        """Whether every reader of ``name`` concatenates it along an axis other than the channels: a KV cache's
+        past positions (``[1, heads, past, head_dim]``, row-major), not an image."""
+        readers = self.uses.get(name, [])
+        return bool(readers) and all(
+            node.op_type == "Concat" and int(node_attributes(node).get("axis", 0)) % 4 not in (1,) for node in readers
+        )
+
     def run(self) -> Any:
         relax = self.relax
         graph = self.model.graph
@@ -175,7 +184,7 @@ class _Lowering:
                 raise NotLowerable(f"input {tensor.name}: a batch-1 input of static shape and a numeric type")
             var = relax.Var(tensor.name, relax.TensorType(shape, dtype))
             parameters.append(var)
-            image = len(shape) == 4 and dtype == "float32"
+            image = len(shape) == 4 and dtype == "float32" and not self._appended_to(tensor.name)
             layout = "nchw" if image else "nc" if len(shape) == 2 else "rows"  # (rows: a view, made below)
             self.values[tensor.name] = Stored(var, shape, dtype, layout)
         with self.builder.function("main", parameters):
@@ -598,6 +607,8 @@ class _Lowering:
                 return one / x
             if op == "Neg":
                 return zero - x
+            if op in ("Cos", "Sin"):  # rotary embeddings of positions given at run time (a decode step's)
+                return tirx.cos(x) if op == "Cos" else tirx.sin(x)
             if op == "Erf":
                 from qcompile.backends.tvm.sequence import fast_erf
 
@@ -1259,11 +1270,13 @@ class _Lowering:
         data = source.var if contiguous else self._flat(source)
         if identity:
             return self._as_rows(data, tuple(index.shape), source.dtype)  # a reshape: no data moves
-        positions = np.ascontiguousarray(index.reshape(-1).astype(np.int32))
+        run = sequence.run_length(index)
+        positions = np.ascontiguousarray(index.reshape(-1)[::run].astype(np.int32))
         logical = rows_logical(tuple(index.shape))
         target = Stored(None, logical, source.dtype, "nhwc", channels=logical[1])
         shapes = {"source_shape": source.shape if contiguous else (size,), "target_shape": target.shape}
-        gvar = self._add_kernel(sequence.gather_kernel(size, positions, source.dtype, fill, **shapes), "gather")
+        kernel = sequence.gather_kernel(size, positions, source.dtype, fill, run=run, **shapes)
+        gvar = self._add_kernel(kernel, "gather")
         result_type = relax.TensorType(target.shape, source.dtype)
         target.var = self.builder.emit(relax.call_tir(gvar, [data, relax.const(positions, "int32")], result_type))
         return target
@@ -1580,15 +1593,15 @@ class _Lowering:
 
     def _concat(self, node: onnx.NodeProto) -> Stored:
         """Concat along channels: the border written once, then each input copied into its channel range; or
-        of row-major tensors along a leading axis with only ones before it (a ViT's class token before its
-        patches): the inputs' bytes one after another."""
+        of row-major tensors along any other axis (a ViT's class token before its patches, a KV cache's past
+        and new positions): in each block of the dims before the axis, the inputs' elements one after another."""
         relax = self.relax
         shape = self._shape(node.output[0])
         axis = int(node_attributes(node).get("axis", 0)) % max(len(shape), 1)
         tensors = [self.values[name] for name in node.input if name and name not in self.constants]
         rows = bool(tensors) and all(isinstance(value.logical, Rows) for value in tensors)
-        if rows and len(shape) > 1 and axis < len(shape) - 1 and all(dim == 1 for dim in shape[:axis]):
-            return self._stacked_rows(node, shape)
+        if rows and len(shape) > 1 and (all(dim == 1 for dim in shape[:axis]) or axis != len(shape) - 1):
+            return self._stacked_rows(node, shape, axis)
         parts = [self._materialize(name) for name in node.input if name]
         first = parts[0]
         rank = len(first.logical)
@@ -1601,6 +1614,8 @@ class _Lowering:
             last = len(self._shape(node.output[0])) - 1
             axis = 1 if int(node_attributes(node).get("axis", 0)) % (last + 1) == last else -1
         if axis != 1 or rank not in (2, 4) or not same:
+            if rows:  # row-major tensors along their last axis (ConvBERT's mixed attention heads)
+                return self._stacked_rows(node, shape, len(shape) - 1)
             raise NotLowerable(f"{node.name}: Concat is covered along the channels of same-sized maps")
         logical: tuple[int, ...] = (1, sum(part.logical[1] for part in parts), *first.logical[2:])
         if isinstance(first.logical, Rows):
@@ -1621,9 +1636,10 @@ class _Lowering:
         target.var = current
         return target
 
-    def _stacked_rows(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> Stored:
-        """Row-major tensors concatenated along a leading axis that only ones precede: each input's bytes
-        copied after the previous ones' (constant inputs too, such as an expanded class token)."""
+    def _stacked_rows(self, node: onnx.NodeProto, shape: tuple[int, ...], axis: int) -> Stored:
+        """Row-major tensors concatenated along ``axis``: in each block of the dims before it, each input's
+        elements copied after the previous ones' (constant inputs too, such as an expanded class token); one
+        contiguous copy per input when only ones precede the axis."""
         from qcompile.backends.tvm import sequence
 
         relax = self.relax
@@ -1639,11 +1655,13 @@ class _Lowering:
         dtype = sources[0][2]
         if any(source_dtype != dtype for _, _, source_dtype in sources):
             raise NotLowerable(f"{node.name}: Concat of inputs of different types")
-        total = sum(size for _, size, _ in sources)
-        result_type = relax.TensorType((total,), dtype)
+        outer = int(np.prod(shape[:axis]))
+        total = sum(size for _, size, _ in sources) // outer
+        result_type = relax.TensorType((outer * total,), dtype)
         current, offset = None, 0
         for data, size, _ in sources:
-            gvar = self._add_kernel(sequence.flat_copy_kernel(size, total, offset, dtype), "concat")
+            size //= outer
+            gvar = self._add_kernel(sequence.flat_copy_kernel(size, total, offset, dtype, outer), "concat")
             if current is None:  # the first copy makes the output; the others write their ranges in place
                 current = self.builder.emit(relax.call_tir(gvar, [data], result_type))
             else:

@@ -108,6 +108,17 @@ def fast_erf(x: Any, lanes: int) -> Any:
     return tirx.Select(x < const(0.0), const(0.0) - y, y)
 
 
+def run_length(index: np.ndarray) -> int:
+    """The longest ``R`` dividing the map's length such that each block of ``R`` positions of ``index`` reads
+    ``R`` consecutive elements (1 when a position is -1, a Pad's fill): an Expand of whole rows or heads
+    (grouped-query attention's repeated keys), a Slice of rows, a Concat of blocks."""
+    flat = index.reshape(-1).astype(np.int64)
+    if flat.size == 0 or (flat < 0).any():
+        return 1
+    starts = np.flatnonzero(np.diff(flat) != 1) + 1  # where a run of consecutive elements begins
+    return int(np.gcd.reduce(np.append(starts, flat.size)))
+
+
 def gather_kernel(
     size: int,
     index: np.ndarray,
@@ -115,21 +126,42 @@ def gather_kernel(
     fill: float | None = None,
     source_shape: tuple[int, ...] | None = None,
     target_shape: tuple[int, ...] | None = None,
+    run: int = 1,
 ) -> Any:
     """``Y[i] = X[index[i]]`` over the flat elements of ``X`` (of ``source_shape``, default flat) and ``Y`` (of
     ``target_shape``, default flat; ``index`` an int32 constant argument); with a ``fill``, an index of -1 reads
-    that value instead (a Pad). The buffers take their callers' shapes so that no reshape (a call of the VM's
-    own, about half a microsecond each) surrounds the kernel."""
+    that value instead (a Pad). With ``run`` > 1, ``index`` holds the first element of each block of ``run``
+    consecutive ones (:func:`run_length`): ``Y[b * run + j] = X[index[b] + j]``, a map ``run`` times smaller and
+    an inner loop that moves contiguous memory. The buffers take their callers' shapes so that no reshape (a
+    call of the VM's own, about half a microsecond each) surrounds the kernel."""
     from tvm import tirx
     from tvm.script import tirx as T
 
     count = int(index.size)
-    outer = loop_for(count)
+    total = count * run
+    outer = loop_for(total)
 
     def read(X: Any, at: Any) -> Any:
         if fill is None:
             return X[at]
         return tirx.Select(at < 0, tirx.const(fill, dtype), X[tirx.max(at, 0)])
+
+    if run > 1:
+
+        @prim_func
+        def gather_runs(
+            X: T.Buffer(source_shape or (size,), dtype),
+            At: T.Buffer((count,), "int32"),
+            Y: T.Buffer(target_shape or (total,), dtype),
+        ):
+            T.func_attr({"tir.noalias": True})
+            Xf = T.decl_buffer((size,), dtype, data=X.data)
+            Yf = T.decl_buffer((total,), dtype, data=Y.data)
+            for b in outer(count):
+                for j in T.serial(run):
+                    Yf[b * run + j] = Xf[At[b] + j]
+
+        return gather_runs
 
     @prim_func
     def gather(
@@ -146,20 +178,33 @@ def gather_kernel(
     return gather
 
 
-def flat_copy_kernel(size: int, total: int, offset: int, dtype: str) -> Any:
-    """``Y[offset + i] = X[i]`` for a flat ``X`` of ``size`` into a flat ``Y`` of ``total`` (one input of a
-    Concat of row-major tensors along a leading axis)."""
+def flat_copy_kernel(size: int, total: int, offset: int, dtype: str, outer: int = 1) -> Any:
+    """``Y[o, offset + i] = X[o, i]`` for ``X`` of ``outer`` blocks of ``size`` into ``Y`` of ``outer`` blocks of
+    ``total``, both flat (one input of a Concat of row-major tensors: ``outer`` is the product of the dims before
+    the axis, ``size`` and ``total`` the elements from it on; a KV cache's past and new positions, a ViT's class
+    token before its patches)."""
     from tvm.script import tirx as T
 
-    outer = loop_for(size)
+    loop = loop_for(outer * size)
+
+    if outer == 1:
+
+        @prim_func
+        def flat_copy(X: T.Buffer((size,), dtype), Y: T.Buffer((total,), dtype)):
+            T.func_attr({"tir.noalias": True})
+            for i in loop(size):
+                Y[offset + i] = X[i]
+
+        return flat_copy
 
     @prim_func
-    def flat_copy(X: T.Buffer((size,), dtype), Y: T.Buffer((total,), dtype)):
+    def block_copy(X: T.Buffer((outer * size,), dtype), Y: T.Buffer((outer * total,), dtype)):
         T.func_attr({"tir.noalias": True})
-        for i in outer(size):
-            Y[offset + i] = X[i]
+        for o in loop(outer):
+            for i in T.serial(size):
+                Y[o * total + offset + i] = X[o * size + i]
 
-    return flat_copy
+    return block_copy
 
 
 def embedding_kernel(rows: int, width: int, count: int, index_dtype: str) -> Any:
