@@ -39,13 +39,17 @@ def compile(
     force: bool = False,
     progress: bool = True,
     tokenizer: str | os.PathLike[str] | None = None,
+    decode_step: str = "auto",
 ) -> dict[str, Any]:
     """Compile the ONNX model at ``model_path`` for ``target`` into the artifact folder ``output``.
 
     ``calibration_data`` (and ``eval_data``, held out for the accuracy report) is a folder of samples or an
     iterable of feeds; ``options`` default to the target's recipe. A causal LM with a KV cache
     (:mod:`qcompile.flow.decoder`) takes samples of ``input_ids`` alone, and ships ``tokenizer`` (default: the
-    ``tokenizer.json`` beside the model) for :meth:`qcompile.runtime.Session.generate`. Returns the manifest
+    ``tokenizer.json`` beside the model) for :meth:`qcompile.runtime.Session.generate`; for such a model on a CPU
+    target the kernels' decode-step library is built and shipped when it measures faster than onnxruntime's
+    step (``decode_step='auto'``), always (``'always'``: still checked against the oracle) or never (``'off'``).
+    Returns the manifest
     as written to ``manifest.json`` (:class:`qcompile.runtime.manifest.Manifest` reads it back typed). On
     any error nothing is left at ``output``.
     """
@@ -62,6 +66,7 @@ def compile(
         force,
         progress,
         tokenizer,
+        decode_step,
     )
     return manifest.to_json()
 

@@ -248,6 +248,16 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "config.json there gives the context length and end-of-sequence tokens). Such a model's calibration "
         "samples need only input_ids: an empty cache, a mask of ones and positions from 0 are filled in",
     )
+    parser.add_argument(
+        "--decode-step",
+        choices=("auto", "always", "off"),
+        default="auto",
+        help="for a causal LM with a KV cache on a CPU target: a library of qcompile's kernels for decode steps "
+        "(one token on a cache of up to 511 positions, kept as 8-bit codes; `qcompile generate` decodes on it "
+        "and goes on with onnxruntime past that), checked bit for bit against the numpy oracle. 'auto' "
+        "(default) ships it when its step measured faster than onnxruntime's here; 'always' ships it "
+        "regardless; 'off' builds none",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing artifact folder at --output")
 
 
@@ -518,6 +528,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
         tokenizer=args.tokenizer,
+        decode_step=args.decode_step,
     )
     manifest = Manifest.from_json(written)
     measured = manifest.measured

@@ -55,6 +55,7 @@ STEP_EXECUTOR = "tvm-decode"
 # token, against 135 M weights); a longer generation goes on decoding on onnxruntime. With the new token, 512
 # positions: the attention products' widths are whole vectors (513 ran them on scalars, 6x slower).
 STEP_CAPACITY = 511
+DECODE_STEP_CHOICES = ("auto", "always", "off")
 REPORT_HTML = "report.html"
 
 
@@ -96,6 +97,7 @@ class Build:
     measured: Measured | None = None
     input_shapes: dict[str, Any] | None = None  # the manifest's record of how the inputs got static shapes
     causal: decoder.Layout | None = None  # a causal LM with a KV cache: its inputs and outputs
+    decode_step: str = "auto"  # its decode-step library: 'auto' (shipped when faster), 'always' or 'off'
     decoder: Decoder | None = None  # how it generates
     # a decoder's decode-step executor, its cache positions, and its cache's codes (None: a float cache)
     step: tuple[str, int, dict[str, list[float]] | None] | None = None
@@ -394,12 +396,16 @@ def build_decode_step(build: Build) -> None:
     device, layout = build.target, build.causal
     if layout is None or not build.build_tvm or build.toolchain is not None or build.lowered is not None:
         return
+    if build.decode_step == "off":
+        build.skipped[STEP_EXECUTOR] = "not asked for (--decode-step off)"
+        return
     assert build.graph is not None and build.sample is not None and build.measured is not None
     context = decoder.context_of(build.source)
     capacity = min(context, STEP_CAPACITY) if context else STEP_CAPACITY
     started = time.perf_counter()
     try:
         step = decoder.step_graph(build.graph, layout, capacity)
+        quantize_embeddings(step)  # int8 rows, as the onnxruntime file stores them (113 MB -> 28 MB for SmolLM2)
         graph = execution.to_proto(frontend.specialize(step))
         integer_graph = _host_integer_graph(build, graph)
         codes = decoder.quantize_cache(integer_graph, layout)  # an 8-bit cache, where the graph allows it
@@ -409,7 +415,7 @@ def build_decode_step(build: Build) -> None:
         logger.info("%s", build.skipped[STEP_EXECUTOR])
         return
     files, built_for, built_with, _ = built
-    shapes = {str(value.name): list(value.shape) for value in step.graph.inputs}
+    shapes = {str(value.name): [int(str(dim)) for dim in value.shape or ()] for value in step.graph.inputs}
     executor = Executor(
         "tvm",
         files[0],
@@ -427,7 +433,8 @@ def build_decode_step(build: Build) -> None:
     )
     logger.info("decode-step library built and checked in %.1f s: %s", time.perf_counter() - started, verdict)
     build.measured.accuracy["decode_step"] = verdict
-    if verdict["step_ms"][STEP_EXECUTOR] >= verdict["step_ms"]["onnxruntime"]:
+    slower = verdict["step_ms"][STEP_EXECUTOR] >= verdict["step_ms"]["onnxruntime"]
+    if slower and build.decode_step == "auto":
         del build.executors[STEP_EXECUTOR]
         for name in files:
             (build.staging / name).unlink()
@@ -676,9 +683,12 @@ def compile_model(
     force: bool = False,
     progress: bool = True,
     tokenizer: str | os.PathLike[str] | None = None,
+    decode_step: str = "auto",
 ) -> Manifest:
     """Compile the ONNX model at ``model_path`` for ``target`` into the artifact folder ``output`` (see
     :func:`qcompile.api.compile`). Returns the manifest written. On any error nothing is left at ``output``."""
+    if decode_step not in DECODE_STEP_CHOICES:
+        raise CalibrationError(f"decode_step {decode_step!r} is not one of {', '.join(DECODE_STEP_CHOICES)}")
     device = hwmodels.load_target(target)  # its pipeline is one of PIPELINES' (checked there)
     stages = PIPELINES[device.pipeline]
     if build_tvm and build_library in stages and device.backend.startswith("tvm"):
@@ -719,6 +729,7 @@ def compile_model(
             build_tvm,
             progress,
             causal=causal,
+            decode_step=decode_step,
             input_shapes={
                 "name": "input_shapes",
                 "given": {key: list(value) for key, value in (input_shapes or {}).items()},

@@ -245,10 +245,11 @@ def step_graph(model: ir.Model, found: Layout, capacity: int) -> ir.Model:
         value.name = f"{present}.appended"
         new.name = present
         graph.outputs[outputs.index(present)] = new
-        dims = list(past_value.shape)
-        if not all(isinstance(dims[axis], int) for axis in (1, 3)):
+        assert past_value.shape is not None  # (rank 4, checked above)
+        heads, width = past_value.shape[1], past_value.shape[3]
+        if not isinstance(heads, int) or not isinstance(width, int):
             raise NoStepGraph(f"'{past}' has shape {past_value.shape}: its heads and head_dim must be fixed")
-        shapes[past] = [1, int(dims[1]), capacity, int(dims[3])]
+        shapes[past] = [1, heads, capacity, width]
     for name, shape in shapes.items():
         inputs[name].shape = ir.Shape(shape)
     # the shapes in between held the calibration sample's sizes: inferred again for the step's
@@ -305,28 +306,32 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
             if len(users) != 1 or value in outputs:
                 return None
             node = users[0]
-            if node.op_type in _MOVEMENT and node.input[0] == value:
-                chain.append(node)
-            elif node.op_type == "Mul" and _scalar(proto, node.input[1]) is not None and node.input[0] == value:
+            moves = node.op_type in _MOVEMENT
+            scales = node.op_type == "Mul" and _scalar(proto, node.input[1]) is not None
+            if (moves or scales) and node.input[0] == value:
                 chain.append(node)
             elif node.op_type == "QuantizeLinear" and node.input[0] == value:
                 scale, zero = _scalar(proto, node.input[1]), _scalar(proto, node.input[2])
                 if scale is None or zero is None or zero.dtype != np.uint8:
                     return None
-                plans.append((past, present, concat, chain, node, float(scale), int(zero)))
+                plans.append(
+                    (past, present, concat, chain, node, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]))
+                )
                 break
             else:
                 return None
             value = node.output[0]
     codes: dict[str, list[float]] = {}
     removed = []
-    for past, present, concat, chain, quantize, scale, zero in plans:
+    for past, present, concat, chain, quantize, step_scale, step_zero in plans:
         new = concat.input[1]
         scaled = new
-        multipliers = []
+        multipliers: list[float] = []
         for node in chain:
             if node.op_type == "Mul":  # x * a, now on the new entries: the same float32 products
-                multipliers.append(float(_scalar(proto, node.input[1])))
+                multiplier = _scalar(proto, node.input[1])
+                assert multiplier is not None
+                multipliers.append(float(multiplier.reshape(-1)[0]))
                 product = f"{present}.scaled{len(multipliers)}"
                 graph.node.append(onnx.helper.make_node("Mul", [scaled, node.input[1]], [product]))
                 scaled = product
@@ -346,7 +351,7 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
                 if name == quantize.output[0] and node is not quantize:
                     node.input[index] = previous
         removed.append(quantize)
-        codes[past] = [*multipliers, scale, float(zero)]
+        codes[past] = [*multipliers, step_scale, float(step_zero)]
         # the output is the new entry's codes, the input the cache's
         for value in graph.output:
             if value.name == present:

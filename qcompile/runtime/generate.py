@@ -39,7 +39,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     stopped: str  # 'eos' or 'length'
-    executor: str
+    executor: str  # the prefill's executor, and the decode steps' after a comma when they ran on another
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -177,7 +177,9 @@ class Generator:
         infos = {info.name: info for info in self.session.inputs}
         self._cache_shapes = {past: infos[past].shape for past, _ in decoder.cache}
         self._cache_dtypes = {past: np.dtype(infos[past].dtype) for past, _ in decoder.cache}
-        self.stepper, self.step_cache = self._stepper(session, decoder, infos)
+        # the step library runs the quantized graph's steps: not for a session asked to run the float model
+        quantized = executor == "onnxruntime"
+        self.stepper, self.step_cache = self._stepper(session, decoder, infos) if quantized else (None, None)
 
     @staticmethod
     def _stepper(session: Session, decoder: Decoder, infos: dict[str, Any]) -> tuple[Session | None, StepCache | None]:
@@ -261,7 +263,9 @@ class Generator:
         shown = ""
         started = time.perf_counter()
         stepper, steps = self.stepper, self.step_cache
+        executor = self.executor
         if stepper is not None and steps is not None and len(ids) + max_new_tokens - 1 <= steps.capacity:
+            executor = f"{self.executor}, {stepper.executor}"
             steps.start(cache)
             logits_name = self.decoder.logits
             while new[-1] not in eos and len(new) < max_new_tokens:
@@ -277,9 +281,7 @@ class Generator:
         text = self.decode(new[:-1] if new[-1] in eos else new)
         if on_text is not None and len(text) > len(shown):
             on_text(text[len(shown) :])
-        return Generation(
-            text, new, len(ids), prefill_s, decode_s, "eos" if new[-1] in eos else "length", self.executor
-        )
+        return Generation(text, new, len(ids), prefill_s, decode_s, "eos" if new[-1] in eos else "length", executor)
 
     def _stream(self, new: list[int], shown: str, on_text: Callable[[str], None] | None) -> str:
         """Pass on the text the tokens so far add to ``shown``; a partial UTF-8 character waits."""

@@ -168,3 +168,93 @@ def test_cli_generate_refuses_bad_requests(
 def test_an_artifact_that_is_not_a_decoder_cannot_generate(artifact: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["generate", str(artifact), "-p", "hello"]) == 2
     assert "not a decoder with a KV cache" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def step_artifact(decoder_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The decoder compiled W8A8 with its decode-step library shipped whatever it measured (``always``: whether
+    it is faster is the bench's question; here it must be right)."""
+    model, folder = decoder_model
+    output = tmp_path_factory.mktemp("artifacts") / "smollm2_step.host"
+    assert cli.main([str(model), "-c", str(folder), "-o", str(output), "--decode-step", "always", "-q"]) == 0
+    return output
+
+
+def test_decode_steps_run_on_the_kernels_with_a_cache_of_codes(step_artifact: Path) -> None:
+    """The step library takes one token on a cache of 511 positions kept as uint8 codes, and matched the numpy
+    oracle of its integer graph at compile time (bit for bit outside the float nodes)."""
+    manifest = json.loads((step_artifact / "manifest.json").read_text())
+    entry = manifest["decoder"]
+    assert entry["step_executor"] == "tvm-decode" and entry["step_capacity"] == 511
+    executor = manifest["executors"]["tvm-decode"]
+    assert executor["input_shapes"]["past_key_values.1.value"] == [1, 3, 511, 64]
+    assert executor["input_shapes"]["attention_mask"] == [1, 512] and executor["input_shapes"]["input_ids"] == [1, 1]
+    assert set(executor["input_dtypes"]) == {past for past, _ in entry["cache"]}
+    assert set(executor["input_dtypes"].values()) == {"uint8"}
+    # per cache input: the key's 1/sqrt(sqrt(64)) multiplier (keys only), a scale and a zero point
+    assert len(entry["step_cache_codes"]["past_key_values.0.key"]) == 3
+    assert len(entry["step_cache_codes"]["past_key_values.0.value"]) == 2
+    verdict = manifest["measured"]["accuracy"]["decode_step"]
+    assert "numpy oracle" in verdict["oracle"]
+    assert set(verdict["step_ms"]) == {"tvm-decode", "onnxruntime", "onnxruntime-fp32"}
+    # the step's logits against the quantized graph's step on the cache of the filled positions alone: the same
+    # int8 rows and codes, the integer arithmetic within a quantization step of QDQ's
+    assert verdict["logits_vs"]["onnxruntime"]["mean_cosine"] >= 0.999
+
+
+def test_the_step_cache_layout_equals_the_cache_of_the_filled_positions(step_artifact: Path) -> None:
+    """The float model fed the step library's layout (the cache's filled positions first, zeros after them
+    masked out, the new token last) gives the logits of the cache of the filled positions alone, to float32
+    rounding: the masked positions weigh exactly 0."""
+    from qcompile.runtime.generate import StepCache
+    from qcompile.runtime.manifest import Decoder
+
+    session = runtime.load(step_artifact, "onnxruntime-fp32")
+    generator = Generator(session)
+    decoder = session.manifest.decoder
+    assert decoder is not None
+    capacity = 40
+    float_layout = Decoder(**{**decoder.to_json(), "step_capacity": capacity, "step_cache_codes": None})
+    infos = {info.name: info for info in session.inputs}
+    buffers = {name: np.zeros((1, 3, capacity, 64), np.float32) for name, _ in float_layout.cache} | {
+        "input_ids": np.zeros((1, 1), np.int64),
+        "position_ids": np.zeros((1, 1), np.int64),
+        "attention_mask": np.zeros((1, capacity + 1), np.int64),
+    }
+    assert set(buffers) == set(infos)
+    steps = StepCache(float_layout, buffers)
+    tokens = [1, 504, 3458, 314, 4649, 281, 253]
+    _, cache = generator.step(tokens, generator.empty_cache(1), 0)
+    steps.start(cache)
+    padded = session.run(steps.feeds(6342))[decoder.logits][0, -1]
+    alone, _ = generator.step([6342], cache, len(tokens))
+    assert np.abs(padded - alone).max() <= 1e-4 * np.ptp(alone)
+
+
+def test_generation_decodes_on_the_step_library_as_on_the_quantized_graph(step_artifact: Path) -> None:
+    """Greedy tokens decoded on the step library, fed again through the quantized onnxruntime graph one at a
+    time: each step's logits agree (cosine >= 0.999: integer requantization against QDQ's float rescaling),
+    and so do their next tokens but for near ties."""
+    session = runtime.load(step_artifact, "onnxruntime")
+    generator = Generator(session)
+    assert generator.stepper is not None and generator.stepper.executor == "tvm-decode"
+    result = generator.generate("The Python language", max_new_tokens=24)
+    assert result.executor == "onnxruntime, tvm-decode" and len(result.tokens) == 24
+    ids = generator.encode("The Python language")
+    _, cache = generator.step(ids, generator.empty_cache(1), 0)
+    steps = generator.step_cache
+    assert steps is not None
+    steps.start(cache)
+    same = 0
+    for token in result.tokens[:-1]:
+        ours = generator.stepper.run(steps.feeds(token))
+        steps.append(ours)
+        theirs, cache = generator.step([token], cache, len(ids))
+        ids.append(token)
+        mine = ours[generator.decoder.logits][0, -1]
+        assert float(mine @ theirs / np.linalg.norm(mine) / np.linalg.norm(theirs)) >= 0.999
+        same += int(mine.argmax() == theirs.argmax())
+    assert same >= 0.9 * (len(result.tokens) - 1)
+    # a generation past the step cache decodes on the quantized graph alone
+    longer = generator.generate(prompt_ids=[1] * 500, max_new_tokens=16)
+    assert longer.executor == "onnxruntime" and len(longer.tokens) == 16

@@ -70,8 +70,20 @@ ELEMENTWISE_OPS = frozenset(
 REJOIN_STEPS = 6
 # Float functions of one float tensor (float islands), as expressions fused where they are used.
 FLOAT_FUNCTIONS = frozenset(
-    {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Sqrt", "Reciprocal", "Neg", "Cos",
-     "Sin"}
+    {
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Erf",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "Cos",
+        "Sin",
+    }
 )
 # Ops that only move data, whatever their dtype: with constant parameters they are one gather through a constant
 # index map (:func:`qcompile.backends.tvm.sequence.gather_kernel`), or no kernel at all when the map is the
@@ -246,7 +258,7 @@ class _Lowering:
             return
         elif op == "Gather" and node.input[0] in self.constants:
             table = self.constants[node.input[0]]
-            embedding = table.dtype == np.float32 and table.ndim == 2
+            embedding = table.dtype in (np.float32, np.int8) and table.ndim == 2
             self.values[output] = self._embedding(node) if embedding else self._table_lookup(node)
         elif op in ("LayerNormalization", "Softmax", "InstanceNormalization"):
             self.values[output] = self._row_op(node)
@@ -1366,20 +1378,23 @@ class _Lowering:
         return dataclasses.replace(source, logical=logical, row_map=terms)
 
     def _embedding(self, node: onnx.NodeProto) -> Stored:
-        """Gather of a float table's rows at run-time indices (token embeddings)."""
+        """Gather of a table's rows at run-time indices (token embeddings: float rows, or int8 rows and their
+        scales)."""
         from qcompile.backends.tvm import sequence
 
         relax = self.relax
         table = self.constants[node.input[0]]
         indices = self._materialize(node.input[1])
-        if int(node_attributes(node).get("axis", 0)) != 0 or indices.dtype not in ("int32", "int64"):
-            raise NotLowerable(f"{node.name}: Gather of a float table is covered along its rows at integer indices")
+        dtype = table.dtype.name
+        axis = int(node_attributes(node).get("axis", 0))
+        if axis != 0 or indices.dtype not in ("int32", "int64") or table.ndim != 2 or dtype not in ("float32", "int8"):
+            raise NotLowerable(f"{node.name}: Gather of a table is covered along its rows at integer indices")
         count = int(np.prod(self._shape(node.input[1])))
         rows, width = table.shape
-        gvar = self._add_kernel(sequence.embedding_kernel(rows, width, count, indices.dtype), "embedding")
-        result_type = relax.TensorType((count, width), "float32")
-        out = self.builder.emit(relax.call_tir(gvar, [self._flat(indices), relax.const(table, "float32")], result_type))
-        return self._as_rows(out, self._shape(node.output[0]), "float32")
+        gvar = self._add_kernel(sequence.embedding_kernel(rows, width, count, indices.dtype, dtype), "embedding")
+        result_type = relax.TensorType((count, width), dtype)
+        out = self.builder.emit(relax.call_tir(gvar, [self._flat(indices), relax.const(table, dtype)], result_type))
+        return self._as_rows(out, self._shape(node.output[0]), dtype)
 
     def _integer_softmax(self, node: onnx.NodeProto) -> None:
         """The integer Softmax that :meth:`~qcompile.backends.integer.arithmetic.Lowering.integer_softmax`

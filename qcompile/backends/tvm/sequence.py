@@ -207,9 +207,10 @@ def flat_copy_kernel(size: int, total: int, offset: int, dtype: str, outer: int 
     return block_copy
 
 
-def embedding_kernel(rows: int, width: int, count: int, index_dtype: str) -> Any:
-    """``Y[s, :] = table[ids[s], :]`` for a float32 ``[rows, width]`` table (negative ids count from the end,
-    as ONNX Gather's do; out-of-range ids are clamped rather than read past the table)."""
+def embedding_kernel(rows: int, width: int, count: int, index_dtype: str, dtype: str = "float32") -> Any:
+    """``Y[s, :] = table[ids[s], :]`` for a ``[rows, width]`` table of ``dtype`` (float32, or a decoder's int8
+    rows and their float32 scales; negative ids count from the end, as ONNX Gather's do; out-of-range ids are
+    clamped rather than read past the table)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -227,8 +228,8 @@ def embedding_kernel(rows: int, width: int, count: int, index_dtype: str) -> Any
     @prim_func
     def embedding(
         ids: T.Buffer((count,), index_dtype),
-        table: T.Buffer((rows, width), "float32"),
-        Y: T.Buffer((count, width), "float32"),
+        table: T.Buffer((rows, width), dtype),
+        Y: T.Buffer((count, width), dtype),
     ):
         T.func_attr({"tir.noalias": True})
         for s in range(count):
