@@ -874,3 +874,73 @@ def test_an_exported_bert_compiles_onto_the_kernels(tmp_path: Path, exporter: st
             produced = ours[name].astype(np.float64).ravel()
             cosine = produced @ expected.ravel() / (np.linalg.norm(produced) * np.linalg.norm(expected))
             assert cosine >= 0.999, (name, cosine)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.UINT8], ids=["float", "codes"])
+def test_a_cache_is_appended_repeated_and_transposed_as_a_decode_step_does(flavor: object, dtype: int) -> None:
+    """A decode step's key path: a cache input ``[1, heads, past, dim]`` (row-major, not an image) with the new
+    position appended (Concat along positions), each head repeated for grouped queries (an Expand: whole
+    heads, copied as runs), transposed per head (``K^T``: blocks transposed without an index map), and a
+    Concat along the last axis; float and 8-bit codes alike, exactly."""
+    heads, past, dim, repeat = 3, 31, 16, 3
+    kind = np.float32 if dtype == TensorProto.FLOAT else np.uint8
+    initializers = [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(np.array([1, heads, repeat, past + 1, dim], np.int64), "repeated"),
+        numpy_helper.from_array(np.array([1, heads * repeat, past + 1, dim], np.int64), "grouped"),
+    ]
+    nodes = [
+        helper.make_node("Concat", ["cache", "new"], ["keys"], axis=-2),
+        helper.make_node("Unsqueeze", ["keys", "axis2"], ["keys5"]),
+        helper.make_node("Expand", ["keys5", "repeated"], ["expanded"]),
+        helper.make_node("Reshape", ["expanded", "grouped"], ["all_heads"]),
+        helper.make_node("Transpose", ["all_heads"], ["transposed"], perm=[0, 1, 3, 2]),
+        helper.make_node("Concat", ["transposed", "transposed"], ["y"], axis=-1),
+    ]
+    inputs = {"cache": (dtype, [1, heads, past, dim]), "new": (dtype, [1, heads, 1, dim])}
+    model = _model(nodes, initializers, inputs, {"y": (dtype, [1, heads * repeat, dim, 2 * (past + 1)])})
+    vm, kinds = _build(model, flavor)
+    assert "gather" in kinds and "concat" in kinds
+    rng = np.random.default_rng(7)
+    if kind is np.float32:
+        feed = {name: rng.standard_normal(shape).astype(kind) for name, (_, shape) in inputs.items()}
+    else:
+        feed = {name: rng.integers(0, 256, shape).astype(kind) for name, (_, shape) in inputs.items()}
+    (ours,) = _run(vm, feed)
+    keys = np.concatenate([feed["cache"], feed["new"]], axis=2)
+    transposed = np.repeat(keys, repeat, axis=1).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(ours, np.concatenate([transposed, transposed], axis=-1))
+
+
+def test_rotary_angles_and_an_int8_embedding_table_at_run_time(flavor: object) -> None:
+    """A decode step's run-time position: cos and sin of positions times frequencies (float functions, within
+    float rounding of onnxruntime: libm's against onnxruntime's), and a token's row of an int8 table scaled by
+    its row's scale."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(-127, 128, (50, 32)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, (50, 1)).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(rng.uniform(0, 1, (32,)).astype(np.float32), "frequencies"),
+        numpy_helper.from_array(codes, "codes"),
+        numpy_helper.from_array(scales, "scales"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["position", "frequencies"], ["angles"]),
+        helper.make_node("Cos", ["angles"], ["cos"]),
+        helper.make_node("Sin", ["angles"], ["sin"]),
+        helper.make_node("Gather", ["codes", "token"], ["row_codes"], axis=0),
+        helper.make_node("Cast", ["row_codes"], ["row"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["scales", "token"], ["row_scale"], axis=0),
+        helper.make_node("Mul", ["row", "row_scale"], ["embedded"]),
+        helper.make_node("Mul", ["embedded", "cos"], ["a"]),
+        helper.make_node("Add", ["a", "sin"], ["y"]),
+    ]
+    inputs = {"position": (TensorProto.FLOAT, [1, 1, 32]), "token": (TensorProto.INT64, [1, 1])}
+    model = _model(nodes, initializers, inputs, {"y": (TensorProto.FLOAT, [1, 1, 32])})
+    vm, kinds = _build(model, flavor)
+    assert "embedding" in kinds
+    for position, token in ((0, 0), (37, 49), (500, 7)):
+        feed = {"position": np.full((1, 1, 32), position, np.float32), "token": np.array([[token]], np.int64)}
+        (ours,) = _run(vm, feed)
+        (expected,) = _onnxruntime(model, feed)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * float(np.ptp(expected)) + 1e-6)

@@ -1287,7 +1287,13 @@ class _Lowering:
         logical = rows_logical(tuple(index.shape))
         target = Stored(None, logical, source.dtype, "nhwc", channels=logical[1])
         shapes = {"source_shape": source.shape if contiguous else (size,), "target_shape": target.shape}
-        kernel = sequence.gather_kernel(size, positions, source.dtype, fill, run=run, **shapes)
+        bases = sequence.transposed_blocks(index) if run == 1 else None
+        if bases is not None:  # blocks transposed: no map of every element
+            positions = bases
+            rows, columns = index.shape[-2:]
+            kernel = sequence.transpose_kernel(size, bases, rows, columns, source.dtype, **shapes)
+        else:
+            kernel = sequence.gather_kernel(size, positions, source.dtype, fill, run=run, **shapes)
         gvar = self._add_kernel(kernel, "gather")
         result_type = relax.TensorType(target.shape, source.dtype)
         target.var = self.builder.emit(relax.call_tir(gvar, [data, relax.const(positions, "int32")], result_type))

@@ -119,6 +119,53 @@ def run_length(index: np.ndarray) -> int:
     return int(np.gcd.reduce(np.append(starts, flat.size)))
 
 
+def transposed_blocks(index: np.ndarray) -> np.ndarray | None:
+    """The first source element of each ``[R, C]`` block of the map when every block reads a contiguous ``[C, R]``
+    block of the source transposed (``Y[n, r, c] = X[base_n + c R + r]``: attention's ``K^T`` per head), else
+    None."""
+    if index.ndim < 2 or index.shape[-1] < 2 or index.shape[-2] < 2:
+        return None
+    rows, columns = index.shape[-2:]
+    blocks = index.reshape(-1, rows, columns).astype(np.int64)
+    bases = blocks[:, 0, 0]
+    expected = bases[:, None, None] + np.arange(columns)[None, None, :] * rows + np.arange(rows)[None, :, None]
+    return bases.astype(np.int32) if (bases >= 0).all() and np.array_equal(blocks, expected) else None
+
+
+def transpose_kernel(
+    size: int,
+    bases: np.ndarray,
+    rows: int,
+    columns: int,
+    dtype: str,
+    source_shape: tuple[int, ...] | None = None,
+    target_shape: tuple[int, ...] | None = None,
+) -> Any:
+    """``Y[n, r, c] = X[bases[n] + c * rows + r]``: blocks of ``X`` transposed (:func:`transposed_blocks`), read
+    from L1 a row at a time instead of through an index map of every element."""
+    from tvm.script import tirx as T
+
+    count = int(bases.size)
+    total = count * rows * columns
+    outer = loop_for(total)
+
+    @prim_func
+    def transpose(
+        X: T.Buffer(source_shape or (size,), dtype),
+        At: T.Buffer((count,), "int32"),
+        Y: T.Buffer(target_shape or (total,), dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        Xf = T.decl_buffer((size,), dtype, data=X.data)
+        Yf = T.decl_buffer((total,), dtype, data=Y.data)
+        for n in outer(count):
+            for r in T.serial(rows):
+                for c in T.serial(columns):
+                    Yf[(n * rows + r) * columns + c] = Xf[At[n] + c * rows + r]
+
+    return transpose
+
+
 def gather_kernel(
     size: int,
     index: np.ndarray,
@@ -147,6 +194,10 @@ def gather_kernel(
         return tirx.Select(at < 0, tirx.const(fill, dtype), X[tirx.max(at, 0)])
 
     if run > 1:
+        # a run moves in vectors of 64 bytes where it divides into them (LLVM left the byte loop scalar)
+        width = 64 // np.dtype(dtype).itemsize
+        width = width if run % width == 0 else 1
+        chunks = run // width
 
         @prim_func
         def gather_runs(
@@ -158,8 +209,9 @@ def gather_kernel(
             Xf = T.decl_buffer((size,), dtype, data=X.data)
             Yf = T.decl_buffer((total,), dtype, data=Y.data)
             for b in outer(count):
-                for j in T.serial(run):
-                    Yf[b * run + j] = Xf[At[b] + j]
+                for c in T.serial(chunks):
+                    for j in T.vectorized(width):
+                        Yf[b * run + c * width + j] = Xf[At[b] + c * width + j]
 
         return gather_runs
 
