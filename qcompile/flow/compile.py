@@ -391,13 +391,18 @@ def build_library(build: Build) -> None:
 def build_decode_step(build: Build) -> None:
     """A decoder's decode steps on qcompile's kernels: the quantized graph specialized to one token on a cache of
     fixed size (:func:`qcompile.flow.decoder.step_graph`), lowered to integers and built like a host library,
-    bit-exact with the numpy oracle of its integer graph, and shipped when a step runs faster than the quantized
-    onnxruntime graph's step (both timed here in interleaved rounds); the manifest's decoder entry names it."""
-    device, layout = build.target, build.causal
-    if layout is None or not build.build_tvm or build.toolchain is not None or build.lowered is not None:
+    checked against the numpy oracle of its integer graph on a real step; for this machine, shipped when a step
+    runs faster than the quantized onnxruntime graph's (timed here in interleaved rounds); for an Arm board,
+    cross-compiled, run under qemu as the board's CPU for that check, and its latency there estimated (never
+    timed under emulation). The manifest's decoder entry names it."""
+    device, layout, toolchain = build.target, build.causal, build.toolchain
+    if layout is None or not build.build_tvm or build.lowered is not None:
         return
     if build.decode_step == "off":
         build.skipped[STEP_EXECUTOR] = "not asked for (--decode-step off)"
+        return
+    if toolchain is not None and (not toolchain.runnable or device.tvm_target.get("kind") != "llvm"):
+        build.skipped[STEP_EXECUTOR] = f"no decode-step library for {device.name}: no TVM runtime runs it there"
         return
     assert build.graph is not None and build.sample is not None and build.measured is not None
     context = decoder.context_of(build.source)
@@ -409,12 +414,15 @@ def build_decode_step(build: Build) -> None:
         graph = execution.to_proto(frontend.specialize(step))
         integer_graph = _host_integer_graph(build, graph)
         codes = decoder.quantize_cache(integer_graph, layout)  # an 8-bit cache, where the graph allows it
-        built = tvm_backend.build_integer(integer_graph, device.tvm_target, build.staging, file_name=STEP_LIBRARY)
+        board = device.device if toolchain is not None else None
+        built = tvm_backend.build_integer(
+            integer_graph, device.tvm_target, build.staging, file_name=STEP_LIBRARY, device=board
+        )
     except (decoder.NoStepGraph, tvm_backend.KernelsNotUsed) as reason:
         build.skipped[STEP_EXECUTOR] = f"no decode-step library: {reason}"
         logger.info("%s", build.skipped[STEP_EXECUTOR])
         return
-    files, built_for, built_with, _ = built
+    files, built_for, built_with, estimate = built
     shapes = {str(value.name): [int(str(dim)) for dim in value.shape or ()] for value in step.graph.inputs}
     executor = Executor(
         "tvm",
@@ -422,18 +430,35 @@ def build_decode_step(build: Build) -> None:
         f"TVM library of one decode step on a cache of {capacity} positions (qcompile's kernels)",
         target=built_for,
         lowering=f"{built_with}; the integer-only lowering of the quantized graph's decode step",
-        requires_cpu=built_for["mcpu"],
+        requires_cpu=built_for["mcpu"] if toolchain is None else None,
         input_shapes=shapes,
         input_dtypes=dict.fromkeys(codes, "uint8") if codes else None,
     )
+    emulated = None
+    if toolchain is not None:
+        executor.arch = toolchain.arch
+        executor.description += f", cross-compiled for {toolchain.arch}"
+        if f"{tvm_backend.cross.DEVICE_FOLDER}/{tvm_backend.cross.RUNNER}" not in build.written:
+            build.written += tvm_backend.cross.bundle(toolchain, build.staging)
+        executor.runner = f"{tvm_backend.cross.DEVICE_FOLDER}/{tvm_backend.cross.RUNNER}"
+        cpu, features = str(device.tvm_target.get("mcpu", "max")), list(device.tvm_target.get("mattr", []))
+
+        def emulated(inputs: list[np.ndarray]) -> list[np.ndarray]:
+            outputs, _ = tvm_backend.cross.emulate(toolchain, build.staging, files[0], inputs, cpu, features)
+            return outputs
+
     build.executors[STEP_EXECUTOR] = executor
     build.written += files[1:]
     verdict = measure.check_decode_step(
-        build.staging, build.manifest(), STEP_EXECUTOR, layout, integer_graph, build.sample, capacity, codes
+        build.staging, build.manifest(), STEP_EXECUTOR, layout, integer_graph, build.sample, capacity, codes, emulated
     )
+    if toolchain is not None:
+        verdict["oracle"] += f", run under {toolchain.qemu} -cpu {device.tvm_target.get('mcpu', 'max')}"
+        if estimate is not None:
+            verdict["board_estimate"] = estimate
     logger.info("decode-step library built and checked in %.1f s: %s", time.perf_counter() - started, verdict)
     build.measured.accuracy["decode_step"] = verdict
-    slower = verdict["step_ms"][STEP_EXECUTOR] >= verdict["step_ms"]["onnxruntime"]
+    slower = toolchain is None and verdict["step_ms"][STEP_EXECUTOR] >= verdict["step_ms"]["onnxruntime"]
     if slower and build.decode_step == "auto":
         del build.executors[STEP_EXECUTOR]
         for name in files:
@@ -620,7 +645,7 @@ QDQ_STAGES: tuple[Stage, ...] = (quantize_qdq, write_onnx, build_library, measur
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     # predict_on_board: a target file of the user's own may name an edge CPU with the host's pipeline
     "w8a8": (*QDQ_STAGES, check_host_kernels, drop_slow_library, build_decode_step, predict_on_board),
-    "w8a8-cross": (*QDQ_STAGES, predict_on_board, check_emulated_kernels),
+    "w8a8-cross": (*QDQ_STAGES, predict_on_board, check_emulated_kernels, build_decode_step),
     "w8a8-cuda": (*QDQ_STAGES, predict_on_board),
     "integer-only": (integer_only_options, quantize_qdq, lower_to_integers, *QDQ_STAGES[1:], check_integer_graph),
     "lut": (ternarize, write_lut_package, measure_lut),

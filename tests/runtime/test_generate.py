@@ -258,3 +258,27 @@ def test_generation_decodes_on_the_step_library_as_on_the_quantized_graph(step_a
     # a generation past the step cache decodes on the quantized graph alone
     longer = generator.generate(prompt_ids=[1] * 500, max_new_tokens=16)
     assert longer.executor == "onnxruntime" and len(longer.tokens) == 16
+
+
+def test_the_decode_step_for_a_cortex_a76_runs_under_qemu_like_the_oracle(
+    decoder_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """For an Arm board the step library is cross-compiled (sdot kernels), run under qemu as a Cortex-A76 on a
+    real step and equal to the numpy oracle of its integer graph (as the host build is), and its latency on the
+    board estimated (llvm-mca), never timed under emulation."""
+    from conftest import emulation_toolchain
+
+    if emulation_toolchain({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}) is None:
+        pytest.skip("needs the cross toolchain and qemu: qcompile toolchains --install")
+    model, folder = decoder_model
+    output = tmp_path / "smollm2_step.cortex-a76"
+    flags = ["--target", "cortex-a76", "--decode-step", "always", "-q"]
+    assert cli.main([str(model), "-c", str(folder), "-o", str(output), *flags]) == 0
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["decoder"]["step_executor"] == "tvm-decode"
+    executor = manifest["executors"]["tvm-decode"]
+    assert executor["arch"] == "aarch64" and executor["runner"] and "+dotprod" in executor["target"]["mattr"]
+    verdict = manifest["measured"]["accuracy"]["decode_step"]
+    assert verdict["oracle"].startswith("bit-exact") and "qemu-aarch64 -cpu cortex-a76" in verdict["oracle"]
+    assert "step_ms" not in verdict  # nothing timed under emulation
+    assert verdict["board_estimate"]["estimated_ms"] > 0 and "estimate" in verdict["board_estimate"]["source"]
