@@ -128,6 +128,37 @@ def test_attention_products_of_two_activations_are_bit_exact(flavor: object) -> 
         np.testing.assert_array_equal(ours, expected)
 
 
+def test_keys_transposed_for_their_product_are_read_as_rows(flavor: object) -> None:
+    """``Q K^T`` where ``K^T`` is a Transpose of the keys' last two axes (through a reshape that keeps them, as
+    exporters write it): on a flavor whose instruction reads four k of a column at once, the product packs the
+    keys' rows directly (no transpose kernel is called), bit-exact at zero points at both ends."""
+    rng = np.random.default_rng(4)
+    heads, queries, keys, dim = 3, 2, 32, 64
+    for za, zb in ZERO_POINTS:
+        initializers = [
+            numpy_helper.from_array(np.array(za, np.uint8), "za"),
+            numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
+            numpy_helper.from_array(np.array([heads, dim, keys], np.int64), "shape"),
+            numpy_helper.from_array(np.array([heads, queries, dim], np.int64), "heads"),
+        ]
+        nodes = [
+            helper.make_node("Reshape", ["q", "heads"], ["q3"]),
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("Reshape", ["kt", "shape"], ["kt3"]),
+            helper.make_node("MatMulInteger", ["q3", "kt3", "za", "zb"], ["scores"]),
+        ]
+        inputs = {"q": (TensorProto.UINT8, [1, heads * queries, dim]), "k": (TensorProto.UINT8, [1, heads, keys, dim])}
+        model = _model(nodes, initializers, inputs, {"scores": (TensorProto.INT32, [heads, queries, keys])})
+        vm, _ = _build(model, flavor)
+        feed = {name: rng.integers(0, 256, shape).astype(np.uint8) for name, (_, shape) in inputs.items()}
+        feed["q"][0, 0, :] = 255  # codes at both ends
+        feed["k"][0, 0, 0, :] = 0
+        (ours,) = _run(vm, feed)
+        q = feed["q"].reshape(heads, queries, dim).astype(np.int64) - za
+        k = feed["k"][0].astype(np.int64) - zb
+        np.testing.assert_array_equal(ours, np.einsum("hqd,hkd->hqk", q, k).astype(np.int32))
+
+
 @pytest.mark.parametrize(
     "name, cpu",
     [("avx2", "haswell"), ("avxvnni", "alderlake"), ("neon-dot", "cortex-a76"), ("neon", "cortex-a72")],

@@ -950,16 +950,62 @@ class _Lowering:
                 raise NotLowerable(f"{node.name}: MatMulInteger with zero points that are not scalar constants")
             zeros.append(int(np.asarray(zero).reshape(-1)[0]))
         # (an operand may be a constant: SigLIP's pooling probe, projected and scaled, folds into one)
-        a, b = (
-            self._constant_rows(name) if name in self.constants else self._materialize(name) for name in node.input[:2]
-        )
+        transposed = self._transposed_operand(node, left, right)
+        a = self._constant_rows(node.input[0]) if node.input[0] in self.constants else self._materialize(node.input[0])
+        if transposed is not None:  # B^T's rows, read as the dot instruction packs them: no transpose kernel
+            b = transposed
+        else:
+            b = self._constant_rows(node.input[1]) if node.input[1] in self.constants else self._materialize(node.input[1])
         dtype, accumulator = ("uint8", "int32") if node.op_type == "MatMulInteger" else ("float32", "float32")
-        for operand, shape in ((a, left), (b, right)):
+        stored_right = (*right[:-2], right[-1], right[-2]) if transposed is not None else right
+        for operand, shape in ((a, left), (b, stored_right)):
             if operand.dtype != dtype or operand.shape != (1, int(np.prod(shape[:-1])), shape[-1]):
                 raise NotLowerable(f"{node.name}: {node.op_type} of activations is covered on unpadded {dtype} rows")
         logical = rows_logical((*left[:-1], right[-1]))
-        anchor = Anchor("bmm", a, logical, accumulator, zero_point=zeros[0], other=b, other_zero=zeros[1])
+        anchor = Anchor(
+            "bmm",
+            a,
+            logical,
+            accumulator,
+            zero_point=zeros[0],
+            other=b,
+            other_zero=zeros[1],
+            other_transposed=transposed is not None,
+        )
         return Lazy(logical, accumulator, _source, anchor)
+
+    def _transposed_operand(
+        self, node: onnx.NodeProto, left: tuple[int, ...], right: tuple[int, ...]
+    ) -> Stored | None:
+        """For ``MatMulInteger(A, B)`` with ``B`` a Transpose of its last two axes (through reshapes that keep
+        them: attention's ``Q K^T``), the untransposed operand's rows when the flavor's dot instruction can pack
+        them directly (four consecutive bytes of a row are one column's group: 32-bit loads), else None."""
+        flavor = self.flavor
+        if node.op_type != "MatMulInteger" or flavor.group != 4 or flavor.weight_dtype != "int8":
+            return None
+        if left[-1] % 4 or right[-1] % flavor.lanes or node.input[1] in self.constants:
+            return None
+        name = node.input[1]
+        producers = {output: candidate for candidate in self.model.graph.node for output in candidate.output}
+        producer = producers.get(name)
+        while producer is not None and producer.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Identity"):
+            shape = self._shape(producer.input[0])
+            if tuple(shape[-2:]) != tuple(right[-2:]) or int(np.prod(shape)) != int(np.prod(right)):
+                return None
+            producer = producers.get(producer.input[0])
+        if producer is None or producer.op_type != "Transpose":
+            return None
+        shape = self._shape(producer.input[0])
+        perm = [int(axis) for axis in node_attributes(producer).get("perm", [])]
+        rank = len(shape)
+        if rank < 2 or perm != [*range(rank - 2), rank - 1, rank - 2] or tuple(shape[-2:]) != (right[-1], right[-2]):
+            return None
+        source = self.values.get(producer.input[0])
+        if not isinstance(source, Stored) or not isinstance(source.logical, Rows) or source.dtype != "uint8":
+            return None
+        if not _contiguous(source) or source.shape != (1, int(np.prod(shape[:-1])), shape[-1]):
+            return None
+        return source
 
     def _max_pool(self, node: onnx.NodeProto) -> Lazy:
         attributes = node_attributes(node)
@@ -2969,6 +3015,8 @@ def pipeline() -> Any:
     @tvm.transform.module_pass(opt_level=0)
     def lower(module: Any, _context: Any) -> Any:
         passes = [
+            # a transposed operand a batched product reads in place leaves its transpose kernel unused
+            transform.DeadCodeElimination(["main"]),
             transform.ToNonDataflow(),
             transform.RemovePurityChecking(),
             transform.CallTIRRewrite(),

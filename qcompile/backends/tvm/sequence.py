@@ -581,7 +581,7 @@ def batched_matmul_kernel(
     from tvm.script import tirx as T
 
     source = anchor.input
-    if (
+    if anchor.other_transposed or (
         flavor is not None
         and anchor.source_dtype == "int32"
         and source.logical[1] % flavor.group == 0
@@ -678,8 +678,13 @@ def _batched_dot_kernel(
 
     source = anchor.input
     _, depth, _, total = source.logical
-    _, width, _, other_rows = other.logical
-    batch = other_rows // depth
+    transposed = anchor.other_transposed  # B given as B^T's rows, [batch N, K]
+    if transposed:
+        width = anchor.logical[1]
+        batch = other.logical[3] // width
+    else:
+        _, width, _, other_rows = other.logical
+        batch = other_rows // depth
     rows = total // batch
     za, zb = anchor.zero_point, anchor.other_zero
     lanes, group, packed = flavor.lanes, flavor.group, flavor.weight_dtype
@@ -725,6 +730,23 @@ def _batched_dot_kernel(
             fields = shifted if fields is None else fields | shifted
         return tirx.reinterpret(f"{packed}x{lanes * group}", fields)
 
+    def columns_words(W: Any, g: Any, q: Any, b: Any) -> Any:
+        """For B given as B^T's rows: the ``group`` = 4 k of group ``q`` for the block's columns, one 32-bit
+        word of each column's row (a strided load), as :func:`interleaved` lays them out."""
+        return W[tirx.Ramp((g * width + b * lanes) * steps + q, steps, lanes)]
+
+    def byte_sums(words: Any) -> Any:
+        """Per lane, the sum of the four bytes of a 32-bit word."""
+        mask = tirx.Broadcast(tirx.const(0xFF, "uint32"), lanes)
+        total = None
+        for j in range(4):
+            shifted = words >> tirx.Broadcast(tirx.const(8 * j, "uint32"), lanes) if j else words
+            part = tirx.Cast(f"int32x{lanes}", shifted & mask)
+            total = part if total is None else total + part
+        return total
+
+    flip_words = tirx.Broadcast(tirx.const(0x80808080 if flip else 0, "uint32"), lanes)
+
     @prim_func
     def batched_dot(
         A: T.Buffer(source.shape, "uint8"),
@@ -735,15 +757,25 @@ def _batched_dot_kernel(
         Y: T.Buffer(target.shape, target.dtype),
     ):
         T.func_attr({"tir.noalias": True})
+        W = T.decl_buffer(((batch * width if transposed else 1) * steps,), "uint32", data=B.data)
         for g in outer(batch):
             P = T.alloc_buffer((blocks, steps, lanes * group), packed, scope="global")
             C = T.alloc_buffer((width,), "int32", scope="global")
             for b in range(blocks):
                 C[block(b)] = splat(T.int32(0))
                 for q in range(steps):
-                    P[b, q, tirx.Ramp(0, 1, lanes * group)] = interleaved(B, g, q, b)
-                    for j in T.unroll(group):
-                        C[block(b)] = C[block(b)] + T.Cast(f"int32x{lanes}", B[0, g * depth + q * group + j, block(b)])
+                    if transposed:
+                        words = columns_words(W, g, q, b)
+                        P[b, q, tirx.Ramp(0, 1, lanes * group)] = tirx.reinterpret(
+                            f"{packed}x{lanes * group}", words ^ flip_words
+                        )
+                        C[block(b)] = C[block(b)] + byte_sums(words)
+                    else:
+                        P[b, q, tirx.Ramp(0, 1, lanes * group)] = interleaved(B, g, q, b)
+                        for j in T.unroll(group):
+                            C[block(b)] = C[block(b)] + T.Cast(
+                                f"int32x{lanes}", B[0, g * depth + q * group + j, block(b)]
+                            )
             for m in range(rows):
                 # the row's sum less K o, from the same instruction against ones (every lane holds it)
                 R = T.alloc_buffer((lanes,), "int32", scope="global")

@@ -117,6 +117,7 @@ class Anchor:
     # Per channel, added to the accumulator: an int32 bias folded into the correction, or a float layer's bias.
     offset: np.ndarray | None = None
     other: Stored | None = None  # a batched matmul's second operand
+    other_transposed: bool = False  # ... given as rows of its columns ([batch N, K]: keys for Q K^T)
     other_zero: int = 0
     epsilon: float = 0.0  # LayerNormalization's
     factors: tuple[np.ndarray, ...] = ()  # a Hadamard rotation's signs, inner and (Kronecker) outer factors
