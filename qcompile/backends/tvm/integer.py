@@ -951,11 +951,9 @@ class _Lowering:
             zeros.append(int(np.asarray(zero).reshape(-1)[0]))
         # (an operand may be a constant: SigLIP's pooling probe, projected and scaled, folds into one)
         transposed = self._transposed_operand(node, left, right)
-        a = self._constant_rows(node.input[0]) if node.input[0] in self.constants else self._materialize(node.input[0])
-        if transposed is not None:  # B^T's rows, read as the dot instruction packs them: no transpose kernel
-            b = transposed
-        else:
-            b = self._constant_rows(node.input[1]) if node.input[1] in self.constants else self._materialize(node.input[1])
+        a = self._operand(node.input[0])
+        # B^T's rows, read as the dot instruction packs them: no transpose kernel
+        b = transposed if transposed is not None else self._operand(node.input[1])
         dtype, accumulator = ("uint8", "int32") if node.op_type == "MatMulInteger" else ("float32", "float32")
         stored_right = (*right[:-2], right[-1], right[-2]) if transposed is not None else right
         for operand, shape in ((a, left), (b, stored_right)):
@@ -974,9 +972,11 @@ class _Lowering:
         )
         return Lazy(logical, accumulator, _source, anchor)
 
-    def _transposed_operand(
-        self, node: onnx.NodeProto, left: tuple[int, ...], right: tuple[int, ...]
-    ) -> Stored | None:
+    def _operand(self, name: str) -> Stored:
+        """An operand of a product of activations: stored, or a constant as rows."""
+        return self._constant_rows(name) if name in self.constants else self._materialize(name)
+
+    def _transposed_operand(self, node: onnx.NodeProto, left: tuple[int, ...], right: tuple[int, ...]) -> Stored | None:
         """For ``MatMulInteger(A, B)`` with ``B`` a Transpose of its last two axes (through reshapes that keep
         them: attention's ``Q K^T``), the untransposed operand's rows when the flavor's dot instruction can pack
         them directly (four consecutive bytes of a row are one column's group: 32-bit loads), else None."""
