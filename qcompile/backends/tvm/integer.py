@@ -951,9 +951,9 @@ class _Lowering:
             zeros.append(int(np.asarray(zero).reshape(-1)[0]))
         # (an operand may be a constant: SigLIP's pooling probe, projected and scaled, folds into one)
         transposed = self._transposed_operand(node, left, right)
-        a = self._operand(node.input[0])
+        a = self._product_operand(node.input[0])
         # B^T's rows, read as the dot instruction packs them: no transpose kernel
-        b = transposed if transposed is not None else self._operand(node.input[1])
+        b = transposed if transposed is not None else self._product_operand(node.input[1])
         dtype, accumulator = ("uint8", "int32") if node.op_type == "MatMulInteger" else ("float32", "float32")
         stored_right = (*right[:-2], right[-1], right[-2]) if transposed is not None else right
         for operand, shape in ((a, left), (b, stored_right)):
@@ -972,7 +972,7 @@ class _Lowering:
         )
         return Lazy(logical, accumulator, _source, anchor)
 
-    def _operand(self, name: str) -> Stored:
+    def _product_operand(self, name: str) -> Stored:
         """An operand of a product of activations: stored, or a constant as rows."""
         return self._constant_rows(name) if name in self.constants else self._materialize(name)
 
