@@ -372,7 +372,7 @@ def export_smollm2_with_past(path: Path, layers: int | None = None) -> Path:
             external_data=False,
         )
     # what optimum writes beside its export too: the tokenizer, the context and end-of-sequence tokens
-    tokenizer.backend_tokenizer.save(str(path.parent / "tokenizer.json"))
+    tokenizer.save_pretrained(path.parent)  # tokenizer.json, tokenizer_config.json, the chat template
     config.save_pretrained(path.parent)
     model.generation_config.save_pretrained(path.parent)
     return path

@@ -301,6 +301,13 @@ def _generate_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user's message: write it into the model's chat template (shipped in the artifact "
+        "when the model folder had one) and generate the assistant's reply",
+    )
+    parser.add_argument("--system", help="with --chat: the system message before the user's (default: the template's)")
+    parser.add_argument(
         "--executor",
         help="executor to run (default: the quantized model; it must run every sequence and cache length)",
     )
@@ -590,7 +597,10 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def _command_generate(args: argparse.Namespace) -> int:
     from qcompile import runtime
+    from qcompile.runtime.generate import GenerationError
 
+    if args.system is not None and not args.chat:
+        raise GenerationError("--system is the chat's system message: it takes effect with --chat only")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     session = runtime.load(args.artifact, args.executor)
 
@@ -605,6 +615,8 @@ def _command_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         on_text=show,
+        chat=args.chat,
+        system=args.system,
     )
     show("\n")
     print(

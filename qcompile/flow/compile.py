@@ -682,8 +682,8 @@ def _describe_decoder(build: Build, causal: decoder.Layout, tokenizer: Path | No
     if why is not None:
         build.skipped["generate"] = why
         logger.warning("the artifact cannot generate: %s", why)
-    elif build.decoder is not None and build.decoder.tokenizer is not None:
-        build.written.append(build.decoder.tokenizer)
+    elif build.decoder is not None:
+        build.written += [name for name in (build.decoder.tokenizer, build.decoder.chat_template) if name is not None]
 
 
 def targets() -> list[tuple[str, str, str]]:

@@ -39,6 +39,7 @@ from qcompile.runtime.manifest import Decoder
 logger = logging.getLogger(__name__)
 
 TOKENIZER_JSON = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 # Where each exporter writes the updated cache of ``past_key_values.{i}.{kind}``.
 _PRESENT = ("present.{i}.{kind}", "present_key_values.{i}.{kind}")
@@ -188,6 +189,9 @@ def describe(
     config = _json_beside(source, "config.json")
     generation = _json_beside(source, "generation_config.json")
     context = context_of(source)
+    template, special = chat_template(source)
+    if template is not None:
+        (staging / CHAT_TEMPLATE).write_text(template)
     eos = _token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
     decoder = Decoder(
         input_ids=found.input_ids,
@@ -200,8 +204,29 @@ def describe(
         context=context,
         eos_token_ids=eos,
         tokenizer=TOKENIZER_JSON if tokenizer is not None else None,
+        chat_template=CHAT_TEMPLATE if template is not None else None,
+        special_tokens=special or None,
     )
     return decoder, None
+
+
+def chat_template(source: Path) -> tuple[str | None, dict[str, str]]:
+    """The model's chat template (``chat_template.jinja`` beside it, or ``chat_template`` in its
+    ``tokenizer_config.json``, as transformers and optimum write them) and the tokenizer's special token strings,
+    checked by rendering a short conversation; (None, {}) if it has none."""
+    from qcompile.runtime.generate import render_chat
+
+    settings = _json_beside(source, "tokenizer_config.json")
+    special = {key: value for key in ("bos_token", "eos_token") if isinstance(value := settings.get(key), str)}
+    path = source.parent / CHAT_TEMPLATE
+    template = path.read_text() if path.is_file() else settings.get("chat_template")
+    if not isinstance(template, str) or not template.strip():
+        return None, {}
+    try:
+        render_chat(template, [{"role": "user", "content": "Hello"}], special)
+    except Exception as error:  # Jinja's own error types
+        raise ArtifactError(f"the chat template beside {source.name} cannot render a conversation: {error}") from error
+    return template, special
 
 
 class NoStepGraph(Exception):

@@ -162,14 +162,20 @@ class Session:
         seed: int = 0,
         prompt_ids: list[int] | None = None,
         on_text: Callable[[str], None] | None = None,
+        chat: bool = False,
+        system: str | None = None,
     ) -> Generation:
         """Generate text after ``prompt`` with a decoder artifact's KV cache (see :mod:`qcompile.runtime.generate`):
         greedy at temperature 0, else sampled (``top_k`` > 0 keeps the likeliest k), seeded by ``seed``;
-        ``on_text`` receives the text as it grows. Runs on this session's executor if it serves every length,
-        else on the best one that does."""
+        ``on_text`` receives the text as it grows; with ``chat``, the prompt is the user's message in the
+        artifact's chat template (after ``system``'s instructions). Runs on this session's executor if it serves
+        every length, else on the best one that does (decode steps on the artifact's decode-step library, if any).
+        """
         if self._generator is None:
             self._generator = Generator(self)
-        return self._generator.generate(prompt, max_new_tokens, temperature, top_k, seed, prompt_ids, on_text)
+        return self._generator.generate(
+            prompt, max_new_tokens, temperature, top_k, seed, prompt_ids, on_text, chat, system
+        )
 
     def _routed(self, feeds: dict[str, np.ndarray]) -> Session:
         serving = self.serving(feeds)

@@ -60,6 +60,15 @@ def _tokenizer(session: Session, decoder: Decoder) -> Any:
     return tokenizers.Tokenizer.from_file(str(session.folder / decoder.tokenizer))
 
 
+def render_chat(template: str, messages: list[dict[str, str]], special: dict[str, str] | None = None) -> str:
+    """A conversation as the model's chat template writes it, ending where the assistant's turn begins (Jinja in
+    a sandbox: a template is data from the model's folder, not code to trust)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return environment.from_string(template).render(messages=messages, add_generation_prompt=True, **(special or {}))
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens {max_new_tokens!r} is not a positive integer")
@@ -200,6 +209,19 @@ class Generator:
     def executor(self) -> str:
         return self.session.executor
 
+    def chat(self, message: str, system: str | None = None) -> str:
+        """``message`` from the user (after ``system``'s instructions, if given) as the artifact's chat template
+        writes it, ready for the assistant's reply."""
+        decoder = self.decoder
+        if decoder.chat_template is None:
+            raise GenerationError(
+                "the artifact carries no chat template (the model came without chat_template.jinja or a "
+                "tokenizer_config.json holding one): give the prompt as plain text"
+            )
+        template = (self.session.folder / decoder.chat_template).read_text()
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+        return render_chat(template, messages, decoder.special_tokens)
+
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise GenerationError("the artifact carries no tokenizer: pass token ids (prompt_ids) instead of text")
@@ -240,11 +262,19 @@ class Generator:
         seed: int = 0,
         prompt_ids: list[int] | None = None,
         on_text: Callable[[str], None] | None = None,
+        chat: bool = False,
+        system: str | None = None,
     ) -> Generation:
-        """Generate after ``prompt`` (or ``prompt_ids``); ``on_text`` receives the text as it grows."""
+        """Generate after ``prompt`` (or ``prompt_ids``); ``on_text`` receives the text as it grows. With
+        ``chat``, the prompt is the user's message, written into the artifact's chat template (after
+        ``system``'s instructions, if given)."""
         check_sampling(max_new_tokens, temperature, top_k)
         if (prompt is None) == (prompt_ids is None):
             raise GenerationError("give a prompt or prompt_ids (one of them)")
+        if chat:
+            if prompt is None:
+                raise GenerationError("chat takes the user's message as the prompt, not prompt_ids")
+            prompt = self.chat(prompt, system)
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt or "")
         if not ids:
             raise GenerationError("the prompt has no tokens")

@@ -153,6 +153,9 @@ class Decoder:
             ``attention_mask`` (``[1, step_capacity + 1]``) masks out, one token in, and present outputs that are
             the new token's entries alone (the caller writes them into its cache); None if there is none.
         step_capacity: the positions its cache holds; a generation longer than that decodes on ``executors``.
+        chat_template: the artifact's Jinja chat template (``chat_template.jinja``: the model's, from beside it),
+            which ``generate --chat`` renders a conversation with; None if the model came without one.
+        special_tokens: the tokenizer's ``bos_token`` / ``eos_token`` strings, which templates may use.
         step_cache_codes: ``{past input: [multiplier, ..., scale, zero point]}`` when that cache holds 8-bit codes:
             a float entry ``x`` is ``clip(round(x * multiplier ... / scale) + zero point, 0, 255)``, as
             ``QuantizeLinear`` rounds (the decode step's own quantization of its keys and values, moved before the
@@ -171,6 +174,8 @@ class Decoder:
     tokenizer: str | None = None
     step_executor: str | None = None
     step_capacity: int | None = None
+    chat_template: str | None = None
+    special_tokens: dict[str, str] | None = None
     step_cache_codes: dict[str, list[float]] | None = None
 
     def to_json(self) -> dict[str, Any]:

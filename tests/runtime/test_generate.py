@@ -282,3 +282,28 @@ def test_the_decode_step_for_a_cortex_a76_runs_under_qemu_like_the_oracle(
     assert verdict["oracle"].startswith("bit-exact") and "qemu-aarch64 -cpu cortex-a76" in verdict["oracle"]
     assert "step_ms" not in verdict  # nothing timed under emulation
     assert verdict["board_estimate"]["estimated_ms"] > 0 and "estimate" in verdict["board_estimate"]["source"]
+
+
+def test_chat_writes_the_message_into_the_models_template(
+    decoder_artifact: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The chat template beside the model (transformers' chat_template.jinja) travels in the artifact; --chat
+    writes the prompt into it as the user's message, after the template's own system message or --system's."""
+    import dataclasses
+
+    manifest = json.loads((decoder_artifact / "manifest.json").read_text())
+    assert manifest["decoder"]["chat_template"] == "chat_template.jinja" and "chat_template.jinja" in manifest["files"]
+    assert manifest["decoder"]["special_tokens"]["eos_token"] == "<|im_end|>"
+    generator = Generator(runtime.load(decoder_artifact, "onnxruntime"))
+    text = generator.chat("What is Python?")
+    assert text.startswith("<|im_start|>system\n") and text.endswith(
+        "<|im_start|>user\nWhat is Python?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert generator.chat("Hi", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert generator.encode(text)[0] == 1  # <|im_start|> is one special token, not its characters
+    assert cli.main(["generate", str(decoder_artifact), "-p", "What is Python?", "--chat", "-n", "4"]) == 0
+    assert "prompt" in capsys.readouterr().err
+    assert cli.main(["generate", str(decoder_artifact), "-p", "x", "--system", "Be brief."]) == 2
+    generator.decoder = dataclasses.replace(generator.decoder, chat_template=None)
+    with pytest.raises(GenerationError, match="no chat template"):
+        generator.generate("Hi", chat=True)
