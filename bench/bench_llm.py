@@ -150,14 +150,31 @@ def qcompile_engine(
     }
 
 
+def without_extra_buffers() -> None:
+    """llama.cpp's model parameters with ``use_extra_bufts`` off: on AMX machines its weight repacking crashed in
+    decode (a segmentation fault in ``llama_decode``). llama-cpp-python's ``Llama`` has no argument for it (an
+    unknown keyword is silently dropped), so its default parameters are wrapped."""
+    import llama_cpp.llama_cpp as raw
+
+    default = raw.llama_model_default_params
+
+    def params() -> Any:
+        chosen = default()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    raw.llama_model_default_params = params
+
+
 def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
     import llama_cpp
 
-    # use_extra_bufts off: on AMX machines llama.cpp's weight repacking crashed in decode
+    without_extra_buffers()
     model = llama_cpp.Llama(
         model_path=gguf, n_ctx=PPL_WINDOW, n_batch=PPL_WINDOW, n_threads=threads, n_threads_batch=threads,
-        logits_all=True, verbose=False, use_extra_bufts=False,
+        logits_all=True, verbose=False,
     )  # fmt: skip
+    assert not model.model_params.use_extra_bufts
     total, count = 0.0, 0
     for start in range(0, PPL_TOKENS, PPL_WINDOW):
         window = [int(t) for t in ids[start : start + PPL_WINDOW]]
@@ -168,7 +185,7 @@ def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int
     del model
     model = llama_cpp.Llama(
         model_path=gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=prompt_tokens, n_threads=threads,
-        n_threads_batch=threads, verbose=False, use_extra_bufts=False,
+        n_threads_batch=threads, verbose=False,
     )  # fmt: skip
     prompt = [int(token) for token in ids[4096 : 4096 + prompt_tokens]]
 

@@ -1334,12 +1334,10 @@ class _Lowering:
         target = Stored(None, logical, source.dtype, "nhwc", channels=logical[1])
         shapes = {"source_shape": source.shape if contiguous else (size,), "target_shape": target.shape}
         bases = sequence.transposed_blocks(index) if run == 1 else None
+        transposed = None
         if bases is not None:  # blocks transposed: no map of every element
-            positions = bases
-            rows, columns = index.shape[-2:]
-            kernel = sequence.transpose_kernel(size, bases, rows, columns, source.dtype, **shapes)
-        else:
-            kernel = sequence.gather_kernel(size, positions, source.dtype, fill, run=run, **shapes)
+            positions, transposed = bases, (int(index.shape[-2]), int(index.shape[-1]))
+        kernel = sequence.gather_kernel(size, positions, source.dtype, fill, run=run, transposed=transposed, **shapes)
         gvar = self._add_kernel(kernel, "gather")
         result_type = relax.TensorType(target.shape, source.dtype)
         target.var = self.builder.emit(relax.call_tir(gvar, [data, relax.const(positions, "int32")], result_type))

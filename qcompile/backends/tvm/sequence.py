@@ -132,40 +132,6 @@ def transposed_blocks(index: np.ndarray) -> np.ndarray | None:
     return bases.astype(np.int32) if (bases >= 0).all() and np.array_equal(blocks, expected) else None
 
 
-def transpose_kernel(
-    size: int,
-    bases: np.ndarray,
-    rows: int,
-    columns: int,
-    dtype: str,
-    source_shape: tuple[int, ...] | None = None,
-    target_shape: tuple[int, ...] | None = None,
-) -> Any:
-    """``Y[n, r, c] = X[bases[n] + c * rows + r]``: blocks of ``X`` transposed (:func:`transposed_blocks`), read
-    from L1 a row at a time instead of through an index map of every element."""
-    from tvm.script import tirx as T
-
-    count = int(bases.size)
-    total = count * rows * columns
-    outer = loop_for(total)
-
-    @prim_func
-    def transpose(
-        X: T.Buffer(source_shape or (size,), dtype),
-        At: T.Buffer((count,), "int32"),
-        Y: T.Buffer(target_shape or (total,), dtype),
-    ):
-        T.func_attr({"tir.noalias": True})
-        Xf = T.decl_buffer((size,), dtype, data=X.data)
-        Yf = T.decl_buffer((total,), dtype, data=Y.data)
-        for n in outer(count):
-            for r in T.serial(rows):
-                for c in T.serial(columns):
-                    Yf[(n * rows + r) * columns + c] = Xf[At[n] + c * rows + r]
-
-    return transpose
-
-
 def gather_kernel(
     size: int,
     index: np.ndarray,
@@ -174,58 +140,58 @@ def gather_kernel(
     source_shape: tuple[int, ...] | None = None,
     target_shape: tuple[int, ...] | None = None,
     run: int = 1,
+    transposed: tuple[int, int] | None = None,
 ) -> Any:
     """``Y[i] = X[index[i]]`` over the flat elements of ``X`` (of ``source_shape``, default flat) and ``Y`` (of
     ``target_shape``, default flat; ``index`` an int32 constant argument); with a ``fill``, an index of -1 reads
-    that value instead (a Pad). With ``run`` > 1, ``index`` holds the first element of each block of ``run``
-    consecutive ones (:func:`run_length`): ``Y[b * run + j] = X[index[b] + j]``, a map ``run`` times smaller and
-    an inner loop that moves contiguous memory. The buffers take their callers' shapes so that no reshape (a
-    call of the VM's own, about half a microsecond each) surrounds the kernel."""
+    that value instead (a Pad). Two forms read a map smaller than ``Y``:
+
+    - ``run`` > 1: ``index`` holds the first element of each block of ``run`` consecutive ones
+      (:func:`run_length`): ``Y[b * run + j] = X[index[b] + j]``, contiguous memory moved in vectors;
+    - ``transposed = (rows, columns)``: ``index`` holds the first element of each block read transposed
+      (:func:`transposed_blocks`): ``Y[n, r, c] = X[index[n] + c * rows + r]``.
+
+    The buffers take their callers' shapes so that no reshape (a call of the VM's own, about half a microsecond
+    each) surrounds the kernel."""
     from tvm import tirx
     from tvm.script import tirx as T
 
     count = int(index.size)
-    total = count * run
+    rows, columns = transposed or (1, 1)
+    total = count * run * rows * columns
     outer = loop_for(total)
+    # a run moves in vectors of 64 bytes where it divides into them (LLVM left the byte loop scalar)
+    width = 64 // np.dtype(dtype).itemsize
+    width = width if run > 1 and run % width == 0 else 1
+    chunks = run // width
 
     def read(X: Any, at: Any) -> Any:
         if fill is None:
             return X[at]
         return tirx.Select(at < 0, tirx.const(fill, dtype), X[tirx.max(at, 0)])
 
-    if run > 1:
-        # a run moves in vectors of 64 bytes where it divides into them (LLVM left the byte loop scalar)
-        width = 64 // np.dtype(dtype).itemsize
-        width = width if run % width == 0 else 1
-        chunks = run // width
-
-        @prim_func
-        def gather_runs(
-            X: T.Buffer(source_shape or (size,), dtype),
-            At: T.Buffer((count,), "int32"),
-            Y: T.Buffer(target_shape or (total,), dtype),
-        ):
-            T.func_attr({"tir.noalias": True})
-            Xf = T.decl_buffer((size,), dtype, data=X.data)
-            Yf = T.decl_buffer((total,), dtype, data=Y.data)
-            for b in outer(count):
-                for c in T.serial(chunks):
-                    for j in T.vectorized(width):
-                        Yf[b * run + c * width + j] = Xf[At[b] + c * width + j]
-
-        return gather_runs
-
     @prim_func
     def gather(
         X: T.Buffer(source_shape or (size,), dtype),
         At: T.Buffer((count,), "int32"),
-        Y: T.Buffer(target_shape or (count,), dtype),
+        Y: T.Buffer(target_shape or (total,), dtype),
     ):
         T.func_attr({"tir.noalias": True})
         Xf = T.decl_buffer((size,), dtype, data=X.data)
-        Yf = T.decl_buffer((count,), dtype, data=Y.data)
-        for i in outer(count):
-            Yf[i] = read(Xf, At[i])
+        Yf = T.decl_buffer((total,), dtype, data=Y.data)
+        if transposed is not None:
+            for n in outer(count):
+                for r in T.serial(rows):
+                    for c in T.serial(columns):
+                        Yf[(n * rows + r) * columns + c] = Xf[At[n] + c * rows + r]
+        elif run > 1:
+            for b in outer(count):
+                for c in T.serial(chunks):
+                    for j in T.vectorized(width):
+                        Yf[b * run + c * width + j] = Xf[At[b] + c * width + j]
+        else:
+            for i in outer(count):
+                Yf[i] = read(Xf, At[i])
 
     return gather
 
