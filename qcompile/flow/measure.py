@@ -409,8 +409,9 @@ def check_decode_step(
     """A decoder's decode-step library (``executor``, a cache of ``capacity`` positions) on a real step: the
     calibration sample's tokens prefilled by the quantized onnxruntime graph, then the token its logits pick.
     It must equal the numpy oracle of its integer graph (``lowered``; bit for bit, or within float islands'
-    rounding); its logits are compared with the quantized and float onnxruntime graphs' step on the cache of the
-    filled positions alone, and the three steps are timed in interleaved rounds. A library for another CPU runs
+    rounding); its logits are compared with the quantized onnxruntime graph's step on the cache of the filled
+    positions alone, and with the float model's step on its own cache; the three steps are timed in interleaved
+    rounds. A library for another CPU runs
     through ``emulated`` (its inputs in the graph's order, under qemu) and is not timed. Returns what the
     manifest records; raises :class:`ArtifactError` when the library disagrees with the oracle."""
     from qcompile.runtime.generate import StepCache, step_buffers
@@ -442,9 +443,12 @@ def check_decode_step(
     if layout.position_ids is not None:
         unpadded[layout.position_ids] = np.asarray([[positions]], dtype=np.int64)
     logits = np.asarray(produced[[info.name for info in manifest.outputs].index(layout.logits)])
+    # against the quantized graph's step on the same cache, and the float model's step on its own cache
+    float_prefill = reference.run(sample)
+    float_step = {**unpadded, **{past: np.asarray(float_prefill[present]) for past, present in layout.cache}}
     agreement = {}
-    for name, session in (("onnxruntime", quantized), ("onnxruntime-fp32", reference)):
-        theirs = np.asarray(session.run(unpadded)[layout.logits])
+    for name, session, feed in (("onnxruntime", quantized, unpadded), ("onnxruntime-fp32", reference, float_step)):
+        theirs = np.asarray(session.run(feed)[layout.logits])
         agreement[name] = output_metrics([logits.reshape(1, -1)], [theirs.reshape(1, -1)])  # top-1: the next token
     verdict: dict[str, Any] = {
         "capacity": capacity,
