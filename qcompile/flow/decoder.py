@@ -430,3 +430,23 @@ def sort_nodes(graph: Any) -> None:
         raise ValueError("the graph has a cycle")
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def float_weight_share(proto: Any, islands: frozenset[str]) -> float:
+    """The share of a lowered graph's MatMul / Gemm / Conv weight elements that its float islands (``islands``:
+    node names) multiply in float: a decode step is as fast as the weight bytes it streams."""
+    sizes = {tensor.name: int(np.prod(tensor.dims)) for tensor in proto.graph.initializer}
+    producers = {output: node for node in proto.graph.node for output in node.output}
+    total = floating = 0
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        # a float island's weight may come dequantized from int4 codes: count what it was made of
+        while weight not in sizes and weight in producers and producers[weight].input:
+            weight = producers[weight].input[0]
+        size = sizes.get(weight, 0)
+        total += size
+        if node.name in islands:
+            floating += size
+    return floating / total if total else 0.0

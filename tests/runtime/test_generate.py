@@ -99,6 +99,8 @@ def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None
     assert entry["tokenizer"] == "tokenizer.json" and "tokenizer.json" in manifest["files"]  # checksummed
     assert entry["executors"][0] == "onnxruntime"  # the quantized graph runs every length
     assert "decoder with a KV cache" in manifest["skipped"]["tvm"]  # a fixed-length library is not built
+    # group-wise int4 weights: the kernels would multiply them in float, so no decode-step library is built
+    assert "weights would be multiplied in float" in manifest["skipped"]["tvm-decode"]
     # the embedding table (49152 x 576) is stored as int8 rows, and the file's own error is reported
     (table,) = next(entry for entry in manifest["passes"] if entry["name"] == "embedding_rows")["tables"]
     assert table["shape"] == [49152, 576] and table["max_error_of_peak"] <= 0.5 / 127
