@@ -145,6 +145,20 @@ def check_tokenizer(path: Path, vocabulary: int | None) -> None:
         raise ArtifactError(f"tokenizer {path}: {size} tokens, but the model's logits cover {vocabulary}")
 
 
+def decoder_entry(found: Layout, **fields: Any) -> Decoder:
+    """The manifest's decoder entry of the layout ``found``, with ``fields`` (the executors, and what more is
+    known)."""
+    return Decoder(
+        input_ids=found.input_ids,
+        logits=found.logits,
+        cache=[[past, present] for past, present in found.cache],
+        cache_axis=CACHE_AXIS,
+        attention_mask=found.attention_mask,
+        position_ids=found.position_ids,
+        **fields,
+    )
+
+
 def context_of(source: Path) -> int | None:
     """The most positions the model was trained for (``max_position_embeddings`` in ``config.json`` beside it)."""
     context = _json_beside(source, "config.json").get("max_position_embeddings")
@@ -193,14 +207,9 @@ def describe(
     if template is not None:
         (staging / CHAT_TEMPLATE).write_text(template)
     eos = _token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
-    decoder = Decoder(
-        input_ids=found.input_ids,
-        logits=found.logits,
-        cache=[[past, present] for past, present in found.cache],
-        cache_axis=CACHE_AXIS,
+    decoder = decoder_entry(
+        found,
         executors=serving,
-        attention_mask=found.attention_mask,
-        position_ids=found.position_ids,
         context=context,
         eos_token_ids=eos,
         tokenizer=TOKENIZER_JSON if tokenizer is not None else None,
@@ -290,16 +299,6 @@ def step_graph(model: ir.Model, found: Layout, capacity: int) -> ir.Model:
 _MOVEMENT = frozenset({"Unsqueeze", "Squeeze", "Expand", "Reshape", "Transpose", "Flatten", "Identity"})
 
 
-def _scalar(proto: Any, name: str) -> np.ndarray | None:
-    import onnx
-
-    for tensor in proto.graph.initializer:
-        if tensor.name == name:
-            array = onnx.numpy_helper.to_array(tensor)
-            return array if array.size == 1 else None
-    return None
-
-
 def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
     """Rewrite a decode step's integer graph (``proto``, of :func:`step_graph`) so that its cache holds 8-bit
     codes: where each cache input is appended to by a ``Concat`` whose result only moves (``Expand``,
@@ -312,6 +311,12 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
     import onnx
 
     graph = proto.graph
+    scalars = {
+        tensor.name: float(onnx.numpy_helper.to_array(tensor).reshape(-1)[0])
+        for tensor in graph.initializer
+        if int(np.prod(tensor.dims)) == 1
+    }
+    zero_points = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.UINT8}
     producers = {output: node for node in graph.node for output in node.output}
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
@@ -328,78 +333,49 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
         chain, value = [], concat.output[0]
         while True:
             users = readers.get(value, [])
-            if len(users) != 1 or value in outputs:
+            if len(users) != 1 or value in outputs or users[0].input[0] != value:
                 return None
             node = users[0]
-            moves = node.op_type in _MOVEMENT
-            scales = node.op_type == "Mul" and _scalar(proto, node.input[1]) is not None
-            if (moves or scales) and node.input[0] == value:
+            if node.op_type in _MOVEMENT or (node.op_type == "Mul" and node.input[1] in scalars):
                 chain.append(node)
-            elif node.op_type == "QuantizeLinear" and node.input[0] == value:
-                scale, zero = _scalar(proto, node.input[1]), _scalar(proto, node.input[2])
-                if scale is None or zero is None or zero.dtype != np.uint8:
-                    return None
-                plans.append(
-                    (past, present, concat, chain, node, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]))
-                )
+            elif node.op_type == "QuantizeLinear" and node.input[1] in scalars and node.input[2] in zero_points:
+                plans.append((past, present, concat, chain, node))
                 break
             else:
                 return None
             value = node.output[0]
     codes: dict[str, list[float]] = {}
-    removed = []
-    for past, present, concat, chain, quantize, step_scale, step_zero in plans:
-        new = concat.input[1]
+    removed, renamed = [], {}
+    for past, present, concat, chain, quantize in plans:
+        new, coded = concat.input[1], f"{present}.codes"
         scaled = new
-        multipliers: list[float] = []
-        for node in chain:
-            if node.op_type == "Mul":  # x * a, now on the new entries: the same float32 products
-                multiplier = _scalar(proto, node.input[1])
-                assert multiplier is not None
-                multipliers.append(float(multiplier.reshape(-1)[0]))
-                product = f"{present}.scaled{len(multipliers)}"
-                graph.node.append(onnx.helper.make_node("Mul", [scaled, node.input[1]], [product]))
-                scaled = product
-                removed.append(node)
-        coded = f"{present}.codes"
+        for index, node in enumerate(node for node in chain if node.op_type == "Mul"):
+            # x * a, now on the new entries alone: the same float32 products; the Mul of the chain goes
+            product = f"{present}.scaled{index + 1}"
+            graph.node.append(onnx.helper.make_node("Mul", [scaled, node.input[1]], [product]))
+            scaled = product
+            removed.append(node)
         graph.node.append(onnx.helper.make_node("QuantizeLinear", [scaled, *quantize.input[1:]], [coded]))
         concat.input[1] = coded
-        # the moves now carry codes: each Mul of the chain is bypassed, and the last value is the quantized one
-        previous = concat.output[0]
+        previous = concat.output[0]  # the moves now carry codes, and the last of them is the quantized value
         for node in chain:
-            if node.op_type == "Mul":
-                continue
-            node.input[0] = previous
-            previous = node.output[0]
-        for node in graph.node:
-            for index, name in enumerate(node.input):
-                if name == quantize.output[0] and node is not quantize:
-                    node.input[index] = previous
+            if node.op_type != "Mul":
+                node.input[0] = previous
+                previous = node.output[0]
         removed.append(quantize)
-        codes[past] = [*multipliers, step_scale, float(step_zero)]
-        # the output is the new entry's codes, the input the cache's
-        for value in graph.output:
-            if value.name == present:
+        multipliers = [scalars[node.input[1]] for node in chain if node.op_type == "Mul"]
+        codes[past] = [*multipliers, scalars[quantize.input[1]], scalars[quantize.input[2]]]
+        # the float new entries keep a name of their own; the present output is the new entry's codes
+        renamed.update({quantize.output[0]: previous, new: f"{present}.float", coded: present})
+        for value in [*graph.output, *graph.input]:
+            if value.name in (present, past):
                 value.type.tensor_type.elem_type = onnx.TensorProto.UINT8
-        for value in graph.input:
-            if value.name == past:
-                value.type.tensor_type.elem_type = onnx.TensorProto.UINT8
-        for node in graph.node:  # the float new entries keep a name of their own
-            for index, name in enumerate(node.output):
-                if name == new:
-                    node.output[index] = f"{present}.float"
-            for index, name in enumerate(node.input):
-                if name == new:
-                    node.input[index] = f"{present}.float"
-        for node in graph.node:
-            for index, name in enumerate(node.output):
-                if name == coded:
-                    node.output[index] = present
-            for index, name in enumerate(node.input):
-                if name == coded:
-                    node.input[index] = present
     for node in removed:
         graph.node.remove(node)
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for index, name in enumerate(names):
+                names[index] = renamed.get(name, name)
     del graph.value_info[:]
     sort_nodes(graph)
     return codes

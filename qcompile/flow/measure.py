@@ -19,6 +19,7 @@ from qcompile import calibration, frontend, hwmodels
 from qcompile.backends.integer import reference as integer_reference
 from qcompile.calibration import Feed, Preprocess
 from qcompile.errors import ArtifactError
+from qcompile.flow import decoder
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeResult, output_metrics
 from qcompile.hwmodels.cost import INT8, CostModel
@@ -425,7 +426,7 @@ def check_decode_step(
     positions = next(iter(cache.values())).shape[2]
     if positions >= capacity:
         raise ArtifactError(f"the calibration sample fills {positions} cache positions, past the step's {capacity}")
-    step_decoder = _step_decoder(layout, capacity, codes)
+    step_decoder = decoder.decoder_entry(layout, executors=[], step_capacity=capacity, step_cache_codes=codes)
     steps = StepCache(step_decoder, step_buffers(entry, {info.name: info for info in manifest.inputs}))
     steps.start(cache)
     feeds = {name: array.copy() for name, array in steps.feeds(token).items()}
@@ -471,19 +472,3 @@ def check_decode_step(
     verdict["speedup_over_onnxruntime"] = bench.speedup(timed["onnxruntime"], timed[executor])
     verdict["speedup_over_fp32"] = bench.speedup(timed["onnxruntime-fp32"], timed[executor])
     return verdict
-
-
-def _step_decoder(layout: Any, capacity: int, codes: dict[str, list[float]] | None) -> Any:
-    from qcompile.runtime.manifest import Decoder
-
-    return Decoder(
-        input_ids=layout.input_ids,
-        logits=layout.logits,
-        cache=[[past, present] for past, present in layout.cache],
-        cache_axis=2,
-        executors=[],
-        attention_mask=layout.attention_mask,
-        position_ids=layout.position_ids,
-        step_capacity=capacity,
-        step_cache_codes=codes,
-    )

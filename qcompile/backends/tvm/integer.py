@@ -127,6 +127,7 @@ class _Lowering:
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self.values: dict[str, Stored | Lazy] = {}
         self.uses: dict[str, list[onnx.NodeProto]] = {}
+        self.producers = {output: node for node in model.graph.node for output in node.output}
         for node in model.graph.node:
             for name in node.input:
                 if name and name not in self.constants:
@@ -180,7 +181,7 @@ class _Lowering:
         past positions (``[1, heads, past, head_dim]``, row-major), not an image."""
         readers = self.uses.get(name, [])
         return bool(readers) and all(
-            node.op_type == "Concat" and int(node_attributes(node).get("axis", 0)) % 4 not in (1,) for node in readers
+            node.op_type == "Concat" and int(node_attributes(node).get("axis", 0)) % 4 != 1 for node in readers
         )
 
     def run(self) -> Any:
@@ -985,14 +986,12 @@ class _Lowering:
             return None
         if left[-1] % 4 or right[-1] % flavor.lanes or node.input[1] in self.constants:
             return None
-        name = node.input[1]
-        producers = {output: candidate for candidate in self.model.graph.node for output in candidate.output}
-        producer = producers.get(name)
+        producer = self.producers.get(node.input[1])
         while producer is not None and producer.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Identity"):
             shape = self._shape(producer.input[0])
             if tuple(shape[-2:]) != tuple(right[-2:]) or int(np.prod(shape)) != int(np.prod(right)):
                 return None
-            producer = producers.get(producer.input[0])
+            producer = self.producers.get(producer.input[0])
         if producer is None or producer.op_type != "Transpose":
             return None
         shape = self._shape(producer.input[0])
