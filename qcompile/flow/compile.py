@@ -38,6 +38,7 @@ from qcompile.passes import pack_int4
 from qcompile.passes.embedding import quantize_embeddings
 from qcompile.passes.manager import PassLog
 from qcompile.passes.pack_int4 import pack_int4_weights
+from qcompile.passes.share_constants import share_constants
 from qcompile.passes.ternarize import TernarizePass
 from qcompile.runtime.artifact import MANIFEST, atomic_folder, dumps, sha256_file
 from qcompile.runtime.manifest import Decoder, Executor, Manifest, Measured, Source, TargetInfo, TensorInfo
@@ -206,7 +207,9 @@ def write_onnx(build: Build) -> None:
     assert build.graph is not None
     staging = build.staging
     build.written += execution.save(_packed(build), staging / QUANTIZED_ONNX)
-    build.written += execution.save(build.model, staging / REFERENCE_ONNX)
+    reference = clone(build.model)
+    share_constants(reference)  # an exporter's tied weights (an LM head's transposed embedding table) once
+    build.written += execution.save(reference, staging / REFERENCE_ONNX)
     build.executors["onnxruntime"] = Executor("onnxruntime", QUANTIZED_ONNX, "quantized QDQ model")
     build.executors["onnxruntime-fp32"] = Executor(
         "onnxruntime", REFERENCE_ONNX, "the normalized float model (reference, fallback)"
@@ -241,15 +244,15 @@ def write_onnx(build: Build) -> None:
 def _packed(build: Build) -> ir.Model:
     """The graph the 'onnxruntime' executor runs: a decoder's embedding table as int8 rows
     (:mod:`qcompile.passes.embedding`), and 4-bit blocked weights packed two to a byte where the options make
-    any (:mod:`qcompile.passes.pack_int4`). The TVM library is built from the graph before either."""
+    any (:mod:`qcompile.passes.pack_int4`); equal constants stored once (:mod:`qcompile.passes.share_constants`).
+    The TVM library is built from the graph before any of these."""
     assert build.graph is not None
-    if build.options.weight_block is None and not build.causal:
-        return build.graph
     packed = clone(build.graph)
     if build.causal:
-        tables = quantize_embeddings(packed)
+        int4 = build.options.bits == "4" and build.options.weight_block is not None
+        tables = quantize_embeddings(packed, build.options.weight_block if int4 else None)
         if tables:
-            build.passes.append({"name": "embedding_rows", "format": "int8, one scale per row", "tables": tables})
+            build.passes.append({"name": "embedding_rows", "tables": tables})
     count = pack_int4_weights(packed) if build.options.weight_block is not None else {}
     if any(count.values()):
         build.passes.append(
@@ -262,6 +265,9 @@ def _packed(build: Build) -> ir.Model:
                 "byte (or 8-bit blocked weights), int32 accumulation",
             }
         )
+    shared = share_constants(packed)
+    if shared["shared"] or shared["transposed"]:
+        build.passes.append({"name": "share_constants", **shared})
     return packed
 
 

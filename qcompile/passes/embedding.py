@@ -6,10 +6,16 @@ multiplies nothing. This rewrite stores it as int8 codes with one scale per row 
 symmetric, as llama.cpp's Q8_0 stores ``token_embd`` with one scale per 32 values): ``Gather(codes, ids)``,
 ``Cast`` to float, times ``Gather(scales, ids)``. Only the gathered rows are ever dequantized. A table that
 anything else reads stays float (it would be stored twice).
+
+Where the model's linear layers take group-wise 4-bit weights (``--bits 4 --weight-block N``), the table
+takes the same format: 4-bit codes, one float16-exact scale per block of ``N`` values of a row, packed two to
+a byte and read by onnxruntime's ``com.microsoft.GatherBlockQuantized`` (as llama.cpp's Q4_0 stores
+``token_embd``): SmolLM2-135M's table goes from 28 MB as int8 rows to 16 MB.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -18,6 +24,8 @@ import onnx_ir as ir
 from onnx_ir import convenience
 
 from qcompile.graph import add_initializer
+from qcompile.passes import pack_int4
+from qcompile.passes.quant_spec import WEIGHT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +41,33 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
-def quantize_embeddings(model: ir.Model) -> list[dict[str, Any]]:
-    """Rewrite every large constant float table read only by axis-0 Gathers; returns what it did, per table."""
+def _blocked_lookup(
+    graph: ir.Graph, base: str, table: np.ndarray, block: int
+) -> tuple[ir.Value, ir.Value | None, ir.Node | None, float]:
+    """The table as 4-bit codes in blocks of ``block`` values of a row, one float16-exact scale per block (the
+    format and rounding of the model's group-wise int4 weights), packed two to a byte as
+    ``com.microsoft.GatherBlockQuantized`` reads them; returns (packed codes, scales, the scales' ``Cast``, the
+    largest error relative to the table's peak)."""
+    spec = dataclasses.replace(WEIGHT_FORMATS["int4"], axis=0, block_size=block)
+    scales = spec.weight_scales(table)  # [V, H / block]
+    codes = spec.quantize(table, scales)
+    packed = pack_int4.pack(codes, block).reshape(table.shape[0], table.shape[1] // 2)
+    error = float(np.abs(spec.dequantize(codes, scales) - table).max() / max(float(np.abs(table).max()), 1e-30))
+    scales_value, cast = pack_int4.stored_scales(graph, f"{base}_block_scales", scales)
+    return add_initializer(graph, f"{base}_int4_rows", packed), scales_value, cast, error
+
+
+def blocks_fit(table_shape: tuple[int, ...], block: int | None) -> bool:
+    """Whether a ``[V, H]`` table takes 4-bit blocks of ``block`` (onnxruntime's kernel: a power of two >= 16)."""
+    return block is not None and block >= 16 and not block & (block - 1) and table_shape[-1] % block == 0
+
+
+def quantize_embeddings(model: ir.Model, block: int | None = None) -> list[dict[str, Any]]:
+    """Rewrite every large constant float table read only by axis-0 Gathers; returns what it did, per table.
+
+    With ``block`` (a model whose linear layers take group-wise int4 weights), a table whose rows blocks of that
+    size tile is stored as 4-bit codes with one scale per block, as those weights are, and read by
+    ``com.microsoft.GatherBlockQuantized``; int8 rows otherwise."""
     graph = model.graph
     done = []
     for table in list(graph.initializers.values()):
@@ -50,8 +83,36 @@ def quantize_embeddings(model: ir.Model) -> list[dict[str, Any]]:
             for node, use in zip(gathers, uses, strict=True)
         ):
             continue
-        codes, scales = quantize_rows(array)
         base = str(table.name)
+        if blocks_fit(array.shape, block):
+            assert block is not None
+            packed, block_scales, cast, error = _blocked_lookup(graph, base, array, block)
+            if cast is not None:
+                graph.insert_before(next(iter(graph)), cast)
+            for index, node in enumerate(gathers):
+                lookup = ir.node(
+                    "GatherBlockQuantized",
+                    [packed, node.inputs[1], block_scales],
+                    {"bits": 4, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
+                    domain=pack_int4.DOMAIN,
+                    outputs=[ir.Value(name=f"{base}_lookup{index}_rows", type=node.outputs[0].type)],
+                    name=f"{base}_lookup{index}",
+                )
+                lookup.outputs[0].shape = node.outputs[0].shape
+                convenience.replace_nodes_and_values(graph, node, [node], [lookup], [node.outputs[0]], lookup.outputs)
+            model.opset_imports.setdefault(pack_int4.DOMAIN, 1)
+            del graph.initializers[base]
+            done.append(
+                {
+                    "table": base,
+                    "shape": list(array.shape),
+                    "format": f"int4, blocks of {block}",
+                    "max_error_of_peak": error,
+                }
+            )
+            logger.info("embedding %s %s stored as 4-bit blocks of %d", base, array.shape, block)
+            continue
+        codes, scales = quantize_rows(array)
         codes_value = add_initializer(graph, f"{base}_int8_rows", codes)
         scales_value = add_initializer(graph, f"{base}_row_scales", scales)
         for index, node in enumerate(gathers):
@@ -72,6 +133,6 @@ def quantize_embeddings(model: ir.Model) -> list[dict[str, Any]]:
             )
         del graph.initializers[base]
         error = float(np.abs(codes * scales - array).max() / max(float(np.abs(array).max()), 1e-30))
-        done.append({"table": base, "shape": list(array.shape), "max_error_of_peak": error})
+        done.append({"table": base, "shape": list(array.shape), "format": "int8 rows", "max_error_of_peak": error})
         logger.info("embedding %s %s stored as int8 rows", base, array.shape)
     return done

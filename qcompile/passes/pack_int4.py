@@ -6,8 +6,9 @@ The QDQ graph holds a block-quantized weight (``--bits 4 --weight-block N``) as 
 weight: one byte per weight, dequantized to float when onnxruntime loads the model. This pass replaces each
 ``MatMul`` reading such a weight by onnxruntime's ``com.microsoft.MatMulNBits``: the codes ``c`` stored as
 ``c + 8`` in 4 bits (zero point 8, its default), low nibble first along the input axis, ``[N, blocks,
-N / 2]`` bytes, with the same block scales; the weight never exists in float, and the file holds half a
-byte per weight. The product is the same: ``(c + 8 - 8) * scale`` is the dequantized weight.
+N / 2]`` bytes, with the same block scales (float16 in the file, as GGUF stores them, when they are exact
+in it: the quantizer rounds them so); the weight never exists in float, and the file holds half a byte per
+weight and 2 bytes per block. The product is the same: ``(c + 8 - 8) * scale`` is the dequantized weight.
 
 With ``accuracy_level`` 4 onnxruntime's CPU kernel (MLAS) multiplies int8 activations, quantized per row
 block of the input at run time, by the unpacked 4-bit codes in int32: the activation, already on the
@@ -96,6 +97,22 @@ def unpack(packed: np.ndarray, bits: int = 4) -> np.ndarray:
     return (np.stack([low, high], axis=-1).reshape(packed.shape[0], -1) + LOW).astype(np.int8)
 
 
+def stored_scales(graph: ir.Graph, name: str, scales: np.ndarray) -> tuple[ir.Value, ir.Node | None]:
+    """Block scales as the file stores them: float16 when that loses nothing (the quantizer rounds block
+    scales to float16's precision), widened by a ``Cast`` that onnxruntime folds when it loads the model
+    (the kernels take float32 scales beside float32 activations); float32 otherwise. Returns the float32
+    value the kernel reads and the ``Cast`` to insert, if any."""
+    half = scales.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), scales):
+        return add_initializer(graph, name, scales.astype(np.float32)), None
+    stored = add_initializer(graph, f"{name}_f16", half)
+    cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT}, name=f"{name}_widen")
+    cast.outputs[0].name = name
+    cast.outputs[0].shape = ir.Shape(scales.shape)
+    cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    return cast.outputs[0], cast
+
+
 def pack_int4_weights(model: ir.Model) -> dict[int, int]:
     """Rewrite every MatMul reading a blocked weight as MatMulNBits; returns how many, by code bits."""
     graph = model.graph
@@ -114,7 +131,9 @@ def pack_int4_weights(model: ir.Model) -> dict[int, int]:
         base = str(node.name or node.outputs[0].name)
         bits = bits_of(codes)
         packed = add_initializer(graph, f"{base}_int{bits}", pack(codes, block))
-        block_scales = add_initializer(graph, f"{base}_int{bits}_scales", scales)
+        block_scales, cast = stored_scales(graph, f"{base}_int{bits}_scales", scales)
+        if cast is not None:
+            graph.insert_before(node, cast)
         replacement = ir.node(
             "MatMulNBits",
             [node.inputs[0], packed, block_scales],

@@ -115,7 +115,7 @@ class QuantSpec:
         if self.block_size is not None:
             rows = self.blocks(weight)
             flat = dataclasses.replace(self, axis=0, group_size=None, block_size=None).weight_scales(rows)
-            return flat.reshape(weight.shape[self.axis], -1)  # type: ignore[index]
+            return half_exact(flat).reshape(weight.shape[self.axis], -1)  # type: ignore[index]
         channels = 1 if self.axis is None else weight.shape[self.axis]
         moved = weight.reshape(1, -1) if self.axis is None else np.moveaxis(weight, self.axis, 0)
         moved = moved.reshape(channels, -1)
@@ -167,6 +167,16 @@ class QuantSpec:
         shape = [1] * ndim
         shape[self.axis] = -1
         return values.reshape(shape)
+
+
+def half_exact(scales: np.ndarray) -> np.ndarray:
+    """Block scales rounded to float16's precision when all of them are normal float16 numbers, so that the
+    file stores them in 2 bytes with nothing lost (GGUF stores its block scales as float16 too); as they are
+    otherwise. Codes are then rounded with the stored scales."""
+    half = scales.astype(np.float16)
+    if not np.isfinite(half).all() or (np.abs(scales) < np.finfo(np.float16).smallest_normal).any():
+        return scales
+    return half.astype(np.float32)
 
 
 def _covering(rows: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:

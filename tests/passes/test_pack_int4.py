@@ -1,4 +1,5 @@
-"""4-bit blocked weights packed two to a byte into onnxruntime's MatMulNBits; embedding tables as int8 rows."""
+"""4-bit blocked weights packed two to a byte into onnxruntime's MatMulNBits; embedding tables as int8 rows or
+4-bit blocks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile.execution import to_proto
 from qcompile.passes import embedding
 from qcompile.passes.pack_int4 import pack, pack_int4_weights, unpack
+from qcompile.passes.quant_spec import QuantSpec
 from qcompile.runtime.executors import session_from_bytes
 
 
@@ -63,6 +65,7 @@ def test_matmulnbits_computes_the_blocked_product() -> None:
     assert proto.graph.output[0].name == "y"
     weights = [numpy_helper.to_array(init) for init in proto.graph.initializer]
     assert sum(array.nbytes for array in weights if array.dtype == np.uint8) == codes.size // 2
+    assert [array.dtype for array in weights if array.dtype != np.uint8] == [np.float32]  # not float16-exact
     (packed,) = session_from_bytes(proto.SerializeToString()).run(None, {"x": x})
     assert np.abs(packed - expected).max() <= 0.01 * np.abs(expected).max()
 
@@ -90,3 +93,59 @@ def test_embedding_rows_round_within_half_a_step() -> None:
     assert codes.dtype == np.int8 and scales.shape == (8, 1) and scales[2, 0] == 1
     assert np.abs(codes).max() == 127
     assert np.all(np.abs(codes * scales - table) <= scales / 2 + 1e-7)
+
+
+def test_float16_exact_block_scales_are_stored_in_two_bytes() -> None:
+    """Block scales the quantizer rounded to float16 (QuantSpec does for every blocked weight) are stored as
+    float16 and widened by a Cast onnxruntime folds at load: the product is unchanged (bit-identical
+    output), the scales take half the bytes."""
+    rng = np.random.default_rng(4)
+    codes = rng.integers(-8, 8, size=(16, 128)).astype(np.int8)
+    spec = QuantSpec(bits=4, scale_rule="mse", axis=0, block_size=32)
+    scales = spec.weight_scales(rng.standard_normal((16, 128)).astype(np.float32))
+    np.testing.assert_array_equal(scales.astype(np.float16).astype(np.float32), scales)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    model = _blocked_matmul(codes, scales, 32)
+    exact = _blocked_matmul(codes, scales * np.float32(1 + 1e-6), 32)  # not float16-exact: stored float32
+    assert pack_int4_weights(model) == {4: 1, 8: 0} and pack_int4_weights(exact) == {4: 1, 8: 0}
+    proto = to_proto(model)
+    assert [node.op_type for node in proto.graph.node] == ["Cast", "MatMulNBits"]
+    stored = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    assert {array.dtype for array in stored.values()} == {np.dtype(np.uint8), np.dtype(np.float16)}
+    (narrow,) = session_from_bytes(proto.SerializeToString()).run(None, {"x": x})
+    wide = to_proto(exact)  # the same scales, stored as float32
+    (kept,) = [init for init in wide.graph.initializer if init.data_type == TensorProto.FLOAT]
+    kept.CopyFrom(numpy_helper.from_array(scales.reshape(-1), kept.name))
+    (expected,) = session_from_bytes(wide.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_array_equal(narrow, expected)
+
+
+def test_int4_tables_are_gathered_from_4_bit_blocks() -> None:
+    """With a block size the table takes 4-bit codes per block of a row, as the model's int4 weights do;
+    onnxruntime's GatherBlockQuantized returns exactly codes x scale (float32 products of the stored values),
+    and each value is within half a step of the table where its block's scale clips nothing."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((1 << 15, 64)).astype(np.float32)  # 2M values: over embedding.MIN_ELEMENTS
+    ids = np.array([[0, 7, 32767, 7]], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, 4, 64])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    (done,) = embedding.quantize_embeddings(model, block=32)
+    assert done["format"] == "int4, blocks of 32"
+    proto = to_proto(model)
+    assert [node.op_type for node in proto.graph.node] == ["Cast", "GatherBlockQuantized"]
+    stored = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    codes = unpack(stored["table_int4_rows"].reshape(1 << 15, 2, 16))
+    scales = stored["table_block_scales_f16"].astype(np.float32)
+    assert sum(array.nbytes for array in stored.values()) == table.size // 2 + table.size // 32 * 2
+    (rows,) = session_from_bytes(proto.SerializeToString()).run(None, {"ids": ids})
+    dequantized = (codes.reshape(-1, 2, 32) * scales[..., None]).reshape(table.shape)
+    np.testing.assert_array_equal(rows[0], dequantized[ids[0]])
+    step = np.repeat(scales, 32, axis=1)
+    inside = np.abs(table) <= 7 * step
+    assert np.all(np.abs(dequantized - table)[inside] <= step[inside] / 2 + 1e-7)

@@ -222,8 +222,9 @@ def test_uint4_activations_are_clamped_to_sixteen_levels(tmp_path: Path) -> None
 def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: bool) -> None:
     """int4 weights with one scale per output channel and block of 32 inputs: the dequantized weight the
     graph computes (DequantizeLinear over one row per block, Reshape, Transpose) equals codes x scales
-    computed in numpy, exactly; each block of 32 inputs has the scale it would have alone."""
-    from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec
+    computed in numpy, exactly; each block of 32 inputs has the scale it would have alone, rounded to float16's
+    precision (the packed file stores block scales as float16)."""
+    from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec, half_exact
 
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((16, 64) if trans_b else (64, 16)).astype(np.float32)
@@ -253,7 +254,7 @@ def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: b
     per_channel = QuantSpec(bits=4, axis=0, scale_rule=spec.scale_rule)
     for block in range(2):  # each block's scale is that block's own per-channel scale
         np.testing.assert_array_equal(
-            scales[:, block], per_channel.weight_scales(rows[:, 32 * block : 32 * (block + 1)])
+            scales[:, block], half_exact(per_channel.weight_scales(rows[:, 32 * block : 32 * (block + 1)]))
         )
 
 

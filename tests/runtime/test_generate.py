@@ -101,9 +101,14 @@ def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None
     assert "decoder with a KV cache" in manifest["skipped"]["tvm"]  # a fixed-length library is not built
     # group-wise int4 weights: the kernels would multiply them in float, so no decode-step library is built
     assert "weights would be multiplied in float" in manifest["skipped"]["tvm-decode"]
-    # the embedding table (49152 x 576) is stored as int8 rows, and the file's own error is reported
+    # the embedding table (49152 x 576) takes the int4 weights' format, 4-bit codes per block of 32 (a clipping
+    # scale errs by at most half the block's peak), and the file's own error is reported
     (table,) = next(entry for entry in manifest["passes"] if entry["name"] == "embedding_rows")["tables"]
-    assert table["shape"] == [49152, 576] and table["max_error_of_peak"] <= 0.5 / 127
+    assert table["shape"] == [49152, 576] and table["format"] == "int4, blocks of 32"
+    assert table["max_error_of_peak"] <= 0.5
+    # the exporter's transposed copy of the tied table is rebuilt from it in the float file
+    reference = sum(path.stat().st_size for path in decoder_artifact.glob("reference.fp32.onnx*"))
+    assert reference < 49152 * 576 * 4 * 1.5
     assert manifest["measured"]["accuracy"]["calibration_sample_file"]["mean_cosine"] >= 0.99
     dims = manifest["executors"]["onnxruntime"]["dynamic_dims"]
     assert dims["past_key_values.0.key"]["2"] == "past_length" and dims["input_ids"]["1"] == "sequence_length"
