@@ -40,6 +40,7 @@ from qcompile.passes.manager import PassLog
 from qcompile.passes.pack_int4 import pack_int4_weights
 from qcompile.passes.share_constants import share_constants
 from qcompile.passes.ternarize import TernarizePass
+from qcompile.runtime import tvm_runtime
 from qcompile.runtime.artifact import MANIFEST, atomic_folder, dumps, sha256_file
 from qcompile.runtime.manifest import Decoder, Executor, Manifest, Measured, Source, TargetInfo, TensorInfo
 from qcompile.search import report
@@ -52,6 +53,7 @@ TERNARY_ONNX = "model.ternary.onnx"
 INTEGER_ONNX = "model.integer.onnx"
 STEP_LIBRARY = "decode_step.so"
 STEP_EXECUTOR = "tvm-decode"
+STEP_WEIGHTS = "decode_step.weights"
 # The cache positions a decode-step library holds when the model's context is longer: its attention reads every
 # position, filled or not, each step (SmolLM2-135M at 511: some 18 M multiply-adds and 6 MB of 8-bit cache a
 # token, against 135 M weights); a longer generation goes on decoding on onnxruntime. With the new token, 512
@@ -377,6 +379,7 @@ def build_library(build: Build) -> None:
         target=built_for,
         lowering=built_with,
         requires_cpu=requires_cpu,  # built with every instruction of this CPU model: the runtime checks it
+        requires_flags=tvm_runtime.isa_flags() if requires_cpu else None,
     )
     if gpu_note:
         executor.kernels = built[1:]
@@ -432,7 +435,14 @@ def build_decode_step(build: Build) -> None:
         codes = decoder.quantize_cache(integer_graph, layout)  # an 8-bit cache, where the graph allows it
         board = device.device if toolchain is not None else None
         built = tvm_backend.build_integer(
-            integer_graph, device.tvm_target, build.staging, file_name=STEP_LIBRARY, device=board
+            integer_graph,
+            device.tvm_target,
+            build.staging,
+            file_name=STEP_LIBRARY,
+            device=board,
+            # on the host its weights go in a file of their own, read into their tensors once (on a board the
+            # runner loads the library alone)
+            weights_file=STEP_WEIGHTS if toolchain is None else None,
         )
     except (decoder.NoStepGraph, tvm_backend.KernelsNotUsed) as reason:
         build.skipped[STEP_EXECUTOR] = f"no decode-step library: {reason}"
@@ -447,8 +457,10 @@ def build_decode_step(build: Build) -> None:
         target=built_for,
         lowering=f"{built_with}; the integer-only lowering of the quantized graph's decode step",
         requires_cpu=built_for["mcpu"] if toolchain is None else None,
+        requires_flags=tvm_runtime.isa_flags() if toolchain is None else None,
         input_shapes=shapes,
         input_dtypes=dict.fromkeys(codes, "uint8") if codes else None,
+        weights=files[1] if len(files) > 1 else None,
     )
     emulated = None
     if toolchain is not None:

@@ -64,7 +64,14 @@ class Session:
 
             # requires_cpu: a library tuned for one CPU model (the integer kernels) runs only on that model
             features = list((entry.target or {}).get("mattr", []))
-            self.library = TVMExecutor(path, [info.name for info in self.inputs], entry.requires_cpu, features)
+            self.library = TVMExecutor(
+                path,
+                [info.name for info in self.inputs],
+                entry.requires_cpu,
+                features,
+                entry.requires_flags,
+                folder / entry.weights if entry.weights else None,
+            )
             self._run = self.library.run
         else:  # "lut": Manifest.from_json admits no other kind
             from qcompile.runtime.lut import LutExecutor

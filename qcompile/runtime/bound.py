@@ -23,8 +23,9 @@ class BoundKernel:
     output: int
 
     def __init__(self) -> None:
-        import tvm
+        from qcompile.runtime import tvm_runtime
 
+        tvm = tvm_runtime.load()
         self._tvm, self.device = tvm, tvm.cpu()
 
     def run_tensor(self, activations: Any) -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qcompile.errors import ArtifactError
-from qcompile.runtime import amx
+from qcompile.runtime import amx, tvm_runtime, weights
 from qcompile.runtime import threads as _tvm_threads  # noqa: F401  (sets up TVM's thread pool before its first use)
 
 ORT_IR_VERSION = 10
@@ -54,16 +54,18 @@ def session_from_path(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 # A library's constants (its weights) lie in a read-only segment of the .so, which loading copies into the
 # VM's tensors and never reads again; the segment's pages stay resident meanwhile (SmolLM2's decode-step
-# library: 167 MB of 186). Segments this large are released after loading (reread from the file if touched).
+# library when it kept its weights inside: 167 MB of 186). Segments this large are released after loading
+# (reread from the file if touched). (A library with a weights file has none.)
 RELEASED_SEGMENT_BYTES = 16 << 20
 _MADV_DONTNEED = 4
 
 
-def release_constant_pages(library: Path) -> int:
+def release_constant_pages(library: Path, minimum: int = RELEASED_SEGMENT_BYTES) -> int:
     """Drop from memory the resident pages of ``library``'s large read-only mappings that hold nothing written
     (Linux; no anonymous page, i.e. no copy-on-write copy, so the file holds every byte of them: relocated data
     is never released); returns the bytes of the mappings released (0 elsewhere, or when nothing is that
-    large). (A page of a freshly written file counts as dirty until written back; only a copy is anonymous.)"""
+    large: ``minimum`` bytes). (A page of a freshly written file counts as dirty until written back; only a copy
+    is anonymous.)"""
     import ctypes
     import sys
 
@@ -90,7 +92,7 @@ def release_constant_pages(library: Path) -> int:
             current[2] += int(fields[1])
     released = 0
     for low, high, copied in mappings:
-        if high - low >= RELEASED_SEGMENT_BYTES and copied == 0 and libc.madvise(low, high - low, _MADV_DONTNEED) == 0:
+        if high - low >= minimum and copied == 0 and libc.madvise(low, high - low, _MADV_DONTNEED) == 0:
             released += high - low
     return released
 
@@ -99,18 +101,35 @@ class TVMExecutor:
     """Runs a library built by :func:`qcompile.backends.tvm.build` with the Relax virtual machine on the host CPU."""
 
     def __init__(
-        self, library: Path, input_names: list[str], cpu: str | None = None, features: list[str] | None = None
+        self,
+        library: Path,
+        input_names: list[str],
+        cpu: str | None = None,
+        features: list[str] | None = None,
+        flags: list[str] | None = None,
+        weights_file: Path | None = None,
     ) -> None:
-        import tvm
-        from tvm import relax
-        from tvm.target import codegen
+        # TVM's runtime alone where the library can be checked without LLVM (tvm_runtime says when)
+        tvm = tvm_runtime.load(compiler=bool(cpu) and flags is None)
+        from tvm.runtime.vm import VirtualMachine
 
-        here = codegen.llvm_get_system_cpu()
-        if cpu and cpu != here:
-            raise ArtifactError(
-                f"{library.name} is built for the {cpu} CPU and may use instructions this {here} CPU lacks; "
-                "run the artifact's 'integer' executor here, or compile it again on this machine"
-            )
+        if flags is not None:
+            missing = sorted(set(flags) - set(tvm_runtime.isa_flags()))
+            if missing:
+                raise ArtifactError(
+                    f"{library.name} is built for the {cpu} CPU, with instructions this CPU lacks "
+                    f"({', '.join(missing)}); run the artifact's 'integer' executor here, or compile it again "
+                    "on this machine"
+                )
+        elif cpu:  # an artifact from before the flags were recorded: LLVM names this CPU
+            from tvm.target import codegen
+
+            here = codegen.llvm_get_system_cpu()
+            if cpu != here:
+                raise ArtifactError(
+                    f"{library.name} is built for the {cpu} CPU and may use instructions this {here} CPU lacks; "
+                    "run the artifact's 'integer' executor here, or compile it again on this machine"
+                )
         # a library with AMX tile kernels (the features it was built with name them) needs Linux's grant first
         if any(feature.startswith("+amx") for feature in features or []) and not amx.enable():
             raise ArtifactError(
@@ -120,14 +139,21 @@ class TVMExecutor:
 
         self._tvm = tvm
         self._device = tvm.cpu()
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
         release_constant_pages(library)  # the weights were copied into the VM's tensors
         self._main = self._vm["main"]
+        # a library built with its weights as parameters: each read from its file into a tensor once, passed after
+        # the inputs on every call
+        self._weights = weights.read(weights_file, self._new_tensor) if weights_file is not None else []
         self._input_names = input_names
         # Input tensors allocated once per thread, each with a numpy view of its bytes, and refilled each run:
         # allocating them took 24 us a call here, and filling one with Tensor.copyfrom 6 us, against 0.3 us
         # through the view. Sub-millisecond models run in tens of microseconds.
         self._inputs = threading.local()
+
+    def _new_tensor(self, shape: tuple[int, ...], dtype: str) -> tuple[Any, np.ndarray]:
+        tensor = self._tvm.runtime.empty(shape, dtype, self._device)
+        return tensor, np.from_dlpack(tensor)
 
     def _held(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray]:
         """This thread's input tensor of ``name`` and its numpy view, (re)allocated for ``shape`` and ``dtype``."""
@@ -136,8 +162,7 @@ class TVMExecutor:
             held.pairs, held.pointers = {}, set()
         pair = held.pairs.get(name)
         if pair is None or pair[1].shape != shape or pair[1].dtype != dtype:
-            tensor = self._tvm.runtime.empty(shape, str(dtype), self._device)
-            pair = held.pairs[name] = (tensor, np.from_dlpack(tensor))
+            pair = held.pairs[name] = self._new_tensor(shape, str(dtype))
             held.pointers = {tensor.data_ptr() for tensor, _ in held.pairs.values()}
         return pair
 
@@ -157,7 +182,7 @@ class TVMExecutor:
         return arguments
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = self._main(*self._arguments(feeds))
+        result = self._main(*self._arguments(feeds), *self._weights)
         outputs = [result] if hasattr(result, "__dlpack__") else list(result)
         # The outputs are fresh tensors of the VM's: viewed through DLPack, not copied (.numpy() took 6 us each).
         # An output that is an input as given (an identity graph) is copied, since the next run refills it.

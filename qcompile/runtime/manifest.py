@@ -72,6 +72,8 @@ class Executor:
         target: the TVM target the library was built for.
         lowering: how the TVM library was produced (importer build, or qcompile's integer kernels).
         requires_cpu: the LLVM CPU name a library was built with every instruction of: it runs only there.
+        requires_flags: the instruction-set flags of the CPU it was built on (``/proc/cpuinfo``): a CPU with
+            all of them runs it (what the runtime checks; LLVM, which names CPUs, is in TVM's compiler).
         kernels: the CUDA kernel files of a GPU build, or the LUT kernel library.
         cannot_run: why nothing can run it here (a GPU build, a target without a published runtime).
         arch: the CPU architecture of a cross-compiled library.
@@ -82,6 +84,8 @@ class Executor:
             decode-step library: one token on a cache of fixed size).
         input_dtypes: ``{input: dtype}``, the types it takes where they are not the manifest's (that library's
             cache of 8-bit codes).
+        weights: the file of a TVM library's weights, which it takes as parameters after its inputs
+            (:mod:`qcompile.runtime.weights`); None: they are inside the library.
     """
 
     kind: str
@@ -90,6 +94,7 @@ class Executor:
     target: dict[str, Any] | None = None
     lowering: str | None = None
     requires_cpu: str | None = None
+    requires_flags: list[str] | None = None
     kernels: str | list[str] | None = None
     cannot_run: str | None = None
     arch: str | None = None
@@ -97,6 +102,7 @@ class Executor:
     dynamic_dims: dict[str, dict[str, str]] | None = None
     input_shapes: dict[str, list[int]] | None = None
     input_dtypes: dict[str, str] | None = None
+    weights: str | None = None
 
     def serves(self, inputs: list[TensorInfo], shapes: dict[str, tuple[int, ...]]) -> str | None:
         """None if it runs inputs of ``shapes``; else which input and dim it cannot take."""

@@ -47,7 +47,9 @@ for executor in ("onnxruntime", "onnxruntime-fp32", "tvm"):
     outputs = session.run(session.random_feeds())
     results[executor] = {{name: list(value.shape) for name, value in outputs.items()}}
 loaded = sorted(name for name in sys.modules if name.startswith("qcompile"))
-print(json.dumps({{"results": results, "loaded": loaded}}))
+from qcompile.runtime import tvm_runtime
+alone, torch = tvm_runtime.runtime_only(), "torch" in sys.modules
+print(json.dumps({{"results": results, "loaded": loaded, "runtime_only": alone, "torch": torch}}))
 """
 
 
@@ -64,6 +66,27 @@ def test_artifact_runs_with_the_compiler_blocked(artifact: Path) -> None:
     assert all(shapes == {"logits": [1, 10]} for shapes in report["results"].values()), report["results"]
     loaded = report["loaded"]
     assert all(name.startswith(("qcompile.runtime", "qcompile.errors")) or name == "qcompile" for name in loaded)
+    # TVM's runtime library alone (not its 260 MB compiler), and not torch, which TVM's FFI imports when it can
+    assert report["runtime_only"] and not report["torch"]
+
+
+def test_compiling_after_the_runtime_loaded_tvm_alone_is_a_clear_error(artifact: Path) -> None:
+    """TVM cannot load its compiler once its runtime was loaded alone: the compiler side says so and how to avoid
+    it, instead of failing deep inside TVM; torch still imports afterwards."""
+    script = (
+        "import qcompile.runtime, sys\n"
+        f"qcompile.runtime.load({str(artifact)!r}, 'tvm')\n"
+        "import torch\n"
+        "from qcompile.errors import QCompileError\n"
+        "try:\n"
+        "    import qcompile.backends.tvm\n"
+        "except QCompileError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    completed = _run(script)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "refused: this process loaded TVM's runtime alone" in completed.stdout
+    assert "import qcompile.api before loading any artifact" in completed.stdout
 
 
 def test_the_blocker_blocks(artifact: Path) -> None:

@@ -22,7 +22,12 @@ import onnx
 
 from qcompile.backends.tvm import cross, cuda, link
 from qcompile.errors import BackendError, first_line
-from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
+from qcompile.runtime import (
+    threads,  # noqa: F401  (sets up TVM's thread pool)
+    tvm_runtime,
+)
+
+tvm_runtime.require_compiler()  # a process that loaded TVM's runtime alone cannot compile
 
 logger = logging.getLogger(__name__)
 
@@ -159,17 +164,26 @@ def build_integer(
     out_dir: Path,
     file_name: str = LIBRARY_FILE,
     device: Any = None,
+    weights_file: str | None = None,
 ) -> IntegerLibrary:
     """Build the integer-only graph ``proto`` on qcompile's int8 kernels for ``tvm_target``: this machine's CPU
     (AVX-512 VNNI or AVX2; built for its CPU model, so that LLVM may use its instructions) or an aarch64 CPU
     (``sdot`` where the target has the dot product, else widening multiply-adds; cross-compiled and linked
     with the target's toolchain), and for a cross build given ``device`` (a target file's), estimate its latency
-    there (:func:`estimated`). Raises :class:`KernelsNotUsed` with the reason when the kernels do not cover the
-    graph or the target."""
-    from qcompile.backends.tvm import integer
+    there (:func:`estimated`). With ``weights_file`` (a host build), the library takes its weights as
+    parameters after its inputs, written to that file (:mod:`qcompile.runtime.weights`), which follows the
+    library in the returned files. Raises :class:`KernelsNotUsed` with the reason when the kernels do not cover
+    the graph or the target."""
+    from qcompile.backends.tvm import integer, lifted
+    from qcompile.runtime import weights
 
     module, flavor, built_for = _kernel_module(proto, tvm_target)
     toolchain = cross.toolchain_for(tvm_target)
+    if weights_file is not None:
+        if toolchain is not None:
+            raise BackendError("a cross-compiled library keeps its weights inside: its runner reads no weights file")
+        module, arrays = lifted.lift_constants(module)
+        weights.write(out_dir / weights_file, arrays)
     import tvm
     from tvm.support import cc
 
@@ -185,7 +199,8 @@ def build_integer(
         cross.check_elf(out_dir / file_name, toolchain)
     logger.info("integer kernels built for %s in %.1f s", built_for, time.perf_counter() - started)
     board = estimated(module, built_for, device) if toolchain is not None and device is not None else None
-    return IntegerLibrary([file_name], built_for, f"{INTEGER_KERNELS}, {flavor} dot products", board)
+    files = [file_name] if weights_file is None else [file_name, weights_file]
+    return IntegerLibrary(files, built_for, f"{INTEGER_KERNELS}, {flavor} dot products", board)
 
 
 def estimated(module: Any, built_for: dict[str, Any], device: Any) -> dict[str, Any] | None:
