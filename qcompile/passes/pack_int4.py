@@ -6,9 +6,10 @@ The QDQ graph holds a block-quantized weight (``--bits 4 --weight-block N``) as 
 weight: one byte per weight, dequantized to float when onnxruntime loads the model. This pass replaces each
 ``MatMul`` reading such a weight by onnxruntime's ``com.microsoft.MatMulNBits``: the codes ``c`` stored as
 ``c + 8`` in 4 bits (zero point 8, its default), low nibble first along the input axis, ``[N, blocks,
-N / 2]`` bytes, with the same block scales (float16 in the file, as GGUF stores them, when they are exact
-in it: the quantizer rounds them so); the weight never exists in float, and the file holds half a byte per
-weight and 2 bytes per block. The product is the same: ``(c + 8 - 8) * scale`` is the dequantized weight.
+N / 2]`` bytes, with the same block scales (stored as one 8-bit code per block on a logarithmic grid below
+its row's largest scale, which the quantizer rounds them to: :func:`stored_scales`); the weight never exists
+in float, and the file holds half a byte per weight and one per block of them. The product is the same:
+``(c + 8 - 8) * scale`` is the dequantized weight.
 
 With ``accuracy_level`` 4 onnxruntime's CPU kernel (MLAS) multiplies int8 activations, quantized per row
 block of the input at run time, by the unpacked 4-bit codes in int32: the activation, already on the
@@ -33,12 +34,14 @@ import onnx_ir as ir
 from onnx_ir import convenience
 
 from qcompile.graph import add_initializer
+from qcompile.passes.quant_spec import SCALE_TABLE, scale_codes
 
 logger = logging.getLogger(__name__)
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights, int32 accumulation (MLAS's fastest CPU path)
 LOW, HIGH = -8, 7  # 4-bit codes; wider blocked codes are stored as 8 bits
+SCALE_TABLE_NAME = "qcompile_block_scale_table"
 
 
 def _blocked_weight(value: ir.Value) -> tuple[np.ndarray, np.ndarray, list[ir.Node]] | None:
@@ -97,20 +100,35 @@ def unpack(packed: np.ndarray, bits: int = 4) -> np.ndarray:
     return (np.stack([low, high], axis=-1).reshape(packed.shape[0], -1) + LOW).astype(np.int8)
 
 
-def stored_scales(graph: ir.Graph, name: str, scales: np.ndarray) -> tuple[ir.Value, ir.Node | None]:
-    """Block scales as the file stores them: float16 when that loses nothing (the quantizer rounds block
-    scales to float16's precision), widened by a ``Cast`` that onnxruntime folds when it loads the model
-    (the kernels take float32 scales beside float32 activations); float32 otherwise. Returns the float32
-    value the kernel reads and the ``Cast`` to insert, if any."""
-    half = scales.astype(np.float16)
-    if not np.array_equal(half.astype(np.float32), scales):
-        return add_initializer(graph, name, scales.astype(np.float32)), None
-    stored = add_initializer(graph, f"{name}_f16", half)
-    cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT}, name=f"{name}_widen")
-    cast.outputs[0].name = name
-    cast.outputs[0].shape = ir.Shape(scales.shape)
-    cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    return cast.outputs[0], cast
+def stored_scales(graph: ir.Graph, name: str, scales: np.ndarray, rows: int) -> tuple[ir.Value, list[ir.Node]]:
+    """Block scales (``rows`` output channels' worth, in any shape) as the file stores them, and the float32
+    value the kernel reads. On the quantizer's grid (:func:`qcompile.passes.quant_spec.on_scale_grid`, as every
+    blocked weight's are): uint8 codes and one float32 peak per row, read back as ``Gather(table, codes) *
+    peaks`` (the codes widened to int32 indices; the 1 KB table stored once; onnxruntime folds these constant
+    ops when it loads the file, since the kernels
+    take float32 scales). Otherwise float16 when that is exact, widened by a ``Cast``; else float32. Returns
+    the value and the nodes that compute it (to insert before its reader)."""
+    shape = scales.shape
+    grid = scales.astype(np.float32).reshape(rows, -1)
+    codes, peaks = scale_codes(grid)
+    if np.array_equal(SCALE_TABLE[codes] * peaks, grid):
+        table = graph.initializers.get(SCALE_TABLE_NAME)
+        if table is None:
+            table = add_initializer(graph, SCALE_TABLE_NAME, SCALE_TABLE)
+        index = ir.node("Cast", [add_initializer(graph, f"{name}_codes", codes)], {"to": ir.DataType.INT32})
+        looked_up = ir.node("Gather", [table, index.outputs[0]], {"axis": 0})
+        scaled = ir.node("Mul", [looked_up.outputs[0], add_initializer(graph, f"{name}_peaks", peaks)])
+        shaped = ir.node("Reshape", [scaled.outputs[0], add_initializer(graph, f"{name}_shape", np.array(shape))])
+        nodes = [index, looked_up, scaled, shaped]
+    elif np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+        nodes = [ir.node("Cast", [add_initializer(graph, f"{name}_f16", scales.astype(np.float16))], {"to": 1})]
+    else:
+        return add_initializer(graph, name, scales.astype(np.float32)), []
+    for index, node in enumerate(nodes):
+        node.name = f"{name}_{node.op_type.lower()}{index}"
+    value = nodes[-1].outputs[0]
+    value.name, value.shape, value.type = name, ir.Shape(shape), ir.TensorType(ir.DataType.FLOAT)
+    return value, nodes
 
 
 def pack_int4_weights(model: ir.Model) -> dict[int, int]:
@@ -131,9 +149,9 @@ def pack_int4_weights(model: ir.Model) -> dict[int, int]:
         base = str(node.name or node.outputs[0].name)
         bits = bits_of(codes)
         packed = add_initializer(graph, f"{base}_int{bits}", pack(codes, block))
-        block_scales, cast = stored_scales(graph, f"{base}_int{bits}_scales", scales)
-        if cast is not None:
-            graph.insert_before(node, cast)
+        block_scales, computed = stored_scales(graph, f"{base}_int{bits}_scales", scales, outputs)
+        for step in computed:
+            graph.insert_before(node, step)
         replacement = ir.node(
             "MatMulNBits",
             [node.inputs[0], packed, block_scales],

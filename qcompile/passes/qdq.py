@@ -20,7 +20,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from qcompile.graph import add_initializer, drop_if_unused, layer_name
 from qcompile.passes.annotate import require_annotated
-from qcompile.passes.quant_spec import RANGE_KEY, SCALES_KEY, SPEC_KEY, QuantSpec, half_exact
+from qcompile.passes.quant_spec import RANGE_KEY, SCALES_KEY, SPEC_KEY, QuantSpec, on_scale_grid
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class QDQPass(ir.passes.InPlacePass):
             floor = np.reshape(floor, (-1, 1))  # one floor per output channel, over its blocks
         scales = np.maximum(scales, floor).astype(np.float32)
         if blocked:
-            scales = half_exact(scales)  # what the packed file stores
+            scales = on_scale_grid(scales)  # what the packed file stores
         codes = spec.quantize(array, scales)
         base = str(weight.name)
         dequantized = ir.Value(name=f"{base}_dequantized", shape=weight.shape, type=weight.type)

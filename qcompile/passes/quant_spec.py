@@ -115,7 +115,7 @@ class QuantSpec:
         if self.block_size is not None:
             rows = self.blocks(weight)
             flat = dataclasses.replace(self, axis=0, group_size=None, block_size=None).weight_scales(rows)
-            return half_exact(flat).reshape(weight.shape[self.axis], -1)  # type: ignore[index]
+            return on_scale_grid(flat.reshape(weight.shape[self.axis], -1))  # type: ignore[index]
         channels = 1 if self.axis is None else weight.shape[self.axis]
         moved = weight.reshape(1, -1) if self.axis is None else np.moveaxis(weight, self.axis, 0)
         moved = moved.reshape(channels, -1)
@@ -169,14 +169,27 @@ class QuantSpec:
         return values.reshape(shape)
 
 
-def half_exact(scales: np.ndarray) -> np.ndarray:
-    """Block scales rounded to float16's precision when all of them are normal float16 numbers, so that the
-    file stores them in 2 bytes with nothing lost (GGUF stores its block scales as float16 too); as they are
-    otherwise. Codes are then rounded with the stored scales."""
-    half = scales.astype(np.float16)
-    if not np.isfinite(half).all() or (np.abs(scales) < np.finfo(np.float16).smallest_normal).any():
-        return scales
-    return half.astype(np.float32)
+# Block scales are stored as 8-bit codes on a logarithmic grid below their row's largest: ``scale = peak *
+# SCALE_TABLE[code]``, 16 steps per octave (a scale moves by at most 2.2 %), 256 codes (down to peak / 60000).
+# A block of 32 int4 weights then takes 17 bytes (GGUF's Q4_0: 18 with its float16 scale); a file computes the
+# scales back with a Gather of the table and a Mul by the peaks, which onnxruntime folds when it loads it.
+SCALE_STEPS_PER_OCTAVE = 16
+SCALE_TABLE = np.exp2(-np.arange(256, dtype=np.float64) / SCALE_STEPS_PER_OCTAVE).astype(np.float32)
+
+
+def scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block scales ``[rows, blocks]`` (positive) -> (uint8 codes ``[rows, blocks]``, float32 row peaks
+    ``[rows, 1]``) of the nearest grid scales."""
+    peaks = scales.max(axis=1, keepdims=True).astype(np.float32)
+    steps = -SCALE_STEPS_PER_OCTAVE * np.log2(scales.astype(np.float64) / peaks)
+    return np.clip(np.rint(steps), 0, len(SCALE_TABLE) - 1).astype(np.uint8), peaks
+
+
+def on_scale_grid(scales: np.ndarray) -> np.ndarray:
+    """Block scales ``[rows, blocks]`` moved to the stored grid (:data:`SCALE_TABLE`): what the file holds
+    exactly, so codes are rounded with the scales it gives back."""
+    codes, peaks = scale_codes(scales)
+    return (SCALE_TABLE[codes] * peaks).astype(np.float32)
 
 
 def _covering(rows: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile.execution import to_proto
 from qcompile.passes import embedding
 from qcompile.passes.pack_int4 import pack, pack_int4_weights, unpack
-from qcompile.passes.quant_spec import QuantSpec
+from qcompile.passes.quant_spec import SCALE_TABLE, QuantSpec, on_scale_grid
 from qcompile.runtime.executors import session_from_bytes
 
 
@@ -95,29 +95,44 @@ def test_embedding_rows_round_within_half_a_step() -> None:
     assert np.all(np.abs(codes * scales - table) <= scales / 2 + 1e-7)
 
 
-def test_float16_exact_block_scales_are_stored_in_two_bytes() -> None:
-    """Block scales the quantizer rounded to float16 (QuantSpec does for every blocked weight) are stored as
-    float16 and widened by a Cast onnxruntime folds at load: the product is unchanged (bit-identical
-    output), the scales take half the bytes."""
+def test_block_scales_on_the_grid_are_stored_in_one_byte() -> None:
+    """Block scales on the quantizer's grid (QuantSpec puts every blocked weight's there) are stored as one
+    uint8 code each and a float32 peak per output channel, read back by a Gather and a Mul onnxruntime folds at
+    load: the product is unchanged (bit-identical output to the same scales stored as float32)."""
     rng = np.random.default_rng(4)
     codes = rng.integers(-8, 8, size=(16, 128)).astype(np.int8)
     spec = QuantSpec(bits=4, scale_rule="mse", axis=0, block_size=32)
-    scales = spec.weight_scales(rng.standard_normal((16, 128)).astype(np.float32))
-    np.testing.assert_array_equal(scales.astype(np.float16).astype(np.float32), scales)
+    scales = spec.weight_scales(rng.standard_normal((16, 128)).astype(np.float32) * rng.uniform(0.01, 1, (16, 1)))
+    np.testing.assert_array_equal(on_scale_grid(scales), scales)
     x = rng.standard_normal((3, 128)).astype(np.float32)
     model = _blocked_matmul(codes, scales, 32)
-    exact = _blocked_matmul(codes, scales * np.float32(1 + 1e-6), 32)  # not float16-exact: stored float32
+    exact = _blocked_matmul(codes, scales * np.float32(1 + 1e-6), 32)  # off the grid and not float16: float32
     assert pack_int4_weights(model) == {4: 1, 8: 0} and pack_int4_weights(exact) == {4: 1, 8: 0}
     proto = to_proto(model)
-    assert [node.op_type for node in proto.graph.node] == ["Cast", "MatMulNBits"]
+    assert [node.op_type for node in proto.graph.node] == ["Cast", "Gather", "Mul", "Reshape", "MatMulNBits"]
     stored = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
-    assert {array.dtype for array in stored.values()} == {np.dtype(np.uint8), np.dtype(np.float16)}
+    codes_stored = next(array for name, array in stored.items() if name.endswith("_codes"))
+    assert codes_stored.dtype == np.uint8 and codes_stored.shape == (16, 4)
+    assert sum(array.nbytes for array in stored.values()) == 16 * 128 // 2 + 16 * 4 + 16 * 4 + 256 * 4 + 8
     (narrow,) = session_from_bytes(proto.SerializeToString()).run(None, {"x": x})
     wide = to_proto(exact)  # the same scales, stored as float32
     (kept,) = [init for init in wide.graph.initializer if init.data_type == TensorProto.FLOAT]
     kept.CopyFrom(numpy_helper.from_array(scales.reshape(-1), kept.name))
     (expected,) = session_from_bytes(wide.SerializeToString()).run(None, {"x": x})
     np.testing.assert_array_equal(narrow, expected)
+
+
+def test_the_scale_grid_moves_a_scale_by_at_most_a_half_step() -> None:
+    """16 steps an octave: a scale moves by at most 2**(1/32) - 1 (2.2 %); each row's largest is kept exactly,
+    and scales 2**-16 below it or less go to the grid's floor."""
+    rng = np.random.default_rng(6)
+    scales = np.exp(rng.uniform(-8, 0, size=(64, 18))).astype(np.float32)
+    grid = on_scale_grid(scales)
+    assert np.all(np.abs(grid / scales - 1) <= 2 ** (1 / 32) - 1 + 1e-6)
+    np.testing.assert_array_equal(grid.max(axis=1), scales.max(axis=1))
+    np.testing.assert_array_equal(on_scale_grid(grid), grid)
+    tiny = np.array([[1.0, 1e-9]], np.float32)
+    np.testing.assert_allclose(on_scale_grid(tiny), [[1.0, 2.0**-15.9375]], rtol=1e-6)
 
 
 def test_int4_tables_are_gathered_from_4_bit_blocks() -> None:
@@ -138,11 +153,12 @@ def test_int4_tables_are_gathered_from_4_bit_blocks() -> None:
     (done,) = embedding.quantize_embeddings(model, block=32)
     assert done["format"] == "int4, blocks of 32"
     proto = to_proto(model)
-    assert [node.op_type for node in proto.graph.node] == ["Cast", "GatherBlockQuantized"]
+    assert [node.op_type for node in proto.graph.node] == ["Cast", "Gather", "Mul", "Reshape", "GatherBlockQuantized"]
     stored = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     codes = unpack(stored["table_int4_rows"].reshape(1 << 15, 2, 16))
-    scales = stored["table_block_scales_f16"].astype(np.float32)
-    assert sum(array.nbytes for array in stored.values()) == table.size // 2 + table.size // 32 * 2
+    scales = SCALE_TABLE[stored["table_block_scales_codes"]] * stored["table_block_scales_peaks"]
+    rows = 1 << 15
+    assert sum(array.nbytes for array in stored.values()) == table.size // 2 + table.size // 32 + rows * 4 + 1024 + 16
     (rows,) = session_from_bytes(proto.SerializeToString()).run(None, {"ids": ids})
     dequantized = (codes.reshape(-1, 2, 32) * scales[..., None]).reshape(table.shape)
     np.testing.assert_array_equal(rows[0], dequantized[ids[0]])

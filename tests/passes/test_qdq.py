@@ -222,9 +222,9 @@ def test_uint4_activations_are_clamped_to_sixteen_levels(tmp_path: Path) -> None
 def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: bool) -> None:
     """int4 weights with one scale per output channel and block of 32 inputs: the dequantized weight the
     graph computes (DequantizeLinear over one row per block, Reshape, Transpose) equals codes x scales
-    computed in numpy, exactly; each block of 32 inputs has the scale it would have alone, rounded to float16's
-    precision (the packed file stores block scales as float16)."""
-    from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec, half_exact
+    computed in numpy, exactly; each block of 32 inputs has the scale it would have alone, moved to the grid the
+    packed file stores block scales on."""
+    from qcompile.passes.quant_spec import WEIGHT_FORMATS, QuantSpec, on_scale_grid
 
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((16, 64) if trans_b else (64, 16)).astype(np.float32)
@@ -252,10 +252,9 @@ def test_block_scaled_weights_match_a_numpy_reference(tmp_path: Path, trans_b: b
     np.testing.assert_array_equal(seen, expected)
     rows = original.T if not trans_b else original  # [outputs, inputs]
     per_channel = QuantSpec(bits=4, axis=0, scale_rule=spec.scale_rule)
-    for block in range(2):  # each block's scale is that block's own per-channel scale
-        np.testing.assert_array_equal(
-            scales[:, block], half_exact(per_channel.weight_scales(rows[:, 32 * block : 32 * (block + 1)]))
-        )
+    # each block's scale is that block's own per-channel scale, moved to the stored grid below its row's largest
+    alone = np.stack([per_channel.weight_scales(rows[:, 32 * block : 32 * (block + 1)]) for block in range(2)], 1)
+    np.testing.assert_array_equal(scales, on_scale_grid(alone))
 
 
 def test_two_bit_weights_are_the_four_twos_complement_codes(tmp_path: Path) -> None:
