@@ -328,10 +328,10 @@ def main() -> None:
         results[name]["step_library_mb"] = sum((artifact / f).stat().st_size for f in step_files) / 1e6 or None
         results[name]["decode_step"] = manifest["measured"]["accuracy"].get("decode_step") if step else None
         print(name, {k: v for k, v in results[name].items() if k != "continuations"}, flush=True)
-    for name, path in ggufs.items():
-        results[f"llama.cpp {name}"] = in_child(llama_perplexity, ids, path, args.threads)
-        results[f"llama.cpp {name}"] |= in_child(llama_generation, ids, path, *shape)
-        results[f"llama.cpp {name}"]["weights_mb"] = Path(path).stat().st_size / 1e6
+    for name, gguf_file in ggufs.items():
+        results[f"llama.cpp {name}"] = in_child(llama_perplexity, ids, gguf_file, args.threads)
+        results[f"llama.cpp {name}"] |= in_child(llama_generation, ids, gguf_file, *shape)
+        results[f"llama.cpp {name}"]["weights_mb"] = Path(gguf_file).stat().st_size / 1e6
         print(name, results[f"llama.cpp {name}"], flush=True)
 
     reference = results["qcompile fp32 (onnxruntime)"].pop("continuations")
