@@ -26,8 +26,9 @@ the continuations below. The table's peak RSS is the generating process's (Linux
 process's, dominated by every window's logits (512 x 49152) and their log-softmax in float64, is in
 results.json as ``perplexity_peak_rss_mb``. Then each artifact's greedy
 continuations against fp32's (the matching prefix of the first 32 new tokens, 10 prompts), and the W4A8 /
-W8A8 model file bytes. qcompile's prefill computes the logits of every prompt position (the exported
-graph's output); llama.cpp's only the last one's. Prints a markdown table; figures to DIR/results.json.
+W8A8 model file bytes. Both engines' prefills compute the last position's logits alone (qcompile's
+Generator feeds the artifact's ``qcompile_logits_from``); the perplexity windows take every position's.
+Prints a markdown table; figures to DIR/results.json.
 """
 
 from __future__ import annotations

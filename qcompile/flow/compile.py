@@ -34,7 +34,7 @@ from qcompile.flow import decoder, dynamic, measure
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
 from qcompile.graph import clone
-from qcompile.passes import pack_int4
+from qcompile.passes import last_logits, pack_int4
 from qcompile.passes.embedding import quantize_embeddings
 from qcompile.passes.manager import PassLog
 from qcompile.passes.pack_int4 import pack_int4_weights
@@ -104,6 +104,7 @@ class Build:
     measured: Measured | None = None
     input_shapes: dict[str, Any] | None = None  # the manifest's record of how the inputs got static shapes
     causal: decoder.Layout | None = None  # a causal LM with a KV cache: its inputs and outputs
+    logits_from: str | None = None  # the onnxruntime files' input that slices the sequence before the LM head
     decode_step: str = "auto"  # its decode-step library: 'auto' (shipped when faster), 'always' or 'off'
     decoder: Decoder | None = None  # how it generates
     # a decoder's decode-step executor, its cache positions, and its cache's codes (None: a float cache)
@@ -211,6 +212,9 @@ def write_onnx(build: Build) -> None:
     build.written += execution.save(_packed(build), staging / QUANTIZED_ONNX)
     reference = clone(build.model)
     share_constants(reference)  # an exporter's tied weights (an LM head's transposed embedding table) once
+    if build.causal is not None:  # the float file takes the prefill's slice too, or neither does
+        sliced = last_logits.slice_before_head(reference, build.causal.logits)
+        build.logits_from = build.logits_from if sliced == build.logits_from else None
     build.written += execution.save(reference, staging / REFERENCE_ONNX)
     build.executors["onnxruntime"] = Executor("onnxruntime", QUANTIZED_ONNX, "quantized QDQ model")
     build.executors["onnxruntime-fp32"] = Executor(
@@ -267,6 +271,8 @@ def _packed(build: Build) -> ir.Model:
                 "byte (or 8-bit blocked weights), int32 accumulation",
             }
         )
+    if build.causal is not None:  # a prefill computes the logits of the last position alone
+        build.logits_from = last_logits.slice_before_head(packed, build.causal.logits)
     shared = share_constants(packed)
     if shared["shared"] or shared["transposed"]:
         build.passes.append({"name": "share_constants", **shared})
@@ -702,6 +708,8 @@ def _describe_decoder(build: Build, causal: decoder.Layout, tokenizer: Path | No
     logits = next(value for value in build.model.graph.outputs if value.name == causal.logits)
     vocabulary = logits.shape[-1] if logits.shape is not None and isinstance(logits.shape[-1], int) else None
     build.decoder, why = decoder.describe(causal, build.source, build.staging, build.executors, tokenizer, vocabulary)
+    if build.decoder is not None and build.logits_from is not None:
+        build.decoder = dataclasses.replace(build.decoder, logits_from=build.logits_from)
     if build.decoder is not None and build.step is not None:
         name, capacity, codes = build.step
         build.decoder = dataclasses.replace(

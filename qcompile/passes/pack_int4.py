@@ -115,11 +115,11 @@ def stored_scales(graph: ir.Graph, name: str, scales: np.ndarray, rows: int) -> 
         table = graph.initializers.get(SCALE_TABLE_NAME)
         if table is None:
             table = add_initializer(graph, SCALE_TABLE_NAME, SCALE_TABLE)
-        index = ir.node("Cast", [add_initializer(graph, f"{name}_codes", codes)], {"to": ir.DataType.INT32})
-        looked_up = ir.node("Gather", [table, index.outputs[0]], {"axis": 0})
+        widened = ir.node("Cast", [add_initializer(graph, f"{name}_codes", codes)], {"to": ir.DataType.INT32})
+        looked_up = ir.node("Gather", [table, widened.outputs[0]], {"axis": 0})
         scaled = ir.node("Mul", [looked_up.outputs[0], add_initializer(graph, f"{name}_peaks", peaks)])
         shaped = ir.node("Reshape", [scaled.outputs[0], add_initializer(graph, f"{name}_shape", np.array(shape))])
-        nodes = [index, looked_up, scaled, shaped]
+        nodes = [widened, looked_up, scaled, shaped]
     elif np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
         nodes = [ir.node("Cast", [add_initializer(graph, f"{name}_f16", scales.astype(np.float16))], {"to": 1})]
     else:

@@ -47,6 +47,9 @@ class Session:
         self.entry = entry
         own = entry.input_dtypes or {}
         self._dtypes = [(info.name, np.dtype(own.get(info.name, info.dtype))) for info in self.inputs]
+        # an input the onnxruntime files take besides the model's own, with a default (Decoder.logits_from)
+        decoder = manifest.decoder
+        self._optional = decoder.logits_from if decoder is not None and entry.kind == "onnxruntime" else None
         path = folder / entry.file
         if not self.runnable_here(executor):
             raise ArtifactError(
@@ -104,6 +107,9 @@ class Session:
 
     def _converted(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = {}
+        optional = self._optional
+        if optional is not None and optional in feeds:  # a decoder's prefill slicing the LM head's input
+            checked[optional] = np.asarray(feeds[optional], dtype=np.int64).reshape(1)
         for name, dtype in self._dtypes:
             array = feeds.get(name)
             if array is None:

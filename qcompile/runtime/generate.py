@@ -249,6 +249,8 @@ class Generator:
             feeds[decoder.attention_mask] = np.ones((1, past + len(ids)), dtype=np.int64)
         if decoder.position_ids is not None:
             feeds[decoder.position_ids] = np.arange(past, past + len(ids), dtype=np.int64)[None]
+        if decoder.logits_from is not None:  # the LM head multiplies the last position alone
+            feeds[decoder.logits_from] = np.array([len(ids) - 1], dtype=np.int64)
         outputs = self.session.run(feeds)
         grown = {past_name: outputs[present] for past_name, present in decoder.cache}
         return outputs[decoder.logits][0, -1], grown

@@ -166,6 +166,9 @@ class Decoder:
             a float entry ``x`` is ``clip(round(x * multiplier ... / scale) + zero point, 0, 255)``, as
             ``QuantizeLinear`` rounds (the decode step's own quantization of its keys and values, moved before the
             cache: :func:`qcompile.flow.decoder.quantize_cache`).
+        logits_from: an input of the onnxruntime executors (``int64 [1]``, default 0) from which position on the
+            logits are computed: a prefill that needs the last position's feeds ``sequence - 1`` (the LM head then
+            multiplies one position, not all); None if the files have none.
     """
 
     input_ids: str
@@ -183,6 +186,7 @@ class Decoder:
     chat_template: str | None = None
     special_tokens: dict[str, str] | None = None
     step_cache_codes: dict[str, list[float]] | None = None
+    logits_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _set_fields(self)

@@ -97,6 +97,7 @@ def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None
     assert entry["cache"][0] == ["past_key_values.0.key", "present.0.key"] and len(entry["cache"]) == 4
     assert entry["context"] == 8192 and entry["eos_token_ids"] == [2]  # from config.json beside the model
     assert entry["tokenizer"] == "tokenizer.json" and "tokenizer.json" in manifest["files"]  # checksummed
+    assert entry["logits_from"] == "qcompile_logits_from"  # a prefill's LM head multiplies the last position alone
     assert entry["executors"][0] == "onnxruntime"  # the quantized graph runs every length
     assert "decoder with a KV cache" in manifest["skipped"]["tvm"]  # a fixed-length library is not built
     # group-wise int4 weights: the kernels would multiply them in float, so no decode-step library is built
