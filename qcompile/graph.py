@@ -6,6 +6,8 @@ without importing each other.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -41,6 +43,12 @@ def clone(model: ir.Model) -> ir.Model:
     """A copy of the graph and of every value's metadata; weight tensors are shared, which is safe because
     passes replace a tensor (``value.const_value = ...``) and never write into one."""
     return model.clone(deep_copy=True)
+
+
+def array_digest(array: np.ndarray) -> str:
+    """A digest of ``array``'s type, shape and values: equal digests, equal constants."""
+    header = f"{array.dtype.name}{array.shape}".encode()
+    return hashlib.blake2b(header + np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

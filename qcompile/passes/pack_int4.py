@@ -105,25 +105,21 @@ def stored_scales(graph: ir.Graph, name: str, scales: np.ndarray, rows: int) -> 
     value the kernel reads. On the quantizer's grid (:func:`qcompile.passes.quant_spec.on_scale_grid`, as every
     blocked weight's are): uint8 codes and one float32 peak per row, read back as ``Gather(table, codes) *
     peaks`` (the codes widened to int32 indices; the 1 KB table stored once; onnxruntime folds these constant
-    ops when it loads the file, since the kernels
-    take float32 scales). Otherwise float16 when that is exact, widened by a ``Cast``; else float32. Returns
+    ops when it loads the file, since the kernels take float32 scales). Otherwise float32 as they are. Returns
     the value and the nodes that compute it (to insert before its reader)."""
     shape = scales.shape
     grid = scales.astype(np.float32).reshape(rows, -1)
     codes, peaks = scale_codes(grid)
-    if np.array_equal(SCALE_TABLE[codes] * peaks, grid):
-        table = graph.initializers.get(SCALE_TABLE_NAME)
-        if table is None:
-            table = add_initializer(graph, SCALE_TABLE_NAME, SCALE_TABLE)
-        widened = ir.node("Cast", [add_initializer(graph, f"{name}_codes", codes)], {"to": ir.DataType.INT32})
-        looked_up = ir.node("Gather", [table, widened.outputs[0]], {"axis": 0})
-        scaled = ir.node("Mul", [looked_up.outputs[0], add_initializer(graph, f"{name}_peaks", peaks)])
-        shaped = ir.node("Reshape", [scaled.outputs[0], add_initializer(graph, f"{name}_shape", np.array(shape))])
-        nodes = [widened, looked_up, scaled, shaped]
-    elif np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
-        nodes = [ir.node("Cast", [add_initializer(graph, f"{name}_f16", scales.astype(np.float16))], {"to": 1})]
-    else:
+    if not np.array_equal(SCALE_TABLE[codes] * peaks, grid):
         return add_initializer(graph, name, scales.astype(np.float32)), []
+    table = graph.initializers.get(SCALE_TABLE_NAME)
+    if table is None:
+        table = add_initializer(graph, SCALE_TABLE_NAME, SCALE_TABLE)
+    widened = ir.node("Cast", [add_initializer(graph, f"{name}_codes", codes)], {"to": ir.DataType.INT32})
+    looked_up = ir.node("Gather", [table, widened.outputs[0]], {"axis": 0})
+    scaled = ir.node("Mul", [looked_up.outputs[0], add_initializer(graph, f"{name}_peaks", peaks)])
+    shaped = ir.node("Reshape", [scaled.outputs[0], add_initializer(graph, f"{name}_shape", np.array(shape))])
+    nodes = [widened, looked_up, scaled, shaped]
     for index, node in enumerate(nodes):
         node.name = f"{name}_{node.op_type.lower()}{index}"
     value = nodes[-1].outputs[0]

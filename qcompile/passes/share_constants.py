@@ -14,11 +14,11 @@ rewrite a linear layer's weight only where nothing else reads it).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
-import numpy as np
 import onnx_ir as ir
+
+from qcompile.graph import array_digest
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,6 @@ MIN_TRANSPOSED_BYTES = 1 << 20  # smaller transposed copies are not worth a node
 
 def _shareable(value: ir.Value) -> bool:
     return value.const_value is not None and not value.is_graph_input() and not value.is_graph_output()
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
 
 def share_constants(model: ir.Model, transposed: bool = True) -> dict[str, int]:
@@ -43,7 +39,7 @@ def share_constants(model: ir.Model, transposed: bool = True) -> dict[str, int]:
         if not _shareable(value):
             continue
         array = value.const_value.numpy()  # type: ignore[union-attr]
-        key = (str(array.dtype), tuple(array.shape), _digest(array))
+        key = (str(array.dtype), tuple(array.shape), array_digest(array))
         first = kept.setdefault(key, value)
         if first is value:
             continue
@@ -80,7 +76,7 @@ def _transposed_copies(
             array = value.const_value.numpy()  # type: ignore[union-attr]
             if array.nbytes < MIN_TRANSPOSED_BYTES:
                 continue
-            digest = _digest(array.T)
+            digest = array_digest(array.T)
             source = next((other for other_digest, other in partners if other_digest == digest), None)
             if source is None:
                 continue

@@ -65,7 +65,7 @@ def test_matmulnbits_computes_the_blocked_product() -> None:
     assert proto.graph.output[0].name == "y"
     weights = [numpy_helper.to_array(init) for init in proto.graph.initializer]
     assert sum(array.nbytes for array in weights if array.dtype == np.uint8) == codes.size // 2
-    assert [array.dtype for array in weights if array.dtype != np.uint8] == [np.float32]  # not float16-exact
+    assert [array.dtype for array in weights if array.dtype != np.uint8] == [np.float32]  # off the grid: float32
     (packed,) = session_from_bytes(proto.SerializeToString()).run(None, {"x": x})
     assert np.abs(packed - expected).max() <= 0.01 * np.abs(expected).max()
 
@@ -106,7 +106,7 @@ def test_block_scales_on_the_grid_are_stored_in_one_byte() -> None:
     np.testing.assert_array_equal(on_scale_grid(scales), scales)
     x = rng.standard_normal((3, 128)).astype(np.float32)
     model = _blocked_matmul(codes, scales, 32)
-    exact = _blocked_matmul(codes, scales * np.float32(1 + 1e-6), 32)  # off the grid and not float16: float32
+    exact = _blocked_matmul(codes, scales * np.float32(1 + 1e-6), 32)  # off the grid: float32
     assert pack_int4_weights(model) == {4: 1, 8: 0} and pack_int4_weights(exact) == {4: 1, 8: 0}
     proto = to_proto(model)
     assert [node.op_type for node in proto.graph.node] == ["Cast", "Gather", "Mul", "Reshape", "MatMulNBits"]

@@ -58,6 +58,7 @@ from qcompile.backends.tvm.tensors import (
     rows_logical,
     store_index,
 )
+from qcompile.graph import array_digest
 from qcompile.runtime import threads  # noqa: F401  (sets up TVM's thread pool)
 
 # Boolean results (comparisons, logic, IsNaN) are uint8 0 / 1 here: a Cast to bool is ``x != 0``.
@@ -2965,14 +2966,7 @@ def deduplicated(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each node that repeats an earlier one (same op, attributes and inputs, constants compared
     by value) dropped and its readers pointed at the earlier outputs: the attention's query, key and value
     projections read one input, so its reshape, rotation and quantization are computed once, not three times."""
-    import hashlib
-
-    digests = {}
-    for tensor in model.graph.initializer:
-        array = numpy_helper.to_array(tensor)
-        digests[tensor.name] = hashlib.sha256(
-            f"{array.dtype}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
-        ).hexdigest()
+    digests = {tensor.name: array_digest(numpy_helper.to_array(tensor)) for tensor in model.graph.initializer}
     outputs = {output.name for output in model.graph.output}
     result = onnx.ModelProto()
     result.CopyFrom(model)

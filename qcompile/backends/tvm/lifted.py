@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
+
+from qcompile.graph import array_digest
 
 # Smaller constants (scales, column sums, index maps) stay in the library: the virtual machine spends about 0.2 us
 # per parameter on every call (500 parameters: 108 us a call here), and the weight matrices are what is large.
@@ -20,7 +21,7 @@ def lift_constants(module: Any, min_bytes: int = MIN_BYTES) -> tuple[Any, list[n
 
     arrays: list[np.ndarray] = []
     params: list[Any] = []
-    lifted: dict[Any, Any] = {}
+    lifted: dict[str, Any] = {}
 
     @relax.expr_functor.mutator  # type: ignore[misc]
     class Lifter(relax.PyExprMutator):  # type: ignore[misc]
@@ -28,7 +29,7 @@ def lift_constants(module: Any, min_bytes: int = MIN_BYTES) -> tuple[Any, list[n
             array = constant.value.numpy()
             if array.nbytes < min_bytes:
                 return constant
-            key = (array.dtype.name, array.shape, hashlib.blake2b(array.tobytes(), digest_size=16).digest())
+            key = array_digest(array)
             if key not in lifted:  # equal constants (the same weights read twice) become one parameter
                 lifted[key] = relax.Var(f"weight{len(params)}", constant.ty)
                 arrays.append(array)
