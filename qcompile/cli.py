@@ -211,6 +211,15 @@ def _compile_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "slower than fp32 here, for accuracy studies and 16x8 integer hardware)",
     )
     parser.add_argument(
+        "--activations",
+        choices=("auto", "static", "dynamic"),
+        default="auto",
+        help="how linear layers with int8 weights quantize their inputs: 'static' (one scale per tensor, from "
+        "calibration), 'dynamic' (one scale per row, i.e. per token, computed at run time: MatMulInteger, then "
+        "float rescaling; needs a float unit) or 'auto' (default): dynamic for a causal LM with a KV cache, "
+        "static otherwise. Attention products and other quantization points stay static",
+    )
+    parser.add_argument(
         "--latency-budget-ms",
         type=float,
         metavar="X",
@@ -514,6 +523,7 @@ def _command_compile(args: argparse.Namespace) -> int:
         sensitivity_samples=args.sensitivity_samples,
         bits=args.bits,
         activation_bits=args.activation_bits,
+        activations=args.activations,
         weight_block=args.weight_block,
         latency_budget_ms=args.latency_budget_ms,
         size_budget_mb=args.size_budget_mb,

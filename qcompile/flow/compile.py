@@ -32,7 +32,7 @@ from qcompile.calibration import Feed, Preprocess
 from qcompile.errors import ArtifactError, BackendError, CalibrationError, UnsupportedModelError, first_line
 from qcompile.flow import decoder, dynamic, measure
 from qcompile.flow.feeds import feeds_from
-from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, quantize
+from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, per_row_activations, quantize
 from qcompile.graph import clone
 from qcompile.passes import last_logits, pack_int4
 from qcompile.passes.embedding import quantize_embeddings
@@ -261,11 +261,14 @@ def _packed(build: Build) -> ir.Model:
             build.passes.append({"name": "embedding_rows", "tables": tables})
     count = pack_int4_weights(packed) if build.options.weight_block is not None else {}
     if any(count.values()):
+        # with per-row activations, the kernel quantizes its own input rows per block at run time
+        dynamic = pack_int4.kernel_quantized_inputs(packed) if per_row_activations(build.model, build.options) else 0
         build.passes.append(
             {
                 "name": "pack_int4",
                 "weights": count[4],
                 "int8_weights": count[8],
+                "inputs_quantized_by_the_kernel": dynamic,
                 "kernel": f"{pack_int4.DOMAIN}.MatMulNBits (onnxruntime), accuracy_level "
                 f"{pack_int4.ACCURACY_LEVEL}: int8 activations per input block x 4-bit weights packed two to a "
                 "byte (or 8-bit blocked weights), int32 accumulation",

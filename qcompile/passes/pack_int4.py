@@ -13,7 +13,10 @@ in float, and the file holds half a byte per weight and one per block of them. T
 
 With ``accuracy_level`` 4 onnxruntime's CPU kernel (MLAS) multiplies int8 activations, quantized per row
 block of the input at run time, by the unpacked 4-bit codes in int32: the activation, already on the
-8-bit grid of its static ``QuantizeLinear`` scale, is rounded once more, to that block's own int8 grid.
+8-bit grid of its static ``QuantizeLinear`` scale, is rounded once more, to that block's own int8 grid. With
+per-row activations (:mod:`qcompile.passes.dynamic_rows`) the static ``QuantizeLinear`` in front of such a layer
+goes (:func:`kernel_quantized_inputs`): the kernel rounds the float rows once, per block, as llama.cpp's Q8
+activations are.
 Other runtimes without the contrib op cannot run the file; the float reference and the TVM library are
 built from the unpacked graph.
 
@@ -170,3 +173,29 @@ def pack_int4_weights(model: ir.Model) -> dict[int, int]:
             del graph.initializers[name]
     logger.info("packed %d 4-bit and %d 8-bit blocked weights into MatMulNBits", count[4], count[8])
     return count
+
+
+def kernel_quantized_inputs(model: ir.Model) -> int:
+    """Let every ``MatMulNBits`` quantize its own input at run time: a static ``QuantizeLinear`` ->
+    ``DequantizeLinear`` in front of it, read by such layers alone, is bypassed, so the kernel (``accuracy_level``
+    4) rounds the float rows to int8 per block of its inputs once, with each block's own scale, instead of
+    rounding the static grid's values again. Returns how many layers read their float input now."""
+    graph = model.graph
+    bypassed = 0
+    for node in list(graph):
+        if node.op_type != "MatMulNBits" or node.domain != DOMAIN or node.inputs[0] is None:
+            continue
+        dq = node.inputs[0].producer()
+        quantized = dq.inputs[0] if dq is not None and dq.op_type == "DequantizeLinear" else None
+        q = quantized.producer() if quantized is not None else None
+        if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None or len(q.outputs[0].uses()) != 1:
+            continue
+        if any(use.node.op_type != "MatMulNBits" for use in dq.outputs[0].uses()):  # type: ignore[union-attr]
+            continue
+        for use in list(dq.outputs[0].uses()):  # type: ignore[union-attr]
+            use.node.replace_input_with(use.idx, q.inputs[0])
+            bypassed += 1
+        graph.remove([dq, q], safe=True)  # type: ignore[list-item]
+    for name in [name for name, value in graph.initializers.items() if not value.uses()]:
+        del graph.initializers[name]
+    return bypassed

@@ -27,9 +27,9 @@ import onnx_ir as ir
 from qcompile.errors import UnsupportedModelError
 from qcompile.graph import add_initializer, drop_if_unused, is_constant, layer_name
 from qcompile.passes.annotate import require_unannotated
+from qcompile.passes.dynamic_rows import Chain, rescaled, row_codes
 from qcompile.passes.quant_spec import TERNARY_KEY
 
-ACTIVATION_LIMIT = 127
 EXACT_RTOL = 1e-6  # magnitudes this close to a channel's peak count as that one level (float32 storage)
 GRANULARITIES = ("channel", "tensor")
 
@@ -55,14 +55,6 @@ def ternarize_weights(weights: np.ndarray, granularity: str = "channel") -> tupl
     scale = np.where(scale > 0, scale, 1.0)
     trits = np.clip(np.round(weights / scale), -1, 1).astype(np.int8)
     return trits, scale.astype(np.float32)
-
-
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The activation quantizer of the rewritten graph, in numpy: (int8 codes, float32 row scales)."""
-    absmax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(np.finfo(np.float32).tiny))
-    scale = (absmax / np.float32(ACTIVATION_LIMIT)).astype(np.float32)
-    codes = np.clip(np.round(x / scale), -ACTIVATION_LIMIT, ACTIVATION_LIMIT).astype(np.int8)
-    return codes, scale
 
 
 @dataclass(frozen=True)
@@ -149,29 +141,16 @@ class TernarizePass(ir.passes.InPlacePass):
         bias: ir.Value | None,
     ) -> None:
         x = node.inputs[0]
+        assert x is not None
         output = node.outputs[0]
-        prefix = f"{name}_ternary"
-        axes = add_initializer(graph, f"{prefix}_axes", np.array([-1], np.int64))
-        tiny = add_initializer(graph, f"{prefix}_tiny", np.array(np.finfo(np.float32).tiny, np.float32))
-        limit = add_initializer(graph, f"{prefix}_limit", np.array(ACTIVATION_LIMIT, np.float32))
-        low = add_initializer(graph, f"{prefix}_low", np.array(-ACTIVATION_LIMIT, np.float32))
-        weights = add_initializer(graph, f"{prefix}_trits", trits)
-        channel_scales = add_initializer(graph, f"{prefix}_scales", scales)
-
-        def step(op: str, inputs: list[ir.Value | None], **attributes: int) -> ir.Value:
-            created = ir.node(op, inputs, attributes=attributes, name=f"{prefix}_{op.lower()}_{len(nodes)}")
-            nodes.append(created)
-            return created.outputs[0]
-
-        nodes: list[ir.Node] = []
-        absmax = step("ReduceMax", [step("Abs", [x]), axes], keepdims=1)
-        row_scale = step("Div", [step("Max", [absmax, tiny]), limit])
-        codes = step("Cast", [step("Clip", [step("Round", [step("Div", [x, row_scale])]), low, limit])], to=3)
-        product = step("MatMulInteger", [codes, weights])
-        nodes[-1].meta[TERNARY_KEY] = name
-        rescaled = step("Mul", [step("Mul", [step("Cast", [product], to=1), row_scale]), channel_scales])
-        result = step("Add", [rescaled, bias]) if bias is not None else rescaled
-        graph.insert_after(node, nodes)
+        chain = Chain(f"{name}_ternary")
+        weights = add_initializer(graph, f"{chain.prefix}_trits", trits)
+        channel_scales = add_initializer(graph, f"{chain.prefix}_scales", scales)
+        codes, row_scale = row_codes(graph, chain, x)
+        product = chain("MatMulInteger", [codes, weights])
+        chain.nodes[-1].meta[TERNARY_KEY] = name
+        result = rescaled(chain, product, row_scale, channel_scales, bias)
+        graph.insert_after(node, chain.nodes)
         output.replace_all_uses_with(result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         result.name, result.shape, result.type = output.name, output.shape, output.type

@@ -26,7 +26,8 @@ from qcompile.backends.tvm import cross, threads
 from qcompile.cli import main
 from qcompile.errors import BackendError, CalibrationError, TargetError, UnsupportedModelError
 from qcompile.execution import to_proto
-from qcompile.passes.ternarize import TernarizePass, quantize_rows, ternarize_weights
+from qcompile.passes.dynamic_rows import quantize_rows
+from qcompile.passes.ternarize import TernarizePass, ternarize_weights
 from qcompile.runtime.executors import session_from_bytes
 from qcompile.runtime.lut import layout as lut_layout
 from qcompile.runtime.lut import pack

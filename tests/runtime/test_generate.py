@@ -278,8 +278,8 @@ def test_the_decode_step_for_a_cortex_a76_runs_under_qemu_like_the_oracle(
     decoder_model: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """For an Arm board the step library is cross-compiled (sdot kernels), run under qemu as a Cortex-A76 on a
-    real step and equal to the numpy oracle of its integer graph (as the host build is), and its latency on the
-    board estimated (llvm-mca), never timed under emulation."""
+    real step and equal to the numpy oracle of its integer graph (as the host build is, to float32 rounding), and
+    its latency on the board estimated (llvm-mca), never timed under emulation."""
     from conftest import emulation_toolchain
 
     if emulation_toolchain({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}) is None:
@@ -293,7 +293,11 @@ def test_the_decode_step_for_a_cortex_a76_runs_under_qemu_like_the_oracle(
     executor = manifest["executors"]["tvm-decode"]
     assert executor["arch"] == "aarch64" and executor["runner"] and "+dotprod" in executor["target"]["mattr"]
     verdict = manifest["measured"]["accuracy"]["decode_step"]
-    assert verdict["oracle"].startswith("bit-exact") and "qemu-aarch64 -cpu cortex-a76" in verdict["oracle"]
+    oracle = verdict["oracle"]
+    assert "qemu-aarch64 -cpu cortex-a76" in oracle
+    # Bit for bit, but for float32 rounding in the float nodes that the per-row activation scales carry into the
+    # outputs (a row's max |x| one ulp apart scales its whole product): within 1e-5 of an output's range.
+    assert oracle.startswith("bit-exact") or (oracle.startswith("within") and float(oracle.split()[1]) <= 1e-5)
     assert "step_ms" not in verdict  # nothing timed under emulation
     assert verdict["board_estimate"]["estimated_ms"] > 0 and "estimate" in verdict["board_estimate"]["source"]
 

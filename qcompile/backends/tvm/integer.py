@@ -84,6 +84,8 @@ FLOAT_FUNCTIONS = frozenset(
         "Neg",
         "Cos",
         "Sin",
+        "Abs",
+        "Round",
     }
 )
 # Ops that only move data, whatever their dtype: with constant parameters they are one gather through a constant
@@ -264,6 +266,8 @@ class _Lowering:
             self.values[output] = self._embedding(node) if embedding else self._table_lookup(node)
         elif op in ("LayerNormalization", "Softmax", "InstanceNormalization"):
             self.values[output] = self._row_op(node)
+        elif op == "ReduceMax" and self.values[node.input[0]].dtype == "float32":
+            self.values[output] = self._row_reduce(node)
         elif op == "ReduceMax":
             self._integer_softmax(node)
             return
@@ -623,6 +627,10 @@ class _Lowering:
                 return zero - x
             if op in ("Cos", "Sin"):  # rotary embeddings of positions given at run time (a decode step's)
                 return tirx.cos(x) if op == "Cos" else tirx.sin(x)
+            if op == "Abs":  # (a row's range, for per-row quantization at run time)
+                return tirx.abs(x)
+            if op == "Round":  # half to even, as ONNX's Round
+                return tirx.nearbyint(x)
             if op == "Erf":
                 from qcompile.backends.tvm.sequence import fast_erf
 
@@ -1144,10 +1152,11 @@ class _Lowering:
         axes = sorted(a % len(shape) for a in axes)
         # a size-1 axis reduces nothing (Swin's pooling: [1, C, 1, S] over its last two axes)
         axes = [a for a in axes if shape[a] != 1] or axes
-        if op not in ("ReduceMean", "ReduceSum", "ReduceL2"):
-            raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered as a mean, a sum or a 2-norm")
+        if op not in ("ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax"):
+            raise NotLowerable(f"{node.name}: {node.op_type} of rows is a mean, a sum, a 2-norm or a maximum here")
         leading = list(range(len(shape) - 1))[-len(axes) :] if axes else []
-        if len(shape) > 1 and axes and axes == leading and all(d == 1 for d in shape[: axes[0]]):
+        over_tokens = len(shape) > 1 and axes and axes == leading and all(d == 1 for d in shape[: axes[0]])
+        if over_tokens and op != "ReduceMax":
             # over every leading axis after the ones (a token mean-pooling [1, S, D] -> [1, D], ConvNeXt V2's
             # response norm over H, W of [1, H, W, C]): one row out
             source = self._float_input(node.input[0])
@@ -1156,9 +1165,15 @@ class _Lowering:
             return Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
         if axes != [len(shape) - 1]:
             raise NotLowerable(f"{node.name}: {node.op_type} of rows is covered over the last axis or the tokens")
-        source = self._float_input(node.input[0])
+        kind = {"ReduceMean": "rowmean", "ReduceSum": "rowsum", "ReduceL2": "rowl2", "ReduceMax": "rowmax"}[op]
+        absolute = self._single_reader(node.input[0], op) if op == "ReduceMax" else None
+        producer = self.producers.get(node.input[0])
+        if absolute is not None and producer is not None and producer.op_type == "Abs":
+            # max |x| (a row's range, for per-row quantization): the Abs read in the reduction, not stored
+            kind, source = "rowabsmax", self._float_input(producer.input[0])
+        else:
+            source = self._float_input(node.input[0])
         logical = Rows((1, 1, 1, source.logical[3]))
-        kind = {"ReduceMean": "rowmean", "ReduceSum": "rowsum", "ReduceL2": "rowl2"}[op]
         value = Lazy(logical, "float32", _source, Anchor(kind, source, logical, "float32"))
         if attributes.get("keepdims", 1):
             return value
@@ -2321,31 +2336,21 @@ def _anchor_kernel(
     if value.leaves:
         raise NotLowerable("an anchor's epilogue that reads another tensor")
     floating = anchor.source_dtype == "float32"
-    if anchor.kind in ("layernorm", "softmax", "rowmean", "rowsum", "rowl2"):
-        from qcompile.backends.tvm import sequence
+    from qcompile.backends.tvm import sequence
 
+    if anchor.kind in ("layernorm", "softmax", *sequence.ROW_REDUCTIONS):
         return sequence.row_kernel(value, anchor, target)
     if anchor.kind == "resize":
         return _resize_kernel(value, anchor, target)
     if anchor.kind == "cumsum":
-        from qcompile.backends.tvm import sequence
-
         return sequence.cumsum_kernel(value, anchor, target)
     if anchor.kind in ("colmean", "colsum", "coll2"):
-        from qcompile.backends.tvm import sequence
-
         return sequence.column_kernel(value, anchor, target)
     if anchor.kind == "intsoftmax":
-        from qcompile.backends.tvm import sequence
-
         return sequence.integer_softmax_kernel(value, anchor, target)
     if anchor.kind == "rotation":
-        from qcompile.backends.tvm import sequence
-
         return sequence.rotation_kernel(value, anchor, target)
     if anchor.kind == "bmm":
-        from qcompile.backends.tvm import sequence
-
         assert anchor.other is not None
         return sequence.batched_matmul_kernel(value, anchor, anchor.other, target, None if floating else flavor)
     if anchor.kind in ("conv", "matmul"):

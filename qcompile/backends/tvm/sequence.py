@@ -46,6 +46,8 @@ EXP_LIMIT = 87.0  # exp(87) ~ 6e37: arguments above are clamped (the power of tw
 # subnormal costs a microcode assist on Intel cores (~100 cycles): MiniLM's masked softmax rows took 0.5 ms
 # each instead of 0.09 (Xeon with AMX, 2 cores). The terms dropped are below 1e-26 of the row's largest.
 EXP_FLOOR = -60.0
+# Row reductions of :func:`row_kernel` (anchor kinds), one value per row.
+ROW_REDUCTIONS = ("rowmean", "rowsum", "rowl2", "rowmax", "rowabsmax")
 
 
 def _vector(dtype: str, lanes: int) -> str:
@@ -267,9 +269,9 @@ def _horizontal(buffer: Any, lanes: int, combine: Any) -> Any:
 
 def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
     """LayerNormalization (``anchor.kind`` "layernorm"; the scale and bias are the epilogue's rows), Softmax
-    ("softmax"), or the mean or sum ("rowmean", "rowsum": one value per row) over the channels of each row,
-    epilogue fused. Rows run in 16-lane blocks and, when the width is not a multiple of 16 (a ViT's 197
-    tokens), one lane at a time over the last ``width % 16`` channels."""
+    ("softmax"), or one value per row over its channels (:data:`ROW_REDUCTIONS`: the mean, sum, 2-norm, maximum
+    or largest magnitude), epilogue fused. Rows run in 16-lane blocks and, when the width is not a multiple of
+    16 (a ViT's 197 tokens), one lane at a time over the last ``width % 16`` channels."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -281,10 +283,13 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
     start = blocks * LANES
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     layernorm = anchor.kind == "layernorm"
-    reduction = anchor.kind in ("rowmean", "rowsum", "rowl2")  # one value per row
+    reduction = anchor.kind in ROW_REDUCTIONS  # one value per row
     norm = anchor.kind == "rowl2"  # (sqrt of the sum of squares: F.normalize's divisor, SwinV2's cosine attention)
+    largest = anchor.kind in ("rowmax", "rowabsmax")  # (max |x|: the range of per-row quantization at run time)
 
     def term(x: Any) -> Any:
+        if anchor.kind == "rowabsmax":
+            return tirx.abs(x)
         return x * x if norm else x
 
     factor = 1.0 / channels if anchor.kind == "rowmean" else 1.0
@@ -333,20 +338,26 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
                 stats[0] = _horizontal(acc, LANES, maximum)
                 for t in range(tail):
                     stats[0] = T.max(stats[0], X[0, m, start + t])
-            acc[whole] = lanes_of(0.0)
+            acc[whole] = lanes_of(-3.0e38 if largest else 0.0)
             for b in range(blocks):
-                if layernorm or reduction:
+                if largest:
+                    acc[whole] = T.max(acc[whole], term(X[0, m, columns(b)]))
+                elif layernorm or reduction:
                     acc[whole] = acc[whole] + term(X[0, m, columns(b)])
                 else:
                     acc[whole] = acc[whole] + fast_exp(X[0, m, columns(b)] - T.Broadcast(stats[0], LANES), LANES)
-            stats[1] = _horizontal(acc, LANES, add)
+            stats[1] = _horizontal(acc, LANES, maximum if largest else add)
             for t in range(tail):
-                if layernorm or reduction:
+                if largest:
+                    stats[1] = T.max(stats[1], term(X[0, m, start + t]))
+                elif layernorm or reduction:
                     stats[1] = stats[1] + term(X[0, m, start + t])
                 else:
                     stats[1] = stats[1] + fast_exp(X[0, m, start + t] - stats[0], 1)
             if norm:
                 Y[store_index(target, 0, m, 0)] = reduced(T.sqrt(stats[1]), K64, K32, KF)
+            elif largest:
+                Y[store_index(target, 0, m, 0)] = reduced(stats[1], K64, K32, KF)
             elif reduction:
                 Y[store_index(target, 0, m, 0)] = reduced(stats[1] * T.float32(factor), K64, K32, KF)
             elif layernorm:

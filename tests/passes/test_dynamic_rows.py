@@ -1,0 +1,150 @@
+"""Linear layers quantize their inputs per row at run time: the rewritten QDQ graph against a plain numpy model of
+its integer arithmetic, the layers it leaves static, and the choice the options make."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.errors import CalibrationError
+from qcompile.execution import to_proto
+from qcompile.flow.quantize import QuantizeOptions, per_row_activations
+from qcompile.passes.dynamic_rows import ROWS_KEY, DynamicActivationsPass, quantize_rows
+from qcompile.passes.last_logits import INPUT, slice_before_head
+from qcompile.runtime.executors import session_from_bytes
+
+RNG = np.random.default_rng(0)
+W1 = RNG.integers(-127, 128, (8, 6)).astype(np.int8)  # MatMul [K, N], per-channel scales
+S1 = RNG.uniform(0.01, 0.02, 6).astype(np.float32)
+W2 = RNG.integers(-127, 128, (5, 8)).astype(np.int8)  # Gemm transB [N, K], one scale, an int32 bias
+S2 = np.float32(0.015)
+BIAS_CODES = RNG.integers(-1000, 1000, 5).astype(np.int32)
+BIAS_SCALE = np.float32(0.05 * 0.015)  # the static input scale x the weight scale, as QDQ writes it
+
+
+def _qdq_model() -> ir.Model:
+    """x [2, S, 8] -> Relu -> Q/DQ -> MatMul (y) and -> Gemm over one row (z); a static product Q.K^T (p) reads
+    the same codes, so those stay static, and a second Q/DQ feeds the two linear layers alone."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
+        helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["hd"]),
+        helper.make_node("MatMul", ["hd", "hd_t"], ["p"]),  # an activation product: static
+        helper.make_node("Transpose", ["hd"], ["hd_t"], perm=[0, 2, 1]),
+        helper.make_node("Neg", ["x"], ["g"]),
+        helper.make_node("QuantizeLinear", ["g", "s", "z"], ["gq"]),
+        helper.make_node("DequantizeLinear", ["gq", "s", "z"], ["gd"]),
+        helper.make_node("DequantizeLinear", ["w1", "s1", "w1z"], ["w1d"], axis=1),
+        helper.make_node("MatMul", ["gd", "w1d"], ["y"]),
+        helper.make_node("Reshape", ["g", "rows"], ["g2"]),
+        helper.make_node("QuantizeLinear", ["g2", "s", "z"], ["g2q"]),
+        helper.make_node("DequantizeLinear", ["g2q", "s", "z"], ["g2d"]),
+        helper.make_node("DequantizeLinear", ["w2", "s2", "w2z"], ["w2d"], axis=0),
+        helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], axis=0),
+        helper.make_node("Gemm", ["g2d", "w2d", "bd"], ["zz"], transB=1),
+    ]
+    initializers = {
+        "s": np.float32(0.05),
+        "z": np.uint8(128),
+        "w1": W1,
+        "s1": S1,
+        "w1z": np.zeros(6, np.int8),
+        "w2": W2,
+        "s2": np.array([S2] * 5, np.float32),
+        "w2z": np.zeros(5, np.int8),
+        "b": BIAS_CODES,
+        "bs": np.array([BIAS_SCALE] * 5, np.float32),
+        "bz": np.zeros(5, np.int32),
+        "rows": np.array([-1, 8], np.int64),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "S", 8])],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+            for name in ("p", "y", "zz")  # (shapes left to inference)
+        ],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in initializers.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return ir.from_proto(model)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    session = session_from_bytes(to_proto(model).SerializeToString())
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x}), strict=True))
+
+
+def test_linear_layers_compute_per_row_codes_bit_exactly_like_the_numpy_model() -> None:
+    """Exact equality, no tolerance: the same float32 divisions, roundings and products in the same order, and an
+    exact int32 product."""
+    x = (RNG.standard_normal((2, 3, 8)) * np.array([[[1.0], [30.0], [0.01]]])).astype(np.float32)
+    model = _qdq_model()
+    before = _run(model, x)
+    rewrite = DynamicActivationsPass()
+    rewrite(model)
+    assert len(rewrite.layers) == 2  # the MatMul and the Gemm; the product of activations stays static
+    after = _run(model, x)
+    np.testing.assert_array_equal(after["p"], before["p"])
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulInteger") == 2
+
+    g = -x
+    codes, scale = quantize_rows(g)
+    acc = codes.astype(np.int32) @ W1.astype(np.int32)
+    np.testing.assert_array_equal(after["y"], acc.astype(np.float32) * scale * S1)
+    rows = g.reshape(-1, 8)
+    codes, scale = quantize_rows(rows)
+    acc = codes.astype(np.int32) @ W2.T.astype(np.int32)
+    bias = (BIAS_CODES.astype(np.float64) * BIAS_SCALE).astype(np.float32)
+    np.testing.assert_array_equal(after["zz"], acc.astype(np.float32) * scale * S2 + bias)
+    # the row of 0.01s keeps its resolution: per-tensor codes at 0.05 round it to nothing
+    assert np.abs(after["y"][:, 2] - (g[:, 2] @ (W1 * S1))).max() < 0.1 * np.abs(g[:, 2] @ (W1 * S1)).max()
+    assert np.abs(before["y"][:, 2]).max() == 0.0
+
+
+def test_a_zero_row_gives_zero_codes_not_a_division_by_zero() -> None:
+    model = _qdq_model()
+    DynamicActivationsPass()(model)
+    y = _run(model, np.zeros((2, 1, 8), np.float32))["y"]
+    assert np.all(y == 0.0) and np.all(np.isfinite(y))
+
+
+def test_the_lm_head_slices_before_its_row_quantization() -> None:
+    """A decoder's prefill slices the head's input rows, in front of the chain every node of which names it."""
+    model = _qdq_model()
+    model.graph.outputs.pop(2)
+    model.graph.outputs.pop(0)
+    DynamicActivationsPass()(model)
+    output = model.graph.outputs[0]
+    output.name, output.shape = "logits", ir.Shape([2, "S", 6])
+    assert output.producer() is not None and output.producer().metadata_props[ROWS_KEY] == "g"
+    x = RNG.standard_normal((2, 5, 8)).astype(np.float32)
+    every = session_from_bytes(to_proto(model).SerializeToString()).run(None, {"x": x})[0]
+    assert slice_before_head(model, "logits") == INPUT
+    last = session_from_bytes(to_proto(model).SerializeToString()).run(None, {"x": x, INPUT: np.array([4])})[0]
+    np.testing.assert_array_equal(last[:, 0], every[:, -1])
+
+
+def test_auto_is_dynamic_for_a_decoder_with_a_cache_and_static_otherwise() -> None:
+    def model_with(inputs: list[str], outputs: list[str]) -> ir.Model:
+        values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in inputs + outputs]
+        nodes = [helper.make_node("Identity", [inputs[0]], [name]) for name in outputs]
+        graph = helper.make_graph(nodes, "g", values[: len(inputs)], values[len(inputs) :])
+        return ir.from_proto(helper.make_model(graph))
+
+    cache = ["past_key_values.0.key", "past_key_values.0.value"]
+    decoder = model_with(["input_ids", *cache], ["logits", "present.0.key", "present.0.value"])
+    encoder = model_with(["input_ids"], ["last_hidden_state"])
+    assert per_row_activations(decoder, QuantizeOptions())
+    assert not per_row_activations(encoder, QuantizeOptions())
+    assert per_row_activations(encoder, QuantizeOptions(activations="dynamic"))
+    assert not per_row_activations(decoder, QuantizeOptions(activations="static"))
+    assert not per_row_activations(decoder, QuantizeOptions(integer_only=True))
+    with pytest.raises(CalibrationError, match="float unit"):
+        QuantizeOptions(activations="dynamic", integer_only=True)
+    with pytest.raises(CalibrationError, match="activations 'rows'"):
+        QuantizeOptions(activations="rows")
