@@ -346,6 +346,15 @@ def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert not (tmp_path / "out").exists()
 
 
+def test_dynamic_activations_on_an_integer_only_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Per-row scales are float: an integer-only device cannot compute them (its 'auto' is static)."""
+    line = compile_with_good_inputs(
+        capsys, tmp_path, tmp_path / "out", "--target", "int8-npu", "--activations", "dynamic"
+    )
+    assert "dynamic activations" in line and "float unit" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "taken"
     output.write_text("not a folder")
