@@ -36,6 +36,7 @@ from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, per_row_acti
 from qcompile.graph import clone
 from qcompile.passes import last_logits, pack_int4
 from qcompile.passes.embedding import quantize_embeddings
+from qcompile.passes.hadamard import channels_in_grid_order
 from qcompile.passes.manager import PassLog
 from qcompile.passes.pack_int4 import pack_int4_weights
 from qcompile.passes.share_constants import share_constants
@@ -250,7 +251,9 @@ def write_onnx(build: Build) -> None:
 def _packed(build: Build) -> ir.Model:
     """The graph the 'onnxruntime' executor runs: a decoder's embedding table as int8 rows
     (:mod:`qcompile.passes.embedding`), and 4-bit blocked weights packed two to a byte where the options make
-    any (:mod:`qcompile.passes.pack_int4`); equal constants stored once (:mod:`qcompile.passes.share_constants`).
+    any (:mod:`qcompile.passes.pack_int4`); online rotations read in grid order
+    (:func:`qcompile.passes.hadamard.channels_in_grid_order`); equal constants stored once
+    (:mod:`qcompile.passes.share_constants`).
     The TVM library is built from the graph before any of these."""
     assert build.graph is not None
     packed = clone(build.graph)
@@ -274,6 +277,9 @@ def _packed(build: Build) -> ir.Model:
                 "byte (or 8-bit blocked weights), int32 accumulation",
             }
         )
+    grid = channels_in_grid_order(packed)  # online rotations without their last Transpose (the same products)
+    if grid:
+        build.passes.append({"name": "rotations_in_grid_order", "rotations": grid})
     if build.causal is not None:  # a prefill computes the logits of the last position alone
         build.logits_from = last_logits.slice_before_head(packed, build.causal.logits)
     shared = share_constants(packed)

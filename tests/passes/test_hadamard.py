@@ -18,8 +18,8 @@ from graph_helpers import constant
 
 from qcompile import execution, frontend
 from qcompile.errors import CalibrationError
-from qcompile.flow.quantize import QuantizeOptions
-from qcompile.passes.hadamard import HadamardRotationPass, factors, rotation
+from qcompile.flow.quantize import QuantizeOptions, quantize
+from qcompile.passes.hadamard import HadamardRotationPass, channels_in_grid_order, factors, rotation
 from qcompile.passes.matmul_to_gemm import MatMulAddToGemmPass
 from qcompile.search import sensitivity
 
@@ -205,3 +205,22 @@ def test_layer_norm_stream_is_centred_and_rotated_as_rmsnorm() -> None:
     assert not any(node.op_type == "LayerNormalization" for node in model.graph)
     online = {str(node.name).split("_hadamard")[0] for node in model.graph if "_hadamard" in str(node.name)}
     assert online == {"hidden"}
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_onnxruntimes_file_reads_rotated_rows_in_grid_order(activations: str) -> None:
+    """Exact (no tolerance): without the last Transpose of a Kronecker rotation, the rotated row's channels come
+    in grid order, and the integer weights reading it, their rows permuted the same way, make the same int32
+    products; a row's quantization (static per tensor, or its largest magnitude at run time) is the same."""
+    model, feeds = _tiny_decoder()
+    options = QuantizeOptions(
+        rotate="hadamard", activations=activations, float_threshold=0, bias_correction="none", smoothquant=None
+    )
+    quantized = quantize(model, feeds, options, progress=False).model
+    before = sensitivity.run_all(quantized, feeds)
+    transposes = sum(node.op_type == "Transpose" for node in quantized.graph)
+    changed = channels_in_grid_order(quantized)
+    assert changed >= 1
+    assert sum(node.op_type == "Transpose" for node in quantized.graph) == transposes - changed
+    for ours, theirs in zip(sensitivity.run_all(quantized, feeds), before, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
