@@ -604,13 +604,13 @@ def _reads_rows(node: ir.Node) -> bool:
 def channels_in_grid_order(model: ir.Model) -> int:
     """For onnxruntime's file: drop each Kronecker online rotation's last ``Transpose`` (``[rows, p, m]`` back to
     ``[rows, m, p]``), so the rotated row comes out with its channels in grid order (channel ``j m + i`` holds
-    channel ``i p + j``), and permute the rows of the integer weights that read it the same way. The products are
-    the same integers: a row's quantization (per tensor, or per row at run time: its largest magnitude) does not
-    depend on the order of its channels, nor does an int32 dot product. Only where every reader is such a layer:
-    a static ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``MatMul`` by per-channel int8 weights, or the per-row
-    chain of :mod:`qcompile.passes.dynamic_rows` ending in ``MatMulInteger``. onnxruntime's ``Transpose`` of
-    ``[rows, 4, 144]`` took a fifth of SmolLM2's prefill (53 of 274 ms for 256 tokens, 2 cores). Returns how many
-    rotations changed."""
+    channel ``i p + j``), and permute the input rows of the integer weights that read it the same way. The
+    products are the same integers: a row's quantization (per tensor, or per row at run time: its largest
+    magnitude) does not depend on the order of its channels, nor does an int32 dot product. Only where every
+    reader is such a layer: a static ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``MatMul`` / ``Gemm`` by
+    per-channel int8 weights, or the per-row chain of :mod:`qcompile.passes.dynamic_rows` ending in
+    ``MatMulInteger``. onnxruntime's ``Transpose`` of ``[rows, 4, 144]`` took a fifth of SmolLM2's prefill (53 of
+    274 ms for 256 tokens, 2 cores). Returns how many rotations changed."""
     from qcompile.passes.dynamic_rows import ROWS_KEY
 
     graph = model.graph
@@ -628,22 +628,24 @@ def channels_in_grid_order(model: ir.Model) -> int:
         if outer is None or weights is None or rotated.is_graph_output():
             continue
         m = outer.numpy().shape[0]
-        channels = weights[0].const_value.numpy().shape[0]  # type: ignore[union-attr]
+        first, first_axis = weights[0]
+        channels = first.const_value.numpy().shape[first_axis]  # type: ignore[union-attr]
         p = channels // m
         order = np.arange(channels).reshape(m, p).T.reshape(-1)  # grid position j m + i <- channel i p + j
-        for weight in weights:
-            array = weight.const_value.numpy()  # type: ignore[union-attr]
-            weight.const_value = ir.tensor(np.ascontiguousarray(array[order]), name=weight.name)
+        for weight, axis in weights:
+            array = np.take(weight.const_value.numpy(), order, axis=axis)  # type: ignore[union-attr]
+            weight.const_value = ir.tensor(np.ascontiguousarray(array), name=weight.name)
         readers[0].node.replace_input_with(0, unflip.inputs[0])
         graph.remove(unflip, safe=True)
         changed += 1
     return changed
 
 
-def _grid_order_weights(rotated: ir.Value, rows_key: str) -> list[ir.Value] | None:
-    """The int8 weight constants ``[K, N]`` of the layers reading ``rotated``, when every reader is one whose
-    result does not depend on the order of the rows' channels but through those weights; None otherwise."""
-    weights: list[ir.Value] = []
+def _grid_order_weights(rotated: ir.Value, rows_key: str) -> list[tuple[ir.Value, int]] | None:
+    """The int8 weight constants of the layers reading ``rotated`` and their input axis, when every reader is
+    one whose result does not depend on the order of the rows' channels but through those weights; None
+    otherwise."""
+    weights: list[tuple[ir.Value, int]] = []
     for use in rotated.uses():
         node = use.node
         if node.metadata_props.get(rows_key) == rotated.name:  # the per-row chain: its products' weights
@@ -655,10 +657,10 @@ def _grid_order_weights(rotated: ir.Value, rows_key: str) -> list[ir.Value] | No
             if dq.op_type != "DequantizeLinear" or _size(dq.inputs[1]) != 1:
                 return None
             for reader in dq.outputs[0].uses():
-                weight = _dequantized_weight(reader.node) if reader.idx == 0 else None
-                if weight is None:
+                found = _dequantized_weight(reader.node) if reader.idx == 0 else None
+                if found is None:
                     return None
-                weights.append(weight)
+                weights.append(found)
     graph = rotated.graph
     if graph is None:
         return None
@@ -669,12 +671,13 @@ def _grid_order_weights(rotated: ir.Value, rows_key: str) -> list[ir.Value] | No
             weight = node.inputs[1]
             if weight is None or weight.const_value is None or len(weight.uses()) != 1 or weight.is_graph_input():
                 return None
-            weights.append(weight)
+            weights.append((weight, 0))
         elif any(value is rotated for value in node.inputs) and node.op_type not in ("Abs", "Div"):
             return None
-    if not weights or any(w.const_value is None or w.const_value.shape.rank() != 2 for w in weights):
+    if not weights or any(w.const_value is None or w.const_value.shape.rank() != 2 for w, _ in weights):
         return None
-    if len({w.const_value.shape[0] for w in weights}) != 1 or len({id(w) for w in weights}) != len(weights):  # type: ignore[union-attr]
+    depths = {w.const_value.numpy().shape[axis] for w, axis in weights}  # type: ignore[union-attr]
+    if len(depths) != 1 or len({id(w) for w, _ in weights}) != len(weights):
         return None
     return weights
 
@@ -683,16 +686,23 @@ def _size(value: ir.Value | None) -> int | None:
     return None if value is None or value.const_value is None else int(value.const_value.numpy().size)
 
 
-def _dequantized_weight(node: ir.Node) -> ir.Value | None:
-    """The int8 codes ``[K, N]`` a MatMul reads through a per-channel (axis 1) or per-tensor DequantizeLinear,
-    read by nothing else."""
-    if node.op_type != "MatMul" or node.inputs[1] is None:
+def _dequantized_weight(node: ir.Node) -> tuple[ir.Value, int] | None:
+    """The int8 codes a MatMul or Gemm reads through a per-channel (along its outputs) or per-tensor
+    DequantizeLinear, read by nothing else, and their input axis (0 for ``[K, N]``, 1 for a Gemm's transposed
+    ``[N, K]``)."""
+    if node.op_type not in ("MatMul", "Gemm") or node.inputs[1] is None:
+        return None
+    transposed = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() == 1
+    if node.op_type == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int() == 1:
         return None
     dq = node.inputs[1].producer()
     if dq is None or dq.op_type != "DequantizeLinear" or len(node.inputs[1].uses()) != 1:
         return None
     codes = dq.inputs[0]
     axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
-    if codes is None or codes.const_value is None or len(codes.uses()) != 1 or (_size(dq.inputs[1]) != 1 and axis != 1):
+    outputs_axis = 0 if transposed else 1
+    if codes is None or codes.const_value is None or len(codes.uses()) != 1:
         return None
-    return codes
+    if _size(dq.inputs[1]) != 1 and axis != outputs_axis:
+        return None
+    return codes, 1 - outputs_axis

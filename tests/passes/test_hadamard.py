@@ -224,3 +224,26 @@ def test_onnxruntimes_file_reads_rotated_rows_in_grid_order(activations: str) ->
     assert sum(node.op_type == "Transpose" for node in quantized.graph) == transposes - changed
     for ours, theirs in zip(sensitivity.run_all(quantized, feeds), before, strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_gemm_with_a_bias_reads_rotated_rows_in_grid_order() -> None:
+    """The same for a Gemm (a MatMul with its bias, as exporters write BERT's layers): exact."""
+    rng = np.random.default_rng(2)
+    x = ir.Value(name="x", shape=ir.Shape([6, 48]), type=ir.TensorType(ir.DataType.FLOAT))
+    w1, b1, w2 = (
+        constant(name, rng.standard_normal(shape)) for name, shape in (("w1", (48, 24)), ("b1", (24,)), ("w2", (24, 8)))
+    )
+    hidden, y = (
+        ir.Value(name="hidden"),
+        ir.Value(name="y", shape=ir.Shape([6, 8]), type=ir.TensorType(ir.DataType.FLOAT)),
+    )
+    nodes = [ir.node("Gemm", [x, w1, b1], outputs=[hidden], name="first"), ir.node("MatMul", [hidden, w2], outputs=[y])]
+    graph = ir.Graph([x], [y], nodes=nodes, initializers=[w1, b1, w2], opset_imports={"": 18}, name="gemm")
+    model = frontend.normalize(ir.Model(graph, ir_version=10), name="gemm")
+    feeds = [{"x": rng.standard_normal((6, 48)).astype(np.float32)} for _ in range(3)]
+    options = QuantizeOptions(rotate="hadamard", activations="static", float_threshold=0, smoothquant=None)
+    quantized = quantize(model, feeds, options, progress=False).model
+    before = sensitivity.run_all(quantized, feeds)
+    assert channels_in_grid_order(quantized) == 1
+    for ours, theirs in zip(sensitivity.run_all(quantized, feeds), before, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
