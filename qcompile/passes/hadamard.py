@@ -61,6 +61,7 @@ from qcompile.graph import (
     single_use_constant,
 )
 from qcompile.passes.annotate import require_unannotated
+from qcompile.passes.dynamic_rows import ROWS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -611,9 +612,12 @@ def channels_in_grid_order(model: ir.Model) -> int:
     per-channel int8 weights, or the per-row chain of :mod:`qcompile.passes.dynamic_rows` ending in
     ``MatMulInteger``. onnxruntime's ``Transpose`` of ``[rows, 4, 144]`` took a fifth of SmolLM2's prefill (53 of
     274 ms for 256 tokens, 2 cores). Returns how many rotations changed."""
-    from qcompile.passes.dynamic_rows import ROWS_KEY
-
     graph = model.graph
+    chains: dict[str, list[ir.Node]] = {}  # the per-row chains' nodes, by the value they quantize
+    for node in graph:
+        source = node.metadata_props.get(ROWS_KEY)
+        if source is not None:
+            chains.setdefault(source, []).append(node)
     changed = 0
     for unflip in list(graph):
         if unflip.op_type != "Transpose" or not str(unflip.name).endswith("_hadamard_unflip"):
@@ -624,7 +628,7 @@ def channels_in_grid_order(model: ir.Model) -> int:
             continue
         rotated = readers[0].node.outputs[0]
         outer = mixing.inputs[1].const_value if mixing.inputs[1] is not None else None
-        weights = _grid_order_weights(rotated, ROWS_KEY)
+        weights = _grid_order_weights(rotated, chains.get(str(rotated.name), []))
         if outer is None or weights is None or rotated.is_graph_output():
             continue
         m = outer.numpy().shape[0]
@@ -641,14 +645,14 @@ def channels_in_grid_order(model: ir.Model) -> int:
     return changed
 
 
-def _grid_order_weights(rotated: ir.Value, rows_key: str) -> list[tuple[ir.Value, int]] | None:
+def _grid_order_weights(rotated: ir.Value, chain: list[ir.Node]) -> list[tuple[ir.Value, int]] | None:
     """The int8 weight constants of the layers reading ``rotated`` and their input axis, when every reader is
-    one whose result does not depend on the order of the rows' channels but through those weights; None
-    otherwise."""
+    one whose result does not depend on the order of the rows' channels but through those weights (``chain``:
+    the nodes of ``rotated``'s per-row quantization); None otherwise."""
     weights: list[tuple[ir.Value, int]] = []
     for use in rotated.uses():
         node = use.node
-        if node.metadata_props.get(rows_key) == rotated.name:  # the per-row chain: its products' weights
+        if any(node is member for member in chain):  # the per-row chain: its products' weights, below
             continue
         if node.op_type != "QuantizeLinear" or use.idx != 0 or _size(node.inputs[1]) != 1:
             return None
@@ -661,12 +665,7 @@ def _grid_order_weights(rotated: ir.Value, rows_key: str) -> list[tuple[ir.Value
                 if found is None:
                     return None
                 weights.append(found)
-    graph = rotated.graph
-    if graph is None:
-        return None
-    for node in graph:
-        if node.metadata_props.get(rows_key) != rotated.name:
-            continue
+    for node in chain:
         if node.op_type == "MatMulInteger":
             weight = node.inputs[1]
             if weight is None or weight.const_value is None or len(weight.uses()) != 1 or weight.is_graph_input():

@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import convenience
 
-from qcompile.graph import add_initializer
+from qcompile.graph import add_initializer, drop_if_unused
 from qcompile.passes.quant_spec import SCALE_TABLE, scale_codes
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,6 @@ def kernel_quantized_inputs(model: ir.Model) -> int:
             use.node.replace_input_with(use.idx, q.inputs[0])
             bypassed += 1
         graph.remove([dq, q], safe=True)  # type: ignore[list-item]
-    for name in [name for name, value in graph.initializers.items() if not value.uses()]:
-        del graph.initializers[name]
+        for value in (*q.inputs[1:], *dq.inputs[1:]):  # type: ignore[union-attr]
+            drop_if_unused(graph, value)
     return bypassed
