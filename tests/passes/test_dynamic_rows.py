@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile.errors import CalibrationError
 from qcompile.execution import to_proto
 from qcompile.flow.quantize import QuantizeOptions, per_row_activations
-from qcompile.passes.dynamic_rows import ROWS_KEY, DynamicActivationsPass, quantize_rows
+from qcompile.passes.dynamic_rows import ROWS_KEY, DynamicActivationsPass, quantize_probability_rows, quantize_rows
 from qcompile.passes.last_logits import INPUT, slice_before_head
 from qcompile.runtime.executors import session_from_bytes
 
@@ -127,6 +127,73 @@ def test_the_lm_head_slices_before_its_row_quantization() -> None:
     assert slice_before_head(model, "logits") == INPUT
     last = session_from_bytes(to_proto(model).SerializeToString()).run(None, {"x": x, INPUT: np.array([4])})[0]
     np.testing.assert_array_equal(last[:, 0], every[:, -1])
+
+
+def _attention_model() -> ir.Model:
+    """scores [1, 2, S, T] -> Softmax -> Where(IsNaN(p), 0, p) -> Q/DQ (zero point 0) -> MatMul by V's static
+    codes (v [1, 2, T, 4], zero point 130); the probabilities and V's codes are outputs too, for the numpy model."""
+    nodes = [
+        helper.make_node("Softmax", ["scores"], ["soft"], axis=-1),
+        helper.make_node("IsNaN", ["soft"], ["nan"]),
+        helper.make_node("Where", ["nan", "zero", "soft"], ["p"]),
+        helper.make_node("QuantizeLinear", ["p", "ps", "pz"], ["pq"]),
+        helper.make_node("DequantizeLinear", ["pq", "ps", "pz"], ["pd"]),
+        helper.make_node("QuantizeLinear", ["v", "vs", "vz"], ["vq"]),
+        helper.make_node("DequantizeLinear", ["vq", "vs", "vz"], ["vd"]),
+        helper.make_node("MatMul", ["pd", "vd"], ["o"]),
+    ]
+    initializers = {
+        "zero": np.float32(0.0),
+        "ps": np.float32(1.0 / 255),
+        "pz": np.uint8(0),
+        "vs": np.float32(0.02),
+        "vz": np.uint8(130),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2, "S", "T"]),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 2, "T", 4]),
+        ],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("o", "p")]
+        + [helper.make_tensor_value_info("vq", TensorProto.UINT8, None)],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in initializers.items()],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_attention_probabilities_get_per_row_codes_bit_exactly_like_the_numpy_model() -> None:
+    """P V with P per row at run time equals the numpy model exactly (the probabilities and V's codes read from
+    the graph, so that only the rewrite's own arithmetic is modelled); a row spread over many positions, whose
+    maximum is far below the static scale's range, keeps its resolution."""
+    scores = (RNG.standard_normal((1, 2, 3, 200)) * np.array([[[[8.0], [0.01], [2.0]]]])).astype(np.float32)
+    v = RNG.uniform(-2, 2, (1, 2, 200, 4)).astype(np.float32)
+
+    def run(model: ir.Model) -> dict[str, np.ndarray]:
+        session = session_from_bytes(to_proto(model).SerializeToString())
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, {"scores": scores, "v": v}), strict=True))
+
+    model = _attention_model()
+    before = run(model)
+    rewrite = DynamicActivationsPass()
+    rewrite(model)
+    assert rewrite.products == ["o"] and rewrite.layers == []
+    static = [
+        node.outputs[0].name
+        for node in model.graph
+        if node.op_type == "QuantizeLinear" and ROWS_KEY not in node.metadata_props
+    ]
+    assert static == ["vq"] and [node.op_type for node in model.graph].count("MatMulInteger") == 1
+    after = run(model)
+    codes, scale = quantize_probability_rows(after["p"])
+    acc = codes.astype(np.int32) @ (after["vq"].astype(np.int32) - 130)
+    np.testing.assert_array_equal(after["o"], acc.astype(np.float32) * scale * np.float32(0.02))
+    # the flat row (maximum ~1/200): 1/255 static steps leave it 2 levels; per row it has 255
+    exact = after["p"] @ ((after["vq"].astype(np.float32) - 130) * np.float32(0.02))
+    error_after, error_before = (np.abs(out[0, :, 1] - exact[0, :, 1]).max() for out in (after["o"], before["o"]))
+    assert error_after < 0.05 * error_before
 
 
 def test_auto_is_dynamic_for_a_decoder_with_a_cache_and_static_otherwise() -> None:

@@ -151,7 +151,9 @@ def lower_quantize(lowering: Lowering, node: onnx.NodeProto) -> bool:
 
 
 def keep_integer_arithmetic(lowering: Lowering, node: onnx.NodeProto) -> bool:
-    """Integer and boolean arithmetic on integer inputs (masks, position ids) is already integer-only."""
+    """Integer and boolean arithmetic on integer inputs (masks, position ids, a ``MatMulInteger`` of run-time
+    codes) is already integer-only. An input that a ``QuantizeLinear`` quantized is read as the codes it lowered
+    to (the same integers: the lowered codes keep that node's scale and zero point)."""
     types = lowering.element_types
     if not (
         node.input
@@ -159,6 +161,13 @@ def keep_integer_arithmetic(lowering: Lowering, node: onnx.NodeProto) -> bool:
         and all(types.get(value) in INTEGRAL_TYPES for value in node.output)
     ):
         return False
+    renamed = [value.name if isinstance(value := lowering.values.get(name), Codes) else name for name in node.input]
+    if renamed != list(node.input):
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        del kept.input[:]
+        kept.input.extend(renamed)
+        node = kept
     lowering.build.nodes.append(node)
     return True
 
