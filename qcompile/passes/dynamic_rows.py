@@ -34,6 +34,7 @@ The chain is shared with the ternary path (:mod:`qcompile.passes.ternarize`), wh
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -161,19 +162,25 @@ def _bias(node: ir.Node) -> np.ndarray | bool | None:
     return ((codes.astype(np.float64) - zero) * scales).astype(np.float32)
 
 
-def _linear_readers(q: ir.Node) -> list[ir.Node] | None:
-    """The linear layers reading ``q``'s codes through ``DequantizeLinear`` as their input, when they are its
-    only readers and each has a weight this pass takes; None otherwise."""
+def _readers(q: ir.Node, takes: Callable[[ir.Node, int], bool]) -> list[ir.Node] | None:
+    """The nodes reading ``q``'s codes through ``DequantizeLinear``, when they are its only readers and ``takes``
+    each (the node, the input it reads them as); None otherwise."""
     readers: list[ir.Node] = []
     for use in q.outputs[0].uses():
         dq = use.node
         if dq.op_type != "DequantizeLinear" or q.outputs[0].is_graph_output() or dq.outputs[0].is_graph_output():
             return None
         for reader in dq.outputs[0].uses():
-            if reader.idx != 0 or _weight(reader.node) is None or _bias(reader.node) is False:
+            if not takes(reader.node, reader.idx):
                 return None
             readers.append(reader.node)
     return readers or None
+
+
+def _linear_readers(q: ir.Node) -> list[ir.Node] | None:
+    """The linear layers reading ``q``'s codes as their input, when they are its only readers and each has a
+    weight this pass takes; None otherwise."""
+    return _readers(q, lambda node, index: index == 0 and _weight(node) is not None and _bias(node) is not False)
 
 
 def _probabilities(value: ir.Value) -> bool:
@@ -213,18 +220,12 @@ def _product_readers(q: ir.Node) -> list[ir.Node] | None:
     zero = q.inputs[2].const_value if len(q.inputs) > 2 and q.inputs[2] is not None else None
     if zero is None or zero.dtype != ir.DataType.UINT8:
         return None
-    readers: list[ir.Node] = []
-    for use in q.outputs[0].uses():
-        dq = use.node
-        if dq.op_type != "DequantizeLinear" or q.outputs[0].is_graph_output() or dq.outputs[0].is_graph_output():
-            return None
-        for reader in dq.outputs[0].uses():
-            node = reader.node
-            right = node.inputs[1].producer() if len(node.inputs) == 2 and node.inputs[1] is not None else None
-            if node.op_type != "MatMul" or reader.idx != 0 or not _static_codes(right):
-                return None
-            readers.append(node)
-    return readers or None
+
+    def takes(node: ir.Node, index: int) -> bool:
+        right = node.inputs[1].producer() if len(node.inputs) == 2 and node.inputs[1] is not None else None
+        return node.op_type == "MatMul" and index == 0 and _static_codes(right)
+
+    return _readers(q, takes)
 
 
 class DynamicActivationsPass(ir.passes.InPlacePass):
@@ -280,11 +281,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             result = rescaled(chain, product, row_scale, right.inputs[1], None)  # type: ignore[arg-type]
             self._replace(graph, node, chain, result)
             self.products.append(name)
-        for dq in [use.node for use in q.outputs[0].uses()]:
-            graph.remove(dq, safe=True)
-        graph.remove(q, safe=True)
-        for value in q.inputs[1:]:
-            drop_if_unused(graph, value)
+        _remove_static(graph, q)
 
     @staticmethod
     def _replace(graph: ir.Graph, node: ir.Node, chain: Chain, result: ir.Value) -> None:
@@ -318,11 +315,17 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             result = rescaled(chain, product, row_scale, channel_scales, bias_value)
             self._replace(graph, node, chain, result)
             self.layers.append(name)
-        for dq in [use.node for use in q.outputs[0].uses()]:
-            graph.remove(dq, safe=True)
-        graph.remove(q, safe=True)
-        for value in q.inputs[1:]:
-            drop_if_unused(graph, value)
+        _remove_static(graph, q)
+
+
+def _remove_static(graph: ir.Graph, q: ir.Node) -> None:
+    """The static quantization ``q`` that nothing reads through its DequantizeLinears any more, with its
+    constants."""
+    for dq in [use.node for use in q.outputs[0].uses()]:
+        graph.remove(dq, safe=True)
+    graph.remove(q, safe=True)
+    for value in q.inputs[1:]:
+        drop_if_unused(graph, value)
 
 
 def _drop_chain(graph: ir.Graph, value: ir.Value | None) -> None:
