@@ -671,7 +671,7 @@ def _grid_order_weights(rotated: ir.Value, chain: list[ir.Node]) -> list[tuple[i
             if weight is None or weight.const_value is None or len(weight.uses()) != 1 or weight.is_graph_input():
                 return None
             weights.append((weight, 0))
-        elif any(value is rotated for value in node.inputs) and node.op_type not in ("Abs", "Div"):
+        elif any(value is rotated for value in node.inputs) and node.op_type not in ("Abs", "Mul"):
             return None
     if not weights or any(w.const_value is None or w.const_value.shape.rank() != 2 for w, _ in weights):
         return None

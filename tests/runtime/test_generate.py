@@ -296,8 +296,14 @@ def test_the_decode_step_for_a_cortex_a76_runs_under_qemu_like_the_oracle(
     oracle = verdict["oracle"]
     assert "qemu-aarch64 -cpu cortex-a76" in oracle
     # Bit for bit, but for float32 rounding in the float nodes that the per-row activation scales carry into the
-    # outputs (a row's max |x| one ulp apart scales its whole product): within 1e-5 of an output's range.
-    assert oracle.startswith("bit-exact") or (oracle.startswith("within") and float(oracle.split()[1]) <= 1e-5)
+    # outputs (a row's max |x| one ulp apart scales its whole product; a code at a rounding boundary moves by
+    # one): no further from the oracle than float32 rounding in those nodes alone moves the oracle itself
+    # (its float nodes' outputs scaled by 1 + 2**-20, on the same sample); the compile's own check allows four
+    # times that, and at least 1e-3.
+    assert oracle.startswith("bit-exact") or oracle.startswith("within"), oracle
+    if oracle.startswith("within"):
+        error, spread = float(oracle.split()[1]), float(oracle.split("moves the oracle ")[1].split(";")[0])
+        assert error <= spread, oracle
     assert "step_ms" not in verdict  # nothing timed under emulation
     assert verdict["board_estimate"]["estimated_ms"] > 0 and "estimate" in verdict["board_estimate"]["source"]
 
