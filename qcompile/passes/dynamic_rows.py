@@ -64,9 +64,9 @@ def quantize_probability_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _quantize_rows(p, p, PROBABILITY_LIMIT, np.uint8)
 
 
-def _quantize_rows(size: np.ndarray, x: np.ndarray, levels: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` quantized per row with the row maxima of ``size``, as :func:`row_codes`'s chain computes it."""
-    bounded = np.maximum(size.max(axis=-1, keepdims=True), np.float32(ROW_FLOOR))
+def _quantize_rows(magnitudes: np.ndarray, x: np.ndarray, levels: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` quantized per row with the row maxima of ``magnitudes``, as :func:`row_codes`'s chain computes it."""
+    bounded = np.maximum(magnitudes.max(axis=-1, keepdims=True), np.float32(ROW_FLOOR))
     limit = np.float32(levels)
     info = np.iinfo(dtype)
     codes = np.clip(np.round(x * (limit / bounded)), info.min, info.max).astype(dtype)
@@ -207,7 +207,7 @@ def _static_codes(dq: ir.Node | None) -> bool:
         and scale.size == 1
         and zero is not None
         and zero.size == 1
-        and (zero.dtype == ir.DataType.UINT8)
+        and zero.dtype == ir.DataType.UINT8
     )
 
 
@@ -263,14 +263,24 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             if static and (_linear_readers(node) or _product_readers(node)):
                 raise ir.passes.PostconditionError(f"'{node.name}' still quantizes statically")
 
-    def _rewrite_probabilities(self, graph: ir.Graph, q: ir.Node, products: list[ir.Node]) -> None:
+    @staticmethod
+    def _row_chain(
+        graph: ir.Graph, q: ir.Node, offset: int = 0, nonnegative: bool = False
+    ) -> tuple[str, ir.Value, ir.Value, ir.Value | None]:
+        """The per-row chain (:func:`row_codes`) of what the static ``q`` quantizes, inserted after it: (the
+        value's name, its codes, its row scales, the codes' zero point)."""
         x = q.inputs[0]
         assert x is not None
         source = str(x.name)
         rows = Chain(f"{source}_rows", source)
-        codes, row_scale = row_codes(graph, rows, x, nonnegative=True)
-        zero = add_initializer(graph, f"{source}_rows_zero_point", np.array(0, np.uint8))
+        codes, row_scale = row_codes(graph, rows, x, offset, nonnegative)
         graph.insert_after(q, rows.nodes)
+        quantize = codes.producer()
+        assert quantize is not None
+        return source, codes, row_scale, quantize.inputs[2]
+
+    def _rewrite_probabilities(self, graph: ir.Graph, q: ir.Node, products: list[ir.Node]) -> None:
+        source, codes, row_scale, zero = self._row_chain(graph, q, nonnegative=True)
         for node in products:
             name = layer_name(node)
             right = node.inputs[1].producer()  # type: ignore[union-attr]
@@ -296,13 +306,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             _drop_chain(graph, value)
 
     def _rewrite(self, graph: ir.Graph, q: ir.Node, readers: list[ir.Node]) -> None:
-        x = q.inputs[0]
-        assert x is not None
-        source = str(x.name)
-        rows = Chain(f"{source}_rows", source)
-        codes, row_scale = row_codes(graph, rows, x, offset=CODE_OFFSET)
-        zero = add_initializer(graph, f"{source}_rows_zero_point", np.array(CODE_OFFSET, np.uint8))
-        graph.insert_after(q, rows.nodes)
+        source, codes, row_scale, zero = self._row_chain(graph, q, offset=CODE_OFFSET)
         for node in readers:
             name = layer_name(node)
             matrix, scales = _weight(node)  # type: ignore[misc]
