@@ -31,6 +31,7 @@ from qcompile.backends.integer import reference as integer_reference
 from qcompile.calibration import Feed, Preprocess
 from qcompile.errors import ArtifactError, BackendError, CalibrationError, UnsupportedModelError, first_line
 from qcompile.flow import decoder, dynamic, measure
+from qcompile.flow.decoder import CacheCodes
 from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, per_row_activations, quantize
 from qcompile.graph import clone
@@ -109,7 +110,7 @@ class Build:
     decode_step: str = "auto"  # its decode-step library: 'auto' (shipped when faster), 'always' or 'off'
     decoder: Decoder | None = None  # how it generates
     # a decoder's decode-step executor, its cache positions, and its cache's codes (None: a float cache)
-    step: tuple[str, int, dict[str, list[float]] | None] | None = None
+    step: tuple[str, int, CacheCodes | None] | None = None
 
     @property
     def toolchain(self) -> Any:
@@ -464,7 +465,13 @@ def build_decode_step(build: Build) -> None:
         logger.info("%s", build.skipped[STEP_EXECUTOR])
         return
     files, built_for, built_with, estimate = built
-    shapes = {str(value.name): [int(str(dim)) for dim in value.shape or ()] for value in step.graph.inputs}
+    # the step graph's inputs: the model's, then the caches of per-position key scales quantize_cache added
+    shapes = {
+        value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim] for value in integer_graph.graph.input
+    }
+    dtypes = dict.fromkeys(codes.codes, "uint8") if codes else {}
+    state = {scales: output for scales, output in codes.scales.values()} if codes else {}
+    dtypes.update(dict.fromkeys(state, "float32"))
     executor = Executor(
         "tvm",
         files[0],
@@ -474,8 +481,9 @@ def build_decode_step(build: Build) -> None:
         requires_cpu=built_for["mcpu"] if toolchain is None else None,
         requires_flags=tvm_runtime.isa_flags() if toolchain is None else None,
         input_shapes=shapes,
-        input_dtypes=dict.fromkeys(codes, "uint8") if codes else None,
+        input_dtypes=dtypes or None,
         weights=files[1] if len(files) > 1 else None,
+        state=state or None,
     )
     emulated = None
     if toolchain is not None:
@@ -722,7 +730,11 @@ def _describe_decoder(build: Build, causal: decoder.Layout, tokenizer: Path | No
     if build.decoder is not None and build.step is not None:
         name, capacity, codes = build.step
         build.decoder = dataclasses.replace(
-            build.decoder, step_executor=name, step_capacity=capacity, step_cache_codes=codes
+            build.decoder,
+            step_executor=name,
+            step_capacity=capacity,
+            step_cache_codes=codes.codes if codes else None,
+            step_cache_scales=(codes.scales or None) if codes else None,
         )
     if why is not None:
         build.skipped["generate"] = why

@@ -297,25 +297,136 @@ def step_graph(model: ir.Model, found: Layout, capacity: int) -> ir.Model:
 
 # Ops that only move or repeat elements: a quantization after them equals one before them.
 _MOVEMENT = frozenset({"Unsqueeze", "Squeeze", "Expand", "Reshape", "Transpose", "Flatten", "Identity"})
+# The per-position chain of :func:`qcompile.passes.dynamic_rows.row_codes`, by op, as the keys' rewrite writes it.
+_ROW_CHAIN = ("Abs", "ReduceMax", "Max", "Div", "Mul", "QuantizeLinear", "Div")
+SCALES_SUFFIX = ".scales"
 
 
-def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
+@dataclass(frozen=True)
+class CacheCodes:
+    """How a decode step's cache holds 8-bit codes (:func:`quantize_cache`).
+
+    Attributes:
+        codes: per past input, ``[multiplier, ..., scale, zero point]`` for a cache quantized at one static scale;
+            for one quantized per position, ``[multiplier, ..., limit, zero point]`` (the scale of a position is
+            ``max |x * multiplier ...| / limit`` over its row).
+        scales: per past input quantized per position, ``[its scales' past input, their present output]``: a
+            float cache ``[1, heads, capacity, 1]`` beside the codes, appended to like them.
+    """
+
+    codes: dict[str, list[float]]
+    scales: dict[str, list[str]]
+
+
+@dataclass
+class _Plan:
+    past: str
+    present: str
+    concat: Any
+    chain: list[Any]  # the moves and scalar Muls between the Concat and the quantization
+    quantize: Any  # the static QuantizeLinear, or the per-position chain's
+    rows: dict[str, Any] | None = None  # the per-position chain's nodes by role
+
+
+def _row_chain(value: str, users: list[Any], readers: dict[str, list[Any]], scalars: dict[str, float]) -> dict | None:
+    """The per-position chain (:func:`qcompile.passes.dynamic_rows.row_codes`, over one axis with keepdims) that
+    quantizes ``value``, read by ``users``, by role; None if that is not what reads it."""
+
+    def only(name: str, op: str) -> Any:
+        nodes = readers.get(name, [])
+        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op else None
+
+    absolute = next((node for node in users if node.op_type == "Abs"), None)
+    multiply = next((node for node in users if node.op_type == "Mul"), None)
+    if len(users) != 2 or absolute is None or multiply is None or list(multiply.input)[:1] != [value]:
+        return None
+    reduce = only(absolute.output[0], "ReduceMax")
+    bound = only(reduce.output[0], "Max") if reduce is not None else None
+    if bound is None or len(reduce.input) != 2 or bound.input[1] not in scalars:
+        return None
+    keepdims = next((a.i for a in reduce.attribute if a.name == "keepdims"), 1)
+    divisions = readers.get(bound.output[0], [])
+    inverse = next((n for n in divisions if n.op_type == "Div" and n.input[1] == bound.output[0]), None)
+    scale = next((n for n in divisions if n.op_type == "Div" and n.input[0] == bound.output[0]), None)
+    if not keepdims or len(divisions) != 2 or inverse is None or scale is None:
+        return None
+    if inverse.output[0] != multiply.input[1]:
+        return None
+    quantize = only(multiply.output[0], "QuantizeLinear")
+    if quantize is None or inverse.input[0] not in scalars or scale.input[1] != inverse.input[0]:
+        return None
+    return {"abs": absolute, "reduce": reduce, "max": bound, "inverse": inverse, "mul": multiply, "quantize": quantize,
+            "scale": scale}  # fmt: skip
+
+
+def _scale_index(plan: _Plan, proto: Any, constants: dict[str, np.ndarray], shape: list[int]) -> np.ndarray | None:
+    """Where each column scale of a per-position chain comes from: the moves between the cache's ``Concat``
+    (of ``shape``) and the chain applied to the positions, then, per slice along the reduced axis, the cache
+    row (``[heads, positions]`` flattened) that slice is; None unless each slice is one whole row."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    width = shape[-1]
+    moves = [node for node in plan.chain if node.op_type != "Mul"]
+    nodes, previous = [], "positions"
+    for index, node in enumerate(moves):
+        if any(name not in constants for name in node.input[1:] if name):
+            return None
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        copied.input[0], copied.output[0] = previous, f"moved{index}"
+        nodes.append(copied)
+        previous = copied.output[0]
+    if not nodes:
+        nodes.append(onnx.helper.make_node("Identity", ["positions"], ["moved0"]))
+        previous = "moved0"
+    parameters = {name for node in nodes for name in node.input[1:] if name}
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            nodes,
+            "moves",
+            [onnx.helper.make_tensor_value_info("positions", onnx.TensorProto.INT64, shape)],
+            [onnx.helper.make_tensor_value_info(previous, onnx.TensorProto.INT64, None)],
+            [onnx.numpy_helper.from_array(constants[name], name) for name in parameters],
+        ),
+        opset_imports=list(proto.opset_import),
+    )
+    positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    moved = np.asarray(ReferenceEvaluator(model).run(None, {"positions": positions})[0])  # type: ignore[index]
+    axes = constants.get(plan.rows["reduce"].input[1]) if plan.rows is not None else None
+    if axes is None or np.asarray(axes).size != 1:
+        return None
+    axis = int(np.asarray(axes).reshape(-1)[0]) % moved.ndim
+    if moved.shape[axis] != width:
+        return None
+    rows, columns = moved // width, moved % width
+    first = np.take(rows, [0], axis=axis)
+    if not np.array_equal(rows, np.broadcast_to(first, rows.shape)):
+        return None
+    if not np.array_equal(np.sort(columns, axis=axis), np.broadcast_to(np.arange(width).reshape(
+            [width if a == axis else 1 for a in range(moved.ndim)]), moved.shape)):  # fmt: skip
+        return None
+    return first
+
+
+def quantize_cache(proto: Any, found: Layout) -> CacheCodes | None:
     """Rewrite a decode step's integer graph (``proto``, of :func:`step_graph`) so that its cache holds 8-bit
     codes: where each cache input is appended to by a ``Concat`` whose result only moves (``Expand``,
-    ``Transpose``, ``Reshape``, ...) and is multiplied by scalars before one ``QuantizeLinear`` with a scalar
-    scale, that quantization (and the scalars) move before the ``Concat``, onto the new entries alone: the past
-    input and the present output become the codes, and the step reads and moves a quarter of the bytes. The
-    results are the same codes as before (the moves and the quantization commute). Returns, per past input,
-    ``[multiplier, ..., scale, zero point]`` (the runtime quantizes a prefill's float cache with them), or None
-    with the graph untouched when some cache input is read otherwise."""
+    ``Transpose``, ``Reshape``, ...) and is multiplied by scalars before a quantization, that quantization (and
+    the scalars) move before the ``Concat``, onto the new entries alone: the past input and the present output
+    become the codes, and the step reads and moves a quarter of the bytes. The quantization is either one
+    ``QuantizeLinear`` with a scalar scale, or the per-position chain of the keys
+    (:mod:`qcompile.passes.dynamic_rows`: a scale per cached position, the maximum over its row); for the
+    latter the step gains a float cache of those scales (an input and an output of its own) and reads the
+    scales moved as the codes are (one gather by a constant index map). The results are the same codes and
+    scales as before (the moves, and a row's maximum, commute with the quantization). Returns how the cache is
+    coded (the runtime quantizes a prefill's float cache with it), or None with the graph untouched when some
+    cache input is read otherwise."""
     import onnx
 
     graph = proto.graph
-    scalars = {
-        tensor.name: float(onnx.numpy_helper.to_array(tensor).reshape(-1)[0])
-        for tensor in graph.initializer
-        if int(np.prod(tensor.dims)) == 1
-    }
+    constants = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    scalars = {name: float(array.reshape(-1)[0]) for name, array in constants.items() if array.size == 1}
     zero_points = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.UINT8}
     producers = {output: node for node in graph.node for output in node.output}
     readers: dict[str, list[Any]] = {}
@@ -323,6 +434,7 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {value.name for value in graph.output}
+    shapes = {value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim] for value in graph.input}
     plans = []
     for past, present in found.cache:
         concat = producers.get(present + ".appended") or next(
@@ -333,20 +445,35 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
         chain, value = [], concat.output[0]
         while True:
             users = readers.get(value, [])
-            if len(users) != 1 or value in outputs or users[0].input[0] != value:
+            if value in outputs or not users:
                 return None
             node = users[0]
-            if node.op_type in _MOVEMENT or (node.op_type == "Mul" and node.input[1] in scalars):
+            moves = node.op_type in _MOVEMENT or (node.op_type == "Mul" and node.input[1] in scalars)
+            if len(users) == 1 and node.input[0] == value and moves:
                 chain.append(node)
-            elif node.op_type == "QuantizeLinear" and node.input[1] in scalars and node.input[2] in zero_points:
-                plans.append((past, present, concat, chain, node))
+            elif len(users) == 1 and node.op_type == "QuantizeLinear" and node.input[0] == value:
+                if node.input[1] not in scalars or node.input[2] not in zero_points:
+                    return None
+                plans.append(_Plan(past, present, concat, chain, node))
+                break
+            elif (rows := _row_chain(value, users, readers, scalars)) is not None:
+                plan = _Plan(past, present, concat, chain, rows["quantize"], rows)
+                shape = list(shapes[past])
+                shape[CACHE_AXIS] += 1
+                gather = _scale_index(plan, proto, constants, shape)
+                if gather is None or rows["quantize"].input[2] not in zero_points:
+                    return None
+                rows["index"] = gather
+                plans.append(plan)
                 break
             else:
                 return None
             value = node.output[0]
     codes: dict[str, list[float]] = {}
+    scales: dict[str, list[str]] = {}
     removed, renamed = [], {}
-    for past, present, concat, chain, quantize in plans:
+    for plan in plans:
+        past, present, concat, chain, quantize = plan.past, plan.present, plan.concat, plan.chain, plan.quantize
         new, coded = concat.input[1], f"{present}.codes"
         scaled = new
         for index, node in enumerate(node for node in chain if node.op_type == "Mul"):
@@ -355,16 +482,24 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
             graph.node.append(onnx.helper.make_node("Mul", [scaled, node.input[1]], [product]))
             scaled = product
             removed.append(node)
-        graph.node.append(onnx.helper.make_node("QuantizeLinear", [scaled, *quantize.input[1:]], [coded]))
+        multipliers = [scalars[node.input[1]] for node in chain if node.op_type == "Mul"]
+        if plan.rows is None:
+            graph.node.append(onnx.helper.make_node("QuantizeLinear", [scaled, *quantize.input[1:]], [coded]))
+            removed.append(quantize)
+            codes[past] = [*multipliers, scalars[quantize.input[1]], scalars[quantize.input[2]]]
+        else:
+            moved_scales = _quantize_rows_before(proto, plan, scaled, coded)
+            removed += [node for role, node in plan.rows.items() if role != "index"]
+            renamed[plan.rows["scale"].output[0]] = moved_scales
+            limit = scalars[plan.rows["inverse"].input[0]]
+            codes[past] = [*multipliers, limit, scalars[quantize.input[2]]]
+            scales[past] = [past + SCALES_SUFFIX, present + SCALES_SUFFIX]
         concat.input[1] = coded
         previous = concat.output[0]  # the moves now carry codes, and the last of them is the quantized value
         for node in chain:
             if node.op_type != "Mul":
                 node.input[0] = previous
                 previous = node.output[0]
-        removed.append(quantize)
-        multipliers = [scalars[node.input[1]] for node in chain if node.op_type == "Mul"]
-        codes[past] = [*multipliers, scalars[quantize.input[1]], scalars[quantize.input[2]]]
         # the float new entries keep a name of their own; the present output is the new entry's codes
         renamed.update({quantize.output[0]: previous, new: f"{present}.float", coded: present})
         for value in [*graph.output, *graph.input]:
@@ -378,7 +513,63 @@ def quantize_cache(proto: Any, found: Layout) -> dict[str, list[float]] | None:
                 names[index] = renamed.get(name, name)
     del graph.value_info[:]
     sort_nodes(graph)
-    return codes
+    return CacheCodes(codes, scales)
+
+
+def _add_float_islands(proto: Any, names: list[str]) -> None:
+    """Name ``names`` among the nodes of ``proto`` the lowering keeps in float (the oracle's float islands)."""
+    from qcompile.backends.integer.reference import FLOAT_ISLANDS
+
+    entry = next((prop for prop in proto.metadata_props if prop.key == FLOAT_ISLANDS), None)
+    if entry is None:
+        entry = proto.metadata_props.add()
+        entry.key = FLOAT_ISLANDS
+    entry.value = "\n".join(filter(None, [entry.value, *names]))
+
+
+def _quantize_rows_before(proto: Any, plan: _Plan, scaled: str, coded: str) -> str:
+    """The per-position chain of ``plan`` on the new entries ``scaled`` alone (codes ``coded``, scales the
+    present output ``{present}.scales``), the cache of scales as an input and output of the step, and the
+    scales of every cached position gathered as the moves place their codes; returns that gathered value."""
+    import onnx
+
+    rows, past, present, graph = plan.rows, plan.past, plan.present, proto.graph
+    assert rows is not None
+    helper = onnx.helper
+    limit, floor = rows["inverse"].input[0], rows["max"].input[1]
+    axes, flat, index = (f"{present}{SCALES_SUFFIX}.{name}" for name in ("axes", "flat", "index"))
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array([-1], np.int64), axes),
+            onnx.numpy_helper.from_array(np.array([-1], np.int64), flat),
+            onnx.numpy_helper.from_array(rows["index"].astype(np.int64), index),
+        ]
+    )
+    name = f"{present}{SCALES_SUFFIX}"
+    steps = [
+        helper.make_node("Abs", [scaled], [f"{name}.abs"]),
+        helper.make_node("ReduceMax", [f"{name}.abs", axes], [f"{name}.max"], keepdims=1),
+        helper.make_node("Max", [f"{name}.max", floor], [f"{name}.bounded"]),
+        helper.make_node("Div", [limit, f"{name}.bounded"], [f"{name}.inverse"]),
+        helper.make_node("Mul", [scaled, f"{name}.inverse"], [f"{name}.codes_in"]),
+        helper.make_node("QuantizeLinear", [f"{name}.codes_in", *plan.quantize.input[1:]], [coded]),
+        helper.make_node("Div", [f"{name}.bounded", limit], [name]),
+        helper.make_node("Concat", [past + SCALES_SUFFIX, name], [f"{name}.all"], axis=CACHE_AXIS),
+        helper.make_node("Reshape", [f"{name}.all", flat], [f"{name}.rows"]),
+        helper.make_node("Gather", [f"{name}.rows", index], [f"{name}.moved"], axis=0),
+    ]
+    for node in steps:
+        node.name = node.output[0]
+    graph.node.extend(steps)
+    # float nodes, as the chain they replace: the oracle runs them on onnxruntime (float islands)
+    _add_float_islands(proto, [node.name for node in steps if node.op_type != "QuantizeLinear"])
+    past_info = next(value for value in graph.input if value.name == past)
+    dims = [dim.dim_value for dim in past_info.type.tensor_type.shape.dim]
+    graph.input.append(helper.make_tensor_value_info(past + SCALES_SUFFIX, onnx.TensorProto.FLOAT, [*dims[:-1], 1]))
+    new_dims = [*dims[:-1], 1]
+    new_dims[CACHE_AXIS] = 1
+    graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, new_dims))
+    return f"{name}.moved"
 
 
 def sort_nodes(graph: Any) -> None:

@@ -404,7 +404,7 @@ def check_decode_step(
     lowered: onnx.ModelProto,
     sample: Feed,
     capacity: int,
-    codes: dict[str, list[float]] | None,
+    codes: decoder.CacheCodes | None,
     emulated: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """A decoder's decode-step library (``executor``, a cache of ``capacity`` positions) on a real step: the
@@ -426,7 +426,13 @@ def check_decode_step(
     positions = next(iter(cache.values())).shape[2]
     if positions >= capacity:
         raise ArtifactError(f"the calibration sample fills {positions} cache positions, past the step's {capacity}")
-    step_decoder = decoder.decoder_entry(layout, executors=[], step_capacity=capacity, step_cache_codes=codes)
+    step_decoder = decoder.decoder_entry(
+        layout,
+        executors=[],
+        step_capacity=capacity,
+        step_cache_codes=codes.codes if codes else None,
+        step_cache_scales=(codes.scales or None) if codes else None,
+    )
     steps = StepCache(step_decoder, step_buffers(entry, {info.name: info for info in manifest.inputs}))
     steps.start(cache)
     feeds = {name: array.copy() for name, array in steps.feeds(token).items()}

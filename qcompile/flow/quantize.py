@@ -281,12 +281,13 @@ def per_row_activations(model: ir.Model, options: QuantizeOptions) -> bool:
     return decoder.layout(*names) is not None
 
 
-def _quantize_rows(model: ir.Model) -> tuple[list[str], list[str]]:
-    """Rewrite ``model``'s statically quantized linear-layer inputs and attention probabilities to per-row
-    run-time scales; (the linear layers, the probability products)."""
+def _quantize_rows(model: ir.Model) -> tuple[list[str], list[str], list[str]]:
+    """Rewrite ``model``'s statically quantized linear-layer inputs, attention probabilities and keys to
+    run-time scales per row (per position for the keys); (the linear layers, the probability products, the key
+    products)."""
     rewrite = DynamicActivationsPass()
     rewrite(model)
-    return rewrite.layers, rewrite.products
+    return rewrite.layers, rewrite.products, rewrite.keys
 
 
 def _split_formats(formats: dict[str, str]) -> tuple[frozenset[str], dict[str, str], dict[str, int]]:
@@ -513,7 +514,7 @@ def quantize(
     refit_feeds = [] if refit_skipped else held[:refit_count]  # empty: refit_biases changes nothing
     refitted = refit_biases(model, quantized, refit_feeds, progress)
     per_row = per_row_activations(model, options)
-    per_row_layers, per_row_products = _quantize_rows(quantized) if per_row else ([], [])
+    per_row_layers, per_row_products, per_position_keys = _quantize_rows(quantized) if per_row else ([], [], [])
     error: dict[str, Any] = output_metrics(quantized_outputs := sensitivity.run_all(quantized, kept), references)
     output_names = [str(value.name) for value in model.graph.outputs]
     if len(output_names) > 1:  # run_all lists every output of a sample, sample after sample
@@ -596,6 +597,9 @@ def quantize(
             "float(acc) * s * weight scale",
             "probability_codes": "uint8 = round(p / s), s = max p / 255 per row at run time; MatMulInteger by "
             "the static codes of V, then float(acc) * s * V's scale",
+            "key_products": len(per_position_keys),
+            "key_codes": "uint8 = round(k / s) + 128, s = max |k| / 127 per position (over head_dim) at run time; "
+            "MatMulInteger by the static codes of Q, then float(acc) * (s * Q's scale)",
         },
     ]
     if searched is not None:

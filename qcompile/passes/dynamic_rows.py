@@ -43,12 +43,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import add_initializer, drop_if_unused, layer_name
+from qcompile.runtime.generate import ROW_FLOOR
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_LIMIT = 127
 PROBABILITY_LIMIT = 255  # probabilities are >= 0: uint8 codes with zero point 0
-ROW_FLOOR = 2.0**-100  # the least row maximum: limit / maximum stays finite in float32 (a zero row: codes 0)
 CODE_OFFSET = 128  # uint8 codes: the int8 code + 128, read with zero point 128
 ROWS_KEY = "qcompile.rows_of"  # node metadata: the value whose rows the node's chain quantizes
 LINEAR_OPS = ("MatMul", "Gemm")
@@ -64,9 +64,18 @@ def quantize_probability_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _quantize_rows(p, p, PROBABILITY_LIMIT, np.uint8)
 
 
-def _quantize_rows(magnitudes: np.ndarray, x: np.ndarray, levels: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` quantized per row with the row maxima of ``magnitudes``, as :func:`row_codes`'s chain computes it."""
-    bounded = np.maximum(magnitudes.max(axis=-1, keepdims=True), np.float32(ROW_FLOOR))
+def quantize_key_columns(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The keys' quantizer of the rewritten graphs (``K^T [..., head_dim, positions]``, one scale per position),
+    in numpy: (int8 codes, float32 column scales ``[..., 1, positions]``)."""
+    return _quantize_rows(np.abs(k), k, ACTIVATION_LIMIT, np.int8, axis=-2)
+
+
+def _quantize_rows(
+    magnitudes: np.ndarray, x: np.ndarray, levels: int, dtype: type, axis: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` quantized per row (the slices along ``axis``) with the maxima of ``magnitudes``, as
+    :func:`row_codes`'s chain computes it."""
+    bounded = np.maximum(magnitudes.max(axis=axis, keepdims=True), np.float32(ROW_FLOOR))
     limit = np.float32(levels)
     info = np.iinfo(dtype)
     codes = np.clip(np.round(x * (limit / bounded)), info.min, info.max).astype(dtype)
@@ -89,15 +98,15 @@ class Chain:
 
 
 def row_codes(
-    graph: ir.Graph, chain: Chain, x: ir.Value, offset: int = 0, nonnegative: bool = False
+    graph: ir.Graph, chain: Chain, x: ir.Value, offset: int = 0, nonnegative: bool = False, axis: int = -1
 ) -> tuple[ir.Value, ir.Value]:
-    """(codes, row scales) of ``x`` per row: int8 codes in [-127, 127], or with ``offset`` 128 the same codes +
-    128 as uint8; for ``nonnegative`` rows (probabilities) uint8 codes in [0, 255]. ``x`` is multiplied by
-    ``limit / max |x|`` and quantized at scale 1 by one ``QuantizeLinear`` (rounding half to even, saturating,
-    casting: one pass over the row instead of three). The graph's constants are named after the chain's
-    prefix."""
+    """(codes, row scales) of ``x`` per row (the slices along ``axis``): int8 codes in [-127, 127], or with
+    ``offset`` 128 the same codes + 128 as uint8; for ``nonnegative`` rows (probabilities) uint8 codes in [0, 255].
+    ``x`` is multiplied by ``limit / max |x|`` and quantized at scale 1 by one ``QuantizeLinear`` (rounding half
+    to even, saturating, casting: one pass over the row instead of three). The graph's constants are named after
+    the chain's prefix."""
     prefix = chain.prefix
-    axes = add_initializer(graph, f"{prefix}_axes", np.array([-1], np.int64))
+    axes = add_initializer(graph, f"{prefix}_axes", np.array([axis], np.int64))
     floor = add_initializer(graph, f"{prefix}_floor", np.array(ROW_FLOOR, np.float32))
     limit = add_initializer(
         graph, f"{prefix}_limit", np.array(PROBABILITY_LIMIT if nonnegative else ACTIVATION_LIMIT, np.float32)
@@ -227,19 +236,46 @@ def _product_readers(q: ir.Node) -> list[ir.Node] | None:
     return _readers(q, takes)
 
 
+def _key_readers(q: ir.Node) -> list[ir.Node] | None:
+    """The MatMuls reading the activation ``q`` quantizes as their right operand (through DequantizeLinear), each
+    by another activation's static uint8 codes that are not probabilities (``Q K^T``), when they are its only
+    readers; None otherwise."""
+
+    def takes(node: ir.Node, index: int) -> bool:
+        if node.op_type != "MatMul" or index != 1 or len(node.inputs) != 2 or node.inputs[0] is None:
+            return False
+        left = node.inputs[0].producer()
+        if not _static_codes(left):
+            return False
+        quantize = left.inputs[0].producer()  # type: ignore[union-attr]
+        return (
+            quantize is not None
+            and quantize.op_type == "QuantizeLinear"
+            and quantize.inputs[0] is not None
+            and not _probabilities(quantize.inputs[0])
+        )
+
+    x = q.inputs[0]
+    if x is None or x.shape is None or x.shape.rank() < 2:
+        return None
+    return _readers(q, takes)
+
+
 class DynamicActivationsPass(ir.passes.InPlacePass):
     """After this pass, no linear layer with a constant int8 weight reads a statically quantized input, and no
     product of attention probabilities by static codes reads statically quantized probabilities: they are
-    quantized per row at run time and the product is an int32 ``MatMulInteger``."""
+    quantized per row at run time and the product is an int32 ``MatMulInteger``; the keys of ``Q K^T`` are
+    quantized per position (a column of ``K^T``) at run time."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layers: list[str] = []
         self.products: list[str] = []
+        self.keys: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self.layers, self.products = [], []
+        self.layers, self.products, self.keys = [], [], []
         for q in list(graph):
             if q.op_type != "QuantizeLinear" or q.inputs[0] is None or q.inputs[0].const_value is not None:
                 continue
@@ -248,24 +284,29 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
                 self._rewrite(graph, q, readers)
             elif (products := _product_readers(q)) is not None:
                 self._rewrite_probabilities(graph, q, products)
-        if self.layers or self.products:
+            elif (products := _key_readers(q)) is not None:
+                self._rewrite_keys(graph, q, products)
+        modified = bool(self.layers or self.products or self.keys)
+        if modified:
             graph.sort()
             logger.info(
-                "%d linear layers and %d attention products quantize their input per row at run time",
+                "%d linear layers and %d attention products quantize their input per row at run time, %d "
+                "products their keys per position",
                 len(self.layers),
                 len(self.products),
+                len(self.keys),
             )
-        return ir.passes.PassResult(model, modified=bool(self.layers or self.products))
+        return ir.passes.PassResult(model, modified=modified)
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
             static = node.op_type == "QuantizeLinear" and node.inputs[0] is not None
-            if static and (_linear_readers(node) or _product_readers(node)):
+            if static and (_linear_readers(node) or _product_readers(node) or _key_readers(node)):
                 raise ir.passes.PostconditionError(f"'{node.name}' still quantizes statically")
 
     @staticmethod
     def _row_chain(
-        graph: ir.Graph, q: ir.Node, offset: int = 0, nonnegative: bool = False
+        graph: ir.Graph, q: ir.Node, offset: int = 0, nonnegative: bool = False, axis: int = -1
     ) -> tuple[str, ir.Value, ir.Value, ir.Value | None]:
         """The per-row chain (:func:`row_codes`) of what the static ``q`` quantizes, inserted after it: (the
         value's name, its codes, its row scales, the codes' zero point)."""
@@ -273,7 +314,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
         assert x is not None
         source = str(x.name)
         rows = Chain(f"{source}_rows", source)
-        codes, row_scale = row_codes(graph, rows, x, offset, nonnegative)
+        codes, row_scale = row_codes(graph, rows, x, offset, nonnegative, axis)
         graph.insert_after(q, rows.nodes)
         quantize = codes.producer()
         assert quantize is not None
@@ -292,6 +333,21 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             self.products.append(name)
         _remove_static(graph, q)
 
+    def _rewrite_keys(self, graph: ir.Graph, q: ir.Node, products: list[ir.Node]) -> None:
+        source, codes, column_scale, zero = self._row_chain(graph, q, offset=CODE_OFFSET, axis=-2)
+        for node in products:
+            name = layer_name(node)
+            left = node.inputs[0].producer()  # type: ignore[union-attr]
+            assert left is not None
+            chain = Chain(f"{name}_dynamic", source)
+            product = chain("MatMulInteger", [left.inputs[0], codes, left.inputs[2], zero])
+            # one scale per column (its key's times the queries'), then one Mul over the product
+            scales = chain("Mul", [column_scale, left.inputs[1]])
+            result = chain("Mul", [chain("Cast", [product], to=ir.DataType.FLOAT), scales])
+            self._replace(graph, node, chain, result)
+            self.keys.append(name)
+        _remove_static(graph, q)
+
     @staticmethod
     def _replace(graph: ir.Graph, node: ir.Node, chain: Chain, result: ir.Value) -> None:
         """``node`` out, ``chain`` (computing ``result``) in, under ``node``'s output name; the inputs ``node``
@@ -302,7 +358,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
         inputs = list(node.inputs)
         graph.remove(node, safe=True)
         result.name, result.shape, result.type = output.name, output.shape, output.type
-        for value in inputs[1:]:
+        for value in inputs:
             _drop_chain(graph, value)
 
     def _rewrite(self, graph: ir.Graph, q: ir.Node, readers: list[ir.Node]) -> None:

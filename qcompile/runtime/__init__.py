@@ -46,6 +46,10 @@ class Session:
             raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest.executors)}")
         self.entry = entry
         own = entry.input_dtypes or {}
+        for name, output in (entry.state or {}).items():  # state the caller carries from one call to the next
+            shape, dtype = tuple((entry.input_shapes or {})[name]), own[name]
+            self.inputs.append(TensorInfo(name, shape, dtype))
+            self.outputs.append(TensorInfo(output, shape, dtype))
         self._dtypes = [(info.name, np.dtype(own.get(info.name, info.dtype))) for info in self.inputs]
         # an input the onnxruntime files take besides the model's own, with a default (Decoder.logits_from)
         decoder = manifest.decoder

@@ -21,6 +21,10 @@ import numpy as np
 from qcompile.errors import ArtifactError, QCompileError
 from qcompile.runtime.manifest import Decoder
 
+# The least row maximum of a quantization per row: limit / maximum stays finite in float32 (a zero row: codes 0).
+# The compiler's per-row chains use it (qcompile.passes.dynamic_rows); the runtime quantizes a prefill's cache with it.
+ROW_FLOOR = 2.0**-100
+
 if TYPE_CHECKING:
     from qcompile.runtime import Session
 
@@ -112,9 +116,16 @@ class StepCache:
         if positions >= self.capacity:
             raise GenerationError(f"{positions} cached positions do not leave room in a cache of {self.capacity}")
         codes = self.decoder.step_cache_codes or {}
+        scales = self.decoder.step_cache_scales or {}
         for past, _ in self.decoder.cache:
             buffer = self.buffers[past]
-            buffer[:, :, :positions] = cache_codes(cache[past], codes[past]) if past in codes else cache[past]
+            if past in scales:
+                coded, row_scales = cache_row_codes(cache[past], codes[past])
+                buffer[:, :, :positions] = coded
+                self.buffers[scales[past][0]][:, :, :positions] = row_scales
+                self.buffers[scales[past][0]][:, :, positions:] = 0
+            else:
+                buffer[:, :, :positions] = cache_codes(cache[past], codes[past]) if past in codes else cache[past]
             buffer[:, :, positions:] = 0
         if self.decoder.attention_mask is not None:
             mask = self.buffers[self.decoder.attention_mask]
@@ -137,6 +148,8 @@ class StepCache:
             raise GenerationError(f"the decode-step cache of {self.capacity} positions is full")
         for past, present in self.decoder.cache:
             self.buffers[past][:, :, self.filled] = outputs[present][:, :, 0]
+        for scales, output in (self.decoder.step_cache_scales or {}).values():
+            self.buffers[scales][:, :, self.filled] = outputs[output][:, :, 0]
         if self.decoder.attention_mask is not None:
             self.buffers[self.decoder.attention_mask][0, self.filled] = 1
         self.filled += 1
@@ -153,13 +166,28 @@ def cache_codes(array: np.ndarray, code: list[float]) -> np.ndarray:
     return np.clip(np.rint(values / np.float32(scale)) + zero, 0, 255).astype(np.uint8)
 
 
+def cache_row_codes(array: np.ndarray, code: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A float cache entry as the codes and per-position scales of a decode-step cache quantized per position
+    (``Decoder.step_cache_scales``): multiplied by each multiplier in float32, each row (the last axis) at the
+    scale ``m / limit``, ``m = max(max |row|, 2**-100)``, as the keys' chain computes it
+    (:func:`qcompile.passes.dynamic_rows.row_codes`): uint8 codes offset by the zero point, float32 scales
+    ``[..., 1]``."""
+    *multipliers, limit, zero = code
+    values = np.asarray(array, dtype=np.float32)
+    for multiplier in multipliers:
+        values = values * np.float32(multiplier)
+    bounded = np.maximum(np.abs(values).max(axis=-1, keepdims=True), np.float32(ROW_FLOOR))
+    codes = np.clip(np.rint(values * (np.float32(limit) / bounded)) + zero, 0, 255).astype(np.uint8)
+    return codes, (bounded / np.float32(limit)).astype(np.float32)
+
+
 def step_buffers(entry: Any, infos: dict[str, Any], library: Any = None) -> dict[str, np.ndarray]:
     """The input arrays of a decode-step executor (``entry``; ``infos`` the manifest's inputs by name): its
     library's own input buffers when given (nothing is copied into it then), else new arrays."""
     own = entry.input_dtypes or {}
     buffers = {}
     for name, shape in entry.input_shapes.items():
-        dtype = np.dtype(own.get(name, infos[name].dtype))
+        dtype = np.dtype(own[name] if name in own else infos[name].dtype)
         buffers[name] = (
             library.input_buffer(name, tuple(shape), dtype) if library is not None else np.zeros(shape, dtype)
         )

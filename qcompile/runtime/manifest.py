@@ -86,6 +86,10 @@ class Executor:
             cache of 8-bit codes).
         weights: the file of a TVM library's weights, which it takes as parameters after its inputs
             (:mod:`qcompile.runtime.weights`); None: they are inside the library.
+        state: ``{input: output}``, inputs of its own beyond the model's, each the output of its pair carried
+            from a call to the next (the decode-step library's cache of per-position key scales): they follow
+            the model's inputs, their shapes and types in ``input_shapes`` / ``input_dtypes``, and their outputs
+            follow the model's outputs.
     """
 
     kind: str
@@ -103,6 +107,7 @@ class Executor:
     input_shapes: dict[str, list[int]] | None = None
     input_dtypes: dict[str, str] | None = None
     weights: str | None = None
+    state: dict[str, str] | None = None
 
     def serves(self, inputs: list[TensorInfo], shapes: dict[str, tuple[int, ...]]) -> str | None:
         """None if it runs inputs of ``shapes``; else which input and dim it cannot take."""
@@ -137,6 +142,11 @@ class Executor:
             and all(isinstance(axes, dict) and all(str(axis).isdigit() for axis in axes) for axes in dims.values())
         ):
             raise ArtifactError(f"{where}: dynamic_dims {dims!r} is not {{input: {{axis: name}}}}")
+        state, shapes, dtypes = executor.state, executor.input_shapes or {}, executor.input_dtypes or {}
+        if state is not None and not (
+            isinstance(state, dict) and all(name in shapes and name in dtypes for name in state)
+        ):
+            raise ArtifactError(f"{where}: state {state!r} names inputs without a shape and dtype of their own")
         return executor
 
 
@@ -165,7 +175,11 @@ class Decoder:
         step_cache_codes: ``{past input: [multiplier, ..., scale, zero point]}`` when that cache holds 8-bit codes:
             a float entry ``x`` is ``clip(round(x * multiplier ... / scale) + zero point, 0, 255)``, as
             ``QuantizeLinear`` rounds (the decode step's own quantization of its keys and values, moved before the
-            cache: :func:`qcompile.flow.decoder.quantize_cache`).
+            cache: :func:`qcompile.flow.decoder.quantize_cache`); for a cache in ``step_cache_scales``, ``[multiplier,
+            ..., limit, zero point]``, each position's row at its own scale ``max |x * multiplier ...| / limit``.
+        step_cache_scales: ``{past input: [scales input, scales output]}`` for the caches quantized per position:
+            the step executor's float cache of those scales (``[1, heads, step_capacity, 1]``, in its ``state``),
+            appended to like the codes.
         logits_from: an input of the onnxruntime executors (``int64 [1]``, default 0) from which position on the
             logits are computed: a prefill that needs the last position's feeds ``sequence - 1`` (the LM head then
             multiplies one position, not all); None if the files have none.
@@ -187,6 +201,7 @@ class Decoder:
     special_tokens: dict[str, str] | None = None
     step_cache_codes: dict[str, list[float]] | None = None
     logits_from: str | None = None
+    step_cache_scales: dict[str, list[str]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _set_fields(self)

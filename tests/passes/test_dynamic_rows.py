@@ -11,7 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile.errors import CalibrationError
 from qcompile.execution import to_proto
 from qcompile.flow.quantize import QuantizeOptions, per_row_activations
-from qcompile.passes.dynamic_rows import ROWS_KEY, DynamicActivationsPass, quantize_probability_rows, quantize_rows
+from qcompile.passes.dynamic_rows import (
+    ROWS_KEY,
+    DynamicActivationsPass,
+    quantize_key_columns,
+    quantize_probability_rows,
+    quantize_rows,
+)
 from qcompile.passes.last_logits import INPUT, slice_before_head
 from qcompile.runtime.executors import session_from_bytes
 
@@ -194,6 +200,85 @@ def test_attention_probabilities_get_per_row_codes_bit_exactly_like_the_numpy_mo
     exact = after["p"] @ ((after["vq"].astype(np.float32) - 130) * np.float32(0.02))
     error_after, error_before = (np.abs(out[0, :, 1] - exact[0, :, 1]).max() for out in (after["o"], before["o"]))
     assert error_after < 0.05 * error_before
+
+
+def _keys_model() -> ir.Model:
+    """q [1, 2, S, 8] and k [1, 2, T, 8]: Q's static codes (zero point 120) times K^T scaled by 1/sqrt(8) and
+    quantized statically (zero point 128), as the exporters write attention's scores; K^T scaled is an output
+    too, for the numpy model."""
+    nodes = [
+        helper.make_node("QuantizeLinear", ["q", "qs", "qz"], ["qq"]),
+        helper.make_node("DequantizeLinear", ["qq", "qs", "qz"], ["qd"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("Mul", ["kt", "root"], ["kts"]),
+        helper.make_node("QuantizeLinear", ["kts", "ks", "kz"], ["kq"]),
+        helper.make_node("DequantizeLinear", ["kq", "ks", "kz"], ["kd"]),
+        helper.make_node("MatMul", ["qd", "kd"], ["scores"]),
+    ]
+    initializers = {
+        "qs": np.float32(0.03),
+        "qz": np.uint8(120),
+        "root": np.float32(8**-0.5),
+        "ks": np.float32(0.05),
+        "kz": np.uint8(128),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "keys",
+        [
+            helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 2, "S", 8]),
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 2, "T", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("kts", TensorProto.FLOAT, [1, 2, 8, "T"]),  # (the rank: known)
+            helper.make_tensor_value_info("qq", TensorProto.UINT8, None),
+        ],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in initializers.items()],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_keys_get_codes_per_position_bit_exactly_like_the_numpy_model() -> None:
+    """Q K^T with each key (a column of K^T) at its own run-time scale equals the numpy model exactly (K^T and
+    Q's codes read from the graph); a key far smaller than the static range keeps its resolution; the decode
+    step's cache quantizer (:func:`cache_row_codes`, on keys as the cache holds them) gives the same codes."""
+    from qcompile.runtime.generate import cache_row_codes
+
+    q = RNG.uniform(-3, 3, (1, 2, 3, 8)).astype(np.float32)
+    k = (RNG.standard_normal((1, 2, 40, 8)) * np.where(np.arange(40) == 5, 0.01, 4.0)[:, None]).astype(np.float32)
+
+    def run(model: ir.Model) -> dict[str, np.ndarray]:
+        session = session_from_bytes(to_proto(model).SerializeToString())
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, {"q": q, "k": k}), strict=True))
+
+    model = _keys_model()
+    before = run(model)
+    rewrite = DynamicActivationsPass()
+    rewrite(model)
+    assert rewrite.keys == ["scores"] and rewrite.products == [] and rewrite.layers == []
+    static = [
+        node.outputs[0].name
+        for node in model.graph
+        if node.op_type == "QuantizeLinear" and ROWS_KEY not in node.metadata_props
+    ]
+    assert static == ["qq"]
+    after = run(model)
+    codes, scales = quantize_key_columns(after["kts"])
+    assert scales.shape == (1, 2, 1, 40)
+    acc = (after["qq"].astype(np.int32) - 120) @ codes.astype(np.int32)
+    np.testing.assert_array_equal(after["scores"], acc.astype(np.float32) * (scales * np.float32(0.03)))
+    # the small key (max ~0.01 against a static step of 0.05): its scores keep their resolution
+    exact = ((after["qq"].astype(np.float32) - 120) * np.float32(0.03)) @ after["kts"]
+    error_after, error_before = (
+        np.abs(out[..., 5] - exact[..., 5]).max() for out in (after["scores"], before["scores"])
+    )
+    assert error_after < 0.05 * error_before
+    # the cache layout [1, heads, positions, head_dim], multiplied by 1/sqrt(8) first: the same codes and scales
+    cached, cached_scales = cache_row_codes(k, [8**-0.5, 127.0, 128.0])
+    np.testing.assert_array_equal(cached.astype(np.int32) - 128, codes.transpose(0, 1, 3, 2))
+    np.testing.assert_array_equal(cached_scales, scales.transpose(0, 1, 3, 2))
 
 
 def test_auto_is_dynamic_for_a_decoder_with_a_cache_and_static_otherwise() -> None:

@@ -197,10 +197,17 @@ def test_decode_steps_run_on_the_kernels_with_a_cache_of_codes(step_artifact: Pa
     executor = manifest["executors"]["tvm-decode"]
     assert executor["input_shapes"]["past_key_values.1.value"] == [1, 3, 511, 64]
     assert executor["input_shapes"]["attention_mask"] == [1, 512] and executor["input_shapes"]["input_ids"] == [1, 1]
-    assert set(executor["input_dtypes"]) == {past for past, _ in entry["cache"]}
-    assert set(executor["input_dtypes"].values()) == {"uint8"}
-    # per cache input: the key's 1/sqrt(sqrt(64)) multiplier (keys only), a scale and a zero point
-    assert len(entry["step_cache_codes"]["past_key_values.0.key"]) == 3
+    # the keys are coded per position: beside their codes, a float cache of one scale per position
+    scales = entry["step_cache_scales"]
+    assert set(scales) == {past for past, _ in entry["cache"] if past.endswith(".key")}
+    assert executor["state"] == dict(scales.values())
+    assert executor["input_dtypes"] == {past: "uint8" for past, _ in entry["cache"]} | dict.fromkeys(
+        executor["state"], "float32"
+    )
+    assert executor["input_shapes"]["past_key_values.0.key.scales"] == [1, 3, 511, 1]
+    # per key cache: the 1/sqrt(sqrt(64)) multiplier, the levels (127) and the zero point; per value cache one
+    # static scale and the zero point
+    assert entry["step_cache_codes"]["past_key_values.0.key"][1:] == [127.0, 128.0]
     assert len(entry["step_cache_codes"]["past_key_values.0.value"]) == 2
     # the weights are in a file of their own, read into their tensors at load; the library keeps the small constants
     assert executor["weights"] == "decode_step.weights" and "decode_step.weights" in manifest["files"]
@@ -228,7 +235,9 @@ def test_the_step_cache_layout_equals_the_cache_of_the_filled_positions(step_art
     decoder = session.manifest.decoder
     assert decoder is not None
     capacity = 40
-    float_layout = Decoder(**{**decoder.to_json(), "step_capacity": capacity, "step_cache_codes": None})
+    float_layout = Decoder(
+        **{**decoder.to_json(), "step_capacity": capacity, "step_cache_codes": None, "step_cache_scales": None}
+    )
     infos = {info.name: info for info in session.inputs}
     buffers = {name: np.zeros((1, 3, capacity, 64), np.float32) for name, _ in float_layout.cache} | {
         "input_ids": np.zeros((1, 1), np.int64),
