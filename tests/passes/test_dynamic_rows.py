@@ -174,6 +174,7 @@ def test_attention_probabilities_get_per_row_codes_bit_exactly_like_the_numpy_mo
     the graph, so that only the rewrite's own arithmetic is modelled); a row spread over many positions, whose
     maximum is far below the static scale's range, keeps its resolution."""
     scores = (RNG.standard_normal((1, 2, 3, 200)) * np.array([[[[8.0], [0.01], [2.0]]]])).astype(np.float32)
+    scores[0, 1, 2] = -np.inf  # a query that sees no position: a NaN row, which the exporters' guard makes 0
     v = RNG.uniform(-2, 2, (1, 2, 200, 4)).astype(np.float32)
 
     def run(model: ir.Model) -> dict[str, np.ndarray]:
@@ -196,6 +197,10 @@ def test_attention_probabilities_get_per_row_codes_bit_exactly_like_the_numpy_mo
     codes, scale = quantize_probability_rows(after["p"])
     acc = codes.astype(np.int32) @ (after["vq"].astype(np.int32) - 130)
     np.testing.assert_array_equal(after["o"], acc.astype(np.float32) * scale * np.float32(0.02))
+    # the chain reads the Softmax itself: the guard's pass over every probability is left to the output "p" alone
+    assert not np.isnan(after["o"]).any() and not after["o"][0, 1, 2].any()
+    chain = [node for node in model.graph if node.metadata_props.get(ROWS_KEY) == "soft"]
+    assert [node.op_type for node in chain].count("IsNaN") == 1 and len(chain) > 5
     # the flat row (maximum ~1/200): 1/255 static steps leave it 2 levels; per row it has 255
     exact = after["p"] @ ((after["vq"].astype(np.float32) - 130) * np.float32(0.02))
     error_after, error_before = (np.abs(out[0, :, 1] - exact[0, :, 1]).max() for out in (after["o"], before["o"]))
