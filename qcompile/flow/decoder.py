@@ -297,9 +297,8 @@ def step_graph(model: ir.Model, found: Layout, capacity: int) -> ir.Model:
 
 # Ops that only move or repeat elements: a quantization after them equals one before them.
 _MOVEMENT = frozenset({"Unsqueeze", "Squeeze", "Expand", "Reshape", "Transpose", "Flatten", "Identity"})
-# The per-position chain of :func:`qcompile.passes.dynamic_rows.row_codes`, by op, as the keys' rewrite writes it.
-_ROW_CHAIN = ("Abs", "ReduceMax", "Max", "Div", "Mul", "QuantizeLinear", "Div")
 SCALES_SUFFIX = ".scales"
+SMALL_CONSTANT = 64  # elements
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,9 @@ class _Plan:
     rows: dict[str, Any] | None = None  # the per-position chain's nodes by role
 
 
-def _row_chain(value: str, users: list[Any], readers: dict[str, list[Any]], scalars: dict[str, float]) -> dict | None:
+def _row_chain(
+    value: str, users: list[Any], readers: dict[str, list[Any]], scalars: dict[str, float]
+) -> dict[str, Any] | None:
     """The per-position chain (:func:`qcompile.passes.dynamic_rows.row_codes`, over one axis with keepdims) that
     quantizes ``value``, read by ``users``, by role; None if that is not what reads it."""
 
@@ -355,8 +356,8 @@ def _row_chain(value: str, users: list[Any], readers: dict[str, list[Any]], scal
     quantize = only(multiply.output[0], "QuantizeLinear")
     if quantize is None or inverse.input[0] not in scalars or scale.input[1] != inverse.input[0]:
         return None
-    return {"abs": absolute, "reduce": reduce, "max": bound, "inverse": inverse, "mul": multiply, "quantize": quantize,
-            "scale": scale}  # fmt: skip
+    roles = ("abs", "reduce", "max", "inverse", "mul", "quantize", "scale")
+    return dict(zip(roles, (absolute, reduce, bound, inverse, multiply, quantize, scale), strict=True))
 
 
 def _scale_index(plan: _Plan, proto: Any, constants: dict[str, np.ndarray], shape: list[int]) -> np.ndarray | None:
@@ -403,9 +404,9 @@ def _scale_index(plan: _Plan, proto: Any, constants: dict[str, np.ndarray], shap
     first = np.take(rows, [0], axis=axis)
     if not np.array_equal(rows, np.broadcast_to(first, rows.shape)):
         return None
-    if not np.array_equal(np.sort(columns, axis=axis), np.broadcast_to(np.arange(width).reshape(
-            [width if a == axis else 1 for a in range(moved.ndim)]), moved.shape)):  # fmt: skip
-        return None
+    along = np.arange(width).reshape([width if a == axis else 1 for a in range(moved.ndim)])
+    if not np.array_equal(np.sort(columns, axis=axis), np.broadcast_to(along, moved.shape)):
+        return None  # a slice must hold each element of its row once
     return first
 
 
@@ -425,7 +426,12 @@ def quantize_cache(proto: Any, found: Layout) -> CacheCodes | None:
     import onnx
 
     graph = proto.graph
-    constants = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    # the small constants: scalars, and the moves' shapes, axes and permutations (not the weights)
+    constants = {
+        tensor.name: onnx.numpy_helper.to_array(tensor)
+        for tensor in graph.initializer
+        if int(np.prod(tensor.dims)) <= SMALL_CONSTANT
+    }
     scalars = {name: float(array.reshape(-1)[0]) for name, array in constants.items() if array.size == 1}
     zero_points = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.UINT8}
     producers = {output: node for node in graph.node for output in node.output}

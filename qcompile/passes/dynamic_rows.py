@@ -54,12 +54,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import add_initializer, drop_if_unused, layer_name
-from qcompile.runtime.generate import ROW_FLOOR
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_LIMIT = 127
 PROBABILITY_LIMIT = 255  # probabilities are >= 0: uint8 codes with zero point 0
+ROW_FLOOR = 2.0**-100  # the least row maximum: limit / maximum stays finite in float32 (a zero row: codes 0)
 CODE_OFFSET = 128  # uint8 codes: the int8 code + 128, read with zero point 128
 ROWS_KEY = "qcompile.rows_of"  # node metadata: the value whose rows the node's chain quantizes
 LINEAR_OPS = ("MatMul", "Gemm")

@@ -21,8 +21,8 @@ import numpy as np
 from qcompile.errors import ArtifactError, QCompileError
 from qcompile.runtime.manifest import Decoder
 
-# The least row maximum of a quantization per row: limit / maximum stays finite in float32 (a zero row: codes 0).
-# The compiler's per-row chains use it (qcompile.passes.dynamic_rows); the runtime quantizes a prefill's cache with it.
+# The least row maximum of the compiler's per-row quantization (qcompile.passes.dynamic_rows.ROW_FLOOR, which the
+# runtime, needing no compiler, does not import): a prefill's cache is quantized per position with it.
 ROW_FLOOR = 2.0**-100
 
 if TYPE_CHECKING:

@@ -248,7 +248,11 @@ def test_keys_get_codes_per_position_bit_exactly_like_the_numpy_model() -> None:
     """Q K^T with each key (a column of K^T) at its own run-time scale equals the numpy model exactly (K^T and
     Q's codes read from the graph); a key far smaller than the static range keeps its resolution; the decode
     step's cache quantizer (:func:`cache_row_codes`, on keys as the cache holds them) gives the same codes."""
+    from qcompile.passes import dynamic_rows
+    from qcompile.runtime import generate
     from qcompile.runtime.generate import cache_row_codes
+
+    assert generate.ROW_FLOOR == dynamic_rows.ROW_FLOOR  # (the runtime keeps its own copy: it imports no compiler)
 
     q = RNG.uniform(-3, 3, (1, 2, 3, 8)).astype(np.float32)
     k = (RNG.standard_normal((1, 2, 40, 8)) * np.where(np.arange(40) == 5, 0.01, 4.0)[:, None]).astype(np.float32)
