@@ -470,8 +470,8 @@ def build_decode_step(build: Build) -> None:
         value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim] for value in integer_graph.graph.input
     }
     dtypes = dict.fromkeys(codes.codes, "uint8") if codes else {}
-    state = {scales: output for scales, output in codes.scales.values()} if codes else {}
-    dtypes.update(dict.fromkeys(state, "float32"))
+    state = [list(pair) for pair in codes.scales.values()] if codes else []  # in the graph's order
+    dtypes.update({scales: "float32" for scales, _ in state})
     executor = Executor(
         "tvm",
         files[0],

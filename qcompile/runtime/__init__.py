@@ -46,7 +46,7 @@ class Session:
             raise ArtifactError(f"{folder}: no executor '{executor}'; it has {sorted(manifest.executors)}")
         self.entry = entry
         own = entry.input_dtypes or {}
-        for name, output in (entry.state or {}).items():  # state the caller carries from one call to the next
+        for name, output in entry.state or []:  # state the caller carries from one call to the next
             shape, dtype = tuple((entry.input_shapes or {})[name]), own[name]
             self.inputs.append(TensorInfo(name, shape, dtype))
             self.outputs.append(TensorInfo(output, shape, dtype))

@@ -86,10 +86,11 @@ class Executor:
             cache of 8-bit codes).
         weights: the file of a TVM library's weights, which it takes as parameters after its inputs
             (:mod:`qcompile.runtime.weights`); None: they are inside the library.
-        state: ``{input: output}``, inputs of its own beyond the model's, each the output of its pair carried
-            from a call to the next (the decode-step library's cache of per-position key scales): they follow
-            the model's inputs, their shapes and types in ``input_shapes`` / ``input_dtypes``, and their outputs
-            follow the model's outputs.
+        state: ``[[input, output], ...]``, inputs of its own beyond the model's, each the output of its pair
+            carried from a call to the next (the decode-step library's cache of per-position key scales), in the
+            library's order (a list: the manifest's objects are written with sorted keys): they follow the model's
+            inputs, their shapes and types in ``input_shapes`` / ``input_dtypes``, and their outputs follow the
+            model's outputs.
     """
 
     kind: str
@@ -107,7 +108,7 @@ class Executor:
     input_shapes: dict[str, list[int]] | None = None
     input_dtypes: dict[str, str] | None = None
     weights: str | None = None
-    state: dict[str, str] | None = None
+    state: list[list[str]] | None = None
 
     def serves(self, inputs: list[TensorInfo], shapes: dict[str, tuple[int, ...]]) -> str | None:
         """None if it runs inputs of ``shapes``; else which input and dim it cannot take."""
@@ -144,9 +145,13 @@ class Executor:
             raise ArtifactError(f"{where}: dynamic_dims {dims!r} is not {{input: {{axis: name}}}}")
         state, shapes, dtypes = executor.state, executor.input_shapes or {}, executor.input_dtypes or {}
         if state is not None and not (
-            isinstance(state, dict) and all(name in shapes and name in dtypes for name in state)
+            isinstance(state, list)
+            and all(isinstance(pair, list) and len(pair) == 2 for pair in state)
+            and all(pair[0] in shapes and pair[0] in dtypes for pair in state)
         ):
-            raise ArtifactError(f"{where}: state {state!r} names inputs without a shape and dtype of their own")
+            raise ArtifactError(
+                f"{where}: state {state!r} is not [[input, output], ...] of inputs with a shape and dtype of their own"
+            )
         return executor
 
 

@@ -200,10 +200,11 @@ def test_decode_steps_run_on_the_kernels_with_a_cache_of_codes(step_artifact: Pa
     # the keys are coded per position: beside their codes, a float cache of one scale per position
     scales = entry["step_cache_scales"]
     assert set(scales) == {past for past, _ in entry["cache"] if past.endswith(".key")}
-    assert executor["state"] == dict(scales.values())
-    assert executor["input_dtypes"] == {past: "uint8" for past, _ in entry["cache"]} | dict.fromkeys(
-        executor["state"], "float32"
-    )
+    # the library's order (the JSON objects' keys are sorted: past_key_values.10 would come before .2)
+    assert executor["state"] == [[f"{past}.scales", f"{present}.scales"] for past, present in entry["cache"][::2]]
+    assert executor["input_dtypes"] == {past: "uint8" for past, _ in entry["cache"]} | {
+        scales: "float32" for scales, _ in executor["state"]
+    }
     assert executor["input_shapes"]["past_key_values.0.key.scales"] == [1, 3, 511, 1]
     # per key cache: the 1/sqrt(sqrt(64)) multiplier, the levels (127) and the zero point; per value cache one
     # static scale and the zero point
