@@ -36,6 +36,7 @@ from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, per_row_activations, quantize
 from qcompile.graph import clone
 from qcompile.passes import last_logits, pack_int4
+from qcompile.passes.dynamic_rows import MICROSOFT, fuse_rescales
 from qcompile.passes.embedding import quantize_embeddings
 from qcompile.passes.hadamard import channels_in_grid_order
 from qcompile.passes.manager import PassLog
@@ -253,7 +254,8 @@ def _packed(build: Build) -> ir.Model:
     """The graph the 'onnxruntime' executor runs: a decoder's embedding table as int8 rows
     (:mod:`qcompile.passes.embedding`), and 4-bit blocked weights packed two to a byte where the options make
     any (:mod:`qcompile.passes.pack_int4`); online rotations read in grid order
-    (:func:`qcompile.passes.hadamard.channels_in_grid_order`); equal constants stored once
+    (:func:`qcompile.passes.hadamard.channels_in_grid_order`); per-row products rescaled by onnxruntime's fused
+    kernel (:func:`qcompile.passes.dynamic_rows.fuse_rescales`); equal constants stored once
     (:mod:`qcompile.passes.share_constants`).
     The TVM library is built from the graph before any of these."""
     assert build.graph is not None
@@ -283,6 +285,17 @@ def _packed(build: Build) -> ir.Model:
         build.passes.append({"name": "rotations_in_grid_order", "rotations": grid})
     if build.causal is not None:  # a prefill computes the logits of the last position alone
         build.logits_from = last_logits.slice_before_head(packed, build.causal.logits)
+    fused = fuse_rescales(packed)  # per-row products rescaled in the GEMM's output stage
+    if fused:
+        build.passes.append(
+            {
+                "name": "fused_rescales",
+                "products": fused,
+                "kernel": f"{MICROSOFT}.MatMulIntegerToFloat (onnxruntime): float(acc) * channel scale from the "
+                "GEMM's output stage, then times the row scale (the same float32 products as MatMulInteger, Cast, "
+                "Mul, Mul)",
+            }
+        )
     shared = share_constants(packed)
     if shared["shared"] or shared["transposed"]:
         build.passes.append({"name": "share_constants", **shared})

@@ -132,11 +132,71 @@ def row_codes(
 
 
 def rescaled(
-    chain: Chain, product: ir.Value, row_scale: ir.Value, channel_scales: ir.Value, bias: ir.Value | None
+    chain: Chain,
+    product: ir.Value,
+    row_scale: ir.Value,
+    channel_scales: ir.Value,
+    bias: ir.Value | None,
+    channels_first: bool = False,
 ) -> ir.Value:
-    """``float(product) * row_scale * channel_scales (+ bias)``: an int32 product back in float."""
-    result = chain("Mul", [chain("Mul", [chain("Cast", [product], to=ir.DataType.FLOAT), row_scale]), channel_scales])
+    """``float(product) * row_scale * channel_scales (+ bias)``: an int32 product back in float; with
+    ``channels_first``, ``float(product) * channel_scales * row_scale``, the order onnxruntime's fused
+    ``MatMulIntegerToFloat`` multiplies in (:func:`fuse_rescales`)."""
+    first, second = (channel_scales, row_scale) if channels_first else (row_scale, channel_scales)
+    result = chain("Mul", [chain("Mul", [chain("Cast", [product], to=ir.DataType.FLOAT), first]), second])
     return chain("Add", [result, bias]) if bias is not None else result
+
+
+MICROSOFT = "com.microsoft"
+
+
+def fuse_rescales(model: ir.Model) -> int:
+    """For onnxruntime's file: each per-row product of uint8 codes rescaled as ``float(acc) * channel scales *
+    row scale`` (:func:`rescaled` with ``channels_first``) becomes one ``com.microsoft.MatMulIntegerToFloat``,
+    which writes ``float(acc) * channel scale`` from its GEMM's output stage, then multiplies by the row scale in
+    one pass: the same float32 products, without the int32 tensor and the passes of ``Cast`` and one ``Mul``.
+    A bias stays a separate ``Add`` (the kernel would scale it by the row scale). Returns how many were fused."""
+    graph, fused = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "MatMulInteger" or ROWS_KEY not in node.metadata_props or len(node.inputs) < 3:
+            continue
+        codes, zero = node.inputs[0], node.inputs[2]
+        if codes is None or zero is None or zero.const_value is None or zero.const_value.dtype != ir.DataType.UINT8:
+            continue
+        chain = [node]
+        for op in ("Cast", "Mul", "Mul"):
+            value = chain[-1].outputs[0]
+            uses = list(value.uses())
+            if value.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != op or uses[0].idx != 0:
+                break
+            chain.append(uses[0].node)
+        if len(chain) != 4 or chain[1].attributes.get_int("to", 0) != ir.DataType.FLOAT:
+            continue
+        channels, rows = chain[2].inputs[1], chain[3].inputs[1]
+        if channels is None or channels.const_value is None or channels.const_value.shape.rank() > 1 or rows is None:
+            continue
+        inputs = [codes, node.inputs[1], rows, channels, zero, *(node.inputs[3:4] if len(node.inputs) > 3 else [])]
+        output = chain[3].outputs[0]
+        replacement = ir.node(
+            "MatMulIntegerToFloat",
+            inputs,
+            domain=MICROSOFT,
+            name=f"{node.name}_to_float",
+            metadata_props=dict(node.metadata_props),
+        )
+        graph.insert_after(chain[3], replacement)
+        output.replace_all_uses_with(replacement.outputs[0], replace_graph_outputs=True)
+        for item in reversed(chain):
+            graph.remove(item, safe=True)
+        replacement.outputs[0].name, replacement.outputs[0].shape, replacement.outputs[0].type = (
+            output.name,
+            output.shape,
+            output.type,
+        )
+        fused += 1
+    if fused:
+        model.opset_imports.setdefault(MICROSOFT, 1)
+    return fused
 
 
 def _weight(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
@@ -365,7 +425,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             assert right is not None
             chain = Chain(f"{name}_dynamic", source)
             product = chain("MatMulInteger", [codes, right.inputs[0], zero, right.inputs[2]])
-            result = rescaled(chain, product, row_scale, right.inputs[1], None)  # type: ignore[arg-type]
+            result = rescaled(chain, product, row_scale, right.inputs[1], None, channels_first=True)  # type: ignore[arg-type]
             self._replace(graph, node, chain, result)
             self.products.append(name)
         _remove_static(graph, q)
@@ -415,7 +475,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             product = chain("MatMulInteger", [codes, add_initializer(graph, f"{name}_dynamic_weight", matrix), zero])
             bias_value = add_initializer(graph, f"{name}_dynamic_bias", bias) if isinstance(bias, np.ndarray) else None
             channel_scales = add_initializer(graph, f"{name}_dynamic_scales", scales)
-            result = rescaled(chain, product, row_scale, channel_scales, bias_value)
+            result = rescaled(chain, product, row_scale, channel_scales, bias_value, channels_first=True)
             self._replace(graph, node, chain, result)
             self.layers.append(name)
         _remove_static(graph, q)

@@ -14,6 +14,7 @@ from qcompile.flow.quantize import QuantizeOptions, per_row_activations
 from qcompile.passes.dynamic_rows import (
     ROWS_KEY,
     DynamicActivationsPass,
+    fuse_rescales,
     quantize_key_columns,
     quantize_probability_rows,
     quantize_rows,
@@ -101,12 +102,18 @@ def test_linear_layers_compute_per_row_codes_bit_exactly_like_the_numpy_model() 
     g = -x
     codes, scale = quantize_rows(g)
     acc = codes.astype(np.int32) @ W1.astype(np.int32)
-    np.testing.assert_array_equal(after["y"], acc.astype(np.float32) * scale * S1)
+    np.testing.assert_array_equal(after["y"], acc.astype(np.float32) * S1 * scale)
     rows = g.reshape(-1, 8)
     codes, scale = quantize_rows(rows)
     acc = codes.astype(np.int32) @ W2.T.astype(np.int32)
     bias = (BIAS_CODES.astype(np.float64) * BIAS_SCALE).astype(np.float32)
-    np.testing.assert_array_equal(after["zz"], acc.astype(np.float32) * scale * S2 + bias)
+    np.testing.assert_array_equal(after["zz"], acc.astype(np.float32) * S2 * scale + bias)
+    # onnxruntime's file: each product and its rescaling one fused kernel, the same float32 products
+    assert fuse_rescales(model) == 2
+    assert [node.op_type for node in model.graph].count("MatMulIntegerToFloat") == 2
+    fused = _run(model, x)
+    for name in ("y", "zz", "p"):
+        np.testing.assert_array_equal(fused[name], after[name])
     # the row of 0.01s keeps its resolution: per-tensor codes at 0.05 round it to nothing
     assert np.abs(after["y"][:, 2] - (g[:, 2] @ (W1 * S1))).max() < 0.1 * np.abs(g[:, 2] @ (W1 * S1)).max()
     assert np.abs(before["y"][:, 2]).max() == 0.0
@@ -196,7 +203,10 @@ def test_attention_probabilities_get_per_row_codes_bit_exactly_like_the_numpy_mo
     after = run(model)
     codes, scale = quantize_probability_rows(after["p"])
     acc = codes.astype(np.int32) @ (after["vq"].astype(np.int32) - 130)
-    np.testing.assert_array_equal(after["o"], acc.astype(np.float32) * scale * np.float32(0.02))
+    np.testing.assert_array_equal(after["o"], acc.astype(np.float32) * np.float32(0.02) * scale)
+    fused_model = ir.from_proto(to_proto(model))
+    assert fuse_rescales(fused_model) == 1
+    np.testing.assert_array_equal(run(fused_model)["o"], after["o"])
     # the chain reads the Softmax itself: the guard's pass over every probability is left to the output "p" alone
     assert not np.isnan(after["o"]).any() and not after["o"][0, 1, 2].any()
     chain = [node for node in model.graph if node.metadata_props.get(ROWS_KEY) == "soft"]
