@@ -594,9 +594,9 @@ def quantize(
             "layers": len(per_row_layers),
             "probability_products": len(per_row_products),
             "codes": "uint8 = round(x / s) + 128, s = max |x| / 127 per row at run time; MatMulInteger, then "
-            "float(acc) * s * weight scale",
+            "float(acc) * weight scale * s",
             "probability_codes": "uint8 = round(p / s), s = max p / 255 per row at run time; MatMulInteger by "
-            "the static codes of V, then float(acc) * s * V's scale",
+            "the static codes of V, then float(acc) * V's scale * s",
             "key_products": len(per_position_keys),
             "key_codes": "uint8 = round(k / s) + 128, s = max |k| / 127 per position (over head_dim) at run time; "
             "MatMulInteger by the static codes of Q, then float(acc) * (s * Q's scale)",

@@ -16,13 +16,14 @@ layers with a constant int8 weight (``MatMul``, ``Gemm``; per-channel or per-ten
   op that rounds, saturates and casts (zero point 128: symmetric codes in the layout the int8 kernels read,
   uint8 x int8). Against ``Round(Div(x, s)) + 128`` then ``Cast``, three passes over the row fewer: SmolLM2-135M
   W8A8's 256-token prefill on onnxruntime 276 -> 257 ms;
-- ``MatMulInteger(q, W, 128)`` in int32, then ``float(acc) * s * w_scale (+ bias)``.
+- ``MatMulInteger(q, W, 128)`` in int32, then ``float(acc) * w_scale * s (+ bias)``, in the order onnxruntime's
+  fused ``MatMulIntegerToFloat`` multiplies (:func:`fuse_rescales` writes it so in onnxruntime's file).
 
 Attention probabilities get per-row scales too: a ``Softmax`` output (directly or through the exporters' NaN guard
 ``Where(IsNaN(p), 0, p)``) quantized statically for ``P V`` alone becomes ``s = max p / 255`` per row, codes
 ``QuantizeLinear(p * (255 / max p), 1, 0)`` as uint8 with zero point 0 (a probability is never negative: all 256
 levels), and
-``MatMulInteger(codes, V's static codes)``, then ``float(acc) * s * V's scale``. A row spread over many tokens has
+``MatMulInteger(codes, V's static codes)``, then ``float(acc) * V's scale * s``. A row spread over many tokens has
 a maximum far below the calibrated one; one static scale gave such rows a few levels. Measured on SmolLM2-135M
 W8A8 (4094 tokens, float perplexity 14.70): per-row linear inputs alone 15.02; with per-row probabilities 14.79;
 with the four attention operands in float 14.76.
@@ -411,7 +412,7 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
         else:
             # The guard's pass over every probability goes: a NaN row (a query that sees no position) has a NaN
             # maximum, hence a NaN scale, which becomes 0, so its product is 0 as the guard made it (its codes are
-            # finite: the int32 product is finite). SmolLM2-135M's 256-token prefill on onnxruntime spent 15 % of
+            # finite: the int32 product is finite). SmolLM2-135M's 256-token prefill on onnxruntime spent 14 % of
             # its time in the guards' IsNaN and Where.
             softmax = guard.inputs[2]
             source, codes, row_scale, zero = self._row_chain(graph, q, nonnegative=True, x=softmax)
