@@ -316,13 +316,36 @@ def _product_readers(q: ir.Node) -> list[ir.Node] | None:
     return _readers(q, takes)
 
 
+# Ops between attention's scores and their Softmax: scaling, masks, a soft cap.
+_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Cast"})
+SCORE_STEPS = 8  # the most of them on the way
+
+
+def _scores(value: ir.Value) -> bool:
+    """Whether ``value`` reaches a Softmax (over its last axis) through the scaling and masking ops alone, each
+    read once: attention's scores, whose right operand is the keys."""
+    for _ in range(SCORE_STEPS):
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return False
+        node = uses[0].node
+        if node.op_type == "Softmax":
+            return node.attributes.get_int("axis", -1) in (-1, len(value.shape) - 1 if value.shape else -1)
+        if node.op_type not in _SCORE_OPS:
+            return False
+        value = node.outputs[0]
+    return False
+
+
 def _key_readers(q: ir.Node) -> list[ir.Node] | None:
     """The MatMuls reading the activation ``q`` quantizes as their right operand (through DequantizeLinear), each
-    by another activation's static uint8 codes that are not probabilities (``Q K^T``), when they are its only
-    readers; None otherwise."""
+    by another activation's static uint8 codes that are not probabilities, whose product goes to a Softmax
+    (``Q K^T``), when they are its only readers; None otherwise."""
 
     def takes(node: ir.Node, index: int) -> bool:
         if node.op_type != "MatMul" or index != 1 or len(node.inputs) != 2 or node.inputs[0] is None:
+            return False
+        if not _scores(node.outputs[0]):
             return False
         left = node.inputs[0].producer()
         if not _static_codes(left):

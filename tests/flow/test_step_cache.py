@@ -39,6 +39,7 @@ def _step_model() -> onnx.ModelProto:
         helper.make_node("QuantizeLinear", ["q", "qs", "qz"], ["qq"]),
         helper.make_node("DequantizeLinear", ["qq", "qs", "qz"], ["qd"]),
         helper.make_node("MatMul", ["qd", "md"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),
     ]
     constants = {
         "two": np.array([2], np.int64),
@@ -60,6 +61,7 @@ def _step_model() -> onnx.ModelProto:
         ],
         [
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, heads, 1, CAPACITY + 1]),
+            helper.make_tensor_value_info("attention", TensorProto.FLOAT, [1, heads, 1, CAPACITY + 1]),
             helper.make_tensor_value_info(PRESENT, TensorProto.FLOAT, [1, HEADS, 1, WIDTH]),
         ],
         [numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()],

@@ -229,6 +229,7 @@ def _keys_model() -> ir.Model:
         helper.make_node("QuantizeLinear", ["kts", "ks", "kz"], ["kq"]),
         helper.make_node("DequantizeLinear", ["kq", "ks", "kz"], ["kd"]),
         helper.make_node("MatMul", ["qd", "kd"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),  # what makes K^T the keys
     ]
     initializers = {
         "qs": np.float32(0.03),
@@ -246,6 +247,7 @@ def _keys_model() -> ir.Model:
         ],
         [
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("attention", TensorProto.FLOAT, None),
             helper.make_tensor_value_info("kts", TensorProto.FLOAT, [1, 2, 8, "T"]),  # (the rank: known)
             helper.make_tensor_value_info("qq", TensorProto.UINT8, None),
         ],
@@ -298,6 +300,18 @@ def test_keys_get_codes_per_position_bit_exactly_like_the_numpy_model() -> None:
     cached, cached_scales = cache_row_codes(k, [8**-0.5, 127.0, 128.0])
     np.testing.assert_array_equal(cached.astype(np.int32) - 128, codes.transpose(0, 1, 3, 2))
     np.testing.assert_array_equal(cached_scales, scales.transpose(0, 1, 3, 2))
+
+
+def test_a_product_of_activations_that_is_no_attention_keeps_static_keys() -> None:
+    """A MatMul of two activations whose result reaches no Softmax (a rotary embedding's frequencies times the
+    positions, as optimum's export computes them) is not ``Q K^T``: its right operand stays static."""
+    proto = to_proto(_keys_model())
+    del proto.graph.node[-1]
+    del proto.graph.output[1]
+    model = ir.from_proto(proto)
+    rewrite = DynamicActivationsPass()
+    rewrite(model)
+    assert rewrite.keys == [] and [node.op_type for node in model.graph].count("QuantizeLinear") == 2
 
 
 def test_auto_is_dynamic_for_a_decoder_with_a_cache_and_static_otherwise() -> None:
