@@ -746,8 +746,7 @@ def _describe_decoder(build: Build, causal: decoder.Layout, tokenizer: Path | No
             build.decoder,
             step_executor=name,
             step_capacity=capacity,
-            step_cache_codes=codes.codes if codes else None,
-            step_cache_scales=(codes.scales or None) if codes else None,
+            **CacheCodes.decoder_fields(codes),
         )
     if why is not None:
         build.skipped["generate"] = why

@@ -316,6 +316,14 @@ class CacheCodes:
     codes: dict[str, list[float]]
     scales: dict[str, list[str]]
 
+    @staticmethod
+    def decoder_fields(coded: CacheCodes | None) -> dict[str, Any]:
+        """The decoder entry's fields for a step cache coded as ``coded`` (None: a float cache)."""
+        return {
+            "step_cache_codes": coded.codes if coded else None,
+            "step_cache_scales": (coded.scales or None) if coded else None,
+        }
+
 
 @dataclass
 class _Plan:

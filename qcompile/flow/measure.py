@@ -427,11 +427,7 @@ def check_decode_step(
     if positions >= capacity:
         raise ArtifactError(f"the calibration sample fills {positions} cache positions, past the step's {capacity}")
     step_decoder = decoder.decoder_entry(
-        layout,
-        executors=[],
-        step_capacity=capacity,
-        step_cache_codes=codes.codes if codes else None,
-        step_cache_scales=(codes.scales or None) if codes else None,
+        layout, executors=[], step_capacity=capacity, **decoder.CacheCodes.decoder_fields(codes)
     )
     steps = StepCache(step_decoder, step_buffers(entry, {info.name: info for info in manifest.inputs}))
     steps.start(cache)

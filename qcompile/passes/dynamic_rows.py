@@ -453,13 +453,10 @@ class DynamicActivationsPass(ir.passes.InPlacePass):
             self._replace(graph, node, chain, result)
             self.products.append(name)
         _remove_static(graph, q)
-        if guard is not None and not guard.outputs[0].uses() and not guard.outputs[0].is_graph_output():
-            nan = guard.inputs[0].producer()  # type: ignore[union-attr]
-            inputs = list(guard.inputs)
-            graph.remove(guard, safe=True)
-            if nan is not None and not nan.outputs[0].uses() and not nan.outputs[0].is_graph_output():
-                graph.remove(nan, safe=True)
-            drop_if_unused(graph, inputs[1])
+        if guard is not None:  # the guard, where nothing reads it any more
+            nan = guard.inputs[0]
+            _drop_chain(graph, guard.outputs[0])
+            _drop_chain(graph, nan)
 
     def _rewrite_keys(self, graph: ir.Graph, q: ir.Node, products: list[ir.Node]) -> None:
         source, codes, column_scale, zero = self._row_chain(graph, q, offset=CODE_OFFSET, axis=-2)
@@ -516,7 +513,7 @@ def _remove_static(graph: ir.Graph, q: ir.Node) -> None:
 
 
 def _drop_chain(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove ``value`` if nothing reads it: its producer (a weight's ``DequantizeLinear``) and that one's unused
+    """Remove ``value`` if nothing reads it: its producer (a weight's ``DequantizeLinear``, a NaN guard) and its unused
     constants with it."""
     if value is None or value.uses() or value.is_graph_output():
         return

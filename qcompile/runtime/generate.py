@@ -160,10 +160,16 @@ def cache_codes(array: np.ndarray, code: list[float]) -> np.ndarray:
     by each multiplier in float32, divided by the scale, rounded half to even and offset by the zero point, as
     ``QuantizeLinear`` does."""
     *multipliers, scale, zero = code
+    values = _multiplied(array, multipliers)
+    return np.clip(np.rint(values / np.float32(scale)) + zero, 0, 255).astype(np.uint8)
+
+
+def _multiplied(array: np.ndarray, multipliers: list[float]) -> np.ndarray:
+    """``array`` in float32 times each multiplier in turn, as the step graph's ``Mul`` nodes compute it."""
     values = np.asarray(array, dtype=np.float32)
     for multiplier in multipliers:
         values = values * np.float32(multiplier)
-    return np.clip(np.rint(values / np.float32(scale)) + zero, 0, 255).astype(np.uint8)
+    return values
 
 
 def cache_row_codes(array: np.ndarray, code: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +179,7 @@ def cache_row_codes(array: np.ndarray, code: list[float]) -> tuple[np.ndarray, n
     (:func:`qcompile.passes.dynamic_rows.row_codes`): uint8 codes offset by the zero point, float32 scales
     ``[..., 1]``."""
     *multipliers, limit, zero = code
-    values = np.asarray(array, dtype=np.float32)
-    for multiplier in multipliers:
-        values = values * np.float32(multiplier)
+    values = _multiplied(array, multipliers)
     bounded = np.maximum(np.abs(values).max(axis=-1, keepdims=True), np.float32(ROW_FLOOR))
     codes = np.clip(np.rint(values * (np.float32(limit) / bounded)) + zero, 0, 255).astype(np.uint8)
     return codes, (bounded / np.float32(limit)).astype(np.float32)
