@@ -234,11 +234,15 @@ _WRITTEN_OUT = "qcompile.opset18"
 
 
 def _replace_with(
-    model: ir.Model, node: ir.Node, build: list[Step], also: dict[int, int | ir.Value] | None = None
+    model: ir.Model,
+    node: ir.Node,
+    build: list[Step],
+    also: dict[int, int | ir.Value] | None = None,
+    domain: str = _WRITTEN_OUT,
 ) -> None:
-    """Replace ``node`` by a chain of ``(op, inputs, attributes)``: an input ``None`` in the list stands for
-    the previous node's output, an integer ``k`` for the output of step ``k``; the last node's output takes
-    over ``node``'s first output, and ``also`` maps its other outputs to a step (or to a value)."""
+    """Replace ``node`` by a chain of ``(op, inputs, attributes)`` in ``domain``: an input ``None`` in the list
+    stands for the previous node's output, an integer ``k`` for the output of step ``k``; the last node's output
+    takes over ``node``'s first output, and ``also`` maps its other outputs to a step (or to a value)."""
     base = node.name or str(node.outputs[0].name)
     created: list[ir.Node] = []
     previous: ir.Value | None = None
@@ -247,9 +251,7 @@ def _replace_with(
             previous if value is None else created[value].outputs[0] if isinstance(value, int) else value
             for value in inputs
         ]
-        created.append(
-            ir.node(op, wired, attributes=attributes, domain=_WRITTEN_OUT, name=f"{base}_{op.lower()}_{index}")
-        )
+        created.append(ir.node(op, wired, attributes=attributes, domain=domain, name=f"{base}_{op.lower()}_{index}"))
         previous = created[-1].outputs[0]
     model.graph.insert_after(node, created)
     assert previous is not None
@@ -260,7 +262,7 @@ def _replace_with(
         if new.producer() in created:
             new.name, new.shape, new.type = old.name, old.shape, old.type
         elif old.is_graph_output():  # a graph output that is an input as it is
-            new = ir.node("Identity", [new], domain=_WRITTEN_OUT, name=f"{old.name}_identity").outputs[0]
+            new = ir.node("Identity", [new], domain=domain, name=f"{old.name}_identity").outputs[0]
             model.graph.insert_after(created[-1], new.producer())  # type: ignore[arg-type]
             new.name, new.shape, new.type = old.name, old.shape, old.type
         old.replace_all_uses_with(new, replace_graph_outputs=True)
@@ -557,6 +559,48 @@ def _fold_weight_transposes(model: ir.Model) -> int:
     return folded
 
 
+def _col2im_as_movement(model: ir.Model) -> int:
+    """Rewrite each ``Col2Im`` whose blocks tile the image exactly (strides equal to the block shape, no pads,
+    unit dilations, a constant image shape that the blocks divide) as the data movement it then is:
+    ``[N, C*kh*kw, Hb*Wb]`` reshaped to ``[N, C, kh, kw, Hb, Wb]``, transposed to ``[N, C, Hb, kh, Wb, kw]`` and
+    reshaped to ``[N, C, H, W]`` (no block overlaps another, so nothing is summed). torch exports ``nn.Fold``
+    this way (MobileViTv2 folds its patches back with it); the movement is what the integer kernels and the
+    quantizer handle, while a ``Col2Im`` kept every layer after it float. Returns how many were rewritten."""
+    rewritten = 0
+    for node in list(model.graph):
+        if node.op_type != "Col2Im" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
+            continue
+        image, block = (value.const_value if value is not None else None for value in node.inputs[1:])
+        if image is None or block is None or image.numpy().size != 2 or block.numpy().size != 2:
+            continue
+        height, width = (int(v) for v in image.numpy().ravel())
+        kh, kw = (int(v) for v in block.numpy().ravel())
+        strides, pads, dilations = (node.attributes.get(name) for name in ("strides", "pads", "dilations"))
+        if (
+            (strides is not None and list(strides.as_ints()) != [kh, kw])
+            or (strides is None and (kh, kw) != (1, 1))
+            or (pads is not None and any(pads.as_ints()))
+            or (dilations is not None and any(d != 1 for d in dilations.as_ints()))
+            or height % kh
+            or width % kw
+        ):
+            continue
+        base = node.name or str(node.outputs[0].name)
+        blocks = [0, -1, kh, kw, height // kh, width // kw]
+        _replace_with(
+            model,
+            node,
+            [
+                ("Reshape", [node.inputs[0], _int64s(model, f"{base}_blocks", blocks)], {}),
+                ("Transpose", [None], {"perm": [0, 1, 4, 2, 5, 3]}),
+                ("Reshape", [None, _int64s(model, f"{base}_image", [0, -1, height, width])], {}),
+            ],
+            domain="",
+        )
+        rewritten += 1
+    return rewritten
+
+
 def _arranged(
     created: list[ir.Node], base: str, value: ir.Value | None, letters: str, order: list[str]
 ) -> ir.Value | None:
@@ -734,6 +778,7 @@ def normalize(
         _fold_constant_splits(model)
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_fills)
         _fold_weight_transposes(model)
+        _col2im_as_movement(model)
         _explicit_valid_padding(model)
         rewrite_rules.apply_normalization_rules(model)
     except Exception as error:

@@ -466,3 +466,47 @@ def test_an_einsum_that_is_a_matrix_product_becomes_matmul(
     assert ("Einsum" not in [node.op_type for node in model.graph]) == rewritten
     (ours,) = execution.session(model).run(None, feeds)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("block", "strides", "pads", "image", "rewritten"),
+    [
+        ((2, 2), (2, 2), (0, 0, 0, 0), (8, 6), True),  # torch's nn.Fold as MobileViTv2 uses it: blocks tile the image
+        ((2, 3), (2, 3), (0, 0, 0, 0), (4, 9), True),
+        ((3, 3), (2, 2), (0, 0, 0, 0), (7, 7), False),  # overlapping blocks are summed: a Col2Im stays
+        ((2, 2), (2, 2), (1, 1, 1, 1), (6, 6), False),  # padding is cropped: stays
+    ],
+)
+def test_a_col2im_whose_blocks_tile_the_image_becomes_a_movement(
+    tmp_path: Path,
+    block: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[int, ...],
+    image: tuple[int, int],
+    rewritten: bool,
+) -> None:
+    """Col2Im with non-overlapping, unpadded blocks moves each value to one pixel: it becomes Reshape,
+    Transpose, Reshape, and gives onnxruntime's Col2Im outputs exactly (no arithmetic on either side)."""
+    from onnx import TensorProto, helper
+
+    channels = 3
+    padded = [image[0] + pads[0] + pads[2], image[1] + pads[1] + pads[3]]
+    count = ((padded[0] - block[0]) // strides[0] + 1) * ((padded[1] - block[1]) // strides[1] + 1)
+    shape = [2, channels * block[0] * block[1], count]
+    graph = helper.make_graph(
+        [helper.make_node("Col2Im", ["x", "image", "block"], ["y"], strides=list(strides), pads=list(pads))],
+        "col2im",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, channels, *image])],
+        [
+            helper.make_tensor("image", TensorProto.INT64, [2], list(image)),
+            helper.make_tensor("block", TensorProto.INT64, [2], list(block)),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = frontend.load(save_model(proto, tmp_path / "col2im.onnx"))
+    assert ("Col2Im" not in [node.op_type for node in model.graph]) == rewritten
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    expected = execution.session(proto).run(None, {"x": x})[0]
+    (ours,) = execution.session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(ours, expected)

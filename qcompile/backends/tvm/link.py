@@ -15,6 +15,13 @@ The steps are ``relax.build``'s and ``export_library``'s own, in apache-tvm 0.27
 the Relax pipeline, ``VMCodeGen``, ``tirx.build`` per part, ``VMLink`` with the first part as the library and
 the others imported into it (as ``relax.build`` imports external modules), and the import tree packed into
 an object file beside the kernels' (``ModulePackImportsToLLVM``), all linked by ``fcompile``.
+
+The VM's own code is compiled too (``relax.build``'s ``exec_mode="compiled"``): instead of bytecode that the
+VM interprets, instruction by instruction, on every call, ``main`` is a function of native code (one more
+kernel in the parts) that calls the kernels directly and TVM's builtins (tensor allocation, reshapes) through
+their packed interface. A small model's library makes hundreds of such calls per run, and the interpreter's
+share of a call was a quarter of the run: a tiny CvT's library (300 kernels, 0.19 ms) ran 182 -> 143 us
+(2-core Xeon, 2 threads, same process), with outputs bit-identical to the bytecode build's.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from typing import Any
 
 # More parts than cores only adds LLVM set-up per part; four covers the machines qcompile compiles on.
 MAX_PARTS = 4
+
+# How the VM runs ``main``: "compiled" (native code; see the module's docstring) or "bytecode" (interpreted).
+EXEC_MODE = "compiled"
 
 
 def parts_for(kernels: int) -> int:
@@ -59,11 +69,11 @@ def build_library(
     kernels = _kernels(lowered)
     if not kernels or attributes.get("external_mods") or attributes.get("const_name_to_constant"):
         # not what qcompile's kernels make: relax.build's own path links such modules and constants
-        executable = relax.build(lowered, target=target, relax_pipeline=None)
+        executable = relax.build(lowered, target=target, relax_pipeline=None, exec_mode=EXEC_MODE)
         executable.export_library(str(path), fcompile=fcompile)
         return
     builder = relax.ExecBuilder()
-    leftover = vm_build._vmcodegen(builder, lowered, "bytecode")
+    leftover = vm_build._vmcodegen(builder, lowered, EXEC_MODE)
     kernels = _kernels(leftover)
     count = min(parts, len(kernels)) if parts is not None else parts_for(len(kernels))
     modules = [tvm.IRModule(dict(kernels[index::count]), attrs=leftover.attrs) for index in range(count)]
@@ -82,7 +92,24 @@ def build_library(
             executable, False, libraries[0].get_function("_get_target_string")(), ""
         )
         packed.write_to_file(os.path.join(scratch, "devc.o"))
-        (fcompile or cc.create_shared)(str(path), [*objects, os.path.join(scratch, "devc.o")])
+        (fcompile or cc.create_shared)(
+            str(path), [*objects, os.path.join(scratch, "devc.o")], options=_direct_call_aliases(kernels)
+        )
+
+
+def _direct_call_aliases(kernels: list[tuple[Any, Any]]) -> list[str]:
+    """Linker options that give each kernel the name compiled ``main`` calls it by. ``main`` calls a kernel
+    directly, by its global symbol; a kernel in the same LLVM module resolves to the function TVM emits as
+    ``__tvm_ffi_<symbol>``, but one in another part is left an undefined ``<symbol>``, defined here as that
+    function's alias (both have TVM's packed calling convention)."""
+    if EXEC_MODE != "compiled":
+        return []
+    aliases = []
+    for _, function in kernels:
+        symbol = function.attrs.get("global_symbol") if function.attrs else None
+        if symbol and not str(symbol).startswith("__vmtir__"):
+            aliases.append(f"-Wl,--defsym,{symbol}=__tvm_ffi_{symbol}")
+    return aliases
 
 
 def _kernels(module: Any) -> list[tuple[Any, Any]]:
