@@ -228,3 +228,57 @@ def test_constants_broadcast_as_onnx_says() -> None:
     for shape in ((8,), (1, 1, 1, 8)):
         with pytest.raises(integer.NotLowerable, match="does not broadcast per channel"):
             per_channel(np.zeros(shape), (1, 8, 4, 8))
+
+
+@pytest.mark.parametrize(
+    ("channels", "pixels"), [(129, (4, 1)), (130, (3, 3)), (131, (1, 5)), (17, (2, 2)), (129, (8, 8))]
+)
+def test_a_partial_last_block_of_channels_is_stored_exactly(
+    vnni: dict, tmp_path: Path, channels: int, pixels: tuple[int, int]
+) -> None:
+    """A 1 x 1 convolution over 64 channels into 129, 130, 131 or 17 (1, 2 or 3 channels past whole blocks of
+    16) on maps of 4 to 64 pixels (64: the AMX kernel where the CPU has it), requantized to uint8: bit-exact
+    with the oracle on every pixel. Stored lane by lane from int64, LLVM wrote the single live lane of such a
+    block as 8 bytes, zeroing the next pixel's first seven channels."""
+    rng = np.random.default_rng(channels)
+    shifts = rng.integers(33, 45, channels).astype(np.int64)
+    zero = rng.integers(0, 200, channels).astype(np.int64)
+    constants = {
+        "m0": rng.integers(2**29, 2**30, channels).astype(np.int64),
+        "round": (2**61 + np.left_shift(np.int64(1), shifts - 1)).astype(np.int64),
+        "divisor": np.left_shift(np.int64(1), shifts).astype(np.int64),
+        "unbias": (2**61 // np.left_shift(np.int64(1), shifts) - zero).astype(np.int64),
+    }
+    initializers = [
+        numpy_helper.from_array(value.reshape(1, channels, 1, 1), name) for name, value in constants.items()
+    ]
+    initializers += [
+        numpy_helper.from_array(rng.integers(-127, 128, (channels, CHANNELS, 1, 1)).astype(np.int8), "w"),
+        numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        numpy_helper.from_array(np.array(0, np.int64), "lo"),
+        numpy_helper.from_array(np.array(255, np.int64), "hi"),
+    ]
+    nodes = [
+        helper.make_node("ConvInteger", ["x", "w", "xz"], ["acc"], kernel_shape=[1, 1]),
+        helper.make_node("Cast", ["acc"], ["wide"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["wide", "m0"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "round"], ["biased"]),
+        helper.make_node("Div", ["biased", "divisor"], ["divided"]),
+        helper.make_node("Sub", ["divided", "unbias"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "lo", "hi"], ["clamped"]),
+        helper.make_node("Cast", ["clamped"], ["q"], to=TensorProto.UINT8),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "partial_block",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, CHANNELS, *pixels])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, channels, *pixels])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    executor = _build(model, vnni, tmp_path)
+    for _ in range(3):
+        feed = {"x": rng.integers(0, 256, (1, CHANNELS, *pixels)).astype(np.uint8)}
+        (produced,) = executor.run(feed)
+        expected = integer_reference.run(model, feed)[0]
+        assert np.array_equal(produced, expected), np.argwhere(produced != expected)[:8].tolist()

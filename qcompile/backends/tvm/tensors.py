@@ -132,12 +132,16 @@ class Anchor:
         return total.astype(np.int32)
 
 
-def pack_constants(constants: list[np.ndarray], channels: int) -> tuple[list[np.ndarray], list[tuple[int, int, str]]]:
+def pack_constants(
+    constants: list[np.ndarray], channels: int, whole: int = 0
+) -> tuple[list[np.ndarray], list[tuple[int, int, str]]]:
     """Per-channel constant rows (and 256-entry lookup tables, read at a code) as three matrices (int64, int32,
     float32; each at least one row, so that every kernel has the same signature; rows zero-padded to the
-    widest), and for each row: (its matrix, its row, its dtype)."""
+    widest), and for each row: (its matrix, its row, its dtype). A per-channel row continues up to ``whole``
+    columns with its last channel's value: a kernel that computes a partial block of channels as a whole vector
+    reads there, and must read valid values (a zero divisor would trap)."""
     kinds = ("int64", "int32", "float32")
-    width = max([channels, *(row.size for row in constants)])
+    width = max([channels, whole, *(row.size for row in constants)])
     matrices: list[list[np.ndarray]] = [[], [], []]
     where = []
     for row in constants:
@@ -145,6 +149,8 @@ def pack_constants(constants: list[np.ndarray], channels: int) -> tuple[list[np.
         where.append((kind, len(matrices[kind]), row.dtype.name))
         padded = np.zeros(width, kinds[kind])
         padded[: row.size] = row
+        if row.size == channels and whole > channels:
+            padded[channels:whole] = row[-1]
         matrices[kind].append(padded)
     stacked = [np.stack(rows) if rows else np.zeros((1, channels), kinds[kind]) for kind, rows in enumerate(matrices)]
     return stacked, where
