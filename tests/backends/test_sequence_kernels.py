@@ -975,3 +975,33 @@ def test_rotary_angles_and_an_int8_embedding_table_at_run_time(flavor: object) -
         (ours,) = _run(vm, feed)
         (expected,) = _onnxruntime(model, feed)
         np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * float(np.ptp(expected)) + 1e-6)
+
+
+@pytest.mark.parametrize("width", [16, 21])
+def test_rows_masked_with_the_lowest_float_are_uniform(flavor: object, width: int) -> None:
+    """Softmax and the row maximum over rows masked with float32's lowest value (-3.4e38, torch's
+    ``masked_fill(mask, finfo.min)`` as DeBERTa writes it): a row holding nothing else gets uniform
+    probabilities, as onnxruntime gives them, not NaN, and that lowest value as its maximum."""
+    rng = np.random.default_rng(width)
+    shape = [1, 6, width]
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["probabilities"], axis=-1),
+        helper.make_node("ReduceMax", ["x", "last"], ["largest"], keepdims=1),
+    ]
+    model = _model(
+        nodes,
+        [numpy_helper.from_array(np.array([-1], np.int64), "last")],
+        {"x": (TensorProto.FLOAT, shape)},
+        {"probabilities": (TensorProto.FLOAT, shape), "largest": (TensorProto.FLOAT, [1, 6, 1])},
+    )
+    vm, kinds = _build(model, flavor)
+    assert {"softmax", "rowmax"} <= set(kinds), kinds
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    x[rng.random(shape) < 0.3] = np.finfo(np.float32).min
+    x[0, 2:4] = np.finfo(np.float32).min  # two rows fully masked
+    feed = {"x": x}
+    ours, expected = _run(vm, feed), _onnxruntime(model, feed)
+    np.testing.assert_allclose(expected[0][0, 2], 1.0 / width, rtol=1e-6)  # onnxruntime's uniform rows
+    for produced, reference in zip(ours, expected, strict=True):
+        assert not np.isnan(produced).any()
+        np.testing.assert_allclose(produced, reference, rtol=0, atol=FLOAT_TOLERANCE * np.abs(reference).max())

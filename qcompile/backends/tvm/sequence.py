@@ -331,14 +331,17 @@ def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[A
         for m in outer(count):
             acc = T.alloc_buffer((LANES,), "float32", scope="global")
             stats = T.alloc_buffer((2,), "float32", scope="global")
+            # Maxima start at -inf: a row masked with float32's lowest value (-3.4e38, torch's masked_fill with
+            # finfo.min, as DeBERTa does) kept a start of -3e38 as its maximum, every exp underflowed to 0, and
+            # the row became 0 / 0 = NaN where onnxruntime gives the uniform row.
             if not layernorm and not reduction:  # softmax: the row's maximum first
-                acc[whole] = lanes_of(-3.0e38)
+                acc[whole] = lanes_of(-math.inf)
                 for b in range(blocks):
                     acc[whole] = T.max(acc[whole], X[0, m, columns(b)])
                 stats[0] = _horizontal(acc, LANES, maximum)
                 for t in range(tail):
                     stats[0] = T.max(stats[0], X[0, m, start + t])
-            acc[whole] = lanes_of(-3.0e38 if largest else 0.0)
+            acc[whole] = lanes_of(-math.inf if largest else 0.0)
             for b in range(blocks):
                 if largest:
                     acc[whole] = T.max(acc[whole], term(X[0, m, columns(b)]))
