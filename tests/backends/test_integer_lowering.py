@@ -53,15 +53,7 @@ def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
         "hi": np.full(CHANNELS, 255, np.int64) - rng.integers(0, 20, CHANNELS),
     }
     initializers = [numpy_helper.from_array(value.reshape(1, CHANNELS), name) for name, value in constants.items()]
-    nodes = [
-        helper.make_node("Cast", ["acc"], ["wide"], to=TensorProto.INT64),
-        helper.make_node("Mul", ["wide", "m0"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "round"], ["biased"]),
-        helper.make_node("Div", ["biased", "divisor"], ["divided"]),
-        helper.make_node("Sub", ["divided", "unbias"], ["shifted"]),
-        helper.make_node("Clip", ["shifted", "lo", "hi"], ["clamped"]),
-        helper.make_node("Cast", ["clamped"], ["q"], to=TensorProto.UINT8),
-    ]
+    nodes = _requantize_nodes()
     graph = helper.make_graph(
         nodes,
         "requantize",
@@ -70,6 +62,19 @@ def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
         initializers,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _requantize_nodes() -> list[onnx.NodeProto]:
+    """int32 ``acc`` to uint8 ``q`` through the constants ``m0``, ``round``, ``divisor``, ``unbias``, ``lo``, ``hi``."""
+    return [
+        helper.make_node("Cast", ["acc"], ["wide"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["wide", "m0"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "round"], ["biased"]),
+        helper.make_node("Div", ["biased", "divisor"], ["divided"]),
+        helper.make_node("Sub", ["divided", "unbias"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "lo", "hi"], ["clamped"]),
+        helper.make_node("Cast", ["clamped"], ["q"], to=TensorProto.UINT8),
+    ]
 
 
 def _build(model: onnx.ModelProto, target: dict, folder: Path) -> TVMExecutor:
@@ -258,16 +263,7 @@ def test_a_partial_last_block_of_channels_is_stored_exactly(
         numpy_helper.from_array(np.array(0, np.int64), "lo"),
         numpy_helper.from_array(np.array(255, np.int64), "hi"),
     ]
-    nodes = [
-        helper.make_node("ConvInteger", ["x", "w", "xz"], ["acc"], kernel_shape=[1, 1]),
-        helper.make_node("Cast", ["acc"], ["wide"], to=TensorProto.INT64),
-        helper.make_node("Mul", ["wide", "m0"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "round"], ["biased"]),
-        helper.make_node("Div", ["biased", "divisor"], ["divided"]),
-        helper.make_node("Sub", ["divided", "unbias"], ["shifted"]),
-        helper.make_node("Clip", ["shifted", "lo", "hi"], ["clamped"]),
-        helper.make_node("Cast", ["clamped"], ["q"], to=TensorProto.UINT8),
-    ]
+    nodes = [helper.make_node("ConvInteger", ["x", "w", "xz"], ["acc"], kernel_shape=[1, 1]), *_requantize_nodes()]
     graph = helper.make_graph(
         nodes,
         "partial_block",

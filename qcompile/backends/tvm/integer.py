@@ -2638,6 +2638,11 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
     def epilogue(acc: Any, K64: Any, K32: Any, KF: Any, c: Any, lanes: int) -> Any:
         return value.expression(epilogue_env(acc, lambda i: None, (K64, K32, KF), where, c, lanes))
 
+    def finished(acc: Any, Cr: Any, K64: Any, K32: Any, KF: Any, r: Any, block: Any) -> Any:
+        """Row ``r`` of the stored sums' block ``block``: the start added, the epilogue applied, as one vector."""
+        columns = tirx.Ramp(block * lanes, 1, lanes)
+        return epilogue(acc[r, tirx.Ramp(0, 1, lanes)] + Cr[columns], K64, K32, KF, columns, lanes)
+
     def weight_tile(Wp: Any, work: Any, b: Any, step: Any) -> Any:
         """Load weight tile ``6 + b``: the 16 groups of four channels of ``step`` for the tile's block ``b``."""
         at = (block(work, b) * quads + step * AMX_ROWS) * AMX_BYTES
@@ -2710,23 +2715,11 @@ def _amx_kernel(value: Lazy, anchor: Anchor, target: Stored, flavor: int8_kernel
                     T.evaluate(intrinsic("tilestored64", tile(2 * a + b), acc.access_ptr("w"), T.int64(4 * lanes)))
                     for r in range(AMX_ROWS):
                         if (block(work, b) + 1) * lanes <= n:  # a whole block: one vector
-                            Y[out(first(work) + a * AMX_ROWS + r, T.ramp(block(work, b) * lanes, 1, lanes))] = epilogue(
-                                acc[r, T.ramp(0, 1, lanes)] + Cr[T.ramp(block(work, b) * lanes, 1, lanes)],
-                                K64,
-                                K32,
-                                KF,
-                                T.ramp(block(work, b) * lanes, 1, lanes),
-                                lanes,
+                            Y[out(first(work) + a * AMX_ROWS + r, T.ramp(block(work, b) * lanes, 1, lanes))] = finished(
+                                acc, Cr, K64, K32, KF, r, block(work, b)
                             )
                         else:  # the last, partial block: computed whole (see _conv_kernel), stored lane by lane
-                            tail[T.ramp(0, 1, lanes)] = epilogue(
-                                acc[r, T.ramp(0, 1, lanes)] + Cr[T.ramp(block(work, b) * lanes, 1, lanes)],
-                                K64,
-                                K32,
-                                KF,
-                                T.ramp(block(work, b) * lanes, 1, lanes),
-                                lanes,
-                            )
+                            tail[T.ramp(0, 1, lanes)] = finished(acc, Cr, K64, K32, KF, r, block(work, b))
                             for lane in range(lanes):
                                 if block(work, b) * lanes + lane < n:
                                     Y[out(first(work) + a * AMX_ROWS + r, block(work, b) * lanes + lane)] = tail[lane]
