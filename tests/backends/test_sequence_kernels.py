@@ -1005,3 +1005,27 @@ def test_rows_masked_with_the_lowest_float_are_uniform(flavor: object, width: in
     for produced, reference in zip(ours, expected, strict=True):
         assert not np.isnan(produced).any()
         np.testing.assert_allclose(produced, reference, rtol=0, atol=FLOAT_TOLERANCE * np.abs(reference).max())
+
+
+def test_a_constant_bool_mask_selects_as_onnxruntime_does(flavor: object) -> None:
+    """``Where`` whose condition is a constant bool tensor (a causal or padding mask folded at export), filling
+    with float32's lowest value, then Softmax, two rows fully masked: as onnxruntime computes it. The condition
+    is read as bool, where a condition stored as bytes is compared with 0."""
+    rng = np.random.default_rng(11)
+    shape = [1, 6, 21]
+    keep = rng.random(shape) < 0.7
+    keep[0, 2:4] = False
+    initializers = [
+        numpy_helper.from_array(keep, "keep"),
+        numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "lowest"),
+    ]
+    nodes = [
+        helper.make_node("Where", ["keep", "x", "lowest"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["y"], axis=-1),
+    ]
+    model = _model(nodes, initializers, {"x": (TensorProto.FLOAT, shape)}, {"y": (TensorProto.FLOAT, shape)})
+    vm, _ = _build(model, flavor)
+    feed = {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}
+    (ours,), (expected,) = _run(vm, feed), _onnxruntime(model, feed)
+    assert not np.isnan(ours).any()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE)

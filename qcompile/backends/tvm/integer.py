@@ -1902,7 +1902,9 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
     if op == "Where":
 
         def select(v: list[Any]) -> Any:
-            condition = _broadcasting(tirx.NE, v[0], tirx.const(0, "uint8"))
+            # a condition stored as bytes is compared with 0; one read as bool (a constant bool mask) is itself
+            is_bool = str(v[0].ty).startswith("bool")
+            condition = v[0] if is_bool else _broadcasting(tirx.NE, v[0], tirx.const(0, "uint8"))
             lanes = _lanes(condition)
             values = [tirx.Broadcast(x, lanes) if lanes > 1 and _lanes(x) == 1 else x for x in v[1:]]
             return tirx.Select(condition, *values)
