@@ -270,8 +270,9 @@ def _horizontal(buffer: Any, lanes: int, combine: Any) -> Any:
 def row_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple[Any, list[Any]]:
     """LayerNormalization (``anchor.kind`` "layernorm"; the scale and bias are the epilogue's rows), Softmax
     ("softmax"), or one value per row over its channels (:data:`ROW_REDUCTIONS`: the mean, sum, 2-norm, maximum
-    or largest magnitude), epilogue fused. Rows run in 16-lane blocks and, when the width is not a multiple of
-    16 (a ViT's 197 tokens), one lane at a time over the last ``width % 16`` channels."""
+    or largest magnitude), epilogue fused. Rows run in 16-lane blocks; when the width is not a multiple of 16 (a
+    ViT's 197 tokens), a softmax's last ``width % 16`` channels are one more vector, and the other kernels' go
+    one lane at a time."""
     from tvm import tirx
     from tvm.script import tirx as T
 
