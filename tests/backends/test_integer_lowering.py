@@ -42,13 +42,9 @@ def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
     ``M0`` in [2**29, 2**30), ``R = 2**61 + 2**(n-1)``, ``Div 2**n``, ``U = 2**61 / 2**n - z``, Clip to a
     ReLU6-like [z, hi], Cast to uint8."""
     rng = np.random.default_rng(seed)
-    n = shifts.astype(np.int64)
     zero = rng.integers(0, 200, CHANNELS).astype(np.int64)
     constants = {
-        "m0": rng.integers(2**29, 2**30, CHANNELS).astype(np.int64),
-        "round": (2**61 + np.left_shift(np.int64(1), n - 1)).astype(np.int64),
-        "divisor": np.left_shift(np.int64(1), n).astype(np.int64),
-        "unbias": (2**61 // np.left_shift(np.int64(1), n) - zero).astype(np.int64),
+        **_requantize_constants(rng, shifts.astype(np.int64), zero),
         "lo": zero.copy(),
         "hi": np.full(CHANNELS, 255, np.int64) - rng.integers(0, 20, CHANNELS),
     }
@@ -62,6 +58,17 @@ def _requantize_graph(shifts: np.ndarray, seed: int = 0) -> onnx.ModelProto:
         initializers,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _requantize_constants(rng: np.random.Generator, shifts: np.ndarray, zero: np.ndarray) -> dict[str, np.ndarray]:
+    """Per channel ``m0`` (drawn from ``rng``), ``round``, ``divisor`` and ``unbias`` for shifts ``n`` and zero
+    points ``zero``, as :func:`_requantize_graph` describes them."""
+    return {
+        "m0": rng.integers(2**29, 2**30, shifts.size).astype(np.int64),
+        "round": (2**61 + np.left_shift(np.int64(1), shifts - 1)).astype(np.int64),
+        "divisor": np.left_shift(np.int64(1), shifts).astype(np.int64),
+        "unbias": (2**61 // np.left_shift(np.int64(1), shifts) - zero).astype(np.int64),
+    }
 
 
 def _requantize_nodes() -> list[onnx.NodeProto]:
@@ -248,12 +255,7 @@ def test_a_partial_last_block_of_channels_is_stored_exactly(
     rng = np.random.default_rng(channels)
     shifts = rng.integers(33, 45, channels).astype(np.int64)
     zero = rng.integers(0, 200, channels).astype(np.int64)
-    constants = {
-        "m0": rng.integers(2**29, 2**30, channels).astype(np.int64),
-        "round": (2**61 + np.left_shift(np.int64(1), shifts - 1)).astype(np.int64),
-        "divisor": np.left_shift(np.int64(1), shifts).astype(np.int64),
-        "unbias": (2**61 // np.left_shift(np.int64(1), shifts) - zero).astype(np.int64),
-    }
+    constants = _requantize_constants(rng, shifts, zero)
     initializers = [
         numpy_helper.from_array(value.reshape(1, channels, 1, 1), name) for name, value in constants.items()
     ]
