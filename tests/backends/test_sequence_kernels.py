@@ -128,6 +128,41 @@ def test_attention_products_of_two_activations_are_bit_exact(flavor: object) -> 
         np.testing.assert_array_equal(ours, expected)
 
 
+def test_products_over_any_number_of_columns_are_bit_exact(flavor: object) -> None:
+    """Products whose N no vector width divides (39 positions of an audio model's attention, 21, 5) run whole
+    vectors and one more at clamped columns, the last stored lane by lane; an N of 3 goes one lane at a time.
+    Equal to the numpy oracle, with zero points at both ends of the range, and the lanes past each row do not
+    reach the next row's output."""
+    rng = np.random.default_rng(9)
+    heads, rows, depth = 2, 5, 16
+    for width in (39, 21, 5, 3):
+        for za, zb in ZERO_POINTS:
+            initializers = [
+                numpy_helper.from_array(np.array(za, np.uint8), "za"),
+                numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
+                numpy_helper.from_array(np.array([heads, rows, depth], np.int64), "shape_a"),
+                numpy_helper.from_array(np.array([heads, depth, width], np.int64), "shape_b"),
+            ]
+            nodes = [
+                helper.make_node("Reshape", ["a", "shape_a"], ["heads_a"]),
+                helper.make_node("Reshape", ["b", "shape_b"], ["heads_b"]),
+                helper.make_node("MatMulInteger", ["heads_a", "heads_b", "za", "zb"], ["scores"]),
+            ]
+            inputs = {
+                "a": (TensorProto.UINT8, [1, heads * rows, depth]),
+                "b": (TensorProto.UINT8, [1, heads * depth, width]),
+            }
+            model = _model(nodes, initializers, inputs, {"scores": (TensorProto.INT32, [heads, rows, width])})
+            vm, kinds = _build(model, flavor)
+            assert "bmm" in kinds
+            feed = {name: rng.integers(0, 256, shape).astype(np.uint8) for name, (_, shape) in inputs.items()}
+            feed["a"][0, 0, :] = 255  # codes at both ends
+            feed["b"][0, :, -1] = 0
+            (ours,) = _run(vm, feed)
+            (expected,) = integer_reference.run(model, feed)
+            np.testing.assert_array_equal(ours, expected)
+
+
 def test_keys_transposed_for_their_product_are_read_as_rows(flavor: object) -> None:
     """``Q K^T`` where ``K^T`` is a Transpose of the keys' last two axes (through a reshape that keeps them, as
     exporters write it): on a flavor whose instruction reads four k of a column at once, the product packs the
@@ -415,12 +450,12 @@ def _quantized_softmax(rows: int, width: int, scores: bool) -> onnx.ModelProto:
 @pytest.mark.parametrize("scores", [False, True], ids=["codes", "accumulator"])
 def test_the_integer_softmax_is_one_bit_exact_kernel(flavor: object, scores: bool) -> None:
     """The integer lowering's Softmax (ReduceMax, an exp table, ReduceSum, a rounded integer division) runs as
-    one row kernel, equal to the numpy oracle: rows of 5, 17 and 48, flat rows (every gap 0) and rows whose
-    codes reach 0 and 255."""
+    one row kernel, equal to the numpy oracle: rows of 5, 16, 17, 39 and 48 (16-lane blocks, a last partial
+    vector, both), flat rows (every gap 0) and rows whose codes reach 0 and 255."""
     from qcompile.backends.integer.lowering import lower
 
     rng = np.random.default_rng(7)
-    for width in (5, 17, 48):
+    for width in (5, 16, 17, 39, 48):
         lowered, _ = lower(_quantized_softmax(9, width, scores))
         assert "ReduceMax" in {node.op_type for node in lowered.graph.node}
         vm, kinds = _build(lowered, flavor)

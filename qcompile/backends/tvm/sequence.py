@@ -515,7 +515,12 @@ def integer_softmax_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple
     row of int64 ``x`` (codes, or a rounded accumulator): ``e = table[clip(max(x) - x, 0, E - 1)]``, ``S = sum
     e``, and ``(e m0 + S half) // (S unit)`` as the epilogue's source. The quotient is exact: the float64
     estimate (numerator and divisor are exact below 2**53, the quotient within 2**-40 of the true one) is
-    corrected by one step of an integer remainder check, instead of one 64-bit division per element."""
+    corrected by one step of an integer remainder check, instead of one 64-bit division per element.
+
+    Rows run 16 lanes at a time; the last ``width % 16`` channels are one more vector read at columns clamped
+    to the row (a repeated value changes no maximum; its exp is left out of the sum), finished whole and
+    stored lane by lane. One lane at a time, the TorchScript export of Data2VecAudio (39-wide attention rows)
+    ran this kernel at about a sixth of the speed."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -528,18 +533,36 @@ def integer_softmax_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple
     m0, half, unit = anchor.terms
     last = table.size - 1
     (ints, halves, floats), where = pack_constants(value.constants, channels)
+    blocks, tail = divmod(channels, LANES)
+    start = blocks * LANES
+    ragged = tail > 0
+    whole = tirx.Ramp(0, 1, LANES)
+    wide = f"int64x{LANES}"
+
+    def splat(x: Any, dtype: str = "int64") -> Any:
+        return tirx.Broadcast(tirx.const(x, dtype) if isinstance(x, int) else x, LANES)
+
+    def columns(b: Any) -> Any:
+        return tirx.Ramp(b * LANES, 1, LANES)
+
+    tail_columns = tirx.min(tirx.Ramp(start, 1, LANES), splat(channels - 1, "int32"))
+    live = tirx.Ramp(0, 1, LANES) < splat(tail, "int32")
+
+    def exp_of(E: Any, x: Any, peak: Any) -> Any:
+        gap = tirx.min(tirx.max(splat(peak) - x, splat(0)), splat(last))
+        return tirx.Cast(wide, E[tirx.Cast(f"int32x{LANES}", gap)])
 
     def ratio(e: Any, total: Any, reciprocal: Any) -> Any:
-        numerator = e * tirx.const(m0, "int64") + total * tirx.const(half, "int64")
-        divisor = total * tirx.const(unit, "int64")
-        estimate = tirx.Cast("int64", tirx.Cast("float64", numerator) * reciprocal)
+        numerator = e * splat(m0) + splat(total * tirx.const(half, "int64"))
+        divisor = splat(total * tirx.const(unit, "int64"))
+        estimate = tirx.Cast(wide, tirx.Cast(f"float64x{LANES}", numerator) * splat(reciprocal, "float64"))
         remainder = numerator - estimate * divisor
-        low = tirx.Cast("int64", remainder < tirx.const(0, "int64"))
-        high = tirx.Cast("int64", remainder >= divisor)
+        low = tirx.Cast(wide, remainder < splat(0))
+        high = tirx.Cast(wide, remainder >= divisor)
         return estimate + high - low
 
     def finish(q: Any, c: Any, K64: Any, K32: Any, KF: Any) -> Any:
-        return value.expression(epilogue_env(q, lambda i: None, (K64, K32, KF), where, c, 1))
+        return value.expression(epilogue_env(q, lambda i: None, (K64, K32, KF), where, c, LANES))
 
     outer = loop_for(count * channels * 8)
 
@@ -554,19 +577,36 @@ def integer_softmax_kernel(value: Lazy, anchor: Anchor, target: Stored) -> tuple
     ):
         T.func_attr({"tir.noalias": True})
         for m in outer(count):
-            exps = T.alloc_buffer((channels,), "int64", scope="global")
+            exps = T.alloc_buffer((start + LANES,), "int64", scope="global")
+            acc = T.alloc_buffer((LANES,), "int64", scope="global")
             stats = T.alloc_buffer((2,), "int64", scope="global")
             reciprocal = T.alloc_buffer((1,), "float64", scope="global")
-            stats[0] = X[0, m, 0]
-            for c in range(1, channels):
-                stats[0] = T.max(stats[0], X[0, m, c])
-            stats[1] = T.int64(0)
-            for c in range(channels):
-                exps[c] = T.Cast("int64", E[T.Cast("int32", T.min(T.max(stats[0] - X[0, m, c], T.int64(0)), last))])
-                stats[1] = stats[1] + exps[c]
+            finished = T.alloc_buffer((LANES,), target.dtype, scope="global")
+            acc[whole] = T.Broadcast(X[0, m, 0], LANES)
+            for b in range(blocks):
+                acc[whole] = T.max(acc[whole], X[0, m, columns(b)])
+            if ragged:
+                acc[whole] = T.max(acc[whole], X[0, m, tail_columns])
+            stats[0] = _horizontal(acc, LANES, tirx.max)
+            acc[whole] = T.Broadcast(T.int64(0), LANES)
+            for b in range(blocks):
+                exps[columns(b)] = exp_of(E, X[0, m, columns(b)], stats[0])
+                acc[whole] = acc[whole] + exps[columns(b)]
+            if ragged:
+                exps[columns(blocks)] = tirx.Select(live, exp_of(E, X[0, m, tail_columns], stats[0]), splat(0))
+                acc[whole] = acc[whole] + exps[columns(blocks)]
+            stats[1] = _horizontal(acc, LANES, lambda a, b: a + b)
             reciprocal[0] = T.float64(1.0) / T.Cast("float64", stats[1] * T.int64(unit))
-            for c in range(channels):
-                Y[store_index(target, 0, m, c)] = finish(ratio(exps[c], stats[1], reciprocal[0]), c, K64, K32, KF)
+            for b in range(blocks):
+                Y[store_index(target, 0, m, columns(b))] = finish(
+                    ratio(exps[columns(b)], stats[1], reciprocal[0]), columns(b), K64, K32, KF
+                )
+            if ragged:
+                finished[whole] = finish(
+                    ratio(exps[columns(blocks)], stats[1], reciprocal[0]), tail_columns, K64, K32, KF
+                )
+                for t in range(tail):
+                    Y[store_index(target, 0, m, start + t)] = finished[t]
 
     return integer_softmax, [source, table.astype(np.int32), ints, halves, floats]
 
@@ -578,7 +618,9 @@ def batched_matmul_kernel(
     K, N]`` (``other``, rows of N), exactly in int32: ``sum a b - zb sum_k a - za sum_k b + K za zb``, epilogue
     fused; or ``A B`` of float32 activations. Integer products go on the int8 ``flavor``'s dot-product
     instruction where its shapes allow (:func:`_batched_dot_kernel`), else on int32 vectors of 16, 8 or 4
-    lanes (the widest that divides ``N``), or one lane at a time."""
+    lanes: the widest that divides ``N``, or when none does, the widest not above it with the last ``N % lanes``
+    columns one more vector read at columns clamped to the row, finished whole and stored lane by lane (an
+    ``N`` under 4 goes one lane at a time)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -596,9 +638,13 @@ def batched_matmul_kernel(
     rows = total // batch
     za, zb = anchor.zero_point, anchor.other_zero
     # the widest vector that divides N: Swin's P V (N = 8, a head of 8 channels) ran one lane at a time, 23 % of
-    # the model's run in that one kernel
-    lanes = next((count for count in (LANES, 8, 4) if width % count == 0), 1)
-    blocks = width // lanes
+    # the model's run in that one kernel. Else a last, partial vector: Data2VecAudio's Q K^T over 39 positions
+    # (N = 39) went one lane at a time, 15 % of its run in two such kernels.
+    lanes = next((count for count in (LANES, 8, 4) if width % count == 0), 0)
+    lanes = lanes or next((count for count in (LANES, 8, 4) if width > count), 1)
+    blocks, tail = divmod(width, lanes)
+    ragged = tail > 0
+    start = blocks * lanes
     (ints, halves, floats), where = pack_constants(value.constants, width)
     dtype, accumulator = source.dtype, anchor.source_dtype  # uint8 into int32, or float32 throughout
     integer = accumulator == "int32"
@@ -614,7 +660,11 @@ def batched_matmul_kernel(
     def splat(x: Any) -> Any:
         return tirx.Broadcast(x, lanes) if lanes > 1 else x
 
-    def finish(acc: Any, colsum: Any, rowsum: Any, K64: Any, K32: Any, KF: Any, b: Any) -> Any:
+    tail_columns = (
+        tirx.min(tirx.Ramp(start, 1, lanes), tirx.Broadcast(tirx.const(width - 1, "int32"), lanes)) if ragged else 0
+    )
+
+    def finish(acc: Any, colsum: Any, rowsum: Any, K64: Any, K32: Any, KF: Any, at: Any) -> Any:
         corrected = acc
         if integer:
             corrected = (
@@ -623,7 +673,7 @@ def batched_matmul_kernel(
                 - colsum * splat(tirx.const(za, "int32"))
                 + splat(tirx.const(depth * za * zb, "int32"))
             )
-        return value.expression(epilogue_env(corrected, lambda i: None, (K64, K32, KF), where, columns(b), lanes))
+        return value.expression(epilogue_env(corrected, lambda i: None, (K64, K32, KF), where, at, lanes))
 
     outer = loop_for(batch * rows * depth * width)
 
@@ -638,6 +688,12 @@ def batched_matmul_kernel(
     ):
         T.func_attr({"tir.noalias": True})
         for g in outer(batch):
+            # the last, partial vector's columns of B (clamped to the row), gathered once per batch: gathered
+            # in the row loop, each was a lane-by-lane insert, and the kernel ran slower than one lane at a time
+            edge = T.alloc_buffer((depth, lanes), dtype, scope="global")
+            if ragged:
+                for k in range(depth):
+                    edge[k, whole] = B[0, g * depth + k, tail_columns]
             for m in range(rows):
                 rowsum = T.alloc_buffer((1,), accumulator, scope="global")
                 rowsum[0] = T.Cast(accumulator, 0)
@@ -656,8 +712,23 @@ def batched_matmul_kernel(
                         if integer:
                             colsum[whole] = colsum[whole] + widen(B[0, g * depth + k, columns(b)])
                     Y[store_index(target, 0, g * rows + m, columns(b))] = finish(
-                        acc[whole], colsum[whole], rowsum[0], K64, K32, KF, b
+                        acc[whole], colsum[whole], rowsum[0], K64, K32, KF, columns(b)
                     )
+                if ragged:
+                    last = T.alloc_buffer((lanes,), accumulator, scope="global")
+                    lastsum = T.alloc_buffer((lanes,), accumulator, scope="global")
+                    finished = T.alloc_buffer((lanes,), target.dtype, scope="global")
+                    last[whole] = splat(T.Cast(accumulator, 0))
+                    lastsum[whole] = splat(T.Cast(accumulator, 0))
+                    for k in range(depth):
+                        last[whole] = last[whole] + splat(T.Cast(accumulator, A[0, g * rows + m, k])) * widen(
+                            edge[k, whole]
+                        )
+                        if integer:
+                            lastsum[whole] = lastsum[whole] + widen(edge[k, whole])
+                    finished[whole] = finish(last[whole], lastsum[whole], rowsum[0], K64, K32, KF, tail_columns)
+                    for t in range(tail):
+                        Y[store_index(target, 0, g * rows + m, start + t)] = finished[t]
 
     return batched, [source, other, ints, halves, floats]
 
