@@ -231,6 +231,31 @@ def test_a_library_with_amx_tiles_is_refused_where_they_are_not_granted(
     TVMExecutor(tmp_path / tvm_backend.LIBRARY_FILE, ["acc"], vnni["mcpu"], [])  # no tiles: loads
 
 
+@pytest.mark.parametrize("fill", [None, np.array([7], np.int64), np.array([0.5], np.float32)])
+def test_the_oracle_fills_a_constant_of_shape_as_onnx_says(fill: np.ndarray | None) -> None:
+    """``ConstantOfShape`` (torch's ``full_like``, which TorchScript's export of WavLM keeps in its position
+    buckets): the value's dtype and the shape read from the input, float32 zeros by default; as
+    ``onnx.reference`` computes it."""
+    from onnx.reference import ReferenceEvaluator
+
+    attributes = {} if fill is None else {"value": numpy_helper.from_array(fill)}
+    node = helper.make_node("ConstantOfShape", ["shape"], ["y"], **attributes)
+    model = helper.make_model(
+        helper.make_graph(
+            [node],
+            "fill",
+            [helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
+            [helper.make_empty_tensor_value_info("y")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    feed = {"shape": np.array([2, 1, 3], np.int64)}
+    (ours,) = integer_reference.run(model, feed)
+    (expected,) = ReferenceEvaluator(model).run(None, feed)
+    assert ours.dtype == expected.dtype and ours.shape == (2, 1, 3)
+    np.testing.assert_array_equal(ours, expected)
+
+
 def test_constants_broadcast_as_onnx_says() -> None:
     """Shapes align on the right: [C] is per channel for a [1, C] value but runs along W of [1, C, H, W]."""
     per_channel = integer._Lowering._per_channel

@@ -6,7 +6,7 @@ semantics of the ONNX specification, in int64 where the spec's result type allow
 points, multiply, accumulate in int32: summed in float64 by BLAS where that is exact), ``Div`` on integers
 (truncation toward zero), ``Clip``, ``Max``, ``Cast``, ``MaxPool`` on uint8, ``ReduceSum``, ``ReduceMax``,
 ``Gather`` (tables), ``Concat``, ``Where``, the integer and boolean ops of masks (``And``, ``Or``, ``Not``,
-``Equal``, ``GatherElements``, ``GatherND``, ``Expand``), the layout ops,
+``Equal``, ``GatherElements``, ``GatherND``, ``Expand``, ``ConstantOfShape``), the layout ops,
 and at the output ``Mul`` on floats and ``DequantizeLinear``. Any other op is an error: the oracle never guesses,
 except on the nodes a host build kept in float (named in the graph's ``qcompile.float_islands`` metadata):
 those are run by onnxruntime, one node at a time (the float semantics of the QDQ graph's own executor).
@@ -234,6 +234,10 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], island_perturbatio
             result = args[0][tuple(np.moveaxis(indices, -1, 0))]
         elif op == "Expand":
             result = args[0] * np.ones(tuple(int(d) for d in args[1]), dtype=args[0].dtype)
+        elif op == "ConstantOfShape":  # (torch's full_like: WavLM's relative-position buckets, TorchScript export)
+            fill = attributes.get("value")
+            value = numpy_helper.to_array(fill).reshape(-1)[0] if fill is not None else np.float32(0)
+            result = np.full(tuple(int(d) for d in args[0]), value, dtype=value.dtype)
         elif op == "Gather":
             result = np.take(args[0], args[1].astype(np.int64), axis=int(attributes.get("axis", 0)))
         elif op == "Concat":
