@@ -259,16 +259,18 @@ def _deviation(produced: list[np.ndarray], expected: list[np.ndarray]) -> tuple[
     return error, cosine
 
 
-def check_kernels(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sample: Feed) -> None:
+def check_kernels(folder: Path, manifest: Manifest, lowered: onnx.ModelProto, sample: Feed) -> str | None:
     """A host build's kernel library against the numpy oracle of its integer graph: bit for bit, or, where the
     graph keeps float layers (float islands), within a few times what float32 rounding in them alone moves the
-    outputs (:data:`ISLAND_SPREAD_FACTOR`)."""
+    outputs (:data:`ISLAND_SPREAD_FACTOR`). Returns None when it passes (the manifest says how close it is),
+    else how far it is."""
     assert manifest.measured is not None
     produced = list(Session(folder, manifest, "tvm").run(sample).values())
     passed, detail, _ = oracle_agreement(produced, lowered, sample)
     if not passed:
-        raise ArtifactError(f"the TVM kernels' library {detail}")
+        return f"the library of qcompile's kernels {detail}"
     manifest.measured.accuracy["tvm_vs_oracle"] = f"{detail} on the calibration sample"
+    return None
 
 
 def oracle_agreement(produced: list[np.ndarray], lowered: onnx.ModelProto, sample: Feed) -> tuple[bool, str, bool]:

@@ -106,6 +106,15 @@ def _attention_products(za: int, zb: int) -> onnx.ModelProto:
 ZERO_POINTS = ((0, 255), (255, 0), (131, 7))  # at both ends of the range, and in between
 
 
+def _product_constants(za: int, zb: int, shapes: dict[str, list[int]]) -> list[onnx.TensorProto]:
+    """A product's zero points ``za`` and ``zb`` and the int64 shapes its reshapes read, as initializers."""
+    return [
+        numpy_helper.from_array(np.array(za, np.uint8), "za"),
+        numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
+        *(numpy_helper.from_array(np.array(shape, np.int64), name) for name, shape in shapes.items()),
+    ]
+
+
 def _attention_feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {
         "a": (rng.uniform(-20, 20, (1, 8, 32))).astype(np.float32),  # codes that reach 0 and 255
@@ -137,12 +146,9 @@ def test_products_over_any_number_of_columns_are_bit_exact(flavor: object) -> No
     heads, rows, depth = 2, 5, 16
     for width in (39, 21, 5, 3):
         for za, zb in ZERO_POINTS:
-            initializers = [
-                numpy_helper.from_array(np.array(za, np.uint8), "za"),
-                numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
-                numpy_helper.from_array(np.array([heads, rows, depth], np.int64), "shape_a"),
-                numpy_helper.from_array(np.array([heads, depth, width], np.int64), "shape_b"),
-            ]
+            initializers = _product_constants(
+                za, zb, {"shape_a": [heads, rows, depth], "shape_b": [heads, depth, width]}
+            )
             nodes = [
                 helper.make_node("Reshape", ["a", "shape_a"], ["heads_a"]),
                 helper.make_node("Reshape", ["b", "shape_b"], ["heads_b"]),
@@ -170,12 +176,7 @@ def test_keys_transposed_for_their_product_are_read_as_rows(flavor: object) -> N
     rng = np.random.default_rng(4)
     heads, queries, keys, dim = 3, 2, 32, 64
     for za, zb in ZERO_POINTS:
-        initializers = [
-            numpy_helper.from_array(np.array(za, np.uint8), "za"),
-            numpy_helper.from_array(np.array(zb, np.uint8), "zb"),
-            numpy_helper.from_array(np.array([heads, dim, keys], np.int64), "shape"),
-            numpy_helper.from_array(np.array([heads, queries, dim], np.int64), "heads"),
-        ]
+        initializers = _product_constants(za, zb, {"shape": [heads, dim, keys], "heads": [heads, queries, dim]})
         nodes = [
             helper.make_node("Reshape", ["q", "heads"], ["q3"]),
             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
