@@ -1065,3 +1065,82 @@ def test_a_constant_bool_mask_selects_as_onnxruntime_does(flavor: object) -> Non
     (ours,), (expected,) = _run(vm, feed), _onnxruntime(model, feed)
     assert not np.isnan(ours).any()
     np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE)
+
+
+@pytest.mark.parametrize("rows", [[1, 3], [0, 1, 2, 3]], ids=["some rows", "every row"])
+def test_a_scatter_at_constant_indices_writes_as_onnxruntime_does(flavor: object, rows: list[int]) -> None:
+    """``ScatterND`` at constant indices (optimum's causal LM exports write the padding mask into the causal
+    mask with it) of run-time updates into constant data: some rows written (a gather and a ``Where`` on a
+    constant mask), or every row (the gather alone, and a ``Where`` whose condition is then one value), equal to
+    onnxruntime's (only moves and selects: exactly)."""
+    rng = np.random.default_rng(12)
+    shape, width = [1, 4, 6], 6
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "data"),
+        numpy_helper.from_array(np.array([[0, row] for row in rows], np.int64), "indices"),
+        numpy_helper.from_array(np.ones(shape, np.bool_), "everywhere"),
+        numpy_helper.from_array(np.array(-1.0, np.float32), "other"),
+        numpy_helper.from_array(np.array([len(rows), width], np.int64), "slices"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["u"], ["positive"]),
+        helper.make_node("Reshape", ["positive", "slices"], ["updates"]),
+        helper.make_node("ScatterND", ["data", "indices", "updates"], ["scattered"]),
+        helper.make_node("Add", ["scattered", "x"], ["sum"]),
+        helper.make_node("Where", ["everywhere", "sum", "other"], ["y"]),
+    ]
+    inputs = {"u": (TensorProto.FLOAT, [1, len(rows), width]), "x": (TensorProto.FLOAT, shape)}
+    model = _model(nodes, initializers, inputs, {"y": (TensorProto.FLOAT, shape)})
+    vm, _ = _build(model, flavor)
+    feed = {name: rng.standard_normal(dims).astype(np.float32) for name, (_, dims) in inputs.items()}
+    (ours,), (expected,) = _run(vm, feed), _onnxruntime(model, feed)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_a_product_whose_second_operand_is_shared_by_every_head(flavor: object) -> None:
+    """Multi-query attention (optimum's Falcon export): ``[1, 2, M, K] x [1, 1, K, N]``, one key head for both
+    query heads; B is expanded over the heads first. Equal to the numpy oracle, zero points at both ends."""
+    rng = np.random.default_rng(13)
+    for za, zb in ZERO_POINTS:
+        initializers = _product_constants(za, zb, {})
+        nodes = [helper.make_node("MatMulInteger", ["a", "b", "za", "zb"], ["scores"])]
+        inputs = {"a": (TensorProto.UINT8, [1, 2, 4, 8]), "b": (TensorProto.UINT8, [1, 1, 8, 5])}
+        model = _model(nodes, initializers, inputs, {"scores": (TensorProto.INT32, [1, 2, 4, 5])})
+        vm, kinds = _build(model, flavor)
+        assert "bmm" in kinds, kinds
+        feed = {name: rng.integers(0, 256, dims).astype(np.uint8) for name, (_, dims) in inputs.items()}
+        (ours,) = _run(vm, feed)
+        (expected,) = integer_reference.run(model, feed)
+        np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("width", [39, 159, 16, 7])
+def test_rows_of_any_width_run_elementwise_as_onnxruntime_does(flavor: object, width: int) -> None:
+    """An elementwise chain (GELU's erf, a per-channel scale, a residual add, the quantization after it) over
+    rows whose width 16 does not divide: whole vectors, then one more over the last 16 channels overlapping
+    the block before (widths under 16 go one lane at a time). The float output as onnxruntime computes it
+    (FLOAT_TOLERANCE: erf's vector form differs from onnxruntime's by rounding), the quantized one within one
+    step of it (a value on a rounding boundary may land on either side)."""
+    rng = np.random.default_rng(14)
+    shape = [1, 5, width]
+    initializers = [
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, width).astype(np.float32), "scale"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "root"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "step"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zero"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "root"], ["scaled"]),
+        helper.make_node("Erf", ["scaled"], ["erf"]),
+        helper.make_node("Mul", ["erf", "scale"], ["weighted"]),
+        helper.make_node("Add", ["weighted", "r"], ["y"]),
+        helper.make_node("QuantizeLinear", ["y", "step", "zero"], ["q"]),
+    ]
+    inputs = {"x": (TensorProto.FLOAT, shape), "r": (TensorProto.FLOAT, shape)}
+    outputs = {"y": (TensorProto.FLOAT, shape), "q": (TensorProto.UINT8, shape)}
+    model = _model(nodes, initializers, inputs, outputs)
+    vm, _ = _build(model, flavor)
+    feed = {name: (rng.standard_normal(dims) * 3).astype(np.float32) for name, (_, dims) in inputs.items()}
+    (ours, codes), (expected, expected_codes) = _run(vm, feed), _onnxruntime(model, feed)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=FLOAT_TOLERANCE * np.abs(expected).max())
+    assert np.abs(codes.astype(np.int32) - expected_codes.astype(np.int32)).max() <= 1

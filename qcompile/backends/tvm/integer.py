@@ -285,6 +285,8 @@ class _Lowering:
                     self.values[name] = part
         elif op == "Concat":
             self.values[output] = self._concat(node)
+        elif op == "ScatterND":
+            self.values[output] = self._scatter(node)
         elif op == "Pad":
             self.values[output] = self._pad(node)
         elif op == "BatchNormalization":
@@ -950,7 +952,17 @@ class _Lowering:
         """MatMulInteger of two activations ``[..., M, K] x [..., K, N]`` (attention's ``Q K^T`` and ``P V``),
         with scalar uint8 zero points, or the float MatMul of two activations (an attention kept float)."""
         left, right = self._shape(node.input[0]), self._shape(node.input[1])
-        if len(left) < 2 or left[:-2] != right[:-2] or left[-1] != right[-2]:
+        # B broadcast over A's batch dims (multi-query attention: one key and value head for every query head,
+        # as optimum exports Falcon): B expanded first, by a gather
+        expanded = None
+        if len(left) >= 2 and len(right) >= 2 and left[:-2] != right[:-2]:
+            try:
+                batch = np.broadcast_shapes(left[:-2], right[:-2])
+            except ValueError:
+                batch = None
+            if batch == tuple(left[:-2]):
+                expanded = (*left[:-2], *right[-2:])
+        if len(left) < 2 or (left[:-2] != right[:-2] and expanded is None) or left[-1] != right[-2]:
             raise NotLowerable(f"{node.name}: MatMulInteger of shapes {list(left)} and {list(right)}")
         zeros = []
         for position in (2, 3):
@@ -960,10 +972,13 @@ class _Lowering:
                 raise NotLowerable(f"{node.name}: MatMulInteger with zero points that are not scalar constants")
             zeros.append(int(np.asarray(zero).reshape(-1)[0]))
         # (an operand may be a constant: SigLIP's pooling probe, projected and scaled, folds into one)
-        transposed = self._transposed_operand(node, left, right)
+        transposed = self._transposed_operand(node, left, right) if expanded is None else None
         a = self._product_operand(node.input[0])
         # B^T's rows, read as the dot instruction packs them: no transpose kernel
         b = transposed if transposed is not None else self._product_operand(node.input[1])
+        if expanded is not None:
+            b = self._gathered(b, np.broadcast_to(_positions(b, right), expanded))
+            right = expanded
         dtype, accumulator = ("uint8", "int32") if node.op_type == "MatMulInteger" else ("float32", "float32")
         stored_right = (*right[:-2], right[-1], right[-2]) if transposed is not None else right
         for operand, shape in ((a, left), (b, stored_right)):
@@ -1381,6 +1396,38 @@ class _Lowering:
             if view is not None:
                 return view
         return self._gathered(source, self._index_maps(node, source, extra)[0])
+
+    def _scatter(self, node: onnx.NodeProto) -> Stored:
+        """ScatterND at constant indices (optimum's causal LM exports write the padding mask into the causal one
+        with it; the indices come from shapes and ranges, constant here) as one gather through a map computed now:
+        the updates, then the data, copied one after the other (flat), each output position reading the update
+        written there, else its data. Every position written: the updates alone."""
+        data, indices, updates = node.input[:3]
+        reduction = node_attributes(node).get("reduction", b"none")
+        if indices not in self.constants or reduction not in (b"none", "none"):
+            raise NotLowerable(f"{node.name} (ScatterND) is covered at constant indices, without a reduction")
+        shape = self._shape(data)
+        index = self.constants[indices].astype(np.int64)
+        depth = index.shape[-1]
+        slots = tuple(index.reshape(-1, depth).T)
+        written = np.zeros(shape, np.bool_)
+        written[slots] = True
+        source = self._moved_source(updates)
+        positions = _positions(source, self._shape(updates)).reshape(-1, *shape[depth:])
+        if written.all():
+            index_map = np.zeros(shape, np.int64)
+            index_map[slots] = positions
+            return self._gathered(source, index_map)
+        size = int(positions.size)
+        if data in self.constants:
+            data_positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        else:
+            data_positions = _positions(self._materialize(data), shape)
+        both = onnx.helper.make_node("Concat", [updates, data], [f"{node.output[0]}/qcompile_sources"], axis=0)
+        combined = self._stacked_rows(both, (size + int(np.prod(shape)),), 0)
+        index_map = size + data_positions
+        index_map[slots] = positions
+        return self._gathered(combined, index_map)
 
     def _split(self, node: onnx.NodeProto) -> list[Stored]:
         """Split by constant sizes (GPT-2's fused query / key / value projection cut in three): each part one
@@ -1904,7 +1951,9 @@ def _combiner(op: str, node: onnx.NodeProto, dtype: str) -> Callable[[list[Any]]
         def select(v: list[Any]) -> Any:
             # a condition stored as bytes is compared with 0; one read as bool (a constant bool mask) is itself
             is_bool = str(v[0].ty).startswith("bool")
-            condition = v[0] if is_bool else _broadcasting(tirx.NE, v[0], tirx.const(0, "uint8"))
+            # (compared in its own type: a condition that is one value is a scalar of the op's dtype)
+            zero = tirx.const(0, str(v[0].ty).split("x")[0])
+            condition = v[0] if is_bool else _broadcasting(tirx.NE, v[0], zero)
             lanes = _lanes(condition)
             values = [tirx.Broadcast(x, lanes) if lanes > 1 and _lanes(x) == 1 else x for x in v[1:]]
             return tirx.Select(condition, *values)
@@ -2230,8 +2279,14 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     if not 1 <= len(leaves) <= 2:
         raise NotLowerable(f"an elementwise kernel over {len(leaves)} tensors")
     first, second = leaves[0], leaves[-1]
-    vector = channels % LANES == 0 and all(leaf.layout != "nchw" for leaf in leaves)
+    # Rows whose width 16 does not divide end in one more vector over their last 16 channels, overlapping the
+    # block before it (elementwise: the overlap is computed again, to the same values, into another buffer).
+    # One lane at a time, Data2VecAudio's GELUs over rows of 39 and 159 took 15 % of its run.
+    stored_rows = all(leaf.layout != "nchw" for leaf in leaves)
+    ragged = channels % LANES != 0 and channels > LANES and stored_rows
+    vector = (channels % LANES == 0 or ragged) and stored_rows
     blocks = channels // LANES
+    last = tirx.Ramp(channels - LANES, 1, LANES)
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     y_nhwc = target.layout == "nhwc"
     top, left = target.pads[0], target.pads[1]
@@ -2271,6 +2326,11 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
                             Y[0, T.ramp(b * LANES, 1, LANES)] = compute(
                                 X0, X1, K64, K32, KF, i, j, tirx.Ramp(b * LANES, 1, LANES), LANES
                             )
+                    if ragged:
+                        if y_nhwc:
+                            Y[i + top, j + left, last] = compute(X0, X1, K64, K32, KF, i, j, last, LANES)
+                        else:
+                            Y[0, last] = compute(X0, X1, K64, K32, KF, i, j, last, LANES)
                 else:
                     for c in range(channels):
                         if y_nhwc:
