@@ -2286,7 +2286,7 @@ def _elementwise_kernel(value: Lazy, target: Stored) -> tuple[Any, list[Any]]:
     ragged = channels % LANES != 0 and channels > LANES and stored_rows
     vector = (channels % LANES == 0 or ragged) and stored_rows
     blocks = channels // LANES
-    last = tirx.Ramp(channels - LANES, 1, LANES)
+    last = tirx.Ramp(channels - LANES, 1, LANES) if ragged else None
     (ints, halves, floats), where = pack_constants(value.constants, channels)
     y_nhwc = target.layout == "nhwc"
     top, left = target.pads[0], target.pads[1]

@@ -664,6 +664,13 @@ def batched_matmul_kernel(
         tirx.min(tirx.Ramp(start, 1, lanes), tirx.Broadcast(tirx.const(width - 1, "int32"), lanes)) if ragged else 0
     )
 
+    def product(A: Any, g: Any, m: Any, k: Any, b_row: Any) -> Any:
+        """Row ``m``'s k-th code times ``b_row`` (a vector of B's k-th row)."""
+        return splat(tirx.Cast(accumulator, A[0, g * rows + m, k])) * widen(b_row)
+
+    # (allocated only where it is read: a buffer over the stack limit would be a heap workspace every call)
+    edge_rows = depth if ragged else 1
+
     def finish(acc: Any, colsum: Any, rowsum: Any, K64: Any, K32: Any, KF: Any, at: Any) -> Any:
         corrected = acc
         if integer:
@@ -690,7 +697,7 @@ def batched_matmul_kernel(
         for g in outer(batch):
             # the last, partial vector's columns of B (clamped to the row), gathered once per batch: gathered
             # in the row loop, each was a lane-by-lane insert, and the kernel ran slower than one lane at a time
-            edge = T.alloc_buffer((depth, lanes), dtype, scope="global")
+            edge = T.alloc_buffer((edge_rows, lanes), dtype, scope="global")
             if ragged:
                 for k in range(depth):
                     edge[k, whole] = B[0, g * depth + k, tail_columns]
@@ -706,9 +713,7 @@ def batched_matmul_kernel(
                     acc[whole] = splat(T.Cast(accumulator, 0))
                     colsum[whole] = splat(T.Cast(accumulator, 0))
                     for k in range(depth):
-                        acc[whole] = acc[whole] + splat(T.Cast(accumulator, A[0, g * rows + m, k])) * widen(
-                            B[0, g * depth + k, columns(b)]
-                        )
+                        acc[whole] = acc[whole] + product(A, g, m, k, B[0, g * depth + k, columns(b)])
                         if integer:
                             colsum[whole] = colsum[whole] + widen(B[0, g * depth + k, columns(b)])
                     Y[store_index(target, 0, g * rows + m, columns(b))] = finish(
@@ -721,9 +726,7 @@ def batched_matmul_kernel(
                     last[whole] = splat(T.Cast(accumulator, 0))
                     lastsum[whole] = splat(T.Cast(accumulator, 0))
                     for k in range(depth):
-                        last[whole] = last[whole] + splat(T.Cast(accumulator, A[0, g * rows + m, k])) * widen(
-                            edge[k, whole]
-                        )
+                        last[whole] = last[whole] + product(A, g, m, k, edge[k, whole])
                         if integer:
                             lastsum[whole] = lastsum[whole] + widen(edge[k, whole])
                     finished[whole] = finish(last[whole], lastsum[whole], rowsum[0], K64, K32, KF, tail_columns)
