@@ -36,7 +36,7 @@ from qcompile.flow.feeds import feeds_from
 from qcompile.flow.quantize import QuantizeOptions, QuantizeResult, per_row_activations, quantize
 from qcompile.graph import clone
 from qcompile.passes import last_logits, pack_int4
-from qcompile.passes.dynamic_rows import MICROSOFT, fuse_rescales
+from qcompile.passes.dynamic_rows import MICROSOFT, blocked_products, fuse_rescales
 from qcompile.passes.embedding import quantize_embeddings
 from qcompile.passes.hadamard import channels_in_grid_order
 from qcompile.passes.manager import PassLog
@@ -453,13 +453,20 @@ def build_decode_step(build: Build) -> None:
     try:
         step = decoder.step_graph(build.graph, layout, capacity)
         quantize_embeddings(step)  # int8 rows, as the onnxruntime file stores them (113 MB -> 28 MB for SmolLM2)
-        graph = execution.to_proto(frontend.specialize(step))
+        step = frontend.specialize(step)
+        if build.options.weight_block is not None and per_row_activations(build.model, build.options):
+            # group-wise weights: the input quantized per block at run time, as MatMulNBits does in the onnxruntime
+            # file, and each layer one int4 x int8 kernel reading the packed codes (on the static shapes)
+            blocked = blocked_products(step)
+            if blocked:
+                build.passes.append({"name": "blocked_step_products", "layers": blocked})
+        graph = execution.to_proto(step)
         integer_graph = _host_integer_graph(build, graph)
         share = decoder.float_weight_share(integer_graph, integer_reference.float_islands(integer_graph))
         if share > MAX_FLOAT_WEIGHT_SHARE:
             raise tvm_backend.KernelsNotUsed(
                 f"{share:.0%} of the step's weights would be multiplied in float (the kernels take 8-bit weights "
-                "per channel; group-wise int4 weights stay with onnxruntime's MatMulNBits)"
+                "per channel, and group-wise weights where the activations are quantized per row or block at run time)"
             )
         codes = decoder.quantize_cache(integer_graph, layout)  # an 8-bit cache, where the graph allows it
         board = device.device if toolchain is not None else None

@@ -525,3 +525,115 @@ def _drop_chain(graph: ir.Graph, value: ir.Value | None) -> None:
     graph.remove(producer, safe=True)
     for item in inputs:
         drop_if_unused(graph, item)
+
+
+def quantize_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blocked layers' activation quantizer (:func:`blocked_products`), in numpy: ``x [..., K]`` in blocks of
+    ``block`` along its last axis, each with its own scale ``max |x| / 127``: (int8 codes ``[..., K]``, float32
+    scales ``[..., K / block]``)."""
+    shaped = x.reshape(*x.shape[:-1], -1, block)
+    codes, scales = _quantize_rows(np.abs(shaped), shaped, ACTIVATION_LIMIT, np.int8)
+    return codes.reshape(x.shape), scales[..., 0]
+
+
+def blocked_product(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """What :func:`blocked_products` makes of ``x @ W`` for a blocked weight (int8 ``codes [N, K]``, float32
+    ``scales [N, K / block]``), in numpy: per block, the int32 product of the activation's codes and the
+    weight's, times the weight's block scale, times the activation's; the blocks summed in float32."""
+    rows, (outputs, inputs) = x.reshape(-1, x.shape[-1]), codes.shape
+    block = inputs // scales.shape[1]
+    a_codes, a_scales = quantize_blocks(rows, block)
+    blocks = inputs // block
+    products = np.einsum(
+        "mgk,ngk->mgn",
+        a_codes.reshape(-1, blocks, block).astype(np.int64),
+        codes.reshape(outputs, blocks, block).astype(np.int64),
+    ).astype(np.int32)
+    terms = products.astype(np.float32) * scales.T[None] * a_scales[..., None]
+    total = terms[:, 0]
+    for index in range(1, blocks):  # in block order (onnxruntime's ReduceSum adds up to 4 blocks so, more in another)
+        total = total + terms[:, index]
+    return total.reshape(*x.shape[:-1], outputs)
+
+
+def blocked_products(model: ir.Model) -> int:
+    """Linear layers with group-wise weights (:mod:`qcompile.passes.pack_int4`'s blocked form) quantize their
+    input per block of the weight's ``block`` inputs at run time, as onnxruntime's ``MatMulNBits`` does inside its
+    kernel (``accuracy_level`` 4) and llama.cpp's Q8 activations are, and multiply in standard ONNX ops:
+
+    - ``x [..., K]`` reshaped ``[..., G, 1, B]`` (G blocks of B), codes per block :func:`row_codes` (uint8, zero
+      point 128), scales ``[..., G, 1, 1]``;
+    - ``MatMulInteger(codes, W [G, B, N], 128)``: one int32 product per block, ``[..., G, 1, N]``;
+    - ``float(acc) * w_scales [G, 1, N] * scales``, summed over the blocks (``ReduceSum``), reshaped ``[..., N]``.
+
+    The decode-step library is built from this form: the integer lowering keeps it (a float island around an
+    integer product) and the kernels run each product as one int4 x int8 kernel
+    (:func:`qcompile.backends.tvm.blocked.blocked_kernel`). Numpy model: :func:`blocked_product`. Returns how
+    many layers were rewritten."""
+    from qcompile.passes.pack_int4 import _blocked_weight
+
+    graph = model.graph
+
+    def takes(node: ir.Node, index: int) -> bool:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or index != 0 or node.inputs[1] is None:
+            return False
+        found = _blocked_weight(node.inputs[1])
+        return found is not None and found[0].shape[1] % (found[0].size // found[1].size) == 0
+
+    rewritten = 0
+    for q in list(graph):
+        if q.op_type != "QuantizeLinear" or q.inputs[0] is None or q.inputs[0].const_value is not None:
+            continue
+        readers = _readers(q, takes)
+        x = q.inputs[0]
+        if readers is None or x.shape is None or x.shape.rank() < 2:
+            continue
+        source, rank = str(x.name), x.shape.rank()
+        chains: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}  # per block size: codes, scales, zero point
+        for node in readers:
+            codes, scales, rebuilt = _blocked_weight(node.inputs[1])  # type: ignore[arg-type,misc]
+            outputs, inputs = codes.shape
+            block = codes.size // scales.size
+            blocks = inputs // block
+            if block not in chains:
+                prefix = f"{source}_blocks{block}"
+                rows = Chain(prefix, source)
+                shape = add_initializer(graph, f"{prefix}_shape", np.array([0] * (rank - 1) + [blocks, 1, block]))
+                shaped = rows("Reshape", [x, shape])
+                block_codes, block_scales = row_codes(graph, rows, shaped, CODE_OFFSET)
+                graph.insert_after(q, rows.nodes)
+                zero = block_codes.producer().inputs[2]  # type: ignore[union-attr]
+                chains[block] = (block_codes, block_scales, zero)  # type: ignore[assignment]
+            block_codes, block_scales, zero = chains[block]
+            name = layer_name(node)
+            chain = Chain(f"{name}_blocked", source)
+            weight = codes.reshape(outputs, blocks, block).transpose(1, 2, 0)  # [G, B, N]
+            product = chain(
+                "MatMulInteger",
+                [block_codes, add_initializer(graph, f"{name}_blocked_weight", np.ascontiguousarray(weight)), zero],
+            )
+            weight_scales = scales.reshape(outputs, blocks).T.reshape(blocks, 1, outputs)
+            scaled = rescaled(
+                chain,
+                product,
+                block_scales,
+                add_initializer(graph, f"{name}_blocked_scales", np.ascontiguousarray(weight_scales)),
+                None,
+                channels_first=True,
+            )
+            axes = add_initializer(graph, f"{name}_blocked_axes", np.array([-3], np.int64))
+            summed = chain("ReduceSum", [scaled, axes], keepdims=0)
+            shape = add_initializer(graph, f"{name}_blocked_shape", np.array([0] * (rank - 1) + [outputs]))
+            DynamicActivationsPass._replace(graph, node, chain, chain("Reshape", [summed, shape]))
+            for step in reversed(rebuilt):  # the weight's float rebuild, with its constants
+                if step.graph is graph and not any(output.uses() for output in step.outputs):
+                    inputs = list(step.inputs)
+                    graph.remove(step, safe=True)
+                    for value in inputs:
+                        drop_if_unused(graph, value)
+            rewritten += 1
+        _remove_static(graph, q)
+    if rewritten:
+        graph.sort()
+        logger.info("%d blocked linear layers quantize their input per block at run time", rewritten)
+    return rewritten

@@ -100,8 +100,14 @@ def test_a_decoder_artifact_says_how_to_generate(decoder_artifact: Path) -> None
     assert entry["logits_from"] == "qcompile_logits_from"  # a prefill's LM head multiplies the last position alone
     assert entry["executors"][0] == "onnxruntime"  # the quantized graph runs every length
     assert "decoder with a KV cache" in manifest["skipped"]["tvm"]  # a fixed-length library is not built
-    # group-wise int4 weights: the kernels would multiply them in float, so no decode-step library is built
-    assert "weights would be multiplied in float" in manifest["skipped"]["tvm-decode"]
+    # group-wise int4 weights: the decode step's 15 linear layers (7 per layer and the LM head) quantize their input
+    # per block at run time, as MatMulNBits does in the onnxruntime file, and run on the blocked int4 kernel; the
+    # library matched the numpy oracle and onnxruntime's W4A8 step at compile time, and ships where it was faster
+    assert next(entry for entry in manifest["passes"] if entry["name"] == "blocked_step_products")["layers"] == 15
+    verdict = manifest["measured"]["accuracy"]["decode_step"]
+    assert "numpy oracle" in verdict["oracle"] and verdict["logits_vs"]["onnxruntime"]["mean_cosine"] >= 0.999
+    shipped = entry.get("step_executor") == "tvm-decode"
+    assert shipped or "no faster" in manifest["skipped"]["tvm-decode"]
     # the embedding table (49152 x 576) takes the int4 weights' format, 4-bit codes per block of 32 (a clipping
     # scale errs by at most half the block's peak), and the file's own error is reported
     (table,) = next(entry for entry in manifest["passes"] if entry["name"] == "embedding_rows")["tables"]
@@ -138,7 +144,8 @@ def test_generation_is_greedy_by_default_and_seeded_when_sampling(decoder_artifa
     # the quantized executor by name: the default is whichever measured fastest at compile time
     session = runtime.load(decoder_artifact, "onnxruntime")
     greedy = session.generate("The Python language", max_new_tokens=12)
-    assert greedy.executor == "onnxruntime" and greedy.prompt_tokens == 3 and len(greedy.tokens) <= 12
+    # the prompt on the quantized graph; the steps on the decode-step library where the compile shipped one
+    assert greedy.executor.split(", ")[0] == "onnxruntime" and greedy.prompt_tokens == 3 and len(greedy.tokens) <= 12
     assert greedy.text == session.generate("The Python language", max_new_tokens=12).text
     # top-k 1 leaves one token to draw: greedy again, whatever the temperature
     assert session.generate("The Python language", max_new_tokens=12, temperature=5.0, top_k=1).tokens == greedy.tokens

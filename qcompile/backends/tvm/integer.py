@@ -42,7 +42,7 @@ import onnx
 from onnx import numpy_helper
 
 from qcompile.backends.integer.reference import float_node, node_attributes
-from qcompile.backends.tvm import int8_kernels
+from qcompile.backends.tvm import blocked, int8_kernels
 from qcompile.backends.tvm.script import prim_func
 from qcompile.backends.tvm.tensors import (
     LANES,
@@ -144,6 +144,13 @@ class _Lowering:
         self.fused: set[str] = set()  # outputs of nodes another node's kernel computes
         self.images: dict[str, Stored] = {}  # row-major values as the NHWC maps convolutions read
         self.deferred_outputs: dict[str, str] = {}  # a node's output -> its reader's, which it computed too
+        # group-wise weights' products (the quantization of their input and the rescaling included) by their
+        # MatMulInteger's output: one kernel each
+        self.blocked = blocked.matches(
+            model.graph, self.producers, self.uses, self.constants, self.shapes, self.outputs
+        )
+        for item in self.blocked.values():
+            self.fused.update(name for node in (*item.quantization, *item.product[1:]) for name in node.output)
 
     # -- padding each stored tensor gets: the largest its padded readers need
     def _padding(self, name: str) -> tuple[tuple[int, int, int, int], int]:
@@ -244,7 +251,9 @@ class _Lowering:
             self.constants[output] = np.array(dims, np.int64)
             return
         rotated = self._rotation(node) if op == "Mul" else None
-        if rotated is not None:
+        if op == "MatMulInteger" and output in self.blocked:
+            output = self._blocked_product(self.blocked[output])
+        elif rotated is not None:
             output = rotated
         elif op in ELEMENTWISE_OPS:
             self.values[output] = self._elementwise(node)
@@ -889,6 +898,14 @@ class _Lowering:
         logical = (1, weights.shape[1])
         anchor = Anchor("matmul", source, logical, accumulator, weights.T[:, :, None, None], zero, offset=bias)
         return Lazy(logical, accumulator, _source, anchor)
+
+    def _blocked_product(self, item: blocked.Match) -> str:
+        """A linear layer with group-wise weights, from its float input on (:mod:`qcompile.backends.tvm.blocked`);
+        returns the name of its float output."""
+        source = self._float_input(item.x)
+        logical = rows_logical(self._shape(item.output))
+        self.values[item.output] = Lazy(logical, "float32", _source, blocked.anchor(source, item, logical))
+        return item.output
 
     def _single_reader(self, name: str, op: str) -> onnx.NodeProto | None:
         readers = self.uses.get(name, [])
@@ -2412,6 +2429,8 @@ def _anchor_kernel(
         return sequence.integer_softmax_kernel(value, anchor, target)
     if anchor.kind == "rotation":
         return sequence.rotation_kernel(value, anchor, target)
+    if anchor.kind == "blocked":
+        return blocked.blocked_kernel(value, anchor, target, flavor)
     if anchor.kind == "bmm":
         assert anchor.other is not None
         return sequence.batched_matmul_kernel(value, anchor, anchor.other, target, None if floating else flavor)
