@@ -28,6 +28,10 @@ _DTYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, o
            onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16}  # fmt: skip
 
 
+# Island sessions kept (LRU): more than a graph's island nodes, or a pass over them misses every time.
+ISLAND_SESSIONS = 16384
+
+
 def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
     """A node's attributes as Python values."""
     return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
@@ -128,14 +132,18 @@ def float_node(model: onnx.ModelProto, node: onnx.NodeProto, given: dict[str, np
     return [np.asarray(value) for value in _island_session(single.SerializeToString()).run(None, given)]
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=ISLAND_SESSIONS)
 def _island_session(serialized: bytes) -> Any:
     """An onnxruntime session of one island node, kept: a compile runs the oracle twice (and once more per
-    sample a test checks) over the same nodes (a transformer has hundreds: MiniLM 451)."""
+    sample a test checks) over the same nodes (a transformer has hundreds: MiniLM 451; SmolLM2-135M's W4A8 decode
+    step 5287). One thread, no pool: each session's own pool of threads, thousands of sessions alive, made
+    creating one take 27 ms instead of 0.1 (5000 nodes: 138 s a pass)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
