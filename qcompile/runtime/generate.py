@@ -212,6 +212,12 @@ class Generator:
                 + (f"; {session.manifest.skipped['generate']}" if "generate" in session.manifest.skipped else "")
             )
         executor = session.executor if session.executor in decoder.executors else decoder.executors[0]
+        if session.route and decoder.step_executor in session.manifest.executors and "onnxruntime" in decoder.executors:
+            # On the artifact's default executor (chosen on whole windows: a prefill's measure), generate on the
+            # quantized graph where a decode-step library ships: decoding is most of a generation, and the library
+            # ships (--decode-step auto) when its step measured faster. SmolLM2-135M W4A8's default is fp32 (its
+            # prefill graph is slower than fp32's), which decoded at 31 tokens/s against 124 on the library.
+            executor = "onnxruntime"
         self.session = session if executor == session.executor else session.with_executor(executor)
         self.decoder = decoder
         self.tokenizer = _tokenizer(session, decoder)

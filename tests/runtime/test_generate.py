@@ -162,6 +162,9 @@ def test_cli_generate_streams_text_and_reports_speed(decoder_artifact: Path, cap
     expected = runtime.load(decoder_artifact).generate("def main():", max_new_tokens=8).text
     assert out == expected + "\n"
     assert "prefill" in err and "decode" in err and "tokens/s" in err
+    # whatever the artifact's default executor, a generation decodes on the step library where one ships
+    if json.loads((decoder_artifact / "manifest.json").read_text())["decoder"].get("step_executor"):
+        assert "[onnxruntime, tvm-decode]" in err
 
 
 @pytest.mark.parametrize(
