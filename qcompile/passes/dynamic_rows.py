@@ -570,7 +570,7 @@ def blocked_products(model: ir.Model) -> int:
     integer product) and the kernels run each product as one int4 x int8 kernel
     (:func:`qcompile.backends.tvm.blocked.blocked_kernel`). Numpy model: :func:`blocked_product`. Returns how
     many layers were rewritten."""
-    from qcompile.passes.pack_int4 import _blocked_weight
+    from qcompile.passes.pack_int4 import _blocked_weight, remove_rebuild
 
     graph = model.graph
 
@@ -625,12 +625,7 @@ def blocked_products(model: ir.Model) -> int:
             summed = chain("ReduceSum", [scaled, axes], keepdims=0)
             shape = add_initializer(graph, f"{name}_blocked_shape", np.array([0] * (rank - 1) + [outputs]))
             DynamicActivationsPass._replace(graph, node, chain, chain("Reshape", [summed, shape]))
-            for step in reversed(rebuilt):  # the weight's float rebuild, with its constants
-                if step.graph is graph and not any(output.uses() for output in step.outputs):
-                    inputs = list(step.inputs)
-                    graph.remove(step, safe=True)
-                    for value in inputs:
-                        drop_if_unused(graph, value)
+            remove_rebuild(graph, rebuilt)
             rewritten += 1
         _remove_static(graph, q)
     if rewritten:

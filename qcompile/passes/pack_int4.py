@@ -130,6 +130,17 @@ def stored_scales(graph: ir.Graph, name: str, scales: np.ndarray, rows: int) -> 
     return value, nodes
 
 
+def remove_rebuild(graph: ir.Graph, rebuilt: list[ir.Node]) -> None:
+    """A blocked weight's float rebuild (:func:`_blocked_weight`'s nodes), where nothing reads it any more, with
+    the constants only it read."""
+    for step in reversed(rebuilt):
+        if step.graph is graph and not any(output.uses() for output in step.outputs):
+            inputs = list(step.inputs)
+            graph.remove(step, safe=True)
+            for value in inputs:
+                drop_if_unused(graph, value)
+
+
 def pack_int4_weights(model: ir.Model) -> dict[int, int]:
     """Rewrite every MatMul reading a blocked weight as MatMulNBits; returns how many, by code bits."""
     graph = model.graph
@@ -163,9 +174,7 @@ def pack_int4_weights(model: ir.Model) -> dict[int, int]:
         convenience.replace_nodes_and_values(
             graph, node, [node], [replacement], [node.outputs[0]], [replacement.outputs[0]]
         )
-        for step in reversed(rebuilt):
-            if not any(len(out.uses()) for out in step.outputs):
-                graph.remove(step, safe=True)
+        remove_rebuild(graph, rebuilt)
         count[bits] += 1
     if any(count.values()):
         model.opset_imports.setdefault(DOMAIN, 1)

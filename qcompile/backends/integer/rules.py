@@ -408,7 +408,7 @@ def mean_of_accumulator(lowering: Lowering, node: onnx.NodeProto) -> bool:
     if not isinstance(source, Accumulator):
         return False
     op, name, inputs, build = node.op_type, label(node), list(node.input), lowering.build
-    axes = [2, 3] if op == "GlobalAveragePool" else _reduce_axes(node, lowering.constants)
+    axes = [2, 3] if op == "GlobalAveragePool" else reduce_axes(node, lowering.constants)
     spatial = lowering.shapes.get(inputs[0], [])
     if source.rank != 4 or len(spatial) != 4 or sorted(a % 4 for a in axes) != [2, 3] or source.axis != 1:
         lowering.refuse(node, f"{name} ({op}): only a mean over H and W of an NCHW accumulator is lowered")
@@ -556,7 +556,7 @@ def mean_of_codes(lowering: Lowering, node: onnx.NodeProto) -> bool:
         return False
     op, name, build = node.op_type, label(node), lowering.build
     shape = lowering.shapes.get(node.input[0], [])
-    axes = [2, 3] if op == "GlobalAveragePool" else _reduce_axes(node, lowering.constants)
+    axes = [2, 3] if op == "GlobalAveragePool" else reduce_axes(node, lowering.constants)
     if len(shape) != 4 or sorted(a % 4 for a in axes) != [2, 3] or any(dim <= 0 for dim in shape):
         lowering.refuse(node, f"{name} ({op}): only a mean over H and W of a static NCHW tensor is lowered")
         return True
@@ -677,7 +677,8 @@ def _kind(item: object) -> str:
     return "constant" if isinstance(item, tuple) else "float"
 
 
-def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int]:
+def reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int]:
+    """A reduction's axes: its attribute (older opsets) or its constant input; [] when it has neither."""
     for attribute in node.attribute:
         if attribute.name == "axes":
             return list(attribute.ints)

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from qcompile.backends.integer.reference import node_attributes
+from qcompile.backends.integer.rules import reduce_axes
 from qcompile.backends.tvm.script import prim_func
 from qcompile.backends.tvm.tensors import (
     Anchor,
@@ -66,13 +67,6 @@ class Match:
     @property
     def output(self) -> str:
         return self.product[-1].output[0]
-
-
-def _axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
-    if len(node.input) > 1 and node.input[1]:
-        axes = constants.get(node.input[1])
-        return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
-    return [int(a) for a in node_attributes(node).get("axes", [])]
 
 
 def _scalar(constants: dict[str, np.ndarray], name: str) -> float | None:
@@ -116,7 +110,7 @@ def match(
     bounded = made_by(factor.input[1], "Max")
     floor = _scalar(constants, bounded.input[1]) if bounded is not None else None
     peak = made_by(bounded.input[0], "ReduceMax") if bounded is not None else None
-    if floor is None or peak is None or _axes(peak, constants) != [-1]:
+    if floor is None or peak is None or reduce_axes(peak, constants) != [-1]:
         return None
     if int(node_attributes(peak).get("keepdims", 1)) != 1:
         return None
@@ -146,7 +140,7 @@ def match(
         return None
     summed = only_reader(by_activation.output[0], "ReduceSum")  # type: ignore[union-attr]
     rank = len(blocked_shape)
-    if summed is None or [a % rank for a in _axes(summed, constants) or [0]] != [rank - 3]:
+    if summed is None or [a % rank for a in reduce_axes(summed, constants) or [0]] != [rank - 3]:
         return None
     if int(node_attributes(summed).get("keepdims", 1)) != 0:
         return None
